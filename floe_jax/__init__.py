@@ -1,0 +1,35 @@
+"""floe_jax: Floe (hybrid federated LLM-SLM inference) as pure JAX functions.
+
+The public functional API is re-exported here explicitly; everything else is importable from its
+module (`floe_jax.model`, `floe_jax.lora`, ...).
+"""
+
+from floe_jax.config import ConfigError, LoRAConfig, ModelConfig, RopeScaling
+from floe_jax.lora import (
+    LoRA,
+    delta_weight,
+    freeze_padding,
+    init_lora,
+    merge_lora,
+    stack_loras,
+    unstack_loras,
+)
+from floe_jax.model import KVCache, forward, init_cache, init_params
+
+__all__ = [
+    "ConfigError",
+    "KVCache",
+    "LoRA",
+    "LoRAConfig",
+    "ModelConfig",
+    "RopeScaling",
+    "delta_weight",
+    "forward",
+    "freeze_padding",
+    "init_cache",
+    "init_lora",
+    "init_params",
+    "merge_lora",
+    "stack_loras",
+    "unstack_loras",
+]

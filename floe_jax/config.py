@@ -1,0 +1,200 @@
+"""Frozen, keyword-only, hashable configuration dataclasses.
+
+Configs are passed to jitted functions as static arguments and never traced. Variants are made with
+`dataclasses.replace`; validation happens in `__post_init__` so a bad value fails where it is
+written, with the field named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+MODEL_TYPES = ("llama", "qwen2")
+ROPE_TYPES = ("default", "linear", "llama3")
+DTYPES = ("float32", "bfloat16")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_TARGET_ALIASES = {t.removesuffix("_proj"): t for t in LORA_TARGETS}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """RoPE frequency scaling as Hugging Face writes it under `rope_parameters`.
+
+    `linear` divides every frequency by `factor`; `llama3` (Llama 3.1/3.2) rescales only the low
+    frequencies, smoothly between `low_freq_factor` and `high_freq_factor`.
+    """
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        _require(
+            self.rope_type in ROPE_TYPES,
+            f"rope_type={self.rope_type!r} is not supported; supported: {ROPE_TYPES}",
+        )
+        _require(self.factor > 0, f"rope factor must be > 0, got {self.factor}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A decoder-only transformer of the Llama or Qwen2 family.
+
+    Covers Llama 2/3, TinyLlama, SmolLM2 (`model_type="llama"`) and Qwen2/Qwen2.5
+    (`model_type="qwen2"`, which always has q/k/v bias and no o bias).
+    """
+
+    model_type: Literal["llama", "qwen2"] = "llama"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    dtype: str = "float32"
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        _require(
+            self.model_type in MODEL_TYPES,
+            f"model_type={self.model_type!r} is not supported; supported: {MODEL_TYPES}",
+        )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
+            _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        _require(self.kv_heads > 0, f"num_kv_heads must be > 0, got {self.num_kv_heads}")
+        _require(
+            self.num_heads % self.kv_heads == 0,
+            f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.kv_heads}",
+        )
+        _require(
+            self.head_dim is not None or self.hidden_size % self.num_heads == 0,
+            f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
+            "set head_dim",
+        )
+        _require(self.dim_head % 2 == 0, f"head_dim must be even for RoPE, got {self.dim_head}")
+        _require(self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {DTYPES}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.dim_head
+
+    @property
+    def kv_size(self) -> int:
+        return self.kv_heads * self.dim_head
+
+    def proj_shape(self, name: str) -> tuple[int, int]:
+        """(d_in, d_out) of the linear map `name` in one layer."""
+        d, f = self.hidden_size, self.intermediate_size
+        return {
+            "q_proj": (d, self.q_size),
+            "k_proj": (d, self.kv_size),
+            "v_proj": (d, self.kv_size),
+            "o_proj": (self.q_size, d),
+            "gate_proj": (d, f),
+            "up_proj": (d, f),
+            "down_proj": (f, d),
+        }[name]
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count, embeddings included."""
+        per_layer = sum(a * b for a, b in map(self.proj_shape, LORA_TARGETS)) + 2 * self.hidden_size
+        per_layer += (
+            self.q_size + 2 * self.kv_size
+        ) * self.qkv_bias + self.hidden_size * self.o_bias
+        emb = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + emb + self.hidden_size
+
+    @property
+    def num_nonembedding_params(self) -> int:
+        emb = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.num_params - emb
+
+
+def normalize_targets(targets) -> tuple[str, ...]:
+    """Maps `("q", "v")` or `("q_proj", "v_proj")` or `"all"` to canonical, ordered names."""
+    if targets == "all" or targets == "all-linear":
+        return LORA_TARGETS
+    if isinstance(targets, str):
+        targets = (targets,)
+    out = []
+    for t in targets:
+        name = _TARGET_ALIASES.get(t, t)
+        _require(name in LORA_TARGETS, f"LoRA target {t!r} is not one of {LORA_TARGETS}")
+        out.append(name)
+    _require(len(out) > 0, "LoRA targets must not be empty")
+    return tuple(t for t in LORA_TARGETS if t in out)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    """One client's LoRA adapter configuration (Hu et al., 2021; rsLoRA: Kalajdzievski, 2023).
+
+    Attributes:
+      rank: the client's true rank r.
+      alpha: scale numerator; the update is `x @ a @ b * alpha / r` (or `alpha / sqrt(r)`).
+      rslora: use `alpha / sqrt(r)`.
+      targets: projections to adapt, among q/k/v/o/gate/up/down (`_proj` suffix optional).
+      layers: indices of adapted layers; None means all.
+      max_rank: padded rank R >= rank so clients of different ranks stack; None means `rank`.
+      init: `"kaiming"` (PEFT's default: `a ~ U(-1/sqrt(d_in), 1/sqrt(d_in))`) or `"gaussian"`
+        (`a ~ N(0, 1/r)`); `b` always starts at zero so a fresh adapter is a no-op.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    rslora: bool = False
+    targets: tuple[str, ...] = LORA_TARGETS
+    layers: tuple[int, ...] | None = None
+    max_rank: int | None = None
+    init: str = "kaiming"
+
+    def __post_init__(self):
+        _require(self.rank >= 1, f"LoRA rank must be >= 1, got {self.rank}")
+        _require(
+            self.max_rank is None or self.max_rank >= self.rank,
+            f"LoRA max_rank={self.max_rank} is below rank={self.rank}",
+        )
+        _require(self.init in ("kaiming", "gaussian"), f"LoRA init={self.init!r} is unknown")
+        object.__setattr__(self, "targets", normalize_targets(self.targets))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted(set(int(i) for i in self.layers))))
+
+    @property
+    def padded_rank(self) -> int:
+        return self.rank if self.max_rank is None else self.max_rank
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.rank**0.5 if self.rslora else self.rank)

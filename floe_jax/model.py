@@ -1,0 +1,296 @@
+"""Decoder-only transformer of the Llama / Qwen2 families as pure functions.
+
+Shape legend: B batch, T new tokens, S key slots (cache length, or T without a cache), D model
+width, H query heads, N key/value heads, G = H // N query heads per KV head, K head dim, F ffn
+width, V vocab, L layers, R LoRA rank.
+
+Params are a nested dict of arrays; every per-layer leaf has a leading L axis so the layers run
+under one `jax.lax.scan`:
+
+    embed [V, D]; norm [D]; lm_head [D, V] (absent when embeddings are tied)
+    layers: input_norm [L, D], post_norm [L, D],
+            q_proj/k_proj/v_proj/o_proj/gate_proj/up_proj/down_proj: {"w": [L, I, O], "b": [L, O]?}
+
+Linear weights are stored `[in, out]` (transposed from PyTorch). Left-padded batches are handled
+with a token mask: position ids count real tokens only, and keys at padded slots are masked out,
+so a left-padded row gives the same logits as the unpadded example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from floe_jax.config import LORA_TARGETS, ModelConfig
+from floe_jax.lora import LoRA, lora_delta
+
+_NEG = -1e30  # finite "minus infinity": a fully masked (padding) query row stays finite
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def init_params(cfg: ModelConfig, *, key: jax.Array) -> dict:
+    """Random params, N(0, 0.02) as Hugging Face initialises, norms at one, biases at zero."""
+    dtype = jnp.dtype(cfg.dtype)
+    keys = iter(jax.random.split(key, 16))
+    normal = lambda shape: (0.02 * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+    L, D, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
+    layers = {"input_norm": jnp.ones((L, D), dtype), "post_norm": jnp.ones((L, D), dtype)}
+    for m in LORA_TARGETS:
+        d_in, d_out = cfg.proj_shape(m)
+        layers[m] = {"w": normal((L, d_in, d_out))}
+        if _has_bias(cfg, m):
+            layers[m]["b"] = jnp.zeros((L, d_out), dtype)
+    params = {"embed": normal((V, D)), "norm": jnp.ones((D,), dtype), "layers": layers}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = normal((D, V))
+    return params
+
+
+def _has_bias(cfg: ModelConfig, name: str) -> bool:
+    if name in ("q_proj", "k_proj", "v_proj"):
+        return cfg.qkv_bias
+    if name == "o_proj":
+        return cfg.o_bias
+    return cfg.mlp_bias
+
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """The expected shape of every param leaf, without allocating (for loaders and checks)."""
+    return jax.tree.map(
+        lambda x: x.shape, jax.eval_shape(lambda: init_params(cfg, key=jax.random.key(0)))
+    )
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Static-shape KV cache shared by a left-padded batch.
+
+    Attributes:
+      k, v: [L, B, S, N, K] keys and values by slot.
+      valid: [B, S] bool, slot holds a real (non-padding) token.
+      index: [] int32, next slot to write (the same for every row: rows are left-padded).
+      pos: [B] int32, position id of each row's next real token.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+    pos: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    """An empty cache of `max_len` slots."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (cfg.num_layers, batch, max_len, cfg.kv_heads, cfg.dim_head)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        valid=jnp.zeros((batch, max_len), bool),
+        index=jnp.zeros((), jnp.int32),
+        pos=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+# ----------------------------------------------------------------------------- components
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32, returned in x's dtype (as Hugging Face's LlamaRMSNorm)."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return w.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [K/2] with the configured scaling (computed on the host)."""
+    k = cfg.dim_head
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, k, 2, dtype=np.float64) / k))
+    sc = cfg.rope_scaling
+    if sc is None or sc.rope_type == "default":
+        return inv.astype(np.float32)
+    if sc.rope_type == "linear":
+        return (inv / sc.factor).astype(np.float32)
+    # llama3: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
+    old = sc.original_max_position_embeddings
+    low_wl, high_wl = old / sc.low_freq_factor, old / sc.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wl, inv / sc.factor, inv)
+    smooth = (old / wavelen - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+    medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x_BTHK: jax.Array, pos_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotary embedding, half-split convention (Hugging Face's `rotate_half`)."""
+    ang_BTk = pos_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+    ang = jnp.concatenate([ang_BTk, ang_BTk], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    x32 = x_BTHK.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rot = jnp.concatenate([-x2, x1], axis=-1)
+    return (x32 * cos + rot * sin).astype(x_BTHK.dtype)
+
+
+def attention(q_BTHK, k_BSNK, v_BSNK, mask_BTS) -> jax.Array:
+    """Grouped-query softmax attention; returns [B, T, H, K]. Scores in float32."""
+    B, T, H, K = q_BTHK.shape
+    N = k_BSNK.shape[2]
+    q = q_BTHK.reshape(B, T, N, H // N, K)
+    s_BNGTS = jnp.einsum("btngk,bsnk->bngts", q, k_BSNK, preferred_element_type=jnp.float32)
+    s_BNGTS = s_BNGTS / math.sqrt(K)
+    s_BNGTS = jnp.where(mask_BTS[:, None, None], s_BNGTS, _NEG)
+    p = jax.nn.softmax(s_BNGTS, axis=-1).astype(v_BSNK.dtype)
+    o = jnp.einsum("bngts,bsnk->btngk", p, v_BSNK, preferred_element_type=jnp.float32)
+    return o.reshape(B, T, H, K).astype(q_BTHK.dtype)
+
+
+def _linear(x, p, name, lora_l):
+    y = jnp.einsum("bti,io->bto", x, p["w"], preferred_element_type=jnp.float32).astype(x.dtype)
+    if "b" in p:
+        y = y + p["b"].astype(x.dtype)
+    if lora_l is not None and name in lora_l.a:
+        y = y + lora_delta(x, lora_l.a[name], lora_l.b[name], lora_l.mask[name], lora_l.scale)
+    return y
+
+
+def _block(cfg, inv_freq, x_BTD, lp, lora_l, pos_BT, k_BSNK, v_BSNK, mask_BTS, write_at):
+    """One transformer layer. Writes this step's keys/values into the given buffers at
+    `write_at` (slot index) when it is not None; returns (x, k_BSNK, v_BSNK)."""
+    B, T, _ = x_BTD.shape
+    H, N, K = cfg.num_heads, cfg.kv_heads, cfg.dim_head
+    with jax.named_scope("attention"):
+        h = rms_norm(x_BTD, lp["input_norm"], cfg.rms_norm_eps)
+        q = _linear(h, lp["q_proj"], "q_proj", lora_l).reshape(B, T, H, K)
+        k = _linear(h, lp["k_proj"], "k_proj", lora_l).reshape(B, T, N, K)
+        v = _linear(h, lp["v_proj"], "v_proj", lora_l).reshape(B, T, N, K)
+        q, k = apply_rope(q, pos_BT, inv_freq), apply_rope(k, pos_BT, inv_freq)
+        if write_at is None:
+            k_BSNK, v_BSNK = k, v
+        else:
+            k_BSNK = jax.lax.dynamic_update_slice(
+                k_BSNK, k.astype(k_BSNK.dtype), (0, write_at, 0, 0)
+            )
+            v_BSNK = jax.lax.dynamic_update_slice(
+                v_BSNK, v.astype(v_BSNK.dtype), (0, write_at, 0, 0)
+            )
+        o = attention(q, k_BSNK.astype(q.dtype), v_BSNK.astype(q.dtype), mask_BTS)
+        x_BTD = x_BTD + _linear(o.reshape(B, T, H * K), lp["o_proj"], "o_proj", lora_l)
+    with jax.named_scope("mlp"):
+        h = rms_norm(x_BTD, lp["post_norm"], cfg.rms_norm_eps)
+        g = _linear(h, lp["gate_proj"], "gate_proj", lora_l)
+        u = _linear(h, lp["up_proj"], "up_proj", lora_l)
+        x_BTD = x_BTD + _linear(jax.nn.silu(g) * u, lp["down_proj"], "down_proj", lora_l)
+    return x_BTD, k_BSNK, v_BSNK
+
+
+def _layer_lora(lora: LoRA | None):
+    """Splits a LoRA into the per-layer part that is scanned and the broadcast scale."""
+    if lora is None:
+        return None
+    return {"a": lora.a, "b": lora.b, "mask": lora.mask}
+
+
+def hidden_states(
+    params: dict,
+    tokens: jax.Array,
+    cfg: ModelConfig,
+    *,
+    lora: LoRA | None = None,
+    cache: KVCache | None = None,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache | None]:
+    """Final-norm hidden states [B, T, D] (and the updated cache when one is given)."""
+    B, T = tokens.shape
+    dtype = jnp.dtype(cfg.dtype)
+    mask_BT = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
+    inv_freq = rope_inv_freq(cfg)
+    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    step_pos = jnp.cumsum(mask_BT, axis=1, dtype=jnp.int32) - 1
+    if cache is None:
+        pos_BT = jnp.maximum(step_pos, 0)
+        valid_BS = mask_BT
+        slots = jnp.arange(T)
+        mask_BTS = valid_BS[:, None, :] & (slots[None, :, None] >= slots[None, None, :])
+        write_at = None
+        kv = (jnp.zeros((cfg.num_layers, 0)), jnp.zeros((cfg.num_layers, 0)))  # unused scan xs
+    else:
+        pos_BT = jnp.maximum(cache.pos[:, None] + step_pos, 0)
+        valid_BS = jax.lax.dynamic_update_slice(cache.valid, mask_BT, (0, cache.index))
+        q_slot = cache.index + jnp.arange(T)
+        k_slot = jnp.arange(cache.max_len)
+        mask_BTS = valid_BS[:, None, :] & (q_slot[None, :, None] >= k_slot[None, None, :])
+        write_at = cache.index
+        kv = (cache.k, cache.v)
+
+    layer_lora = _layer_lora(lora)
+    scale = None if lora is None else lora.scale
+
+    def body(x, xs):
+        lp, ll, k_l, v_l = xs
+        lora_l = None if ll is None else LoRA(a=ll["a"], b=ll["b"], mask=ll["mask"], scale=scale)
+        if write_at is None:
+            x, _, _ = _block(cfg, inv_freq, x, lp, lora_l, pos_BT, None, None, mask_BTS, None)
+            return x, (k_l, v_l)
+        x, k_l, v_l = _block(cfg, inv_freq, x, lp, lora_l, pos_BT, k_l, v_l, mask_BTS, write_at)
+        return x, (k_l, v_l)
+
+    x, (k_new, v_new) = jax.lax.scan(body, x, (params["layers"], layer_lora, *kv))
+    x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
+    if cache is None:
+        return x, None
+    new_cache = KVCache(
+        k=k_new, v=v_new, valid=valid_BS, index=cache.index + T, pos=cache.pos + mask_BT.sum(1)
+    )
+    return x, new_cache
+
+
+def lm_head(params: dict, x_BTD: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Logits [B, T, V] in float32."""
+    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum(
+        "btd,dv->btv", x_BTD, w.astype(x_BTD.dtype), preferred_element_type=jnp.float32
+    )
+
+
+def forward(
+    params: dict,
+    tokens: jax.Array,
+    cfg: ModelConfig,
+    *,
+    lora: LoRA | None = None,
+    cache: KVCache | None = None,
+    mask: jax.Array | None = None,
+):
+    """Runs the model on `tokens`.
+
+    Args:
+      params: base params (see module docstring).
+      tokens: int32 [B, T].
+      cfg: the model config (static).
+      lora: one client's adapters (or None).
+      cache: a KV cache; when given, the T new tokens are written at `cache.index` and attend to
+        every valid slot before them (prefill when the cache is empty, decode when T == 1).
+      mask: [B, T] 1 for real tokens, 0 for left padding. Defaults to all ones.
+
+    Returns:
+      float32 logits [B, T, V]; or `(logits, new_cache)` when a cache is given.
+    """
+    x, new_cache = hidden_states(params, tokens, cfg, lora=lora, cache=cache, mask=mask)
+    logits = lm_head(params, x, cfg)
+    return logits if cache is None else (logits, new_cache)
