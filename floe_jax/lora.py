@@ -95,7 +95,7 @@ def init_lora(
         raise ValueError(f"max_rank={r_pad} is below the client's rank={lora_cfg.rank}")
     live = rank_mask(lora_cfg, cfg.num_layers, r_pad)
     a, b, mask = {}, {}, {}
-    for m, k in zip(tree_targets, jax.random.split(key, len(tree_targets))):
+    for m, k in zip(tree_targets, jax.random.split(key, len(tree_targets)), strict=True):
         d_in, d_out = cfg.proj_shape(m)
         shape = (cfg.num_layers, d_in, r_pad)
         if lora_cfg.init == "kaiming":  # PEFT: kaiming_uniform_(a=sqrt(5)) -> bound 1/sqrt(fan_in)
