@@ -60,6 +60,15 @@ def _has_bias(cfg: ModelConfig, name: str) -> bool:
     return cfg.mlp_bias
 
 
+def unstack_layers(params: dict) -> dict:
+    """Params with `layers` as a tuple of per-layer dicts (see `hidden_states`)."""
+    layers = params["layers"]
+    if isinstance(layers, tuple | list):
+        return params
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda t, i=i: t[i], layers) for i in range(n))}
+
+
 def param_shapes(cfg: ModelConfig) -> dict:
     """The expected shape of every param leaf, without allocating (for loaders and checks)."""
     return jax.tree.map(
@@ -169,9 +178,13 @@ def _linear(x, p, name, lora_l):
     return y
 
 
-def _block(cfg, inv_freq, x_BTD, lp, lora_l, pos_BT, k_BSNK, v_BSNK, mask_BTS, write_at):
-    """One transformer layer. Writes this step's keys/values into the given buffers at
-    `write_at` (slot index) when it is not None; returns (x, k_BSNK, v_BSNK)."""
+def _block(cfg, inv_freq, x_BTD, lp, lora_l, pos_BT, mask_BTS, cache_kv):
+    """One transformer layer.
+
+    `cache_kv` is None (attend to this step's keys only) or `(k_LBSNK, v_LBSNK, layer, write_at)`:
+    this step's keys/values are written in place into the full cache at `[layer, :, write_at]`
+    and attention reads that layer's slots. Returns (x, k_LBSNK, v_LBSNK) (None, None uncached).
+    """
     B, T, _ = x_BTD.shape
     H, N, K = cfg.num_heads, cfg.kv_heads, cfg.dim_head
     with jax.named_scope("attention"):
@@ -180,23 +193,23 @@ def _block(cfg, inv_freq, x_BTD, lp, lora_l, pos_BT, k_BSNK, v_BSNK, mask_BTS, w
         k = _linear(h, lp["k_proj"], "k_proj", lora_l).reshape(B, T, N, K)
         v = _linear(h, lp["v_proj"], "v_proj", lora_l).reshape(B, T, N, K)
         q, k = apply_rope(q, pos_BT, inv_freq), apply_rope(k, pos_BT, inv_freq)
-        if write_at is None:
+        if cache_kv is None:
+            k_all = v_all = None
             k_BSNK, v_BSNK = k, v
         else:
-            k_BSNK = jax.lax.dynamic_update_slice(
-                k_BSNK, k.astype(k_BSNK.dtype), (0, write_at, 0, 0)
-            )
-            v_BSNK = jax.lax.dynamic_update_slice(
-                v_BSNK, v.astype(v_BSNK.dtype), (0, write_at, 0, 0)
-            )
-        o = attention(q, k_BSNK.astype(q.dtype), v_BSNK.astype(q.dtype), mask_BTS)
+            k_all, v_all, layer, write_at = cache_kv
+            at = (layer, 0, write_at, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), at)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), at)
+            k_BSNK, v_BSNK = k_all[layer].astype(q.dtype), v_all[layer].astype(q.dtype)
+        o = attention(q, k_BSNK, v_BSNK, mask_BTS)
         x_BTD = x_BTD + _linear(o.reshape(B, T, H * K), lp["o_proj"], "o_proj", lora_l)
     with jax.named_scope("mlp"):
         h = rms_norm(x_BTD, lp["post_norm"], cfg.rms_norm_eps)
         g = _linear(h, lp["gate_proj"], "gate_proj", lora_l)
         u = _linear(h, lp["up_proj"], "up_proj", lora_l)
         x_BTD = x_BTD + _linear(jax.nn.silu(g) * u, lp["down_proj"], "down_proj", lora_l)
-    return x_BTD, k_BSNK, v_BSNK
+    return x_BTD, k_all, v_all
 
 
 def _layer_lora(lora: LoRA | None):
@@ -215,7 +228,13 @@ def hidden_states(
     cache: KVCache | None = None,
     mask: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
-    """Final-norm hidden states [B, T, D] (and the updated cache when one is given)."""
+    """Final-norm hidden states [B, T, D] (and the updated cache when one is given).
+
+    `params["layers"]` is either the stacked dict (layers run under `lax.scan`: one compiled layer,
+    the default for training) or a tuple of per-layer dicts from `unstack_layers` (a Python loop:
+    what decoding wants, since slicing a stacked weight inside a loop makes XLA copy it, doubling
+    the bytes a memory-bound decode step moves).
+    """
     B, T = tokens.shape
     dtype = jnp.dtype(cfg.dtype)
     mask_BT = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
@@ -228,7 +247,6 @@ def hidden_states(
         slots = jnp.arange(T)
         mask_BTS = valid_BS[:, None, :] & (slots[None, :, None] >= slots[None, None, :])
         write_at = None
-        kv = (jnp.zeros((cfg.num_layers, 0)), jnp.zeros((cfg.num_layers, 0)))  # unused scan xs
     else:
         pos_BT = jnp.maximum(cache.pos[:, None] + step_pos, 0)
         valid_BS = jax.lax.dynamic_update_slice(cache.valid, mask_BT, (0, cache.index))
@@ -236,21 +254,27 @@ def hidden_states(
         k_slot = jnp.arange(cache.max_len)
         mask_BTS = valid_BS[:, None, :] & (q_slot[None, :, None] >= k_slot[None, None, :])
         write_at = cache.index
-        kv = (cache.k, cache.v)
 
     layer_lora = _layer_lora(lora)
     scale = None if lora is None else lora.scale
 
-    def body(x, xs):
-        lp, ll, k_l, v_l = xs
+    def body(carry, xs):
+        x, k_all, v_all, i = carry
+        lp, ll = xs
         lora_l = None if ll is None else LoRA(a=ll["a"], b=ll["b"], mask=ll["mask"], scale=scale)
-        if write_at is None:
-            x, _, _ = _block(cfg, inv_freq, x, lp, lora_l, pos_BT, None, None, mask_BTS, None)
-            return x, (k_l, v_l)
-        x, k_l, v_l = _block(cfg, inv_freq, x, lp, lora_l, pos_BT, k_l, v_l, mask_BTS, write_at)
-        return x, (k_l, v_l)
+        cache_kv = None if write_at is None else (k_all, v_all, i, write_at)
+        x, k_all, v_all = _block(cfg, inv_freq, x, lp, lora_l, pos_BT, mask_BTS, cache_kv)
+        return (x, k_all, v_all, i + 1), None
 
-    x, (k_new, v_new) = jax.lax.scan(body, x, (params["layers"], layer_lora, *kv))
+    kv = (None, None) if cache is None else (cache.k, cache.v)
+    carry = (x, *kv, jnp.zeros((), jnp.int32))
+    if isinstance(params["layers"], tuple | list):
+        for i, lp in enumerate(params["layers"]):
+            ll = None if layer_lora is None else jax.tree.map(lambda t, i=i: t[i], layer_lora)
+            carry, _ = body(carry, (lp, ll))
+        x, k_new, v_new, _ = carry
+    else:
+        (x, k_new, v_new, _), _ = jax.lax.scan(body, carry, (params["layers"], layer_lora))
     x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
     if cache is None:
         return x, None

@@ -1,0 +1,237 @@
+"""Static-shape autoregressive decoding: prompt buckets, prefill, one jitted step, generate.
+
+Shapes: B batch, P prompt bucket length, N max new tokens, S = P + N cache slots, V vocab.
+
+Prompts are left-padded to a bucket length so a batch shares one cache write index; the cache and
+the output buffer are preallocated, and the step count, positions and stop flags are arrays, so one
+compiled program serves every step and every prompt length within a bucket. `generate` runs the
+whole loop on the device under `lax.while_loop`; `decode_step` is the same step for a host-driven
+(streaming) loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from floe_jax.config import ConfigError, ModelConfig
+from floe_jax.lora import LoRA
+from floe_jax.model import KVCache, forward, init_cache, unstack_layers
+
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingConfig:
+    """How the next token is chosen. `temperature == 0` is greedy; `top_p < 1` is nucleus
+    sampling (Holtzman et al., 2020) over the temperature-scaled distribution."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample_logits(logits_BV: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """Next token ids [B] from float logits [B, V]."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    z = logits_BV.astype(jnp.float32) / sampling.temperature
+    if sampling.top_p < 1.0:
+        z_sorted = jnp.sort(z, axis=-1)[:, ::-1]
+        p_sorted = jax.nn.softmax(z_sorted, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        keep = jnp.cumsum(p_sorted, axis=-1) - p_sorted < sampling.top_p
+        cutoff = jnp.min(jnp.where(keep, z_sorted, jnp.inf), axis=-1, keepdims=True)
+        z = jnp.where(z >= cutoff, z, -jnp.inf)
+    return jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
+
+
+def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"prompt of {n} tokens is longer than the largest bucket {max(buckets)}")
+
+
+def pad_prompts(
+    prompts: Sequence[Sequence[int]], *, pad_id: int = 0, buckets: Sequence[int] = DEFAULT_BUCKETS
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads token lists to one bucket length. Returns (tokens [B, P] int32, mask [B, P])."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    P = bucket_length(max(len(p) for p in prompts), buckets)
+    tokens = np.full((len(prompts), P), pad_id, np.int32)
+    mask = np.zeros((len(prompts), P), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p) :] = p
+        mask[i, P - len(p) :] = 1
+    return tokens, mask
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """Everything that changes between decode steps.
+
+    Attributes:
+      cache: the KV cache (S slots).
+      token: [B] int32, the token chosen last (fed to the next step).
+      out: [B, N] int32 generated tokens (pad after a row stops).
+      step: [] int32, tokens generated so far.
+      done: [B] bool, row has emitted EOS.
+      key: PRNG key; step t samples with `fold_in(key, t)`.
+    """
+
+    cache: KVCache
+    token: jax.Array
+    out: jax.Array
+    step: jax.Array
+    done: jax.Array
+    key: jax.Array
+
+
+def prefill(
+    params: dict,
+    tokens: jax.Array,
+    mask: jax.Array,
+    cfg: ModelConfig,
+    *,
+    max_new_tokens: int,
+    key: jax.Array,
+    sampling: SamplingConfig = SamplingConfig(),
+    lora: LoRA | None = None,
+    eos_id: int | None = None,
+) -> DecodeState:
+    """Runs the prompt [B, P] through the model and samples the first new token."""
+    B, P = tokens.shape
+    cache = init_cache(cfg, B, P + max_new_tokens)
+    logits, cache = forward(params, tokens, cfg, lora=lora, cache=cache, mask=mask)
+    first = sample_logits(logits[:, -1], jax.random.fold_in(key, 0), sampling)
+    out = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first)
+    done = jnp.zeros((B,), bool) if eos_id is None else first == eos_id
+    return DecodeState(
+        cache=cache, token=first, out=out, step=jnp.ones((), jnp.int32), done=done, key=key
+    )
+
+
+def decode_step(
+    params: dict,
+    state: DecodeState,
+    cfg: ModelConfig,
+    *,
+    sampling: SamplingConfig = SamplingConfig(),
+    lora: LoRA | None = None,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+) -> tuple[DecodeState, jax.Array]:
+    """Feeds `state.token`, samples the next token. Returns (state, logits [B, V])."""
+    logits, cache = forward(params, state.token[:, None], cfg, lora=lora, cache=state.cache)
+    logits_BV = logits[:, 0]
+    nxt = sample_logits(logits_BV, jax.random.fold_in(state.key, state.step), sampling)
+    nxt = jnp.where(state.done, pad_id, nxt)
+    done = state.done if eos_id is None else state.done | (nxt == eos_id)
+    out = jax.lax.dynamic_update_slice(state.out, nxt[:, None], (0, state.step))
+    new = DecodeState(
+        cache=cache, token=nxt, out=out, step=state.step + 1, done=done, key=state.key
+    )
+    return new, logits_BV
+
+
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "eos_id", "pad_id")
+)
+def generate(
+    params: dict,
+    tokens: jax.Array,
+    mask: jax.Array,
+    cfg: ModelConfig,
+    *,
+    max_new_tokens: int,
+    key: jax.Array,
+    sampling: SamplingConfig = SamplingConfig(),
+    lora: LoRA | None = None,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+    """Generates up to `max_new_tokens` for a left-padded batch, entirely on the device.
+
+    Args:
+      params: base params.
+      tokens: int32 [B, P] left-padded prompts (see `pad_prompts`).
+      mask: [B, P] 1 for real prompt tokens.
+      cfg: model config (static).
+      max_new_tokens: N (static).
+      key: PRNG key (unused when greedy).
+      sampling: temperature / top-p (static).
+      lora: adapters applied unmerged, or None.
+      eos_id: stop a row after it emits this id (static); None runs N steps.
+      pad_id: written after a row stops.
+
+    Returns:
+      (out [B, N] int32, lengths [B] int32: tokens generated up to and including EOS).
+    """
+    params = unstack_layers(params)  # once per call: per-layer buffers, no slice copies per step
+    state = prefill(
+        params, tokens, mask, cfg, max_new_tokens=max_new_tokens, key=key, sampling=sampling,
+        lora=lora, eos_id=eos_id,
+    )  # fmt: skip
+
+    def cond(s):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s):
+        s, _ = decode_step(
+            params, s, cfg, sampling=sampling, lora=lora, eos_id=eos_id, pad_id=pad_id
+        )
+        return s
+
+    state = jax.lax.while_loop(cond, body, state)
+    if eos_id is None:
+        lengths = jnp.full((tokens.shape[0],), state.step, jnp.int32)
+    else:
+        is_eos = (state.out == eos_id) & (jnp.arange(max_new_tokens) < state.step)
+        first = jnp.argmax(is_eos, axis=1)
+        lengths = jnp.where(is_eos.any(1), first + 1, state.step).astype(jnp.int32)
+    return state.out, lengths
+
+
+def stream(
+    params: dict,
+    tokens: jax.Array,
+    mask: jax.Array,
+    cfg: ModelConfig,
+    *,
+    max_new_tokens: int,
+    key: jax.Array,
+    sampling: SamplingConfig = SamplingConfig(),
+    lora: LoRA | None = None,
+    eos_id: int | None = None,
+) -> Iterator[np.ndarray]:
+    """Yields each step's tokens [B] as they are produced (host-driven loop, one jitted step)."""
+    static = dict(cfg=cfg, sampling=sampling, eos_id=eos_id)
+    state = _prefill_jit(
+        params, tokens, mask, max_new_tokens=max_new_tokens, key=key, lora=lora, **static
+    )
+    yield np.asarray(state.token)
+    for _ in range(max_new_tokens - 1):
+        state, _ = _step_jit(params, state, lora=lora, **static)
+        tok = np.asarray(state.token)
+        yield tok
+        if eos_id is not None and bool(np.asarray(state.done).all()):
+            return
+
+
+_prefill_jit = jax.jit(prefill, static_argnames=("cfg", "max_new_tokens", "sampling", "eos_id"))
+_step_jit = jax.jit(
+    decode_step, static_argnames=("cfg", "sampling", "eos_id", "pad_id"), donate_argnames=("state",)
+)
