@@ -198,3 +198,77 @@ class LoRAConfig:
     @property
     def scale(self) -> float:
         return self.alpha / (self.rank**0.5 if self.rslora else self.rank)
+
+
+def _convert(value: str, tp, where: str):
+    """Parses the string `value` as type `tp` (the annotation of a dataclass field)."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value.lower() in ("none", "null") and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: cannot parse {value!r} as {tp}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {args}")
+        return value
+    if origin in (tuple, list):
+        items = [v for v in value.strip("()[]").split(",") if v.strip()]
+        inner = args[0] if args else str
+        return tuple(_convert(v.strip(), inner, where) for v in items)
+    if tp is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected a boolean (true/false), got {value!r}")
+    if tp in (int, float, str):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    if dataclasses.is_dataclass(tp):
+        raise ConfigError(
+            f"{where} is a group of settings; set one of its fields ({where}.NAME=...)"
+        )
+    raise ConfigError(f"{where}: fields of type {tp} cannot be set from the command line")
+
+
+def _set_path(obj, path: list[str], value: str, trail: list[str]):
+    import typing
+
+    name = path[0]
+    where = ".".join([*trail, name])
+    fields = {f.name for f in dataclasses.fields(obj)}
+    if name not in fields:
+        raise ConfigError(f"unknown setting {where!r}; known: {', '.join(sorted(fields))}")
+    if len(path) > 1:
+        child = getattr(obj, name)
+        if not dataclasses.is_dataclass(child):
+            raise ConfigError(f"{where!r} has no sub-settings")
+        return dataclasses.replace(obj, **{name: _set_path(child, path[1:], value, [*trail, name])})
+    tp = typing.get_type_hints(type(obj))[name]
+    return dataclasses.replace(obj, **{name: _convert(value.strip(), tp, where)})
+
+
+def apply_overrides(cfg, overrides: list[str] | tuple[str, ...]):
+    """Returns `cfg` (a frozen dataclass) with `key=value` overrides applied.
+
+    Dotted keys reach nested dataclasses (`fed.num_rounds=3`). Values are parsed by each field's
+    type annotation; an unknown key or a value of the wrong type raises `ConfigError` naming it.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        cfg = _set_path(cfg, key.strip().split("."), value, [])
+    return cfg

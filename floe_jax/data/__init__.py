@@ -1,1 +1,1 @@
-"""Data: the embedded multi-task benchmark, Hugging Face datasets, padded batches, non-IID splits."""
+"""Data: the embedded multi-task benchmark, Hugging Face datasets, batches, non-IID splits."""

@@ -1,0 +1,132 @@
+"""floe_jax.decode: generation equals the full forward; buckets; streaming; sampling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from floe_jax.config import ConfigError, LoRAConfig
+from floe_jax.decode import (
+    SamplingConfig,
+    bucket_length,
+    generate,
+    pad_prompts,
+    sample_logits,
+    stream,
+)
+from floe_jax.lora import init_lora
+from floe_jax.model import forward, unstack_layers
+
+
+def _greedy_reference(params, prompt, cfg, n, lora=None):
+    """Greedy decoding by re-running the full forward on the growing sequence (no cache)."""
+    seq = jnp.asarray(prompt, jnp.int32)[None]
+    for _ in range(n):
+        nxt = forward(params, seq, cfg, lora=lora)[:, -1].argmax(-1).astype(jnp.int32)
+        seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
+    return np.asarray(seq[0, len(prompt) :])
+
+
+def _prompts(vocab, lengths, seed=0):
+    rng = np.random.RandomState(seed)
+    return [list(rng.randint(1, vocab, n)) for n in lengths]
+
+
+def test_generate_equals_full_forward_greedy_for_left_padded_batch(tiny_cfg, tiny_params):
+    prompts = _prompts(tiny_cfg.vocab_size, [5, 11, 3])
+    tokens, mask = pad_prompts(prompts)
+    out, lengths = generate(
+        tiny_params, tokens, mask, tiny_cfg, max_new_tokens=6, key=jax.random.key(0)
+    )
+    for i, p in enumerate(prompts):
+        np.testing.assert_array_equal(
+            np.asarray(out[i]), _greedy_reference(tiny_params, p, tiny_cfg, 6)
+        )
+    np.testing.assert_array_equal(np.asarray(lengths), [6, 6, 6])
+
+
+def test_generate_with_lora_equals_reference(tiny_cfg, tiny_params):
+    lora = init_lora(tiny_cfg, LoRAConfig(rank=4, max_rank=8), key=jax.random.key(1))
+    lora = jax.tree.map(lambda x: x, lora)
+    b = {m: 0.3 * jax.random.normal(jax.random.key(2), v.shape) for m, v in lora.b.items()}
+    lora = type(lora)(a=lora.a, b=b, mask=lora.mask, scale=lora.scale)
+    prompts = _prompts(tiny_cfg.vocab_size, [7])
+    tokens, mask = pad_prompts(prompts)
+    out, _ = generate(
+        tiny_params, tokens, mask, tiny_cfg, max_new_tokens=5, key=jax.random.key(0), lora=lora
+    )
+    ref = _greedy_reference(tiny_params, prompts[0], tiny_cfg, 5, lora=lora)
+    np.testing.assert_array_equal(np.asarray(out[0]), ref)
+    base, _ = generate(tiny_params, tokens, mask, tiny_cfg, max_new_tokens=5, key=jax.random.key(0))
+    assert not np.array_equal(np.asarray(base[0]), ref), "the adapter should change the output"
+
+
+def test_stream_equals_generate(tiny_cfg, tiny_params):
+    tokens, mask = pad_prompts(_prompts(tiny_cfg.vocab_size, [4, 9]))
+    out, _ = generate(tiny_params, tokens, mask, tiny_cfg, max_new_tokens=5, key=jax.random.key(0))
+    steps = list(
+        stream(tiny_params, tokens, mask, tiny_cfg, max_new_tokens=5, key=jax.random.key(0))
+    )
+    np.testing.assert_array_equal(np.stack(steps, axis=1), np.asarray(out))
+
+
+def test_one_compile_per_bucket(tiny_cfg, tiny_params):
+    """Prompt lengths inside one bucket and new contents reuse the compiled program."""
+    generate.clear_cache() if hasattr(generate, "clear_cache") else None
+    for lengths in ([3, 5], [9, 2], [16, 1]):
+        tokens, mask = pad_prompts(_prompts(tiny_cfg.vocab_size, lengths), buckets=(16, 32))
+        generate(tiny_params, tokens, mask, tiny_cfg, max_new_tokens=3, key=jax.random.key(0))
+    assert generate._cache_size() == 1
+
+
+def test_eos_stops_row_and_pads(tiny_cfg, tiny_params):
+    prompts = _prompts(tiny_cfg.vocab_size, [6, 6], seed=3)
+    tokens, mask = pad_prompts(prompts)
+    free, _ = generate(tiny_params, tokens, mask, tiny_cfg, max_new_tokens=6, key=jax.random.key(0))
+    eos = int(free[0, 2])  # make row 0's third token the EOS
+    out, lengths = generate(
+        tiny_params, tokens, mask, tiny_cfg, max_new_tokens=6, key=jax.random.key(0), eos_id=eos,
+        pad_id=-1,
+    )  # fmt: skip
+    out, free = np.asarray(out), np.asarray(free)
+    first = int(np.argmax(free[0] == eos))
+    assert int(lengths[0]) == first + 1
+    np.testing.assert_array_equal(out[0, : first + 1], free[0, : first + 1])
+    assert (out[0, first + 1 :] == -1).all()
+
+
+def test_top_p_samples_only_from_nucleus():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    s = SamplingConfig(temperature=1.0, top_p=0.7)
+    draws = jax.vmap(lambda k: sample_logits(logits, k, s))(
+        jax.random.split(jax.random.key(0), 400)
+    )
+    counts = np.bincount(np.asarray(draws).ravel(), minlength=4)
+    assert counts[2] == counts[3] == 0  # 0.5 + 0.3 >= 0.7: only the first two survive
+    assert counts[0] > counts[1] > 0
+
+
+def test_temperature_zero_is_argmax():
+    logits = jax.random.normal(jax.random.key(0), (3, 17))
+    out = sample_logits(logits, jax.random.key(1), SamplingConfig())
+    np.testing.assert_array_equal(np.asarray(out), np.argmax(np.asarray(logits), -1))
+
+
+def test_unstacked_layers_equal_scanned(tiny_cfg, tiny_params):
+    tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, tiny_cfg.vocab_size)
+    np.testing.assert_allclose(
+        forward(unstack_layers(tiny_params), tokens, tiny_cfg),
+        forward(tiny_params, tokens, tiny_cfg),
+        atol=1e-5,
+    )
+
+
+def test_bad_inputs():
+    with pytest.raises(ConfigError, match="top_p"):
+        SamplingConfig(top_p=0.0)
+    with pytest.raises(ConfigError, match="temperature"):
+        SamplingConfig(temperature=-1.0)
+    with pytest.raises(ValueError, match="largest bucket"):
+        bucket_length(5000)
+    with pytest.raises(ValueError, match="at least one token"):
+        pad_prompts([[1, 2], []])
