@@ -500,6 +500,23 @@ def same_candidate(a: LoRAConfig, b: LoRAConfig) -> bool:
     return lora_key(a) == lora_key(b)
 
 
+def local_device(name: str = "local", *, power_watts: float = 1.0) -> DeviceProfile:
+    """A rough profile of this machine: measured float32 matmul rate and copy bandwidth, and the
+    default device's memory limit (or the host's available RAM). `power_watts` is not measured."""
+    from floe_jax.cost_table import local_memory_bytes, measure_bandwidth_and_flops
+
+    flops, bw = measure_bandwidth_and_flops()
+    return DeviceProfile(
+        name=name,
+        memory_bytes=local_memory_bytes(),
+        peak_flops=flops,
+        mem_bandwidth_bytes_per_s=bw,
+        power_watts=power_watts,
+        flops_precision="fp32 (measured)",
+        description="this machine, measured",
+    )
+
+
 __all__ = [
     "CATALOG",
     "CandidateCost",
@@ -514,6 +531,7 @@ __all__ = [
     "decode_ms_per_token",
     "default_candidates",
     "get_device",
+    "local_device",
     "lora_param_count",
     "train_memory_breakdown",
     "train_memory_bytes",
