@@ -211,8 +211,12 @@ def train_memory_breakdown(
     `base`: frozen weights at `weight_dtype` (default the model's). `activations`: what the backward
     pass keeps, per token and layer: two norm inputs and outputs (4D), q/k/v (Q + 2KV), the
     attention output (Q), softmax probabilities (H * seq_len, no flash attention), gate, up and
-    their product (3F), the LoRA bottlenecks (r per adapted target); plus float32 logits and their
-    softmax (2V per token). `lora_state`: value, gradient and two Adam moments in float32.
+    their product (3F), the LoRA bottlenecks (r per adapted target); plus float32 logits, their
+    log-softmax and its gradient (3V per token; with a large vocabulary this term dominates).
+    `lora_state`: value, gradient and two Adam moments in float32.
+
+    On a 4-layer SmolLM2-135M-shaped float32 model (batch 2, seq 64) this came within ~10% below
+    the XLA-compiled memory of the measured step (which adds fusion temporaries).
     """
     c = model_cfg
     w_bytes = _bytes_of(weight_dtype, c)
@@ -225,7 +229,7 @@ def train_memory_breakdown(
         + 3 * c.intermediate_size
     )
     tokens = batch * seq_len
-    act = tokens * c.num_layers * per_tok_layer * a_bytes + tokens * 2 * c.vocab_size * 4
+    act = tokens * c.num_layers * per_tok_layer * a_bytes + tokens * 3 * c.vocab_size * 4
     p_lora = lora_param_count(c, lora_cfg)
     if lora_cfg is not None:
         act += tokens * _adapted_layers(c, lora_cfg) * len(lora_cfg.targets) * lora_cfg.rank * 4
