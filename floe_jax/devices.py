@@ -23,7 +23,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from floe_jax.config import LORA_TARGETS, LoRAConfig, ModelConfig, normalize_targets
-from floe_jax.cost_table import CostEntry, CostTable, lora_key
+from floe_jax.cost_table import CostEntry, CostTable
 
 GiB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
@@ -497,11 +497,6 @@ def assign_ranks(
         r_max = max(c.rank for c in chosen)
         chosen = [dataclasses.replace(c, max_rank=r_max) for c in chosen]
     return chosen
-
-
-def same_candidate(a: LoRAConfig, b: LoRAConfig) -> bool:
-    """Equal rank, targets and layers (alpha and padding ignored)."""
-    return lora_key(a) == lora_key(b)
 
 
 def local_device(name: str = "local", *, power_watts: float = 1.0) -> DeviceProfile:

@@ -7,7 +7,14 @@ import jax
 import pytest
 
 from floe_jax.config import LORA_TARGETS, LoRAConfig, ModelConfig
-from floe_jax.cost_table import CostEntry, CostTable, measure_cost_table, model_key
+from floe_jax.cost_table import (
+    CostEntry,
+    CostTable,
+    local_memory_bytes,
+    measure_bandwidth_and_flops,
+    measure_cost_table,
+    model_key,
+)
 from floe_jax.devices import (
     CATALOG,
     DeviceProfile,
@@ -311,3 +318,5 @@ def test_measure_cost_table_default_args(tiny_cfg, tiny_params):
     )
     (e,) = table.entries
     assert e.layers == (0,) and e.decode_batch == 2 and table.device == "local"
+    flops, bw = measure_bandwidth_and_flops(n=64, mib=1, repeats=1)
+    assert flops > 0 and bw > 0 and local_memory_bytes() > 0
