@@ -28,8 +28,19 @@ def _bench(argv: list[str]) -> int:
     return 0
 
 
+def _profile(argv: list[str]) -> int:
+    from experiments import profile
+
+    profile.main(argv)
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, object]] = {
     "bench": ("benchmarks against PyTorch / transformers / NumPy, side by side", _bench),
+    "profile": (
+        "measure a LoRA cost table (decode ms/token, training memory) on this machine",
+        _profile,
+    ),
 }
 DEFAULT_COMMAND = "bench"
 
