@@ -7,8 +7,6 @@ logits is a meaningful test, unlike with Hugging Face's N(0, 0.02) init.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 import transformers
@@ -119,26 +117,27 @@ def hf_logits(model, tokens: np.ndarray, mask: np.ndarray | None = None) -> np.n
         return model(input_ids=ids, **kw).logits.float().numpy()
 
 
-def randomize_params(params: dict, seed: int = 0) -> dict:
-    """floe params redrawn at the same O(1) scales as `randomize_` (biases included)."""
+def random_params(cfg, seed: int = 0) -> dict:
+    """floe params for `cfg` drawn with numpy at the same O(1) scales as `randomize_` (biases
+    and norms included); no JAX compilation, unlike `init_params`."""
+    import jax
+    import jax.numpy as jnp
+
+    from floe_jax.model import param_shapes
+
     rng = np.random.default_rng(seed)
 
-    def draw(path, x):
-        keys = [getattr(k, "key", str(k)) for k in path]
-        z = rng.standard_normal(x.shape).astype(np.float32)
-        if "norm" in keys[-1]:
-            return 1.0 + 0.1 * z
-        if keys[-1] == "b":
-            return 0.1 * z
-        if keys[-1] == "embed":
-            return z
-        d_in = x.shape[-2]
-        return z / np.sqrt(d_in)
+    def draw(path, shape):
+        key = path[-1].key
+        z = rng.standard_normal(shape).astype(np.float32)
+        if "norm" in key:
+            z = 1.0 + 0.1 * z
+        elif key == "b":
+            z = 0.1 * z
+        elif key != "embed":
+            z = z / np.sqrt(shape[-2])  # weights [.., in, out]
+        return jnp.asarray(z, jnp.dtype(cfg.dtype))
 
-    import jax
-
-    return jax.tree_util.tree_map_with_path(lambda p, x: jax.numpy.asarray(draw(p, x)), params)
-
-
-def replace(cfg, **kw):
-    return dataclasses.replace(cfg, **kw)
+    return jax.tree_util.tree_map_with_path(
+        draw, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple)
+    )

@@ -14,10 +14,13 @@ from transformers.models.llama import modeling_llama
 
 import floe_jax.hf as hf
 from floe_jax.config import ModelConfig, RopeScaling
-from floe_jax.model import _block, apply_rope, attention, forward, rms_norm, rope_inv_freq
+from floe_jax.model import _block, apply_rope, attention, rms_norm, rope_inv_freq
+from floe_jax.model import forward as _forward
 from tests import _hf_utils as U
 
 ATOL = 1e-4
+# jitted once per (config, shapes): eager calls would recompile the layer scan on every call
+forward = jax.jit(_forward, static_argnames="cfg")
 CASES = sorted(U.CASES)
 
 
@@ -174,9 +177,7 @@ def test_left_padded_batch_matches_hf_attention_mask(case, checkpoints):
 def test_save_hf_loads_in_transformers(case, tmp_path):
     """floe params (random, biases included) -> save_hf -> AutoModelForCausalLM: same logits."""
     cfg = hf.config_from_hf(U.hf_config(case).to_dict())
-    from floe_jax.model import init_params
-
-    params = U.randomize_params(init_params(cfg, key=jax.random.key(0)), seed=5)
+    params = U.random_params(cfg, seed=5)
     hf.save_hf(cfg, params, tmp_path)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, attn_implementation="eager"
