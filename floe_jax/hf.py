@@ -15,6 +15,7 @@ Bad input raises `CheckpointError`, whose message names the file and the tensor 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -263,61 +264,59 @@ def _is_linear_weight(path: tuple[str, ...]) -> bool:
 # ----------------------------------------------------------------------------- loading
 
 
-class _Tensors:
-    """Maps tensor names to the safetensors file that holds them, and reads them lazily."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        index = folder / INDEX_FILE
-        single = folder / WEIGHTS_FILE
-        self.where: dict[str, str] = {}
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a safetensors index ({e!r})") from e
-            for shard in sorted(set(weight_map.values())):
-                if not (folder / shard).is_file():
-                    raise CheckpointError(
-                        f"{index} names shard {shard!r}, which is missing from {folder}"
-                    )
-            self.where = dict(weight_map)
-            self.searched = [INDEX_FILE, *sorted(set(weight_map.values()))]
-            self.files = sorted(set(weight_map.values()))
-        else:
-            files = [single.name] if single.is_file() else []
-            files = files or sorted(p.name for p in folder.glob("*.safetensors"))
-            if not files:
-                others = sorted(p.name for p in folder.glob("*.bin")) + sorted(
-                    p.name for p in folder.glob("*.pt*")
-                )
-                hint = f" (found {others}; only safetensors is supported)" if others else ""
-                raise CheckpointError(f"{folder}: no *.safetensors weights{hint}")
-            for name in files:
-                with safetensors.safe_open(folder / name, framework="numpy") as f:
-                    for k in f.keys():
-                        self.where.setdefault(k, name)
-            self.searched = files
-            self.files = files
-        self._open: dict[str, object] = {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.where
-
-    def get(self, name: str) -> tuple[np.ndarray, str]:
-        if name not in self.where:
-            raise CheckpointError(
-                f"tensor {name!r} is missing; searched {self.searched} in {self.folder}"
-            )
-        file = self.where[name]
-        if file not in self._open:
-            self._open[file] = safetensors.safe_open(self.folder / file, framework="numpy")
+def _weight_map(folder: Path) -> tuple[dict[str, str], list[str]]:
+    """({tensor name: file}, files searched) from the index, `model.safetensors`, or every
+    `*.safetensors` in the folder."""
+    index = folder / INDEX_FILE
+    if index.is_file():
         try:
-            return self._open[file].get_tensor(name), file
-        except Exception as e:  # an index that names a tensor its shard does not hold
+            weight_map = dict(json.loads(index.read_text())["weight_map"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index ({e!r})") from e
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if not (folder / shard).is_file():
+                raise CheckpointError(
+                    f"{index} names shard {shard!r}, which is missing from {folder}"
+                )
+        return weight_map, [INDEX_FILE, *shards]
+    if (folder / WEIGHTS_FILE).is_file():
+        files = [WEIGHTS_FILE]
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        hint = f" (found {others}; only safetensors is supported)" if others else ""
+        raise CheckpointError(f"{folder}: no *.safetensors weights{hint}")
+    weight_map = {}
+    for file in files:
+        with safetensors.safe_open(folder / file, framework="numpy") as f:
+            for name in f.keys():
+                weight_map.setdefault(name, file)
+    return weight_map, files
+
+
+def _tensor_reader(folder: Path, stack: contextlib.ExitStack):
+    """`read(name) -> (array, file)` over the folder's safetensors, each file opened once."""
+    weight_map, searched = _weight_map(folder)
+    handles = {}
+
+    def read(name: str) -> tuple[np.ndarray, str]:
+        if name not in weight_map:
+            raise CheckpointError(f"tensor {name!r} is missing; searched {searched} in {folder}")
+        file = weight_map[name]
+        if file not in handles:
+            handles[file] = stack.enter_context(
+                safetensors.safe_open(folder / file, framework="numpy")
+            )
+        try:
+            return handles[file].get_tensor(name), file
+        except safetensors.SafetensorError as e:  # the index names a tensor its shard lacks
             raise CheckpointError(
                 f"tensor {name!r} is missing from {file} (named there by {INDEX_FILE})"
             ) from e
+
+    return read
 
 
 def _read_json(path: Path) -> dict:
@@ -356,26 +355,28 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[Model
         except ConfigError as e:
             raise CheckpointError(str(e)) from e
     np_dtype = np.dtype(jnp.dtype(cfg.dtype))
-    tensors = _Tensors(folder)
     names = _hf_names(cfg)
     params: dict = {}
-    for leaf_path, shape in _flat_params(cfg):
-        name = _lookup(names, leaf_path)
-        if leaf_path[0] == "layers":
-            per_layer = [_checked(tensors, name(i), shape[1:], leaf_path) for i in range(shape[0])]
-            arr = np.stack(per_layer)
-        else:
-            arr = _checked(tensors, name, shape, leaf_path)
-        node = params
-        for k in leaf_path[:-1]:
-            node = node.setdefault(k, {})
-        node[leaf_path[-1]] = jnp.asarray(arr.astype(np_dtype))
+    with contextlib.ExitStack() as stack:
+        read = _tensor_reader(folder, stack)
+        for leaf_path, shape in _flat_params(cfg):
+            name = _lookup(names, leaf_path)
+            if leaf_path[0] == "layers":
+                arr = np.stack(
+                    [_checked(read, name(i), shape[1:], leaf_path) for i in range(shape[0])]
+                )
+            else:
+                arr = _checked(read, name, shape, leaf_path)
+            node = params
+            for k in leaf_path[:-1]:
+                node = node.setdefault(k, {})
+            node[leaf_path[-1]] = jnp.asarray(arr.astype(np_dtype))
     return cfg, params
 
 
-def _checked(tensors: _Tensors, name: str, shape: tuple, leaf_path: tuple) -> np.ndarray:
+def _checked(read, name: str, shape: tuple, leaf_path: tuple) -> np.ndarray:
     """Reads one tensor, checks its shape in HF layout, returns it in floe layout."""
-    arr, file = tensors.get(name)
+    arr, file = read(name)
     transpose = _is_linear_weight(leaf_path) or leaf_path == ("lm_head",)
     hf_shape = tuple(reversed(shape)) if transpose else tuple(shape)
     if tuple(arr.shape) != hf_shape:
