@@ -222,7 +222,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 
 def _hf_names(cfg: ModelConfig) -> dict:
-    """A params-shaped tree whose leaves are functions `layer -> HF tensor name` (or names)."""
+    """A params-shaped tree of HF tensor names; per-layer leaves are functions `layer -> name`."""
     layers: dict = {k: (lambda i, n=n: f"model.layers.{i}.{n}.weight") for k, n in _NORMS.items()}
     for m in LORA_TARGETS:
         base = lambda i, m=m: f"model.layers.{i}.{_SUBMODULE[m]}.{m}"
@@ -444,8 +444,15 @@ def save_hf(
         else:
             out[name] = arr.T if transpose else arr
     hf = config_to_hf(cfg)
-    hf["dtype"] = str(np.dtype(next(iter(out.values())).dtype))
+    hf["dtype"] = str(np.dtype(out["model.embed_tokens.weight"].dtype))
     (folder / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")
+    # weights of an earlier save here would shadow or mix with these ones
+    for old in [
+        folder / WEIGHTS_FILE,
+        folder / INDEX_FILE,
+        *folder.glob("model-*-of-*.safetensors"),
+    ]:
+        old.unlink(missing_ok=True)
     if max_shard_bytes is None:
         _write_safetensors(out, folder / WEIGHTS_FILE)
         return
@@ -492,6 +499,10 @@ _PEFT_UNSUPPORTED = (
     "lora_bias",
     "fan_in_fan_out",
 )
+
+# initialisations that also rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA): such an
+# adapter is only right on top of the rewritten base, which floe_jax does not have.
+_PEFT_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "lora-ga")
 
 
 def save_peft(
@@ -612,6 +623,12 @@ def load_peft(
     for key in _PEFT_UNSUPPORTED:
         if pc.get(key) not in (None, False, {}, []):
             raise CheckpointError(f"{cfg_path}: {key}={pc[key]!r} is not supported")
+    init = pc.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_PEFT_BASE_CHANGING_INITS):
+        raise CheckpointError(
+            f"{cfg_path}: init_lora_weights={init!r} adapters expect a modified base model; "
+            "convert them to plain LoRA with PEFT first"
+        )
     if pc.get("bias", "none") != "none":
         raise CheckpointError(f"{cfg_path}: bias={pc['bias']!r} is not supported (only 'none')")
     for key in ("r", "lora_alpha"):

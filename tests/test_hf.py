@@ -194,6 +194,7 @@ def test_save_hf_loads_in_transformers(case, tmp_path):
 
 def test_save_hf_sharded_loads_in_transformers_and_back(checkpoints, tmp_path):
     cfg, params = hf.load_hf(checkpoints["qwen2-gqa"][0])
+    hf.save_hf(cfg, params, tmp_path)  # an earlier unsharded save must not shadow the shards
     hf.save_hf(cfg, params, tmp_path, max_shard_bytes=16_000)
     index = json.loads((tmp_path / hf.INDEX_FILE).read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -420,6 +421,7 @@ def _edit_json(path, **changes):
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"bias": "all"}, "bias"),
         ({"peft_type": "IA3"}, "peft_type"),
+        ({"init_lora_weights": "pissa"}, "init_lora_weights"),
     ],
 )
 def test_error_load_peft_unsupported_setting(adapter, changes, field):
