@@ -108,10 +108,10 @@ def save_hf_model(case: str, path, seed: int = 0, **save_kw) -> transformers.Pre
 def hf_logits(model, tokens: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """Logits [B, T, V] from a PyTorch model; with a left-padding `mask`, position ids count real
     tokens only (as `generate` does)."""
-    ids = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+    ids = torch.as_tensor(np.array(tokens), dtype=torch.long)
     kw = {}
     if mask is not None:
-        m = torch.as_tensor(np.asarray(mask), dtype=torch.long)
+        m = torch.as_tensor(np.array(mask), dtype=torch.long)
         kw = dict(attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0))
     with torch.no_grad():
         return model(input_ids=ids, **kw).logits.float().numpy()

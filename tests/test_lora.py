@@ -16,12 +16,12 @@ from floe_jax.config import LoRAConfig
 from floe_jax.lora import (
     LoRA,
     freeze_padding,
+    init_lora,
     merge_lora,
     stack_loras,
     true_rank,
     unstack_loras,
 )
-from floe_jax.lora import init_lora as _init_lora
 from floe_jax.model import forward as _forward
 from tests import _hf_utils as U
 
@@ -30,12 +30,8 @@ ATOL = 1e-4
 forward = jax.jit(_forward, static_argnames="cfg")
 
 
-# jitted so each adapter structure compiles once instead of op by op
-init_lora = jax.jit(_init_lora, static_argnames=("cfg", "lora_cfg", "targets", "max_rank"))
-
-
 @pytest.fixture(scope="module")
-def tiny_params(tiny_cfg):
+def base_params(tiny_cfg):
     """Random O(1)-scale params (the shared fixture's N(0, 0.02) weights barely move logits)."""
     return U.random_params(tiny_cfg, seed=0)
 
@@ -56,22 +52,21 @@ def _with_random_b(lora: LoRA, seed: int, std: float = 0.3) -> LoRA:
 # ----------------------------------------------------------------------------- invariants
 
 
-def test_zero_b_lora_changes_nothing(tiny_cfg, tiny_params):
+def test_zero_b_lora_changes_nothing(tiny_cfg, base_params):
     lora = init_lora(tiny_cfg, LoRAConfig(rank=4, alpha=8), key=jax.random.key(1))
     tokens = _tokens(tiny_cfg.vocab_size)
     np.testing.assert_array_equal(
-        forward(tiny_params, tokens, tiny_cfg, lora=lora), forward(tiny_params, tokens, tiny_cfg)
+        forward(base_params, tokens, tiny_cfg, lora=lora), forward(base_params, tokens, tiny_cfg)
     )
 
 
-@pytest.mark.parametrize("rslora", [False, True])
-def test_merged_equals_unmerged(tiny_cfg, tiny_params, rslora):
-    lcfg = LoRAConfig(rank=3, alpha=8, rslora=rslora, targets=("q", "v", "down"), max_rank=5)
+def test_merged_equals_unmerged(tiny_cfg, base_params):
+    lcfg = LoRAConfig(rank=3, alpha=8, rslora=True, targets=("q", "v", "down"), max_rank=5)
     lora = _with_random_b(init_lora(tiny_cfg, lcfg, key=jax.random.key(2)), seed=3)
     tokens = _tokens(tiny_cfg.vocab_size)
-    adapted = forward(tiny_params, tokens, tiny_cfg, lora=lora)
-    assert np.abs(adapted - forward(tiny_params, tokens, tiny_cfg)).max() > 1e-3
-    merged = forward(merge_lora(tiny_params, lora), tokens, tiny_cfg)
+    adapted = forward(base_params, tokens, tiny_cfg, lora=lora)
+    assert np.abs(adapted - forward(base_params, tokens, tiny_cfg)).max() > 1e-3
+    merged = forward(merge_lora(base_params, lora), tokens, tiny_cfg)
     np.testing.assert_allclose(merged, adapted, atol=1e-5)
 
 
@@ -89,7 +84,7 @@ def test_init_lora_padded_slots_zero(tiny_cfg):
 
 
 def test_stack_unstack_round_trip(tiny_cfg):
-    targets = ("q", "k", "v", "o")
+    targets = ("q", "down")
     loras = [
         _with_random_b(
             init_lora(
@@ -108,7 +103,7 @@ def test_stack_unstack_round_trip(tiny_cfg):
         chex.assert_trees_all_equal(got, want)
 
 
-def test_heterogeneous_targets_share_a_structure(tiny_cfg, tiny_params):
+def test_heterogeneous_targets_share_a_structure(tiny_cfg, base_params):
     union = ("q", "v", "o", "down")
     c1 = LoRAConfig(rank=2, alpha=4, targets=("q", "v"), max_rank=4)
     c2 = LoRAConfig(rank=4, alpha=4, targets=("o", "down"), max_rank=4)
@@ -129,8 +124,8 @@ def test_heterogeneous_targets_share_a_structure(tiny_cfg, tiny_params):
     )
     tokens = _tokens(tiny_cfg.vocab_size, seed=9)
     np.testing.assert_allclose(
-        forward(tiny_params, tokens, tiny_cfg, lora=l1),
-        forward(tiny_params, tokens, tiny_cfg, lora=own),
+        forward(base_params, tokens, tiny_cfg, lora=l1),
+        forward(base_params, tokens, tiny_cfg, lora=own),
         atol=1e-6,
     )
     with pytest.raises(ValueError, match="not in the tree targets"):
