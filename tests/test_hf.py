@@ -65,6 +65,39 @@ def test_legacy_rope_keys_equal_rope_parameters():
     assert new.rope_theta == 5e5 and new.rope_scaling == RopeScaling(rope_type="linear", factor=2.0)
 
 
+def test_transformers4_style_llama3_config():
+    """A Llama 3.2-style config.json as transformers 4 wrote it (top-level rope_theta,
+    rope_scaling, torch_dtype, a list of EOS ids)."""
+    d = {
+        **U.BASE,
+        "model_type": "llama",
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        "torch_dtype": "bfloat16",
+        "eos_token_id": [128001, 128008, 128009],
+        "bos_token_id": 128000,
+        "tie_word_embeddings": True,
+    }
+    cfg = hf.config_from_hf(d)
+    assert cfg.rope_theta == 500000.0 and cfg.dtype == "bfloat16" and cfg.tie_word_embeddings
+    assert cfg.rope_scaling == RopeScaling(
+        rope_type="llama3", factor=32.0, original_max_position_embeddings=8192
+    )
+    assert (cfg.bos_token_id, cfg.eos_token_id) == (128000, 128001)
+    hc = transformers.LlamaConfig(**{k: v for k, v in d.items() if k != "model_type"})
+    np.testing.assert_allclose(
+        rope_inv_freq(cfg), modeling_llama.LlamaRotaryEmbedding(hc).inv_freq.numpy(), rtol=1e-6
+    )
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_config_round_trip(case, checkpoints):
     cfg, _ = hf.load_hf(checkpoints[case][0])
@@ -286,6 +319,7 @@ def test_error_missing_config(checkpoints, tmp_path):
             "rope_scaling",
         ),
         ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
     ],
 )
 def test_error_unsupported_config(checkpoints, tmp_path, changes, field):

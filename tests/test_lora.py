@@ -235,6 +235,10 @@ def test_save_peft_writes_true_rank_of_heterogeneous_tree(bases, tmp_path):
         [0],
     )
     assert written["lora_alpha"] == 4 and written["use_rslora"] is False
+    # loading into the same union tree and padded rank gives back exactly the same adapter
+    chex.assert_trees_all_equal(hf.load_peft(tmp_path, cfg, max_rank=8, targets="all"), lora)
+    with pytest.raises(hf.CheckpointError, match="not in targets"):
+        hf.load_peft(tmp_path, cfg, targets=("q", "v"))
     model = peft.PeftModel.from_pretrained(_hf_model(folder), tmp_path).eval()
     tokens = _tokens(cfg.vocab_size, seed=17)
     np.testing.assert_allclose(
