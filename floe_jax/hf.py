@@ -2,8 +2,8 @@
 
 Reads and writes local folders only (nothing is fetched from a hub), without torch:
 
-- `load_hf` / `save_hf`: `config.json` plus `model.safetensors`, or shards `model-0000k-of-0000n.
-  safetensors` with `model.safetensors.index.json`, in the layout transformers writes for
+- `load_hf` / `save_hf`: `config.json` plus `model.safetensors`, or shards
+  `model-0000k-of-0000n.safetensors` with `model.safetensors.index.json`, as transformers writes for
   `LlamaForCausalLM` and `Qwen2ForCausalLM`. Linear weights are stored `[out, in]` there and
   `[in, out]` here; per-layer tensors are stacked on a leading L axis (see `floe_jax.model`).
 - `save_peft` / `load_peft`: `adapter_config.json` plus `adapter_model.safetensors` as PEFT writes
@@ -30,7 +30,14 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from floe_jax.config import LORA_TARGETS, ConfigError, ModelConfig, RopeScaling, normalize_targets
+from floe_jax.config import (
+    LORA_TARGETS,
+    ROPE_TYPES,
+    ConfigError,
+    ModelConfig,
+    RopeScaling,
+    normalize_targets,
+)
 from floe_jax.lora import LoRA
 from floe_jax.model import param_shapes
 
@@ -71,10 +78,9 @@ def _rope_from_hf(d: Mapping, source: str) -> tuple[float, RopeScaling | None]:
         field, rp = "rope_parameters", {}
     theta = float(rp.get("rope_theta", d.get("rope_theta", 10000.0)))
     rope_type = rp.get("rope_type", rp.get("type", "default"))
-    if rope_type not in ("default", "linear", "llama3"):
+    if rope_type not in ROPE_TYPES:
         raise CheckpointError(
-            f"{source}: {field}.rope_type={rope_type!r} is not supported; "
-            "supported: 'default', 'linear', 'llama3'"
+            f"{source}: {field}.rope_type={rope_type!r} is not supported; supported: {ROPE_TYPES}"
         )
     prf = rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
     if prf not in (None, 1, 1.0):
