@@ -1,0 +1,143 @@
+"""Tiny random Hugging Face checkpoints and adapters, made locally with transformers + torch.
+
+Weights are drawn at scales that make activations and logits O(1) (embeddings N(0, 1), linear
+weights N(0, 1/d_in), norms 1 + N(0, 0.1^2), biases N(0, 0.1^2)), so an absolute tolerance on the
+logits is a meaningful test, unlike with Hugging Face's N(0, 0.02) init.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+# Parity cases: (id, model_type, HF config kwargs). Each names what it exercises.
+BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
+CASES = {
+    "llama-gqa": ("llama", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "llama-mqa-tied": (
+        "llama",
+        dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True),
+    ),
+    "llama-mha-bias-theta": (
+        "llama",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            attention_bias=True,
+            mlp_bias=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        ),
+    ),
+    "llama-headdim16": ("llama", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)),
+    "llama-rope-linear": (
+        "llama",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+        ),
+    ),
+    "llama-rope-llama3": (
+        "llama",
+        dict(
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
+    "qwen2-gqa": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "qwen2-mqa-tied-theta": (
+        "qwen2",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        ),
+    ),
+}
+
+
+def hf_config(case: str) -> transformers.PreTrainedConfig:
+    model_type, kw = CASES[case]
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
+    return cls(**BASE, **kw, rms_norm_eps=1e-5, attn_implementation="eager")
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Redraws every parameter in place at O(1) activation scales (see module docstring)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            z = torch.randn(p.shape, generator=gen)
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * z)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * z)
+            elif "embed_tokens" in name:
+                p.copy_(z)
+            else:  # Linear weight [out, in]
+                p.copy_(z / np.sqrt(p.shape[1]))
+    return model
+
+
+def make_hf_model(case: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A random float32 `*ForCausalLM` in eval mode with eager attention."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(
+        hf_config(case), attn_implementation="eager", dtype=torch.float32
+    )
+    return randomize_(model, seed).eval()
+
+
+def save_hf_model(case: str, path, seed: int = 0, **save_kw) -> transformers.PreTrainedModel:
+    model = make_hf_model(case, seed)
+    model.save_pretrained(path, **save_kw)
+    return model
+
+
+def hf_logits(model, tokens: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Logits [B, T, V] from a PyTorch model; with a left-padding `mask`, position ids count real
+    tokens only (as `generate` does)."""
+    ids = torch.as_tensor(np.array(tokens), dtype=torch.long)
+    kw = {}
+    if mask is not None:
+        m = torch.as_tensor(np.array(mask), dtype=torch.long)
+        kw = dict(attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0))
+    with torch.no_grad():
+        return model(input_ids=ids, **kw).logits.float().numpy()
+
+
+def random_params(cfg, seed: int = 0) -> dict:
+    """floe params for `cfg` drawn with numpy at the same O(1) scales as `randomize_` (biases
+    and norms included); no JAX compilation, unlike `init_params`."""
+    import jax
+    import jax.numpy as jnp
+
+    from floe_jax.model import param_shapes
+
+    rng = np.random.default_rng(seed)
+
+    def draw(path, shape):
+        key = path[-1].key
+        z = rng.standard_normal(shape).astype(np.float32)
+        if "norm" in key:
+            z = 1.0 + 0.1 * z
+        elif key == "b":
+            z = 0.1 * z
+        elif key != "embed":
+            z = z / np.sqrt(shape[-2])  # weights [.., in, out]
+        return jnp.asarray(z, jnp.dtype(cfg.dtype))
+
+    return jax.tree_util.tree_map_with_path(
+        draw, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple)
+    )
