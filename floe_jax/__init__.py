@@ -5,6 +5,16 @@ module (`floe_jax.model`, `floe_jax.lora`, ...).
 """
 
 from floe_jax.config import ConfigError, LoRAConfig, ModelConfig, RopeScaling
+from floe_jax.hf import (
+    CheckpointError,
+    config_from_hf,
+    config_to_hf,
+    load_hf,
+    load_peft,
+    load_tokenizer,
+    save_hf,
+    save_peft,
+)
 from floe_jax.lora import (
     LoRA,
     delta_weight,
@@ -17,6 +27,14 @@ from floe_jax.lora import (
 from floe_jax.model import KVCache, forward, init_cache, init_params
 
 __all__ = [
+    "CheckpointError",
+    "config_from_hf",
+    "config_to_hf",
+    "load_hf",
+    "load_peft",
+    "load_tokenizer",
+    "save_hf",
+    "save_peft",
     "ConfigError",
     "KVCache",
     "LoRA",
