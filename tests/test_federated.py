@@ -17,6 +17,7 @@ from floe_jax.federated.client import (
 from floe_jax.federated.rounds import (
     ConfigError,
     FedConfig,
+    check_round,
     drop_reasons,
     fedavg,
     init_server_state,
@@ -298,3 +299,16 @@ def test_client_axis_does_not_replicate_the_base():
     for chunk in (0, 2):
         grow = total(C, chunk) - total(1, chunk)
         assert grow < 0.25 * (C - 1) * base_bytes, (chunk, grow, base_bytes)
+
+
+def test_bad_inputs_name_the_field(tiny_cfg):
+    data = client_data(_client_examples(tiny_cfg.vocab_size))
+    state = init_server_state(tiny_cfg, ROUND_FED, ranks=[2, 4, 8, 2, 4])
+    with pytest.raises(ConfigError, match="FedConfig.seq_len"):
+        check_round(dataclasses.replace(ROUND_FED, seq_len=T + 1), data, state)
+    with pytest.raises(ConfigError, match="FedConfig.clients_per_round"):
+        check_round(dataclasses.replace(ROUND_FED, clients_per_round=6), data, state)
+    with pytest.raises(ConfigError, match="client 2 has rank 9"):
+        init_server_state(tiny_cfg, ROUND_FED, ranks=[2, 4, 9, 2, 4])
+    with pytest.raises(ValueError, match="different sequence lengths"):
+        client_data([(np.zeros((1, 4), np.int32),) * 3, (np.zeros((1, 5), np.int32),) * 3])

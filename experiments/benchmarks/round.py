@@ -18,6 +18,22 @@ Utilisation printed = 4 * N_nonembedding * tokens/s / measured float32 matmul FL
 LoRA training runs the forward (2N) and the backward through activations (2N) of the frozen base
 but never forms base weight gradients (the adapter's own FLOPs are under 1% here). Embedding
 and lm_head FLOPs are left out, as in the usual MFU convention, so this understates the work.
+
+Measured once (`python -m experiments.benchmarks.round`), AMD EPYC, 2 cores shared with four
+other jobs (load 5-9), matmul 96.4 GFLOP/s; provisional until rerun on a quiet machine:
+
+| workload | impl             | round s | tokens/s | util (4N) | speedup |
+|----------|------------------|---------|----------|-----------|---------|
+| ref      | floe_jax         | 27.84   | 2354     | 0.288     | 1.62x   |
+| ref      | torch+peft 1 thr | 45.12   | 1452     | 0.178     |         |
+| ref      | torch+peft 2 thr | 217.2   | 301.8    | 0.037     |         |
+| xdev     | floe_jax         | 5.757   | 2846     | 0.349     | 1.58x   |
+| xdev     | torch+peft 1 thr | 9.091   | 1802     | 0.221     |         |
+| xdev     | torch+peft 2 thr | 24.78   | 661.1    | 0.081     |         |
+
+Speedup is against the faster PyTorch run (1 thread); against the prescribed
+`set_num_threads(os.cpu_count())` run it is 7.8x (ref) and 4.3x (xdev). The xdev target (3x)
+is met only against the 2-thread run.
 """
 
 from __future__ import annotations

@@ -22,17 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from floe_jax.config import LoRAConfig, ModelConfig, normalize_targets
+from floe_jax.config import ConfigError, LoRAConfig, ModelConfig, normalize_targets
 from floe_jax.federated.client import local_update_clients, make_optimizer, token_loss
 from floe_jax.federated.types import Aggregated, ClientData
 from floe_jax.lora import LoRA, init_lora, rank_mask
 
 AggregateFn = Callable[..., Aggregated]
 _BYTES_PER_PARAM = 4  # adapters travel as float32
-
-
-class ConfigError(ValueError):
-    """A FedConfig value is invalid; the message names the field."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
