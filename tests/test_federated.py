@@ -227,6 +227,25 @@ def test_nan_client_dropped_with_reason(tiny_cfg, tiny_params, round_fn):
     assert np.isfinite(float(m["loss_sum"]))
 
 
+def test_drop_reason_names_the_tensor(tiny_cfg):
+    names = tensor_names(_lora(tiny_cfg, 4, 0))
+    assert names[0] == "a['down_proj']" and len(names) == 6
+    finite = np.ones((2, 6), bool)
+    finite[1, names.index("b['v_proj']")] = False
+    m = {
+        "client_ids": np.array([7, 9]),
+        "included": np.array([True, False]),
+        "finite": finite,
+        "update_norm": np.array([1.0, np.nan]),
+        "examples": np.array([2.0, 2.0]),
+    }
+    assert drop_reasons(m, names, ROUND_FED) == {9: "non-finite update in b['v_proj']"}
+    m["finite"][1] = True
+    m["update_norm"][1] = 5.0
+    fed = dataclasses.replace(ROUND_FED, max_update_norm=1.5)
+    assert drop_reasons(m, names, fed) == {9: "update norm 5 > max_update_norm=1.5"}
+
+
 def test_round_moves_only_the_sampled_clusters(tiny_cfg, tiny_params, round_fn):
     data = client_data(_client_examples(tiny_cfg.vocab_size))
     state = init_server_state(

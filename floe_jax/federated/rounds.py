@@ -348,13 +348,11 @@ def _eval_rows(data: ClientData, ids_C, B: int) -> dict:
 # ----------------------------------------------------------------------------- the round
 
 
-def _tree_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
-
-
 def tensor_names(lora: LoRA) -> list[str]:
-    """Names of the trainable tensors in the order `round_step` reports their finiteness."""
-    return [f"{f}[{m!r}]" for f in ("a", "b") for m in getattr(lora, f)]
+    """Names of the trainable tensors (`a['q_proj']`, ...) in the order `round_step` reports
+    their finiteness: the leaf order of `lora.trainable()`."""
+    flat = jax.tree_util.tree_flatten_with_path(lora.trainable())[0]
+    return [p[0].key + jax.tree_util.keystr(p[1:]) for p, _ in flat]
 
 
 def round_step(
