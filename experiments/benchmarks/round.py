@@ -31,9 +31,12 @@ other jobs (load 5-9), matmul 96.4 GFLOP/s; provisional until rerun on a quiet m
 | xdev     | torch+peft 1 thr | 9.091   | 1802     | 0.221     |         |
 | xdev     | torch+peft 2 thr | 24.78   | 661.1    | 0.081     |         |
 
-Speedup is against the faster PyTorch run (1 thread); against the prescribed
-`set_num_threads(os.cpu_count())` run it is 7.8x (ref) and 4.3x (xdev). The xdev target (3x)
-is met only against the 2-thread run.
+(floe_jax xdev above used client_chunk=1.) Speedup is against the faster PyTorch run (1 thread);
+against the prescribed `set_num_threads(os.cpu_count())` run it is 7.8x (ref) and 4.3x (xdev).
+A second xdev run (load ~5) with client_chunk=8, the setting now in WORKLOADS: floe_jax 4.77 s
+(3433 tokens/s, util 0.34 of 119.9 GFLOP/s), PyTorch 1 thread 12.22 s: 2.56x; the same run
+with client_chunk=1 gave 8.92 s against 16.28 s. PyTorch's own time moved 9.1-16.3 s between
+runs: the xdev 3x target is not shown on this machine against single-threaded PyTorch.
 """
 
 from __future__ import annotations
@@ -83,7 +86,7 @@ class Workload:
 
 WORKLOADS = (
     Workload("ref", 16, 4, 8, 128, client_chunk=1, target=1.3),
-    Workload("xdev", 64, 2, 2, 64, client_chunk=1, target=3.0),
+    Workload("xdev", 64, 2, 2, 64, client_chunk=8, target=3.0),
 )
 
 
@@ -230,7 +233,7 @@ def run(quick: bool = False, torch_threads: tuple[int, ...] | None = None) -> li
     if quick:
         workloads = (
             Workload("ref-quick", 4, 1, 2, 32, client_chunk=1, target=1.3),
-            Workload("xdev-quick", 8, 1, 2, 16, client_chunk=1, target=3.0),
+            Workload("xdev-quick", 8, 1, 2, 16, client_chunk=4, target=3.0),
         )
     if torch_threads is None:
         torch_threads = tuple(sorted({os.cpu_count() or 1, 1}))

@@ -175,10 +175,16 @@ def local_update_clients(
             chunk 4 0.90 s (temp memory 397 / 73 / 106 / 209 MB);
           4 clients x 1 step x batch 8 x 128 tokens: vmap 5.30 s, chunk 1 1.86 s, chunk 2 2.36 s
             (temp memory 727 / 195 / 369 MB).
-          64 clients x 2 steps x batch 2 x 64 tokens (the `xdev` benchmark): chunk 1 5.7 s,
-            chunk 4 6.8 s, chunk 8 14.6 s (temp memory 188 / 131 / 259 MB).
-        On a CPU the vmapped program's activations fall out of cache and it is 2-3x slower, so
-        the default is chunk 1 (best or within 10% of best); on an accelerator use 0 (vmap).
+          64 clients x 2 steps x batch 2 x 64 tokens (the `xdev` benchmark), three runs at
+            different loads: chunk 1 5.7 / 4.3 / 8.9 s, chunk 8 14.6 / 3.8 / 4.8 s, chunk 4 6.8 s,
+            vmap 8.4 s (temp memory: chunk 1 188 MB, chunk 8 259 MB, vmap 1.9 GB).
+          8 clients x 2 x 2 x 64, all ranks 8, at lower load (~4): vmap 0.73 s, chunk 1 0.77 s.
+        Run-to-run noise on this shared machine is up to 2x, so only the large effects are
+        trusted: vmapping many clients at once is slower on a CPU (likely because its
+        activations no longer fit in cache), and a small chunk is never much worse than the
+        best. The default is chunk 1; workloads with little work per client (few, short rows)
+        gain from a few clients per chunk (the xdev benchmark uses 8); on an accelerator use 0
+        (vmap).
 
     Returns:
       `(loras [C], metrics)`, each metric [C].
