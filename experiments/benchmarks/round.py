@@ -1,0 +1,283 @@
+"""One federated LoRA round: floe_jax against PyTorch + PEFT done the way PyTorch federated
+frameworks do it, side by side in one process.
+
+floe_jax: `run_round`, one jitted program that samples, trains every client (`lax.map` chunks
+or `vmap` over the client axis, the base broadcast) and aggregates.
+
+PyTorch + PEFT: one transformers `LlamaForCausalLM` with random weights built from the same
+config; one PEFT adapter per distinct rank; per client: `set_peft_model_state_dict` with its
+adapter, a fresh `torch.optim.AdamW`, its local steps, `get_peft_model_state_dict` to collect the
+update; then zero-padded weighted averaging to the largest rank and truncation back to each rank.
+
+Model FJ-REF: Llama, vocab 2048, hidden 256, 4 layers, 8 heads, 4 KV heads, intermediate 704,
+float32, untied; LoRA on q,k,v,o,gate,up,down, alpha 16, ranks 4/8/16/32 cycling over clients,
+AdamW lr 1e-3. Workloads: `ref` (16 clients x 4 steps x batch 8 x 128 tokens) and `xdev`
+(64 clients x 2 steps x batch 2 x 64 tokens).
+
+Utilisation printed = 4 * N_nonembedding * tokens/s / measured float32 matmul FLOP/s. 4N, not 6N:
+LoRA training runs the forward (2N) and the backward through activations (2N) of the frozen base
+but never forms base weight gradients (the adapter's own FLOPs are under 1% here). Embedding
+and lm_head FLOPs are left out, as in the usual MFU convention, so this understates the work.
+
+Measured once (`python -m experiments.benchmarks.round`), AMD EPYC, 2 cores shared with four
+other jobs (load 5-9), matmul 96.4 GFLOP/s; provisional until rerun on a quiet machine:
+
+| workload | impl             | round s | tokens/s | util (4N) | speedup |
+|----------|------------------|---------|----------|-----------|---------|
+| ref      | floe_jax         | 27.84   | 2354     | 0.288     | 1.62x   |
+| ref      | torch+peft 1 thr | 45.12   | 1452     | 0.178     |         |
+| ref      | torch+peft 2 thr | 217.2   | 301.8    | 0.037     |         |
+| xdev     | floe_jax         | 5.757   | 2846     | 0.349     | 1.58x   |
+| xdev     | torch+peft 1 thr | 9.091   | 1802     | 0.221     |         |
+| xdev     | torch+peft 2 thr | 24.78   | 661.1    | 0.081     |         |
+
+(floe_jax xdev above used client_chunk=1.) Speedup is against the faster PyTorch run (1 thread);
+against the prescribed `set_num_threads(os.cpu_count())` run it is 7.8x (ref) and 4.3x (xdev).
+A second xdev run (load ~5) with client_chunk=8, the setting now in WORKLOADS: floe_jax 4.77 s
+(3433 tokens/s, util 0.34 of 119.9 GFLOP/s), PyTorch 1 thread 12.22 s: 2.56x; the same run
+with client_chunk=1 gave 8.92 s against 16.28 s. PyTorch's own time moved 9.1-16.3 s between
+runs: the xdev 3x target is not shown on this machine against single-threaded PyTorch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.benchmarks._util import machine, matmul_gflops, print_table, timeit
+from floe_jax.config import ModelConfig
+from floe_jax.federated.rounds import FedConfig, fedavg, init_server_state, run_round
+from floe_jax.federated.types import ClientData
+from floe_jax.model import init_params
+
+FJ_REF = ModelConfig(
+    vocab_size=2048,
+    hidden_size=256,
+    intermediate_size=704,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=4,
+    tie_word_embeddings=False,
+)
+RANKS = (4, 8, 16, 32)
+ALPHA = 16.0
+LR = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    clients: int
+    steps: int
+    batch: int
+    seq: int
+    client_chunk: int  # floe_jax client chunking on this CPU (see client.local_update_clients)
+    target: float  # wanted floe_jax / PyTorch tokens/s
+
+    @property
+    def tokens(self) -> int:
+        return self.clients * self.steps * self.batch * self.seq
+
+
+WORKLOADS = (
+    Workload("ref", 16, 4, 8, 128, client_chunk=1, target=1.3),
+    Workload("xdev", 64, 2, 2, 64, client_chunk=8, target=3.0),
+)
+
+
+def _tokens(w: Workload, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, FJ_REF.vocab_size, (w.clients, w.steps * w.batch, w.seq), np.int32)
+
+
+# ----------------------------------------------------------------------------- floe_jax
+
+
+def _jax_round(w: Workload, tokens: np.ndarray, repeats: int) -> float:
+    fed = FedConfig(
+        num_rounds=1,
+        clients_per_round=w.clients,
+        local_steps=w.steps,
+        batch_size=w.batch,
+        seq_len=w.seq,
+        lr=LR,
+        weight_decay=0.0,
+        optimizer="adamw",
+        client_chunk=w.client_chunk,
+        lora_rank=max(RANKS),
+        lora_alpha=ALPHA,
+    )
+    params = init_params(FJ_REF, key=jax.random.key(0))
+    ranks = [RANKS[i % len(RANKS)] for i in range(w.clients)]
+    ones = jnp.ones(tokens.shape, jnp.float32)
+    data = ClientData(
+        tokens=jnp.asarray(tokens),
+        mask=ones,
+        loss_mask=ones,
+        num_examples=jnp.full((w.clients,), tokens.shape[1], jnp.int32),
+    )
+    box = [init_server_state(FJ_REF, fed, ranks=ranks, aggregate_fn=fedavg)]
+
+    def one():
+        box[0], m = run_round(box[0], params, data, cfg=FJ_REF, fed=fed, aggregate_fn=fedavg)
+        jax.block_until_ready((box[0], m))
+
+    return timeit(one, repeats=repeats, warmup=1)
+
+
+# ----------------------------------------------------------------------------- PyTorch + PEFT
+
+
+def _torch_round(w: Workload, tokens: np.ndarray, repeats: int, threads: int) -> float:
+    import torch
+    from peft import (
+        LoraConfig,
+        get_peft_model,
+        get_peft_model_state_dict,
+        set_peft_model_state_dict,
+    )
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    hf_cfg = LlamaConfig(
+        vocab_size=FJ_REF.vocab_size,
+        hidden_size=FJ_REF.hidden_size,
+        intermediate_size=FJ_REF.intermediate_size,
+        num_hidden_layers=FJ_REF.num_layers,
+        num_attention_heads=FJ_REF.num_heads,
+        num_key_value_heads=FJ_REF.kv_heads,
+        tie_word_embeddings=False,
+        rms_norm_eps=FJ_REF.rms_norm_eps,
+    )
+    base = LlamaForCausalLM(hf_cfg).float()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lcfg = lambda r: LoraConfig(r=r, lora_alpha=ALPHA, target_modules=targets, lora_dropout=0.0)
+    model = get_peft_model(base, lcfg(RANKS[0]), adapter_name=f"r{RANKS[0]}")
+    for r in RANKS[1:]:
+        model.add_adapter(f"r{r}", lcfg(r))
+    model.train()
+    r_max = max(RANKS)
+    ranks = [RANKS[i % len(RANKS)] for i in range(w.clients)]
+    # Server state: one global adapter at r_max (PEFT layout: lora_A [r, in], lora_B [out, r]).
+    model.set_adapter(f"r{r_max}")
+    glob = {
+        k: v.detach().clone()
+        for k, v in get_peft_model_state_dict(model, None, f"r{r_max}").items()
+    }
+    data = torch.from_numpy(tokens.astype(np.int64))
+
+    def truncate(sd, r):
+        out = {}
+        for k, v in sd.items():
+            out[k] = v[:r].clone() if "lora_A" in k else v[:, :r].clone()
+        return out
+
+    def one():
+        nonlocal glob
+        updates, weights = [], []
+        for c in range(w.clients):
+            r = ranks[c]
+            name = f"r{r}"
+            model.set_adapter(name)
+            set_peft_model_state_dict(model, truncate(glob, r), adapter_name=name)
+            params = [p for n, p in model.named_parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+            x = data[c].view(w.steps, w.batch, w.seq)
+            for s in range(w.steps):
+                loss = model(input_ids=x[s], labels=x[s]).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            sd = get_peft_model_state_dict(model, None, name)
+            updates.append({k: v.detach().clone() for k, v in sd.items()})
+            weights.append(float(w.steps * w.batch))
+        # Zero-padded weighted averaging to r_max.
+        tot = sum(weights)
+        new = {}
+        for k, g in glob.items():
+            acc = torch.zeros_like(g)
+            for u, p in zip(updates, weights, strict=True):
+                v = u[k]
+                if "lora_A" in k:
+                    acc[: v.shape[0]] += v * (p / tot)
+                else:
+                    acc[:, : v.shape[1]] += v * (p / tot)
+            new[k] = acc
+        glob = new
+
+    # Warm up kernels and allocator with one step (a whole round would double the run time).
+    model.set_adapter(f"r{r_max}")
+    model(input_ids=data[0, : w.batch], labels=data[0, : w.batch]).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return timeit(one, repeats=repeats, warmup=0)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run(quick: bool = False, torch_threads: tuple[int, ...] | None = None) -> list[dict]:
+    """Times one round per workload for both implementations; prints and returns the table.
+
+    PyTorch runs with `torch.set_num_threads(os.cpu_count())`, and also with one thread when
+    the machine has more than one core: on a machine shared with other jobs, OpenMP threads that
+    spin-wait can make the multi-threaded run several times slower, and the speedup is quoted
+    against the faster PyTorch configuration.
+    """
+    workloads = WORKLOADS
+    if quick:
+        workloads = (
+            Workload("ref-quick", 4, 1, 2, 32, client_chunk=1, target=1.3),
+            Workload("xdev-quick", 8, 1, 2, 16, client_chunk=4, target=3.0),
+        )
+    if torch_threads is None:
+        torch_threads = tuple(sorted({os.cpu_count() or 1, 1}))
+    repeats = 1 if quick else 2
+    peak = matmul_gflops() * 1e9
+    n = FJ_REF.num_nonembedding_params
+    rows = []
+    for w in workloads:
+        toks = _tokens(w)
+        runs = [("floe_jax", lambda w=w, toks=toks: _jax_round(w, toks, repeats))]
+        for th in torch_threads:
+            fn = lambda w=w, toks=toks, th=th: _torch_round(w, toks, 1, th)
+            runs.append((f"torch+peft {th} thr", fn))
+        mine = []
+        for impl, fn in runs:
+            t0 = time.perf_counter()
+            sec = fn()
+            mine.append(
+                {
+                    "workload": w.name,
+                    "impl": impl,
+                    "C x S x B x T": f"{w.clients}x{w.steps}x{w.batch}x{w.seq}",
+                    "round s": sec,
+                    "tokens/s": w.tokens / sec,
+                    "util (4N)": 4 * n * w.tokens / sec / peak,
+                    "wall s": time.perf_counter() - t0,
+                }
+            )
+            print(mine[-1], flush=True)
+        best_torch = min(r["round s"] for r in mine[1:])
+        mine[0]["speedup"] = best_torch / mine[0]["round s"]
+        mine[0]["target"] = w.target
+        rows += mine
+    print_table(
+        rows,
+        title=f"federated round, FJ-REF, {machine()}, matmul {peak / 1e9:.1f} GFLOP/s "
+        "(provisional: measured on a shared, loaded machine)",
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    threads = os.environ.get("TORCH_THREADS")  # e.g. "1,2"
+    run(
+        quick=bool(int(os.environ.get("QUICK", "0"))),
+        torch_threads=tuple(int(t) for t in threads.split(",")) if threads else None,
+    )

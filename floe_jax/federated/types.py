@@ -1,0 +1,98 @@
+"""Pytrees shared by the client update, the aggregation rules and the round loop.
+
+Shapes: C sampled clients, N clients in the federation, E examples per client (padded), T tokens,
+L layers, I / O a projection's input / output width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from floe_jax.lora import LoRA
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Aggregated:
+    """What an aggregation rule returns for the C clients it was given.
+
+    Attributes:
+      global_lora: the aggregated adapter (no client axis).
+      client_loras: [C] the adapter each client receives back (its rank slots and scale).
+      base_delta: `{module: [L, I, O]}` to add to the base weights (FLoRA, FedEx-LoRA), or None.
+      included: [C] bool, the client's update entered the aggregate.
+      bytes_up: [C] bytes each client uploaded.
+      bytes_down: [C] bytes each client downloads.
+    """
+
+    global_lora: LoRA
+    client_loras: LoRA
+    base_delta: dict | None
+    included: jax.Array
+    bytes_up: jax.Array
+    bytes_down: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ClientData:
+    """Every client's examples, padded to one shape so a round runs in one compiled program.
+
+    Attributes:
+      tokens: int32 [N, E, T], left- or right-padded token ids.
+      mask: [N, E, T] attention mask, 1 for real tokens, 0 for padding.
+      loss_mask: [N, E, T] 1 where the token is a training target (the response).
+      num_examples: int32 [N], real examples per client; rows at or past it are padding.
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    loss_mask: jax.Array
+    num_examples: jax.Array
+
+    @property
+    def num_clients(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.tokens.shape[-1]
+
+
+def client_data(
+    examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], *, min_examples: int = 1
+) -> ClientData:
+    """Pads per-client `(tokens [E_i, T], mask [E_i, T], loss_mask [E_i, T])` into `ClientData`.
+
+    Args:
+      examples: one triple per client; every client's T must agree (pad sequences first).
+      min_examples: pad the example axis to at least this many rows.
+    """
+    if not examples:
+        raise ValueError("client_data needs at least one client")
+    seq = {np.shape(t)[-1] for t, _, _ in examples}
+    if len(seq) != 1:
+        raise ValueError(f"clients have different sequence lengths {sorted(seq)}; pad them first")
+    (T,) = seq
+    E = max([min_examples] + [len(t) for t, _, _ in examples])
+    N = len(examples)
+    tok = np.zeros((N, E, T), np.int32)
+    msk = np.zeros((N, E, T), np.float32)
+    lm = np.zeros((N, E, T), np.float32)
+    n = np.zeros((N,), np.int32)
+    for i, (t, m, l) in enumerate(examples):
+        for name, x in (("tokens", t), ("mask", m), ("loss_mask", l)):
+            if np.shape(x) != np.shape(t):
+                raise ValueError(f"client {i}: {name} has shape {np.shape(x)}, tokens {t.shape}")
+        k = len(t)
+        tok[i, :k], msk[i, :k], lm[i, :k], n[i] = t, m, l, k
+    return ClientData(
+        tokens=jnp.asarray(tok),
+        mask=jnp.asarray(msk),
+        loss_mask=jnp.asarray(lm),
+        num_examples=jnp.asarray(n),
+    )

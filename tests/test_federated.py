@@ -1,0 +1,333 @@
+"""Tests of floe_jax/federated: client update, its lift over clients, the round."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from floe_jax.config import LoRAConfig, ModelConfig
+from floe_jax.federated.client import (
+    local_update,
+    local_update_clients,
+    make_optimizer,
+    token_loss,
+)
+from floe_jax.federated.rounds import (
+    ConfigError,
+    FedConfig,
+    check_round,
+    drop_reasons,
+    fedavg,
+    init_server_state,
+    round_step,
+    tensor_names,
+)
+from floe_jax.federated.types import Aggregated, client_data
+from floe_jax.lora import init_lora, stack_loras
+from floe_jax.model import forward, init_params
+
+S, B, T, R = 2, 2, 12, 8
+OPT = make_optimizer("adamw", lr=1e-2, weight_decay=0.01)
+TARGETS = ("q", "v", "down")  # attention and MLP; fewer tensors keep compiles short
+
+
+def _batches(key, vocab, *, s=S, b=B, t=T):
+    tok = jax.random.randint(key, (s, b, t), 0, vocab)
+    ones = jnp.ones((s, b, t), jnp.float32)
+    return {"tokens": tok, "mask": ones, "loss_mask": ones}
+
+
+def _lora(cfg, rank, seed):
+    return init_lora(
+        cfg, LoRAConfig(rank=rank, alpha=16, max_rank=R, targets=TARGETS), key=jax.random.key(seed)
+    )
+
+
+@pytest.fixture(scope="module")
+def update(tiny_cfg):
+    return jax.jit(lambda p, l, b: local_update(p, l, b, cfg=tiny_cfg, opt=OPT))
+
+
+@pytest.fixture(scope="module")
+def lifted(tiny_cfg):
+    """Jitted `local_update_clients` per chunk mode, compiled once for the module."""
+    fns = {}
+
+    def get(chunk):
+        if chunk not in fns:
+            fns[chunk] = jax.jit(
+                lambda p, l, b, k: local_update_clients(
+                    p, l, b, cfg=tiny_cfg, opt=OPT, keys=k, client_chunk=chunk
+                )
+            )
+        return fns[chunk]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def loss_fn(tiny_cfg):
+    return jax.jit(lambda p, l, t, m, lm: token_loss(p, l, t, m, lm, cfg=tiny_cfg))
+
+
+def test_trained_lora_changes_logits_and_lowers_loss(tiny_cfg, tiny_params, update, loss_fn):
+    lora = _lora(tiny_cfg, 4, 0)
+    one = _batches(jax.random.key(1), tiny_cfg.vocab_size, s=1)
+    batches = jax.tree.map(lambda x: jnp.repeat(x, S, axis=0), one)  # one batch, S steps
+    new, m = update(tiny_params, lora, batches)
+    args = (one["tokens"][0], one["mask"][0], one["loss_mask"][0])
+    before = loss_fn(tiny_params, lora, *args)
+    after = loss_fn(tiny_params, new, *args)
+    assert float(after[0]) < float(before[0]) - 0.05
+    assert float(m["tokens"]) == S * B * (T - 1)
+    assert float(m["steps"]) == S
+    fwd = jax.jit(lambda l: forward(tiny_params, one["tokens"][0], tiny_cfg, lora=l))
+    l0, l1 = fwd(lora), fwd(new)
+    assert float(jnp.max(jnp.abs(l1 - l0))) > 1e-3
+
+
+def test_padded_slots_stay_zero(tiny_cfg, tiny_params, lifted):
+    ranks = [2, 4, 8]
+    loras = stack_loras([_lora(tiny_cfg, r, i) for i, r in enumerate(ranks)])
+    batches = jax.vmap(lambda k: _batches(k, tiny_cfg.vocab_size))(
+        jax.random.split(jax.random.key(2), 3)
+    )
+    keys = jax.random.split(jax.random.key(3), 3)
+    new, _ = lifted(0)(tiny_params, loras, batches, keys)
+    for c, r in enumerate(ranks):
+        for m in new.a:
+            assert np.all(np.asarray(new.a[m][c, :, :, r:]) == 0), (m, r)
+            assert np.all(np.asarray(new.b[m][c, :, r:, :]) == 0), (m, r)
+            assert np.any(np.asarray(new.b[m][c, :, :r, :]) != 0), (m, r)
+
+
+@pytest.mark.parametrize("chunk", [0, 1])
+def test_lifted_update_equals_loop(tiny_cfg, tiny_params, update, lifted, chunk):
+    ranks = [2, 4, 8]
+    loras = [_lora(tiny_cfg, r, 10 + i) for i, r in enumerate(ranks)]
+    ks = jax.random.split(jax.random.key(4), 3)
+    batches = [_batches(k, tiny_cfg.vocab_size) for k in ks]
+    batches[2]["loss_mask"] = batches[2]["loss_mask"].at[1:].set(0.0)  # a short client
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *batches)
+    out, m = lifted(chunk)(tiny_params, stack_loras(loras), stacked, ks)
+    for c in range(3):
+        ref, rm = update(tiny_params, loras[c], batches[c])
+        got = jax.tree.map(lambda x, c=c: x[c], out)
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5, rtol=1e-4)
+        for k in rm:
+            np.testing.assert_allclose(float(m[k][c]), float(rm[k]), rtol=1e-5)
+    assert float(m["steps"][2]) == 1.0
+
+
+def test_loss_ignores_padding_and_prompt_targets(tiny_cfg, tiny_params, loss_fn):
+    lora = _lora(tiny_cfg, 4, 5)
+    tok = jax.random.randint(jax.random.key(6), (1, T), 0, tiny_cfg.vocab_size)
+    ones = jnp.ones((1, T), jnp.float32)
+    resp = ones.at[:, : T // 2].set(0.0)  # prompt = first half, response = second half
+    loss = lambda t, m, l: loss_fn(tiny_params, lora, t, m, l)
+    s, n = loss(tok, ones, resp)
+    assert float(n) == T - T // 2
+    # The prompt's *targets* carry no loss, but prompt tokens are context for the response.
+    s2, _ = loss(tok.at[0, 1].set((tok[0, 1] + 1) % tiny_cfg.vocab_size), ones, resp)
+    assert abs(float(s2) - float(s)) > 1e-6
+    # The last token is a target only: outside loss_mask, changing it changes nothing.
+    last_off = resp.at[0, -1].set(0.0)
+    a, _ = loss(tok, ones, last_off)
+    b, _ = loss(tok.at[0, -1].set((tok[0, -1] + 1) % tiny_cfg.vocab_size), ones, last_off)
+    assert float(a) == float(b)
+    # Left padding (any pad ids) gives the loss of the unpadded row.
+    pad = 3
+    for fill in (0, 7):
+        tp = jnp.concatenate([jnp.full((1, pad), fill, tok.dtype), tok], axis=1)
+        mp = jnp.concatenate([jnp.zeros((1, pad)), ones], axis=1)
+        lp = jnp.concatenate([jnp.ones((1, pad)), resp], axis=1)  # loss_mask 1 on pads: ignored
+        sp, np_ = loss(tp, mp, lp)
+        np.testing.assert_allclose(float(sp), float(s), rtol=1e-5)
+        assert float(np_) == float(n)
+
+
+def test_masked_rows_and_steps_change_nothing(tiny_cfg, tiny_params, update):
+    lora = _lora(tiny_cfg, 4, 7)
+    b = _batches(jax.random.key(8), tiny_cfg.vocab_size)
+    b["batch_mask"] = jnp.ones((S, B)).at[:, 1].set(0.0).at[S - 1].set(0.0)  # row 1, last step
+    other = dict(b, tokens=b["tokens"].at[:, 1].set(5).at[S - 1].set(9))
+    (x, mx), (y, my) = update(tiny_params, lora, b), update(tiny_params, lora, other)
+    for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+    assert float(mx["steps"]) == S - 1 and float(mx["examples"]) == S - 1
+    assert float(mx["loss_sum"]) == float(my["loss_sum"])
+
+
+def test_fed_config_names_the_field():
+    with pytest.raises(ConfigError, match="FedConfig.local_steps"):
+        FedConfig(local_steps=0)
+    with pytest.raises(ValueError, match="optimizer"):
+        FedConfig(optimizer="lion?")
+    assert hash(FedConfig()) == hash(FedConfig())
+
+
+def test_fedavg_equal_ranks_is_mean(tiny_cfg):
+    loras = stack_loras([_lora(tiny_cfg, 8, i) for i in range(3)])
+    out = fedavg("fedavg", loras, weights=jnp.array([1.0, 1.0, 2.0]), ranks=jnp.array([8, 8, 8]))
+    assert isinstance(out, Aggregated)
+    want = (loras.a["q_proj"][0] + loras.a["q_proj"][1] + 2 * loras.a["q_proj"][2]) / 4
+    np.testing.assert_allclose(np.asarray(out.global_lora.a["q_proj"]), np.asarray(want), 1e-6)
+    assert np.all(np.asarray(out.included))
+
+
+# ----------------------------------------------------------------------------- the round
+
+ROUND_FED = FedConfig(
+    num_rounds=2,
+    clients_per_round=5,
+    local_steps=2,
+    batch_size=2,
+    seq_len=T,
+    lr=1e-2,
+    lora_rank=R,
+    lora_targets=TARGETS,
+    max_to_keep=1,
+)
+
+
+def _client_examples(vocab, n_clients=5, bad=None, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n_clients):
+        n = 2 + i % 3
+        t = rng.integers(0, vocab, (n, T)).astype(np.int32)
+        if i == bad:
+            t[0, 4] = vocab + 100  # out-of-range id: the embedding gather fills NaN
+        out.append((t, np.ones((n, T), np.float32), np.ones((n, T), np.float32)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def round_fn(tiny_cfg):
+    return jax.jit(
+        lambda s, p, d: round_step(s, p, d, cfg=tiny_cfg, fed=ROUND_FED, aggregate_fn=fedavg)
+    )
+
+
+def test_nan_client_dropped_with_reason(tiny_cfg, tiny_params, round_fn):
+    data = client_data(_client_examples(tiny_cfg.vocab_size, bad=1))
+    state = init_server_state(
+        tiny_cfg, ROUND_FED, ranks=[2, 4, 8, 2, 4], assignment=[0, 1, 0, 1, 0], num_clusters=2
+    )
+    names = tensor_names(state.global_loras)
+    new, m = round_fn(state, tiny_params, data)
+    reasons = drop_reasons(jax.device_get(m), names, ROUND_FED)
+    assert list(reasons) == [1]
+    assert reasons[1].startswith("non-finite update in ") and "b['q_proj']" in reasons[1]
+    assert bool(m["global_finite"]) and int(np.sum(m["included"])) == 4
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(new))
+    assert np.isfinite(float(m["loss_sum"]))
+
+
+def test_drop_reason_names_the_tensor(tiny_cfg):
+    names = tensor_names(_lora(tiny_cfg, 4, 0))
+    assert names[0] == "a['down_proj']" and len(names) == 6
+    finite = np.ones((2, 6), bool)
+    finite[1, names.index("b['v_proj']")] = False
+    m = {
+        "client_ids": np.array([7, 9]),
+        "included": np.array([True, False]),
+        "finite": finite,
+        "update_norm": np.array([1.0, np.nan]),
+        "examples": np.array([2.0, 2.0]),
+    }
+    assert drop_reasons(m, names, ROUND_FED) == {9: "non-finite update in b['v_proj']"}
+    m["finite"][1] = True
+    m["update_norm"][1] = 5.0
+    fed = dataclasses.replace(ROUND_FED, max_update_norm=1.5)
+    assert drop_reasons(m, names, fed) == {9: "update norm 5 > max_update_norm=1.5"}
+
+
+def test_round_moves_only_the_sampled_clusters(tiny_cfg, tiny_params, round_fn):
+    data = client_data(_client_examples(tiny_cfg.vocab_size))
+    state = init_server_state(
+        tiny_cfg, ROUND_FED, ranks=[2, 4, 8, 2, 4], assignment=[0] * 5, num_clusters=2
+    )
+    before = jax.device_get(state)
+    new, m = round_fn(state, tiny_params, data)
+    ids = np.asarray(m["client_ids"])
+    assert sorted(ids.tolist()) == [0, 1, 2, 3, 4] and int(new.round) == 1
+    g = new.global_loras
+    assert np.any(np.asarray(g.b["q_proj"][0]) != 0)  # cluster 0 trained
+    for x, y in zip(
+        jax.tree.leaves(jax.tree.map(lambda v: v[1], g)),
+        jax.tree.leaves(jax.tree.map(lambda v: v[1], before.global_loras)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # no client in cluster 1
+    # Same state and key: the round is deterministic.
+    again, m2 = round_fn(before, tiny_params, data)
+    np.testing.assert_array_equal(np.asarray(m2["client_ids"]), ids)
+    np.testing.assert_array_equal(
+        np.asarray(again.global_loras.b["q_proj"]), np.asarray(g.b["q_proj"])
+    )
+
+
+def test_base_delta_from_rule_is_folded_into_the_base(tiny_cfg, tiny_params):
+    def folding(method, loras, *, weights, ranks):
+        out = fedavg("fedavg", loras, weights=weights, ranks=ranks)
+        L, (I, O) = tiny_cfg.num_layers, tiny_cfg.proj_shape("q_proj")
+        return dataclasses.replace(out, base_delta={"q_proj": jnp.full((L, I, O), 0.01)})
+
+    data = client_data(_client_examples(tiny_cfg.vocab_size))
+    state = init_server_state(tiny_cfg, ROUND_FED, ranks=[8] * 5, aggregate_fn=folding)
+    assert set(state.base_delta) == {"q_proj"}
+    step = jax.jit(
+        lambda s, p, d: round_step(s, p, d, cfg=tiny_cfg, fed=ROUND_FED, aggregate_fn=folding)
+    )
+    state, _ = step(state, tiny_params, data)
+    state, _ = step(state, tiny_params, data)
+    np.testing.assert_allclose(np.asarray(state.base_delta["q_proj"]), 0.02, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def test_client_axis_does_not_replicate_the_base():
+    """From XLA's memory analysis: going from 1 to C clients adds far less than (C-1) copies of
+    the base weights (the base is broadcast with in_axes=None, not copied per client)."""
+    cfg = ModelConfig(
+        vocab_size=2048, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4
+    )
+    params = init_params(cfg, key=jax.random.key(0))
+    base_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    lcfg = LoRAConfig(rank=2, alpha=16, targets=("q",))
+
+    def total(C, chunk):
+        loras = stack_loras([init_lora(cfg, lcfg, key=jax.random.key(i)) for i in range(C)])
+        tok = jnp.zeros((C, 1, 1, 4), jnp.int32)
+        b = {"tokens": tok, "mask": jnp.ones(tok.shape), "loss_mask": jnp.ones(tok.shape)}
+        keys = jax.random.split(jax.random.key(0), C)
+        f = jax.jit(
+            lambda p, l, b, k: local_update_clients(
+                p, l, b, cfg=cfg, opt=OPT, keys=k, client_chunk=chunk
+            )
+        )
+        ma = f.lower(params, loras, b, keys).compile().memory_analysis()
+        return ma.argument_size_in_bytes + ma.temp_size_in_bytes + ma.output_size_in_bytes
+
+    C = 8
+    for chunk in (0, 2):
+        grow = total(C, chunk) - total(1, chunk)
+        assert grow < 0.25 * (C - 1) * base_bytes, (chunk, grow, base_bytes)
+
+
+def test_bad_inputs_name_the_field(tiny_cfg):
+    data = client_data(_client_examples(tiny_cfg.vocab_size))
+    state = init_server_state(tiny_cfg, ROUND_FED, ranks=[2, 4, 8, 2, 4])
+    with pytest.raises(ConfigError, match="FedConfig.seq_len"):
+        check_round(dataclasses.replace(ROUND_FED, seq_len=T + 1), data, state)
+    with pytest.raises(ConfigError, match="FedConfig.clients_per_round"):
+        check_round(dataclasses.replace(ROUND_FED, clients_per_round=6), data, state)
+    with pytest.raises(ConfigError, match="client 2 has rank 9"):
+        init_server_state(tiny_cfg, ROUND_FED, ranks=[2, 4, 9, 2, 4])
+    with pytest.raises(ValueError, match="different sequence lengths"):
+        client_data([(np.zeros((1, 4), np.int32),) * 3, (np.zeros((1, 5), np.int32),) * 3])
