@@ -34,7 +34,9 @@ TYPES = ("email", "card", "iban", "ssn", "ipv6", "ipv4", "phone", "term")
 _PATTERNS = {
     "email": re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"),
     "card": re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])"),
-    "iban": re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}\b", re.IGNORECASE),
+    "iban": re.compile(
+        r"\b[A-Z]{2}\d{2}(?:[A-Z0-9]{11,30}|(?: [A-Z0-9]{4}){2,7}(?: [A-Z0-9]{1,4})?)\b"
+    ),
     "ssn": re.compile(r"(?<!\d)\d{3}-\d{2}-\d{4}(?!\d)"),
     "ipv6": re.compile(
         r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![0-9A-Fa-f:])"
@@ -160,8 +162,11 @@ class PrivacyDetector:
         kinds = [k for k in TYPES if k in self.policy.types and k != "term"]
         for kind in kinds:
             for m in _PATTERNS[kind].finditer(text):
-                if _valid(kind, m.group()):
-                    found.append(Span(m.start(), m.end(), kind, m.group()))
+                span = m.group()
+                while not _valid(kind, span) and kind in ("iban", "card") and " " in span:
+                    span = span.rsplit(" ", 1)[0]  # a greedy match may run into the next word
+                if _valid(kind, span):
+                    found.append(Span(m.start(), m.start() + len(span), kind, span))
         if "term" in self.policy.types and self._term_re is not None:
             found += [
                 Span(m.start(), m.end(), "term", m.group()) for m in self._term_re.finditer(text)

@@ -107,7 +107,8 @@ def fuse(logp_e_BV, logp_c_BV, w_B, space: str = "prob") -> jax.Array:
         return jnp.logaddexp(a, b)
     if space == "log":
         z = jnp.where(w > 0, w * logp_e_BV, 0.0) + jnp.where(w < 1, (1 - w) * logp_c_BV, 0.0)
-        return jax.nn.log_softmax(z, axis=-1)
+        z = jax.nn.log_softmax(z, axis=-1)
+        return jnp.where(w >= 1, logp_e_BV, jnp.where(w <= 0, logp_c_BV, z))  # exact endpoints
     raise ValueError(f"unknown fusion space {space!r}; one of {SPACES}")
 
 
