@@ -365,6 +365,8 @@ class SimulatedNetwork:
       jitter_ms: scale of extra half-normal jitter.
       loss: probability a request is lost.
       bandwidth_mbps: link rate for the payload term (inf: none).
+      server_ms: under `SimClock`, the cloud's compute time per request is taken as this instead
+        of measured (None: measured), which makes a simulated run fully deterministic.
       seed: the draws are a function of the seed and the call order.
     """
 
@@ -373,6 +375,7 @@ class SimulatedNetwork:
     jitter_ms: float = 0.0
     loss: float = 0.0
     bandwidth_mbps: float = math.inf
+    server_ms: float | None = None
     seed: int = 0
 
     def __post_init__(self):

@@ -409,8 +409,11 @@ def generate_fused(
                     futures[b] = pool.submit(_call_cloud, guard, prefix, d, not sim)
             got: dict[int, CloudDistribution] = {}
             if sim:  # measure the cloud alone first: no CPU contention with the edge step
+                server_s = None
+                if network is not None and network.server_ms is not None:
+                    server_s = network.server_ms / 1e3
                 wait_s, slowest = _collect(
-                    futures, delays, got, None, deadline_s, clock, real_timeout_s
+                    futures, delays, got, None, deadline_s, clock, real_timeout_s, server_s
                 )
             # --- edge half: the cloud requests are already in flight on the pool
             e0 = time.perf_counter()
@@ -477,7 +480,7 @@ def generate_fused(
     )
 
 
-def _collect(futures, delays, got, t_start, deadline_s, clock, real_timeout_s):
+def _collect(futures, delays, got, t_start, deadline_s, clock, real_timeout_s, server_s=None):
     """Gathers cloud replies into `got`. `t_start=None`: simulated time (wait for each reply in
     wall time up to `real_timeout_s`, then judge its virtual arrival against the deadline);
     otherwise wait in wall time until `t_start + deadline_s`. Returns (virtual wait, slowest
@@ -489,6 +492,8 @@ def _collect(futures, delays, got, t_start, deadline_s, clock, real_timeout_s):
                 d, c_s = fut.result(timeout=real_timeout_s)
             except cf.TimeoutError:
                 d, c_s = CloudDistribution.missing(1, "hung"), math.inf
+            if server_s is not None and math.isfinite(c_s):
+                c_s = server_s
             arrival = math.inf if delays[b] is None else delays[b] + c_s
             if d.errors and d.errors[0] == "privacy":
                 arrival = 0.0  # withheld on the device: nothing to wait for
