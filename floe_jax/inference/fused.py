@@ -4,8 +4,9 @@ Shapes: B batch (padded to a batch bucket), P prompt bucket, N max new tokens, V
 W cloud vocab, K listed cloud tokens.
 
 The step (`fused_step`) is one compiled program: the edge forward of the last token with its KV
-cache and LoRA (one adapter per row: a stacked `LoRA` with a leading B axis is vmapped with the
-row), alignment of the cloud distribution already fetched (`CloudInput`), the router, fusion and
+cache and LoRA (one adapter per row: a stacked `LoRA` is laid out layer-major once by `rows_lora`
+and each row adds its own low-rank update to the shared base matmul, `lora.lora_delta`),
+alignment of the cloud distribution already fetched (`CloudInput`), the router, fusion and
 sampling. Batch, prompt length, cloud shape and adapter ranks are fixed per bucket, so steps and
 clients never recompile.
 
@@ -44,7 +45,7 @@ from floe_jax.inference.cloud import CloudDistribution, Prefix, RealClock, Simul
 from floe_jax.inference.privacy import GuardedCloud, PrivacyDetector
 from floe_jax.inference.router import FusionConfig, edge_weight, fuse
 from floe_jax.lora import LoRA
-from floe_jax.model import KVCache, forward, init_cache, unstack_layers
+from floe_jax.model import forward, init_cache, unstack_layers
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _FUSION = FusionConfig()
@@ -76,22 +77,25 @@ class CloudInput:
         return self.dense.shape[-1] > 0
 
 
+def rows_lora(lora: LoRA) -> LoRA:
+    """A stacked adapter (leading row axis B: one client per batch row) in the layer-major layout
+    the model's per-row LoRA path reads: `a [L, B, I, R]`, `b [L, B, R, O]`, `mask [L, B, R]`,
+    `scale [B]`. Done once per generation, outside the step."""
+    if lora.scale.ndim != 1:
+        raise ValueError("rows_lora needs a stacked LoRA (scale of shape [B])")
+    t = lambda x: jnp.swapaxes(x, 0, 1)
+    return LoRA(
+        a={m: t(v) for m, v in lora.a.items()},
+        b={m: t(v) for m, v in lora.b.items()},
+        mask={m: t(v) for m, v in lora.mask.items()},
+        scale=lora.scale,
+    )
+
+
 def _forward_rows(params, tokens_BT, cfg, lora, cache, mask_BT):
-    """`forward` with one adapter per row when `lora` is stacked (leading B axis)."""
-    if lora is None or lora.scale.ndim == 0:
-        return forward(params, tokens_BT, cfg, lora=lora, cache=cache, mask=mask_BT)
-
-    def one(tok_T, lora_r, k, v, valid_S, pos, mask_T):
-        c = KVCache(k=k[:, None], v=v[:, None], valid=valid_S[None], index=cache.index,
-                    pos=pos[None])  # fmt: skip
-        logits, c = forward(params, tok_T[None], cfg, lora=lora_r, cache=c, mask=mask_T[None])
-        return logits[0], c.k[:, 0], c.v[:, 0], c.valid[0], c.pos[0]
-
-    logits, k, v, valid, pos = jax.vmap(
-        one, in_axes=(0, 0, 1, 1, 0, 0, 0), out_axes=(0, 1, 1, 0, 0)
-    )(tokens_BT, lora, cache.k, cache.v, cache.valid, cache.pos, mask_BT)
-    T = tokens_BT.shape[1]
-    return logits, KVCache(k=k, v=v, valid=valid, index=cache.index + T, pos=pos)
+    """`forward` where `lora` is None, one adapter for all rows, or per-row adapters in the
+    `rows_lora` layout (the base weights are shared, each row adds its own low-rank update)."""
+    return forward(params, tokens_BT, cfg, lora=lora, cache=cache, mask=mask_BT)
 
 
 def edge_prefill(
@@ -167,7 +171,10 @@ def fused_step(
     eos_id: int | None = None,
     pad_id: int = 0,
 ) -> tuple[DecodeState, dict]:
-    """One fused decode step: edge forward of `state.token`, then `fuse_sample` with `cloud`."""
+    """One fused decode step: edge forward of `state.token`, then `fuse_sample` with `cloud`.
+
+    `lora` is None, one adapter for every row, or per-row adapters in the `rows_lora` layout.
+    """
     state, logits = edge_advance(params, state, cfg, lora=lora)
     return fuse_sample(
         state, logits, cloud, fusion=fusion, sampling=sampling, eos_id=eos_id, pad_id=pad_id
@@ -293,9 +300,9 @@ def _pad_lora(lora: LoRA | None, n: int, B: int) -> LoRA | None:
         return lora
     if lora.scale.shape[0] != n:
         raise ValueError(f"stacked LoRA has {lora.scale.shape[0]} rows for {n} prompts")
-    if B == n:
-        return lora
-    return jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], B - n, 0)]), lora)
+    if B != n:
+        lora = jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], B - n, 0)]), lora)
+    return rows_lora(lora)
 
 
 _RUN = itertools.count()
