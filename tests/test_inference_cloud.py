@@ -164,3 +164,12 @@ def test_cross_tokenizer_cloud_runs():
     p_edge = np.zeros(ecfg.vocab_size)
     np.add.at(p_edge, vm.cloud_to_edge[vm.cloud_to_edge >= 0], np.exp(first)[vm.cloud_to_edge >= 0])
     assert res.tokens[0][0] == int(np.argmax(p_edge))
+
+
+def test_serve_cloud_cli_validates():
+    from experiments.serve_cloud import main, parser
+
+    args = parser().parse_args(["--random", "--tokenizer", "t.json", "--port", "0"])
+    assert args.random and args.port == 0 and args.model_name == "floe-cloud"
+    with pytest.raises(SystemExit):
+        main(["--random"])  # a random model still needs a tokenizer
