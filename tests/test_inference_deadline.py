@@ -163,3 +163,30 @@ def test_failing_http_cloud_degrades_to_edge(tiny_cfg, tiny_params, mode):
     assert sum(client.failures.values()) == 6
     if mode in ("500", "hang"):
         assert len(server.bodies) == 12  # each request tried twice
+
+
+def test_real_clock_paths(tiny_cfg, tiny_params, cloud_params):
+    """Under the wall clock: a cloud in time is fused (w = 0 reproduces the cloud), a cloud that
+    never answers costs at most the deadline per token and decodes edge-only."""
+    from _inference_util import RecordingServer
+
+    from floe_jax.inference.cloud import RealClock
+    from floe_jax.inference.http_cloud import HTTPCloud
+
+    p = [PROMPTS[1]]
+    ok = generate_fused(tiny_params, tiny_cfg, p, cloud=_allow(LocalCloud(cloud_params, tiny_cfg)),
+                        max_new_tokens=3, fusion=CLOUD_ONLY, clock=RealClock(),
+                        deadline_s=60.0)  # fmt: skip
+    assert ok.share_fused == 1.0 and ok.tokens == [_ref(cloud_params, tiny_cfg, p)[0][:3]]
+    server = RecordingServer("hang")
+    client = HTTPCloud(server.url, top_k=3, timeout_s=0.5, retries=0)
+    decode = lambda ids: " ".join(f"w{i}" for i in ids)
+    try:
+        res = generate_fused(tiny_params, tiny_cfg, p, cloud=GuardedCloud(client, decode=decode),
+                             decode=decode, max_new_tokens=3, fusion=CLOUD_ONLY,
+                             clock=RealClock(), deadline_s=0.05, overlap=False)  # fmt: skip
+    finally:
+        client.close()
+        server.close()
+    assert res.share_fused == 0.0 and res.failures["deadline"] == 3
+    assert res.tokens == [_ref(tiny_params, tiny_cfg, p)[0][:3]]
