@@ -96,6 +96,7 @@ def test_detector_types_and_validation():
     # look-alikes that fail the checks are not flagged as such
     bad = "card 4111 1111 1111 1112, iban GB82WEST12345698765433, ip 999.1.1.1, Alicem"
     assert [s.kind for s in d.find(bad) if s.kind in ("card", "iban", "ipv4", "term")] == []
+    assert d.find("use std::map at 10:30:45 on 2024-05-17") == []
     red = d.screen("write to bob@example.com now")
     assert red.action == "redact" and red.text == "write to [EMAIL] now"
     assert d.stats()["spans_by_type"] == {"email": 1}

@@ -84,7 +84,7 @@ def _valid(kind: str, text: str) -> bool:
     if kind == "ipv6":
         try:
             ipaddress.IPv6Address(text)
-            return text.count(":") >= 2
+            return sum(1 for g in text.split(":") if g) >= 3  # not "std::map", "d::"
         except ValueError:
             return False
     if kind == "ssn":
@@ -209,6 +209,10 @@ class PrivacyDetector:
                 self.spans_by_type.update(s.kind for s in spans)
         return Decision(action, out, spans)
 
+    def count(self, action: str) -> None:
+        with self._lock:
+            self.requests[action] += 1
+
     def stats(self) -> dict:
         with self._lock:
             return {"spans_by_type": dict(self.spans_by_type), "requests": dict(self.requests)}
@@ -258,7 +262,7 @@ class GuardedCloud:
         if text is None and self.decode is not None and prefix.ids is not None:
             text = self.decode(list(prefix.ids))
         if text is None and self.detector.policy.action == "allow":
-            self.detector.requests["allow"] += 1
+            self.detector.count("allow")
             return prefix, Decision("allow", None, ())
         d = self.detector.screen(text)
         if d.action == "edge_only":
