@@ -14,7 +14,7 @@ from floe_jax.inference.fused import generate_fused
 from floe_jax.inference.privacy import GuardedCloud, PrivacyDetector, PrivacyPolicy
 from floe_jax.inference.router import FusionConfig
 from floe_jax.lora import init_lora, stack_loras
-from floe_jax.model import init_params
+from floe_jax.model import forward, init_params
 
 N = 5
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 3], [40, 41, 42]]
@@ -121,3 +121,19 @@ def test_eos_stops_rows(tiny_cfg, tiny_params):
     res = generate_fused(tiny_params, tiny_cfg, PROMPTS, cloud=None, max_new_tokens=N,
                          eos_id=eos, clock=SimClock())  # fmt: skip
     assert res.tokens[0] == ref[0][:3]
+
+
+def test_proxy_tuning_baseline(tiny_cfg, tiny_params, cloud_params):
+    """Without adapters the tuned and base edge cancel: proxy-tuning is the cloud itself; with an
+    adapter the first token is argmax(z_cloud + z_tuned - z_base)."""
+    proxy = FusionConfig(gate="proxy")
+    kw = dict(max_new_tokens=N, fusion=proxy, clock=SimClock(), deadline_s=1e9)
+    cloud = _allow(LocalCloud(cloud_params, tiny_cfg))
+    res = generate_fused(tiny_params, tiny_cfg, PROMPTS, cloud=cloud, **kw)
+    assert res.tokens == _ref(cloud_params, tiny_cfg)
+    lora = _random_lora(tiny_cfg, 21, 4)
+    res = generate_fused(tiny_params, tiny_cfg, PROMPTS[:1], cloud=cloud, lora=lora, **kw)
+    x = np.asarray([PROMPTS[0]])
+    z = [forward(p, x, tiny_cfg, lora=lo)[0, -1] for p, lo in
+         ((cloud_params, None), (tiny_params, lora), (tiny_params, None))]  # fmt: skip
+    assert res.tokens[0][0] == int(np.argmax(z[0] + z[1] - z[2]))

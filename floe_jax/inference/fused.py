@@ -44,7 +44,7 @@ from floe_jax.inference.align import StringMapper, VocabMap, align_dense, align_
 from floe_jax.inference.cloud import CloudDistribution, Prefix, RealClock, SimulatedNetwork
 from floe_jax.inference.privacy import GuardedCloud, PrivacyDetector
 from floe_jax.inference.replies import CloudInput, cloud_input, merge_rows, reason
-from floe_jax.inference.router import FusionConfig, edge_weight, fuse
+from floe_jax.inference.router import FusionConfig, edge_weight, fuse, proxy_tuning
 from floe_jax.lora import LoRA
 from floe_jax.model import forward, init_cache, unstack_layers
 
@@ -122,14 +122,24 @@ def fuse_sample(
     sampling: SamplingConfig,
     eos_id: int | None = None,
     pad_id: int = 0,
+    base_logits_BV: jax.Array | None = None,
 ) -> tuple[DecodeState, dict]:
-    """Aligns, routes, fuses and samples token `state.step`. Returns (state, {"w": [B]})."""
+    """Aligns, routes, fuses and samples token `state.step`. Returns (state, {"w": [B]}).
+
+    `base_logits_BV`: the edge base model's logits (no adapters), for `fusion.gate="proxy"`.
+    """
     with jax.named_scope("fuse"):
         logp_e = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
         logp_c = aligned_cloud(cloud, logp_e, fusion)
         logp_c = jnp.where(cloud.ok[:, None], logp_c, logp_e)  # never let a missing row leak
         w = edge_weight(logp_e, logp_c, cloud.ok, fusion)
-        fused = fuse(logp_e, logp_c, w, fusion.space)
+        if fusion.gate == "proxy":
+            if base_logits_BV is None:
+                raise ValueError('gate="proxy" needs the edge base logits (base_logits_BV)')
+            base = jax.nn.log_softmax(base_logits_BV.astype(jnp.float32), axis=-1)
+            fused = jnp.where(cloud.ok[:, None], proxy_tuning(logp_c, logp_e, base), logp_e)
+        else:
+            fused = fuse(logp_e, logp_c, w, fusion.space)
     nxt = sample_logits(fused, jax.random.fold_in(state.key, state.step), sampling)
     nxt = jnp.where(state.done, pad_id, nxt)
     done = state.done if eos_id is None else state.done | (nxt == eos_id)
@@ -318,7 +328,8 @@ def generate_fused(
     sim = getattr(clock, "simulated", False)
     pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="floe-cloud")
     try:
-        state = logits = None
+        state = logits = base_state = base_logits = None
+        proxy = fusion.gate == "proxy"
         for t in range(max_new_tokens):
             t_start = clock.now()
             active = [b for b in range(n) if not done[b]]
@@ -341,16 +352,23 @@ def generate_fused(
                 )
             # --- edge half: the cloud requests are already in flight on the pool
             e0 = time.perf_counter()
-            split = t == 0 or overlap
+            split = t == 0 or overlap or proxy
             if t == 0:
                 state, logits = prefill_jit(
                     p_dec, tokens, mask, jnp.asarray(done0), key, cfg,
                     max_new_tokens=max_new_tokens, lora=lora_b,
                 )  # fmt: skip
+                if proxy:  # the edge base model, without adapters, decodes beside it
+                    base_state, base_logits = prefill_jit(
+                        p_dec, tokens, mask, jnp.asarray(done0), key, cfg,
+                        max_new_tokens=max_new_tokens, lora=None,
+                    )  # fmt: skip
             elif split:
                 state, logits = advance_jit(p_dec, state, cfg, lora=lora_b)
+                if proxy:
+                    base_state, base_logits = advance_jit(p_dec, base_state, cfg, lora=None)
             if split:
-                jax.block_until_ready(logits)
+                jax.block_until_ready((logits, base_logits))
             edge_s = time.perf_counter() - e0
             if not sim:  # wait for what is left of the deadline
                 _, slowest = _collect(futures, delays, got, t_start, deadline_s, clock, 0.0)
@@ -365,7 +383,11 @@ def generate_fused(
             # --- fuse and sample (or the whole single-program step)
             f0 = time.perf_counter()
             if split:
-                state, aux = fuse_sample_jit(state, logits, ci, **static)
+                state, aux = fuse_sample_jit(
+                    state, logits, ci, base_logits_BV=base_logits, **static
+                )
+                if proxy:
+                    base_state = dataclasses.replace(base_state, token=state.token)
             else:
                 state, aux = fused_step_jit(p_dec, state, ci, cfg, lora=lora_b, **static)
             tok = np.asarray(state.token)

@@ -20,8 +20,9 @@ Fusion (`FusionConfig.space`): `"prob"` (default) mixes probabilities `p = w p_e
 log-probs `log p ∝ w log p_e + (1 - w) log p_c` (a product of experts, sharper). Both are computed
 stably from log-probs.
 
-Proxy-tuning (Liu et al., 2024, "Tuning Language Models by Proxy") is a baseline:
-`softmax(z_cloud + z_edge_tuned - z_edge_base)`, see `proxy_tuning`.
+Proxy-tuning (Liu et al., 2024, "Tuning Language Models by Proxy") is a baseline
+(`gate="proxy"`): `softmax(z_cloud + z_edge_tuned - z_edge_base)`, see `proxy_tuning`; the
+generation loop then also decodes the edge base model (no adapters) beside the tuned one.
 
 Deadline: a row whose cloud distribution missed the deadline gets `w = 1` (edge alone).
 """
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 from floe_jax.config import ConfigError
 from floe_jax.inference.align import AlignConfig
 
-GATES = ("entropy", "maxprob", "fixed")
+GATES = ("entropy", "maxprob", "fixed", "proxy")
 SPACES = ("prob", "log")
 
 
@@ -45,7 +46,8 @@ class FusionConfig:
     """Router, fusion and alignment choices (static under jit).
 
     Attributes:
-      gate: `"entropy"`, `"maxprob"` or `"fixed"`.
+      gate: `"entropy"`, `"maxprob"`, `"fixed"`, or `"proxy"` (the proxy-tuning baseline: no
+        mixture weight; the generation loop also runs the edge base model without adapters).
       temperature: T of the entropy gate (in nats).
       fixed_w: edge weight of the `"fixed"` gate (1 = edge only, 0 = cloud only).
       space: `"prob"` (mixture) or `"log"` (product of experts).
@@ -92,6 +94,8 @@ def edge_weight(logp_e_BV, logp_c_BV, cloud_ok_B, config: FusionConfig) -> jax.A
         w = entropy_gate(logp_e_BV, logp_c_BV, config.temperature)
     elif config.gate == "maxprob":
         w = maxprob_gate(logp_e_BV, logp_c_BV)
+    elif config.gate == "proxy":
+        w = jnp.zeros(logp_e_BV.shape[:1], jnp.float32)  # the cloud drives; see proxy_tuning
     else:
         w = jnp.full(logp_e_BV.shape[:1], config.fixed_w, jnp.float32)
     return jnp.where(cloud_ok_B, w, 1.0).astype(jnp.float32)
