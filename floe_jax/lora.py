@@ -113,7 +113,16 @@ def init_lora(
 def lora_delta(
     x: jax.Array, a_IR: jax.Array, b_RO: jax.Array, mask_R: jax.Array, scale
 ) -> jax.Array:
-    """`((x @ a) * mask) @ b * scale` for one layer's projection; x [..., I] -> [..., O]."""
+    """`((x @ a) * mask) @ b * scale` for one layer's projection; x [..., I] -> [..., O].
+
+    Per-row adapters (one client per batch row, as in fused serving): `a [B, I, R]`,
+    `b [B, R, O]`, `mask [B, R]`, `scale [B]` with `x [B, T, I]`.
+    """
+    if a_IR.ndim == 3:
+        a, b, m = a_IR.astype(x.dtype), b_RO.astype(x.dtype), mask_R.astype(x.dtype)
+        h = jnp.einsum("bti,bir->btr", x, a) * m[:, None, :]
+        s = jnp.reshape(jnp.asarray(scale, x.dtype), (-1, 1, 1))
+        return jnp.einsum("btr,bro->bto", h, b) * s
     h = jnp.einsum("...i,ir->...r", x, a_IR.astype(x.dtype)) * mask_R.astype(x.dtype)
     return jnp.einsum("...r,ro->...o", h, b_RO.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
 

@@ -1,0 +1,203 @@
+"""Fusion benchmark: the cost of fusing, and per-token latency under a simulated network.
+
+1. Step time of the fused decode step (edge forward + alignment + router + fusion + sampling, one
+   program, cloud distribution precomputed) against the edge-only decode step
+   (`floe_jax.decode.decode_step`), for the FJ-REF model at batch 1 and 8: the fusion overhead.
+2. End-to-end per-token latency of edge-only, cloud-only and fused decoding under a simulated
+   50 ms and 150 ms mean round trip (`SimClock`: measured edge and cloud compute, simulated
+   network), with the share of tokens the cloud made in time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.benchmarks._util import block, machine, print_table
+from floe_jax.config import LoRAConfig, ModelConfig
+from floe_jax.decode import SamplingConfig, _prefill_jit, _step_jit, pad_prompts
+from floe_jax.inference.cloud import LocalCloud, SimClock, SimulatedNetwork
+from floe_jax.inference.fused import (
+    CloudInput,
+    fuse_sample_jit,
+    fused_step_jit,
+    generate_fused,
+    rows_lora,
+)
+from floe_jax.inference.fused import prefill_jit as fused_prefill_jit
+from floe_jax.inference.privacy import GuardedCloud, PrivacyDetector, PrivacyPolicy
+from floe_jax.inference.router import FusionConfig
+from floe_jax.lora import init_lora, stack_loras
+from floe_jax.model import init_params, unstack_layers
+
+FJ_REF = ModelConfig(
+    vocab_size=2048,
+    hidden_size=256,
+    intermediate_size=704,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=4,
+    dtype="float32",
+    tie_word_embeddings=False,
+)
+
+
+def _dense_input(B: int, V: int, key) -> CloudInput:
+    z = np.zeros((B, 0))
+    lp = jax.nn.log_softmax(jax.random.normal(key, (B, V)) * 3)
+    return CloudInput(jnp.ones(B, bool), lp, jnp.zeros((0,), jnp.int32), z.astype(np.int32),
+                      z.astype(np.float32), z.astype(bool))  # fmt: skip
+
+
+def _sparse_input(B: int, V: int, K: int, key) -> CloudInput:
+    lp = jax.nn.log_softmax(jax.random.normal(key, (B, V)) * 3)
+    top, ids = jax.lax.top_k(lp, K)
+    return CloudInput(jnp.ones(B, bool), jnp.zeros((B, 0)), jnp.zeros((0,), jnp.int32),
+                      ids.astype(jnp.int32), top, jnp.ones((B, K), bool))  # fmt: skip
+
+
+def _fused_state(params, cfg, tokens, mask, key, N, lora):
+    B = tokens.shape[0]
+    st, lg = fused_prefill_jit(params, tokens, mask, jnp.zeros(B, bool), key, cfg,
+                               max_new_tokens=N, lora=lora)  # fmt: skip
+    st, _ = fuse_sample_jit(st, lg, _dense_input(B, cfg.vocab_size, key), fusion=FusionConfig(),
+                            sampling=SamplingConfig(), eos_id=None, pad_id=0)  # fmt: skip
+    return st
+
+
+def _once(variants, states, name, steps) -> float:
+    fn, s = variants[name][0], states[name]
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        s = fn(s)
+    block(s.token)
+    states[name] = s
+    return (time.perf_counter() - t0) / steps
+
+
+def step_rows(quick: bool) -> list[dict]:
+    """Edge-only and fused steps timed in interleaved rounds (a busy machine drifts: each round
+    measures every variant back to back, and the median over rounds is reported)."""
+    cfg = FJ_REF
+    params = unstack_layers(init_params(cfg, key=jax.random.key(0)))
+    greedy = SamplingConfig()
+    steps = 10 if quick else 40
+    rounds = 5 if quick else 15
+    rows = []
+    for B in (1, 8):
+        prompts = [list(range(1 + b, 13 + b)) for b in range(B)]
+        tokens, mask = pad_prompts(prompts)
+        N = 128  # cache slots P + N; indices past the end clamp, which keeps every step's shape
+        key = jax.random.key(1)
+        dense, sparse = (
+            _dense_input(B, cfg.vocab_size, key),
+            _sparse_input(B, cfg.vocab_size, 20, key),
+        )
+        fused = lambda fusion, ci, lora=None: (
+            lambda s: fused_step_jit(params, s, ci, cfg, fusion=fusion, sampling=greedy,
+                                     lora=lora, eos_id=None, pad_id=0)[0]
+        )  # fmt: skip
+        logits = jnp.zeros((B, cfg.vocab_size))
+        fresh = functools.partial(_fused_state, params, cfg, tokens, mask, key, N)
+        variants = {
+            "edge-only decode_step": (
+                lambda s: _step_jit(params, s, cfg=cfg, sampling=greedy, eos_id=None)[0],
+                _prefill_jit(params, tokens, mask, max_new_tokens=N, key=key, cfg=cfg,
+                             sampling=greedy, eos_id=None, lora=None),
+            ),
+            "fused, dense cloud, entropy gate, prob space": (
+                fused(FusionConfig(), dense), fresh(None)),
+            "fused, top-20 cloud, entropy gate, prob space": (
+                fused(FusionConfig(), sparse), fresh(None)),
+            "fused, dense cloud, entropy gate, log space": (
+                fused(FusionConfig(space="log"), dense),
+                _fused_state(params, cfg, tokens, mask, key, N, None)),
+            "fusion part alone (align+route+fuse+sample)": (
+                lambda s, lg=logits, ci=dense: fuse_sample_jit(
+                    s, lg, ci, fusion=FusionConfig(), sampling=greedy, eos_id=None, pad_id=0)[0],
+                _fused_state(params, cfg, tokens, mask, key, N, None)),
+        }  # fmt: skip
+        if B == 8:  # per-row adapters (each row a client with its own LoRA), for reference
+            loras = [init_lora(cfg, LoRAConfig(rank=r, max_rank=8), key=jax.random.key(r))
+                     for r in (2, 4, 8, 8, 4, 2, 8, 4)]  # fmt: skip
+            lora = rows_lora(stack_loras(loras))
+            variants["fused + per-row LoRA r<=8, all targets"] = (
+                fused(FusionConfig(), dense, lora),
+                _fused_state(params, cfg, tokens, mask, key, N, lora),
+            )
+        states = {k: v[1] for k, v in variants.items()}
+        times: dict[str, list[float]] = {k: [] for k in variants}
+
+        for name in variants:  # compile and warm up
+            _once(variants, states, name, steps)
+        for _ in range(rounds):
+            for name in variants:
+                times[name].append(_once(variants, states, name, steps))
+        edge = statistics.median(times["edge-only decode_step"])
+        for name, ts in times.items():
+            t = statistics.median(ts)
+            over = "" if name.startswith("edge-only") else f"{t / edge - 1:+.1%}"
+            if name.startswith("fusion part"):
+                over = f"{t / edge:.1%} of edge step"
+            rows.append(dict(batch=B, step=name, ms=t * 1e3, overhead=over))
+    return rows
+
+
+def latency_rows(quick: bool) -> list[dict]:
+    edge_cfg = FJ_REF
+    cloud_cfg = dataclasses.replace(FJ_REF, num_layers=8)  # a bigger (simulated) cloud
+    edge = init_params(edge_cfg, key=jax.random.key(0))
+    cloud_params = init_params(cloud_cfg, key=jax.random.key(1))
+    N = 8 if quick else 32
+    prompts = [list(range(3, 40))]
+    allow = PrivacyDetector(PrivacyPolicy(action="allow"))
+    modes = [
+        ("edge-only", None, None),
+        ("cloud-only (no deadline)", FusionConfig(gate="fixed", fixed_w=0.0), float("inf")),
+        ("fused, tau=100 ms", FusionConfig(), 0.1),
+        ("fused, tau=200 ms", FusionConfig(), 0.2),
+    ]
+    rows = []
+    for rtt in (50.0, 150.0):
+        for name, fusion, tau in modes:
+            cloud = None
+            if fusion is not None:
+                cloud = GuardedCloud(LocalCloud(cloud_params, cloud_cfg, headroom=N + 8), allow)
+            kw = dict(cloud=cloud, max_new_tokens=N, fusion=fusion or FusionConfig(),
+                      deadline_s=tau or 0.0)  # fmt: skip
+            for warm in (True, False):  # the first run compiles
+                res = generate_fused(edge, edge_cfg, prompts, clock=SimClock(),
+                                     network=SimulatedNetwork(rtt_ms=rtt, sigma=0.25, seed=0),
+                                     **kw)  # fmt: skip
+                if warm:
+                    continue
+                dec = res.latency_s[1:] * 1e3
+                rows.append(dict(
+                    rtt_ms=rtt, mode=name, first_token_ms=float(res.latency_s[0] * 1e3),
+                    ms_per_token=float(dec.mean()), p95_ms=float(np.percentile(dec, 95)),
+                    edge_ms=float(res.edge_s[1:].mean() * 1e3),
+                    cloud_compute_ms=float(res.cloud_s[1:].mean() * 1e3),
+                    share_fused=res.share_fused if fusion is not None else 0.0,
+                ))  # fmt: skip
+    return rows
+
+
+def run(quick: bool = False) -> list[dict]:
+    print(f"machine: {machine()}  (numbers on a busy machine are provisional)", flush=True)
+    steps = step_rows(quick)
+    print_table(steps, "Fused step vs edge-only step (FJ-REF, float32, cloud precomputed)")
+    lat = latency_rows(quick)
+    print_table(lat, "Per-token latency under a simulated network (SimClock, lognormal RTT)")
+    return [dict(table="step", **r) for r in steps] + [dict(table="latency", **r) for r in lat]
+
+
+if __name__ == "__main__":
+    import sys
+
+    run(quick="--quick" in sys.argv)

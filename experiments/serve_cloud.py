@@ -1,0 +1,93 @@
+"""`python -m experiments serve-cloud`: serve a floe_jax model as an OpenAI-compatible cloud.
+
+Examples:
+  python -m experiments serve-cloud --checkpoint path/to/hf_folder --port 8000
+  python -m experiments serve-cloud --random --tokenizer path/to/tokenizer.json   # a demo cloud
+
+The server speaks `POST /v1/completions` (top-k logprobs), `GET /v1/models` and `GET /health`
+(see `floe_jax.inference.server`); point `floe_jax.inference.http_cloud.HTTPCloud` at it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _tokenizer(path: str):
+    if os.path.isfile(path):
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(path)
+    tok_json = os.path.join(path, "tokenizer.json")
+    if os.path.isfile(tok_json):
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(tok_json)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _model(args, vocab_size: int):
+    import jax
+
+    from floe_jax.config import ModelConfig
+    from floe_jax.model import init_params
+
+    if args.checkpoint:
+        try:
+            from floe_jax.hf import load_hf
+        except ImportError as e:
+            raise SystemExit(f"--checkpoint needs floe_jax.hf.load_hf ({e})") from None
+        return load_hf(args.checkpoint)
+    cfg = ModelConfig(
+        vocab_size=vocab_size,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 11 // 4,
+        num_layers=args.layers,
+        num_heads=max(1, args.hidden // 32),
+        num_kv_heads=max(1, args.hidden // 64),
+    )
+    return cfg, init_params(cfg, key=jax.random.key(args.seed))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m experiments serve-cloud", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="local Hugging Face folder (config.json + safetensors)")
+    src.add_argument("--random", action="store_true", help="a random Llama (demo / tests)")
+    p.add_argument("--tokenizer", help="tokenizer.json or a folder (default: the checkpoint)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default="floe-cloud")
+    p.add_argument("--max-logprobs", type=int, default=20)
+    p.add_argument("--hidden", type=int, default=256, help="--random: width")
+    p.add_argument("--layers", type=int, default=4, help="--random: depth")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    tok_path = args.tokenizer or args.checkpoint
+    if not tok_path:
+        raise SystemExit("--random needs --tokenizer")
+    tok = _tokenizer(tok_path)
+    vocab = len(tok.get_vocab())
+    cfg, params = _model(args, vocab)
+    if cfg.vocab_size < vocab:
+        raise SystemExit(f"model vocab {cfg.vocab_size} is smaller than the tokenizer's {vocab}")
+
+    from floe_jax.inference.server import serve_cloud
+
+    print(f"serving {args.model_name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    serve_cloud(params, cfg, tok, host=args.host, port=args.port, model_name=args.model_name,
+                max_logprobs=args.max_logprobs)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,400 @@
+"""Cloud back ends behind one interface, a simulated network, and clocks.
+
+Shapes: B prefixes (rows), W cloud vocab, K listed tokens (top-k).
+
+A back end answers `next_token(prefixes) -> CloudDistribution`: for each prefix (token ids and/or
+text) the cloud's next-token distribution, either dense log-probs [B, W] or sparse top-k (ids
+and/or token strings with log-probs, k <= 20 as proprietary APIs give). Rows fail independently
+(`ok[b] = False` with a reason); a back end never raises for one bad row.
+
+- `LocalCloud` serves a floe_jax model: the simulated cloud of the experiments. It keeps a KV cache
+  per request stream, so a prefix that extends the last one by a token costs one decode step.
+- `HTTPCloud` (in `floe_jax.inference.http`) speaks the OpenAI completions API.
+
+`SimulatedNetwork` draws round-trip times (lognormal around a mean, plus jitter, loss and a
+bandwidth term) from a seed; the generation loop runs on a `Clock`: `RealClock`, or `SimClock`
+whose virtual time the loop advances, so tests and benchmarks never sleep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from floe_jax.config import ModelConfig
+from floe_jax.decode import DEFAULT_BUCKETS, bucket_length, pad_prompts
+from floe_jax.lora import LoRA
+from floe_jax.model import forward, init_cache, unstack_layers
+
+
+class CloudError(RuntimeError):
+    """A cloud request failed (the message says which request and why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefix:
+    """One request: the text so far, as ids and/or text. `stream` names the request stream so a
+    back end can keep state (a KV cache) between successive prefixes of one generation."""
+
+    ids: tuple[int, ...] | None = None
+    text: str | None = None
+    stream: object = None
+
+    def __post_init__(self):
+        if self.ids is None and self.text is None:
+            raise ValueError("a Prefix needs ids or text")
+        if self.ids is not None:
+            object.__setattr__(self, "ids", tuple(int(i) for i in self.ids))
+
+    def payload_bytes(self) -> int:
+        """Rough request size on the wire (for the bandwidth term)."""
+        n = len(self.text.encode()) if self.text is not None else 0
+        return 200 + max(n, 6 * len(self.ids or ()))
+
+
+@dataclasses.dataclass
+class CloudDistribution:
+    """The cloud's next-token distributions for B rows.
+
+    Attributes:
+      ok: [B] bool, row holds a usable distribution.
+      logprobs: dense [B, W] log-probs (None when sparse).
+      top_ids: sparse [B, K] int32 cloud ids, -1 where unknown or padding (None when the back end
+        names tokens by string only).
+      top_tokens: sparse token strings per row (as the API spelled them), or None.
+      top_logprobs: sparse [B, K] log-probs; padding slots are -inf.
+      errors: per row, None or why it is missing.
+    """
+
+    ok: np.ndarray
+    logprobs: np.ndarray | None = None
+    top_ids: np.ndarray | None = None
+    top_tokens: list[list[str]] | None = None
+    top_logprobs: np.ndarray | None = None
+    errors: list[str | None] = dataclasses.field(default_factory=list)
+
+    @property
+    def batch(self) -> int:
+        return int(self.ok.shape[0])
+
+    @property
+    def dense(self) -> bool:
+        return self.logprobs is not None
+
+    @classmethod
+    def missing(cls, batch: int, reason: str = "missing") -> CloudDistribution:
+        return cls(ok=np.zeros(batch, bool), errors=[reason] * batch)
+
+    def sanitized(self) -> CloudDistribution:
+        """Rows with NaN, +inf or no finite entry become missing (reason `nan`)."""
+        ok = self.ok.copy()
+        errors = list(self.errors) + [None] * (self.batch - len(self.errors))
+        arr = self.logprobs if self.dense else self.top_logprobs
+        if arr is not None and arr.size:
+            bad = np.isnan(arr).any(-1) | np.isposinf(arr).any(-1) | ~np.isfinite(arr).any(-1)
+            for b in np.nonzero(bad & ok)[0]:
+                ok[b], errors[b] = False, "nan"
+        return dataclasses.replace(self, ok=ok, errors=errors)
+
+    def scatter_rows(self, rows: Sequence[int], batch: int, reason: str) -> CloudDistribution:
+        """This distribution's rows placed at `rows` of a batch of `batch`; other rows missing."""
+        ok = np.zeros(batch, bool)
+        ok[list(rows)] = self.ok
+        errors: list[str | None] = [reason] * batch
+        for j, r in enumerate(rows):
+            errors[r] = self.errors[j] if j < len(self.errors) else None
+
+        def place(a, fill):
+            if a is None:
+                return None
+            out = np.full((batch, *a.shape[1:]), fill, a.dtype)
+            out[list(rows)] = a
+            return out
+
+        tokens = None
+        if self.top_tokens is not None:
+            tokens = [[] for _ in range(batch)]
+            for j, r in enumerate(rows):
+                tokens[r] = self.top_tokens[j]
+        return CloudDistribution(
+            ok=ok,
+            logprobs=place(self.logprobs, -np.inf),
+            top_ids=place(self.top_ids, -1),
+            top_tokens=tokens,
+            top_logprobs=place(self.top_logprobs, -np.inf),
+            errors=errors,
+        )
+
+
+class CloudBackend(Protocol):
+    """What the generation loop needs from a cloud: `kind` is `"dense"` or `"sparse"`."""
+
+    kind: str
+
+    def next_token(self, prefixes: Sequence[Prefix]) -> CloudDistribution: ...
+
+
+def topk_rows(logprobs_BW: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (ids [B, K] int32, log-probs [B, K]) of dense log-probs, best first."""
+    k = min(k, logprobs_BW.shape[-1])
+    idx = np.argsort(-logprobs_BW, axis=-1, kind="stable")[:, :k]
+    return idx.astype(np.int32), np.take_along_axis(logprobs_BW, idx, axis=-1)
+
+
+# ----------------------------------------------------------------------------- text codecs
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Ids of `text` without special tokens (`tokenizers.Tokenizer` or Hugging Face)."""
+    out = tokenizer.encode(text, add_special_tokens=False)
+    return list(getattr(out, "ids", out))
+
+
+def decode_ids(tokenizer, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids))
+
+
+def token_string(tokenizer, i: int) -> str:
+    """The decoded text of one token, as OpenAI-compatible servers list it."""
+    return tokenizer.decode([int(i)])
+
+
+# ----------------------------------------------------------------------------- LocalCloud
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "slots"))
+def _prefill_one(params, tokens, mask, lora, *, cfg: ModelConfig, slots: int):
+    cache = init_cache(cfg, tokens.shape[0], slots)
+    logits, cache = forward(params, tokens, cfg, lora=lora, cache=cache, mask=mask)
+    return jax.nn.log_softmax(logits[:, -1], axis=-1), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def _extend_one(params, token, cache, lora, *, cfg: ModelConfig):
+    logits, cache = forward(params, token[:, None], cfg, lora=lora, cache=cache)
+    return jax.nn.log_softmax(logits[:, 0], axis=-1), cache
+
+
+@dataclasses.dataclass
+class _Stream:
+    ids: tuple[int, ...]
+    cache: object
+    logprobs: np.ndarray  # [W] after `ids`
+
+
+class LocalCloud:
+    """A floe_jax model served as the cloud, with a KV cache per request stream.
+
+    A prefix whose `stream` was seen before and whose ids extend that stream's ids is served by
+    feeding only the new tokens (one decode step each); anything else is prefilled (prompt padded
+    to a bucket, cache of bucket + `headroom` slots, so compiles are per bucket, not per length).
+
+    Args:
+      params, cfg, lora: the cloud model (adapters optional).
+      tokenizer: the cloud's tokenizer, for text prefixes and token strings.
+      top_k: None serves dense log-probs; an int serves sparse top-k like an API.
+      inputs: `"ids"` (prefix ids are cloud ids: a shared tokenizer) or `"text"` (encode the
+        prefix text with `tokenizer`). Default: `"text"` when a tokenizer is given.
+      headroom: cache slots beyond the prompt bucket before a stream is re-prefilled.
+      max_streams: streams kept (least recently used are dropped).
+    """
+
+    def __init__(
+        self,
+        params: dict,
+        cfg: ModelConfig,
+        *,
+        lora: LoRA | None = None,
+        tokenizer=None,
+        top_k: int | None = None,
+        inputs: str | None = None,
+        headroom: int = 128,
+        buckets: Sequence[int] = DEFAULT_BUCKETS,
+        max_streams: int = 256,
+        pad_id: int = 0,
+    ):
+        self.params = unstack_layers(params)
+        self.cfg, self.lora, self.tokenizer = cfg, lora, tokenizer
+        self.top_k = top_k
+        self.inputs = inputs or ("text" if tokenizer is not None else "ids")
+        if self.inputs not in ("ids", "text"):
+            raise ValueError(f"LocalCloud inputs={self.inputs!r}: use 'ids' or 'text'")
+        if self.inputs == "text" and tokenizer is None:
+            raise ValueError("LocalCloud(inputs='text') needs a tokenizer")
+        self.headroom, self.buckets, self.pad_id = headroom, tuple(buckets), pad_id
+        self.max_streams = max_streams
+        self._streams: OrderedDict[object, _Stream] = OrderedDict()
+        self._lock = threading.Lock()
+        self.stats = {"prefills": 0, "extends": 0, "hits": 0}
+
+    @property
+    def kind(self) -> str:
+        return "dense" if self.top_k is None else "sparse"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    def _ids(self, p: Prefix) -> tuple[int, ...]:
+        if self.inputs == "ids" and p.ids is not None:
+            return p.ids
+        if p.text is None or self.tokenizer is None:
+            raise CloudError("LocalCloud got a prefix without usable ids or text")
+        return tuple(encode_text(self.tokenizer, p.text))
+
+    def logprobs(self, ids: Sequence[int], stream: object = None) -> np.ndarray:
+        """Next-token log-probs [W] after `ids`, reusing the stream's cache when it can."""
+        ids = tuple(int(i) for i in ids)
+        if not ids:
+            raise CloudError("LocalCloud got an empty prefix")
+        with self._lock:
+            st = self._streams.get(stream) if stream is not None else None
+            if st is not None and st.ids == ids:
+                self.stats["hits"] += 1
+                self._streams.move_to_end(stream)
+                return st.logprobs
+            n_new = len(ids) - len(st.ids) if st is not None else -1
+            if (
+                st is not None
+                and 0 < n_new
+                and ids[: len(st.ids)] == st.ids
+                and int(st.cache.index) + n_new <= st.cache.max_len
+            ):
+                cache, lp = st.cache, None
+                for t in ids[len(st.ids) :]:
+                    lp, cache = _extend_one(
+                        self.params, jnp.asarray([t], jnp.int32), cache, self.lora, cfg=self.cfg
+                    )
+                self.stats["extends"] += n_new
+            else:
+                tokens, mask = pad_prompts([ids], pad_id=self.pad_id, buckets=self.buckets)
+                slots = tokens.shape[1] + self.headroom
+                lp, cache = _prefill_one(
+                    self.params, tokens, mask, self.lora, cfg=self.cfg, slots=slots
+                )
+                self.stats["prefills"] += 1
+            out = np.asarray(lp[0], np.float32)
+            if stream is not None:
+                self._streams[stream] = _Stream(ids, cache, out)
+                self._streams.move_to_end(stream)
+                while len(self._streams) > self.max_streams:
+                    self._streams.popitem(last=False)
+            return out
+
+    def next_token(self, prefixes: Sequence[Prefix]) -> CloudDistribution:
+        B = len(prefixes)
+        W = self.cfg.vocab_size
+        dense = np.full((B, W), -np.inf, np.float32)
+        ok = np.zeros(B, bool)
+        errors: list[str | None] = [None] * B
+        for b, p in enumerate(prefixes):
+            try:
+                dense[b] = self.logprobs(self._ids(p), p.stream)
+                ok[b] = True
+            except (CloudError, ValueError) as e:
+                errors[b] = str(e)
+        if self.top_k is None:
+            return CloudDistribution(ok=ok, logprobs=dense, errors=errors)
+        ids, lps = topk_rows(dense, self.top_k)
+        tokens = None
+        if self.tokenizer is not None:
+            tokens = [[token_string(self.tokenizer, i) for i in row] for row in ids]
+        return CloudDistribution(
+            ok=ok, top_ids=ids, top_tokens=tokens, top_logprobs=lps, errors=errors
+        )
+
+    def drop(self, stream: object) -> None:
+        with self._lock:
+            self._streams.pop(stream, None)
+
+
+def headroom_for(prompt_len: int, max_new_tokens: int, buckets=DEFAULT_BUCKETS) -> int:
+    """Cache headroom so a stream of `max_new_tokens` is never re-prefilled."""
+    return max(1, max_new_tokens + bucket_length(prompt_len, buckets) - prompt_len)
+
+
+# ----------------------------------------------------------------------------- network, clocks
+
+
+class RealClock:
+    """Wall time (`time.perf_counter`); waiting on a future really waits."""
+
+    simulated = False
+
+    def now(self) -> float:
+        return time.perf_counter()
+
+
+class SimClock:
+    """Virtual time in seconds, advanced by the generation loop; nothing sleeps."""
+
+    simulated = True
+
+    def __init__(self, start: float = 0.0):
+        self.t = float(start)
+
+    def now(self) -> float:
+        return self.t
+
+    def advance(self, dt: float) -> None:
+        if dt < 0:
+            raise ValueError(f"a clock cannot go back ({dt})")
+        self.t += dt
+
+
+@dataclasses.dataclass
+class SimulatedNetwork:
+    """Round trips between edge and cloud, deterministic from `seed`.
+
+    One request's delay is `lognormal(mean=rtt_ms, shape=sigma) + |N(0, jitter_ms)| +
+    8 * bytes / bandwidth`; with probability `loss` it never arrives.
+
+    Attributes:
+      rtt_ms: mean round-trip time.
+      sigma: lognormal shape (0 gives a constant RTT).
+      jitter_ms: scale of extra half-normal jitter.
+      loss: probability a request is lost.
+      bandwidth_mbps: link rate for the payload term (inf: none).
+      server_ms: under `SimClock`, the cloud's compute time per request is taken as this instead
+        of measured (None: measured), which makes a simulated run fully deterministic.
+      seed: the draws are a function of the seed and the call order.
+    """
+
+    rtt_ms: float = 50.0
+    sigma: float = 0.25
+    jitter_ms: float = 0.0
+    loss: float = 0.0
+    bandwidth_mbps: float = math.inf
+    server_ms: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.rtt_ms < 0 or self.sigma < 0 or self.jitter_ms < 0:
+            raise ValueError("SimulatedNetwork: rtt_ms, sigma and jitter_ms must be >= 0")
+        if not 0 <= self.loss <= 1:
+            raise ValueError(f"SimulatedNetwork.loss must be in [0, 1], got {self.loss}")
+        self._rng = np.random.default_rng(self.seed)
+        self._lock = threading.Lock()
+
+    def sample(self, payload_bytes: int = 0) -> float | None:
+        """Delay in seconds of one request, or None when it is lost."""
+        with self._lock:
+            lost = self._rng.random() < self.loss
+            if self.sigma > 0 and self.rtt_ms > 0:
+                mu = math.log(self.rtt_ms) - self.sigma**2 / 2  # mean exactly rtt_ms
+                rtt = float(self._rng.lognormal(mu, self.sigma))
+            else:
+                rtt = self.rtt_ms
+            jit = abs(float(self._rng.normal(0.0, self.jitter_ms))) if self.jitter_ms else 0.0
+        wire = 8 * payload_bytes / (self.bandwidth_mbps * 1e6) if payload_bytes else 0.0
+        return None if lost else (rtt + jit) / 1e3 + wire

@@ -1,0 +1,165 @@
+"""Privacy detector and the guard at the single exit to the cloud: a recording HTTP server on
+127.0.0.1 must receive no private span over >= 1,000 generated prompts containing PII."""
+
+import json
+import random
+
+import pytest
+from _inference_util import RecordingServer
+
+from floe_jax.inference.cloud import CloudDistribution, Prefix
+from floe_jax.inference.http_cloud import HTTPCloud
+from floe_jax.inference.privacy import (
+    GuardedCloud,
+    PrivacyDetector,
+    PrivacyPolicy,
+    iban_ok,
+    luhn_ok,
+)
+
+NAMES = ["Alice Moreau", "Bogdan", "Chen Wei", "Dolores O'Neil", "Émile"]
+
+
+def _luhn_card(rng: random.Random, n: int = 16) -> str:
+    digits = [rng.randrange(10) for _ in range(n - 1)]
+    for check in range(10):
+        s = "".join(map(str, digits + [check]))
+        if luhn_ok(s):
+            return s
+    raise AssertionError
+
+
+def _iban(rng: random.Random) -> str:
+    bban = "".join(str(rng.randrange(10)) for _ in range(18))
+    rearranged = bban + "DE00"
+    num = int("".join(str(int(c, 36)) for c in rearranged))
+    return f"DE{98 - num % 97:02d}{bban}"
+
+
+def _pii(rng: random.Random) -> tuple[str, str]:
+    kind = rng.choice(["email", "phone", "card", "iban", "ipv4", "ipv6", "ssn", "term"])
+    if kind == "email":
+        user = "".join(rng.choice("abcdefghij.") for _ in range(6)).strip(".") or "x"
+        return kind, f"{user}{rng.randrange(99)}@{rng.choice(['mail', 'corp-x', 'uni'])}.org"
+    if kind == "phone":
+        a, b, c = rng.randrange(200, 999), rng.randrange(100, 999), rng.randrange(1000, 9999)
+        return kind, rng.choice([f"+1 {a}-{b}-{c}", f"({a}) {b}-{c}", f"{a}.{b}.{c}"])
+    if kind == "card":
+        s = _luhn_card(rng)
+        return kind, rng.choice([s, " ".join(s[i : i + 4] for i in range(0, 16, 4))])
+    if kind == "iban":
+        s = _iban(rng)
+        return kind, rng.choice([s, " ".join(s[i : i + 4] for i in range(0, len(s), 4))])
+    if kind == "ipv4":
+        return kind, ".".join(str(rng.randrange(256)) for _ in range(4))
+    if kind == "ipv6":
+        return kind, ":".join(f"{rng.randrange(65536):x}" for _ in range(8))
+    if kind == "ssn":
+        return (
+            kind,
+            f"{rng.randrange(100, 665)}-{rng.randrange(10, 99)}-{rng.randrange(1000, 9999)}",
+        )
+    name = rng.choice(NAMES)
+    return kind, rng.choice([name, name.upper(), name.lower()])
+
+
+def corpus(n: int, seed: int = 0):
+    rng = random.Random(seed)
+    out = []
+    templates = [
+        "Please write to {} about the invoice.",
+        "My details: {}. Summarise the meeting notes.",
+        "Can you check {}, then {} for me?",
+        "Remind {} tomorrow; also translate this sentence into French.",
+    ]
+    for _ in range(n):
+        t = rng.choice(templates)
+        spans = [_pii(rng) for _ in range(t.count("{}"))]
+        out.append((t.format(*(s for _, s in spans)), spans))
+    return out
+
+
+def test_checksums():
+    assert luhn_ok("4111111111111111") and not luhn_ok("4111111111111112")
+    assert iban_ok("GB82 WEST 1234 5698 7654 32") and not iban_ok("GB82 WEST 1234 5698 7654 33")
+
+
+def test_detector_types_and_validation():
+    d = PrivacyDetector(terms=["Alice Moreau"])
+    text = (
+        "mail bob@example.com, call +44 20 7946 0958, card 4111 1111 1111 1111, "
+        "iban GB82WEST12345698765432, host 192.168.1.20 or 2001:db8::8a2e:370:7334, "
+        "ssn 123-45-6789, and ALICE MOREAU says hi"
+    )
+    kinds = [s.kind for s in d.find(text)]
+    assert kinds == ["email", "phone", "card", "iban", "ipv4", "ipv6", "ssn", "term"]
+    # look-alikes that fail the checks are not flagged as such
+    bad = "card 4111 1111 1111 1112, iban GB82WEST12345698765433, ip 999.1.1.1, Alicem"
+    assert [s.kind for s in d.find(bad) if s.kind in ("card", "iban", "ipv4", "term")] == []
+    assert d.find("use std::map at 10:30:45 on 2024-05-17") == []
+    red = d.screen("write to bob@example.com now")
+    assert red.action == "redact" and red.text == "write to [EMAIL] now"
+    assert d.stats()["spans_by_type"] == {"email": 1}
+
+
+def test_policies():
+    text = "call 415-555-2671 about the cat"
+    assert PrivacyDetector(PrivacyPolicy(action="allow")).screen(text).text == text
+    assert PrivacyDetector(PrivacyPolicy(action="edge_only")).screen(text).action == "edge_only"
+    p = PrivacyPolicy(action="redact", edge_only_types=("phone",))
+    assert PrivacyDetector(p).screen(text).action == "edge_only"
+    assert PrivacyDetector().screen("the cat sat").action == "allow"
+    # ids without a decoder cannot be checked: kept on the edge
+    assert PrivacyDetector().screen(None).action == "edge_only"
+
+
+class _Echo:
+    kind = "sparse"
+
+    def __init__(self):
+        self.seen = []
+
+    def next_token(self, prefixes):
+        self.seen += list(prefixes)
+        n = len(prefixes)
+        return CloudDistribution.missing(n, "echo")
+
+
+def test_guard_withholds_rows_and_uses_decoder():
+    backend = _Echo()
+    g = GuardedCloud(backend, PrivacyDetector(PrivacyPolicy(action="edge_only")),
+                     decode=lambda ids: " ".join(map(str, ids)))  # fmt: skip
+    out = g.next_token([Prefix(text="mail a@b.org"), Prefix(ids=(1, 2)), Prefix(text="hi")])
+    assert [p.text for p in backend.seen] == ["1 2", "hi"]
+    assert out.errors[0] == "privacy" and out.batch == 3
+    assert g.detector.stats()["requests"]["edge_only"] == 1
+    with pytest.raises(TypeError):
+        GuardedCloud(g)
+
+
+@pytest.mark.parametrize("action", ["redact", "edge_only"])
+def test_recording_server_receives_no_private_span(action):
+    data = corpus(1000, seed=1 if action == "redact" else 2)
+    server = RecordingServer("ok")
+    det = PrivacyDetector(PrivacyPolicy(action=action), terms=NAMES)
+    guard = GuardedCloud(HTTPCloud(server.url, top_k=3, timeout_s=5, max_workers=8), det)
+    try:
+        for i in range(0, len(data), 100):
+            chunk = data[i : i + 100]
+            out = guard.next_token([Prefix(text=t, stream=j) for j, (t, _) in enumerate(chunk)])
+            assert out.batch == len(chunk)
+    finally:
+        guard.close()
+        server.close()
+    prompts = [json.loads(b)["prompt"] for b in server.bodies]
+    secrets = {s for _, spans in data for _, s in spans}
+    leaks = [(p, s) for p in prompts for s in secrets if s.lower() in p.lower()]
+    assert leaks == []
+    stats = det.stats()
+    if action == "redact":
+        assert len(prompts) == len(data)
+        assert sum(stats["spans_by_type"].values()) >= sum(len(s) for _, s in data)
+        assert "[EMAIL]" in " ".join(prompts)
+    else:
+        assert len(prompts) == 0  # every prompt carries PII
+        assert stats["requests"]["edge_only"] == len(data)
