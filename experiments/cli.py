@@ -35,8 +35,18 @@ def _profile(argv: list[str]) -> int:
     return 0
 
 
+def _serve_cloud(argv: list[str]) -> int:
+    from experiments import serve_cloud
+
+    return serve_cloud.main(argv)
+
+
 COMMANDS: dict[str, tuple[str, object]] = {
     "bench": ("benchmarks against PyTorch / transformers / NumPy, side by side", _bench),
+    "serve-cloud": (
+        "serve a floe_jax model as an OpenAI-compatible cloud (/v1/completions)",
+        _serve_cloud,
+    ),
     "profile": (
         "measure a LoRA cost table (decode ms/token, training memory) on this machine",
         _profile,
