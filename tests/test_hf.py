@@ -173,7 +173,7 @@ def test_decoder_layer_matches_hf(case, checkpoints):
     lp = jax.tree.map(lambda a: a[1], params["layers"])
     mask = jnp.broadcast_to(jnp.asarray(causal), (B, T, T))
     got, _, _ = _block(
-        cfg, rope_inv_freq(cfg), jnp.asarray(x), lp, None, jnp.asarray(pos), None, None, mask, None
+        cfg, rope_inv_freq(cfg), jnp.asarray(x), lp, None, jnp.asarray(pos), mask, None
     )
     np.testing.assert_allclose(got, want.numpy(), atol=ATOL)
 
