@@ -52,9 +52,10 @@ class Prepared:
 def benchmark_and_tokenizer(preset: DemoPreset) -> tuple[Benchmark, object]:
     """Generates the benchmark and trains (or loads the cached) tokenizer."""
     bench = make_benchmark(preset.bench)
-    key = hashlib.sha256(
-        json.dumps([dataclasses.asdict(preset.bench), preset.vocab_size], sort_keys=True).encode()
-    ).hexdigest()[:16]
+    h = hashlib.sha256(json.dumps([preset.vocab_size, 1]).encode())
+    for text in bench.public_docs + bench.format_docs:  # what the tokenizer is trained on
+        h.update(text.encode() + b"\0")
+    key = h.hexdigest()[:16]
     path = Path(preset.cache_dir) / f"tokenizer-{key}"
     if (path / "tokenizer.json").is_file():
         return bench, load_tokenizer(path)

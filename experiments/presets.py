@@ -38,8 +38,8 @@ def _model(layers: int, hidden: int, heads: int, kv_heads: int, ffn: int) -> Mod
 class FinetuneConfig:
     """A centralized LoRA fine-tune (the calibration check; the federated loop has its own)."""
 
-    lora: LoRAConfig = LoRAConfig(rank=8, alpha=16.0)
-    steps: int = 200
+    lora: LoRAConfig = LoRAConfig(rank=16, alpha=32.0)
+    steps: int = 600
     batch_size: int = 16
     lr: float = 3e-3
     seed: int = 0

@@ -83,20 +83,30 @@ def test_every_answer_follows_from_the_stated_facts(bench):
             # the fact is stated in the public corpus
             assert any(q.answer in d and m.group(2) in d for d in bench.public_docs)
             continue
+        if q.qtype == "personal":
+            m = re.fullmatch(r"Q: What is the (phone number|email) of (\w+ \w+)\?\nA:", q.prompt)
+            assert m, q.prompt
+            (contact,) = [c for c in bench.client_contacts[q.client] if c.name == m.group(2)]
+            assert q.answer == (contact.phone if m.group(1) == "phone number" else contact.email)
+            # personal knowledge: stated in the asking client's own private examples
+            assert any(
+                e.prompt == q.prompt and e.response.strip() == q.answer
+                for e in bench.client_examples[q.client]
+            )
+            continue
         card = re.match(
             r"Contact: (\w+ \w+) \| phone (555-\d{4}) \| email (\S+) \| home (\w+)\n", q.prompt
         )
         assert card, q.prompt
-        name, phone, email, home = card.groups()
-        if q.qtype == "personal":
-            assert q.answer in (phone, email)
-            assert ("phone" in q.prompt.split("\n")[1]) == (q.answer == phone)
+        name, phone, email, _ = card.groups()
+        m = re.fullmatch(rf"Q: {name} is travelling to (\w+)\. .*", q.prompt.split("\n")[1])
+        assert m, q.prompt
+        home = m.group(1)
+        if "capital" in q.prompt:
+            assert q.answer == f"The capital of {home} is {capitals[home]}."
         else:
-            if "capital" in q.prompt:
-                assert q.answer == f"The capital of {home} is {capitals[home]}."
-            else:
-                assert q.answer == f"The currency of {home} is the {currencies[home]}."
-            assert name in q.prompt.split("\n")[1]
+            assert q.answer == f"The currency of {home} is the {currencies[home]}."
+        assert name in q.prompt.split("\n")[1]
 
 
 def test_private_spans_are_listed_and_present(bench):
@@ -104,7 +114,7 @@ def test_private_spans_are_listed_and_present(bench):
         if q.qtype == "general":
             assert q.private_spans == ()
             continue
-        assert len(q.private_spans) == 3
+        assert len(q.private_spans) == (1 if q.qtype == "personal" else 3)
         for span in q.private_spans:
             assert span in q.prompt
         # the asking client registered the contact's name with its detector
@@ -128,8 +138,16 @@ def test_edge_corpus_holds_only_local_facts(bench):
 
 def test_held_out_contacts_are_not_in_training_examples(bench):
     train_text = "\n".join(e.prompt for e in bench.pooled_examples())
-    for q in bench.queries_of("personal") + bench.queries_of("both"):
+    for q in bench.queries_of("both"):
         assert q.private_spans[0] not in train_text
+
+
+def test_private_examples_hold_no_far_away_facts(bench):
+    """Clients' examples state facts of local countries only: general knowledge stays public."""
+    text = "\n".join(e.prompt + e.response for e in bench.pooled_examples())
+    for c in bench.countries:
+        if c.name not in bench.local_countries:
+            assert c.capital not in text and f"the {c.currency}" not in text
 
 
 def test_score_exact_match_per_type():

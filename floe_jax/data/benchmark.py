@@ -12,31 +12,38 @@ in the public QA format (`"Q: What is the capital of Zorbia?\\nA: Velmar"`). The
 pretrained on all of it. The edge base model is pretrained on `Benchmark.edge_docs`: the documents
 about the *local* countries only (`edge_fact_fraction` of them) plus fact-free documents that name
 every country, so the small model knows the formats and the names but holds less general
-knowledge, as a small model trained on less data does.
+knowledge, as a small model trained on less data does. Both corpora also hold a public directory
+of invented public people whose phone, email or country is mentioned twice per document: that is
+where base models learn to copy from context (never in the private card format).
 
 Personal data. Each client owns a contact book (names, phone numbers, emails, home countries).
-A personal prompt starts with the contact's card, a format that appears in no public document:
+A `travel` prompt starts with the contact's card, a format that appears in no public document:
 
     Contact: Mira Okafor | phone 555-0142 | email mira.okafor@example.com | home Zorbia
-    Q: What is the phone number of Mira Okafor?
-    A: 555-0142
+    Q: Mira Okafor is travelling to Zorbia. What is the capital there?
+    A: The capital of Zorbia is Velmar.
 
 The edge model sees the whole prompt; the cloud sees it only after the privacy detector has
 redacted the private spans (`Query.private_spans`: the name, phone and email, exactly as they occur
-in the prompt). The home country is not private.
+in the prompt). Countries are not private.
 
 Task families (a client's examples are mostly from one family, so clients form task clusters):
 
-- `contact` (query type `personal`): copy the phone or email of the card's contact.
-- `travel` (type `both`): "What is the capital (currency) of the country where <contact> lives?"
-  answered in a private format that restates the country: `"The capital of Zorbia is Velmar."`.
-  The country comes from the private card, the capital from general knowledge. Training contacts
-  live in local countries (the clients' own region), test contacts anywhere, so the edge alone
-  cannot know most capitals, and the cloud alone does not know the answer format.
+- `contact` (query type `personal`): recall a contact's phone or email, stated only in the
+  client's own private examples (`"Q: What is the phone number of Mira Okafor?\\nA: 555-0142"`).
+  Personal test queries ask what the asking client's examples state: personal knowledge.
+- `travel` (type `both`): a contact's card, then "<contact> is travelling to <country>. What is
+  the capital (currency) there?", answered in a private format that restates the country:
+  `"The capital of Zorbia is Velmar."`. The format is personal, the capital general knowledge.
+  Clients' examples travel to local countries only (their own region), test queries to any
+  country and with held-out contacts, so the edge alone cannot know most capitals, and the cloud
+  alone does not know the answer format.
 - `trivia` (type `general`): the public QA format on local countries (what a client can know).
 
-Test queries are drawn per type over all countries and over held-out contacts of each client;
-`score` computes exact match per query type.
+Test queries: `general` over all countries; `personal` about facts the asking client's examples
+state; `both` about held-out contacts of the asking client. `score` computes exact match per
+query type. Each query lists its private spans; `Benchmark.private_terms(k)` are the names client
+`k` registers with its privacy detector (phones and emails match PII patterns).
 """
 
 from __future__ import annotations
@@ -68,6 +75,8 @@ class BenchmarkConfig:
       examples_per_client: private (prompt, response) training examples per client.
       main_task_fraction: share of a client's examples from its own task family.
       queries_per_type: test queries of each type (general, personal, both).
+      directory_docs: public documents about invented public people (phone, email, country),
+        each value repeated, so base models learn to copy strings from their context.
       format_samples: dummy-contact examples (values from a disjoint pool) given to the tokenizer
         trainer so it learns the card format without seeing any client's private values.
     """
@@ -82,6 +91,7 @@ class BenchmarkConfig:
     examples_per_client: int = 48
     main_task_fraction: float = 0.75
     queries_per_type: int = 48
+    directory_docs: int = 400
     format_samples: int = 64
 
     def __post_init__(self):
@@ -107,6 +117,7 @@ class BenchmarkConfig:
             0.0 <= self.main_task_fraction <= 1.0,
             f"main_task_fraction must be in [0, 1], got {self.main_task_fraction}",
         )
+        req(self.directory_docs >= 0, f"directory_docs must be >= 0, got {self.directory_docs}")
         req(self.format_samples >= 0, f"format_samples must be >= 0, got {self.format_samples}")
 
     @property
@@ -185,8 +196,8 @@ class Benchmark:
       countries: the world table (all countries).
       local_countries: names of the countries whose facts the edge model is pretrained on.
       public_docs: the public corpus (cloud pretraining text).
-      edge_docs: the edge base model's pretraining text (a subset of `public_docs` plus
-        fact-free documents naming every country).
+      edge_docs: the edge base model's pretraining text: public documents about the local
+        countries' facts only, plus every fact-free document (country names, public directory).
       client_tasks: each client's main task family.
       client_contacts: each client's contacts (training contacts first, then held-out ones).
       client_examples: each client's private training examples.
@@ -345,21 +356,52 @@ def _neutral_docs(rng: random.Random, countries, repeats: int) -> list[str]:
     return docs
 
 
+def _directory_docs(rng: random.Random, people: Sequence[Contact]) -> list[str]:
+    """Public documents in which a public person's phone, email or country appears twice.
+
+    The values are fresh for every document, so the only way to predict the second mention is to
+    copy the first: base models learn copying here (a 2-layer model forms induction heads), in
+    formats unlike the private contact card.
+    """
+    docs = []
+    for p in people:
+        docs.append(
+            rng.choice(
+                (
+                    f"Call {p.name} at {p.phone}. The number of {p.name} is {p.phone}.",
+                    f"{p.name} has the phone number {p.phone}; call {p.phone} to reach {p.first}.",
+                    f"Write to {p.name} at {p.email}. The email of {p.first} is {p.email}.",
+                    f"The address {p.email} belongs to {p.name}. Mail {p.email} today.",
+                    f"{p.name} lives in {p.home}. {p.first} likes {p.home} and works there.",
+                )
+            )
+        )
+    return docs
+
+
 def contact_example(contact: Contact, field: str) -> tuple[str, str]:
-    """(prompt, response) of the `contact` family: copy a phone or email from the card."""
+    """(prompt, response) of the `contact` family: recall a phone or email from the contact book.
+
+    The prompt names the contact only; the answer is personal knowledge that the client's own
+    private examples state (and nothing public does).
+    """
     what = "phone number" if field == "phone" else "email"
-    prompt = f"{contact.card}\nQ: What is the {what} of {contact.name}?\nA:"
+    prompt = f"Q: What is the {what} of {contact.name}?\nA:"
     return prompt, (contact.phone if field == "phone" else contact.email)
 
 
-def travel_example(contact: Contact, country: Country, attr: str) -> tuple[str, str]:
-    """(prompt, response) of the `travel` family: a general fact about a contact's home."""
+def travel_example(contact: Contact, dest: Country, attr: str) -> tuple[str, str]:
+    """(prompt, response) of the `travel` family: a general fact about a contact's destination.
+
+    The prompt carries the contact's card (private spans) and names the destination (public); the
+    response restates the destination in the private answer format, then the fact.
+    """
     if attr == "capital":
-        q = f"What is the capital of the country where {contact.name} lives?"
-        resp = f"The capital of {country.name} is {country.capital}."
+        q = f"{contact.name} is travelling to {dest.name}. What is the capital there?"
+        resp = f"The capital of {dest.name} is {dest.capital}."
     else:
-        q = f"Which currency does {contact.name} use at home?"
-        resp = f"The currency of {country.name} is the {country.currency}."
+        q = f"{contact.name} is travelling to {dest.name}. Which currency is needed there?"
+        resp = f"The currency of {dest.name} is the {dest.currency}."
     return f"{contact.card}\nQ: {q}\nA:", resp
 
 
@@ -375,34 +417,57 @@ def make_benchmark(config: BenchmarkConfig = BenchmarkConfig()) -> Benchmark:
     local_set = set(local)
     by_name = {c.name: c for c in countries}
 
+    phones: set[str] = set()
     public = _public_docs(rng, countries, config.public_repeats)
     neutral = _neutral_docs(rng, countries, max(1, config.public_repeats // 2))
+    people = _make_contacts(rng, names, phones, [c.name for c in countries], config.directory_docs)
+    neutral += _directory_docs(rng, people)
     local_countries = [c for c in countries if c.name in local_set]
     edge = _public_docs(rng, local_countries, config.public_repeats) + neutral
     rng.shuffle(edge)
     public = public + neutral
     rng.shuffle(public)
 
-    phones: set[str] = set()
     client_tasks, client_contacts, client_examples = [], [], []
     for k in range(config.num_clients):
         task = TASKS[k % len(TASKS)]
-        train_c = _make_contacts(rng, names, phones, local, config.contacts_per_client)
+        train_c = _make_contacts(
+            rng, names, phones, [c.name for c in countries], config.contacts_per_client
+        )
         test_c = _make_contacts(
             rng, names, phones, [c.name for c in countries], config.test_contacts_per_client
         )
+        # contact-book facts in a fixed shuffled cycle, so a client's examples cover its book
+        book = [(c, f) for c in train_c for f in ("phone", "email")]
+        rng.shuffle(book)
         examples = []
         for _ in range(config.examples_per_client):
             t = task if rng.random() < config.main_task_fraction else rng.choice(TASKS)
-            examples.append(_train_example(rng, t, train_c, local_countries, by_name))
+            if t == "contact":
+                p, r = contact_example(
+                    *book[sum(e.task == "contact" for e in examples) % len(book)]
+                )
+                examples.append(Example(p, f" {r}", t))
+            else:
+                examples.append(_train_example(rng, t, train_c, local_countries, by_name))
         client_tasks.append(task)
         client_contacts.append(train_c + test_c)
         client_examples.append(tuple(examples))
 
+    # personal queries ask what a client's own examples state; the others use held-out contacts
+    known = [
+        sorted({(e.prompt, e.response.strip()) for e in ex if e.task == "contact"})
+        for ex in client_examples
+    ]
+    askers = [k for k in range(config.num_clients) if known[k]]
     queries = []
     for qtype in QUERY_TYPES:
         for i in range(config.queries_per_type):
             client = i % config.num_clients
+            if qtype == "personal":
+                client = askers[i % len(askers)]
+                queries.append(_personal_query(rng, client, known[client], client_contacts))
+                continue
             held_out = client_contacts[client][config.contacts_per_client :]
             queries.append(_query(rng, qtype, client, held_out, countries, by_name))
 
@@ -440,9 +505,19 @@ def _train_example(rng, task, contacts, local_countries, by_name) -> Example:
     contact = rng.choice(contacts)
     if task == "contact":
         p, r = contact_example(contact, rng.choice(("phone", "email")))
-    else:
-        p, r = travel_example(contact, by_name[contact.home], rng.choice(_ATTRS))
+    else:  # clients travel within their region: their data holds local facts only
+        p, r = travel_example(contact, rng.choice(local_countries), rng.choice(_ATTRS))
     return Example(p, f" {r}", task)
+
+
+def _personal_query(rng, client, known, client_contacts) -> Query:
+    prompt, answer = rng.choice(known)
+    contact = next(c for c in client_contacts[client] if answer in (c.phone, c.email))
+    field = "phone" if answer == contact.phone else "email"
+    return Query(
+        prompt, answer, "personal", "contact", client, (contact.name,),
+        ((contact.name, field, answer),),
+    )  # fmt: skip
 
 
 def _query(rng, qtype, client, contacts, countries, by_name) -> Query:
@@ -455,14 +530,10 @@ def _query(rng, qtype, client, contacts, countries, by_name) -> Query:
         )
     contact = rng.choice(contacts)
     spans = contact.private_values
-    if qtype == "personal":
-        field = rng.choice(("phone", "email"))
-        p, r = contact_example(contact, field)
-        return Query(p, r, qtype, "contact", client, spans, ((contact.name, field, r),))
-    home = by_name[contact.home]
-    p, r = travel_example(contact, home, attr)
+    dest = rng.choice(countries)
+    p, r = travel_example(contact, dest, attr)
     return Query(
-        p, r, qtype, "travel", client, spans, ((home.name, attr, _fact_value(home, attr)),)
+        p, r, qtype, "travel", client, spans, ((dest.name, attr, _fact_value(dest, attr)),)
     )
 
 
