@@ -28,8 +28,28 @@ def _bench(argv: list[str]) -> int:
     return 0
 
 
+def _pretrain(argv: list[str]) -> int:
+    from experiments import calibrate
+
+    return calibrate.pretrain_main(argv)
+
+
+def _calibrate(argv: list[str]) -> int:
+    from experiments import calibrate
+
+    return calibrate.main(argv)
+
+
 COMMANDS: dict[str, tuple[str, object]] = {
     "bench": ("benchmarks against PyTorch / transformers / NumPy, side by side", _bench),
+    "pretrain": (
+        "tokenizer + cloud and edge base models of the embedded benchmark (cached)",
+        _pretrain,
+    ),
+    "calibrate": (
+        "accuracy of the pretrained models and a pooled LoRA edge, per query type",
+        _calibrate,
+    ),
 }
 DEFAULT_COMMAND = "bench"
 

@@ -150,3 +150,18 @@ def test_bad_overrides_are_clear_errors():
         get_preset("default", ["edge.vocab_size=512"])
     with pytest.raises(ConfigError, match="unknown preset 'huge'"):
         get_preset("huge")
+
+
+def test_smoke_preset_runs_end_to_end_and_second_run_hits_the_cache(tmp_path):
+    from experiments import calibrate
+    from experiments.presets import get_preset
+
+    preset = get_preset("smoke", [f"cache_dir={tmp_path}"])
+    result = calibrate.run(preset, progress=False)
+    assert result["cache_hit"] == {"edge": False, "cloud": False}
+    assert set(result["rows"]) == {"cloud base", "edge base", "edge + pooled LoRA"}
+    for row in result["rows"].values():
+        assert 0.0 <= row["overall"] <= 1.0 and row["n_overall"] == 9
+    assert "| cloud base |" in calibrate.format_report(result)
+    again = calibrate.prepare(preset, progress=False)
+    assert again.edge.cache_hit and again.cloud.cache_hit
