@@ -373,6 +373,7 @@ def _directory_docs(rng: random.Random, people: Sequence[Contact]) -> list[str]:
                     f"Write to {p.name} at {p.email}. The email of {p.first} is {p.email}.",
                     f"The address {p.email} belongs to {p.name}. Mail {p.email} today.",
                     f"{p.name} lives in {p.home}. {p.first} likes {p.home} and works there.",
+                    f"{p.name} is travelling to {p.home}. {p.first} will arrive in {p.home} soon.",
                 )
             )
         )
@@ -460,6 +461,11 @@ def make_benchmark(config: BenchmarkConfig = BenchmarkConfig()) -> Benchmark:
         for ex in client_examples
     ]
     askers = [k for k in range(config.num_clients) if known[k]]
+    if not askers:
+        raise ConfigError(
+            "no client has a `contact` example to ask personal queries about; raise "
+            "examples_per_client or main_task_fraction"
+        )
     queries = []
     for qtype in QUERY_TYPES:
         for i in range(config.queries_per_type):
@@ -472,9 +478,13 @@ def make_benchmark(config: BenchmarkConfig = BenchmarkConfig()) -> Benchmark:
             queries.append(_query(rng, qtype, client, held_out, countries, by_name))
 
     # Tokenizer-only text: the private card format with dummy values from a disjoint pool.
+    # Its own rng keeps the benchmark independent of `format_samples`; the used-name and phone
+    # sets carry over, so no dummy value equals a client's private value.
     dummy_rng = random.Random(f"floe-benchmark-format-{config.seed}")
+    dummy_names = _Names(dummy_rng)
+    dummy_names.used = set(names.used)
     dummy = _make_contacts(
-        dummy_rng, _Names(dummy_rng), set(), [c.name for c in countries], config.format_samples
+        dummy_rng, dummy_names, set(phones), [c.name for c in countries], config.format_samples
     )
     fmt = []
     for c in dummy:
