@@ -175,6 +175,12 @@ def test_bad_benchmark_config_names_the_field():
         BenchmarkConfig(edge_fact_fraction=1.5)
 
 
+def test_no_personal_facts_is_a_clear_error():
+    cfg = dataclasses.replace(SMALL, num_clients=1, main_task_fraction=1.0)  # one trivia client
+    with pytest.raises(ConfigError, match="no client has a `contact` example"):
+        make_benchmark(cfg)
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 
