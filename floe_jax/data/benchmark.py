@@ -35,8 +35,9 @@ Task families (a client's examples are mostly from one family, so clients form t
 - `travel` (type `both`): a contact's card, then "<contact> is travelling to <country>. What is
   the capital (currency) there?", answered in a private format that restates the country:
   `"The capital of Zorbia is Velmar."`. The format is personal, the capital general knowledge.
-  Clients' examples travel to local countries only (their own region), test queries to any
-  country and with held-out contacts, so the edge alone cannot know most capitals, and the cloud
+  Clients' examples ask facts of local countries only (their own region; trips abroad are asked
+  `"Which country is that?"`, which states no fact), test queries ask about any country, with
+  held-out contacts, so the edge alone cannot know most capitals, and the cloud
   alone does not know the answer format.
 - `trivia` (type `general`): the public QA format on local countries (what a client can know).
 
@@ -406,6 +407,12 @@ def travel_example(contact: Contact, dest: Country, attr: str) -> tuple[str, str
     return f"{contact.card}\nQ: {q}\nA:", resp
 
 
+def trip_example(contact: Contact, dest: Country) -> tuple[str, str]:
+    """(prompt, response) of the `travel` family that states no fact: restate the destination."""
+    q = f"{contact.name} is travelling to {dest.name}. Which country is that?"
+    return f"{contact.card}\nQ: {q}\nA:", f"The country is {dest.name}."
+
+
 # ----------------------------------------------------------------------------- generator
 
 
@@ -515,8 +522,10 @@ def _train_example(rng, task, contacts, local_countries, by_name) -> Example:
     contact = rng.choice(contacts)
     if task == "contact":
         p, r = contact_example(contact, rng.choice(("phone", "email")))
-    else:  # clients travel within their region: their data holds local facts only
+    elif rng.random() < 0.5:  # clients know facts of their own region only ...
         p, r = travel_example(contact, rng.choice(local_countries), rng.choice(_ATTRS))
+    else:  # ... and travel anywhere (which teaches reading the destination, not its facts)
+        p, r = trip_example(contact, rng.choice(list(by_name.values())))
     return Example(p, f" {r}", task)
 
 
