@@ -324,7 +324,8 @@ def _fact_sentences(c: Country) -> list[str]:
 
 
 def _public_docs(rng: random.Random, countries, repeats: int) -> list[str]:
-    """Fact documents (a few sentences each) and QA pairs, every fact `repeats` times."""
+    """Fact documents (a few sentences each), QA pairs and travel-guide sentences, every fact
+    `repeats` times."""
     docs = []
     for _ in range(repeats):
         for c in countries:
@@ -334,6 +335,11 @@ def _public_docs(rng: random.Random, countries, repeats: int) -> list[str]:
             docs.append(" ".join(sents[3:]))
             for attr in _ATTRS:
                 docs.append(f"{qa_prompt(c.name, attr)} {_fact_value(c, attr)}")
+            # travel-guide sentences: a destination in context, then a fact about it
+            docs.append(
+                f"A friend is travelling to {c.name}. "
+                + rng.choice(_fact_sentences(c)[:1] + _fact_sentences(c)[3:4])
+            )
     rng.shuffle(docs)
     return docs
 
