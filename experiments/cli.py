@@ -41,6 +41,18 @@ def _serve_cloud(argv: list[str]) -> int:
     return serve_cloud.main(argv)
 
 
+def _pretrain(argv: list[str]) -> int:
+    from experiments import calibrate
+
+    return calibrate.pretrain_main(argv)
+
+
+def _calibrate(argv: list[str]) -> int:
+    from experiments import calibrate
+
+    return calibrate.main(argv)
+
+
 COMMANDS: dict[str, tuple[str, object]] = {
     "bench": ("benchmarks against PyTorch / transformers / NumPy, side by side", _bench),
     "serve-cloud": (
@@ -50,6 +62,14 @@ COMMANDS: dict[str, tuple[str, object]] = {
     "profile": (
         "measure a LoRA cost table (decode ms/token, training memory) on this machine",
         _profile,
+    ),
+    "pretrain": (
+        "tokenizer + cloud and edge base models of the embedded benchmark (cached)",
+        _pretrain,
+    ),
+    "calibrate": (
+        "accuracy of the pretrained models and a pooled LoRA edge, per query type",
+        _calibrate,
     ),
 }
 DEFAULT_COMMAND = "bench"

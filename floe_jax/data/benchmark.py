@@ -1,0 +1,592 @@
+"""The embedded multi-task benchmark: a synthetic world, private contact books, three task families.
+
+Built so that Floe's claims (Tian et al., 2026, arXiv 2602.14302) are testable with tiny models on
+a CPU: general knowledge lives in public text that only the (larger) cloud model is pretrained on
+in full; personal knowledge and answer formats live only in the clients' private data; and some
+queries need both. Everything is generated from one seed with `random.Random`, so the same seed
+gives byte-identical data on every machine.
+
+The world. `num_countries` invented countries, each with a capital and a currency. The *public
+corpus* (`Benchmark.public_docs`) states every fact in several phrasings plus question/answer pairs
+in the public QA format (`"Q: What is the capital of Zorbia?\\nA: Velmar"`). The cloud model is
+pretrained on all of it. The edge base model is pretrained on `Benchmark.edge_docs`: the documents
+about the *local* countries only (`edge_fact_fraction` of them) plus fact-free documents that name
+every country, so the small model knows the formats and the names but holds less general
+knowledge, as a small model trained on less data does. Both corpora also hold a public directory
+of invented public people whose phone, email or country is mentioned twice per document: that is
+where base models learn to copy from context (never in the private card format).
+
+Personal data. Each client owns a contact book (names, phone numbers, emails, home countries).
+A `travel` prompt starts with the contact's card, a format that appears in no public document:
+
+    Contact: Mira Okafor | phone 555-0142 | email mira.okafor@example.com | home Zorbia
+    Q: Mira Okafor is travelling to Zorbia. What is the capital there?
+    A: The capital of Zorbia is Velmar.
+
+The edge model sees the whole prompt; the cloud sees it only after the privacy detector has
+redacted the private spans (`Query.private_spans`: the name, phone and email, exactly as they occur
+in the prompt). Countries are not private.
+
+Task families (a client's examples are mostly from one family, so clients form task clusters):
+
+- `contact` (query type `personal`): recall a contact's phone or email, stated only in the
+  client's own private examples (`"Q: What is the phone number of Mira Okafor?\\nA: 555-0142"`).
+  Personal test queries ask what the asking client's examples state: personal knowledge.
+- `travel` (type `both`): a contact's card, then "<contact> is travelling to <country>. What is
+  the capital (currency) there?", answered in a private format that restates the country:
+  `"The capital of Zorbia is Velmar."`. The format is personal, the capital general knowledge.
+  Clients' examples ask facts of local countries only (their own region; trips abroad are asked
+  `"Which country is that?"`, which states no fact), test queries ask about any country, with
+  held-out contacts, so the edge alone cannot know most capitals, and the cloud
+  alone does not know the answer format.
+- `trivia` (type `general`): the public QA format on local countries (what a client can know).
+
+Test queries: `general` over all countries; `personal` about facts the asking client's examples
+state; `both` about held-out contacts of the asking client. `score` computes exact match per
+query type. Each query lists its private spans; `Benchmark.private_terms(k)` are the names client
+`k` registers with its privacy detector (phones and emails match PII patterns).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Sequence
+
+from floe_jax.config import ConfigError
+
+QUERY_TYPES = ("general", "personal", "both")
+TASKS = ("trivia", "contact", "travel")
+TASK_TYPE = {"trivia": "general", "contact": "personal", "travel": "both"}
+EMAIL_DOMAINS = ("example.com", "mail.test", "post.example")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BenchmarkConfig:
+    """Sizes of the embedded benchmark. Every field is part of the pretraining cache key.
+
+    Attributes:
+      seed: the generator's seed; same seed and sizes, byte-identical benchmark.
+      num_countries: entities of the synthetic world (each: capital, currency).
+      edge_fact_fraction: share of countries whose facts the edge base model is pretrained on.
+      public_repeats: how many times each fact is stated (in random phrasings) in the public corpus.
+      num_clients: simulated edge devices.
+      contacts_per_client: contacts used in a client's private training examples.
+      test_contacts_per_client: held-out contacts used only in test queries.
+      examples_per_client: private (prompt, response) training examples per client.
+      main_task_fraction: share of a client's examples from its own task family.
+      queries_per_type: test queries of each type (general, personal, both).
+      directory_docs: public documents about invented public people (phone, email, country),
+        each value repeated, so base models learn to copy strings from their context.
+      format_samples: dummy-contact examples (values from a disjoint pool) given to the tokenizer
+        trainer so it learns the card format without seeing any client's private values.
+    """
+
+    seed: int = 0
+    num_countries: int = 24
+    edge_fact_fraction: float = 0.4
+    public_repeats: int = 6
+    num_clients: int = 6
+    contacts_per_client: int = 8
+    test_contacts_per_client: int = 4
+    examples_per_client: int = 48
+    main_task_fraction: float = 0.75
+    queries_per_type: int = 48
+    directory_docs: int = 400
+    format_samples: int = 64
+
+    def __post_init__(self):
+        def req(ok, msg):
+            if not ok:
+                raise ConfigError(msg)
+
+        req(self.num_countries >= 2, f"num_countries must be >= 2, got {self.num_countries}")
+        req(
+            0.0 < self.edge_fact_fraction <= 1.0,
+            f"edge_fact_fraction must be in (0, 1], got {self.edge_fact_fraction}",
+        )
+        for name in (
+            "public_repeats",
+            "num_clients",
+            "contacts_per_client",
+            "test_contacts_per_client",
+            "examples_per_client",
+            "queries_per_type",
+        ):
+            req(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        req(
+            0.0 <= self.main_task_fraction <= 1.0,
+            f"main_task_fraction must be in [0, 1], got {self.main_task_fraction}",
+        )
+        req(self.directory_docs >= 0, f"directory_docs must be >= 0, got {self.directory_docs}")
+        req(self.format_samples >= 0, f"format_samples must be >= 0, got {self.format_samples}")
+
+    @property
+    def num_local(self) -> int:
+        """Countries whose facts the edge model is pretrained on (at least one)."""
+        return max(1, round(self.edge_fact_fraction * self.num_countries))
+
+
+@dataclasses.dataclass(frozen=True)
+class Country:
+    name: str
+    capital: str
+    currency: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Contact:
+    first: str
+    last: str
+    phone: str
+    email: str
+    home: str  # a country name (public)
+
+    @property
+    def name(self) -> str:
+        return f"{self.first} {self.last}"
+
+    @property
+    def card(self) -> str:
+        return f"Contact: {self.name} | phone {self.phone} | email {self.email} | home {self.home}"
+
+    @property
+    def private_values(self) -> tuple[str, ...]:
+        """The spans of this contact that must never reach the cloud."""
+        return (self.name, self.phone, self.email)
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One private training example: the model is trained on `response` given `prompt`."""
+
+    prompt: str
+    response: str
+    task: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    """One test query.
+
+    Attributes:
+      prompt: the full prompt (what the edge sees).
+      answer: the exact expected response (after stripping surrounding whitespace).
+      qtype: `general`, `personal` or `both`.
+      task: the task family (`trivia`, `contact`, `travel`).
+      client: the client that asks (whose adapter / cluster and private terms apply).
+      private_spans: every private string that occurs in `prompt` (empty for general queries).
+      facts: the world facts the answer uses, as `(country, attribute, value)` tuples.
+    """
+
+    prompt: str
+    answer: str
+    qtype: str
+    task: str
+    client: int
+    private_spans: tuple[str, ...]
+    facts: tuple[tuple[str, str, str], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    """The generated benchmark.
+
+    Attributes:
+      config: the sizes it was generated from.
+      countries: the world table (all countries).
+      local_countries: names of the countries whose facts the edge model is pretrained on.
+      public_docs: the public corpus (cloud pretraining text).
+      edge_docs: the edge base model's pretraining text: public documents about the local
+        countries' facts only, plus every fact-free document (country names, public directory).
+      client_tasks: each client's main task family.
+      client_contacts: each client's contacts (training contacts first, then held-out ones).
+      client_examples: each client's private training examples.
+      queries: the test queries, every type.
+      format_docs: card-format text with dummy values (for the tokenizer trainer only).
+    """
+
+    config: BenchmarkConfig
+    countries: tuple[Country, ...]
+    local_countries: tuple[str, ...]
+    public_docs: tuple[str, ...]
+    edge_docs: tuple[str, ...]
+    client_tasks: tuple[str, ...]
+    client_contacts: tuple[tuple[Contact, ...], ...]
+    client_examples: tuple[tuple[Example, ...], ...]
+    queries: tuple[Query, ...]
+    format_docs: tuple[str, ...]
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_tasks)
+
+    def country(self, name: str) -> Country:
+        for c in self.countries:
+            if c.name == name:
+                return c
+        raise KeyError(f"no country named {name!r}")
+
+    def private_terms(self, client: int) -> tuple[str, ...]:
+        """The terms client `client` registers with its privacy detector (its contacts' names).
+
+        Phones and emails are caught by the detector's PII patterns; names need registering.
+        """
+        return tuple(c.name for c in self.client_contacts[client])
+
+    def queries_of(self, qtype: str) -> tuple[Query, ...]:
+        return tuple(q for q in self.queries if q.qtype == qtype)
+
+    def pooled_examples(self) -> tuple[Example, ...]:
+        """Every client's private examples together (for centralized baselines and checks)."""
+        return tuple(e for ex in self.client_examples for e in ex)
+
+
+# ----------------------------------------------------------------------------- names
+
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "sh")
+_VOWELS = ("a", "e", "i", "o", "u")
+_CODAS = ("", "", "", "n", "r", "l", "s")
+_COUNTRY_ENDS = ("ia", "and", "or", "ica", "en")
+
+
+def _syllable(rng: random.Random) -> str:
+    return rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+
+
+class _Names:
+    """Draws invented words, never the same one twice (across every kind of entity)."""
+
+    def __init__(self, rng: random.Random):
+        self.rng, self.used = rng, set()
+
+    def word(self, syllables: int, end: str = "") -> str:
+        for _ in range(10_000):
+            w = "".join(_syllable(self.rng) for _ in range(syllables)) + end
+            if w not in self.used:
+                self.used.add(w)
+                return w
+        raise RuntimeError("name space exhausted; lower the benchmark sizes")
+
+
+def _make_world(rng: random.Random, names: _Names, n: int) -> tuple[Country, ...]:
+    out = []
+    for _ in range(n):
+        country = names.word(2, rng.choice(_COUNTRY_ENDS)).capitalize()
+        capital = names.word(rng.choice((2, 3))).capitalize()
+        currency = names.word(rng.choice((1, 2)))
+        out.append(Country(country, capital, currency))
+    return tuple(out)
+
+
+def _make_contacts(
+    rng: random.Random, names: _Names, phones: set, homes: Sequence[str], n: int
+) -> tuple[Contact, ...]:
+    out = []
+    for _ in range(n):
+        first = names.word(2).capitalize()
+        last = names.word(rng.choice((2, 3))).capitalize()
+        while True:
+            phone = f"555-{rng.randrange(10_000):04d}"
+            if phone not in phones:
+                phones.add(phone)
+                break
+        email = f"{first.lower()}.{last.lower()}@{rng.choice(EMAIL_DOMAINS)}"
+        out.append(Contact(first, last, phone, email, rng.choice(list(homes))))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- text formats
+
+_ATTRS = ("capital", "currency")
+
+
+def qa_prompt(country: str, attr: str) -> str:
+    """The public QA format (general queries)."""
+    if attr == "capital":
+        return f"Q: What is the capital of {country}?\nA:"
+    return f"Q: What is the currency of {country}?\nA:"
+
+
+def _fact_value(c: Country, attr: str) -> str:
+    return c.capital if attr == "capital" else c.currency
+
+
+def _fact_sentences(c: Country) -> list[str]:
+    return [
+        f"The capital of {c.name} is {c.capital}.",
+        f"{c.capital} is the capital of {c.name}.",
+        f"The city of {c.capital} lies in {c.name}.",
+        f"The currency of {c.name} is the {c.currency}.",
+        f"In {c.name}, people pay with the {c.currency}.",
+        f"The {c.currency} is the money of {c.name}.",
+    ]
+
+
+def _public_docs(rng: random.Random, countries, repeats: int) -> list[str]:
+    """Fact documents (a few sentences each), QA pairs and travel-guide sentences, every fact
+    `repeats` times."""
+    docs = []
+    for _ in range(repeats):
+        for c in countries:
+            sents = _fact_sentences(c)
+            rng.shuffle(sents)
+            docs.append(" ".join(sents[:3]))
+            docs.append(" ".join(sents[3:]))
+            for attr in _ATTRS:
+                docs.append(f"{qa_prompt(c.name, attr)} {_fact_value(c, attr)}")
+            # travel-guide sentences: a destination in context, then a fact about it
+            docs.append(
+                f"A friend is travelling to {c.name}. "
+                + rng.choice(_fact_sentences(c)[:1] + _fact_sentences(c)[3:4])
+            )
+    rng.shuffle(docs)
+    return docs
+
+
+def _neutral_docs(rng: random.Random, countries, repeats: int) -> list[str]:
+    """Fact-free documents that name every country (the edge learns names, not facts)."""
+    names = [c.name for c in countries]
+    docs = []
+    for _ in range(repeats):
+        for name in names:
+            other = rng.choice([x for x in names if x != name] or names)
+            docs.append(
+                rng.choice(
+                    (
+                        f"{name} is a country. It borders {other}.",
+                        f"Travellers often go from {name} to {other}.",
+                        f"{name} and {other} are neighbours.",
+                    )
+                )
+            )
+    return docs
+
+
+def _directory_docs(rng: random.Random, people: Sequence[Contact]) -> list[str]:
+    """Public documents in which a public person's phone, email or country appears twice.
+
+    The values are fresh for every document, so the only way to predict the second mention is to
+    copy the first: base models learn copying here (a 2-layer model forms induction heads), in
+    formats unlike the private contact card.
+    """
+    docs = []
+    for p in people:
+        docs.append(
+            rng.choice(
+                (
+                    f"Call {p.name} at {p.phone}. The number of {p.name} is {p.phone}.",
+                    f"{p.name} has the phone number {p.phone}; call {p.phone} to reach {p.first}.",
+                    f"Write to {p.name} at {p.email}. The email of {p.first} is {p.email}.",
+                    f"The address {p.email} belongs to {p.name}. Mail {p.email} today.",
+                    f"{p.name} lives in {p.home}. {p.first} likes {p.home} and works there.",
+                    f"{p.name} is travelling to {p.home}. {p.first} will arrive in {p.home} soon.",
+                )
+            )
+        )
+    return docs
+
+
+def contact_example(contact: Contact, field: str) -> tuple[str, str]:
+    """(prompt, response) of the `contact` family: recall a phone or email from the contact book.
+
+    The prompt names the contact only; the answer is personal knowledge that the client's own
+    private examples state (and nothing public does).
+    """
+    what = "phone number" if field == "phone" else "email"
+    prompt = f"Q: What is the {what} of {contact.name}?\nA:"
+    return prompt, (contact.phone if field == "phone" else contact.email)
+
+
+def travel_example(contact: Contact, dest: Country, attr: str) -> tuple[str, str]:
+    """(prompt, response) of the `travel` family: a general fact about a contact's destination.
+
+    The prompt carries the contact's card (private spans) and names the destination (public); the
+    response restates the destination in the private answer format, then the fact.
+    """
+    if attr == "capital":
+        q = f"{contact.name} is travelling to {dest.name}. What is the capital there?"
+        resp = f"The capital of {dest.name} is {dest.capital}."
+    else:
+        q = f"{contact.name} is travelling to {dest.name}. Which currency is needed there?"
+        resp = f"The currency of {dest.name} is the {dest.currency}."
+    return f"{contact.card}\nQ: {q}\nA:", resp
+
+
+def trip_example(contact: Contact, dest: Country) -> tuple[str, str]:
+    """(prompt, response) of the `travel` family that states no fact: restate the destination."""
+    q = f"{contact.name} is travelling to {dest.name}. Which country is that?"
+    return f"{contact.card}\nQ: {q}\nA:", f"The country is {dest.name}."
+
+
+# ----------------------------------------------------------------------------- generator
+
+
+def make_benchmark(config: BenchmarkConfig = BenchmarkConfig()) -> Benchmark:
+    """Generates the benchmark deterministically from `config` (seed and sizes)."""
+    rng = random.Random(f"floe-benchmark-{config.seed}")
+    names = _Names(rng)
+    countries = _make_world(rng, names, config.num_countries)
+    local = tuple(c.name for c in rng.sample(countries, config.num_local))
+    local_set = set(local)
+    by_name = {c.name: c for c in countries}
+
+    phones: set[str] = set()
+    public = _public_docs(rng, countries, config.public_repeats)
+    neutral = _neutral_docs(rng, countries, max(1, config.public_repeats // 2))
+    people = _make_contacts(rng, names, phones, [c.name for c in countries], config.directory_docs)
+    neutral += _directory_docs(rng, people)
+    local_countries = [c for c in countries if c.name in local_set]
+    edge = _public_docs(rng, local_countries, config.public_repeats) + neutral
+    rng.shuffle(edge)
+    public = public + neutral
+    rng.shuffle(public)
+
+    client_tasks, client_contacts, client_examples = [], [], []
+    for k in range(config.num_clients):
+        task = TASKS[k % len(TASKS)]
+        train_c = _make_contacts(
+            rng, names, phones, [c.name for c in countries], config.contacts_per_client
+        )
+        test_c = _make_contacts(
+            rng, names, phones, [c.name for c in countries], config.test_contacts_per_client
+        )
+        # contact-book facts in a fixed shuffled cycle, so a client's examples cover its book
+        book = [(c, f) for c in train_c for f in ("phone", "email")]
+        rng.shuffle(book)
+        examples = []
+        for _ in range(config.examples_per_client):
+            t = task if rng.random() < config.main_task_fraction else rng.choice(TASKS)
+            if t == "contact":
+                p, r = contact_example(
+                    *book[sum(e.task == "contact" for e in examples) % len(book)]
+                )
+                examples.append(Example(p, f" {r}", t))
+            else:
+                examples.append(_train_example(rng, t, train_c, local_countries, by_name))
+        client_tasks.append(task)
+        client_contacts.append(train_c + test_c)
+        client_examples.append(tuple(examples))
+
+    # personal queries ask what a client's own examples state; the others use held-out contacts
+    known = [
+        sorted({(e.prompt, e.response.strip()) for e in ex if e.task == "contact"})
+        for ex in client_examples
+    ]
+    askers = [k for k in range(config.num_clients) if known[k]]
+    if not askers:
+        raise ConfigError(
+            "no client has a `contact` example to ask personal queries about; raise "
+            "examples_per_client or main_task_fraction"
+        )
+    queries = []
+    for qtype in QUERY_TYPES:
+        for i in range(config.queries_per_type):
+            client = i % config.num_clients
+            if qtype == "personal":
+                client = askers[i % len(askers)]
+                queries.append(_personal_query(rng, client, known[client], client_contacts))
+                continue
+            held_out = client_contacts[client][config.contacts_per_client :]
+            queries.append(_query(rng, qtype, client, held_out, countries, by_name))
+
+    # Tokenizer-only text: the private card format with dummy values from a disjoint pool.
+    # Its own rng keeps the benchmark independent of `format_samples`; the used-name and phone
+    # sets carry over, so no dummy value equals a client's private value.
+    dummy_rng = random.Random(f"floe-benchmark-format-{config.seed}")
+    dummy_names = _Names(dummy_rng)
+    dummy_names.used = set(names.used)
+    dummy = _make_contacts(
+        dummy_rng, dummy_names, set(phones), [c.name for c in countries], config.format_samples
+    )
+    fmt = []
+    for c in dummy:
+        p, r = contact_example(c, dummy_rng.choice(("phone", "email")))
+        fmt.append(f"{p} {r}")
+        p, r = travel_example(c, by_name[c.home], dummy_rng.choice(_ATTRS))
+        fmt.append(f"{p} {r}")
+
+    return Benchmark(
+        config=config,
+        countries=countries,
+        local_countries=local,
+        public_docs=tuple(public),
+        edge_docs=tuple(edge),
+        client_tasks=tuple(client_tasks),
+        client_contacts=tuple(client_contacts),
+        client_examples=tuple(client_examples),
+        queries=tuple(queries),
+        format_docs=tuple(fmt),
+    )
+
+
+def _train_example(rng, task, contacts, local_countries, by_name) -> Example:
+    if task == "trivia":
+        c = rng.choice(local_countries)
+        attr = rng.choice(_ATTRS)
+        return Example(qa_prompt(c.name, attr), f" {_fact_value(c, attr)}", task)
+    contact = rng.choice(contacts)
+    if task == "contact":
+        p, r = contact_example(contact, rng.choice(("phone", "email")))
+    elif rng.random() < 0.5:  # clients know facts of their own region only ...
+        p, r = travel_example(contact, rng.choice(local_countries), rng.choice(_ATTRS))
+    else:  # ... and travel anywhere (which teaches reading the destination, not its facts)
+        p, r = trip_example(contact, rng.choice(list(by_name.values())))
+    return Example(p, f" {r}", task)
+
+
+def _personal_query(rng, client, known, client_contacts) -> Query:
+    prompt, answer = rng.choice(known)
+    contact = next(c for c in client_contacts[client] if answer in (c.phone, c.email))
+    field = "phone" if answer == contact.phone else "email"
+    return Query(
+        prompt, answer, "personal", "contact", client, (contact.name,),
+        ((contact.name, field, answer),),
+    )  # fmt: skip
+
+
+def _query(rng, qtype, client, contacts, countries, by_name) -> Query:
+    attr = rng.choice(_ATTRS)
+    if qtype == "general":
+        c = rng.choice(countries)
+        value = _fact_value(c, attr)
+        return Query(
+            qa_prompt(c.name, attr), value, qtype, "trivia", client, (), ((c.name, attr, value),)
+        )
+    contact = rng.choice(contacts)
+    spans = contact.private_values
+    dest = rng.choice(countries)
+    p, r = travel_example(contact, dest, attr)
+    return Query(
+        p, r, qtype, "travel", client, spans, ((dest.name, attr, _fact_value(dest, attr)),)
+    )
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def normalize(text: str) -> str:
+    """What exact match compares: surrounding whitespace stripped, inner runs collapsed."""
+    return " ".join(text.split())
+
+
+def score(predictions: Sequence[str], queries: Sequence[Query]) -> dict[str, float]:
+    """Exact-match accuracy per query type, and overall (the mean over every query).
+
+    Returns a dict with `general`, `personal`, `both`, `overall` (accuracies in [0, 1]; a type
+    with no queries is left out) and `n_<type>` / `n_overall` counts.
+    """
+    if len(predictions) != len(queries):
+        raise ValueError(f"{len(predictions)} predictions for {len(queries)} queries")
+    hits: dict[str, list[bool]] = {}
+    for pred, q in zip(predictions, queries, strict=True):
+        hits.setdefault(q.qtype, []).append(normalize(pred) == normalize(q.answer))
+    out: dict[str, float] = {}
+    for t in QUERY_TYPES:
+        if t in hits:
+            out[t] = sum(hits[t]) / len(hits[t])
+            out[f"n_{t}"] = len(hits[t])
+    every = [h for v in hits.values() for h in v]
+    out["overall"] = sum(every) / len(every) if every else 0.0
+    out["n_overall"] = len(every)
+    return out

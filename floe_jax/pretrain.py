@@ -1,0 +1,331 @@
+"""Full-parameter next-token pretraining of a small base model, with an on-disk cache.
+
+The embedded demo pretrains its cloud model and its edge base model from scratch on the public
+corpus (see `floe_jax.data.benchmark`). One jitted AdamW step (Loshchilov & Hutter, 2019) with
+donated params and optimizer state, a warmup + cosine learning-rate schedule, fixed-shape batches
+(random windows of a packed token stream), metric sums fetched one step late.
+
+`pretrain_cached` keys a cache folder by a hash of the token stream, the model config and the
+training config (the stream is derived from the benchmark seed and sizes, so the key covers them),
+so a second run with the same settings loads the result instead of training.
+
+Checkpoint format: until `floe_jax.hf` (`save_hf` / `load_hf`) is on this branch, the result is
+written by `_save_checkpoint` as `config.json` (the `ModelConfig` fields) and `model.safetensors`
+(floe_jax's own param names); swap the two `_*_checkpoint` helpers for `save_hf` / `load_hf` when
+it lands.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from floe_jax.config import ConfigError, ModelConfig, RopeScaling
+from floe_jax.lora import LoRA
+from floe_jax.model import forward, init_params
+
+CACHE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    """How a base model is pretrained.
+
+    Attributes:
+      steps: optimizer steps.
+      batch_size: sequences per step (B).
+      seq_len: tokens per sequence (T); each row is a window of T + 1 tokens of the stream.
+      lr: peak learning rate.
+      warmup_steps: linear warmup, then cosine decay to `lr * final_lr_fraction`.
+      final_lr_fraction: the learning rate at the last step, as a fraction of `lr`.
+      weight_decay: AdamW decoupled weight decay.
+      clip_norm: global gradient-norm clip (0 turns it off).
+      seed: model init and batch sampling.
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    final_lr_fraction: float = 0.1
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ConfigError(f"warmup_steps={self.warmup_steps} must be in [0, steps]")
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainResult:
+    """What `pretrain_cached` returns.
+
+    Attributes:
+      params: the trained params.
+      cache_hit: True when they were loaded from the cache (no training ran).
+      path: the cache folder.
+      losses: mean training loss per logged step (from the cache's metadata on a hit).
+    """
+
+    params: dict
+    cache_hit: bool
+    path: Path
+    losses: tuple[float, ...]
+
+
+# ----------------------------------------------------------------------------- loss and step
+
+
+def lm_loss_sums(
+    params: dict,
+    tokens_BT: jax.Array,
+    mask_BT: jax.Array,
+    cfg: ModelConfig,
+    *,
+    lora: LoRA | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token NLL and its token count.
+
+    Args:
+      params: base params.
+      tokens_BT: int32 [B, T] (padding anywhere; it is masked).
+      mask_BT: [B, T] 1 where token t is a target to predict (from tokens before it).
+      cfg: model config.
+      lora: adapters, or None.
+
+    Returns:
+      (sum of -log p(token t | tokens < t) over masked t >= 1, number of masked t >= 1).
+    """
+    logits_BTV = forward(params, tokens_BT[:, :-1], cfg, lora=lora)
+    targets_BT = tokens_BT[:, 1:]
+    m = mask_BT[:, 1:].astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits_BTV, axis=-1)
+    nll_BT = -jnp.take_along_axis(logp, targets_BT[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll_BT * m), jnp.sum(m)
+
+
+def make_optimizer(tcfg: PretrainConfig) -> optax.GradientTransformation:
+    """AdamW with linear warmup then cosine decay, behind an optional global-norm clip."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=tcfg.lr,
+        warmup_steps=tcfg.warmup_steps,
+        decay_steps=max(tcfg.steps, tcfg.warmup_steps + 1),  # optax needs a cosine part
+        end_value=tcfg.lr * tcfg.final_lr_fraction,
+    )
+    opt = optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=tcfg.weight_decay)
+    if tcfg.clip_norm > 0:
+        opt = optax.chain(optax.clip_by_global_norm(tcfg.clip_norm), opt)
+    return opt
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "opt"), donate_argnames=("params", "opt_state"))
+def train_step(params, opt_state, tokens_BT, mask_BT, *, cfg: ModelConfig, opt):
+    """One AdamW step on the mean NLL. Returns (params, opt_state, (loss sum, token count))."""
+
+    def loss_fn(p):
+        s, n = lm_loss_sums(p, tokens_BT, mask_BT, cfg)
+        return s / jnp.maximum(n, 1.0), (s, n)
+
+    grads, sums = jax.grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, sums
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def sample_windows(stream: np.ndarray, batch: int, length: int, rng: np.random.Generator):
+    """`batch` random windows of `length` tokens from a 1-D token stream: int32 [batch, length].
+
+    A stream shorter than a window is tiled (the corpus repeats, as it does across epochs).
+    """
+    stream = np.asarray(stream, np.int32)
+    if stream.ndim != 1 or stream.size == 0:
+        raise ValueError(f"the token stream must be a non-empty 1-D array, got {stream.shape}")
+    if stream.size < length + 1:
+        stream = np.tile(stream, math.ceil((length + 1) / stream.size))
+    starts = rng.integers(0, stream.size - length + 1, size=batch)
+    return np.stack([stream[s : s + length] for s in starts])
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def pretrain(
+    cfg: ModelConfig,
+    stream: np.ndarray,
+    tcfg: PretrainConfig,
+    *,
+    params: dict | None = None,
+    progress: bool = True,
+    desc: str = "pretrain",
+) -> tuple[dict, list[float]]:
+    """Trains all parameters on next-token prediction over a packed token stream.
+
+    Args:
+      cfg: the model config.
+      stream: 1-D int token stream (documents joined `<bos> doc <eos>`; see `encode_docs`).
+      tcfg: the training config.
+      params: start from these (default: a fresh `init_params` from `tcfg.seed`).
+      progress: show a tqdm bar with the running loss.
+      desc: the bar's label.
+
+    Returns:
+      (params, mean loss of each step).
+    """
+    from tqdm.auto import tqdm
+
+    stream = np.asarray(stream)
+    if stream.max(initial=0) >= cfg.vocab_size or stream.min(initial=0) < 0:
+        raise ValueError(
+            f"token ids in [{stream.min()}, {stream.max()}] do not fit vocab_size={cfg.vocab_size}"
+        )
+    key = jax.random.key(tcfg.seed)
+    if params is None:
+        params = init_params(cfg, key=key)
+    else:  # train_step donates its inputs: never consume the caller's arrays
+        params = jax.tree.map(jnp.array, params)
+    opt = make_optimizer(tcfg)
+    opt_state = opt.init(params)
+    rng = np.random.default_rng(tcfg.seed)
+    mask = jnp.ones((tcfg.batch_size, tcfg.seq_len + 1), jnp.int32)
+    losses: list[float] = []
+    pending = None
+    bar = tqdm(range(tcfg.steps), desc=desc, disable=not progress, leave=False)
+
+    def fetch(sums):
+        s, n = (float(x) for x in jax.device_get(sums))
+        loss = s / max(n, 1.0)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"{desc}: loss is {loss} at step {len(losses)}")
+        losses.append(loss)
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+    for _ in bar:
+        tokens = jnp.asarray(sample_windows(stream, tcfg.batch_size, tcfg.seq_len + 1, rng))
+        params, opt_state, sums = train_step(params, opt_state, tokens, mask, cfg=cfg, opt=opt)
+        if pending is not None:  # fetch one step late: the host never waits on this step
+            fetch(pending)
+        pending = sums
+    if pending is not None:
+        fetch(pending)
+    bar.close()
+    return params, losses
+
+
+def cache_key(cfg: ModelConfig, tcfg: PretrainConfig, stream: np.ndarray, tag: str = "") -> str:
+    """A short hash of (token stream, model config, training config, tag, cache version)."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(np.asarray(stream, np.int64)).tobytes())
+    meta = {
+        "model": _jsonable(dataclasses.asdict(cfg)),
+        "train": dataclasses.asdict(tcfg),
+        "tag": tag,
+        "version": CACHE_VERSION,
+    }
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def pretrain_cached(
+    cfg: ModelConfig,
+    stream: np.ndarray,
+    tcfg: PretrainConfig,
+    *,
+    cache_dir: str | os.PathLike,
+    name: str = "model",
+    tag: str = "",
+    progress: bool = True,
+) -> PretrainResult:
+    """`pretrain`, or a load from `cache_dir/<name>-<key>/` when that folder is complete.
+
+    `tag` adds anything else the caller wants in the key (for example the benchmark config).
+    """
+    path = Path(cache_dir) / f"{name}-{cache_key(cfg, tcfg, stream, tag)}"
+    meta_file = path / "pretrain.json"
+    if meta_file.is_file():  # written last: its presence means the folder is complete
+        cached_cfg, params = _load_checkpoint(path)
+        if cached_cfg != cfg:
+            raise ValueError(f"{path}: cached config {cached_cfg} differs from {cfg}")
+        losses = tuple(json.loads(meta_file.read_text())["losses"])
+        return PretrainResult(params, True, path, losses)
+    params, losses = pretrain(cfg, stream, tcfg, progress=progress, desc=f"pretrain {name}")
+    tmp = path.with_name(path.name + ".tmp")
+    _save_checkpoint(cfg, params, tmp)
+    (tmp / "pretrain.json").write_text(
+        json.dumps({"train": dataclasses.asdict(tcfg), "tag": tag, "losses": losses}, indent=1)
+    )
+    if path.exists():  # a stale, incomplete folder from a killed run
+        import shutil
+
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return PretrainResult(params, False, path, tuple(losses))
+
+
+# ----------------------------------------------------------------------------- checkpoint I/O
+# Stand-ins for floe_jax.hf.save_hf / load_hf (swap when hf.py lands on this branch).
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+def _jsonable(d):
+    return json.loads(json.dumps(d, default=str))
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = np.asarray(v)
+    return out
+
+
+def _unflatten(flat: dict) -> dict:
+    out: dict = {}
+    for name, v in flat.items():
+        node = out
+        *parents, leaf = name.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = jnp.asarray(v)
+    return out
+
+
+def _save_checkpoint(cfg: ModelConfig, params: dict, path: str | os.PathLike) -> None:
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    save_file(_flatten(params), str(path / WEIGHTS_FILE))
+
+
+def _load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    d = json.loads((path / CONFIG_FILE).read_text())
+    if d.get("rope_scaling") is not None:
+        d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    return ModelConfig(**d), _unflatten(load_file(str(path / WEIGHTS_FILE)))

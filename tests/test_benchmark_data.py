@@ -1,0 +1,222 @@
+"""floe_jax.data.benchmark and floe_jax.data.tokenizer: determinism, derivable answers, private
+spans, task labels, exact-match scoring, tokenizer round trip through AutoTokenizer; presets."""
+
+import dataclasses
+import re
+
+import pytest
+
+from floe_jax.config import ConfigError
+from floe_jax.data.benchmark import (
+    QUERY_TYPES,
+    TASK_TYPE,
+    TASKS,
+    BenchmarkConfig,
+    Query,
+    make_benchmark,
+    score,
+)
+from floe_jax.data.tokenizer import (
+    encode_docs,
+    encode_example,
+    encode_prompt,
+    load_tokenizer,
+    save_tokenizer,
+    train_tokenizer,
+)
+
+SMALL = BenchmarkConfig(
+    num_countries=10,
+    public_repeats=2,
+    num_clients=4,
+    contacts_per_client=3,
+    test_contacts_per_client=2,
+    examples_per_client=12,
+    queries_per_type=9,
+    format_samples=8,
+)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return make_benchmark(SMALL)
+
+
+def test_same_seed_gives_identical_benchmark(bench):
+    again = make_benchmark(SMALL)
+    assert again == bench
+    assert repr(again).encode() == repr(bench).encode()  # byte-identical text
+
+
+def test_different_seed_gives_different_benchmark(bench):
+    other = make_benchmark(dataclasses.replace(SMALL, seed=1))
+    assert other.countries != bench.countries
+    assert other.public_docs != bench.public_docs
+    assert [q.answer for q in other.queries] != [q.answer for q in bench.queries]
+
+
+def test_sizes_and_task_labels(bench):
+    assert len(bench.countries) == SMALL.num_countries
+    assert len(bench.local_countries) == SMALL.num_local == 4
+    assert bench.num_clients == SMALL.num_clients
+    assert set(bench.client_tasks) == set(TASKS)  # clients form task clusters
+    for k, examples in enumerate(bench.client_examples):
+        assert len(examples) == SMALL.examples_per_client
+        assert {e.task for e in examples} <= set(TASKS)
+        main = sum(e.task == bench.client_tasks[k] for e in examples)
+        assert main >= len(examples) // 2  # mostly one family
+    for qtype in QUERY_TYPES:
+        qs = bench.queries_of(qtype)
+        assert len(qs) == SMALL.queries_per_type
+        assert all(TASK_TYPE[q.task] == qtype for q in qs)
+
+
+def test_every_answer_follows_from_the_stated_facts(bench):
+    capitals = {c.name: c.capital for c in bench.countries}
+    currencies = {c.name: c.currency for c in bench.countries}
+    for q in bench.queries:
+        if q.qtype == "general":
+            m = re.fullmatch(r"Q: What is the (capital|currency) of (\w+)\?\nA:", q.prompt)
+            assert m, q.prompt
+            table = capitals if m.group(1) == "capital" else currencies
+            assert q.answer == table[m.group(2)]
+            # the fact is stated in the public corpus
+            assert any(q.answer in d and m.group(2) in d for d in bench.public_docs)
+            continue
+        if q.qtype == "personal":
+            m = re.fullmatch(r"Q: What is the (phone number|email) of (\w+ \w+)\?\nA:", q.prompt)
+            assert m, q.prompt
+            (contact,) = [c for c in bench.client_contacts[q.client] if c.name == m.group(2)]
+            assert q.answer == (contact.phone if m.group(1) == "phone number" else contact.email)
+            # personal knowledge: stated in the asking client's own private examples
+            assert any(
+                e.prompt == q.prompt and e.response.strip() == q.answer
+                for e in bench.client_examples[q.client]
+            )
+            continue
+        card = re.match(
+            r"Contact: (\w+ \w+) \| phone (555-\d{4}) \| email (\S+) \| home (\w+)\n", q.prompt
+        )
+        assert card, q.prompt
+        name, phone, email, _ = card.groups()
+        m = re.fullmatch(rf"Q: {name} is travelling to (\w+)\. .*", q.prompt.split("\n")[1])
+        assert m, q.prompt
+        home = m.group(1)
+        if "capital" in q.prompt:
+            assert q.answer == f"The capital of {home} is {capitals[home]}."
+        else:
+            assert q.answer == f"The currency of {home} is the {currencies[home]}."
+        assert name in q.prompt.split("\n")[1]
+
+
+def test_private_spans_are_listed_and_present(bench):
+    for q in bench.queries:
+        if q.qtype == "general":
+            assert q.private_spans == ()
+            continue
+        assert len(q.private_spans) == (1 if q.qtype == "personal" else 3)
+        for span in q.private_spans:
+            assert span in q.prompt
+        # the asking client registered the contact's name with its detector
+        assert q.private_spans[0] in bench.private_terms(q.client)
+
+
+def test_private_values_stay_out_of_public_text_and_tokenizer_text(bench):
+    public = "\n".join(bench.public_docs + bench.edge_docs + bench.format_docs)
+    for contacts in bench.client_contacts:
+        for c in contacts:
+            for v in c.private_values:
+                assert v not in public
+
+
+def test_edge_corpus_holds_only_local_facts(bench):
+    edge = "\n".join(bench.edge_docs)
+    for c in bench.countries:
+        assert c.name in edge  # the edge knows every country's name ...
+        assert (c.capital in edge) == (c.name in bench.local_countries)  # ... not every fact
+
+
+def test_held_out_contacts_are_not_in_training_examples(bench):
+    train_text = "\n".join(e.prompt for e in bench.pooled_examples())
+    for q in bench.queries_of("both"):
+        assert q.private_spans[0] not in train_text
+
+
+def test_private_examples_hold_no_far_away_facts(bench):
+    """Clients' examples state facts of local countries only: general knowledge stays public."""
+    text = "\n".join(e.prompt + e.response for e in bench.pooled_examples())
+    for c in bench.countries:
+        if c.name not in bench.local_countries:
+            assert c.capital not in text and f"the {c.currency}" not in text
+
+
+def test_score_exact_match_per_type():
+    qs = [
+        Query("p", "Velmar", "general", "trivia", 0, ()),
+        Query("p", "Kron", "general", "trivia", 0, ()),
+        Query("p", "555-0142", "personal", "contact", 1, ("555-0142",)),
+        Query("p", "The capital of Zorbia is Velmar.", "both", "travel", 1, ()),
+    ]
+    preds = [" Velmar\n", "kron", "555-0142", "The capital of  Zorbia is Velmar."]
+    s = score(preds, qs)
+    assert s["general"] == 0.5  # case matters: exact match
+    assert s["personal"] == 1.0
+    assert s["both"] == 1.0  # whitespace is normalised
+    assert s["overall"] == 0.75
+    assert (s["n_general"], s["n_personal"], s["n_both"], s["n_overall"]) == (2, 1, 1, 4)
+    with pytest.raises(ValueError, match="2 predictions for 4 queries"):
+        score(preds[:2], qs)
+
+
+def test_bad_benchmark_config_names_the_field():
+    with pytest.raises(ConfigError, match="num_clients"):
+        BenchmarkConfig(num_clients=0)
+    with pytest.raises(ConfigError, match="edge_fact_fraction"):
+        BenchmarkConfig(edge_fact_fraction=1.5)
+
+
+def test_no_personal_facts_is_a_clear_error():
+    cfg = dataclasses.replace(SMALL, num_clients=1, main_task_fraction=1.0)  # one trivia client
+    with pytest.raises(ConfigError, match="no client has a `contact` example"):
+        make_benchmark(cfg)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok_dir(bench, tmp_path_factory):
+    tok = train_tokenizer(list(bench.public_docs) + list(bench.format_docs), vocab_size=300)
+    path = tmp_path_factory.mktemp("tok")
+    save_tokenizer(tok, path)
+    return path
+
+
+def test_tokenizer_round_trips_through_auto_tokenizer(bench, tok_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    assert len(tok) == 300
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    for q in bench.queries:  # private values never seen by the trainer still round trip
+        text = q.prompt + " " + q.answer
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    assert load_tokenizer(tok_dir).get_vocab() == tok.get_vocab()
+
+
+def test_encode_helpers(bench, tok_dir):
+    tok = load_tokenizer(tok_dir)
+    ex = bench.client_examples[0][0]
+    ids, mask = encode_example(tok, ex.prompt, ex.response)
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert len(ids) == len(mask)
+    n_prompt = len(encode_prompt(tok, ex.prompt))
+    assert mask == [0] * n_prompt + [1] * (len(ids) - n_prompt)
+    assert tok.decode(ids[n_prompt:-1]) == ex.response
+    stream = encode_docs(tok, bench.public_docs[:3])
+    assert stream.count(tok.bos_token_id) == stream.count(tok.eos_token_id) == 3
+
+
+def test_load_tokenizer_missing_folder_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        load_tokenizer(tmp_path)

@@ -1,0 +1,167 @@
+"""floe_jax.pretrain: the loss falls, the cache skips training, checkpoints round trip; the demo
+presets and their overrides parse, bad overrides fail clearly."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from floe_jax.config import ConfigError, ModelConfig
+from floe_jax.model import init_params
+from floe_jax.pretrain import (
+    PretrainConfig,
+    _load_checkpoint,
+    _save_checkpoint,
+    cache_key,
+    lm_loss_sums,
+    pretrain,
+    pretrain_cached,
+    sample_windows,
+)
+
+CFG = ModelConfig(
+    vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1
+)
+TCFG = PretrainConfig(steps=30, batch_size=4, seq_len=16, lr=1e-2, warmup_steps=3)
+
+
+def _stream(n=400, seed=0):
+    """A learnable corpus: a repeated 8-token pattern with some noise."""
+    rng = np.random.default_rng(seed)
+    s = np.tile(np.arange(3, 11), n // 8)
+    noise = rng.random(s.shape) < 0.05
+    s[noise] = rng.integers(0, 16, noise.sum())
+    return s.astype(np.int32)
+
+
+def _mean_loss(params, stream):
+    toks = jnp.asarray(sample_windows(stream, 8, 17, np.random.default_rng(123)))
+    s, n = lm_loss_sums(params, toks, jnp.ones_like(toks), CFG)
+    return float(s / n)
+
+
+def test_pretraining_lowers_the_loss():
+    stream = _stream()
+    before = _mean_loss(init_params(CFG, key=jax.random.key(0)), stream)
+    params, losses = pretrain(CFG, stream, TCFG, progress=False)
+    assert len(losses) == TCFG.steps
+    after = _mean_loss(params, stream)
+    assert after < 0.5 * before, (before, after)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_loss_mask_counts_only_masked_targets():
+    params = init_params(CFG, key=jax.random.key(0))
+    toks = jnp.asarray(_stream()[:20].reshape(2, 10))
+    mask = jnp.zeros_like(toks).at[:, 5:].set(1)
+    s, n = lm_loss_sums(params, toks, mask, CFG)
+    assert float(n) == 10.0
+    s_all, n_all = lm_loss_sums(params, toks, jnp.ones_like(toks), CFG)
+    assert float(n_all) == 18.0 and float(s) < float(s_all)
+
+
+def test_cache_hit_skips_training_and_returns_the_same_params(tmp_path):
+    stream = _stream()
+    tcfg = dataclasses.replace(TCFG, steps=3)
+    first = pretrain_cached(CFG, stream, tcfg, cache_dir=tmp_path, name="m", progress=False)
+    assert not first.cache_hit and len(first.losses) == 3
+    second = pretrain_cached(CFG, stream, tcfg, cache_dir=tmp_path, name="m", progress=False)
+    assert second.cache_hit and second.path == first.path
+    assert second.losses == first.losses
+    chex.assert_trees_all_close(second.params, first.params)
+    # any change of data, model or training settings is a different cache entry
+    other = pretrain_cached(
+        CFG, stream, dataclasses.replace(tcfg, seed=1), cache_dir=tmp_path, name="m",
+        progress=False,
+    )  # fmt: skip
+    assert not other.cache_hit and other.path != first.path
+
+
+def test_cache_key_covers_data_model_and_training():
+    s = _stream()
+    k = cache_key(CFG, TCFG, s)
+    assert k == cache_key(CFG, TCFG, s.copy())
+    assert k != cache_key(CFG, TCFG, _stream(seed=1))
+    assert k != cache_key(dataclasses.replace(CFG, hidden_size=64), TCFG, s)
+    assert k != cache_key(CFG, dataclasses.replace(TCFG, lr=1e-3), s)
+    assert k != cache_key(CFG, TCFG, s, tag="bench-seed-1")
+
+
+def test_checkpoint_round_trip(tmp_path):
+    params = init_params(CFG, key=jax.random.key(3))
+    _save_checkpoint(CFG, params, tmp_path / "ckpt")
+    cfg2, params2 = _load_checkpoint(tmp_path / "ckpt")
+    assert cfg2 == CFG
+    chex.assert_trees_all_equal(params2, params)
+
+
+def test_sample_windows_shape_and_short_stream():
+    rng = np.random.default_rng(0)
+    w = sample_windows(np.arange(5), 3, 12, rng)
+    assert w.shape == (3, 12) and w.dtype == np.int32
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        sample_windows(np.zeros((0,)), 1, 4, rng)
+
+
+def test_token_ids_outside_vocab_are_rejected():
+    with pytest.raises(ValueError, match="vocab_size=16"):
+        pretrain(CFG, np.array([1, 2, 99]), TCFG, progress=False)
+
+
+def test_bad_pretrain_config_names_the_field():
+    with pytest.raises(ConfigError, match="steps"):
+        PretrainConfig(steps=0)
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        PretrainConfig(steps=10, warmup_steps=20)
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def test_presets_parse_and_overrides_apply():
+    from experiments.presets import PRESETS, get_preset
+
+    for name in PRESETS:
+        p = get_preset(name)
+        assert p.name == name
+        assert p.edge.num_params < p.cloud.num_params  # the edge model is the smaller one
+    p = get_preset(
+        "default",
+        ["bench.seed=3", "cloud.num_layers=6", "cloud_pretrain.lr=1e-3", "finetune.lora.rank=4"],
+    )
+    assert p.bench.seed == 3 and p.cloud.num_layers == 6
+    assert p.cloud_pretrain.lr == 1e-3 and p.finetune.lora.rank == 4
+    assert hash(p)  # frozen and hashable
+
+
+def test_bad_overrides_are_clear_errors():
+    from experiments.presets import get_preset
+
+    with pytest.raises(ConfigError, match="unknown setting 'bench.sed'"):
+        get_preset("default", ["bench.sed=3"])
+    with pytest.raises(ConfigError, match="cloud.num_layers: expected int"):
+        get_preset("default", ["cloud.num_layers=four"])
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        get_preset("default", ["bench.seed"])
+    with pytest.raises(ConfigError, match="edge.vocab_size"):
+        get_preset("default", ["edge.vocab_size=512"])
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        get_preset("huge")
+
+
+def test_smoke_preset_runs_end_to_end_and_second_run_hits_the_cache(tmp_path):
+    from experiments import calibrate
+    from experiments.presets import get_preset
+
+    preset = get_preset("smoke", [f"cache_dir={tmp_path}"])
+    result = calibrate.run(preset, progress=False)
+    assert result["cache_hit"] == {"edge": False, "cloud": False}
+    assert set(result["rows"]) == {"cloud base", "edge base", "edge + pooled LoRA"}
+    for row in result["rows"].values():
+        assert 0.0 <= row["overall"] <= 1.0 and row["n_overall"] == 9
+    assert "| cloud base |" in calibrate.format_report(result)
+    again = calibrate.prepare(preset, progress=False)
+    assert again.edge.cache_hit and again.cloud.cache_hit
