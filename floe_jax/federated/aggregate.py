@@ -283,6 +283,7 @@ def _prune_ranks(prep: _Prep, ranks, threshold: float):
     tail = jnp.flip(jnp.cumsum(jnp.flip(e, -1), -1), -1)  # tail[j] = Σ_{i>=j} e_i
     ok = tail <= threshold * tail[:, :1]  # [C, R]: cutting at j keeps enough
     ok = ok | (jnp.arange(e.shape[-1])[None] >= ranks[:, None])
+    ok = jnp.concatenate([ok, jnp.ones_like(ok[:, :1])], axis=-1)  # j = R keeps every slot
     new = jnp.argmax(ok, axis=-1)  # first j that is ok
     return jnp.clip(new, 1, ranks).astype(jnp.int32)
 
