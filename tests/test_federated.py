@@ -1,6 +1,7 @@
 """Tests of floe_jax/federated: client update, its lift over clients, the round."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -8,12 +9,14 @@ import numpy as np
 import pytest
 
 from floe_jax.config import LoRAConfig, ModelConfig
+from floe_jax.federated.aggregate import Aggregated
 from floe_jax.federated.client import (
     local_update,
     local_update_clients,
     make_optimizer,
     token_loss,
 )
+from floe_jax.federated.loop import train_federated
 from floe_jax.federated.rounds import (
     ConfigError,
     FedConfig,
@@ -24,7 +27,7 @@ from floe_jax.federated.rounds import (
     round_step,
     tensor_names,
 )
-from floe_jax.federated.types import Aggregated, client_data
+from floe_jax.federated.types import client_data
 from floe_jax.lora import init_lora, stack_loras
 from floe_jax.model import forward, init_params
 
@@ -331,3 +334,41 @@ def test_bad_inputs_name_the_field(tiny_cfg):
         init_server_state(tiny_cfg, ROUND_FED, ranks=[2, 4, 9, 2, 4])
     with pytest.raises(ValueError, match="different sequence lengths"):
         client_data([(np.zeros((1, 4), np.int32),) * 3, (np.zeros((1, 5), np.int32),) * 3])
+
+
+def _task_examples(vocab, task, n=6, seed=0):
+    """Sequences following a task's rule: task 0 counts up by one, task 1 counts down by two."""
+    rng = np.random.default_rng(seed)
+    start = rng.integers(0, vocab, (n, 1))
+    steps = np.arange(T)[None, :]
+    t = (start + steps) % vocab if task == 0 else (start - 2 * steps) % vocab
+    t = np.ascontiguousarray(t, np.int32)
+    return t, np.ones((n, T), np.float32), np.ones((n, T), np.float32)
+
+
+def test_clustering_by_updates_recovers_planted_tasks(tiny_cfg, tiny_params, tmp_path):
+    tasks = [0, 1, 0, 1, 0, 1]
+    data = client_data(
+        [_task_examples(tiny_cfg.vocab_size, k, seed=i) for i, k in enumerate(tasks)]
+    )
+    fed = dataclasses.replace(
+        ROUND_FED,
+        num_rounds=1,
+        clients_per_round=6,
+        local_steps=8,
+        clustering="updates",
+        num_clusters=2,
+    )
+    state, _ = train_federated(
+        tiny_params, data, cfg=tiny_cfg, fed=fed, run_dir=str(tmp_path), ranks=[2, 4, 8] * 2,
+        progress=False,
+    )  # fmt: skip
+    assignment = np.asarray(state.assignment)
+    assert state.global_loras.scale.shape == (2,)  # one global adapter per cluster
+    np.testing.assert_array_equal(assignment, [0, 1, 0, 1, 0, 1])
+    # a resumed run reads the stored clusters instead of probing again
+    saved = json.loads((tmp_path / "clusters.json").read_text())
+    assert saved["assignment"] == [0, 1, 0, 1, 0, 1] and saved["num_clusters"] == 2
+    sim = np.asarray(saved["similarity"])
+    same = np.equal.outer(tasks, tasks) & ~np.eye(6, dtype=bool)
+    assert sim[same].min() > sim[~np.equal.outer(tasks, tasks)].max() - 0.05

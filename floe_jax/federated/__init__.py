@@ -1,6 +1,7 @@
 """Federated LoRA: one client's local update lifted over the client axis, aggregation rules,
 task clustering and the round loop with checkpoints."""
 
+from floe_jax.federated.aggregate import Aggregated
 from floe_jax.federated.client import local_update, local_update_clients, make_optimizer, token_loss
 from floe_jax.federated.loop import train_federated
 from floe_jax.federated.rounds import (
@@ -12,7 +13,7 @@ from floe_jax.federated.rounds import (
     round_step,
     run_round,
 )
-from floe_jax.federated.types import Aggregated, ClientData, client_data
+from floe_jax.federated.types import ClientData, client_data
 
 __all__ = [
     "Aggregated",

@@ -634,6 +634,15 @@ def aggregate_with_state(
     return out, state
 
 
+def aggregate_traced(method: str, client_loras: LoRA, *, weights, ranks) -> Aggregated:
+    """`aggregate` without the host-side checks, for use inside a caller's jit (the federated
+    round, whose inputs are validated once before the loop). Rule state starts fresh each call
+    (FLoRA's fresh factors come from a fixed key)."""
+    rule = make_rule(method)
+    state = rule.init(client_loras, key=None)
+    return rule.apply(state, client_loras, weights, jnp.asarray(ranks, jnp.int32))[0]
+
+
 def aggregate(method: str, client_loras: LoRA, *, weights, ranks, **options) -> Aggregated:
     """Aggregates stacked client adapters with rule `method` in one jitted call.
 

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from floe_jax.config import ConfigError, LoRAConfig, ModelConfig, normalize_targets
+from floe_jax.federated.aggregate import Aggregated, aggregate_traced, available_rules
 from floe_jax.federated.client import local_update_clients, make_optimizer, token_loss
-from floe_jax.federated.types import Aggregated, ClientData
+from floe_jax.federated.types import ClientData
 from floe_jax.lora import LoRA, init_lora, rank_mask
 
 AggregateFn = Callable[..., Aggregated]
@@ -54,6 +55,12 @@ class FedConfig:
       lora_targets, lora_layers: adapted projections and layers (None = all layers).
       eval_batch_size: rows of each sampled client's eval split scored after aggregation.
       max_to_keep: checkpoints kept on disk.
+      clustering: `"none"` (one global adapter), `"updates"` (Floe's task clustering: before
+        round 0 every client trains once from a shared fresh adapter and the server clusters
+        the updates by cosine similarity of their ΔW, see `loop.cluster_by_updates`), or
+        `"given"` (the caller passes `assignment`, e.g. task labels).
+      num_clusters: K for `"updates"`; None picks K by silhouette (`cluster.cluster_clients`).
+      cluster_method: `"spectral"` (k-means on a spectral embedding) or `"agglomerative"`.
     """
 
     num_rounds: int = 10
@@ -77,6 +84,9 @@ class FedConfig:
     lora_layers: tuple[int, ...] | None = None
     eval_batch_size: int = 8
     max_to_keep: int = 2
+    clustering: str = "none"
+    num_clusters: int | None = None
+    cluster_method: str = "spectral"
 
     def __post_init__(self):
         for name in (
@@ -92,6 +102,12 @@ class FedConfig:
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"FedConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.clustering not in ("none", "updates", "given"):
+            raise ConfigError(
+                f"FedConfig.clustering={self.clustering!r} is not one of none, updates, given"
+            )
+        if self.num_clusters is not None and self.num_clusters < 1:
+            raise ConfigError(f"FedConfig.num_clusters must be >= 1, got {self.num_clusters}")
         if self.client_chunk < 0:
             raise ConfigError(f"FedConfig.client_chunk must be >= 0, got {self.client_chunk}")
         if self.lr <= 0:
@@ -163,55 +179,20 @@ def live_params(lora: LoRA) -> jax.Array:
 
 
 def fedavg(method: str, client_loras: LoRA, *, weights: jax.Array, ranks: jax.Array) -> Aggregated:
-    """Weighted FedAvg of the factors, zero-padded to R (FedIT / HetLoRA-style slot averaging).
-
-    `a = sum_k p_k a_k`, `b = sum_k p_k b_k` with `p = weights / sum(weights)`; padded slots count
-    as zeros. Client k receives the global factors masked to its own slots, with its own scale.
-    """
-    if method != "fedavg":
-        raise ValueError(
-            f"aggregation={method!r}: the built-in rule is 'fedavg'; pass aggregate_fn= for others"
-        )
-    del ranks  # the client's mask carries its rank
-    w = jnp.asarray(weights, jnp.float32)
-    p = w / jnp.maximum(w.sum(), 1e-30)
-    avg = lambda x: jnp.tensordot(p, x, axes=1)
-    took_part = (w > 0).astype(jnp.float32)
-    mask = {
-        m: jnp.max(v * took_part.reshape((-1,) + (1,) * (v.ndim - 1)), axis=0)
-        for m, v in client_loras.mask.items()
-    }
-    glob = LoRA(
-        a={m: avg(v) for m, v in client_loras.a.items()},
-        b={m: avg(v) for m, v in client_loras.b.items()},
-        mask=mask,
-        scale=avg(client_loras.scale),
-    )
-    back = LoRA(
-        a={m: glob.a[m][None] * client_loras.mask[m][:, :, None, :] for m in glob.a},
-        b={m: glob.b[m][None] * client_loras.mask[m][:, :, :, None] for m in glob.b},
-        mask=client_loras.mask,
-        scale=client_loras.scale,
-    )
-    nbytes = live_params(client_loras) * _BYTES_PER_PARAM
-    return Aggregated(
-        global_lora=glob,
-        client_loras=back,
-        base_delta=None,
-        included=w > 0,
-        bytes_up=nbytes,
-        bytes_down=nbytes,
-    )
+    """Weighted FedAvg of zero-padded factors (FedIT), traceable inside the round's jit."""
+    if method not in ("fedavg", "fedit"):
+        raise ConfigError(f"aggregation={method!r}: fedavg handles 'fedavg'/'fedit' only")
+    return aggregate_traced("fedavg", client_loras, weights=weights, ranks=ranks)
 
 
 def default_aggregate_fn(method: str) -> AggregateFn:
-    """The rule for `method`: `floe_jax.federated.aggregate.aggregate` when that module exists,
-    else the built-in `fedavg` (which accepts only `method="fedavg"`)."""
-    try:
-        from floe_jax.federated.aggregate import aggregate  # noqa: PLC0415
-    except ImportError:
-        return fedavg
-    return aggregate
+    """The traced rule for `method` (any of `aggregate.available_rules()`); unknown names fail
+    here, before anything is compiled."""
+    if method not in available_rules():
+        raise ConfigError(
+            f"FedConfig.aggregation={method!r} is not one of {', '.join(available_rules())}"
+        )
+    return aggregate_traced
 
 
 # ----------------------------------------------------------------------------- state

@@ -12,30 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from floe_jax.lora import LoRA
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Aggregated:
-    """What an aggregation rule returns for the C clients it was given.
-
-    Attributes:
-      global_lora: the aggregated adapter (no client axis).
-      client_loras: [C] the adapter each client receives back (its rank slots and scale).
-      base_delta: `{module: [L, I, O]}` to add to the base weights (FLoRA, FedEx-LoRA), or None.
-      included: [C] bool, the client's update entered the aggregate.
-      bytes_up: [C] bytes each client uploaded.
-      bytes_down: [C] bytes each client downloads.
-    """
-
-    global_lora: LoRA
-    client_loras: LoRA
-    base_delta: dict | None
-    included: jax.Array
-    bytes_up: jax.Array
-    bytes_down: jax.Array
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
