@@ -53,7 +53,79 @@ def _calibrate(argv: list[str]) -> int:
     return calibrate.main(argv)
 
 
+def _run_parser(command: str, description: str):
+    import argparse
+
+    from experiments.presets import PRESETS
+
+    p = argparse.ArgumentParser(prog=f"python -m experiments {command}", description=description)
+    p.add_argument("preset", nargs="?", default="default", help=f"one of {', '.join(PRESETS)}")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value",
+        help="preset overrides, e.g. fed.num_rounds=3 eval.tau_ms=150 bench.seed=1",
+    )  # fmt: skip
+    p.add_argument("--out", default=None, help="run folder (default runs/demo-<preset>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _run_args(argv: list[str], command: str, description: str):
+    from experiments.presets import get_preset
+
+    args = _run_parser(command, description).parse_intermixed_args(argv)
+    if "=" in args.preset:  # `demo key=value` without a preset name
+        args.overrides, args.preset = [args.preset, *args.overrides], "default"
+    preset = get_preset(args.preset, args.overrides)
+    return preset, args.out or f"runs/demo-{preset.name}", not args.no_progress
+
+
+def _demo(argv: list[str]) -> int:
+    from experiments import demo
+
+    preset, out, progress = _run_args(
+        argv, "demo",
+        "The embedded Floe benchmark end to end: tokenizer and pretrained base models (cached), "
+        "heterogeneous ranks from device profiles, federated LoRA rounds (Floe clustered, "
+        "FedIT/HetLoRA/FlexLoRA unclustered), then every method on the same test queries under a "
+        "simulated network. Writes config.json, fed/*/metrics.jsonl, eval.jsonl, report.md and "
+        "plots into the run folder.",
+    )  # fmt: skip
+    result = demo.run_demo(preset, out, progress=progress)
+    print(demo.format_report(result))
+    print(f"run folder: {out}")
+    return 0
+
+
+def _federate(argv: list[str]) -> int:
+    from experiments import demo
+
+    preset, out, progress = _run_args(
+        argv, "federate",
+        "Pretraining (cached) and the federated LoRA rounds of every compared method only "
+        "(resumes from the run folder's checkpoints). `evaluate` then scores them.",
+    )  # fmt: skip
+    for method, info in demo.run_federate(preset, out, progress=progress).items():
+        print(f"{method}: clusters {info['assignment']} ({info['seconds']:.1f}s)")
+    print(f"run folder: {out}")
+    return 0
+
+
+def _evaluate(argv: list[str]) -> int:
+    from experiments import demo
+
+    preset, out, progress = _run_args(
+        argv, "evaluate",
+        "Evaluate the adapters of an existing run folder (written by `federate` or `demo` with "
+        "the same preset and overrides) and write eval.jsonl, report.md and plots.",
+    )  # fmt: skip
+    print(demo.format_report(demo.run_evaluate(preset, out, progress=progress)))
+    return 0
+
+
 COMMANDS: dict[str, tuple[str, object]] = {
+    "demo": ("the embedded Floe benchmark end to end, with a report (the default)", _demo),
+    "federate": ("pretrain + federated LoRA rounds of every compared method", _federate),
+    "evaluate": ("evaluate a run folder's adapters: accuracy, privacy, latency", _evaluate),
     "bench": ("benchmarks against PyTorch / transformers / NumPy, side by side", _bench),
     "serve-cloud": (
         "serve a floe_jax model as an OpenAI-compatible cloud (/v1/completions)",
@@ -72,7 +144,7 @@ COMMANDS: dict[str, tuple[str, object]] = {
         _calibrate,
     ),
 }
-DEFAULT_COMMAND = "bench"
+DEFAULT_COMMAND = "demo"
 
 
 def _usage() -> str:

@@ -1,0 +1,173 @@
+"""The demo end to end on the `smoke` preset, the presets and overrides, the command line."""
+
+import json
+
+import pytest
+
+from experiments import cli, demo
+from experiments.presets import PRESETS, get_preset
+from floe_jax.config import ConfigError
+
+
+def test_presets_and_overrides_parse():
+    for name in PRESETS:
+        assert get_preset(name).name == name
+    p = get_preset(
+        "smoke", ["fed.num_rounds=3", "fed.rules=fedit,flexlora", "eval.tau_ms=120", "bench.seed=2"]
+    )
+    assert p.fed.num_rounds == 3 and p.fed.rules == ("fedit", "flexlora")
+    assert p.eval.tau_ms == 120.0 and p.bench.seed == 2
+    assert PRESETS["smoke"].fed.num_rounds != 3  # the preset itself is untouched (frozen)
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("fed.nope=1", "nope"),
+        ("fed.num_rounds=many", "num_rounds"),
+        ("fed.rules=fedit,bogus", "bogus"),
+        ("eval.tau_ms=0", "tau_ms"),
+        ("no_equals_sign", "key=value"),
+    ],
+)
+def test_bad_overrides_are_clear(override, match):
+    with pytest.raises(ConfigError, match=match):
+        get_preset("smoke", [override])
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="unknown preset"):
+        get_preset("nope")
+
+
+def test_cli_help_and_errors(capsys):
+    assert cli.DEFAULT_COMMAND == "demo"
+    assert cli.main(["--help"]) == 0
+    assert "demo" in capsys.readouterr().out
+    for command in ("demo", "federate", "evaluate"):
+        with pytest.raises(SystemExit) as e:
+            cli.main([command, "--help"])
+        assert e.value.code == 0
+    assert cli.main(["demo", "smoke", "fed.bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert cli.main(["nonsense"]) == 2
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    preset = get_preset("smoke", [f"cache_dir={root / 'cache'}"])
+    run_dir = root / "run"
+    return demo.run_demo(preset, str(run_dir), progress=False), run_dir
+
+
+def test_smoke_demo_writes_run_folder(smoke_run):
+    result, run_dir = smoke_run
+    for name in ("config.json", "clients.json", "eval.jsonl", "results.json", "report.md",
+                 "accuracy.png", "rounds.png", "latency.png"):  # fmt: skip
+        assert (run_dir / name).is_file(), name
+    for method in ("floe", "fedit"):
+        lines = (run_dir / "fed" / method / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == get_preset("smoke").fed.num_rounds
+    assert (run_dir / "fed" / "floe" / "clusters.json").is_file()
+    report = (run_dir / "report.md").read_text()
+    assert "Floe (full)" in report and "cloud-only (redacted prompt)" in report
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["name"] == "smoke" and config["fed"]["num_rounds"] >= 1
+    evals = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert [e["method"] for e in evals] == [r["method"] for r in result["rows"]]
+
+
+def test_smoke_demo_no_private_span_reaches_the_cloud(smoke_run):
+    result, _ = smoke_run
+    rows = {r["method"]: r for r in result["rows"]}
+    guarded = [r for r in rows.values() if r["guarded"]]
+    assert guarded and all(r["cloud_requests"] > 0 for r in guarded)
+    assert all(r["private_spans_to_cloud"] == 0 for r in guarded), [
+        (r["method"], r.get("leak_examples")) for r in guarded
+    ]
+    # the recorder does see spans when the guard lets them through (the privacy-violating ref)
+    ref = rows["cloud-only (full private context; violates privacy)"]
+    assert ref["reference"] and ref["private_spans_to_cloud"] > 0
+
+
+def test_smoke_demo_latency_and_ranks(smoke_run):
+    result, _ = smoke_run
+    rows = {r["method"]: r for r in result["rows"]}
+    for name in ("edge-only (Floe federated LoRA)", "cloud-only (redacted prompt)", "Floe (full)"):
+        assert rows[name]["latency_ms_mean"] > 0
+    # the cloud-only request waits for the simulated round trip on every token
+    assert rows["cloud-only (redacted prompt)"]["latency_ms_mean"] > 50
+    ranks = result["clients"]["ranks"]
+    assert len(set(ranks)) > 1 and max(ranks) <= get_preset("smoke").fed.lora_rank
+
+
+def test_client_ranks_differ_on_default_devices():
+    p = get_preset("default")
+    devices, ranks = demo.client_ranks(p, p.bench.num_clients, p.edge)
+    assert len(devices) == len(ranks) == get_preset("default").bench.num_clients
+    assert len(set(ranks)) > 1
+
+
+# ----------------------------------------------------------------------------- real-model path
+
+
+def _tiny_real_preset(root):
+    """The `qwen` preset's code path on tiny local stand-ins: random HF checkpoints written by
+    `save_hf`, a tiny local tokenizer and a tiny jsonl instruction dataset with task labels."""
+    import dataclasses
+
+    import jax
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from floe_jax.config import ModelConfig
+    from floe_jax.hf import save_hf
+    from floe_jax.model import init_params
+
+    rows = []
+    for i in range(24):
+        rows.append({"instruction": f"add {i} and one", "response": f"{i + 1}", "category": "math"})
+        rows.append({"instruction": f"spell {i}", "response": f"n{i}", "category": "words"})
+    data = root / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )  # fmt: skip
+    tok.train_from_iterator([r["instruction"] + " " + r["response"] for r in rows], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    V = len(fast)
+    for name, layers, seed in (("edge", 1, 0), ("cloud", 2, 1)):
+        cfg = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=layers,
+                          num_heads=2, num_kv_heads=1, eos_token_id=1, pad_token_id=0)  # fmt: skip
+        save_hf(cfg, init_params(cfg, key=jax.random.key(seed)), root / name)
+    fast.save_pretrained(str(root / "edge"))  # no bos token, like Qwen's
+    return dataclasses.replace(
+        PRESETS["qwen"], edge_path=str(root / "edge"), cloud_path=str(root / "cloud"),
+        dataset=str(data), input_column="", num_clients=2, examples_per_client=8,
+        test_per_client=2, max_new_tokens=3, dtype="float32",
+        fed=dataclasses.replace(PRESETS["smoke"].fed, num_clusters=2, rules=()),
+        eval=dataclasses.replace(PRESETS["smoke"].eval, latency_queries=1),
+    )  # fmt: skip
+
+
+def test_real_model_preset_on_tiny_stand_ins(tmp_path):
+    preset = _tiny_real_preset(tmp_path)
+    result = demo.run_demo(preset, str(tmp_path / "run"), progress=False)
+    assert (tmp_path / "run" / "report.md").is_file()
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows["Floe (full)"]["per_task"]) == {"math", "words"}
+    assert rows["Floe (full)"]["accuracy"]["n_overall"] == 4
+    assert all(r["private_spans_to_cloud"] == 0 for r in rows.values() if r["guarded"])
+    assert result["clients"]["client_tasks"] in (["math", "words"], ["words", "math"])
+
+
+def test_qwen_preset_parses_with_paths():
+    p = get_preset("qwen", ["edge_path=/m/edge", "cloud_path=/m/cloud", "fed.num_rounds=2"])
+    assert p.edge_path == "/m/edge" and p.fed.num_rounds == 2
+    with pytest.raises(ConfigError, match="dtype"):
+        get_preset("qwen", ["dtype=float16"])
