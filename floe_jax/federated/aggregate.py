@@ -343,10 +343,17 @@ def hetlora(
 # ----------------------------------------------------------------------------- FlexLoRA
 
 
+def _after(x, dep):
+    """Returns `x` only once `dep` is computed, so LAPACK calls run one at a time: two
+    independent LAPACK custom calls running concurrently hang XLA:CPU (jax 0.10.2, 2 cores)."""
+    return jax.lax.optimization_barrier((x, dep))
+
+
 def _top_svd_factored(p_IK, q_KO, r: int):
     """Top-r SVD of `p @ q` from thin QRs of both factors and an SVD of the K x K core."""
     qp, rp = jnp.linalg.qr(p_IK)  # [I, K], [K, K]
-    qq, rq = jnp.linalg.qr(q_KO.T)  # [O, K], [K, K]
+    q_OK, rp = _after(q_KO.T, rp)
+    qq, rq = jnp.linalg.qr(q_OK)  # [O, K], [K, K]
     u, s, vh = jnp.linalg.svd(rp @ rq.T)
     return qp @ u[:, :r], s[:r], qq @ vh[:r].T
 
@@ -376,7 +383,7 @@ def _flexlora_apply(state, client_loras, weights, ranks, *, max_norm, path, tota
     prep = _prepare(client_loras, weights, ranks, max_norm=max_norm)
     C, R = ranks.shape[0], client_loras.max_rank
     root = jnp.sqrt(prep.p * prep.lora.scale)  # [C]
-    g_a, g_b = {}, {}
+    g_a, g_b, prev = {}, {}, None
     for m in prep.lora.a:
         a, b = prep.lora.a[m], prep.lora.b[m]  # [C, L, I, R], [C, L, R, O]
         _, L, I, _ = a.shape
@@ -400,7 +407,13 @@ def _flexlora_apply(state, client_loras, weights, ranks, *, max_norm, path, tota
             return u * jnp.sqrt(s)[None], jnp.sqrt(s)[:, None] * v.T
 
         with jax.named_scope(f"flexlora_{m}"):
-            a_LIr, b_LrO = jax.vmap(one_layer)(p_LIK, q_LKO, live_LK)
+            if prev is not None:  # one module after another (see `_after`)
+                (p_LIK, q_LKO), _ = _after((p_LIK, q_LKO), prev)
+            if factored:  # a vmapped QR + QR + SVD program hangs on XLA:CPU (jax 0.10.2)
+                a_LIr, b_LrO = jax.lax.map(lambda t: one_layer(*t), (p_LIK, q_LKO, live_LK))
+            else:
+                a_LIr, b_LrO = jax.vmap(one_layer)(p_LIK, q_LKO, live_LK)
+            prev = (a_LIr, b_LrO)
         pad = R - r
         g_a[m] = jnp.pad(a_LIr, ((0, 0), (0, 0), (0, pad)))
         g_b[m] = jnp.pad(b_LrO, ((0, 0), (0, pad), (0, 0)))
