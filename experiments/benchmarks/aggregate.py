@@ -152,7 +152,8 @@ def run(quick: bool = False) -> list[dict]:
     err = 0.0
     for m in LORA_TARGETS:
         for k in range(min(4, clients)):
-            got = np.asarray(delta_weight(jax.tree.map(lambda x, k=k: x[k, :1], ours), m))
+            one = jax.tree.map(lambda x, k=k: x[k, :1] if x.ndim > 1 else x[k], ours)
+            got = np.asarray(delta_weight(one, m))
             a_np, b_np = ref[m][0][k, :1], ref[m][1][k, :1]
             want = np.einsum("lir,lro->lio", a_np, b_np) * float(lora.scale[k])
             err = max(err, float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)))

@@ -344,27 +344,42 @@ def hetlora(
 # ----------------------------------------------------------------------------- FlexLoRA
 
 
+def eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric eigendecomposition `(w ascending, v)` of `x [..., K, K]`, safe inside any jit.
+
+    On CPU it goes to NumPy's LAPACK through a host callback. jaxlib 0.10.2's CPU `eigh` splits
+    a batch over XLA's intra-op thread pool and blocks the pool thread that called it until the
+    pieces finish (`jax::ParallelBatchMap`); two such calls running at once can leave every
+    thread of a small pool waiting, and the program deadlocks (seen on this project's 2-core
+    machine, FlexLoRA at 8 clients). Accelerators use `jnp.linalg.eigh`.
+    """
+    if jax.default_backend() != "cpu":
+        return jnp.linalg.eigh(x)
+    out = (jax.ShapeDtypeStruct(x.shape[:-1], x.dtype), jax.ShapeDtypeStruct(x.shape, x.dtype))
+    host = lambda a: tuple(np.linalg.eigh(np.asarray(a)))
+    return jax.pure_callback(host, out, x, vmap_method="broadcast_all")
+
+
 def _top_svd_factored(p_IK, q_KO, r: int):
     """Top-r SVD of `p @ q` without forming it, K < min(I, O): K x K work only.
 
     `pᵀp = E diag(d) Eᵀ` gives `p = U_p diag(√d) Eᵀ` with orthonormal `U_p = p E / √d`, so
     `p q = U_p M` with `M = diag(√d) Eᵀ q` [K, O]; the top singular triplets of M (from `eigh` of
     `M Mᵀ`) map back through U_p. This plays the role of the thin QR of both factors and the SVD
-    of the core in METHODS.md: the same U, Σ, V from K x K problems. (QR + SVD under one jit
-    intermittently hangs XLA:CPU on jax 0.10.2, so only `eigh` is used.)
+    of the core in METHODS.md: the same U, Σ, V from K x K problems.
     """
-    d, e = jnp.linalg.eigh(p_IK.T @ p_IK)
+    d, e = eigh(p_IK.T @ p_IK)
     sd = jnp.sqrt(jnp.maximum(d, 0.0))
     keep = sd > jnp.finfo(p_IK.dtype).eps * p_IK.shape[0] * jnp.max(sd)
     m_KO = (sd * keep)[:, None] * (e.T @ q_KO)
-    v_OR, s, u_core = _top_svd_dense_gram(m_KO.T, r)  # SVD of Mᵀ: roles of U and V swap
+    u_core, s, v_OR = _top_svd_dense_gram(m_KO, r)  # K <= O: eigh of the K x K Gram M Mᵀ
     u_IR = (p_IK @ e) * jnp.where(keep, 1.0 / jnp.where(keep, sd, 1.0), 0.0)[None] @ u_core
     return u_IR, s, v_OR
 
 
 def _top_svd_dense_gram(d_IO, r: int):
     """Top-r SVD of a dense d with I <= O, from `eigh(d dᵀ)`."""
-    w, e = jnp.linalg.eigh(d_IO @ d_IO.T)  # ascending
+    w, e = eigh(d_IO @ d_IO.T)  # ascending
     u = e[:, ::-1][:, :r]
     s = jnp.sqrt(jnp.maximum(w[::-1][:r], 0.0))
     tiny = s <= 1e-30 + jnp.finfo(d_IO.dtype).eps * s[:1] * d_IO.shape[0]
