@@ -5,6 +5,12 @@ module (`floe_jax.model`, `floe_jax.lora`, ...).
 """
 
 from floe_jax.config import ConfigError, LoRAConfig, ModelConfig, RopeScaling
+from floe_jax.decode import SamplingConfig, generate, pad_prompts, stream
+from floe_jax.devices import CATALOG, DeviceProfile, assign_ranks, get_device
+from floe_jax.federated.aggregate import Aggregated, aggregate, available_rules
+from floe_jax.federated.cluster import assign_cluster, cluster_aggregate, cluster_clients
+from floe_jax.federated.loop import train_federated
+from floe_jax.federated.rounds import FedConfig
 from floe_jax.hf import (
     CheckpointError,
     config_from_hf,
@@ -27,6 +33,22 @@ from floe_jax.lora import (
 from floe_jax.model import KVCache, forward, init_cache, init_params
 
 __all__ = [
+    "CATALOG",
+    "Aggregated",
+    "DeviceProfile",
+    "FedConfig",
+    "SamplingConfig",
+    "aggregate",
+    "assign_cluster",
+    "assign_ranks",
+    "available_rules",
+    "cluster_aggregate",
+    "cluster_clients",
+    "generate",
+    "get_device",
+    "pad_prompts",
+    "stream",
+    "train_federated",
     "CheckpointError",
     "config_from_hf",
     "config_to_hf",

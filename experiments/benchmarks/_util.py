@@ -10,6 +10,20 @@ import time
 import jax
 import numpy as np
 
+from floe_jax.config import ModelConfig
+
+# The reference shape every benchmark in the issues names: Llama, vocab 2048, hidden 256,
+# 4 layers, 8 heads, 4 KV heads, intermediate 704, untied embeddings, float32.
+FJ_REF = ModelConfig(
+    vocab_size=2048,
+    hidden_size=256,
+    intermediate_size=704,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=4,
+    tie_word_embeddings=False,
+)
+
 
 def block(x):
     """Waits for every array in a pytree."""

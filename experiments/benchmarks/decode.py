@@ -15,25 +15,18 @@ import tempfile
 import jax
 import numpy as np
 
-from experiments.benchmarks._util import machine, matmul_gflops, print_table, timeit
-
-FJ_REF = dict(
-    vocab_size=2048,
-    hidden_size=256,
-    intermediate_size=704,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    tie_word_embeddings=False,
-)
+from experiments.benchmarks._util import FJ_REF, machine, matmul_gflops, print_table, timeit
 
 
 def _hf_model(path: str):
     import torch
     import transformers
 
+    from floe_jax.hf import config_to_hf
+
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**FJ_REF)).eval()
+    hf_cfg = transformers.LlamaConfig(**config_to_hf(FJ_REF))
+    model = transformers.LlamaForCausalLM(hf_cfg).eval()
     model.save_pretrained(path)
     return model
 

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchmarks._util import block, machine, print_table
-from floe_jax.config import LoRAConfig, ModelConfig
+from experiments.benchmarks._util import FJ_REF, block, machine, print_table
+from floe_jax.config import LoRAConfig
 from floe_jax.decode import SamplingConfig, _prefill_jit, _step_jit, pad_prompts
 from floe_jax.inference.cloud import LocalCloud, SimClock, SimulatedNetwork
 from floe_jax.inference.fused import (
@@ -35,17 +35,6 @@ from floe_jax.inference.privacy import GuardedCloud, PrivacyDetector, PrivacyPol
 from floe_jax.inference.router import FusionConfig
 from floe_jax.lora import init_lora, stack_loras
 from floe_jax.model import init_params, unstack_layers
-
-FJ_REF = ModelConfig(
-    vocab_size=2048,
-    hidden_size=256,
-    intermediate_size=704,
-    num_layers=4,
-    num_heads=8,
-    num_kv_heads=4,
-    dtype="float32",
-    tie_word_embeddings=False,
-)
 
 
 def _dense_input(B: int, V: int, key) -> CloudInput:

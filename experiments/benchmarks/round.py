@@ -49,21 +49,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchmarks._util import machine, matmul_gflops, print_table, timeit
-from floe_jax.config import ModelConfig
+from experiments.benchmarks._util import FJ_REF, machine, matmul_gflops, print_table, timeit
 from floe_jax.federated.rounds import FedConfig, fedavg, init_server_state, run_round
 from floe_jax.federated.types import ClientData
 from floe_jax.model import init_params
 
-FJ_REF = ModelConfig(
-    vocab_size=2048,
-    hidden_size=256,
-    intermediate_size=704,
-    num_layers=4,
-    num_heads=8,
-    num_kv_heads=4,
-    tie_word_embeddings=False,
-)
 RANKS = (4, 8, 16, 32)
 ALPHA = 16.0
 LR = 1e-3

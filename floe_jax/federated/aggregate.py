@@ -21,9 +21,10 @@ Rules (what each client sends up / receives down; bytes count live float32 param
   options it is FedIT exactly. Up: A_k, B_k. Down: first r'_k slots (r'_k after pruning).
 - `flexlora` — FlexLoRA (Bai et al., NeurIPS 2024): `ΔW = Σ p_k ΔW_k`, truncated SVD
   `U Σ Vᵀ`, client k gets `A_k = U[:, :r_k] Σ^{1/2} / √s_k`, `B_k = Σ^{1/2} V[:, :r_k]ᵀ / √s_k`
-  so `s_k A_k B_k` is the best rank-r_k approximation of ΔW. Computed without forming ΔW (thin
-  QR of the stacked factors, SVD of the K x K core) when K < min(I, O); otherwise densely, from
-  the eigendecomposition of the Gram matrix of ΔW's shorter side. Up: A_k, B_k. Down: A_k, B_k.
+  so `s_k A_k B_k` is the best rank-r_k approximation of ΔW. Computed without forming ΔW
+  (K x K eigenproblems of the stacked factors, `_top_svd_factored`) when K < min(I, O);
+  otherwise densely, from the eigendecomposition of the Gram matrix of ΔW's shorter side.
+  Up: A_k, B_k. Down: A_k, B_k.
 - `flora` — FLoRA (Wang et al., NeurIPS 2024): stacking, `Σ p_k s_k A_k B_k` exactly, returned as
   `base_delta` for every client to fold into its *base weights* (the base model changes each
   round); adapters restart fresh (A random, B zero) from the rule state's key. Up: A_k, B_k.
@@ -343,26 +344,56 @@ def hetlora(
 # ----------------------------------------------------------------------------- FlexLoRA
 
 
+def eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric eigendecomposition `(w ascending, v)` of `x [..., K, K]`, safe inside any jit.
+
+    On CPU it goes to NumPy's LAPACK through a host callback. jaxlib 0.10.2's CPU `eigh` splits
+    a batch over XLA's intra-op thread pool and blocks the pool thread that called it until the
+    pieces finish (`jax::ParallelBatchMap`); two such calls running at once can leave every
+    thread of a small pool waiting, and the program deadlocks (seen on this project's 2-core
+    machine, FlexLoRA at 8 clients). Accelerators use `jnp.linalg.eigh`.
+    """
+    if jax.default_backend() != "cpu":
+        return jnp.linalg.eigh(x)
+    out = (jax.ShapeDtypeStruct(x.shape[:-1], x.dtype), jax.ShapeDtypeStruct(x.shape, x.dtype))
+    host = lambda a: tuple(np.linalg.eigh(np.asarray(a)))
+    return jax.pure_callback(host, out, x, vmap_method="broadcast_all")
+
+
 def _top_svd_factored(p_IK, q_KO, r: int):
-    """Top-r SVD of `p @ q` from thin QRs of both factors and an SVD of the K x K core."""
-    qp, rp = jnp.linalg.qr(p_IK)  # [I, K], [K, K]
-    qq, rq = jnp.linalg.qr(q_KO.T)  # [O, K], [K, K]
-    u, s, vh = jnp.linalg.svd(rp @ rq.T)
-    return qp @ u[:, :r], s[:r], qq @ vh[:r].T
+    """Top-r SVD of `p @ q` without forming it, K < min(I, O): K x K work only.
+
+    `pᵀp = E diag(d) Eᵀ` gives `p = U_p diag(√d) Eᵀ` with orthonormal `U_p = p E / √d`, so
+    `p q = U_p M` with `M = diag(√d) Eᵀ q` [K, O]; the top singular triplets of M (from `eigh` of
+    `M Mᵀ`) map back through U_p. This plays the role of the thin QR of both factors and the SVD
+    of the core in METHODS.md: the same U, Σ, V from K x K problems.
+    """
+    d, e = eigh(p_IK.T @ p_IK)
+    sd = jnp.sqrt(jnp.maximum(d, 0.0))
+    keep = sd > jnp.finfo(p_IK.dtype).eps * p_IK.shape[0] * jnp.max(sd)
+    m_KO = (sd * keep)[:, None] * (e.T @ q_KO)
+    u_core, s, v_OR = _top_svd_dense_gram(m_KO, r)  # K <= O: eigh of the K x K Gram M Mᵀ
+    u_IR = (p_IK @ e) * jnp.where(keep, 1.0 / jnp.where(keep, sd, 1.0), 0.0)[None] @ u_core
+    return u_IR, s, v_OR
+
+
+def _top_svd_dense_gram(d_IO, r: int):
+    """Top-r SVD of a dense d with I <= O, from `eigh(d dᵀ)`."""
+    w, e = eigh(d_IO @ d_IO.T)  # ascending
+    u = e[:, ::-1][:, :r]
+    s = jnp.sqrt(jnp.maximum(w[::-1][:r], 0.0))
+    tiny = s <= 1e-30 + jnp.finfo(d_IO.dtype).eps * s[:1] * d_IO.shape[0]
+    v = jnp.where(tiny[None], 0.0, (d_IO.T @ u) / jnp.where(tiny, 1.0, s)[None])
+    return u, jnp.where(tiny, 0.0, s), v
 
 
 def _top_svd_dense(p_IK, q_KO, r: int):
     """Top-r SVD of `d = p @ q` from `eigh` of the Gram matrix of d's shorter side."""
     d = p_IK @ q_KO
-    flip = d.shape[0] > d.shape[1]
-    d = d.T if flip else d
-    w, e = jnp.linalg.eigh(d @ d.T)  # ascending
-    u = e[:, ::-1][:, :r]
-    s = jnp.sqrt(jnp.maximum(w[::-1][:r], 0.0))
-    tiny = s <= 1e-30 + jnp.finfo(d.dtype).eps * s[:1] * d.shape[0]
-    v = jnp.where(tiny[None], 0.0, (d.T @ u) / jnp.where(tiny, 1.0, s)[None])
-    s = jnp.where(tiny, 0.0, s)
-    return (v, s, u) if flip else (u, s, v)
+    if d.shape[0] > d.shape[1]:
+        v, s, u = _top_svd_dense_gram(d.T, r)
+        return u, s, v
+    return _top_svd_dense_gram(d, r)
 
 
 def _compact(p_IK, q_KO, live_K, k: int):

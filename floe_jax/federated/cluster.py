@@ -90,7 +90,7 @@ def spectral_embedding(sim_CC: jax.Array, k: int) -> jax.Array:
     w = jnp.maximum(sim_CC, 0.0)
     d = jnp.maximum(w.sum(-1), 1e-12)
     lap = w / jnp.sqrt(d)[:, None] / jnp.sqrt(d)[None, :]
-    _, vec = jnp.linalg.eigh(lap)
+    _, vec = agg.eigh(lap)
     emb = vec[:, ::-1][:, :k]
     return emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
 
