@@ -303,13 +303,13 @@ class _Ctx:
     encode: object
 
 
-def _guard(ctx: _Ctx, queries, *, allow: bool = False):
+def _guard(ctx: _Ctx, queries, *, action: str):
     tok, bench = ctx.prep.tokenizer, ctx.prep.bench
     backend = LocalCloud(ctx.prep.cloud_params, ctx.prep.cloud_cfg, inputs="ids",
                          pad_id=tok.pad_token_id)  # fmt: skip
     spans = [s for q in queries for s in q.private_spans]
     rec = SpanRecorder(backend, spans, ctx.decode)
-    policy = PrivacyPolicy(action="allow" if allow else "redact",
+    policy = PrivacyPolicy(action=action,
                            placeholder=ctx.preset.eval.placeholder)  # fmt: skip
     det = PrivacyDetector(policy)
     for c in sorted({q.client for q in queries}):
@@ -330,12 +330,12 @@ def _answers(ctx: _Ctx, tokens) -> list[str]:
 
 
 def _run_fused(ctx: _Ctx, idx, *, lora, cloud: str | None, fusion, tau_ms, net_seed=0):
-    """generate_fused over queries `idx`. cloud: None (edge only), "guard" or "allow"."""
+    """generate_fused over queries `idx`. cloud: None (edge only) or the guard's action."""
     ev, tok = ctx.preset.eval, ctx.prep.tokenizer
     qs = [ctx.prep.bench.queries[i] for i in idx]
     guard = rec = None
     if cloud is not None:
-        guard, rec = _guard(ctx, qs, allow=cloud == "allow")
+        guard, rec = _guard(ctx, qs, action=cloud)
     rows = (
         None
         if lora is None
@@ -354,6 +354,7 @@ def _run_fused(ctx: _Ctx, idx, *, lora, cloud: str | None, fusion, tau_ms, net_s
 def _methods(preset, fed: dict) -> list[dict]:
     """Every evaluated method: its adapter, cloud access, router and deadline."""
     ev = preset.eval
+    guard = ev.privacy
     router = FusionConfig(gate=ev.gate, temperature=ev.temperature, space=ev.space)
     cloud_only = FusionConfig(gate="fixed", fixed_w=0.0)
     inf = 1e9
@@ -361,26 +362,26 @@ def _methods(preset, fed: dict) -> list[dict]:
     ms = [
         dict(name="edge-only (base)", lora=None, cloud=None, fusion=router, tau=inf),
         dict(name="edge-only (Floe federated LoRA)", lora=floe, cloud=None, fusion=router, tau=inf),
-        dict(name="cloud-only (redacted prompt)", lora=None, cloud="guard", fusion=cloud_only,
+        dict(name="cloud-only (redacted prompt)", lora=None, cloud="redact", fusion=cloud_only,
              tau=inf),
         dict(name="cloud-only (full private context; violates privacy)", lora=None, cloud="allow",
              fusion=cloud_only, tau=inf, reference=True),
     ]  # fmt: skip
     for rule in preset.fed.rules:
-        ms.append(dict(name=f"{rule} LoRA + fusion", lora=fed[rule][0], cloud="guard",
+        ms.append(dict(name=f"{rule} LoRA + fusion", lora=fed[rule][0], cloud=guard,
                        fusion=router, tau=ev.tau_ms))  # fmt: skip
-    ms.append(dict(name="Floe (full)", lora=floe, cloud="guard", fusion=router, tau=ev.tau_ms))
+    ms.append(dict(name="Floe (full)", lora=floe, cloud=guard, fusion=router, tau=ev.tau_ms))
     if ev.ablations:
         ms.append(
             dict(
                 name="Floe, fixed w=0.5",
                 lora=floe,
-                cloud="guard",
+                cloud=guard,
                 fusion=FusionConfig(gate="fixed", fixed_w=0.5),
                 tau=ev.tau_ms,
             )
         )
-        ms.append(dict(name="Floe, no deadline", lora=floe, cloud="guard", fusion=router, tau=inf))
+        ms.append(dict(name="Floe, no deadline", lora=floe, cloud=guard, fusion=router, tau=inf))
     return ms
 
 
@@ -405,7 +406,10 @@ def _evaluate(preset, prep: Setup, fed: dict, run_dir: str, *, progress: bool):
     )  # fmt: skip
     all_idx = list(range(len(bench.queries)))
     rng = np.random.default_rng(0)
-    lat_idx = sorted(rng.choice(all_idx, min(preset.eval.latency_queries, len(all_idx)), False))
+    types = sorted({q.qtype for q in bench.queries})
+    per = -(-preset.eval.latency_queries // len(types))  # the same number of each query type
+    lat_idx = sorted(i for t in types for i in list(rng.permutation(
+        [j for j in all_idx if bench.queries[j].qtype == t]))[:per])  # fmt: skip
     rows, eval_lines = [], []
     methods = _methods(preset, fed)
     bar = tqdm(methods, desc="evaluate", disable=not progress)
@@ -424,7 +428,8 @@ def _evaluate(preset, prep: Setup, fed: dict, run_dir: str, *, progress: bool):
                     "overall"
                 ]
         row = dict(method=m["name"], accuracy=acc, per_task=per_task,
-                   guarded=m["cloud"] == "guard", reference=bool(m.get("reference")),
+                   guarded=m["cloud"] in ("redact", "edge_only"),
+                   reference=bool(m.get("reference")),
                    cloud_requests=rec.requests if rec else 0,
                    private_spans_to_cloud=rec.leaked_spans if rec else 0,
                    leaked_requests=rec.leaked_requests if rec else 0,

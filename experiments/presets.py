@@ -111,24 +111,30 @@ class DemoEval:
       rtt_ms, sigma: the simulated network (lognormal round trip with mean `rtt_ms`).
       tau_ms: Floe's per-token deadline (a later cloud reply is not used: the edge decodes alone).
       gate, temperature, space: the router (`floe_jax.inference.FusionConfig`).
+      privacy: the detector's action on a request with private spans: `redact` (send it with
+        placeholders) or `edge_only` (send nothing: the edge decodes that request alone).
       placeholder: how the privacy detector redacts a span (`{kind}` is its type).
-      latency_queries: queries decoded one at a time (batch 1) for the per-token latency.
+      latency_queries: queries decoded one at a time (batch 1) for the per-token latency, the
+        same number of each query type.
       ablations: also run Floe with fixed w=0.5 and without the deadline.
     """
 
     rtt_ms: float = 150.0
     sigma: float = 0.25
-    tau_ms: float = 200.0
+    tau_ms: float = 250.0
     gate: str = "entropy"
     temperature: float = 1.0
     space: str = "prob"
+    privacy: str = "edge_only"
     placeholder: str = "[{kind}]"
-    latency_queries: int = 6
+    latency_queries: int = 9
     ablations: bool = True
 
     def __post_init__(self):
         if self.rtt_ms < 0 or self.tau_ms <= 0:
             raise ConfigError("eval.rtt_ms must be >= 0 and eval.tau_ms > 0")
+        if self.privacy not in ("redact", "edge_only"):
+            raise ConfigError(f"eval.privacy must be redact or edge_only, got {self.privacy!r}")
         if self.latency_queries < 0:
             raise ConfigError(f"eval.latency_queries must be >= 0, got {self.latency_queries}")
 
