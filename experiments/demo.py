@@ -21,6 +21,7 @@ rank - base need). Ranks then follow the devices' real memory ratios (documented
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -407,9 +408,13 @@ def _evaluate(preset, prep: Setup, fed: dict, run_dir: str, *, progress: bool):
     all_idx = list(range(len(bench.queries)))
     rng = np.random.default_rng(0)
     types = sorted({q.qtype for q in bench.queries})
-    per = -(-preset.eval.latency_queries // len(types))  # the same number of each query type
-    lat_idx = sorted(i for t in types for i in list(rng.permutation(
-        [j for j in all_idx if bench.queries[j].qtype == t]))[:per])  # fmt: skip
+    shuffled = [list(rng.permutation([j for j in all_idx if bench.queries[j].qtype == t]))
+                for t in types]  # fmt: skip
+    # round robin over the query types: as many of each type as `latency_queries` allows
+    interleaved = [
+        int(i) for group in itertools.zip_longest(*shuffled) for i in group if i is not None
+    ]
+    lat_idx = sorted(interleaved[: preset.eval.latency_queries])
     rows, eval_lines = [], []
     methods = _methods(preset, fed)
     bar = tqdm(methods, desc="evaluate", disable=not progress)

@@ -223,7 +223,7 @@ PRESETS: dict[str, DemoPreset | RealPreset] = {
             rank_candidates=(2, 4),
             rules=("fedit",),
         ),  # fmt: skip
-        eval=DemoEval(latency_queries=2, ablations=False),
+        eval=DemoEval(latency_queries=1, ablations=False),
     ),
 }
 
