@@ -56,10 +56,11 @@ def _calibrate(argv: list[str]) -> int:
 def _run_parser(command: str, description: str):
     import argparse
 
-    from experiments.presets import PRESETS
+    from experiments.presets import PRESETS, REAL_PRESETS
 
+    names = ", ".join([*PRESETS, *REAL_PRESETS])
     p = argparse.ArgumentParser(prog=f"python -m experiments {command}", description=description)
-    p.add_argument("preset", nargs="?", default="default", help=f"one of {', '.join(PRESETS)}")
+    p.add_argument("preset", nargs="?", default="default", help=f"one of {names}")
     p.add_argument(
         "overrides", nargs="*", metavar="key=value",
         help="preset overrides, e.g. fed.num_rounds=3 eval.tau_ms=150 bench.seed=1",

@@ -182,7 +182,7 @@ class DemoPreset:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
-PRESETS: dict[str, DemoPreset | RealPreset] = {
+PRESETS: dict[str, DemoPreset] = {
     "default": DemoPreset(
         name="default",
         bench=BenchmarkConfig(),
@@ -232,9 +232,10 @@ def get_preset(
     name: str = "default", overrides: list[str] | tuple[str, ...] = ()
 ) -> DemoPreset | RealPreset:
     """The named preset with `key=value` overrides applied."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return apply_overrides(PRESETS[name], list(overrides))
+    known = {**PRESETS, **REAL_PRESETS}
+    if name not in known:
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(known)}")
+    return apply_overrides(known[name], list(overrides))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -289,7 +290,9 @@ class RealPreset:
             raise ConfigError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
 
 
-PRESETS["qwen"] = RealPreset(
+# Real-model presets: only the demo commands (`demo`, `federate`, `evaluate`) take them.
+REAL_PRESETS: dict[str, RealPreset] = {}
+REAL_PRESETS["qwen"] = RealPreset(
     name="qwen",
     edge_path="models/Qwen2.5-0.5B-Instruct",
     cloud_path="models/Qwen2.5-1.5B-Instruct",

@@ -5,12 +5,12 @@ import json
 import pytest
 
 from experiments import cli, demo
-from experiments.presets import PRESETS, get_preset
+from experiments.presets import PRESETS, REAL_PRESETS, get_preset
 from floe_jax.config import ConfigError
 
 
 def test_presets_and_overrides_parse():
-    for name in PRESETS:
+    for name in [*PRESETS, *REAL_PRESETS]:
         assert get_preset(name).name == name
     p = get_preset(
         "smoke", ["fed.num_rounds=3", "fed.rules=fedit,flexlora", "eval.tau_ms=120", "bench.seed=2"]
@@ -147,7 +147,7 @@ def _tiny_real_preset(root):
         save_hf(cfg, init_params(cfg, key=jax.random.key(seed)), root / name)
     fast.save_pretrained(str(root / "edge"))  # no bos token, like Qwen's
     return dataclasses.replace(
-        PRESETS["qwen"], edge_path=str(root / "edge"), cloud_path=str(root / "cloud"),
+        REAL_PRESETS["qwen"], edge_path=str(root / "edge"), cloud_path=str(root / "cloud"),
         dataset=str(data), input_column="", num_clients=2, examples_per_client=8,
         test_per_client=2, max_new_tokens=3, dtype="float32",
         fed=dataclasses.replace(PRESETS["smoke"].fed, num_clusters=2, rules=()),
