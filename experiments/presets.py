@@ -79,9 +79,7 @@ class DemoFed:
     )
     deadline_ms: float = 100.0
     num_clusters: int = 0
-    # FlexLoRA is left out of the default: its round 3 hangs on the default run (every thread
-    # in a futex wait, reproducible; reported). `fed.rules=fedit,hetlora,flexlora` adds it back.
-    rules: tuple[str, ...] = ("fedit", "hetlora")
+    rules: tuple[str, ...] = ("fedit", "hetlora", "flexlora")
     floe_rule: str = "hetlora"
     seed: int = 0
 
