@@ -12,7 +12,6 @@ whole loop on the device under `lax.while_loop`; `decode_step` is the same step 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -21,7 +20,8 @@ import numpy as np
 
 from floe_jax.config import ConfigError, ModelConfig
 from floe_jax.lora import LoRA
-from floe_jax.model import KVCache, forward, init_cache, unstack_layers
+from floe_jax.model import KVCache, forward, hidden_states, init_cache, lm_head, unstack_layers
+from floe_jax.xla import jit
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -115,8 +115,9 @@ def prefill(
     """Runs the prompt [B, P] through the model and samples the first new token."""
     B, P = tokens.shape
     cache = init_cache(cfg, B, P + max_new_tokens)
-    logits, cache = forward(params, tokens, cfg, lora=lora, cache=cache, mask=mask)
-    first = sample_logits(logits[:, -1], jax.random.fold_in(key, 0), sampling)
+    x, cache = hidden_states(params, tokens, cfg, lora=lora, cache=cache, mask=mask)
+    logits_BV = lm_head(params, x[:, -1:], cfg)[:, 0]  # only the last position is sampled
+    first = sample_logits(logits_BV, jax.random.fold_in(key, 0), sampling)
     out = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first)
     done = jnp.zeros((B,), bool) if eos_id is None else first == eos_id
     return DecodeState(
@@ -147,9 +148,7 @@ def decode_step(
     return new, logits_BV
 
 
-@functools.partial(
-    jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "eos_id", "pad_id")
-)
+@jit(static_argnames=("cfg", "max_new_tokens", "sampling", "eos_id", "pad_id"))
 def generate(
     params: dict,
     tokens: jax.Array,
@@ -231,7 +230,7 @@ def stream(
             return
 
 
-_prefill_jit = jax.jit(prefill, static_argnames=("cfg", "max_new_tokens", "sampling", "eos_id"))
-_step_jit = jax.jit(
+_prefill_jit = jit(prefill, static_argnames=("cfg", "max_new_tokens", "sampling", "eos_id"))
+_step_jit = jit(
     decode_step, static_argnames=("cfg", "sampling", "eos_id", "pad_id"), donate_argnames=("state",)
 )

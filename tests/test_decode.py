@@ -1,5 +1,7 @@
 """floe_jax.decode: generation equals the full forward; buckets; streaming; sampling."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +17,7 @@ from floe_jax.decode import (
     stream,
 )
 from floe_jax.lora import init_lora
-from floe_jax.model import forward, unstack_layers
+from floe_jax.model import forward, init_params, unstack_layers
 
 
 def _greedy_reference(params, prompt, cfg, n, lora=None):
@@ -112,11 +114,26 @@ def test_temperature_zero_is_argmax():
     np.testing.assert_array_equal(np.asarray(out), np.argmax(np.asarray(logits), -1))
 
 
-def test_unstacked_layers_equal_scanned(tiny_cfg, tiny_params):
-    tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, tiny_cfg.vocab_size)
+@pytest.mark.parametrize("fuse", [True, False])
+def test_unstacked_layers_equal_scanned(fuse, tiny_cfg, tiny_params):
+    """The decode layout (per-layer dicts, q/k/v and gate/up fused) gives the scanned logits,
+    with q/k/v biases and a LoRA on projections inside and outside the fused groups."""
+    cfg = dataclasses.replace(tiny_cfg, qkv_bias=True)
+    params = init_params(cfg, key=jax.random.key(3))
+    layers = params["layers"]
+    for m in ("q_proj", "k_proj", "v_proj"):  # nonzero biases, so a misplaced split shows
+        layers[m]["b"] = jax.random.normal(jax.random.key(len(m)), layers[m]["b"].shape)
+    lcfg = LoRAConfig(rank=2, alpha=4, targets=("k", "up", "o"))
+    lora = init_lora(cfg, lcfg, key=jax.random.key(4))
+    lora = dataclasses.replace(
+        lora, b={m: jax.random.normal(jax.random.key(5), b.shape) for m, b in lora.b.items()}
+    )
+    tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, cfg.vocab_size)
+    unstacked = unstack_layers(params, fuse=fuse)
+    assert ("q_proj+k_proj+v_proj" in unstacked["layers"][0]) == fuse
     np.testing.assert_allclose(
-        forward(unstack_layers(tiny_params), tokens, tiny_cfg),
-        forward(tiny_params, tokens, tiny_cfg),
+        forward(unstacked, tokens, cfg, lora=lora),
+        forward(params, tokens, cfg, lora=lora),
         atol=1e-5,
     )
 
