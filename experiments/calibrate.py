@@ -12,6 +12,7 @@ That makes Floe's claim (fusion beats edge-only and cloud-only) reachable on thi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import time
@@ -36,7 +37,6 @@ from floe_jax.data.tokenizer import (
 from floe_jax.decode import generate, pad_prompts
 from floe_jax.lora import LoRA, init_lora
 from floe_jax.pretrain import PretrainResult, lm_loss_sums, pretrain_cached
-from floe_jax.xla import jit
 
 
 @dataclasses.dataclass
@@ -144,7 +144,9 @@ def _sft_arrays(tokenizer, examples: list[Example]) -> tuple[np.ndarray, np.ndar
     return tokens, mask
 
 
-@jit(static_argnames=("cfg", "opt"), donate_argnames=("trainable", "opt_state"))
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "opt"), donate_argnames=("trainable", "opt_state")
+)
 def _lora_step(trainable, opt_state, lora, params, tokens, mask, *, cfg, opt):
     def loss_fn(tr):
         s, n = lm_loss_sums(params, tokens, mask, cfg, lora=lora.with_trainable(tr))

@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from floe_jax.config import LoRAConfig, ModelConfig, normalize_targets
-from floe_jax.xla import jit
 
 TABLE_VERSION = 1
 
@@ -288,7 +287,7 @@ def measure_cost_table(
         cache = dataclasses.replace(cache, index=cache.index - 1, pos=cache.pos - 1)
         return nxt, cache
 
-    decode_jit = jit(decode, donate_argnames=("cache",))
+    decode_jit = jax.jit(decode, donate_argnames=("cache",))
     entries = []
     for cand in candidates:
         lora = init_lora(model_cfg, cand, key=k_lora)
@@ -311,7 +310,7 @@ def measure_cost_table(
         tx, step = _make_train_step(model_cfg, 1e-4)
         trainable = lora.trainable()
         opt_state = tx.init(trainable)
-        step_jit = jit(step, donate_argnames=("trainable", "opt_state"))
+        step_jit = jax.jit(step, donate_argnames=("trainable", "opt_state"))
         tr_compiled = step_jit.lower(trainable, opt_state, lora, params, tokens, mask).compile()
         tr_mem = _compiled_bytes(tr_compiled)
         tr_ms, _ = _median_ms(

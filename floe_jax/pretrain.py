@@ -18,6 +18,7 @@ it lands.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -32,7 +33,6 @@ import optax
 from floe_jax.config import ConfigError, ModelConfig, RopeScaling
 from floe_jax.lora import LoRA
 from floe_jax.model import forward, init_params
-from floe_jax.xla import jit
 
 CACHE_VERSION = 1
 
@@ -136,7 +136,7 @@ def make_optimizer(tcfg: PretrainConfig) -> optax.GradientTransformation:
     return opt
 
 
-@jit(static_argnames=("cfg", "opt"), donate_argnames=("params", "opt_state"))
+@functools.partial(jax.jit, static_argnames=("cfg", "opt"), donate_argnames=("params", "opt_state"))
 def train_step(params, opt_state, tokens_BT, mask_BT, *, cfg: ModelConfig, opt):
     """One AdamW step on the mean NLL. Returns (params, opt_state, (loss sum, token count))."""
 

@@ -10,6 +10,7 @@ host anyway.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -37,7 +38,6 @@ from floe_jax.federated.rounds import (
     tensor_names,
 )
 from floe_jax.federated.types import ClientData
-from floe_jax.xla import jit
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def _no_base_rule(method, client_loras, *, weights, ranks):
     return fedavg("fedavg", client_loras, weights=weights, ranks=ranks)
 
 
-@jit(static_argnames=("cfg", "fed"))
+@functools.partial(jax.jit, static_argnames=("cfg", "fed"))
 def _probe_jit(params, start, batches, keys, *, cfg, fed):
     return local_update_clients(
         params, start, batches, cfg=cfg, opt=fed.opt, keys=keys, client_chunk=fed.client_chunk

@@ -27,7 +27,6 @@ from floe_jax.federated.aggregate import Aggregated, aggregate_traced, available
 from floe_jax.federated.client import local_update_clients, make_optimizer, token_loss
 from floe_jax.federated.types import ClientData
 from floe_jax.lora import LoRA, init_lora, rank_mask
-from floe_jax.xla import jit
 
 AggregateFn = Callable[..., Aggregated]
 _BYTES_PER_PARAM = 4  # adapters travel as float32
@@ -471,7 +470,7 @@ def round_step(
     return new_state, metrics
 
 
-run_round = jit(
+run_round = jax.jit(
     round_step, static_argnames=("cfg", "fed", "aggregate_fn"), donate_argnames=("state",)
 )
 run_round.__doc__ = """`round_step` compiled once per (cfg, fed, aggregate_fn, shapes); donates

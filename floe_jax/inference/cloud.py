@@ -19,6 +19,7 @@ whose virtual time the loop advances, so tests and benchmarks never sleep.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import threading
 import time
@@ -34,7 +35,6 @@ from floe_jax.config import ModelConfig
 from floe_jax.decode import DEFAULT_BUCKETS, bucket_length, pad_prompts
 from floe_jax.lora import LoRA
 from floe_jax.model import forward, init_cache, unstack_layers
-from floe_jax.xla import jit
 
 
 class CloudError(RuntimeError):
@@ -172,14 +172,14 @@ def token_string(tokenizer, i: int) -> str:
 # ----------------------------------------------------------------------------- LocalCloud
 
 
-@jit(static_argnames=("cfg", "slots"))
+@functools.partial(jax.jit, static_argnames=("cfg", "slots"))
 def _prefill_one(params, tokens, mask, lora, *, cfg: ModelConfig, slots: int):
     cache = init_cache(cfg, tokens.shape[0], slots)
     logits, cache = forward(params, tokens, cfg, lora=lora, cache=cache, mask=mask)
     return jax.nn.log_softmax(logits[:, -1], axis=-1), cache
 
 
-@jit(static_argnames=("cfg",), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
 def _extend_one(params, token, cache, lora, *, cfg: ModelConfig):
     logits, cache = forward(params, token[:, None], cfg, lora=lora, cache=cache)
     return jax.nn.log_softmax(logits[:, 0], axis=-1), cache

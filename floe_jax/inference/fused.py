@@ -47,7 +47,6 @@ from floe_jax.inference.replies import CloudInput, cloud_input, merge_rows, reas
 from floe_jax.inference.router import FusionConfig, edge_weight, fuse, proxy_tuning
 from floe_jax.lora import LoRA
 from floe_jax.model import forward, init_cache, unstack_layers
-from floe_jax.xla import jit
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _FUSION = FusionConfig()
@@ -172,10 +171,12 @@ def fused_step(
 
 
 _FUSE_STATIC = ("fusion", "sampling", "eos_id", "pad_id")
-prefill_jit = jit(edge_prefill, static_argnames=("cfg", "max_new_tokens"))
-advance_jit = jit(edge_advance, static_argnames=("cfg",), donate_argnames=("state",))
-fuse_sample_jit = jit(fuse_sample, static_argnames=_FUSE_STATIC, donate_argnames=("state",))
-fused_step_jit = jit(fused_step, static_argnames=("cfg", *_FUSE_STATIC), donate_argnames=("state",))
+prefill_jit = jax.jit(edge_prefill, static_argnames=("cfg", "max_new_tokens"))
+advance_jit = jax.jit(edge_advance, static_argnames=("cfg",), donate_argnames=("state",))
+fuse_sample_jit = jax.jit(fuse_sample, static_argnames=_FUSE_STATIC, donate_argnames=("state",))
+fused_step_jit = jax.jit(
+    fused_step, static_argnames=("cfg", *_FUSE_STATIC), donate_argnames=("state",)
+)
 
 
 # ----------------------------------------------------------------------------- host side
