@@ -12,6 +12,7 @@ whole loop on the device under `lax.while_loop`; `decode_step` is the same step 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -21,7 +22,6 @@ import numpy as np
 from floe_jax.config import ConfigError, ModelConfig
 from floe_jax.lora import LoRA
 from floe_jax.model import KVCache, forward, hidden_states, init_cache, lm_head, unstack_layers
-from floe_jax.xla import jit
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -148,7 +148,9 @@ def decode_step(
     return new, logits_BV
 
 
-@jit(static_argnames=("cfg", "max_new_tokens", "sampling", "eos_id", "pad_id"))
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "max_new_tokens", "sampling", "eos_id", "pad_id")
+)
 def generate(
     params: dict,
     tokens: jax.Array,
@@ -230,7 +232,7 @@ def stream(
             return
 
 
-_prefill_jit = jit(prefill, static_argnames=("cfg", "max_new_tokens", "sampling", "eos_id"))
-_step_jit = jit(
+_prefill_jit = jax.jit(prefill, static_argnames=("cfg", "max_new_tokens", "sampling", "eos_id"))
+_step_jit = jax.jit(
     decode_step, static_argnames=("cfg", "sampling", "eos_id", "pad_id"), donate_argnames=("state",)
 )

@@ -42,6 +42,25 @@ def timeit(fn, *, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def timeit_paired(fn_a, fn_b, *, repeats: int = 5, warmup: int = 1, pause: float = 0.05):
+    """Median wall seconds of `fn_a()` and of `fn_b()`, called alternately (a, b, a, b, ...).
+
+    Comparisons run this way so that both sides see the same machine: on a shared CPU the
+    speed drifts over minutes. `pause` seconds between calls let one side's worker threads
+    (PyTorch's OpenMP pool spin-waits after a call) go idle before the other side starts.
+    """
+    for _ in range(warmup):
+        fn_a(), fn_b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, out in ((fn_a, ta), (fn_b, tb)):
+            time.sleep(pause)
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
+
+
 def machine() -> str:
     """One line naming the machine: CPU model and core count, or the accelerator."""
     dev = jax.devices()[0]

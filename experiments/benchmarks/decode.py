@@ -15,7 +15,13 @@ import tempfile
 import jax
 import numpy as np
 
-from experiments.benchmarks._util import FJ_REF, machine, matmul_gflops, print_table, timeit
+from experiments.benchmarks._util import (
+    FJ_REF,
+    machine,
+    matmul_gflops,
+    print_table,
+    timeit_paired,
+)
 
 
 def _hf_model(path: str):
@@ -39,7 +45,7 @@ def run(quick: bool = False) -> list[dict]:
 
     torch.set_num_threads(os.cpu_count() or 1)
     prompt_len, new = (32, 16) if quick else (32, 96)
-    repeats = 2 if quick else 5
+    repeats = 2 if quick else 9
     with tempfile.TemporaryDirectory() as d:
         hf = _hf_model(d)
         cfg, params = fj.load_hf(d)
@@ -63,8 +69,9 @@ def run(quick: bool = False) -> list[dict]:
             with torch.no_grad():
                 return hf.generate(ids_t, **kw)[:, prompt_len:]
 
-        t_fj = timeit(run_fj, repeats=repeats)
-        t_hf = timeit(run_hf, repeats=repeats)
+        # Alternating calls, so both sides see the same machine: on a shared CPU the speed of
+        # either drifts by 2x within minutes, and back-to-back blocks would measure the drift.
+        t_fj, t_hf = timeit_paired(run_fj, run_hf, repeats=repeats)
         agree = float((np.asarray(run_fj()) == run_hf().numpy()).mean())
         fj_tps, hf_tps = batch * new / t_fj, batch * new / t_hf
         rows.append(
