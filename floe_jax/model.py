@@ -64,32 +64,41 @@ def _has_bias(cfg: ModelConfig, name: str) -> bool:
     return cfg.mlp_bias
 
 
-# Projections that read the same input; `unstack_layers` concatenates each group's weights so a
-# decode step runs one wider matmul per group (at a few rows per step, XLA:CPU's cost is per dot).
+# Projections that read the same input; `fuse_projections` concatenates each group's weights so
+# the group runs as one wider matmul (fewer, larger dots: better for decode and training alike).
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def unstack_layers(params: dict, *, fuse: bool = True) -> dict:
-    """Params with `layers` as a tuple of per-layer dicts (see `hidden_states`).
+def fuse_projections(params: dict) -> dict:
+    """Params with each group in `FUSED_GROUPS` as one `"q_proj+k_proj+v_proj"`-style entry
+    whose weight (and bias) concatenates the group's along the output axis. `forward` splits the
+    result, so logits are unchanged; one wide matmul replaces two or three narrow ones. Works on
+    stacked and unstacked layers; already-fused params are returned as they are."""
 
-    With `fuse`, each group in `FUSED_GROUPS` becomes one `"q_proj+k_proj+v_proj"`-style entry
-    whose weight (and bias) is the concatenation along the output axis; `forward` splits the
-    result, so logits are unchanged. This is the decode layout; training keeps the stacked one.
-    """
+    def fuse(lp):
+        lp = dict(lp)
+        for group in FUSED_GROUPS:
+            if all(m in lp for m in group):
+                parts = [lp.pop(m) for m in group]
+                lp["+".join(group)] = {
+                    k: jnp.concatenate([q[k] for q in parts], axis=-1) for k in parts[0]
+                }
+        return lp
+
     layers = params["layers"]
-    if isinstance(layers, tuple | list):
-        return params
-    n = jax.tree.leaves(layers)[0].shape[0]
-    out = []
-    for i in range(n):
-        lp = jax.tree.map(lambda t, i=i: t[i], layers)
-        for group in FUSED_GROUPS if fuse else ():
-            parts = [lp.pop(m) for m in group]
-            lp["+".join(group)] = {
-                k: jnp.concatenate([q[k] for q in parts], axis=-1) for k in parts[0]
-            }
-        out.append(lp)
-    return {**params, "layers": tuple(out)}
+    fused = tuple(map(fuse, layers)) if isinstance(layers, tuple | list) else fuse(layers)
+    return {**params, "layers": fused}
+
+
+def unstack_layers(params: dict, *, fuse: bool = True) -> dict:
+    """Params with `layers` as a tuple of per-layer dicts (see `hidden_states`), with projection
+    groups fused (`fuse_projections`) unless `fuse=False`. This is the decode layout."""
+    layers = params["layers"]
+    if not isinstance(layers, tuple | list):
+        n = jax.tree.leaves(layers)[0].shape[0]
+        layers = tuple(jax.tree.map(lambda t, i=i: t[i], layers) for i in range(n))
+        params = {**params, "layers": layers}
+    return fuse_projections(params) if fuse else params
 
 
 def param_shapes(cfg: ModelConfig) -> dict:

@@ -43,13 +43,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchmarks._util import FJ_REF, machine, matmul_gflops, print_table, timeit
+from experiments.benchmarks._util import FJ_REF, machine, matmul_gflops, print_table
 from floe_jax.federated.rounds import FedConfig, fedavg, init_server_state, run_round
 from floe_jax.federated.types import ClientData
 from floe_jax.model import init_params
@@ -88,7 +89,8 @@ def _tokens(w: Workload, seed: int = 0) -> np.ndarray:
 # ----------------------------------------------------------------------------- floe_jax
 
 
-def _jax_round(w: Workload, tokens: np.ndarray, repeats: int) -> float:
+def _jax_round(w: Workload, tokens: np.ndarray):
+    """Builds floe_jax's round; returns `one()`, which runs (and blocks on) one round."""
     fed = FedConfig(
         num_rounds=1,
         clients_per_round=w.clients,
@@ -117,13 +119,14 @@ def _jax_round(w: Workload, tokens: np.ndarray, repeats: int) -> float:
         box[0], m = run_round(box[0], params, data, cfg=FJ_REF, fed=fed, aggregate_fn=fedavg)
         jax.block_until_ready((box[0], m))
 
-    return timeit(one, repeats=repeats, warmup=1)
+    return one
 
 
 # ----------------------------------------------------------------------------- PyTorch + PEFT
 
 
-def _torch_round(w: Workload, tokens: np.ndarray, repeats: int, threads: int) -> float:
+def _torch_round(w: Workload, tokens: np.ndarray, threads: int):
+    """Builds the PyTorch + PEFT round; returns `one()`, which runs one round on `threads`."""
     import torch
     from peft import (
         LoraConfig,
@@ -170,6 +173,7 @@ def _torch_round(w: Workload, tokens: np.ndarray, repeats: int, threads: int) ->
 
     def one():
         nonlocal glob
+        torch.set_num_threads(threads)
         updates, weights = [], []
         for c in range(w.clients):
             r = ranks[c]
@@ -205,7 +209,7 @@ def _torch_round(w: Workload, tokens: np.ndarray, repeats: int, threads: int) ->
     model.set_adapter(f"r{r_max}")
     model(input_ids=data[0, : w.batch], labels=data[0, : w.batch]).loss.backward()
     model.zero_grad(set_to_none=True)
-    return timeit(one, repeats=repeats, warmup=0)
+    return one
 
 
 # ----------------------------------------------------------------------------- driver
@@ -233,14 +237,21 @@ def run(quick: bool = False, torch_threads: tuple[int, ...] | None = None) -> li
     rows = []
     for w in workloads:
         toks = _tokens(w)
-        runs = [("floe_jax", lambda w=w, toks=toks: _jax_round(w, toks, repeats))]
-        for th in torch_threads:
-            fn = lambda w=w, toks=toks, th=th: _torch_round(w, toks, 1, th)
-            runs.append((f"torch+peft {th} thr", fn))
+        impls = [("floe_jax", _jax_round(w, toks))]
+        impls += [(f"torch+peft {th} thr", _torch_round(w, toks, th)) for th in torch_threads]
+        impls[0][1]()  # compile
+        # Rounds alternate between the implementations (fj, torch, torch, fj, ...), so every
+        # side sees the same machine: on a shared CPU speed drifts by up to 2x over minutes.
+        times = {impl: [] for impl, _ in impls}
+        for _ in range(repeats):
+            for impl, one in impls:
+                time.sleep(0.2)  # let the other side's worker threads go idle
+                t0 = time.perf_counter()
+                one()
+                times[impl].append(time.perf_counter() - t0)
         mine = []
-        for impl, fn in runs:
-            t0 = time.perf_counter()
-            sec = fn()
+        for impl, _ in impls:
+            sec = statistics.median(times[impl])
             mine.append(
                 {
                     "workload": w.name,
@@ -249,7 +260,6 @@ def run(quick: bool = False, torch_threads: tuple[int, ...] | None = None) -> li
                     "round s": sec,
                     "tokens/s": w.tokens / sec,
                     "util (4N)": 4 * n * w.tokens / sec / peak,
-                    "wall s": time.perf_counter() - t0,
                 }
             )
             print(mine[-1], flush=True)
