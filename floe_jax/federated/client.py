@@ -168,23 +168,14 @@ def local_update_clients(
       client_chunk: 0 vmaps all C clients at once; k > 0 runs `jax.lax.map(..., batch_size=k)`,
         k clients vmapped at a time (less activation memory).
 
-        Measured (2-core CPU shared with other jobs, load ~2-7, so provisional), FJ-REF model
-        (vocab 2048, hidden 256, 4 layers), ranks 4/8/16/32 padded to 32, AdamW, median of 3
-        jitted calls:
-          8 clients x 2 steps x batch 4 x 64 tokens: vmap 1.09 s, chunk 1 0.53 s, chunk 2 0.48 s,
-            chunk 4 0.90 s (temp memory 397 / 73 / 106 / 209 MB);
-          4 clients x 1 step x batch 8 x 128 tokens: vmap 5.30 s, chunk 1 1.86 s, chunk 2 2.36 s
-            (temp memory 727 / 195 / 369 MB).
-          64 clients x 2 steps x batch 2 x 64 tokens (the `xdev` benchmark), three runs at
-            different loads: chunk 1 5.7 / 4.3 / 8.9 s, chunk 8 14.6 / 3.8 / 4.8 s, chunk 4 6.8 s,
-            vmap 8.4 s (temp memory: chunk 1 188 MB, chunk 8 259 MB, vmap 1.9 GB).
-          8 clients x 2 x 2 x 64, all ranks 8, at lower load (~4): vmap 0.73 s, chunk 1 0.77 s.
-        Run-to-run noise on this shared machine is up to 2x, so only the large effects are
-        trusted: vmapping many clients at once is slower on a CPU (likely because its
-        activations no longer fit in cache), and a small chunk is never much worse than the
-        best. The default is chunk 1; workloads with little work per client (few, short rows)
-        gain from a few clients per chunk (the xdev benchmark uses 8); on an accelerator use 0
-        (vmap).
+        Measured on a 2-core CPU (FJ-REF model, ranks 4/8/16/32 padded to 32, AdamW, `bench
+        round` workloads, median of 3 rounds, 2026-11-30): `ref` (16 clients x 4
+        steps x batch 8 x 128 tokens) chunk 1 / 2 / 4: 10.3 / 10.3 / 10.9 s; `xdev` (64 x 2 x 2
+        x 64) chunk 4 / 8 / 16 / 32: 2.95 / 2.86 / 2.94 / 3.09 s. Earlier runs found vmapping
+        all clients at once slower on a CPU (activations for every client no longer fit in
+        cache: xdev vmap 8.4 s, 1.9 GB temp memory). The default is chunk 1; workloads with
+        little work per client gain a little from a few clients per chunk (xdev uses 8); on an
+        accelerator use 0 (vmap).
 
     Returns:
       `(loras [C], metrics)`, each metric [C].
