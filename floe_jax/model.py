@@ -11,6 +11,10 @@ under one `jax.lax.scan`:
     layers: input_norm [L, D], post_norm [L, D],
             q_proj/k_proj/v_proj/o_proj/gate_proj/up_proj/down_proj: {"w": [L, I, O], "b": [L, O]?}
 
+`fuse_projections` (applied by `unstack_layers`, the decode layout) replaces q/k/v and gate/up by
+`"q_proj+k_proj+v_proj"` and `"gate_proj+up_proj"` entries with weights concatenated on the
+output axis; `forward` accepts either form.
+
 Linear weights are stored `[in, out]` (transposed from PyTorch). Left-padded batches are handled
 with a token mask: position ids count real tokens only, and keys at padded slots are masked out,
 so a left-padded row gives the same logits as the unpadded example.
