@@ -135,7 +135,8 @@ def lora_delta(
 # as `x^T @ g` with the token axis contracted on the wide operand, and XLA:CPU then writes that
 # operand (x, or the gradient reaching a wide projection) transposed, a strided copy that cost a
 # third of a training step. Here every product over tokens puts the narrow [T, R] factor on the
-# left (`g_r^T @ x`), so only the small operand is transposed. Shapes: x [T, I], a [I, R],
+# left (`g_r^T @ x`), so only the small operand is transposed. Being a `custom_vjp`, it supports
+# reverse-mode AD only (`jax.jvp` / `jacfwd` through it raise). Shapes: x [T, I], a [I, R],
 # b [R, O], m [R], s [].
 @jax.custom_vjp
 def _delta_2d(x, a, b, m, s):
