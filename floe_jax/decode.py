@@ -21,7 +21,7 @@ import numpy as np
 
 from floe_jax.config import ConfigError, ModelConfig
 from floe_jax.lora import LoRA
-from floe_jax.model import KVCache, forward, hidden_states, init_cache, lm_head, unstack_layers
+from floe_jax.model import KVCache, forward, init_cache, unstack_layers
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -115,9 +115,8 @@ def prefill(
     """Runs the prompt [B, P] through the model and samples the first new token."""
     B, P = tokens.shape
     cache = init_cache(cfg, B, P + max_new_tokens)
-    x, cache = hidden_states(params, tokens, cfg, lora=lora, cache=cache, mask=mask)
-    logits_BV = lm_head(params, x[:, -1:], cfg)[:, 0]  # only the last position is sampled
-    first = sample_logits(logits_BV, jax.random.fold_in(key, 0), sampling)
+    logits, cache = forward(params, tokens, cfg, lora=lora, cache=cache, mask=mask, last_only=True)
+    first = sample_logits(logits[:, -1], jax.random.fold_in(key, 0), sampling)
     out = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first)
     done = jnp.zeros((B,), bool) if eos_id is None else first == eos_id
     return DecodeState(

@@ -355,6 +355,7 @@ def forward(
     lora: LoRA | None = None,
     cache: KVCache | None = None,
     mask: jax.Array | None = None,
+    last_only: bool = False,
 ):
     """Runs the model on `tokens`.
 
@@ -366,10 +367,13 @@ def forward(
       cache: a KV cache; when given, the T new tokens are written at `cache.index` and attend to
         every valid slot before them (prefill when the cache is empty, decode when T == 1).
       mask: [B, T] 1 for real tokens, 0 for left padding. Defaults to all ones.
+      last_only: project only the last position to the vocabulary (logits [B, 1, V]): all a
+        prefill samples from, and it skips T - 1 rows of the widest matmul.
 
     Returns:
-      float32 logits [B, T, V]; or `(logits, new_cache)` when a cache is given.
+      float32 logits [B, T, V] ([B, 1, V] with `last_only`); or `(logits, new_cache)` when a
+      cache is given.
     """
     x, new_cache = hidden_states(params, tokens, cfg, lora=lora, cache=cache, mask=mask)
-    logits = lm_head(params, x, cfg)
+    logits = lm_head(params, x[:, -1:] if last_only else x, cfg)
     return logits if cache is None else (logits, new_cache)

@@ -147,3 +147,12 @@ def test_bad_inputs():
         bucket_length(5000)
     with pytest.raises(ValueError, match="at least one token"):
         pad_prompts([[1, 2], []])
+
+
+def test_last_only_logits_are_the_last_row(tiny_cfg, tiny_params):
+    tokens = jax.random.randint(jax.random.key(1), (2, 5), 0, tiny_cfg.vocab_size)
+    mask = jnp.array([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    full = forward(tiny_params, tokens, tiny_cfg, mask=mask)
+    last = forward(tiny_params, tokens, tiny_cfg, mask=mask, last_only=True)
+    assert last.shape == (2, 1, tiny_cfg.vocab_size)
+    np.testing.assert_allclose(last, full[:, -1:], atol=1e-6)

@@ -175,7 +175,7 @@ def token_string(tokenizer, i: int) -> str:
 @functools.partial(jax.jit, static_argnames=("cfg", "slots"))
 def _prefill_one(params, tokens, mask, lora, *, cfg: ModelConfig, slots: int):
     cache = init_cache(cfg, tokens.shape[0], slots)
-    logits, cache = forward(params, tokens, cfg, lora=lora, cache=cache, mask=mask)
+    logits, cache = forward(params, tokens, cfg, lora=lora, cache=cache, mask=mask, last_only=True)
     return jax.nn.log_softmax(logits[:, -1], axis=-1), cache
 
 

@@ -71,10 +71,12 @@ def rows_lora(lora: LoRA) -> LoRA:
     )
 
 
-def _forward_rows(params, tokens_BT, cfg, lora, cache, mask_BT):
+def _forward_rows(params, tokens_BT, cfg, lora, cache, mask_BT, last_only=False):
     """`forward` where `lora` is None, one adapter for all rows, or per-row adapters in the
     `rows_lora` layout (the base weights are shared, each row adds its own low-rank update)."""
-    return forward(params, tokens_BT, cfg, lora=lora, cache=cache, mask=mask_BT)
+    return forward(
+        params, tokens_BT, cfg, lora=lora, cache=cache, mask=mask_BT, last_only=last_only
+    )
 
 
 def edge_prefill(
@@ -83,7 +85,7 @@ def edge_prefill(
     """Prompt [B, P] through the edge. Returns (state at step 0, logits [B, V] of token 0)."""
     B, P = tokens.shape
     cache = init_cache(cfg, B, P + max_new_tokens)
-    logits, cache = _forward_rows(params, tokens, cfg, lora, cache, mask)
+    logits, cache = _forward_rows(params, tokens, cfg, lora, cache, mask, last_only=True)
     state = DecodeState(
         cache=cache,
         token=tokens[:, -1],
