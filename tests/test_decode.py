@@ -115,7 +115,7 @@ def test_temperature_zero_is_argmax():
 
 
 @pytest.mark.parametrize("fuse", [True, False])
-def test_unstacked_layers_equal_scanned(fuse, tiny_cfg, tiny_params):
+def test_unstacked_layers_equal_scanned(fuse, tiny_cfg):
     """The decode layout (per-layer dicts, q/k/v and gate/up fused) gives the scanned logits,
     with q/k/v biases and a LoRA on projections inside and outside the fused groups."""
     cfg = dataclasses.replace(tiny_cfg, qkv_bias=True)

@@ -42,23 +42,26 @@ def timeit(fn, *, repeats: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def timeit_paired(fn_a, fn_b, *, repeats: int = 5, warmup: int = 1, pause: float = 0.05):
-    """Median wall seconds of `fn_a()` and of `fn_b()`, called alternately (a, b, a, b, ...).
+def timeit_alternating(*fns, repeats: int = 5, warmup: int = 1, pause: float = 0.05):
+    """Median wall seconds of each `fn()` (each must block on its own results), calling them in
+    turn (a, b, ..., a, b, ...). Returns a list, one median per fn.
 
-    Comparisons run this way so that both sides see the same machine: on a shared CPU the
-    speed drifts over minutes. `pause` seconds between calls let one side's worker threads
-    (PyTorch's OpenMP pool spin-waits after a call) go idle before the other side starts.
+    Comparisons run this way so that every side sees the same machine: on a shared CPU the
+    speed drifts over minutes, and back-to-back blocks would measure the drift. `pause` seconds
+    before each call let the previous side's worker threads (PyTorch's OpenMP pool spin-waits
+    after a call) go idle.
     """
     for _ in range(warmup):
-        fn_a(), fn_b()
-    ta, tb = [], []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, out in ((fn_a, ta), (fn_b, tb)):
+        for fn, out in zip(fns, times, strict=True):
             time.sleep(pause)
             t0 = time.perf_counter()
             fn()
             out.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
+    return [statistics.median(t) for t in times]
 
 
 def machine() -> str:

@@ -20,7 +20,7 @@ from experiments.benchmarks._util import (
     machine,
     matmul_gflops,
     print_table,
-    timeit_paired,
+    timeit_alternating,
 )
 
 
@@ -69,9 +69,7 @@ def run(quick: bool = False) -> list[dict]:
             with torch.no_grad():
                 return hf.generate(ids_t, **kw)[:, prompt_len:]
 
-        # Alternating calls, so both sides see the same machine: on a shared CPU the speed of
-        # either drifts by 2x within minutes, and back-to-back blocks would measure the drift.
-        t_fj, t_hf = timeit_paired(run_fj, run_hf, repeats=repeats)
+        t_fj, t_hf = timeit_alternating(run_fj, run_hf, repeats=repeats)
         agree = float((np.asarray(run_fj()) == run_hf().numpy()).mean())
         fj_tps, hf_tps = batch * new / t_fj, batch * new / t_hf
         rows.append(

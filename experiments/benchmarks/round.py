@@ -29,14 +29,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchmarks._util import FJ_REF, machine, matmul_gflops, print_table
+from experiments.benchmarks._util import (
+    FJ_REF,
+    machine,
+    matmul_gflops,
+    print_table,
+    timeit_alternating,
+)
 from floe_jax.federated.rounds import FedConfig, fedavg, init_server_state, run_round
 from floe_jax.federated.types import ClientData
 from floe_jax.model import init_params
@@ -225,19 +229,12 @@ def run(quick: bool = False, torch_threads: tuple[int, ...] | None = None) -> li
         toks = _tokens(w)
         impls = [("floe_jax", _jax_round(w, toks))]
         impls += [(f"torch+peft {th} thr", _torch_round(w, toks, th)) for th in torch_threads]
-        impls[0][1]()  # compile
-        # Rounds alternate between the implementations (fj, torch, torch, fj, ...), so every
-        # side sees the same machine: on a shared CPU speed drifts by up to 2x over minutes.
-        times = {impl: [] for impl, _ in impls}
-        for _ in range(repeats):
-            for impl, one in impls:
-                time.sleep(0.2)  # let the other side's worker threads go idle
-                t0 = time.perf_counter()
-                one()
-                times[impl].append(time.perf_counter() - t0)
+        impls[0][1]()  # compile (a whole PyTorch warm-up round would double the run time)
+        medians = timeit_alternating(
+            *(one for _, one in impls), repeats=repeats, warmup=0, pause=0.2
+        )
         mine = []
-        for impl, _ in impls:
-            sec = statistics.median(times[impl])
+        for (impl, _), sec in zip(impls, medians, strict=True):
             mine.append(
                 {
                     "workload": w.name,
