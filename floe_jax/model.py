@@ -215,7 +215,7 @@ def _projections(cfg, x, lp, names, lora_l):
     """`x @ W_m (+ b_m) (+ LoRA_m)` for each projection m in `names` (which read the same x),
     through one matmul when `lp` holds the group fused (see `unstack_layers`)."""
     fused = "+".join(names)
-    if fused in lp:
+    if len(names) > 1 and fused in lp:
         ends = np.cumsum([cfg.proj_shape(m)[1] for m in names])[:-1]
         ys = jnp.split(_linear(x, lp[fused]), ends, axis=-1)
     else:
