@@ -71,21 +71,13 @@ def rows_lora(lora: LoRA) -> LoRA:
     )
 
 
-def _forward_rows(params, tokens_BT, cfg, lora, cache, mask_BT, last_only=False):
-    """`forward` where `lora` is None, one adapter for all rows, or per-row adapters in the
-    `rows_lora` layout (the base weights are shared, each row adds its own low-rank update)."""
-    return forward(
-        params, tokens_BT, cfg, lora=lora, cache=cache, mask=mask_BT, last_only=last_only
-    )
-
-
 def edge_prefill(
     params, tokens, mask, done, key, cfg: ModelConfig, *, max_new_tokens: int, lora=None
 ) -> tuple[DecodeState, jax.Array]:
     """Prompt [B, P] through the edge. Returns (state at step 0, logits [B, V] of token 0)."""
     B, P = tokens.shape
     cache = init_cache(cfg, B, P + max_new_tokens)
-    logits, cache = _forward_rows(params, tokens, cfg, lora, cache, mask, last_only=True)
+    logits, cache = forward(params, tokens, cfg, lora=lora, cache=cache, mask=mask, last_only=True)
     state = DecodeState(
         cache=cache,
         token=tokens[:, -1],
@@ -99,8 +91,7 @@ def edge_prefill(
 
 def edge_advance(params, state: DecodeState, cfg: ModelConfig, *, lora=None):
     """Feeds `state.token` to the edge. Returns (state with the cache advanced, logits [B, V])."""
-    ones = jnp.ones((state.token.shape[0], 1), jnp.int32)
-    logits, cache = _forward_rows(params, state.token[:, None], cfg, lora, state.cache, ones)
+    logits, cache = forward(params, state.token[:, None], cfg, lora=lora, cache=state.cache)
     return dataclasses.replace(state, cache=cache), logits[:, 0]
 
 
