@@ -7,6 +7,7 @@ remaining arguments. The logic each handler calls lives in floe_jax or in an exp
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from floe_jax.config import ConfigError
@@ -22,9 +23,24 @@ def _bench(argv: list[str]) -> int:
     )
     p.add_argument("names", nargs="*", help="benchmarks to run (default: all)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="trace each benchmark with jax.profiler into DIR/NAME and print floe_jax's XLA "
+        "time per op (fusion, dot, ...) summed over the run",
+    )
     args = p.parse_args(argv)
     for name in args.names or benchmarks.available():
-        benchmarks.run(name, quick=args.quick)
+        if args.profile is None:
+            benchmarks.run(name, quick=args.quick)
+            continue
+        from experiments.benchmarks._profile import op_table, traced
+        from experiments.benchmarks._util import print_table
+
+        out = os.path.join(args.profile, name)
+        with traced(out):
+            benchmarks.run(name, quick=args.quick)
+        print_table(op_table(out), title=f"{name}: XLA time per op (trace in {out})")
     return 0
 
 
