@@ -262,6 +262,7 @@ def measure_cost_table(
       key: PRNG key for weights, adapters and tokens; default `jax.random.key(0)`.
       progress: optional callable receiving each finished `CostEntry`.
     """
+    from floe_jax.decode import greedy
     from floe_jax.lora import init_lora
     from floe_jax.model import forward, init_cache, init_params
 
@@ -282,7 +283,7 @@ def measure_cost_table(
 
     def decode(params, lora, tok, cache):
         logits, cache = forward(params, tok, model_cfg, lora=lora, cache=cache)
-        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+        nxt = greedy(logits[:, -1])[:, None]  # as `generate` picks it
         # Rewind the cache index so every timed step sees the same `context` filled slots.
         cache = dataclasses.replace(cache, index=cache.index - 1, pos=cache.pos - 1)
         return nxt, cache

@@ -12,6 +12,7 @@ from floe_jax.decode import (
     SamplingConfig,
     bucket_length,
     generate,
+    greedy,
     pad_prompts,
     sample_logits,
     stream,
@@ -112,6 +113,19 @@ def test_temperature_zero_is_argmax():
     logits = jax.random.normal(jax.random.key(0), (3, 17))
     out = sample_logits(logits, jax.random.key(1), SamplingConfig())
     np.testing.assert_array_equal(np.asarray(out), np.argmax(np.asarray(logits), -1))
+
+
+def test_greedy_matches_argmax_on_ties_infs_and_nans():
+    """`greedy` (max, then the smallest index at it) picks what `jnp.argmax` picks."""
+    z = np.random.default_rng(0).standard_normal((6, 50)).astype(np.float32)
+    z[1, [7, 30]] = 9.0  # tie: the first index
+    z[2, [9, 4]] = np.nan  # NaN wins, the first one
+    z[3] = -np.inf  # all -inf: index 0
+    z[4, [8, 5]] = np.inf  # +inf tie
+    z[5, 49] = 1e30  # the last index
+    got = np.asarray(jax.jit(greedy)(jnp.asarray(z)))
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(z), -1)))
+    assert got.tolist() == [got[0], 7, 4, 0, 5, 49] and got.dtype == np.int32
 
 
 @pytest.mark.parametrize("fuse", [True, False])
