@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from floe_jax.config import LoRAConfig, ModelConfig
-from floe_jax.federated.aggregate import Aggregated
+from floe_jax.federated import rounds
+from floe_jax.federated.aggregate import Aggregated, aggregate_traced, make_rule
 from floe_jax.federated.client import (
     local_update,
     local_update_clients,
@@ -289,6 +290,109 @@ def test_base_delta_from_rule_is_folded_into_the_base(tiny_cfg, tiny_params):
     state, _ = step(state, tiny_params, data)
     state, _ = step(state, tiny_params, data)
     np.testing.assert_allclose(np.asarray(state.base_delta["q_proj"]), 0.02, rtol=1e-6)
+
+
+def test_frozen_factor_never_moves_and_the_other_trains_as_before(tiny_cfg, tiny_params):
+    """FFA-LoRA's local update: A stays bit-identical (weight decay included) while B's first
+    AdamW step equals the unfrozen update's (per-parameter optimizer, same gradient for B)."""
+    lora = _lora(tiny_cfg, 4, 0)
+    lora = dataclasses.replace(lora, b=jax.tree.map(lambda x: x + 0.1, lora.b))  # A gets grads
+    one = _batches(jax.random.key(1), tiny_cfg.vocab_size, s=1)
+    run = lambda frozen: local_update(tiny_params, lora, one, cfg=tiny_cfg, opt=OPT, frozen=frozen)
+    ffa, _ = run(("a",))
+    free, _ = run(())
+    for m in lora.a:
+        np.testing.assert_array_equal(np.asarray(ffa.a[m]), np.asarray(lora.a[m]))
+        assert np.any(np.asarray(free.a[m]) != np.asarray(lora.a[m]))  # it would have moved
+        np.testing.assert_allclose(np.asarray(ffa.b[m]), np.asarray(free.b[m]), atol=1e-7)
+    with pytest.raises(ValueError, match="'c'"):
+        run(("c",))
+
+
+def _spied_rounds(monkeypatch, tiny_cfg, tiny_params, fed, n_rounds, **state_kw):
+    """Runs `n_rounds` of `round_step` eagerly, recording each round's (start, trained)."""
+    seen = []
+    real = rounds.local_update_clients
+
+    def spy(params, loras, batches, **kw):
+        out = real(params, loras, batches, **kw)
+        seen.append((loras, out[0]))
+        return out
+
+    monkeypatch.setattr(rounds, "local_update_clients", spy)
+    data = client_data(_client_examples(tiny_cfg.vocab_size, n_clients=4))
+    state = init_server_state(tiny_cfg, fed, **state_kw)
+    states, metrics = [state], []
+    for _ in range(n_rounds):
+        state, m = round_step(
+            state, tiny_params, data, cfg=tiny_cfg, fed=fed, aggregate_fn=aggregate_traced
+        )
+        states.append(state)
+        metrics.append(m)
+    return states, metrics, seen
+
+
+def test_fedsa_clients_keep_their_own_b_between_rounds(monkeypatch, tiny_cfg, tiny_params):
+    fed = dataclasses.replace(ROUND_FED, aggregation="fedsa", clients_per_round=3)
+    states, metrics, seen = _spied_rounds(
+        monkeypatch, tiny_cfg, tiny_params, fed, 2, ranks=[8, 4, 8, 2]
+    )
+    s0, s1 = states[0], states[1]
+    assert set(s0.personal) == {"b"} and fed.aggregation == "fedsa"
+    assert all(np.all(np.asarray(v) == 0) for v in s0.personal["b"].values())  # LoRA's B init
+    ids1, ids2 = (np.asarray(m["client_ids"]) for m in metrics)
+    assert bool(np.all(metrics[0]["included"]))
+    for m in s1.personal["b"]:
+        own = np.asarray(s1.personal["b"][m])
+        # round 1: each sampled client keeps the B it trained; the others keep theirs (zeros)
+        np.testing.assert_array_equal(own[ids1], np.asarray(seen[0][1].b[m]))
+        rest = np.setdiff1d(np.arange(4), ids1)
+        assert np.all(own[rest] == 0)
+        # personal, not averaged: two clients' B differ
+        assert np.any(own[ids1[0]] != own[ids1[1]])
+        # round 2 starts every sampled client from its own B and the new global A
+        start2 = seen[1][0]
+        np.testing.assert_array_equal(
+            np.asarray(start2.b[m]), own[ids2] * start2.mask[m][..., None]
+        )
+        g_a = np.asarray(s1.global_loras.a[m][0])
+        np.testing.assert_array_equal(
+            np.asarray(start2.a[m]), g_a[None] * np.asarray(start2.mask[m])[:, :, None, :]
+        )
+    # The fedavg path is unchanged by this: no personal state.
+    assert init_server_state(tiny_cfg, ROUND_FED, ranks=[8] * 4).personal is None
+
+
+def test_ffa_round_trains_b_only(monkeypatch, tiny_cfg, tiny_params):
+    fed = dataclasses.replace(ROUND_FED, aggregation="ffa", clients_per_round=2)
+    states, _, seen = _spied_rounds(monkeypatch, tiny_cfg, tiny_params, fed, 1, ranks=[8] * 4)
+    start, trained = seen[0]
+    for m in start.a:
+        np.testing.assert_array_equal(np.asarray(trained.a[m]), np.asarray(start.a[m]))
+        assert np.any(np.asarray(trained.b[m]) != np.asarray(start.b[m]))
+        np.testing.assert_allclose(  # the shared A is still the initial one
+            np.asarray(states[1].global_loras.a[m]),
+            np.asarray(states[0].global_loras.a[m]),
+            atol=1e-6,
+        )
+    assert states[1].personal is None
+
+
+def test_hetlora_pruned_rank_is_kept_for_the_next_round(tiny_cfg, tiny_params):
+    rule = make_rule("hetlora", prune_threshold=0.9)  # keep few slots: most tail energy may go
+
+    def pruning(method, loras, *, weights, ranks):
+        return rule.apply(rule.init(loras, key=None), loras, weights, ranks)[0]
+
+    data = client_data(_client_examples(tiny_cfg.vocab_size, n_clients=4))
+    fed = dataclasses.replace(ROUND_FED, aggregation="hetlora", clients_per_round=4)
+    state = init_server_state(tiny_cfg, fed, ranks=[8] * 4)
+    new, m = round_step(state, tiny_params, data, cfg=tiny_cfg, fed=fed, aggregate_fn=pruning)
+    ranks = np.asarray(new.ranks)
+    assert np.all(ranks >= 1) and np.all(ranks < 8), ranks  # every client pruned, none to zero
+    assert bool(np.all(m["included"]))
+    again, _ = round_step(new, tiny_params, data, cfg=tiny_cfg, fed=fed, aggregate_fn=pruning)
+    assert np.all(np.asarray(again.ranks) <= ranks)  # a pruned client never grows back
 
 
 # ----------------------------------------------------------------------------- memory

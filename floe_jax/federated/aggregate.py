@@ -29,10 +29,13 @@ Rules (what each client sends up / receives down; bytes count live float32 param
   `base_delta` for every client to fold into its *base weights* (the base model changes each
   round); adapters restart fresh (A random, B zero) from the rule state's key. Up: A_k, B_k.
   Down: the stacked factors of every included client (Σ_j live_j (I + O) each).
-- `fedsa` — FedSA-LoRA (Guo et al., ICLR 2025): average A only; B stays on the client. Up: A_k.
-  Down: A. The global adapter's B is the weighted average of B, for evaluation only (never sent).
-- `ffa` — FFA-LoRA (Sun et al., ICLR 2024): A frozen at the shared init; average B only, with
-  scales folded in (`B = Σ p_k (s_k / s) B_k`), exact when A is shared. Up: B_k. Down: B.
+- `fedsa` — FedSA-LoRA (Guo et al., ICLR 2025): average A only; B stays on the client (a
+  federated round keeps each client's B in the server state's `personal` and starts the client
+  from it). Up: A_k. Down: A. The global adapter's B is the weighted average of B, for
+  evaluation only (never sent).
+- `ffa` — FFA-LoRA (Sun et al., ICLR 2024): A frozen at the shared init (clients train B only);
+  average B only, with scales folded in (`B = Σ p_k (s_k / s) B_k`), exact when A is shared.
+  Up: B_k. Down: B.
 - `fedex` — FedEx-LoRA (Singhal et al., 2025): FedIT's A and B, plus the residual
   `Σ p_k ΔW_k − s A B` in `base_delta`: exact overall. Up: A_k, B_k. Down: A, B and the dense
   residual I x O of every adapted (layer, module).
@@ -104,10 +107,16 @@ class Aggregated:
 
 class Rule(NamedTuple):
     """An aggregation rule: `init(client_loras, *, key) -> state` and
-    `apply(state, client_loras, weights, ranks) -> (Aggregated, state)`."""
+    `apply(state, client_loras, weights, ranks) -> (Aggregated, state)`.
+
+    `personal` names the factors (`"a"`, `"b"`) that stay on the client between rounds: a
+    federated round starts each client from its own copy of them, not the global one (FedSA's
+    B). `frozen` names the factors clients never train (FFA's A)."""
 
     init: Callable
     apply: Callable
+    personal: tuple[str, ...] = ()
+    frozen: tuple[str, ...] = ()
 
 
 _RULES: dict[str, Callable[..., Rule]] = {}
@@ -133,6 +142,15 @@ def make_rule(method: str, **options) -> Rule:
     if method not in _RULES:
         raise AggregationError(f"unknown aggregation method {method!r}; known: {available_rules()}")
     return _RULES[method](**options)
+
+
+def client_roles(method: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """`(personal, frozen)` factors of rule `method` (see `Rule`); `((), ())` for a name that is
+    not registered (a caller's own aggregation function)."""
+    if method not in _RULES:
+        return (), ()
+    rule = make_rule(method)
+    return rule.personal, rule.frozen
 
 
 def exclusion_reasons(reason) -> list[str]:
@@ -574,7 +592,7 @@ def _fedsa_apply(state, client_loras, weights, ranks, *, max_norm):
 @register_rule("fedsa")
 def fedsa(*, max_norm: float = math.inf) -> Rule:
     """FedSA-LoRA: A averaged and shared, B personal."""
-    return Rule(_no_state, functools.partial(_fedsa_apply, max_norm=max_norm))
+    return Rule(_no_state, functools.partial(_fedsa_apply, max_norm=max_norm), personal=("b",))
 
 
 def _ffa_apply(state, client_loras, weights, ranks, *, max_norm):
@@ -606,7 +624,7 @@ def _ffa_apply(state, client_loras, weights, ranks, *, max_norm):
 @register_rule("ffa")
 def ffa(*, max_norm: float = math.inf) -> Rule:
     """FFA-LoRA: A frozen at the shared init, B averaged with scales folded in (exact)."""
-    return Rule(_no_state, functools.partial(_ffa_apply, max_norm=max_norm))
+    return Rule(_no_state, functools.partial(_ffa_apply, max_norm=max_norm), frozen=("a",))
 
 
 # ----------------------------------------------------------------------------- FedEx-LoRA

@@ -97,6 +97,7 @@ def local_update(
     cfg: ModelConfig,
     opt: optax.GradientTransformation,
     key: jax.Array | None = None,
+    frozen: tuple[str, ...] = (),
 ) -> tuple[LoRA, dict]:
     """Trains one client's adapter for S local steps (a `lax.scan`).
 
@@ -108,6 +109,8 @@ def local_update(
       opt: optimizer over `lora.trainable()` (static); a fresh state each call, as a client does.
       key: PRNG key; the loss is deterministic (no dropout), so it is reserved for stochastic
         extensions and may be None.
+      frozen: factors (`"a"`, `"b"`) that stay as they are (FFA-LoRA trains B only): no gradient
+        is formed for them and the optimizer (weight decay included) never moves them.
 
     Returns:
       `(lora, metrics)`: the trained adapter (padded slots exactly zero) and metric *sums*:
@@ -120,7 +123,12 @@ def local_update(
     xs = (batches["tokens"], batches["mask"], loss_mask)
     train0 = lora.trainable()
 
+    unknown = set(frozen) - set(train0)
+    if unknown:
+        raise ValueError(f"frozen={frozen!r}: {sorted(unknown)} not among {sorted(train0)}")
+
     def loss_of(train, tok, msk, lm):
+        train = {k: jax.lax.stop_gradient(v) if k in frozen else v for k, v in train.items()}
         s, n = token_loss(params, lora.with_trainable(train), tok, msk, lm, cfg=cfg)
         return s / jnp.maximum(n, 1.0), (s, n)
 
@@ -129,6 +137,7 @@ def local_update(
         (_, (s, n)), g = jax.value_and_grad(loss_of, has_aux=True)(train, *batch)
         updates, new_opt_state = opt.update(g, opt_state, train)
         new_train = optax.apply_updates(train, updates)
+        new_train = {k: train[k] if k in frozen else v for k, v in new_train.items()}
         new_train = freeze_padding(lora.with_trainable(new_train)).trainable()
         live = n > 0  # a padded step (short client) changes nothing, optimizer count included
         carry = (_tree_where(live, new_train, train), _tree_where(live, new_opt_state, opt_state))
@@ -156,6 +165,7 @@ def local_update_clients(
     opt: optax.GradientTransformation,
     keys: jax.Array,
     client_chunk: int = 1,
+    frozen: tuple[str, ...] = (),
 ) -> tuple[LoRA, dict]:
     """`local_update` over C clients; the base is broadcast, never copied per client.
 
@@ -163,7 +173,7 @@ def local_update_clients(
       params: frozen base params (shared: `in_axes=None`).
       loras: [C] stacked starting adapters.
       batches: every leaf with a leading C axis ([C, S, B, T]).
-      cfg, opt: as in `local_update` (static).
+      cfg, opt, frozen: as in `local_update` (static).
       keys: [C] PRNG keys.
       client_chunk: 0 vmaps all C clients at once; k > 0 runs `jax.lax.map(..., batch_size=k)`,
         k clients vmapped at a time (less activation memory).
@@ -182,7 +192,7 @@ def local_update_clients(
     """
 
     def one(params, lora, batch, key):
-        return local_update(params, lora, batch, cfg=cfg, opt=opt, key=key)
+        return local_update(params, lora, batch, cfg=cfg, opt=opt, key=key, frozen=frozen)
 
     if client_chunk <= 0:
         return jax.vmap(one, in_axes=(None, 0, 0, 0))(params, loras, batches, keys)

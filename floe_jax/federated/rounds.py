@@ -23,7 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from floe_jax.config import ConfigError, LoRAConfig, ModelConfig, normalize_targets
-from floe_jax.federated.aggregate import Aggregated, aggregate_traced, available_rules
+from floe_jax.federated.aggregate import (
+    Aggregated,
+    aggregate_traced,
+    available_rules,
+    client_roles,
+)
 from floe_jax.federated.client import local_update_clients, make_optimizer, token_loss
 from floe_jax.federated.types import ClientData
 from floe_jax.lora import LoRA, init_lora, rank_mask
@@ -150,6 +155,11 @@ class ServerState:
       ranks: int32 [N] each client's true LoRA rank (<= R).
       base_delta: `{module: [L, I, O]}` accumulated into the base by rules that fold updates into
         the base weights (FLoRA, FedEx-LoRA), or None when the rule never does.
+      personal: `{"b": {module: [N, L, R, O]}}` (or `"a"`) every client's own copy of the factors
+        the rule keeps on the client between rounds (FedSA-LoRA's B), or None when it keeps
+        none. It starts at the client's cluster's initial factors (B = 0: LoRA's init); a round
+        starts each sampled client from it and stores back what an included client trained.
+        (On a real deployment it lives on the devices; the simulation keeps it here.)
       round: int32 [], rounds done.
       key: uint32 [2] raw PRNG key; round r uses `fold_in(key, r)`.
     """
@@ -158,6 +168,7 @@ class ServerState:
     assignment: jax.Array
     ranks: jax.Array
     base_delta: dict | None
+    personal: dict | None
     round: jax.Array
     key: jax.Array
 
@@ -246,11 +257,17 @@ def init_server_state(
     base_delta = None
     if out.base_delta is not None:
         base_delta = {m: jnp.zeros(s.shape, jnp.float32) for m, s in out.base_delta.items()}
+    personal_factors, _ = client_roles(fed.aggregation)
+    personal = {
+        f: {m: v[jnp.asarray(assignment)] for m, v in getattr(global_loras, f).items()}
+        for f in personal_factors
+    } or None
     return ServerState(
         global_loras=global_loras,
         assignment=jnp.asarray(assignment),
         ranks=jnp.asarray(ranks),
         base_delta=base_delta,
+        personal=personal,
         round=jnp.zeros((), jnp.int32),
         key=key,
     )
@@ -275,6 +292,19 @@ def _client_start(global_loras: LoRA, cluster_C, rank_C, fed: FedConfig) -> LoRA
         mask=mask,
         scale=scale,
     )
+
+
+def _with_personal(start: LoRA, personal: dict | None, ids_C) -> LoRA:
+    """`start` with the factors in `personal` replaced by clients `ids_C`'s own copies (masked
+    to each client's live slots, as `_client_start` masks the global ones)."""
+    if personal is None:
+        return start
+    a, b = dict(start.a), dict(start.b)
+    for m in personal.get("a", {}):
+        a[m] = personal["a"][m][ids_C] * start.mask[m][:, :, None, :]
+    for m in personal.get("b", {}):
+        b[m] = personal["b"][m][ids_C] * start.mask[m][:, :, :, None]
+    return dataclasses.replace(start, a=a, b=b)
 
 
 def effective_params(params: dict, base_delta: dict | None) -> dict:
@@ -368,8 +398,11 @@ def round_step(
     ids_C = jax.random.choice(k_sample, N, (C,), replace=False)
     cluster_C, rank_C = state.assignment[ids_C], state.ranks[ids_C]
 
+    personal_factors, frozen_factors = client_roles(fed.aggregation)
     base = effective_params(params, state.base_delta)
-    start = _client_start(state.global_loras, cluster_C, rank_C, fed)
+    start = _with_personal(
+        _client_start(state.global_loras, cluster_C, rank_C, fed), state.personal, ids_C
+    )
     batches = _sample_batches(data, ids_C, jax.random.split(k_data, C), S, B)
     trained, cm = local_update_clients(
         base,
@@ -379,6 +412,7 @@ def round_step(
         opt=fed.opt,
         keys=jax.random.split(k_train, C),
         client_chunk=fed.client_chunk,
+        frozen=frozen_factors,
     )
 
     # Drop bad clients before anything is averaged: 0 * NaN is NaN, so their factors are replaced.
@@ -405,6 +439,8 @@ def round_step(
 
     globals_, included_C = [], jnp.zeros((C,), bool)
     bytes_up_C, bytes_down_C = jnp.zeros((C,)), jnp.zeros((C,))
+    ranks_after_C = rank_C  # hetlora's self-pruning may lower a client's rank
+    kept = {f: getattr(safe, f) for f in personal_factors}  # what clients keep for themselves
     base_delta = state.base_delta
     for k in range(K):  # K is small and static: one aggregation per cluster
         in_k = cluster_C == k
@@ -418,6 +454,12 @@ def round_step(
         included_C = jnp.where(in_k, agg.included & ok_C & any_k, included_C)
         bytes_up_C = jnp.where(in_k & agg.included & ok_C, agg.bytes_up, bytes_up_C)
         bytes_down_C = jnp.where(in_k, agg.bytes_down, bytes_down_C)
+        ranks_after_C = jnp.where(in_k & agg.included & ok_C, agg.ranks, ranks_after_C)
+        for f in personal_factors:
+            wk = lambda new, old, c=in_k: jnp.where(
+                c.reshape((-1,) + (1,) * (new.ndim - 1)), new, old
+            )
+            kept[f] = jax.tree.map(wk, getattr(agg.client_loras, f), kept[f])
         if agg.base_delta is not None:
             if K > 1:
                 raise ValueError(
@@ -433,8 +475,23 @@ def round_step(
                 m: base_delta[m] + jnp.where(any_k, d, 0.0) for m, d in agg.base_delta.items()
             }
     global_loras = jax.tree.map(lambda *xs: jnp.stack(xs), *globals_)
+    personal = state.personal
+    if personal is not None:  # included clients keep what they trained; the rest keep theirs
+        keep_C = included_C.reshape(-1, 1, 1, 1)
+        personal = {
+            f: {
+                m: v.at[ids_C].set(jnp.where(keep_C, kept[f][m], v[ids_C]))
+                for m, v in personal[f].items()
+            }
+            for f in personal
+        }
     new_state = dataclasses.replace(
-        state, global_loras=global_loras, base_delta=base_delta, round=state.round + 1
+        state,
+        global_loras=global_loras,
+        base_delta=base_delta,
+        personal=personal,
+        ranks=state.ranks.at[ids_C].set(ranks_after_C),
+        round=state.round + 1,
     )
 
     keep = lambda x: jnp.where(ok_C, x, 0.0)
@@ -457,7 +514,9 @@ def round_step(
     }
     if eval_data is not None:
         new_base = effective_params(params, base_delta)
-        after = _client_start(global_loras, cluster_C, rank_C, fed)
+        after = _with_personal(
+            _client_start(global_loras, cluster_C, ranks_after_C, fed), personal, ids_C
+        )
         rows = _eval_rows(eval_data, ids_C, fed.eval_batch_size)
 
         def ev(lora, r):
