@@ -314,9 +314,9 @@ def _guard(ctx: _Ctx, queries, *, action: str):
                            placeholder=ctx.preset.eval.placeholder)  # fmt: skip
     det = PrivacyDetector(policy)
     for c in sorted({q.client for q in queries}):
-        # Each client registers its own private strings: its contacts' names, and also their
-        # phones and emails (the detector's phone pattern needs >= 8 digits; the benchmark's
-        # local numbers such as 555-8458 have 7, so the pattern alone lets them through).
+        # Each client registers its own private strings: its contacts' names (which no pattern
+        # can know), and their phones and emails too (the patterns catch those as well; a
+        # registered string is matched even where its pattern would not be).
         det.register_terms(v for ct in bench.client_contacts[c] for v in ct.private_values)
     return GuardedCloud(rec, det, decode=ctx.decode, encode=ctx.encode), rec
 

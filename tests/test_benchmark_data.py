@@ -24,6 +24,7 @@ from floe_jax.data.tokenizer import (
     save_tokenizer,
     train_tokenizer,
 )
+from floe_jax.inference.privacy import PrivacyDetector
 
 SMALL = BenchmarkConfig(
     num_countries=10,
@@ -119,6 +120,16 @@ def test_private_spans_are_listed_and_present(bench):
             assert span in q.prompt
         # the asking client registered the contact's name with its detector
         assert q.private_spans[0] in bench.private_terms(q.client)
+
+
+def test_the_detector_patterns_catch_every_phone_and_email(bench):
+    """What `private_terms` leaves out (phones, emails) the PII patterns find unaided."""
+    detector = PrivacyDetector()
+    for contacts in bench.client_contacts:
+        for c in contacts:
+            text = f"Q: reach {c.name} at {c.phone} or {c.email}?"
+            found = {(x.kind, x.text) for x in detector.find(text)}
+            assert {("phone", c.phone), ("email", c.email)} <= found, text
 
 
 def test_private_values_stay_out_of_public_text_and_tokenizer_text(bench):

@@ -103,6 +103,12 @@ def test_detector_types_and_validation():
 
 
 def test_policies():
+    local = PrivacyDetector().find("ring 555-0142 or 555.0143; ssn 123-45-6789, 100 2000")
+    assert [(x.kind, x.text) for x in local] == [
+        ("phone", "555-0142"),
+        ("phone", "555.0143"),
+        ("ssn", "123-45-6789"),
+    ]  # 7-digit local numbers; not the SSN's tail, not two numbers with a space between
     text = "call 415-555-2671 about the cat"
     assert PrivacyDetector(PrivacyPolicy(action="allow")).screen(text).text == text
     assert PrivacyDetector(PrivacyPolicy(action="edge_only")).screen(text).action == "edge_only"

@@ -8,7 +8,9 @@ which finds private spans and applies the policy:
 - `redact`: replace each span by a placeholder such as `[EMAIL]`.
 - `edge_only`: send nothing; the request is decoded by the edge alone (`w = 1`).
 
-Detected types: `email`, `phone`, `card` (13-19 digits passing the Luhn check), `iban` (mod-97
+Detected types: `email`, `phone` (international, area-code and 7-digit local forms such as
+`555-0142`; a range written like `100-2000` is flagged too: the guard errs toward withholding),
+`card` (13-19 digits passing the Luhn check), `iban` (mod-97
 check), `ipv4`, `ipv6`, `ssn` (US SSN pattern), and `term` (client-registered strings such as
 contacts' names, matched case-insensitively on word boundaries).
 
@@ -45,6 +47,8 @@ _PATTERNS = {
     "phone": re.compile(
         r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])"
         r"\d{3,4}[ .-]?\d{3,4}(?!\w)"
+        # a 7-digit local number, 555-0142 or 555.0142 (a space is not enough: "100 2000")
+        r"|(?<![\w+.-])\d{3}[.-]\d{4}(?![\w]|[.-]\d)"
     ),
 }
 
