@@ -713,12 +713,13 @@ def aggregate_with_state(
     return out, state
 
 
-def aggregate_traced(method: str, client_loras: LoRA, *, weights, ranks) -> Aggregated:
+def aggregate_traced(method: str, client_loras: LoRA, *, weights, ranks, key=None) -> Aggregated:
     """`aggregate` without the host-side checks, for use inside a caller's jit (the federated
-    round, whose inputs are validated once before the loop). Rule state starts fresh each call
-    (FLoRA's fresh factors come from a fixed key)."""
+    round, whose inputs are validated once before the loop). Rule state starts fresh each call,
+    from `key` (FLoRA draws its fresh factors from it; the round passes a new key every round;
+    None means a fixed key)."""
     rule = make_rule(method)
-    state = rule.init(client_loras, key=None)
+    state = rule.init(client_loras, key=key)
     return rule.apply(state, client_loras, weights, jnp.asarray(ranks, jnp.int32))[0]
 
 

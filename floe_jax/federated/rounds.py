@@ -15,6 +15,7 @@ client, L layers, I / O widths, R padded rank.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from collections.abc import Callable
 
@@ -395,6 +396,7 @@ def round_step(
     S, B = fed.local_steps, fed.batch_size
     k_round = jax.random.fold_in(state.key, state.round)
     k_sample, k_data, k_train = jax.random.split(k_round, 3)
+    k_agg = jax.random.fold_in(k_round, 0xA66)  # apart from the split above: it stays as it was
     ids_C = jax.random.choice(k_sample, N, (C,), replace=False)
     cluster_C, rank_C = state.assignment[ids_C], state.ranks[ids_C]
 
@@ -437,6 +439,10 @@ def round_step(
     )
     weights_C = jnp.where(ok_C, cm["examples"], 0.0)
 
+    # A rule that draws random numbers (FLoRA's fresh factors) gets a new key every round, when
+    # the aggregation function takes one (`aggregate_traced` does; a caller's own may not).
+    takes_key = "key" in inspect.signature(aggregate_fn).parameters
+    agg_key = lambda k: {"key": jax.random.fold_in(k_agg, k)} if takes_key else {}
     globals_, included_C = [], jnp.zeros((C,), bool)
     bytes_up_C, bytes_down_C = jnp.zeros((C,)), jnp.zeros((C,))
     ranks_after_C = rank_C  # hetlora's self-pruning may lower a client's rank
@@ -445,7 +451,7 @@ def round_step(
     for k in range(K):  # K is small and static: one aggregation per cluster
         in_k = cluster_C == k
         w_k = jnp.where(in_k, weights_C, 0.0)
-        agg = aggregate_fn(fed.aggregation, safe, weights=w_k, ranks=rank_C)
+        agg = aggregate_fn(fed.aggregation, safe, weights=w_k, ranks=rank_C, **agg_key(k))
         any_k = jnp.sum(w_k) > 0
         old_k = jax.tree.map(lambda x, k=k: x[k], state.global_loras)
         globals_.append(
