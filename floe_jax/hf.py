@@ -39,7 +39,7 @@ from floe_jax.config import (
     normalize_targets,
 )
 from floe_jax.lora import LoRA
-from floe_jax.model import param_shapes
+from floe_jax.model import param_shapes, stack_layers
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -424,11 +424,13 @@ def save_hf(
 
     Args:
       cfg: the model config.
-      params: params of `cfg` (any dtype; written as they are).
+      params: params of `cfg` (any dtype; written as they are), canonical or in the decode
+        layout of `unstack_layers`.
       path: output folder (created).
       max_shard_bytes: when set, tensors are split into shards of at most this many bytes (a
         tensor larger than that gets a shard of its own) with `model.safetensors.index.json`.
     """
+    params = stack_layers(params, cfg)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     names = _hf_names(cfg)

@@ -170,7 +170,15 @@ def delta_weight(lora: LoRA, name: str) -> jax.Array:
 
 
 def merge_lora(params: dict, lora: LoRA) -> dict:
-    """Base params with every adapter folded in: `w + scale * a b`. Returns a new tree."""
+    """Base params with every adapter folded in: `w + scale * a b`. Returns a new tree.
+
+    Takes the canonical layout (stacked layers; `model.stack_layers` converts the decode layout).
+    """
+    if isinstance(params["layers"], tuple | list) or any("+" in k for k in params["layers"]):
+        raise ValueError(
+            "merge_lora takes canonical params (stacked layers, projections apart); these are in "
+            "the decode layout of unstack_layers: pass model.stack_layers(params, cfg)"
+        )
     layers = dict(params["layers"])
     for m in lora.a:
         p = dict(layers[m])

@@ -13,7 +13,8 @@ under one `jax.lax.scan`:
 
 `fuse_projections` (applied by `unstack_layers`, the decode layout) replaces q/k/v and gate/up by
 `"q_proj+k_proj+v_proj"` and `"gate_proj+up_proj"` entries with weights concatenated on the
-output axis; `forward` accepts either form.
+output axis; `forward` accepts either form, and `stack_layers` turns it back into the canonical
+layout (`save_hf` does so itself).
 
 Linear weights are stored `[in, out]` (transposed from PyTorch). Left-padded batches are handled
 with a token mask: position ids count real tokens only, and keys at padded slots are masked out,
@@ -104,6 +105,29 @@ def unstack_layers(params: dict, *, fuse: bool = True) -> dict:
         layers = tuple(jax.tree.map(lambda t, i=i: t[i], layers) for i in range(n))
         params = {**params, "layers": layers}
     return fuse_projections(params) if fuse else params
+
+
+def stack_layers(params: dict, cfg: ModelConfig) -> dict:
+    """The canonical layout (see the module docstring) from the decode layout of
+    `unstack_layers`: fused groups split back into their projections, per-layer dicts stacked
+    on a leading L axis. Canonical params are returned as they are."""
+
+    def unfuse(lp):
+        lp = dict(lp)
+        for group in FUSED_GROUPS:
+            fused = lp.pop("+".join(group), None)
+            if fused is not None:
+                ends = np.cumsum([cfg.proj_shape(m)[1] for m in group])[:-1]
+                parts = {k: jnp.split(v, ends, axis=-1) for k, v in fused.items()}
+                lp.update({m: {k: parts[k][i] for k in parts} for i, m in enumerate(group)})
+        return lp
+
+    layers = params["layers"]
+    if isinstance(layers, tuple | list):
+        layers = jax.tree.map(lambda *xs: jnp.stack(xs), *map(unfuse, layers))
+    else:
+        layers = unfuse(layers)
+    return {**params, "layers": layers}
 
 
 def param_shapes(cfg: ModelConfig) -> dict:

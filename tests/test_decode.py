@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,8 +18,8 @@ from floe_jax.decode import (
     sample_logits,
     stream,
 )
-from floe_jax.lora import init_lora
-from floe_jax.model import forward, init_params, unstack_layers
+from floe_jax.lora import init_lora, merge_lora
+from floe_jax.model import forward, init_params, stack_layers, unstack_layers
 
 
 def _greedy_reference(params, prompt, cfg, n, lora=None):
@@ -145,6 +146,9 @@ def test_unstacked_layers_equal_scanned(fuse, tiny_cfg):
     tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, cfg.vocab_size)
     unstacked = unstack_layers(params, fuse=fuse)
     assert ("q_proj+k_proj+v_proj" in unstacked["layers"][0]) == fuse
+    chex.assert_trees_all_equal(stack_layers(unstacked, cfg), params)  # the exact inverse
+    with pytest.raises(ValueError, match="stack_layers"):
+        merge_lora(unstacked, lora)
     np.testing.assert_allclose(
         forward(unstacked, tokens, cfg, lora=lora),
         forward(params, tokens, cfg, lora=lora),

@@ -14,7 +14,7 @@ from transformers.models.llama import modeling_llama
 
 import floe_jax.hf as hf
 from floe_jax.config import ModelConfig, RopeScaling
-from floe_jax.model import _block, apply_rope, attention, rms_norm, rope_inv_freq
+from floe_jax.model import _block, apply_rope, attention, rms_norm, rope_inv_freq, unstack_layers
 from floe_jax.model import forward as _forward
 from tests import _hf_utils as U
 
@@ -224,6 +224,9 @@ def test_save_hf_loads_in_transformers(case, tmp_path):
     cfg2, params2 = hf.load_hf(tmp_path)
     assert cfg2 == cfg
     chex.assert_trees_all_equal(params2, params)
+    # the decode layout (per-layer, q/k/v and gate/up fused) saves the same checkpoint
+    hf.save_hf(cfg, unstack_layers(params), tmp_path / "decode")
+    chex.assert_trees_all_equal(hf.load_hf(tmp_path / "decode")[1], params)
 
 
 def test_save_hf_sharded_loads_in_transformers_and_back(checkpoints, tmp_path):
