@@ -22,7 +22,7 @@ Rules (what each client sends up / receives down; bytes count live float32 param
 - `flexlora` — FlexLoRA (Bai et al., NeurIPS 2024): `ΔW = Σ p_k ΔW_k`, truncated SVD
   `U Σ Vᵀ`, client k gets `A_k = U[:, :r_k] Σ^{1/2} / √s_k`, `B_k = Σ^{1/2} V[:, :r_k]ᵀ / √s_k`
   so `s_k A_k B_k` is the best rank-r_k approximation of ΔW. Computed without forming ΔW
-  (K x K eigenproblems of the stacked factors, `_top_svd_factored`) when K < min(I, O);
+  (K x K eigenproblems of the stacked factors, `top_svd_factored`) when K < min(I, O);
   otherwise densely, from the eigendecomposition of the Gram matrix of ΔW's shorter side.
   Up: A_k, B_k. Down: A_k, B_k.
 - `flora` — FLoRA (Wang et al., NeurIPS 2024): stacking, `Σ p_k s_k A_k B_k` exactly, returned as
@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from floe_jax.federated.linalg import top_svd_dense, top_svd_factored
 from floe_jax.lora import LoRA
 
 REASON_OK = 0
@@ -362,88 +363,6 @@ def hetlora(
 # ----------------------------------------------------------------------------- FlexLoRA
 
 
-def eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Symmetric eigendecomposition `(w ascending, v)` of `x [..., K, K]`, safe inside any jit.
-
-    On CPU it goes to NumPy's LAPACK through a host callback. jaxlib 0.10.2's CPU `eigh` splits
-    a batch over XLA's intra-op thread pool and blocks the pool thread that called it until the
-    pieces finish (`jax::ParallelBatchMap`); two such calls running at once can leave every
-    thread of a small pool waiting, and the program deadlocks (seen on this project's 2-core
-    machine, FlexLoRA at 8 clients). Accelerators use `jnp.linalg.eigh`.
-    """
-    if jax.default_backend() != "cpu":
-        return jnp.linalg.eigh(x)
-    out = (jax.ShapeDtypeStruct(x.shape[:-1], x.dtype), jax.ShapeDtypeStruct(x.shape, x.dtype))
-    host = lambda a: tuple(np.linalg.eigh(np.asarray(a)))
-    return jax.pure_callback(host, out, x, vmap_method="broadcast_all")
-
-
-def _top_svd_factored(p_IK, q_KO, r: int):
-    """Top-r SVD of `p @ q` without forming it, K < min(I, O): K x K work only.
-
-    `pᵀp = E diag(d) Eᵀ` gives `p = U_p diag(√d) Eᵀ` with orthonormal `U_p = p E / √d`, so
-    `p q = U_p M` with `M = diag(√d) Eᵀ q` [K, O]; the top singular triplets of M (from `eigh` of
-    `M Mᵀ`) map back through U_p. This plays the role of the thin QR of both factors and the SVD
-    of the core in METHODS.md: the same U, Σ, V from K x K problems.
-    """
-    d, e = eigh(p_IK.T @ p_IK)
-    sd = jnp.sqrt(jnp.maximum(d, 0.0))
-    keep = sd > jnp.finfo(p_IK.dtype).eps * p_IK.shape[0] * jnp.max(sd)
-    m_KO = (sd * keep)[:, None] * (e.T @ q_KO)
-    u_core, s, v_OR = _top_svd_dense_gram(m_KO, r)  # K <= O: eigh of the K x K Gram M Mᵀ
-    u_IR = (p_IK @ e) * jnp.where(keep, 1.0 / jnp.where(keep, sd, 1.0), 0.0)[None] @ u_core
-    return u_IR, s, v_OR
-
-
-def top_eigh(x: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
-    """The r largest eigenpairs `(w [..., r] descending, v [..., K, r])` of symmetric x [..., K, K].
-
-    On CPU, LAPACK's `syevr` through SciPy computes only those r (FlexLoRA needs r = R_max of a
-    K up to the model width: over 10x faster than a full decomposition at K = 896); see `eigh`
-    for why CPU linear algebra goes through the host. Accelerators slice `jnp.linalg.eigh`.
-    """
-    K = x.shape[-1]
-    if r >= K or jax.default_backend() != "cpu":
-        w, v = eigh(x) if r >= K else jnp.linalg.eigh(x)
-        return w[..., ::-1][..., :r], v[..., ::-1][..., :r]
-
-    def host(a):
-        import scipy.linalg  # noqa: PLC0415 (a dependency of jax)
-
-        a = np.asarray(a)
-        flat = a.reshape(-1, K, K)
-        w = np.empty(flat.shape[:1] + (r,), a.dtype)
-        v = np.empty(flat.shape[:1] + (K, r), a.dtype)
-        for i, m in enumerate(flat):
-            wi, vi = scipy.linalg.eigh(m, subset_by_index=[K - r, K - 1], driver="evr")
-            w[i], v[i] = wi[::-1], vi[:, ::-1]
-        return w.reshape(a.shape[:-2] + (r,)), v.reshape(a.shape[:-2] + (K, r))
-
-    out = (
-        jax.ShapeDtypeStruct(x.shape[:-1][:-1] + (r,), x.dtype),
-        jax.ShapeDtypeStruct(x.shape[:-1] + (r,), x.dtype),
-    )
-    return jax.pure_callback(host, out, x, vmap_method="broadcast_all")
-
-
-def _top_svd_dense_gram(d_IO, r: int):
-    """Top-r SVD of a dense d with I <= O, from the top eigenpairs of `d dᵀ`."""
-    w, u = top_eigh(d_IO @ d_IO.T, r)  # descending
-    s = jnp.sqrt(jnp.maximum(w, 0.0))
-    tiny = s <= 1e-30 + jnp.finfo(d_IO.dtype).eps * s[:1] * d_IO.shape[0]
-    v = jnp.where(tiny[None], 0.0, (d_IO.T @ u) / jnp.where(tiny, 1.0, s)[None])
-    return u, jnp.where(tiny, 0.0, s), v
-
-
-def _top_svd_dense(p_IK, q_KO, r: int):
-    """Top-r SVD of `d = p @ q` from `eigh` of the Gram matrix of d's shorter side."""
-    d = p_IK @ q_KO
-    if d.shape[0] > d.shape[1]:
-        v, s, u = _top_svd_dense_gram(d.T, r)
-        return u, s, v
-    return _top_svd_dense_gram(d, r)
-
-
 def _compact(p_IK, q_KO, live_K, k: int):
     """Moves the live columns of p (rows of q) to the front and keeps the first k."""
     order = jnp.argsort(live_K <= 0, stable=True)[:k]
@@ -474,7 +393,7 @@ def _flexlora_apply(state, client_loras, weights, ranks, *, max_norm, path, tota
         def one_layer(p_IK, q_KO, live_K, k=k, r=r, factored=factored):
             if k < p_IK.shape[1]:
                 p_IK, q_KO = _compact(p_IK, q_KO, live_K, k)
-            top = _top_svd_factored if factored else _top_svd_dense
+            top = top_svd_factored if factored else top_svd_dense
             u, s, v = top(p_IK, q_KO, r)
             return u * jnp.sqrt(s)[None], jnp.sqrt(s)[:, None] * v.T
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from floe_jax.federated import aggregate as agg
+from floe_jax.federated.linalg import eigh
 from floe_jax.lora import LoRA
 
 CLUSTER_METHODS = ("spectral", "agglomerative")
@@ -90,7 +91,7 @@ def spectral_embedding(sim_CC: jax.Array, k: int) -> jax.Array:
     w = jnp.maximum(sim_CC, 0.0)
     d = jnp.maximum(w.sum(-1), 1e-12)
     lap = w / jnp.sqrt(d)[:, None] / jnp.sqrt(d)[None, :]
-    _, vec = agg.eigh(lap)
+    _, vec = eigh(lap)
     emb = vec[:, ::-1][:, :k]
     return emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
 
