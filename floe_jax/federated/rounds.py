@@ -274,10 +274,18 @@ def init_server_state(
     )
 
 
-def _client_start(global_loras: LoRA, cluster_C, rank_C, fed: FedConfig) -> LoRA:
+def _client_start(
+    global_loras: LoRA, cluster_C, rank_C, fed: FedConfig, personal: dict | None = None, ids_C=None
+) -> LoRA:
     """Each client's starting adapter: its cluster's global factors on its first r slots of the
-    configured layers, scale `alpha / r` (or `alpha / sqrt(r)`) from its true rank."""
+    configured layers, scale `alpha / r` (or `alpha / sqrt(r)`) from its true rank. With
+    `personal` (`ServerState.personal`), the factors it holds come from clients `ids_C`'s own
+    copies instead of the global ones."""
     g = jax.tree.map(lambda x: x[cluster_C], global_loras)
+    for f, own in (personal or {}).items():  # factors a client keeps for itself
+        g = dataclasses.replace(
+            g, **{f: {**getattr(g, f), **{m: v[ids_C] for m, v in own.items()}}}
+        )
     R = fed.lora_rank
     slot_CR = (jnp.arange(R)[None, :] < rank_C[:, None]).astype(jnp.float32)
     layer_L = rank_mask(fed.lora_config(rank=R), next(iter(g.a.values())).shape[1], R)[:, 0]
@@ -295,17 +303,11 @@ def _client_start(global_loras: LoRA, cluster_C, rank_C, fed: FedConfig) -> LoRA
     )
 
 
-def _with_personal(start: LoRA, personal: dict | None, ids_C) -> LoRA:
-    """`start` with the factors in `personal` replaced by clients `ids_C`'s own copies (masked
-    to each client's live slots, as `_client_start` masks the global ones)."""
-    if personal is None:
-        return start
-    a, b = dict(start.a), dict(start.b)
-    for m in personal.get("a", {}):
-        a[m] = personal["a"][m][ids_C] * start.mask[m][:, :, None, :]
-    for m in personal.get("b", {}):
-        b[m] = personal["b"][m][ids_C] * start.mask[m][:, :, :, None]
-    return dataclasses.replace(start, a=a, b=b)
+def _pick(c_C, new, old):
+    """Per client: `new`'s leaves where `c_C` [C] is true, `old`'s elsewhere."""
+    return jax.tree.map(
+        lambda n, o: jnp.where(c_C.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old
+    )
 
 
 def effective_params(params: dict, base_delta: dict | None) -> dict:
@@ -402,9 +404,7 @@ def round_step(
 
     personal_factors, frozen_factors = client_roles(fed.aggregation)
     base = effective_params(params, state.base_delta)
-    start = _with_personal(
-        _client_start(state.global_loras, cluster_C, rank_C, fed), state.personal, ids_C
-    )
+    start = _client_start(state.global_loras, cluster_C, rank_C, fed, state.personal, ids_C)
     batches = _sample_batches(data, ids_C, jax.random.split(k_data, C), S, B)
     trained, cm = local_update_clients(
         base,
@@ -430,13 +430,7 @@ def round_step(
     ok_C = jnp.all(finite_CX, axis=1) & jnp.isfinite(norm_C) & (cm["examples"] > 0)
     if fed.max_update_norm is not None:
         ok_C = ok_C & (norm_C <= fed.max_update_norm)
-    safe = start.with_trainable(
-        jax.tree.map(
-            lambda x, y: jnp.where(ok_C.reshape((-1,) + (1,) * (x.ndim - 1)), x, y),
-            tr,
-            start.trainable(),
-        )
-    )
+    safe = start.with_trainable(_pick(ok_C, tr, start.trainable()))
     weights_C = jnp.where(ok_C, cm["examples"], 0.0)
 
     # A rule that draws random numbers (FLoRA's fresh factors) gets a new key every round, when
@@ -462,10 +456,7 @@ def round_step(
         bytes_down_C = jnp.where(in_k, agg.bytes_down, bytes_down_C)
         ranks_after_C = jnp.where(in_k & agg.included & ok_C, agg.ranks, ranks_after_C)
         for f in personal_factors:
-            wk = lambda new, old, c=in_k: jnp.where(
-                c.reshape((-1,) + (1,) * (new.ndim - 1)), new, old
-            )
-            kept[f] = jax.tree.map(wk, getattr(agg.client_loras, f), kept[f])
+            kept[f] = _pick(in_k, getattr(agg.client_loras, f), kept[f])
         if agg.base_delta is not None:
             if K > 1:
                 raise ValueError(
@@ -483,14 +474,9 @@ def round_step(
     global_loras = jax.tree.map(lambda *xs: jnp.stack(xs), *globals_)
     personal = state.personal
     if personal is not None:  # included clients keep what they trained; the rest keep theirs
-        keep_C = included_C.reshape(-1, 1, 1, 1)
-        personal = {
-            f: {
-                m: v.at[ids_C].set(jnp.where(keep_C, kept[f][m], v[ids_C]))
-                for m, v in personal[f].items()
-            }
-            for f in personal
-        }
+        old = jax.tree.map(lambda v: v[ids_C], personal)
+        new = _pick(included_C, {f: kept[f] for f in personal}, old)
+        personal = jax.tree.map(lambda v, n: v.at[ids_C].set(n), personal, new)
     new_state = dataclasses.replace(
         state,
         global_loras=global_loras,
@@ -520,9 +506,7 @@ def round_step(
     }
     if eval_data is not None:
         new_base = effective_params(params, base_delta)
-        after = _with_personal(
-            _client_start(global_loras, cluster_C, ranks_after_C, fed), personal, ids_C
-        )
+        after = _client_start(global_loras, cluster_C, ranks_after_C, fed, personal, ids_C)
         rows = _eval_rows(eval_data, ids_C, fed.eval_batch_size)
 
         def ev(lora, r):
