@@ -151,8 +151,8 @@ def test_attention_matches_hf_eager_attention(case, checkpoints):
         module, t(q), t(k), t(v), additive, scaling=K**-0.5
     )
     mask = jnp.broadcast_to(jnp.asarray(causal), (B, T, T))
-    heads_first = lambda x: jnp.asarray(x).transpose(0, 2, 1, 3)  # keys/values are [B, N, S, K]
-    got = attention(jnp.asarray(q), heads_first(k), heads_first(v), mask)
+    merged = lambda x: jnp.asarray(x).transpose(0, 2, 1, 3).reshape(B * N, T, K)  # [B·N, S, K]
+    got = attention(jnp.asarray(q), merged(k), merged(v), mask)
     np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
 
 
