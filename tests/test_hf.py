@@ -154,6 +154,9 @@ def test_attention_matches_hf_eager_attention(case, checkpoints):
     merged = lambda x: jnp.asarray(x).transpose(0, 2, 1, 3).reshape(B * N, T, K)  # [B·N, S, K]
     got = attention(jnp.asarray(q), merged(k), merged(v), mask)
     np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+    # One query step against every key (a decode step takes its own matrix-vector path).
+    last = attention(jnp.asarray(q[:, -1:]), merged(k), merged(v), mask[:, -1:])
+    np.testing.assert_allclose(last, want.numpy()[:, -1:], atol=1e-5)
 
 
 @pytest.mark.parametrize("case", CASES)
