@@ -395,14 +395,20 @@ def test_hetlora_pruned_rank_is_kept_for_the_next_round(tiny_cfg, tiny_params):
     assert np.all(np.asarray(again.ranks) <= ranks)  # a pruned client never grows back
 
 
-def test_flora_rounds_restart_from_new_fresh_factors(tiny_cfg, tiny_params):
+def _forwarding_aggregate(method, loras, **kwargs):  # a caller's own rule passing kwargs on
+    return aggregate_traced(method, loras, **kwargs)
+
+
+@pytest.mark.parametrize("aggregate_fn", [aggregate_traced, _forwarding_aggregate])
+def test_flora_rounds_restart_from_new_fresh_factors(tiny_cfg, tiny_params, aggregate_fn):
     """FLoRA folds each round into the base and restarts the adapters: from a new draw each
-    round (the round passes its own key to the rule), not the same A every time."""
+    round (the round passes its own key to the rule, also through `**kwargs`), not the same A
+    every time."""
     fed = dataclasses.replace(ROUND_FED, aggregation="flora", clients_per_round=2)
     data = client_data(_client_examples(tiny_cfg.vocab_size, n_clients=4))
     state = init_server_state(tiny_cfg, fed, ranks=[8] * 4)
     step = jax.jit(
-        lambda s, p, d: round_step(s, p, d, cfg=tiny_cfg, fed=fed, aggregate_fn=aggregate_traced)
+        lambda s, p, d: round_step(s, p, d, cfg=tiny_cfg, fed=fed, aggregate_fn=aggregate_fn)
     )
     a1 = np.asarray((s1 := step(state, tiny_params, data)[0]).global_loras.a["q_proj"])
     a2 = np.asarray(step(s1, tiny_params, data)[0].global_loras.a["q_proj"])

@@ -434,8 +434,12 @@ def round_step(
     weights_C = jnp.where(ok_C, cm["examples"], 0.0)
 
     # A rule that draws random numbers (FLoRA's fresh factors) gets a new key every round, when
-    # the aggregation function takes one (`aggregate_traced` does; a caller's own may not).
-    takes_key = "key" in inspect.signature(aggregate_fn).parameters
+    # the aggregation function takes one (`aggregate_traced` does, and so does one that takes
+    # `**kwargs`; a caller's own with a fixed signature may not).
+    takes_key = any(
+        p.name == "key" or p.kind is p.VAR_KEYWORD
+        for p in inspect.signature(aggregate_fn).parameters.values()
+    )
     agg_key = lambda k: {"key": jax.random.fold_in(k_agg, k)} if takes_key else {}
     globals_, included_C = [], jnp.zeros((C,), bool)
     bytes_up_C, bytes_down_C = jnp.zeros((C,)), jnp.zeros((C,))
