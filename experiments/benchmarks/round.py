@@ -12,7 +12,9 @@ update; then zero-padded weighted averaging to the largest rank and truncation b
 Model FJ-REF: Llama, vocab 2048, hidden 256, 4 layers, 8 heads, 4 KV heads, intermediate 704,
 float32, untied; LoRA on q,k,v,o,gate,up,down, alpha 16, ranks 4/8/16/32 cycling over clients,
 AdamW lr 1e-3. Workloads: `ref` (16 clients x 4 steps x batch 8 x 128 tokens) and `xdev`
-(64 clients x 2 steps x batch 2 x 64 tokens).
+(64 clients x 2 steps x batch 2 x 64 tokens); on an accelerator (or with `FLOE_BENCH_SCALE=1`)
+also `xdev-64` and `xdev-256` (xdev's clients, 64 and 256 per round, vmapped at once), each row
+with clients per second.
 
 Utilisation printed = 4 * N_nonembedding * tokens/s / measured float32 matmul FLOP/s. 4N, not 6N:
 LoRA training runs the forward (2N) and the backward through activations (2N) of the frozen base
@@ -58,7 +60,7 @@ class Workload:
     batch: int
     seq: int
     client_chunk: int  # floe_jax client chunking on this CPU (see client.local_update_clients)
-    target: float  # wanted floe_jax / PyTorch tokens/s
+    target: float | None  # wanted floe_jax / PyTorch tokens/s
 
     @property
     def tokens(self) -> int:
@@ -69,6 +71,32 @@ WORKLOADS = (
     Workload("ref", 16, 4, 8, 128, client_chunk=1, target=1.3),
     Workload("xdev", 64, 2, 2, 64, client_chunk=8, target=3.0),
 )
+# On an accelerator: the xdev clients at 64 and 256 per round, all vmapped at once (chunk 0),
+# reported as clients per second against the PyTorch loop.
+SCALE_WORKLOADS = (
+    Workload("xdev-64", 64, 2, 2, 64, client_chunk=0, target=None),
+    Workload("xdev-256", 256, 2, 2, 64, client_chunk=0, target=None),
+)
+
+
+def workloads(quick: bool = False, scale: bool = False) -> tuple[Workload, ...]:
+    """The workloads `run` times: `ref` and `xdev` (tiny stand-ins with `quick`), then the
+    64- and 256-client scale runs when `scale`."""
+    base = WORKLOADS
+    if quick:
+        base = (
+            Workload("ref-quick", 4, 1, 2, 32, client_chunk=1, target=1.3),
+            Workload("xdev-quick", 8, 1, 2, 16, client_chunk=4, target=3.0),
+        )
+    if not scale:
+        return base
+    extra = SCALE_WORKLOADS
+    if quick:
+        extra = tuple(
+            dataclasses.replace(w, name=f"{w.name}-quick", clients=w.clients // 16, seq=16)
+            for w in extra
+        )
+    return base + extra
 
 
 def _tokens(w: Workload, seed: int = 0) -> np.ndarray:
@@ -205,27 +233,31 @@ def _torch_round(w: Workload, tokens: np.ndarray, threads: int):
 # ----------------------------------------------------------------------------- driver
 
 
-def run(quick: bool = False, torch_threads: tuple[int, ...] | None = None) -> list[dict]:
+def run(
+    quick: bool = False,
+    torch_threads: tuple[int, ...] | None = None,
+    scale: bool | None = None,
+) -> list[dict]:
     """Times one round per workload for both implementations; prints and returns the table.
 
     PyTorch runs with `torch.set_num_threads(os.cpu_count())`, and also with one thread when
     the machine has more than one core: on a machine shared with other jobs, OpenMP threads that
     spin-wait can make the multi-threaded run several times slower, and the speedup is quoted
     against the faster PyTorch configuration.
+
+    `scale` adds the 64- and 256-client runs (`SCALE_WORKLOADS`); None adds them when JAX's
+    default backend is an accelerator, or when the environment sets `FLOE_BENCH_SCALE=1`. The
+    pinned PyTorch wheel is CPU-only, so on a GPU the PyTorch loop runs on the host's CPU.
     """
-    workloads = WORKLOADS
-    if quick:
-        workloads = (
-            Workload("ref-quick", 4, 1, 2, 32, client_chunk=1, target=1.3),
-            Workload("xdev-quick", 8, 1, 2, 16, client_chunk=4, target=3.0),
-        )
+    if scale is None:
+        scale = jax.default_backend() != "cpu" or os.environ.get("FLOE_BENCH_SCALE") == "1"
     if torch_threads is None:
         torch_threads = tuple(sorted({os.cpu_count() or 1, 1}))
     repeats = 1 if quick else 2
     peak = matmul_gflops() * 1e9
     n = FJ_REF.num_nonembedding_params
     rows = []
-    for w in workloads:
+    for w in workloads(quick, scale):
         toks = _tokens(w)
         impls = [("floe_jax", _jax_round(w, toks))]
         impls += [(f"torch+peft {th} thr", _torch_round(w, toks, th)) for th in torch_threads]
@@ -242,17 +274,20 @@ def run(quick: bool = False, torch_threads: tuple[int, ...] | None = None) -> li
                     "C x S x B x T": f"{w.clients}x{w.steps}x{w.batch}x{w.seq}",
                     "round s": sec,
                     "tokens/s": w.tokens / sec,
+                    "clients/s": w.clients / sec,
                     "util (4N)": 4 * n * w.tokens / sec / peak,
                 }
             )
             print(mine[-1], flush=True)
         best_torch = min(r["round s"] for r in mine[1:])
         mine[0]["speedup"] = best_torch / mine[0]["round s"]
-        mine[0]["target"] = w.target
+        if w.target is not None:
+            mine[0]["target"] = w.target
         rows += mine
+    where = "" if jax.default_backend() == "cpu" else "; PyTorch on the host CPU"
     print_table(
         rows,
-        title=f"federated round, FJ-REF, {machine()}, matmul {peak / 1e9:.1f} GFLOP/s",
+        title=f"federated round, FJ-REF, {machine()}, matmul {peak / 1e9:.1f} GFLOP/s{where}",
     )
     return rows
 
