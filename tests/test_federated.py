@@ -6,6 +6,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from floe_jax.config import LoRAConfig, ModelConfig
@@ -307,6 +308,15 @@ def test_frozen_factor_never_moves_and_the_other_trains_as_before(tiny_cfg, tiny
         np.testing.assert_allclose(np.asarray(ffa.b[m]), np.asarray(free.b[m]), atol=1e-7)
     with pytest.raises(ValueError, match="'c'"):
         run(("c",))
+    seen = []  # the optimizer is built over B alone: no AdamW moments kept for A
+
+    def init(tree):
+        seen.append(sorted(tree))
+        return OPT.init(tree)
+
+    spy = optax.GradientTransformation(init, OPT.update)
+    local_update(tiny_params, lora, one, cfg=tiny_cfg, opt=spy, frozen=("a",))
+    assert seen == [["b"]]
 
 
 def _spied_rounds(monkeypatch, tiny_cfg, tiny_params, fed, n_rounds, **state_kw):

@@ -106,11 +106,12 @@ def local_update(
       lora: this client's starting adapter (padded to R, its mask and scale set).
       batches: tokens/mask/loss_mask [S, B, T], optional batch_mask [S] or [S, B].
       cfg: base model config (static).
-      opt: optimizer over `lora.trainable()` (static); a fresh state each call, as a client does.
+      opt: optimizer over the factors of `lora.trainable()` not in `frozen` (static); a fresh
+        state each call, as a client does.
       key: PRNG key; the loss is deterministic (no dropout), so it is reserved for stochastic
         extensions and may be None.
       frozen: factors (`"a"`, `"b"`) that stay as they are (FFA-LoRA trains B only): no gradient
-        is formed for them and the optimizer (weight decay included) never moves them.
+        is formed for them, and the optimizer never sees them (no moments, no weight decay).
 
     Returns:
       `(lora, metrics)`: the trained adapter (padded slots exactly zero) and metric *sums*:
@@ -121,15 +122,15 @@ def local_update(
     rows_SB = _row_weights(batches)
     loss_mask = batches["loss_mask"].astype(jnp.float32) * rows_SB[..., None]
     xs = (batches["tokens"], batches["mask"], loss_mask)
-    train0 = lora.trainable()
-
-    unknown = set(frozen) - set(train0)
+    full = lora.trainable()
+    unknown = set(frozen) - set(full)
     if unknown:
-        raise ValueError(f"frozen={frozen!r}: {sorted(unknown)} not among {sorted(train0)}")
+        raise ValueError(f"frozen={frozen!r}: {sorted(unknown)} not among {sorted(full)}")
+    fixed = {k: v for k, v in full.items() if k in frozen}  # no gradient, no optimizer state
+    train0 = {k: v for k, v in full.items() if k not in frozen}
 
     def loss_of(train, tok, msk, lm):
-        train = {k: jax.lax.stop_gradient(v) if k in frozen else v for k, v in train.items()}
-        s, n = token_loss(params, lora.with_trainable(train), tok, msk, lm, cfg=cfg)
+        s, n = token_loss(params, lora.with_trainable({**fixed, **train}), tok, msk, lm, cfg=cfg)
         return s / jnp.maximum(n, 1.0), (s, n)
 
     def step(carry, batch):
@@ -137,8 +138,8 @@ def local_update(
         (_, (s, n)), g = jax.value_and_grad(loss_of, has_aux=True)(train, *batch)
         updates, new_opt_state = opt.update(g, opt_state, train)
         new_train = optax.apply_updates(train, updates)
-        new_train = {k: train[k] if k in frozen else v for k, v in new_train.items()}
-        new_train = freeze_padding(lora.with_trainable(new_train)).trainable()
+        new_train = freeze_padding(lora.with_trainable({**fixed, **new_train})).trainable()
+        new_train = {k: new_train[k] for k in train}
         live = n > 0  # a padded step (short client) changes nothing, optimizer count included
         carry = (_tree_where(live, new_train, train), _tree_where(live, new_opt_state, opt_state))
         return carry, (s, n, live.astype(jnp.float32))
@@ -153,7 +154,7 @@ def local_update(
         "steps": jnp.sum(live_S),
         "examples": jnp.sum(row_live.astype(jnp.float32)),
     }
-    return lora.with_trainable(train), metrics
+    return lora.with_trainable({**fixed, **train}), metrics
 
 
 def local_update_clients(
