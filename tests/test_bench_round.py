@@ -1,6 +1,7 @@
 """`bench round`'s workloads: the issue's two, and the 64/256-client scale runs."""
 
-from experiments.benchmarks.round import WORKLOADS, workloads
+from experiments.benchmarks._util import FJ_REF
+from experiments.benchmarks.round import WORKLOADS, useful_flops, workloads
 
 
 def test_default_workloads_are_the_issues_ref_and_xdev():
@@ -16,3 +17,19 @@ def test_scale_adds_64_and_256_vmapped_clients_of_xdev_shape():
     assert all((w.steps, w.batch, w.seq, w.client_chunk) == (2, 2, 64, 0) for w in extra)
     quick = workloads(quick=True, scale=True)
     assert all(w.name.endswith("-quick") and w.clients <= 16 for w in quick)
+
+
+def test_useful_flops_by_hand_for_ref():
+    """FJ-REF per layer: q 256x256, k/v 256x128, o 256x256, gate/up 256x704, down 704x256
+    (737,280 weights, plus two norms of 256), a final norm of 256; lm_head 256x2048; 8 heads
+    of 32; I + O summed over the seven projections: 4,672."""
+    ref = WORKLOADS[0]
+    n = 4 * (737_280 + 2 * 256) + 256
+    base = 4 * n + 4 * 256 * 2048
+    attn = 12 * 8 * 32 * 4 * (128 + 1) / 2
+    lora = 6 * 4_672 * 4 * (4 + 8 + 16 + 32) / 4
+    want = 16 * 4 * 8 * 128 * (base + attn + lora)
+    got = useful_flops(FJ_REF, ref, [4, 8, 16, 32] * 4)
+    assert abs(got - want) <= 1e-9 * want
+    # Every FLOP class counts: dropping the adapters (rank 0) removes exactly their share.
+    assert abs(got - useful_flops(FJ_REF, ref, [0]) - 16 * 4 * 8 * 128 * lora) <= 1e-9 * want
