@@ -105,6 +105,11 @@ def workloads(quick: bool = False, scale: bool = False) -> tuple[Workload, ...]:
     return base + extra
 
 
+def client_ranks(w: Workload) -> list[int]:
+    """Each client's LoRA rank: `RANKS` in turn."""
+    return [RANKS[i % len(RANKS)] for i in range(w.clients)]
+
+
 def useful_flops(cfg: ModelConfig, w: Workload, ranks: list[int]) -> float:
     """Matmul FLOPs of one round's training, counted the same for every implementation: per
     token the frozen base's forward and input gradient (4 per non-embedding weight), the
@@ -144,7 +149,7 @@ def _jax_round(w: Workload, tokens: np.ndarray):
         lora_alpha=ALPHA,
     )
     params = init_params(FJ_REF, key=jax.random.key(0))
-    ranks = [RANKS[i % len(RANKS)] for i in range(w.clients)]
+    ranks = client_ranks(w)
     ones = jnp.ones(tokens.shape, jnp.float32)
     data = ClientData(
         tokens=jnp.asarray(tokens),
@@ -195,7 +200,7 @@ def _torch_round(w: Workload, tokens: np.ndarray, threads: int):
         model.add_adapter(f"r{r}", lcfg(r))
     model.train()
     r_max = max(RANKS)
-    ranks = [RANKS[i % len(RANKS)] for i in range(w.clients)]
+    ranks = client_ranks(w)
     # Server state: one global adapter at r_max (PEFT layout: lora_A [r, in], lora_B [out, r]).
     model.set_adapter(f"r{r_max}")
     glob = {
@@ -283,7 +288,7 @@ def run(
         if accelerator:  # chunking is a CPU cache measure; an accelerator vmaps every client
             w = dataclasses.replace(w, client_chunk=0)
         toks = _tokens(w)
-        useful = useful_flops(FJ_REF, w, [RANKS[i % len(RANKS)] for i in range(w.clients)])
+        useful = useful_flops(FJ_REF, w, client_ranks(w))
         impls = [("floe_jax", _jax_round(w, toks))]
         impls += [(f"torch+peft {th} thr", _torch_round(w, toks, th)) for th in torch_threads]
         impls[0][1]()  # compile (a whole PyTorch warm-up round would double the run time)
