@@ -128,9 +128,10 @@ def local_update(
         raise ValueError(f"frozen={frozen!r}: {sorted(unknown)} not among {sorted(full)}")
     fixed = {k: v for k, v in full.items() if k in frozen}  # no gradient, no optimizer state
     train0 = {k: v for k, v in full.items() if k not in frozen}
+    whole = lambda train: lora.with_trainable({**fixed, **train})  # the adapter they make up
 
     def loss_of(train, tok, msk, lm):
-        s, n = token_loss(params, lora.with_trainable({**fixed, **train}), tok, msk, lm, cfg=cfg)
+        s, n = token_loss(params, whole(train), tok, msk, lm, cfg=cfg)
         return s / jnp.maximum(n, 1.0), (s, n)
 
     def step(carry, batch):
@@ -138,7 +139,7 @@ def local_update(
         (_, (s, n)), g = jax.value_and_grad(loss_of, has_aux=True)(train, *batch)
         updates, new_opt_state = opt.update(g, opt_state, train)
         new_train = optax.apply_updates(train, updates)
-        new_train = freeze_padding(lora.with_trainable({**fixed, **new_train})).trainable()
+        new_train = freeze_padding(whole(new_train)).trainable()
         new_train = {k: new_train[k] for k in train}
         live = n > 0  # a padded step (short client) changes nothing, optimizer count included
         carry = (_tree_where(live, new_train, train), _tree_where(live, new_opt_state, opt_state))
@@ -154,7 +155,7 @@ def local_update(
         "steps": jnp.sum(live_S),
         "examples": jnp.sum(row_live.astype(jnp.float32)),
     }
-    return lora.with_trainable({**fixed, **train}), metrics
+    return whole(train), metrics
 
 
 def local_update_clients(
