@@ -5,14 +5,12 @@ corpus (see `floe_jax.data.benchmark`). One jitted AdamW step (Loshchilov & Hutt
 donated params and optimizer state, a warmup + cosine learning-rate schedule, fixed-shape batches
 (random windows of a packed token stream), metric sums fetched one step late.
 
-`pretrain_cached` keys a cache folder by a hash of the token stream, the model config and the
-training config (the stream is derived from the benchmark seed and sizes, so the key covers them),
-so a second run with the same settings loads the result instead of training.
-
-Checkpoint format: until `floe_jax.hf` (`save_hf` / `load_hf`) is on this branch, the result is
-written by `_save_checkpoint` as `config.json` (the `ModelConfig` fields) and `model.safetensors`
-(floe_jax's own param names); swap the two `_*_checkpoint` helpers for `save_hf` / `load_hf` when
-it lands.
+`pretrain_cached` keys a cache folder by a hash of the token stream, the model config, the
+training config (the stream is derived from the benchmark seed and sizes, so the key covers them)
+and the code that computes the training (`code_fingerprint`), so a second run with the same
+settings and code loads the result instead of training, and a warm cache never serves a model that
+the current code would have trained differently. A cached model is a Hugging Face checkpoint
+folder (`floe_jax.hf.save_hf`), loaded back through `load_hf`, the loader of real checkpoints.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -30,11 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from floe_jax.config import ConfigError, ModelConfig, RopeScaling
+import floe_jax.model
+from floe_jax.config import ConfigError, ModelConfig
+from floe_jax.hf import load_hf, save_hf
 from floe_jax.lora import LoRA
 from floe_jax.model import forward, init_params
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: Hugging Face checkpoint folders, code fingerprint in the key
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -231,15 +232,31 @@ def pretrain(
     return params, losses
 
 
+@functools.cache
+def code_fingerprint() -> str:
+    """A hash of what decides the numbers pretraining produces beyond its inputs: the source of
+    the model and of this module, and the jax, jaxlib and optax versions. Any edit to those files
+    (comments included) is a new cache entry: the cost is one re-pretraining, the gain is that a
+    warm cache and a fresh clone give the same models."""
+    h = hashlib.sha256()
+    for source in (floe_jax.model.__file__, __file__):
+        h.update(Path(source).read_bytes())
+    for pkg in ("jax", "jaxlib", "optax"):
+        h.update(f"{pkg}={importlib.metadata.version(pkg)};".encode())
+    return h.hexdigest()[:16]
+
+
 def cache_key(cfg: ModelConfig, tcfg: PretrainConfig, stream: np.ndarray, tag: str = "") -> str:
-    """A short hash of (token stream, model config, training config, tag, cache version)."""
+    """A short hash of (token stream, model config, training config, tag, cache version, code
+    fingerprint)."""
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(np.asarray(stream, np.int64)).tobytes())
     meta = {
-        "model": _jsonable(dataclasses.asdict(cfg)),
+        "model": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
         "train": dataclasses.asdict(tcfg),
         "tag": tag,
         "version": CACHE_VERSION,
+        "code": code_fingerprint(),
     }
     h.update(json.dumps(meta, sort_keys=True).encode())
     return h.hexdigest()[:16]
@@ -262,14 +279,14 @@ def pretrain_cached(
     path = Path(cache_dir) / f"{name}-{cache_key(cfg, tcfg, stream, tag)}"
     meta_file = path / "pretrain.json"
     if meta_file.is_file():  # written last: its presence means the folder is complete
-        cached_cfg, params = _load_checkpoint(path)
+        cached_cfg, params = load_hf(path)
         if cached_cfg != cfg:
             raise ValueError(f"{path}: cached config {cached_cfg} differs from {cfg}")
         losses = tuple(json.loads(meta_file.read_text())["losses"])
         return PretrainResult(params, True, path, losses)
     params, losses = pretrain(cfg, stream, tcfg, progress=progress, desc=f"pretrain {name}")
     tmp = path.with_name(path.name + ".tmp")
-    _save_checkpoint(cfg, params, tmp)
+    save_hf(cfg, params, tmp)
     (tmp / "pretrain.json").write_text(
         json.dumps({"train": dataclasses.asdict(tcfg), "tag": tag, "losses": losses}, indent=1)
     )
@@ -279,53 +296,3 @@ def pretrain_cached(
         shutil.rmtree(path)
     os.replace(tmp, path)
     return PretrainResult(params, False, path, tuple(losses))
-
-
-# ----------------------------------------------------------------------------- checkpoint I/O
-# Stand-ins for floe_jax.hf.save_hf / load_hf (swap when hf.py lands on this branch).
-
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
-
-
-def _jsonable(d):
-    return json.loads(json.dumps(d, default=str))
-
-
-def _flatten(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = np.asarray(v)
-    return out
-
-
-def _unflatten(flat: dict) -> dict:
-    out: dict = {}
-    for name, v in flat.items():
-        node = out
-        *parents, leaf = name.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(v)
-    return out
-
-
-def _save_checkpoint(cfg: ModelConfig, params: dict, path: str | os.PathLike) -> None:
-    from safetensors.numpy import save_file
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    save_file(_flatten(params), str(path / WEIGHTS_FILE))
-
-
-def _load_checkpoint(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
-    from safetensors.numpy import load_file
-
-    path = Path(path)
-    d = json.loads((path / CONFIG_FILE).read_text())
-    if d.get("rope_scaling") is not None:
-        d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-    return ModelConfig(**d), _unflatten(load_file(str(path / WEIGHTS_FILE)))

@@ -1,4 +1,5 @@
-"""floe_jax.pretrain: the loss falls, the cache skips training, checkpoints round trip; the demo
+"""floe_jax.pretrain: the loss falls, the cache skips training and holds Hugging Face checkpoints,
+its key follows the code; the demo
 presets and their overrides parse, bad overrides fail clearly."""
 
 import dataclasses
@@ -9,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import floe_jax.pretrain
 from floe_jax.config import ConfigError, ModelConfig
+from floe_jax.hf import load_hf
 from floe_jax.model import init_params
 from floe_jax.pretrain import (
     PretrainConfig,
-    _load_checkpoint,
-    _save_checkpoint,
     cache_key,
     lm_loss_sums,
     pretrain,
@@ -90,12 +91,21 @@ def test_cache_key_covers_data_model_and_training():
     assert k != cache_key(CFG, TCFG, s, tag="bench-seed-1")
 
 
-def test_checkpoint_round_trip(tmp_path):
-    params = init_params(CFG, key=jax.random.key(3))
-    _save_checkpoint(CFG, params, tmp_path / "ckpt")
-    cfg2, params2 = _load_checkpoint(tmp_path / "ckpt")
+def test_cache_key_follows_the_code(monkeypatch):
+    """A change to the model or training code is a new entry, never a stale model."""
+    s = _stream()
+    k = cache_key(CFG, TCFG, s)
+    monkeypatch.setattr(floe_jax.pretrain, "code_fingerprint", lambda: "edited-model-py")
+    assert cache_key(CFG, TCFG, s) != k
+
+
+def test_cached_model_is_a_hugging_face_checkpoint(tmp_path):
+    """The cache folder is written by save_hf and read back through load_hf, bit for bit."""
+    tcfg = dataclasses.replace(TCFG, steps=2, warmup_steps=1)
+    first = pretrain_cached(CFG, _stream(), tcfg, cache_dir=tmp_path, name="m", progress=False)
+    cfg2, params2 = load_hf(first.path)
     assert cfg2 == CFG
-    chex.assert_trees_all_equal(params2, params)
+    chex.assert_trees_all_equal(params2, first.params)
 
 
 def test_sample_windows_shape_and_short_stream():
