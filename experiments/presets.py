@@ -240,8 +240,9 @@ def get_preset(
 class RealPreset:
     """A real-model run (GPU/TPU): pretrained Hugging Face checkpoints from local folders and an
     instruction dataset with a task-label column, through the same demo code as the embedded
-    benchmark (`experiments.demo`). Clients hold one task each (`floe_jax.data.splits`); test
-    queries are held-out examples of each client, scored by exact match per task.
+    benchmark (`experiments.demo`). Clients hold one task each (examples of one task label,
+    drawn without replacement by `experiments.demo.setup_real`); test queries are held-out
+    examples of each client, scored by exact match per task.
 
     Attributes:
       name: the preset's name.

@@ -34,13 +34,10 @@ def _model(args, vocab_size: int):
     import jax
 
     from floe_jax.config import ModelConfig
+    from floe_jax.hf import load_hf
     from floe_jax.model import init_params
 
     if args.checkpoint:
-        try:
-            from floe_jax.hf import load_hf
-        except ImportError as e:
-            raise SystemExit(f"--checkpoint needs floe_jax.hf.load_hf ({e})") from None
         return load_hf(args.checkpoint)
     cfg = ModelConfig(
         vocab_size=vocab_size,

@@ -2,8 +2,8 @@
 
 Floe (Tian et al., arXiv 2602.14302) gives each edge device the LoRA configuration (rank, target
 modules, layers) that fits its memory and its per-token deadline. The paper does not publish its
-rule; floe_jax implements the one in METHODS.md ("Rank assignment"): per client, the largest
-configuration c, ordered by LoRA parameter count, with
+rule; floe_jax's: per client, the largest configuration c, ordered by LoRA parameter count,
+with
 
     train_mem(c)  ~ bytes(base) + activations(batch, seq, layers, width) + P_lora(c) * 16 bytes
     decode_ms(c)  ~ max(FLOPs / peak_flops, bytes moved / bandwidth)      (unmerged LoRA included)

@@ -146,8 +146,9 @@ def test_flexlora_one_or_identical_clients_returns_delta_exactly(tiny_cfg, path)
 
 
 @pytest.mark.parametrize("total_rank", [None, 14])
-def test_flexlora_truncation_is_best_rank_r_dense(clients, total_rank):
-    # K = 3 x 8 = 24 > min(I, O) for every module: the dense (eigh) path.
+def test_flexlora_truncation_is_best_rank_r(clients, total_rank):
+    # path="auto" with K = 3 x 8 = 24: dense (eigh) for k and v (min(I, O) = 16), factored for
+    # the others (min(I, O) = 32); total_rank=14 makes K = 14 < 16, factored everywhere.
     out = ag.aggregate(
         "flexlora", clients, weights=WEIGHTS, ranks=RANKS, path="auto", total_rank=total_rank
     )

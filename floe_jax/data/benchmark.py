@@ -43,8 +43,9 @@ Task families (a client's examples are mostly from one family, so clients form t
 
 Test queries: `general` over all countries; `personal` about facts the asking client's examples
 state; `both` about held-out contacts of the asking client. `score` computes exact match per
-query type. Each query lists its private spans; `Benchmark.private_terms(k)` are the names client
-`k` registers with its privacy detector (phones and emails match PII patterns).
+query type. Each query lists its private spans; `Benchmark.private_terms(k)` are client `k`'s
+contacts' names, the terms the PII patterns cannot find (the demo registers each contact's
+name, phone and email, `Contact.private_values`).
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ def top_svd_factored(p_IK, q_KO, r: int):
 
     `pᵀp = E diag(d) Eᵀ` gives `p = U_p diag(√d) Eᵀ` with orthonormal `U_p = p E / √d`, so
     `p q = U_p M` with `M = diag(√d) Eᵀ q` [K, O]; the top singular triplets of M (from `eigh` of
-    `M Mᵀ`) map back through U_p. This plays the role of the thin QR of both factors and the SVD
-    of the core in METHODS.md: the same U, Σ, V from K x K problems.
+    `M Mᵀ`) map back through U_p. This plays the role of the usual thin QR of both factors followed
+    by an SVD of the K x K core: the same U, Σ, V from K x K problems.
     """
     d, e = eigh(p_IK.T @ p_IK)
     sd = jnp.sqrt(jnp.maximum(d, 0.0))

@@ -16,8 +16,9 @@ from token strings (FuseLLM, Wan et al., 2024; PackLLM, Mavromatis et al., 2024)
    MinED), searched among tokens sharing the first character; `"none"` leaves it unmapped.
 
 Probabilities that land on one edge token are summed. Mass on unmapped cloud tokens joins the
-tail. With sparse top-k (APIs give k <= 20) the known mass sits on the listed ids and the tail
-`1 - sum(top-k)` is spread by `AlignConfig.tail`:
+tail of a sparse top-k (a dense distribution drops it and renormalises). With sparse top-k (APIs
+give k <= 20) the known mass sits on the listed ids and the tail `1 - sum(top-k)` is spread by
+`AlignConfig.tail`:
 
 - `"edge"` (default): over the unlisted edge ids in proportion to the edge model's own
   distribution, so the cloud's unknown tail keeps the edge's ranking rather than flattening it.

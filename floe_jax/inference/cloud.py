@@ -9,7 +9,7 @@ and/or token strings with log-probs, k <= 20 as proprietary APIs give). Rows fai
 
 - `LocalCloud` serves a floe_jax model: the simulated cloud of the experiments. It keeps a KV cache
   per request stream, so a prefix that extends the last one by a token costs one decode step.
-- `HTTPCloud` (in `floe_jax.inference.http`) speaks the OpenAI completions API.
+- `HTTPCloud` (in `floe_jax.inference.http_cloud`) speaks the OpenAI completions API.
 
 `SimulatedNetwork` draws round-trip times (lognormal around a mean, plus jitter, loss and a
 bandwidth term) from a seed; the generation loop runs on a `Clock`: `RealClock`, or `SimClock`

@@ -7,9 +7,10 @@ Each prefix is one `POST {base_url}/v1/completions` with `prompt` (text, or the 
 (vLLM's `return_tokens_as_token_ids`) are read as cloud ids.
 
 Requests run concurrently on a thread pool; each has a timeout and is retried with exponential
-backoff on connection errors, timeouts, 429 and 5xx. A row that still fails comes back missing
-with its reason (`CloudDistribution.errors`) and is counted in `failures`; nothing raises out of
-`next_token`, so the generation loop degrades to the edge. Standard library only.
+backoff on connection errors, timeouts and HTTP 408, 429, 500, 502, 503 and 504. A row that
+still fails comes back missing with its reason (`CloudDistribution.errors`) and is counted in
+`failures`; nothing raises out of `next_token`, so the generation loop degrades to the edge.
+Standard library only.
 """
 
 from __future__ import annotations
