@@ -25,6 +25,18 @@ FJ_REF = ModelConfig(
 )
 
 
+def fj_ref_torch(seed: int = 0):
+    """A transformers `LlamaForCausalLM` of FJ-REF's shape in float32, random weights from
+    `torch.manual_seed(seed)`: the PyTorch side of the benchmarks."""
+    import torch
+    import transformers
+
+    from floe_jax.hf import config_to_hf
+
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**config_to_hf(FJ_REF))).float()
+
+
 def block(x):
     """Waits for every array in a pytree."""
     return jax.block_until_ready(x)

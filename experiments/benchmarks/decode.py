@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from experiments.benchmarks._util import (
-    FJ_REF,
+    fj_ref_torch,
     machine,
     matmul_gflops,
     print_table,
@@ -25,14 +25,7 @@ from experiments.benchmarks._util import (
 
 
 def _hf_model(path: str):
-    import torch
-    import transformers
-
-    from floe_jax.hf import config_to_hf
-
-    torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(**config_to_hf(FJ_REF))
-    model = transformers.LlamaForCausalLM(hf_cfg).eval()
+    model = fj_ref_torch().eval()
     model.save_pretrained(path)
     return model
 

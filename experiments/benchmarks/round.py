@@ -43,6 +43,7 @@ import numpy as np
 
 from experiments.benchmarks._util import (
     FJ_REF,
+    fj_ref_torch,
     machine,
     matmul_gflops,
     print_table,
@@ -178,21 +179,9 @@ def _torch_round(w: Workload, tokens: np.ndarray, threads: int):
         get_peft_model_state_dict,
         set_peft_model_state_dict,
     )
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    hf_cfg = LlamaConfig(
-        vocab_size=FJ_REF.vocab_size,
-        hidden_size=FJ_REF.hidden_size,
-        intermediate_size=FJ_REF.intermediate_size,
-        num_hidden_layers=FJ_REF.num_layers,
-        num_attention_heads=FJ_REF.num_heads,
-        num_key_value_heads=FJ_REF.kv_heads,
-        tie_word_embeddings=False,
-        rms_norm_eps=FJ_REF.rms_norm_eps,
-    )
-    base = LlamaForCausalLM(hf_cfg).float()
+    base = fj_ref_torch()
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     lcfg = lambda r: LoraConfig(r=r, lora_alpha=ALPHA, target_modules=targets, lora_dropout=0.0)
     model = get_peft_model(base, lcfg(RANKS[0]), adapter_name=f"r{RANKS[0]}")

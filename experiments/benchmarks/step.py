@@ -26,7 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchmarks._util import FJ_REF, machine, print_table, timeit_alternating
+from experiments.benchmarks._util import (
+    FJ_REF,
+    fj_ref_torch,
+    machine,
+    print_table,
+    timeit_alternating,
+)
 from floe_jax.config import LoRAConfig
 from floe_jax.federated.client import local_update, make_optimizer, token_loss
 from floe_jax.lora import init_lora
@@ -70,25 +76,13 @@ def _torch_steps(tokens: np.ndarray, threads: int):
     """The same as `_jax_steps` with PyTorch + PEFT on `threads` threads."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    hf_cfg = LlamaConfig(
-        vocab_size=FJ_REF.vocab_size,
-        hidden_size=FJ_REF.hidden_size,
-        intermediate_size=FJ_REF.intermediate_size,
-        num_hidden_layers=FJ_REF.num_layers,
-        num_attention_heads=FJ_REF.num_heads,
-        num_key_value_heads=FJ_REF.kv_heads,
-        tie_word_embeddings=False,
-        rms_norm_eps=FJ_REF.rms_norm_eps,
-    )
     data = torch.from_numpy(tokens.astype(np.int64))
-    plain = LlamaForCausalLM(hf_cfg).float()  # `forward`: the base alone, as on floe_jax's side
+    plain = fj_ref_torch()  # `forward`: the base alone, as on floe_jax's side
     out = {}
     for name, (rank, targets) in ADAPTERS.items():
-        base = LlamaForCausalLM(hf_cfg).float()
+        base = fj_ref_torch(seed=1)
         lcfg = LoraConfig(r=rank, lora_alpha=ALPHA, target_modules=list(targets), lora_dropout=0)
         model = get_peft_model(base, lcfg)
         model.train()
