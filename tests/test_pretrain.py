@@ -1,8 +1,8 @@
-"""floe_jax.pretrain: the loss falls, the cache skips training and holds Hugging Face checkpoints,
-its key follows the code; the demo
-presets and their overrides parse, bad overrides fail clearly."""
+"""floe_jax.pretrain: the loss falls, the cache skips training, holds Hugging Face checkpoints and
+is keyed by the code; the demo presets and their overrides parse, bad overrides fail clearly."""
 
 import dataclasses
+from pathlib import Path
 
 import chex
 import jax
@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import floe_jax.model
 import floe_jax.pretrain
 from floe_jax.config import ConfigError, ModelConfig
 from floe_jax.hf import load_hf
@@ -91,11 +92,18 @@ def test_cache_key_covers_data_model_and_training():
     assert k != cache_key(CFG, TCFG, s, tag="bench-seed-1")
 
 
-def test_cache_key_follows_the_code(monkeypatch):
-    """A change to the model or training code is a new entry, never a stale model."""
+def test_cache_key_follows_the_code(monkeypatch, tmp_path):
+    """An edit to the model's source is a new fingerprint, and a new fingerprint a new entry:
+    a warm cache never serves a model the current code would train differently."""
+    fingerprint = floe_jax.pretrain.code_fingerprint.__wrapped__  # uncached
+    before = fingerprint()
+    edited = tmp_path / "model.py"
+    edited.write_text(Path(floe_jax.model.__file__).read_text() + "\n# edited\n")
+    monkeypatch.setattr(floe_jax.model, "__file__", str(edited))
+    assert fingerprint() != before
     s = _stream()
     k = cache_key(CFG, TCFG, s)
-    monkeypatch.setattr(floe_jax.pretrain, "code_fingerprint", lambda: "edited-model-py")
+    monkeypatch.setattr(floe_jax.pretrain, "code_fingerprint", lambda: "edited")
     assert cache_key(CFG, TCFG, s) != k
 
 
