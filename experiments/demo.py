@@ -209,6 +209,7 @@ def fed_configs(preset, bench: Benchmark, T: int) -> dict[str, FedConfig]:
         lora_rank=f.lora_rank,
         lora_alpha=f.lora_alpha,
         seed=f.seed,
+        client_chunk=f.client_chunk,
         checkpoint_every=f.num_rounds,
         max_to_keep=1,
     )

@@ -59,6 +59,8 @@ class DemoFed:
       num_clusters: Floe's K (0: the number of task families).
       rules: the unclustered baselines trained besides Floe (aggregation rule names).
       floe_rule: the aggregation rule inside each of Floe's clusters.
+      client_chunk: clients trained at once (`FedConfig.client_chunk`; none: 1 on a CPU, all
+        of them vmapped on a GPU or TPU).
       seed: seeds every round.
     """
 
@@ -81,6 +83,7 @@ class DemoFed:
     num_clusters: int = 0
     rules: tuple[str, ...] = ("fedit", "hetlora", "flexlora")
     floe_rule: str = "hetlora"
+    client_chunk: int | None = None
     seed: int = 0
 
     def __post_init__(self):

@@ -13,6 +13,7 @@ from floe_jax.config import LoRAConfig, ModelConfig
 from floe_jax.federated import rounds
 from floe_jax.federated.aggregate import Aggregated, aggregate_traced, make_rule
 from floe_jax.federated.client import (
+    default_client_chunk,
     local_update,
     local_update_clients,
     make_optimizer,
@@ -108,7 +109,7 @@ def test_padded_slots_stay_zero(tiny_cfg, tiny_params, lifted):
             assert np.any(np.asarray(new.b[m][c, :, :r, :]) != 0), (m, r)
 
 
-@pytest.mark.parametrize("chunk", [0, 1])
+@pytest.mark.parametrize("chunk", [0, 1, None])
 def test_lifted_update_equals_loop(tiny_cfg, tiny_params, update, lifted, chunk):
     ranks = [2, 4, 8]
     loras = [_lora(tiny_cfg, r, 10 + i) for i, r in enumerate(ranks)]
@@ -457,6 +458,18 @@ def test_client_axis_does_not_replicate_the_base():
     for chunk in (0, 2):
         grow = total(C, chunk) - total(1, chunk)
         assert grow < 0.25 * (C - 1) * base_bytes, (chunk, grow, base_bytes)
+
+
+def test_client_chunk_default_follows_the_backend(monkeypatch):
+    """No chunk given: one client at a time on a CPU (measured fastest), all of them vmapped on
+    an accelerator, where the client axis is what fills the device."""
+    assert FedConfig().client_chunk is None
+    assert default_client_chunk() == 1  # the test machine's CPU
+    for backend in ("gpu", "tpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert default_client_chunk() == 0
+    with pytest.raises(ConfigError, match="FedConfig.client_chunk"):
+        FedConfig(client_chunk=-1)
 
 
 def test_bad_inputs_name_the_field(tiny_cfg):

@@ -51,7 +51,8 @@ class FedConfig:
       lr, weight_decay, optimizer: the client optimizer (`adamw`, `adam`, `sgd`), fresh per round.
       max_grad_norm: clip each step's gradient to this global norm; None = no clipping.
       aggregation: method name handed to the aggregation rule (`fedavg` built in).
-      client_chunk: 0 vmaps all sampled clients; k > 0 trains k at a time (`lax.map`).
+      client_chunk: 0 vmaps all sampled clients; k > 0 trains k at a time (`lax.map`); None
+        picks by backend: 1 on a CPU, 0 on a GPU or TPU (`client.default_client_chunk`).
       seed: seeds the server key: every random choice derives from it and the round index.
       checkpoint_every: save the server state every this many rounds (and at the end).
       max_update_norm: drop a client whose adapter moved more than this (Frobenius norm of the
@@ -79,7 +80,7 @@ class FedConfig:
     optimizer: str = "adamw"
     max_grad_norm: float | None = None
     aggregation: str = "fedavg"
-    client_chunk: int = 1  # measured on CPU, see local_update_clients; 0 (vmap) on GPU/TPU
+    client_chunk: int | None = None  # by backend; see local_update_clients
     seed: int = 0
     checkpoint_every: int = 1
     max_update_norm: float | None = None
@@ -114,7 +115,7 @@ class FedConfig:
             )
         if self.num_clusters is not None and self.num_clusters < 1:
             raise ConfigError(f"FedConfig.num_clusters must be >= 1, got {self.num_clusters}")
-        if self.client_chunk < 0:
+        if self.client_chunk is not None and self.client_chunk < 0:
             raise ConfigError(f"FedConfig.client_chunk must be >= 0, got {self.client_chunk}")
         if self.lr <= 0:
             raise ConfigError(f"FedConfig.lr must be > 0, got {self.lr}")
