@@ -160,7 +160,9 @@ def local_update(
 
 def default_client_chunk() -> int:
     """`local_update_clients`' chunk when none is given: 1 (one client at a time, measured
-    fastest) on a CPU, 0 (every client vmapped at once) on a GPU or TPU."""
+    fastest) on a CPU, 0 (every client vmapped at once) on a GPU or TPU. Vmapping holds every
+    sampled client's activations at once; when they do not fit in device memory (large models,
+    many clients per round), give a chunk k > 0 instead."""
     return 1 if jax.default_backend() == "cpu" else 0
 
 
