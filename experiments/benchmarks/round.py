@@ -50,6 +50,7 @@ from experiments.benchmarks._util import (
     timeit_alternating,
 )
 from floe_jax.config import LORA_TARGETS, ModelConfig
+from floe_jax.federated.client import default_client_chunk
 from floe_jax.federated.rounds import FedConfig, fedavg, init_server_state, run_round
 from floe_jax.federated.types import ClientData
 from floe_jax.model import init_params
@@ -182,8 +183,9 @@ def _torch_round(w: Workload, tokens: np.ndarray, threads: int):
 
     torch.set_num_threads(threads)
     base = fj_ref_torch()
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    lcfg = lambda r: LoraConfig(r=r, lora_alpha=ALPHA, target_modules=targets, lora_dropout=0.0)
+    lcfg = lambda r: LoraConfig(
+        r=r, lora_alpha=ALPHA, target_modules=list(LORA_TARGETS), lora_dropout=0.0
+    )
     model = get_peft_model(base, lcfg(RANKS[0]), adapter_name=f"r{RANKS[0]}")
     for r in RANKS[1:]:
         model.add_adapter(f"r{r}", lcfg(r))
@@ -275,7 +277,7 @@ def run(
     accelerator = jax.default_backend() != "cpu"
     for w in workloads(quick, scale):
         if accelerator:  # chunking is a CPU cache measure; an accelerator vmaps every client
-            w = dataclasses.replace(w, client_chunk=0)
+            w = dataclasses.replace(w, client_chunk=default_client_chunk())
         toks = _tokens(w)
         useful = useful_flops(FJ_REF, w, client_ranks(w))
         impls = [("floe_jax", _jax_round(w, toks))]

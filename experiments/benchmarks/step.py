@@ -33,17 +33,16 @@ from experiments.benchmarks._util import (
     print_table,
     timeit_alternating,
 )
-from floe_jax.config import LoRAConfig
+from experiments.benchmarks.round import ALPHA, LR, RANKS, WORKLOADS
+from floe_jax.config import LORA_TARGETS, LoRAConfig
 from floe_jax.federated.client import local_update, make_optimizer, token_loss
 from floe_jax.lora import init_lora
 from floe_jax.model import init_params
 
-ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ADAPTERS = {"base": (1, ("q_proj",)), "r4": (4, ALL), "r8": (8, ALL), "r16": (16, ALL)}
-ADAPTERS["r32"] = (32, ALL)
-ALPHA, LR, STEPS = 16.0, 1e-3, 4
-ROUND_RANKS = ("r4", "r8", "r16", "r32")  # `bench round`'s clients cycle over these
-ROUND_TARGET = 1.3  # `ref`'s target speed-up (issue #3)
+ROUND_RANKS = tuple(f"r{r}" for r in RANKS)  # `bench round`'s clients cycle over these
+ADAPTERS = {"base": (1, ("q_proj",)), **{f"r{r}": (r, LORA_TARGETS) for r in RANKS}}
+REF = next(w for w in WORKLOADS if w.name == "ref")  # one of its clients is timed here
+STEPS = REF.steps  # local steps per timed call
 
 
 def _tokens(batch: int, seq: int) -> np.ndarray:
@@ -110,7 +109,7 @@ def _torch_steps(tokens: np.ndarray, threads: int):
 
 def run(quick: bool = False) -> list[dict]:
     """Times every adapter's step on both sides, alternating; prints and returns the table."""
-    batch, seq = (2, 32) if quick else (8, 128)
+    batch, seq = (2, 32) if quick else (REF.batch, REF.seq)
     repeats = 1 if quick else 5
     threads = os.cpu_count() or 1
     tokens = _tokens(batch, seq)
@@ -136,13 +135,13 @@ def run(quick: bool = False) -> list[dict]:
         r["adapter"]: (r["floe_jax ms/step"], r[f"torch+peft {threads} thr ms/step"]) for r in rows
     }
     torch_round = statistics.mean(ms[n][1] for n in ROUND_RANKS)
-    need = torch_round / ROUND_TARGET
+    need = torch_round / REF.target
     print(
         f"bench round's ref in these terms{' (quick: not its shapes)' if quick else ''}: "
         f"PyTorch's mean step over ranks 4/8/16/32 "
         f"{torch_round:.1f} ms against floe_jax's padded rank-32 step {ms['r32'][0]:.1f} ms "
         f"({torch_round / ms['r32'][0]:.2f}x); floe_jax's mean at the clients' own ranks would "
-        f"be {statistics.mean(ms[n][0] for n in ROUND_RANKS):.1f} ms. {ROUND_TARGET}x asks for "
+        f"be {statistics.mean(ms[n][0] for n in ROUND_RANKS):.1f} ms. {REF.target}x asks for "
         f"{need:.1f} ms per step; floe_jax's base floor (no adapter to speak of) is "
         f"{ms['base'][0]:.1f} ms.",
         flush=True,

@@ -194,9 +194,9 @@ def local_update_clients(
         steps x batch 8 x 128 tokens) chunk 1 / 2 / 4: 10.3 / 10.3 / 10.9 s; `xdev` (64 x 2 x 2
         x 64) chunk 4 / 8 / 16 / 32: 2.95 / 2.86 / 2.94 / 3.09 s. Earlier runs found vmapping
         all clients at once slower on a CPU (activations for every client no longer fit in
-        cache: xdev vmap 8.4 s, 1.9 GB temp memory). The default is chunk 1; workloads with
-        little work per client gain a little from a few clients per chunk (xdev uses 8); on an
-        accelerator, where the client axis is what fills the device, 0 (vmap).
+        cache: xdev vmap 8.4 s, 1.9 GB temp memory). So the CPU default is chunk 1; workloads
+        with little work per client gain a little from a few clients per chunk (xdev uses 8);
+        on an accelerator, where the client axis is what fills the device, the default is 0.
 
     Returns:
       `(loras [C], metrics)`, each metric [C].
