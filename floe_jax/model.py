@@ -32,6 +32,7 @@ import numpy as np
 
 from floe_jax.config import LORA_TARGETS, ModelConfig
 from floe_jax.lora import LoRA, lora_delta
+from kernels.decode_attention import decode_attention
 
 _NEG = -1e30  # finite "minus infinity": a fully masked (padding) query row stays finite
 # Stacks of at most this many layers are unrolled inside the layer scan: each layer's saved
@@ -222,11 +223,13 @@ def apply_rope(x_BTHK: jax.Array, pos_BT: jax.Array, inv_freq: np.ndarray) -> ja
     return (x32 * cos + rot * sin).astype(x_BTHK.dtype)
 
 
-def attention(q_BTHK, k_XSK, v_XSK, mask_BTS) -> jax.Array:
+def attention(q_BTHK, k_XSK, v_XSK, mask_BTS, n_keys=None) -> jax.Array:
     """Grouped-query softmax attention; returns [B, T, H, K]. Scores in float32.
 
     Keys and values are [X = B·N, S, K] (batch and KV heads on one axis, as the cache holds
     them); each KV head's G query heads and T steps become the G·T rows of one batched matmul.
+    A decode step (T == 1) goes to `kernels.decode_attention`, which reads only the first
+    `n_keys` slots when the Pallas kernel is chosen (`FLOE_KERNELS=pallas`).
     """
     B, T, H, K = q_BTHK.shape
     X, S, _ = k_XSK.shape
@@ -234,25 +237,16 @@ def attention(q_BTHK, k_XSK, v_XSK, mask_BTS) -> jax.Array:
     G = H // N
     q = q_BTHK.reshape(B, T, N, G, K).transpose(0, 2, 3, 1, 4).reshape(X, G * T, K)
     if T == 1:
-        # Decode: per query head, one matrix-vector product over the cached keys. XLA turns the
-        # batched [G, K] x [S, K]^T product into a transposed-operand matmul that ran ~1.7x
-        # slower here (2-core CPU, FJ-REF cache [32, 128, 32], and [16, 256, 64] with G = 7).
-        s = jnp.stack(
-            [
-                jnp.einsum("xsk,xk->xs", k_XSK, q[:, g], preferred_element_type=jnp.float32)
-                for g in range(G)
-            ],
-            axis=1,
-        )
-    else:
-        s = jnp.einsum("xqk,xsk->xqs", q, k_XSK, preferred_element_type=jnp.float32)
+        o = decode_attention(q, k_XSK, v_XSK, mask_BTS[:, 0], S if n_keys is None else n_keys)
+        return o.reshape(B, H, 1, K).transpose(0, 2, 1, 3)
+    s = jnp.einsum("xqk,xsk->xqs", q, k_XSK, preferred_element_type=jnp.float32)
     s_BNGTS = s.reshape(B, N, G, T, S) / math.sqrt(K)
     s_BNGTS = jnp.where(mask_BTS[:, None, None], s_BNGTS, _NEG)
     p = jax.nn.softmax(s_BNGTS, axis=-1).astype(v_XSK.dtype).reshape(X, G * T, S)
     # Heads-major output, then one explicit transpose: XLA then runs p @ v as a plain batched
     # matmul. Asking the einsum for [B, T, N, G, K] directly made it swap the operands into a
-    # transposed dot plus copies; a decode step (T = 1, where the transpose is free) was ~25%
-    # slower at batch 8 that way (measured on a 2-core CPU, FJ-REF, S = 128).
+    # transposed dot plus copies (a decode step was ~25% slower at batch 8 that way, measured
+    # on a 2-core CPU, FJ-REF, S = 128).
     o = jnp.einsum("xqs,xsk->xqk", p, v_XSK, preferred_element_type=jnp.float32)
     o = o.reshape(B, N, G, T, K).transpose(0, 3, 1, 2, 4)
     return o.reshape(B, T, H, K).astype(q_BTHK.dtype)
@@ -307,7 +301,7 @@ def _block(cfg, inv_freq, x_BTD, lp, lora_l, pos_BT, mask_BTS, cache_kv):
             k_out = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
             v_out = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
             k_XSK, v_XSK = k_out.astype(q.dtype), v_out.astype(q.dtype)
-        o = attention(q, k_XSK, v_XSK, mask_BTS)
+        o = attention(q, k_XSK, v_XSK, mask_BTS, None if cache_kv is None else write_at + T)
         (o,) = _projections(cfg, o.reshape(B, T, H * K), lp, ("o_proj",), lora_l)
         x_BTD = x_BTD + o
     with jax.named_scope("mlp"):

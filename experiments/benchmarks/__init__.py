@@ -7,7 +7,7 @@ runs floe_jax and its competitor side by side in one process, prints a table and
 import importlib
 import pkgutil
 
-NAMES = ("decode", "round", "step", "aggregate", "fusion")
+NAMES = ("decode", "round", "step", "aggregate", "fusion", "kernels")
 
 
 def available() -> list[str]:
