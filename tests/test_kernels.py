@@ -1,6 +1,7 @@
 """kernels/: each Pallas kernel equals its pure-jnp reference (in Pallas' interpreter on the CPU),
 lowers for a GPU, and is reached from the model through its dispatcher."""
 
+import functools
 import re
 
 import jax
@@ -62,6 +63,25 @@ def test_pallas_reads_no_block_past_the_filled_slots():
         np.asarray(got), np.asarray(da.reference(q, k, v, mask)), atol=2e-6, rtol=2e-6
     )
     assert np.isnan(np.asarray(da.reference(q, poisoned_k, poisoned_v, mask))).any()
+
+
+def test_pallas_under_vmap_with_a_fill_per_member():
+    """Vmapped (say over clients, each cache filled to its own length) it still equals the
+    reference, and the batched kernel still lowers for a GPU."""
+    C, B, N, G, S, K = 3, 2, 2, 2, 64, 16
+    ks = jax.random.split(jax.random.key(5), 3)
+    q = jax.random.normal(ks[0], (C, B * N, G, K))
+    k = jax.random.normal(ks[1], (C, B * N, S, K))
+    v = jax.random.normal(ks[2], (C, B * N, S, K))
+    n = jnp.asarray([5, 33, 64], jnp.int32)
+    mask = jnp.broadcast_to(jnp.arange(S)[None, None] < n[:, None, None], (C, B, S))
+    one = lambda q, k, v, m, n, interpret: da.pallas(q, k, v, m, n, block=16, interpret=interpret)
+    got = jax.vmap(functools.partial(one, interpret=True))(q, k, v, mask, n)
+    want = jax.vmap(da.reference)(q, k, v, mask)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=2e-6)
+    batched = jax.jit(jax.vmap(functools.partial(one, interpret=False)))
+    text = batched.trace(q, k, v, mask, n).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text
 
 
 def test_pallas_lowers_for_a_gpu_through_triton():
