@@ -70,7 +70,7 @@ def _kernel(n_ref, q_ref, k_ref, v_ref, m_ref, o_ref, *, block: int):
         acc = acc * alpha[:, None] + jnp.sum(p[:, :, None] * v[None, :, :], axis=1)
         return m_new, l_new, acc
 
-    n_blocks = (n_ref[0] + block - 1) // block
+    n_blocks = jnp.minimum((n_ref[0] + block - 1) // block, k_ref.shape[0] // block)
     init = (
         jnp.full((G,), _NEG, jnp.float32),
         jnp.zeros((G,), jnp.float32),
@@ -89,6 +89,11 @@ def pallas(q_XGK, k_XSK, v_XSK, mask_BS, n_filled, *, block: int = 64, interpret
     """
     X, G, K = q_XGK.shape
     B, S = mask_BS.shape
+    if S % block or block & (block - 1) or K & (K - 1):
+        raise ValueError(
+            f"decode_attention kernel: cache [{S} slots, head dim {K}] with block {block}: "
+            "the block and head dim must be powers of two and the block must divide the slots"
+        )
     N = X // B
     Gp = 1 << max(G - 1, 0).bit_length()  # Triton blocks are powers of two; pad the query heads
     q = jnp.pad(q_XGK, ((0, 0), (0, Gp - G), (0, 0)))

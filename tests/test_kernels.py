@@ -92,6 +92,12 @@ def test_pallas_lowers_for_a_gpu_through_triton():
     assert re.search(r"custom_call @__gpu\$xla\.gpu\.triton", text)
 
 
+def test_pallas_refuses_blocks_that_do_not_tile_the_cache():
+    q, k, v, mask = _case(1, 2, 2, 48, 32, 40, left_pad=[0])
+    with pytest.raises(ValueError, match=r"48 slots, head dim 32\] with block 64"):
+        da.pallas(q, k, v, mask, 40, block=64, interpret=True)
+
+
 def test_kernel_block_follows_triton_shapes():
     assert da.kernel_block(128, 32) == 64
     assert da.kernel_block(96, 64) == 32
