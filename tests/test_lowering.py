@@ -1,0 +1,145 @@
+"""The compiled programs GPU and TPU research runs use lower for those platforms, from this CPU.
+
+No accelerator is needed to lower a jitted function for one (`lowering_platforms`); compiling
+and running it does need one, so these tests catch what lowering catches (ops or custom calls a
+platform lacks, CPU-only host callbacks, Pallas kernels the Triton lowering rejects), not what
+only the device shows. While tracing, `jax.default_backend()` answers the target platform, so
+every backend-dependent choice takes its accelerator branch (`jnp.linalg.eigh` instead of the
+CPU's LAPACK callback, every client vmapped at once, the Triton kernel instead of the
+interpreter), as it would on the device.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from floe_jax.config import LoRAConfig, ModelConfig
+from floe_jax.decode import SamplingConfig, generate, pad_prompts
+from floe_jax.federated import FedConfig, client_data, init_server_state, round_step
+from floe_jax.federated.aggregate import available_rules
+from floe_jax.federated.rounds import default_aggregate_fn
+from floe_jax.inference.fused import fused_step_jit
+from floe_jax.inference.fused import prefill_jit as fused_prefill_jit
+from floe_jax.inference.replies import CloudInput
+from floe_jax.inference.router import FusionConfig
+from floe_jax.lora import init_lora
+from floe_jax.pretrain import PretrainConfig, make_optimizer, train_step
+from kernels import decode_attention as da
+
+PLATFORMS = {"cuda": "gpu", "tpu": "tpu"}  # lowering platform: what default_backend() says
+# Rules that fold updates into the shared base weights run with one cluster.
+ONE_CLUSTER = ("fedex", "flora")
+
+CFG = ModelConfig(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+)  # head dim 16: the decode kernel can take it
+
+
+@pytest.fixture(scope="module")
+def params():
+    from floe_jax.model import init_params
+
+    return init_params(CFG, key=jax.random.key(0))
+
+
+def _lowered_text(monkeypatch, platform, fn, *args, **kwargs) -> str:
+    """`fn` traced as on `platform` and lowered for it (raises where it cannot be)."""
+    with monkeypatch.context() as m:
+        m.setattr(jax, "default_backend", lambda: PLATFORMS[platform])
+        traced = fn.trace(*args, **kwargs)
+    return traced.lower(lowering_platforms=(platform,)).as_text()
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("rule", available_rules())
+def test_federated_round_lowers(monkeypatch, params, platform, rule):
+    rng = np.random.default_rng(0)
+    ex = [
+        (
+            rng.integers(0, CFG.vocab_size, (3, 12)).astype(np.int32),
+            np.ones((3, 12)),
+            np.ones((3, 12)),
+        )
+        for _ in range(4)
+    ]
+    data = client_data(ex)
+    fed = FedConfig(
+        num_rounds=1,
+        clients_per_round=4,
+        local_steps=2,
+        batch_size=2,
+        seq_len=12,
+        lora_rank=8,
+        lora_targets=("q", "v", "down"),
+        aggregation=rule,
+    )
+    clusters = [0, 0, 0, 0] if rule in ONE_CLUSTER else [0, 1, 0, 1]
+    state = init_server_state(
+        CFG, fed, ranks=[2, 4, 8, 2], assignment=clusters, num_clusters=max(clusters) + 1
+    )
+    fn = jax.jit(
+        lambda s, p, d: round_step(
+            s, p, d, cfg=CFG, fed=fed, aggregate_fn=default_aggregate_fn(rule)
+        )
+    )
+    assert "func.func public @main" in _lowered_text(monkeypatch, platform, fn, state, params, data)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_generate_with_lora_lowers(monkeypatch, params, platform):
+    lora = init_lora(CFG, LoRAConfig(rank=4, max_rank=8), key=jax.random.key(1))
+    tokens, mask = pad_prompts([[5, 9, 11], [3]])
+    text = _lowered_text(
+        monkeypatch, platform, generate, params, tokens, mask, CFG,
+        max_new_tokens=12, key=jax.random.key(0), lora=lora,
+        sampling=SamplingConfig(temperature=0.8, top_p=0.9),
+    )  # fmt: skip
+    assert "func.func public @main" in text
+
+
+def test_generate_with_the_decode_kernel_lowers_for_a_gpu(monkeypatch, params):
+    monkeypatch.setenv(da.ENV, "pallas")
+    tokens, mask = pad_prompts([[5, 9, 11], [3]])
+    new = 32 - tokens.shape[1]  # a cache of 32 slots: shapes the kernel takes
+    text = _lowered_text(
+        monkeypatch, "cuda", generate, params, tokens, mask, CFG,
+        max_new_tokens=new, key=jax.random.key(0),
+    )  # fmt: skip
+    assert "__gpu$xla.gpu.triton" in text
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_fused_decode_step_lowers(monkeypatch, params, platform):
+    B = 2
+    tokens, mask = pad_prompts([[5, 9, 11], [3]])
+    key = jax.random.key(0)
+    state, _ = fused_prefill_jit(
+        params, tokens, mask, jnp.zeros(B, bool), key, CFG, max_new_tokens=8
+    )
+    lp = jax.nn.log_softmax(jax.random.normal(key, (B, CFG.vocab_size)))
+    z = np.zeros((B, 0))
+    cloud = CloudInput(
+        jnp.ones(B, bool), lp, jnp.zeros((0,), jnp.int32), z.astype(np.int32),
+        z.astype(np.float32), z.astype(bool),
+    )  # fmt: skip
+    text = _lowered_text(
+        monkeypatch, platform, fused_step_jit, params, state, cloud, CFG, fusion=FusionConfig()
+    )
+    assert "func.func public @main" in text
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_pretrain_step_lowers(monkeypatch, params, platform):
+    opt = make_optimizer(PretrainConfig())
+    tokens = jnp.zeros((2, 16), jnp.int32)
+    text = _lowered_text(
+        monkeypatch, platform, train_step, params, opt.init(params), tokens,
+        jnp.ones((2, 16), jnp.float32), cfg=CFG, opt=opt,
+    )  # fmt: skip
+    assert "func.func public @main" in text
