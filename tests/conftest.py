@@ -1,5 +1,7 @@
 """Shared fixtures. Tests run on the CPU in float32 at highest matmul precision."""
 
+import dataclasses
+
 import jax
 import pytest
 
@@ -25,3 +27,14 @@ def tiny_cfg() -> ModelConfig:
 @pytest.fixture(scope="session")
 def tiny_params(tiny_cfg):
     return init_params(tiny_cfg, key=jax.random.key(0))
+
+
+@pytest.fixture(scope="session")
+def kernel_cfg(tiny_cfg) -> ModelConfig:
+    """The tiny Llama widened to head dim 16, the smallest the decode kernel takes."""
+    return dataclasses.replace(tiny_cfg, hidden_size=64, intermediate_size=96)
+
+
+@pytest.fixture(scope="session")
+def kernel_params(kernel_cfg):
+    return init_params(kernel_cfg, key=jax.random.key(0))

@@ -9,9 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from floe_jax.config import ModelConfig
 from floe_jax.decode import pad_prompts
-from floe_jax.model import forward, init_cache, init_params
+from floe_jax.model import forward, init_cache
 from kernels import decode_attention as da
 
 
@@ -132,18 +131,10 @@ def test_dispatcher(monkeypatch):
         da.decode_attention(q, k, v, mask, 40)
 
 
-def test_model_decode_with_the_kernel_equals_reference(monkeypatch):
+def test_model_decode_with_the_kernel_equals_reference(monkeypatch, kernel_cfg, kernel_params):
     """Prefill a left-padded batch, then decode steps: the same logits through either impl
     (the model's forward run eagerly, so each call reads FLOE_KERNELS afresh)."""
-    cfg = ModelConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=96,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-    )  # head dim 16
-    params = init_params(cfg, key=jax.random.key(3))
+    cfg, params = kernel_cfg, kernel_params
     tokens, mask = pad_prompts([[5, 9, 11, 2, 7], [3, 4]])
     nxt = jnp.asarray([[8], [1]], jnp.int32)
 

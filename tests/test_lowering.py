@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from floe_jax.config import LoRAConfig, ModelConfig
+from floe_jax.config import LoRAConfig
 from floe_jax.decode import SamplingConfig, generate, pad_prompts
 from floe_jax.federated import FedConfig, client_data, init_server_state, round_step
 from floe_jax.federated.aggregate import available_rules
@@ -31,22 +31,6 @@ PLATFORMS = {"cuda": "gpu", "tpu": "tpu"}  # lowering platform: what default_bac
 # Rules that fold updates into the shared base weights run with one cluster.
 ONE_CLUSTER = ("fedex", "flora")
 
-CFG = ModelConfig(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=96,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-)  # head dim 16: the decode kernel can take it
-
-
-@pytest.fixture(scope="module")
-def params():
-    from floe_jax.model import init_params
-
-    return init_params(CFG, key=jax.random.key(0))
-
 
 def _lowered_text(monkeypatch, platform, fn, *args, **kwargs) -> str:
     """`fn` traced as on `platform` and lowered for it (raises where it cannot be)."""
@@ -58,11 +42,11 @@ def _lowered_text(monkeypatch, platform, fn, *args, **kwargs) -> str:
 
 @pytest.mark.parametrize("platform", PLATFORMS)
 @pytest.mark.parametrize("rule", available_rules())
-def test_federated_round_lowers(monkeypatch, params, platform, rule):
+def test_federated_round_lowers(monkeypatch, kernel_cfg, kernel_params, platform, rule):
     rng = np.random.default_rng(0)
     ex = [
         (
-            rng.integers(0, CFG.vocab_size, (3, 12)).astype(np.int32),
+            rng.integers(0, kernel_cfg.vocab_size, (3, 12)).astype(np.int32),
             np.ones((3, 12)),
             np.ones((3, 12)),
         )
@@ -81,65 +65,74 @@ def test_federated_round_lowers(monkeypatch, params, platform, rule):
     )
     clusters = [0, 0, 0, 0] if rule in ONE_CLUSTER else [0, 1, 0, 1]
     state = init_server_state(
-        CFG, fed, ranks=[2, 4, 8, 2], assignment=clusters, num_clusters=max(clusters) + 1
+        kernel_cfg, fed, ranks=[2, 4, 8, 2], assignment=clusters, num_clusters=max(clusters) + 1
     )
     fn = jax.jit(
         lambda s, p, d: round_step(
-            s, p, d, cfg=CFG, fed=fed, aggregate_fn=default_aggregate_fn(rule)
+            s, p, d, cfg=kernel_cfg, fed=fed, aggregate_fn=default_aggregate_fn(rule)
         )
     )
-    assert "func.func public @main" in _lowered_text(monkeypatch, platform, fn, state, params, data)
+    assert "func.func public @main" in _lowered_text(
+        monkeypatch, platform, fn, state, kernel_params, data
+    )
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
-def test_generate_with_lora_lowers(monkeypatch, params, platform):
-    lora = init_lora(CFG, LoRAConfig(rank=4, max_rank=8), key=jax.random.key(1))
+def test_generate_with_lora_lowers(monkeypatch, kernel_cfg, kernel_params, platform):
+    lora = init_lora(kernel_cfg, LoRAConfig(rank=4, max_rank=8), key=jax.random.key(1))
     tokens, mask = pad_prompts([[5, 9, 11], [3]])
     text = _lowered_text(
-        monkeypatch, platform, generate, params, tokens, mask, CFG,
+        monkeypatch, platform, generate, kernel_params, tokens, mask, kernel_cfg,
         max_new_tokens=12, key=jax.random.key(0), lora=lora,
         sampling=SamplingConfig(temperature=0.8, top_p=0.9),
     )  # fmt: skip
     assert "func.func public @main" in text
 
 
-def test_generate_with_the_decode_kernel_lowers_for_a_gpu(monkeypatch, params):
+def test_generate_with_the_decode_kernel_lowers_for_a_gpu(monkeypatch, kernel_cfg, kernel_params):
     monkeypatch.setenv(da.ENV, "pallas")
     tokens, mask = pad_prompts([[5, 9, 11], [3]])
     new = 32 - tokens.shape[1]  # a cache of 32 slots: shapes the kernel takes
     text = _lowered_text(
-        monkeypatch, "cuda", generate, params, tokens, mask, CFG,
+        monkeypatch, "cuda", generate, kernel_params, tokens, mask, kernel_cfg,
         max_new_tokens=new, key=jax.random.key(0),
     )  # fmt: skip
     assert "__gpu$xla.gpu.triton" in text
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
-def test_fused_decode_step_lowers(monkeypatch, params, platform):
+def test_fused_decode_step_lowers(monkeypatch, kernel_cfg, kernel_params, platform):
     B = 2
     tokens, mask = pad_prompts([[5, 9, 11], [3]])
     key = jax.random.key(0)
     state, _ = fused_prefill_jit(
-        params, tokens, mask, jnp.zeros(B, bool), key, CFG, max_new_tokens=8
+        kernel_params, tokens, mask, jnp.zeros(B, bool), key, kernel_cfg, max_new_tokens=8
     )
-    lp = jax.nn.log_softmax(jax.random.normal(key, (B, CFG.vocab_size)))
+    lp = jax.nn.log_softmax(jax.random.normal(key, (B, kernel_cfg.vocab_size)))
     z = np.zeros((B, 0))
     cloud = CloudInput(
         jnp.ones(B, bool), lp, jnp.zeros((0,), jnp.int32), z.astype(np.int32),
         z.astype(np.float32), z.astype(bool),
     )  # fmt: skip
     text = _lowered_text(
-        monkeypatch, platform, fused_step_jit, params, state, cloud, CFG, fusion=FusionConfig()
+        monkeypatch,
+        platform,
+        fused_step_jit,
+        kernel_params,
+        state,
+        cloud,
+        kernel_cfg,
+        fusion=FusionConfig(),
     )
     assert "func.func public @main" in text
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
-def test_pretrain_step_lowers(monkeypatch, params, platform):
+def test_pretrain_step_lowers(monkeypatch, kernel_cfg, kernel_params, platform):
     opt = make_optimizer(PretrainConfig())
     tokens = jnp.zeros((2, 16), jnp.int32)
     text = _lowered_text(
-        monkeypatch, platform, train_step, params, opt.init(params), tokens,
-        jnp.ones((2, 16), jnp.float32), cfg=CFG, opt=opt,
+        monkeypatch, platform, train_step, kernel_params, opt.init(kernel_params), tokens,
+        jnp.ones((2, 16), jnp.float32), cfg=kernel_cfg, opt=opt,
     )  # fmt: skip
     assert "func.func public @main" in text
