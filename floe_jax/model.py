@@ -32,9 +32,8 @@ import numpy as np
 
 from floe_jax.config import LORA_TARGETS, ModelConfig
 from floe_jax.lora import LoRA, lora_delta
-from kernels.decode_attention import decode_attention
+from kernels.decode_attention import NEG, decode_attention
 
-_NEG = -1e30  # finite "minus infinity": a fully masked (padding) query row stays finite
 # Stacks of at most this many layers are unrolled inside the layer scan: each layer's saved
 # activations stay separate buffers instead of slices of a stacked one (a training step of FJ-REF,
 # 4 layers, ran ~8% faster on a 2-core CPU); deeper stacks stay rolled to bound compile time.
@@ -241,7 +240,7 @@ def attention(q_BTHK, k_XSK, v_XSK, mask_BTS, n_keys=None) -> jax.Array:
         return o.reshape(B, H, 1, K).transpose(0, 2, 1, 3)
     s = jnp.einsum("xqk,xsk->xqs", q, k_XSK, preferred_element_type=jnp.float32)
     s_BNGTS = s.reshape(B, N, G, T, S) / math.sqrt(K)
-    s_BNGTS = jnp.where(mask_BTS[:, None, None], s_BNGTS, _NEG)
+    s_BNGTS = jnp.where(mask_BTS[:, None, None], s_BNGTS, NEG)
     p = jax.nn.softmax(s_BNGTS, axis=-1).astype(v_XSK.dtype).reshape(X, G * T, S)
     # Heads-major output, then one explicit transpose: XLA then runs p @ v as a plain batched
     # matmul. Asking the einsum for [B, T, N, G, K] directly made it swap the operands into a

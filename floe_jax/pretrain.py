@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 import floe_jax.model
+import kernels.decode_attention
 from floe_jax.config import ConfigError, ModelConfig
 from floe_jax.hf import load_hf, save_hf
 from floe_jax.lora import LoRA
@@ -235,11 +236,12 @@ def pretrain(
 @functools.cache
 def code_fingerprint() -> str:
     """A hash of what decides the numbers pretraining produces beyond its inputs: the source of
-    the model and of this module, and the jax, jaxlib and optax versions. Any edit to those files
+    the model (`floe_jax.model` and the attention code it takes from `kernels.decode_attention`)
+    and of this module, and the jax, jaxlib and optax versions. Any edit to those files
     (comments included) is a new cache entry: the cost is one re-pretraining, the gain is that a
     warm cache and a fresh clone give the same models."""
     h = hashlib.sha256()
-    for source in (floe_jax.model.__file__, __file__):
+    for source in (floe_jax.model.__file__, kernels.decode_attention.__file__, __file__):
         h.update(Path(source).read_bytes())
     for pkg in ("jax", "jaxlib", "optax"):
         h.update(f"{pkg}={importlib.metadata.version(pkg)};".encode())

@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-# Finite "minus infinity", as floe_jax.model uses: a fully masked row stays finite.
-_NEG = -1e30
+# Finite "minus infinity" for masked scores (floe_jax.model's attention uses it too): a fully
+# masked (padding) query row stays finite.
+NEG = -1e30
 
 IMPLS = ("reference", "pallas")
 ENV = "FLOE_KERNELS"
@@ -45,7 +46,7 @@ def reference(q_XGK, k_XSK, v_XSK, mask_BS) -> jax.Array:
         axis=1,
     )
     s = s_XGS.reshape(B, X // B, G, S) / math.sqrt(K)
-    s = jnp.where(mask_BS[:, None, None], s, _NEG)
+    s = jnp.where(mask_BS[:, None, None], s, NEG)
     p = jax.nn.softmax(s, axis=-1).astype(v_XSK.dtype).reshape(X, G, S)
     o = jnp.einsum("xgs,xsk->xgk", p, v_XSK, preferred_element_type=jnp.float32)
     return o.astype(q_XGK.dtype)
@@ -62,7 +63,7 @@ def _kernel(n_ref, q_ref, k_ref, v_ref, m_ref, o_ref, *, block: int):
         k = k_ref[at, :].astype(jnp.float32)
         v = v_ref[at, :].astype(jnp.float32)
         s = jnp.sum(q[:, None, :] * k[None, :, :], axis=-1)  # [G, block]
-        s = jnp.where(m_ref[at][None, :] != 0, s, _NEG)
+        s = jnp.where(m_ref[at][None, :] != 0, s, NEG)
         m_new = jnp.maximum(m_i, jnp.max(s, axis=-1))
         p = jnp.exp(s - m_new[:, None])
         alpha = jnp.exp(m_i - m_new)
@@ -72,7 +73,7 @@ def _kernel(n_ref, q_ref, k_ref, v_ref, m_ref, o_ref, *, block: int):
 
     n_blocks = jnp.minimum((n_ref[0] + block - 1) // block, k_ref.shape[0] // block)
     init = (
-        jnp.full((G,), _NEG, jnp.float32),
+        jnp.full((G,), NEG, jnp.float32),
         jnp.zeros((G,), jnp.float32),
         jnp.zeros((G, K), jnp.float32),
     )

@@ -12,6 +12,7 @@ import pytest
 
 import floe_jax.model
 import floe_jax.pretrain
+import kernels.decode_attention
 from floe_jax.config import ConfigError, ModelConfig
 from floe_jax.hf import load_hf
 from floe_jax.model import init_params
@@ -92,14 +93,16 @@ def test_cache_key_covers_data_model_and_training():
     assert k != cache_key(CFG, TCFG, s, tag="bench-seed-1")
 
 
-def test_cache_key_follows_the_code(monkeypatch, tmp_path):
-    """An edit to the model's source is a new fingerprint, and a new fingerprint a new entry:
-    a warm cache never serves a model the current code would train differently."""
+@pytest.mark.parametrize("module", [floe_jax.model, kernels.decode_attention])
+def test_cache_key_follows_the_code(monkeypatch, tmp_path, module):
+    """An edit to the model's source (the model module, or the attention code it imports) is a
+    new fingerprint, and a new fingerprint a new entry: a warm cache never serves a model the
+    current code would train differently."""
     fingerprint = floe_jax.pretrain.code_fingerprint.__wrapped__  # uncached
     before = fingerprint()
-    edited = tmp_path / "model.py"
-    edited.write_text(Path(floe_jax.model.__file__).read_text() + "\n# edited\n")
-    monkeypatch.setattr(floe_jax.model, "__file__", str(edited))
+    edited = tmp_path / Path(module.__file__).name
+    edited.write_text(Path(module.__file__).read_text() + "\n# edited\n")
+    monkeypatch.setattr(module, "__file__", str(edited))
     assert fingerprint() != before
     s = _stream()
     k = cache_key(CFG, TCFG, s)
