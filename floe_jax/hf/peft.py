@@ -1,0 +1,252 @@
+"""PEFT LoRA adapters in and out, as `peft.PeftModel.from_pretrained` reads and `save_pretrained`
+writes them, without torch.
+
+A folder holds `adapter_config.json` and `adapter_model.safetensors` (Hu et al., 2021, "LoRA";
+rsLoRA: Kalajdzievski, 2023): per adapted projection `lora_A.weight [r, in]` and
+`lora_B.weight [out, r]`, scale `lora_alpha / r` (or `/ sqrt(r)` with `use_rslora`). floe_jax's
+`LoRA` keeps `a [L, in, R]` and `b [L, R, out]` padded to R with a rank mask; the conversion
+writes only live slots and pads on the way back in.
+
+Bad input raises `CheckpointError`, whose message names the file and the tensor or field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+
+from floe_jax.config import LORA_TARGETS, ModelConfig, normalize_targets
+from floe_jax.hf.checkpoint import write_safetensors
+from floe_jax.hf.config import PROJ_SUBMODULE, CheckpointError, module_name, read_json
+from floe_jax.lora import LoRA
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+
+# PEFT prefixes the base model's module path (`base_model.model.`) and may name the adapter
+# (`lora_A.default.weight`); floe_jax accepts any prefix and adapter name.
+_PEFT_KEY = re.compile(
+    r"^(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
+)
+_PEFT_PREFIX = "base_model.model."
+# adapter_config.json fields whose non-default value changes the computation; floe_jax refuses
+# them rather than load something that computes differently.
+_PEFT_UNSUPPORTED = (
+    "use_dora",
+    "rank_pattern",
+    "alpha_pattern",
+    "modules_to_save",
+    "layer_replication",
+    "target_parameters",
+    "trainable_token_indices",
+    "alora_invocation_tokens",
+    "use_qalora",
+    "use_bdlora",
+    "lora_bias",
+    "fan_in_fan_out",
+)
+
+# initialisations that also rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA): such an
+# adapter is only right on top of the rewritten base, which floe_jax does not have.
+_PEFT_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "lora-ga")
+
+
+def save_peft(
+    lora: LoRA,
+    cfg: ModelConfig,
+    out_dir: str | os.PathLike,
+    *,
+    base_model_name_or_path: str | None = None,
+    rslora: bool = False,
+    alpha: float | None = None,
+) -> None:
+    """Writes one client's adapter as PEFT does, for `peft.PeftModel.from_pretrained`.
+
+    Only live slots are written: the true rank r is the largest live slot count over targets and
+    layers (a (target, layer) with fewer live slots is zero-padded to r, which PEFT computes the
+    same); targets with no live slot are dropped, and `layers_to_transform` lists the live layers
+    when not all are. `lora_alpha` is chosen so that PEFT's scale equals `lora.scale` exactly:
+    `alpha` when given (checked), else `scale * r` (or `scale * sqrt(r)` with `rslora`).
+
+    Args:
+      lora: one client's adapter (no client axis).
+      cfg: the base model config.
+      out_dir: output folder (created).
+      base_model_name_or_path: written to `adapter_config.json`.
+      rslora: write `use_rslora=true` (scale `alpha / sqrt(r)`).
+      alpha: the client's `lora_alpha`; must agree with `lora.scale` at the true rank.
+    """
+    if np.ndim(lora.scale) != 0:
+        raise CheckpointError(
+            f"save_peft takes one client's adapter; got scale of shape {np.shape(lora.scale)}"
+        )
+    scale = float(lora.scale)
+    masks = {m: np.asarray(lora.mask[m]) > 0 for m in lora.a}
+    live_targets = [m for m in LORA_TARGETS if m in masks and masks[m].any()]
+    if not live_targets:
+        raise CheckpointError("save_peft: the adapter has no live rank slot")
+    r = max(int(masks[m].sum(-1).max()) for m in live_targets)
+    live_layers = sorted({int(i) for m in live_targets for i in np.nonzero(masks[m].any(-1))[0]})
+    denom = math.sqrt(r) if rslora else r
+    if alpha is None:
+        alpha = scale * denom
+        if abs(alpha - round(alpha)) < 1e-6 * max(1.0, abs(alpha)):
+            alpha = round(alpha)
+    elif not math.isclose(alpha / denom, scale, rel_tol=1e-6):
+        raise CheckpointError(
+            f"save_peft: lora_alpha={alpha} at rank {r} (rslora={rslora}) gives scale "
+            f"{alpha / denom}, but the adapter's scale is {scale}"
+        )
+    tensors = {}
+    for m in live_targets:
+        a = np.asarray(lora.a[m], np.float32)
+        b = np.asarray(lora.b[m], np.float32)
+        mask = np.asarray(lora.mask[m], np.float32)
+        d_in, d_out = cfg.proj_shape(m)
+        for i in live_layers:
+            slots = np.nonzero(mask[i] > 0)[0]
+            a_out = np.zeros((r, d_in), np.float32)
+            b_out = np.zeros((d_out, r), np.float32)
+            a_out[: len(slots)] = (a[i][:, slots] * mask[i][slots]).T
+            b_out[:, : len(slots)] = b[i][slots, :].T
+            prefix = _PEFT_PREFIX + module_name(m, i)
+            tensors[f"{prefix}.lora_A.weight"] = a_out
+            tensors[f"{prefix}.lora_B.weight"] = b_out
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "use_rslora": bool(rslora),
+        "target_modules": live_targets,
+        "layers_to_transform": None if len(live_layers) == cfg.num_layers else live_layers,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": None,
+    }
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    write_safetensors(tensors, folder / ADAPTER_WEIGHTS_FILE)
+
+
+def load_peft(
+    out_dir: str | os.PathLike,
+    cfg: ModelConfig,
+    *,
+    max_rank: int | None = None,
+    targets: tuple[str, ...] | None = None,
+) -> LoRA:
+    """Reads a PEFT LoRA adapter folder into a `LoRA` padded to `max_rank`.
+
+    Args:
+      out_dir: folder with `adapter_config.json` and `adapter_model.safetensors`.
+      cfg: the base model config the adapter was trained on.
+      max_rank: padded rank R (>= the adapter's r); defaults to r.
+      targets: tree targets, a superset of the adapter's, so adapters with different targets
+        share one structure (as `init_lora(targets=...)`); defaults to the adapter's targets.
+
+    Raises:
+      CheckpointError: missing files, unsupported PEFT settings (the field is named), tensors
+        that do not fit `cfg` (the tensor is named).
+    """
+    folder = Path(out_dir)
+    cfg_path, w_path = folder / ADAPTER_CONFIG_FILE, folder / ADAPTER_WEIGHTS_FILE
+    if not folder.is_dir():
+        raise CheckpointError(f"adapter folder {folder} does not exist")
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path} is missing")
+    pc = read_json(cfg_path)
+    if pc.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{cfg_path}: peft_type={pc.get('peft_type')!r} is not 'LORA'")
+    for key in _PEFT_UNSUPPORTED:
+        if pc.get(key) not in (None, False, {}, []):
+            raise CheckpointError(f"{cfg_path}: {key}={pc[key]!r} is not supported")
+    init = pc.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_PEFT_BASE_CHANGING_INITS):
+        raise CheckpointError(
+            f"{cfg_path}: init_lora_weights={init!r} adapters expect a modified base model; "
+            "convert them to plain LoRA with PEFT first"
+        )
+    if pc.get("bias", "none") != "none":
+        raise CheckpointError(f"{cfg_path}: bias={pc['bias']!r} is not supported (only 'none')")
+    for key in ("r", "lora_alpha"):
+        if key not in pc:
+            raise CheckpointError(f"{cfg_path}: required field {key!r} is missing")
+    r, alpha = int(pc["r"]), float(pc["lora_alpha"])
+    scale = alpha / (math.sqrt(r) if pc.get("use_rslora", False) else r)
+    r_pad = r if max_rank is None else int(max_rank)
+    if r_pad < r:
+        raise CheckpointError(f"max_rank={r_pad} is below the adapter's r={r} ({cfg_path})")
+    if not w_path.is_file():
+        hint = (
+            " (adapter_model.bin is not supported)"
+            if (folder / "adapter_model.bin").exists()
+            else ""
+        )
+        raise CheckpointError(f"{w_path} is missing{hint}")
+
+    found: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+    with safetensors.safe_open(w_path, framework="numpy") as f:
+        for key in f.keys():
+            match = _PEFT_KEY.match(key)
+            if match is None:
+                raise CheckpointError(f"tensor {key!r} in {w_path} is not a supported LoRA weight")
+            layer, sub, m, ab = int(match[1]), match[2], match[3], match[4]
+            if PROJ_SUBMODULE.get(m) != sub:
+                raise CheckpointError(f"tensor {key!r} in {w_path}: unknown module {sub}.{m}")
+            if not 0 <= layer < cfg.num_layers:
+                raise CheckpointError(
+                    f"tensor {key!r} in {w_path}: layer {layer} is outside [0, {cfg.num_layers})"
+                )
+            d_in, d_out = cfg.proj_shape(m)
+            expected = (r, d_in) if ab == "A" else (d_out, r)
+            arr = f.get_tensor(key)
+            if tuple(arr.shape) != expected:
+                raise CheckpointError(
+                    f"tensor {key!r} in {w_path} has shape {tuple(arr.shape)}, expected {expected}"
+                )
+            found.setdefault((m, layer), {})[ab] = arr.astype(np.float32)
+    for (m, layer), ab in found.items():
+        if set(ab) != {"A", "B"}:
+            missing = ({"A", "B"} - set(ab)).pop()
+            raise CheckpointError(f"{w_path}: lora_{missing} of layer {layer} {m} is missing")
+    file_targets = tuple(t for t in LORA_TARGETS if any(k[0] == t for k in found))
+    if not file_targets:
+        raise CheckpointError(f"{w_path} holds no LoRA weights")
+    tree_targets = file_targets
+    if targets is not None:
+        tree_targets = normalize_targets(targets)
+        extra = set(file_targets) - set(tree_targets)
+        if extra:
+            raise CheckpointError(
+                f"{w_path} adapts {sorted(extra)}, which are not in targets={tree_targets}"
+            )
+    L = cfg.num_layers
+    a, b, mask = {}, {}, {}
+    for m in tree_targets:
+        d_in, d_out = cfg.proj_shape(m)
+        a_m = np.zeros((L, d_in, r_pad), np.float32)
+        b_m = np.zeros((L, r_pad, d_out), np.float32)
+        mask_m = np.zeros((L, r_pad), np.float32)
+        for layer in range(L):
+            if (m, layer) in found:
+                a_m[layer, :, :r] = found[(m, layer)]["A"].T
+                b_m[layer, :r, :] = found[(m, layer)]["B"].T
+                mask_m[layer, :r] = 1.0
+        a[m], b[m], mask[m] = jnp.asarray(a_m), jnp.asarray(b_m), jnp.asarray(mask_m)
+    return LoRA(a=a, b=b, mask=mask, scale=jnp.asarray(scale, jnp.float32))
