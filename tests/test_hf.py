@@ -1,4 +1,5 @@
-"""floe_jax.hf against Hugging Face transformers (PyTorch) on tiny random local checkpoints."""
+"""floe_jax.hf.checkpoint and floe_jax.model against Hugging Face transformers (PyTorch) on tiny
+random local checkpoints."""
 
 import json
 
@@ -13,7 +14,6 @@ import transformers
 from transformers.models.llama import modeling_llama
 
 import floe_jax.hf as hf
-from floe_jax.config import ModelConfig, RopeScaling
 from floe_jax.model import _block, apply_rope, attention, rms_norm, rope_inv_freq, unstack_layers
 from floe_jax.model import forward as _forward
 from tests import _hf_utils as U
@@ -50,51 +50,6 @@ def test_config_matches_hf(case, checkpoints):
     assert cfg.tie_word_embeddings == ("lm_head" not in params) == hc.tie_word_embeddings
     np.testing.assert_allclose(
         rope_inv_freq(cfg), model.model.rotary_emb.inv_freq.numpy(), rtol=1e-6
-    )
-
-
-def test_legacy_rope_keys_equal_rope_parameters():
-    base = {**U.BASE, "num_hidden_layers": 2, "num_attention_heads": 4, "model_type": "llama"}
-    new = hf.config_from_hf(
-        {**base, "rope_parameters": {"rope_type": "linear", "rope_theta": 5e5, "factor": 2.0}}
-    )
-    old = hf.config_from_hf(
-        {**base, "rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2.0}}
-    )
-    assert new == old
-    assert new.rope_theta == 5e5 and new.rope_scaling == RopeScaling(rope_type="linear", factor=2.0)
-
-
-def test_transformers4_style_llama3_config():
-    """A Llama 3.2-style config.json as transformers 4 wrote it (top-level rope_theta,
-    rope_scaling, torch_dtype, a list of EOS ids)."""
-    d = {
-        **U.BASE,
-        "model_type": "llama",
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "rope_theta": 500000.0,
-        "rope_scaling": {
-            "rope_type": "llama3",
-            "factor": 32.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192,
-        },
-        "torch_dtype": "bfloat16",
-        "eos_token_id": [128001, 128008, 128009],
-        "bos_token_id": 128000,
-        "tie_word_embeddings": True,
-    }
-    cfg = hf.config_from_hf(d)
-    assert cfg.rope_theta == 500000.0 and cfg.dtype == "bfloat16" and cfg.tie_word_embeddings
-    assert cfg.rope_scaling == RopeScaling(
-        rope_type="llama3", factor=32.0, original_max_position_embeddings=8192
-    )
-    assert (cfg.bos_token_id, cfg.eos_token_id) == (128000, 128001)
-    hc = transformers.LlamaConfig(**{k: v for k, v in d.items() if k != "model_type"})
-    np.testing.assert_allclose(
-        rope_inv_freq(cfg), modeling_llama.LlamaRotaryEmbedding(hc).inv_freq.numpy(), rtol=1e-6
     )
 
 
@@ -385,14 +340,6 @@ def test_error_no_safetensors(checkpoints, tmp_path):
         hf.load_hf(folder)
 
 
-def test_error_config_to_hf_unrepresentable_bias():
-    cfg = ModelConfig(
-        vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, qkv_bias=True
-    )
-    with pytest.raises(hf.CheckpointError, match="attention_bias"):
-        hf.config_to_hf(cfg)
-
-
 # ----------------------------------------------------------------------------- tokenizer
 
 
@@ -430,85 +377,3 @@ def test_error_index_names_tensor_missing_from_its_shard(checkpoints, tmp_path):
     with pytest.raises(hf.CheckpointError) as e:
         hf.load_hf(tmp_path)
     assert name in str(e.value) and index["weight_map"][name] in str(e.value)
-
-
-# ----------------------------------------------------------------------------- PEFT errors
-
-
-@pytest.fixture()
-def adapter(tmp_path):
-    """A valid adapter folder written by save_peft for the llama-gqa config."""
-    from floe_jax.config import LoRAConfig
-    from floe_jax.lora import init_lora
-
-    cfg = hf.config_from_hf(U.hf_config("llama-gqa").to_dict())
-    lora = init_lora(cfg, LoRAConfig(rank=2, alpha=4, targets=("q", "v")), key=jax.random.key(0))
-    hf.save_peft(lora, cfg, tmp_path / "adapter")
-    return cfg, lora, tmp_path / "adapter"
-
-
-def _edit_json(path, **changes):
-    d = json.loads(path.read_text())
-    d.update(changes)
-    path.write_text(json.dumps(d))
-
-
-@pytest.mark.parametrize(
-    "changes, field",
-    [
-        ({"use_dora": True}, "use_dora"),
-        ({"rank_pattern": {"q_proj": 4}}, "rank_pattern"),
-        ({"alpha_pattern": {"q_proj": 4}}, "alpha_pattern"),
-        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-        ({"bias": "all"}, "bias"),
-        ({"peft_type": "IA3"}, "peft_type"),
-        ({"init_lora_weights": "pissa"}, "init_lora_weights"),
-    ],
-)
-def test_error_load_peft_unsupported_setting(adapter, changes, field):
-    cfg, _, folder = adapter
-    _edit_json(folder / hf.ADAPTER_CONFIG_FILE, **changes)
-    with pytest.raises(hf.CheckpointError) as e:
-        hf.load_peft(folder, cfg)
-    assert field in str(e.value) and hf.ADAPTER_CONFIG_FILE in str(e.value)
-
-
-def test_error_load_peft_missing_files(adapter, tmp_path):
-    cfg, _, folder = adapter
-    with pytest.raises(hf.CheckpointError, match="does not exist"):
-        hf.load_peft(tmp_path / "nope", cfg)
-    (folder / hf.ADAPTER_WEIGHTS_FILE).unlink()
-    with pytest.raises(hf.CheckpointError, match=hf.ADAPTER_WEIGHTS_FILE):
-        hf.load_peft(folder, cfg)
-    (folder / hf.ADAPTER_CONFIG_FILE).unlink()
-    with pytest.raises(hf.CheckpointError, match=hf.ADAPTER_CONFIG_FILE):
-        hf.load_peft(folder, cfg)
-
-
-def test_error_load_peft_bad_tensors(adapter):
-    cfg, _, folder = adapter
-    path = folder / hf.ADAPTER_WEIGHTS_FILE
-    tensors = safetensors.numpy.load_file(path)
-    name = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
-    bad = {**tensors, name: tensors[name][:, :1]}
-    safetensors.numpy.save_file(bad, path)
-    with pytest.raises(hf.CheckpointError) as e:
-        hf.load_peft(folder, cfg)
-    assert name in str(e.value) and "(16, 1)" in str(e.value) and "(16, 2)" in str(e.value)
-
-    extra = "base_model.model.lm_head.lora_A.weight"
-    safetensors.numpy.save_file({**tensors, extra: np.zeros((2, 32), np.float32)}, path)
-    with pytest.raises(hf.CheckpointError, match=extra.replace(".", r"\.")):
-        hf.load_peft(folder, cfg)
-
-
-def test_error_load_peft_max_rank_below_r_and_stacked_save(adapter, tmp_path):
-    cfg, lora, folder = adapter
-    with pytest.raises(hf.CheckpointError, match="max_rank=1 is below the adapter's r=2"):
-        hf.load_peft(folder, cfg, max_rank=1)
-    from floe_jax.lora import stack_loras
-
-    with pytest.raises(hf.CheckpointError, match="one client"):
-        hf.save_peft(stack_loras([lora, lora]), cfg, tmp_path / "stacked")
-    with pytest.raises(hf.CheckpointError, match="lora_alpha=3"):
-        hf.save_peft(lora, cfg, tmp_path / "x", alpha=3)
