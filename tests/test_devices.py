@@ -1,4 +1,4 @@
-"""Tests for floe_jax/devices.py and floe_jax/cost_table.py (and experiments/profile.py)."""
+"""Tests for floe_jax/devices/ and floe_jax/cost_table.py (and experiments/profile.py)."""
 
 import dataclasses
 import json
