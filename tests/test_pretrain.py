@@ -10,16 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import floe_jax.loss
 import floe_jax.model
 import floe_jax.pretrain
 import kernels.decode_attention
 from floe_jax.config import ConfigError, ModelConfig
 from floe_jax.hf import load_hf
+from floe_jax.loss import token_loss
 from floe_jax.model import init_params
 from floe_jax.pretrain import (
     PretrainConfig,
     cache_key,
-    lm_loss_sums,
     pretrain,
     pretrain_cached,
     sample_windows,
@@ -38,6 +39,11 @@ def _stream(n=400, seed=0):
     noise = rng.random(s.shape) < 0.05
     s[noise] = rng.integers(0, 16, noise.sum())
     return s.astype(np.int32)
+
+
+def lm_loss_sums(params, toks, loss_mask, cfg):
+    """Pretraining's loss: every token real, the targets where `loss_mask` is 1."""
+    return token_loss(params, None, toks, jnp.ones_like(toks), loss_mask, cfg=cfg)
 
 
 def _mean_loss(params, stream):
@@ -93,11 +99,11 @@ def test_cache_key_covers_data_model_and_training():
     assert k != cache_key(CFG, TCFG, s, tag="bench-seed-1")
 
 
-@pytest.mark.parametrize("module", [floe_jax.model, kernels.decode_attention])
+@pytest.mark.parametrize("module", [floe_jax.model, kernels.decode_attention, floe_jax.loss])
 def test_cache_key_follows_the_code(monkeypatch, tmp_path, module):
-    """An edit to the model's source (the model module, or the attention code it imports) is a
-    new fingerprint, and a new fingerprint a new entry: a warm cache never serves a model the
-    current code would train differently."""
+    """An edit to the model's source (the model module, or the attention code it imports) or to
+    the loss is a new fingerprint, and a new fingerprint a new entry: a warm cache never serves a
+    model the current code would train differently."""
     fingerprint = floe_jax.pretrain.code_fingerprint.__wrapped__  # uncached
     before = fingerprint()
     edited = tmp_path / Path(module.__file__).name
