@@ -228,6 +228,30 @@ def test_encode_helpers(bench, tok_dir):
     assert stream.count(tok.bos_token_id) == stream.count(tok.eos_token_id) == 3
 
 
+def test_load_tokenizer_round_trip(tmp_path):
+    """A checkpoint's tokenizer (not the benchmark's) loads through the same loader."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    texts = ["the edge model answers fast", "the cloud model answers well", "private data stays"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"])
+    )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    ids = loaded("the cloud answers")["input_ids"]
+    assert ids == tok.encode("the cloud answers").ids
+    assert loaded.decode(ids) == "the cloud answers"
+    assert loaded.eos_token == "</s>" and loaded.eos_token_id == tok.token_to_id("</s>")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tokenizer(tmp_path / "nope")
+
+
 def test_load_tokenizer_missing_folder_is_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         load_tokenizer(tmp_path)
