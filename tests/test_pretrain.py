@@ -41,14 +41,14 @@ def _stream(n=400, seed=0):
     return s.astype(np.int32)
 
 
-def lm_loss_sums(params, toks, loss_mask, cfg):
+def _loss_sums(params, toks, loss_mask, cfg):
     """Pretraining's loss: every token real, the targets where `loss_mask` is 1."""
     return token_loss(params, None, toks, jnp.ones_like(toks), loss_mask, cfg=cfg)
 
 
 def _mean_loss(params, stream):
     toks = jnp.asarray(sample_windows(stream, 8, 17, np.random.default_rng(123)))
-    s, n = lm_loss_sums(params, toks, jnp.ones_like(toks), CFG)
+    s, n = _loss_sums(params, toks, jnp.ones_like(toks), CFG)
     return float(s / n)
 
 
@@ -66,9 +66,9 @@ def test_loss_mask_counts_only_masked_targets():
     params = init_params(CFG, key=jax.random.key(0))
     toks = jnp.asarray(_stream()[:20].reshape(2, 10))
     mask = jnp.zeros_like(toks).at[:, 5:].set(1)
-    s, n = lm_loss_sums(params, toks, mask, CFG)
+    s, n = _loss_sums(params, toks, mask, CFG)
     assert float(n) == 10.0
-    s_all, n_all = lm_loss_sums(params, toks, jnp.ones_like(toks), CFG)
+    s_all, n_all = _loss_sums(params, toks, jnp.ones_like(toks), CFG)
     assert float(n_all) == 18.0 and float(s) < float(s_all)
 
 
