@@ -12,7 +12,6 @@ That makes Floe's claim (fusion beats edge-only and cloud-only) reachable on thi
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import time
@@ -29,14 +28,15 @@ from floe_jax.data.benchmark import Benchmark, Example, make_benchmark, score
 from floe_jax.data.tokenizer import (
     benchmark_tokenizer,
     encode_docs,
-    encode_example,
+    encode_examples,
     encode_prompt,
     load_tokenizer,
     save_tokenizer,
 )
 from floe_jax.decode import generate, pad_prompts
+from floe_jax.federated.client import optimized_factors, train_step
 from floe_jax.lora import LoRA, init_lora
-from floe_jax.pretrain import PretrainResult, lm_loss_sums, pretrain_cached
+from floe_jax.pretrain import PretrainResult, pretrain_cached
 
 
 @dataclasses.dataclass
@@ -133,28 +133,9 @@ def evaluate(params, cfg, tokenizer, bench: Benchmark, *, max_new_tokens: int, l
 # ----------------------------------------------------------------------------- LoRA check
 
 
-def _sft_arrays(tokenizer, examples: list[Example]) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded (tokens, loss mask) [N, T] of `<bos> prompt response <eos>` examples."""
-    enc = [encode_example(tokenizer, e.prompt, e.response) for e in examples]
-    T = -(-max(len(t) for t, _ in enc) // 16) * 16
-    tokens = np.full((len(enc), T), tokenizer.pad_token_id, np.int32)
-    mask = np.zeros((len(enc), T), np.int32)
-    for i, (t, m) in enumerate(enc):
-        tokens[i, : len(t)], mask[i, : len(m)] = t, m
-    return tokens, mask
-
-
-@functools.partial(
-    jax.jit, static_argnames=("cfg", "opt"), donate_argnames=("trainable", "opt_state")
+_finetune_step = jax.jit(
+    train_step, static_argnames=("cfg", "opt", "frozen"), donate_argnames=("lora", "opt_state")
 )
-def _lora_step(trainable, opt_state, lora, params, tokens, mask, *, cfg, opt):
-    def loss_fn(tr):
-        s, n = lm_loss_sums(params, tokens, mask, cfg, lora=lora.with_trainable(tr))
-        return s / jnp.maximum(n, 1.0), (s, n)
-
-    grads, sums = jax.grad(loss_fn, has_aux=True)(trainable)
-    updates, opt_state = opt.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, sums
 
 
 def finetune_lora(
@@ -166,10 +147,11 @@ def finetune_lora(
     *,
     progress: bool = True,
 ) -> tuple[LoRA, list[float]]:
-    """Centralized LoRA fine-tune on `examples` (loss on responses only). Returns (lora, losses)."""
+    """Centralized LoRA fine-tune on `examples` (loss on responses only), with the federated
+    clients' `train_step`. Returns (lora, losses)."""
     from tqdm.auto import tqdm
 
-    tokens, mask = _sft_arrays(tokenizer, examples)
+    data = encode_examples(tokenizer, [(e.prompt, e.response) for e in examples])
     key = jax.random.key(fcfg.seed)
     lora = init_lora(cfg, fcfg.lora, key=key)
     opt = optax.adamw(
@@ -178,19 +160,16 @@ def finetune_lora(
         ),
         weight_decay=0.0,
     )
-    trainable = jax.tree.map(jnp.array, lora.trainable())
-    opt_state = opt.init(trainable)
+    opt_state = opt.init(optimized_factors(lora))
     rng = np.random.default_rng(fcfg.seed)
     losses = []
     for _ in tqdm(range(fcfg.steps), desc="LoRA fine-tune", disable=not progress, leave=False):
-        idx = rng.integers(0, len(tokens), fcfg.batch_size)
-        trainable, opt_state, (s, n) = _lora_step(
-            trainable, opt_state, lora, params, jnp.asarray(tokens[idx]), jnp.asarray(mask[idx]),
-            cfg=cfg, opt=opt,
-        )  # fmt: skip
-        losses.append((s, n))
+        idx = rng.integers(0, len(data["tokens"]), fcfg.batch_size)
+        batch = {k: jnp.asarray(v[idx]) for k, v in data.items()}
+        lora, opt_state, sums = _finetune_step(params, lora, opt_state, batch, cfg=cfg, opt=opt)
+        losses.append(sums)
     losses = [float(s) / max(float(n), 1.0) for s, n in jax.device_get(losses)]
-    return lora.with_trainable(trainable), losses
+    return lora, losses
 
 
 # ----------------------------------------------------------------------------- the check

@@ -36,6 +36,7 @@ from experiments.calibrate import prepare
 from experiments.presets import DemoPreset, RealPreset
 from floe_jax.config import LoRAConfig, ModelConfig
 from floe_jax.data.benchmark import Benchmark, Example, Query, score
+from floe_jax.data.tokenizer import encode_example, encode_prompt, load_tokenizer
 from floe_jax.devices import (
     assign_ranks,
     decode_energy_j_per_token,
@@ -77,19 +78,6 @@ class Setup:
     times: dict
 
 
-def encode_prompt(tok, text: str) -> list[int]:
-    """`<bos>` (when the tokenizer has one, unlike Qwen's) + the tokens of `text`."""
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    return bos + list(tok.encode(text, add_special_tokens=False))
-
-
-def encode_example(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """(tokens, loss mask) of `[<bos>] prompt response <eos>`; the mask is 1 on response + eos."""
-    p = encode_prompt(tok, prompt)
-    r = [*tok.encode(response, add_special_tokens=False), tok.eos_token_id]
-    return p + r, [0] * len(p) + [1] * len(r)
-
-
 def setup(preset: DemoPreset | RealPreset, *, progress: bool = True) -> Setup:
     """Embedded benchmark + cached pretraining, or the real-model preset's checkpoints and data."""
     if isinstance(preset, RealPreset):
@@ -104,7 +92,7 @@ def setup_real(preset: RealPreset) -> Setup:
     cycle over the tasks), `examples_per_client` training examples and `test_per_client` held-out
     test queries each (type `general`: instruction data has no personal/both split)."""
     from floe_jax.data.hf_datasets import load_instruction_dataset
-    from floe_jax.hf import load_hf, load_tokenizer
+    from floe_jax.hf import load_hf
 
     t0 = time.perf_counter()
     edge_cfg, edge_params = load_hf(preset.edge_path, dtype=preset.dtype)

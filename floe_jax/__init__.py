@@ -5,6 +5,7 @@ module (`floe_jax.model`, `floe_jax.lora`, ...).
 """
 
 from floe_jax.config import ConfigError, LoRAConfig, ModelConfig, RopeScaling
+from floe_jax.data.tokenizer import load_tokenizer
 from floe_jax.decode import SamplingConfig, generate, pad_prompts, stream
 from floe_jax.devices import CATALOG, DeviceProfile, assign_ranks, get_device
 from floe_jax.federated.aggregate import Aggregated, aggregate, available_rules
@@ -17,7 +18,6 @@ from floe_jax.hf import (
     config_to_hf,
     load_hf,
     load_peft,
-    load_tokenizer,
     save_hf,
     save_peft,
 )

@@ -4,8 +4,8 @@ For each candidate LoRA configuration, `measure_cost_table` compiles and times
 
 - one decode step: `floe_jax.model.forward` on one new token per row against a KV cache of
   `context` filled slots (the adapter unmerged, as a client serves it), and
-- one fine-tuning step: masked next-token cross-entropy, gradients with respect to the LoRA
-  factors only, and an Adam update (optax), adapters and optimizer state donated,
+- one fine-tuning step: `floe_jax.federated.client.train_step`, the step a client's local update
+  runs, with an Adam update (optax), adapter and optimizer state donated,
 
 and reads each compiled program's memory from XLA (`.compile().memory_analysis()`). The result is
 a `CostTable` labelled with the device profile name it stands for; `floe_jax.devices.assign_ranks`
@@ -206,31 +206,6 @@ def _median_ms(fn, state, repeats: int):
     return 1e3 * statistics.median(times), state
 
 
-def _next_token_loss(trainable, lora, params, tokens_BT, mask_BT, cfg):
-    from floe_jax.model import forward
-
-    logits_BTV = forward(params, tokens_BT[:, :-1], cfg, lora=lora.with_trainable(trainable))
-    logp = jax.nn.log_softmax(logits_BTV, axis=-1)
-    nll_BT = -jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1)[..., 0]
-    m = mask_BT[:, 1:].astype(jnp.float32)
-    return (nll_BT * m).sum() / jnp.maximum(m.sum(), 1.0)
-
-
-def _make_train_step(cfg: ModelConfig, lr: float):
-    import optax
-
-    tx = optax.adam(lr)
-
-    def step(trainable, opt_state, lora, params, tokens, mask):
-        loss, grads = jax.value_and_grad(_next_token_loss)(
-            trainable, lora, params, tokens, mask, cfg
-        )
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, loss
-
-    return tx, step
-
-
 def measure_cost_table(
     model_cfg: ModelConfig,
     candidates: Sequence[LoRAConfig],
@@ -263,6 +238,7 @@ def measure_cost_table(
       progress: optional callable receiving each finished `CostEntry`.
     """
     from floe_jax.decode import greedy
+    from floe_jax.federated.client import make_optimizer, optimized_factors, train_step
     from floe_jax.lora import init_lora
     from floe_jax.model import forward, init_cache, init_params
 
@@ -275,6 +251,8 @@ def measure_cost_table(
         machine = f"{d.device_kind} ({d.platform})"
     tokens = jax.random.randint(k_tok, (batch, seq_len), 0, model_cfg.vocab_size, jnp.int32)
     mask = jnp.ones((batch, seq_len), jnp.int32)
+    train_batch = {"tokens": tokens, "mask": mask, "loss_mask": mask}
+    opt = make_optimizer("adam", lr=1e-4)
     tok_B1 = (
         tokens[:decode_batch, :1]
         if decode_batch <= batch
@@ -289,6 +267,9 @@ def measure_cost_table(
         return nxt, cache
 
     decode_jit = jax.jit(decode, donate_argnames=("cache",))
+    step_jit = jax.jit(
+        train_step, static_argnames=("cfg", "opt"), donate_argnames=("lora", "opt_state")
+    )
     entries = []
     for cand in candidates:
         lora = init_lora(model_cfg, cand, key=k_lora)
@@ -307,16 +288,15 @@ def measure_cost_table(
             (tok_B1, cache),
             repeats,
         )
-        # Train: LoRA factors and Adam state donated, base broadcast.
-        tx, step = _make_train_step(model_cfg, 1e-4)
-        trainable = lora.trainable()
-        opt_state = tx.init(trainable)
-        step_jit = jax.jit(step, donate_argnames=("trainable", "opt_state"))
-        tr_compiled = step_jit.lower(trainable, opt_state, lora, params, tokens, mask).compile()
+        # Train: the round's `train_step`, adapter and Adam state donated, base broadcast.
+        opt_state = opt.init(optimized_factors(lora))
+        tr_compiled = step_jit.lower(
+            params, lora, opt_state, train_batch, cfg=model_cfg, opt=opt
+        ).compile()
         tr_mem = _compiled_bytes(tr_compiled)
         tr_ms, _ = _median_ms(
-            lambda t, o, *_, f=tr_compiled, lora=lora: f(t, o, lora, params, tokens, mask),
-            (trainable, opt_state),
+            lambda lo, o, f=tr_compiled: f(params, lo, o, train_batch)[:2],
+            (lora, opt_state),
             repeats,
         )
         entry = CostEntry(

@@ -29,12 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import floe_jax.loss
 import floe_jax.model
 import kernels.decode_attention
 from floe_jax.config import ConfigError, ModelConfig
 from floe_jax.hf import load_hf, save_hf
-from floe_jax.lora import LoRA
-from floe_jax.model import forward, init_params
+from floe_jax.loss import token_loss
+from floe_jax.model import init_params
 
 CACHE_VERSION = 2  # 2: Hugging Face checkpoint folders, code fingerprint in the key
 
@@ -92,35 +93,7 @@ class PretrainResult:
     losses: tuple[float, ...]
 
 
-# ----------------------------------------------------------------------------- loss and step
-
-
-def lm_loss_sums(
-    params: dict,
-    tokens_BT: jax.Array,
-    mask_BT: jax.Array,
-    cfg: ModelConfig,
-    *,
-    lora: LoRA | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token NLL and its token count.
-
-    Args:
-      params: base params.
-      tokens_BT: int32 [B, T] (padding anywhere; it is masked).
-      mask_BT: [B, T] 1 where token t is a target to predict (from tokens before it).
-      cfg: model config.
-      lora: adapters, or None.
-
-    Returns:
-      (sum of -log p(token t | tokens < t) over masked t >= 1, number of masked t >= 1).
-    """
-    logits_BTV = forward(params, tokens_BT[:, :-1], cfg, lora=lora)
-    targets_BT = tokens_BT[:, 1:]
-    m = mask_BT[:, 1:].astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits_BTV, axis=-1)
-    nll_BT = -jnp.take_along_axis(logp, targets_BT[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll_BT * m), jnp.sum(m)
+# ----------------------------------------------------------------------------- step
 
 
 def make_optimizer(tcfg: PretrainConfig) -> optax.GradientTransformation:
@@ -140,10 +113,11 @@ def make_optimizer(tcfg: PretrainConfig) -> optax.GradientTransformation:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "opt"), donate_argnames=("params", "opt_state"))
 def train_step(params, opt_state, tokens_BT, mask_BT, *, cfg: ModelConfig, opt):
-    """One AdamW step on the mean NLL. Returns (params, opt_state, (loss sum, token count))."""
+    """One AdamW step of every parameter on the mean `token_loss` over the tokens of `mask_BT`
+    ([B, T]; every token a target). Returns (params, opt_state, (loss sum, token count))."""
 
     def loss_fn(p):
-        s, n = lm_loss_sums(p, tokens_BT, mask_BT, cfg)
+        s, n = token_loss(p, None, tokens_BT, mask_BT, mask_BT, cfg=cfg)
         return s / jnp.maximum(n, 1.0), (s, n)
 
     grads, sums = jax.grad(loss_fn, has_aux=True)(params)
@@ -236,12 +210,13 @@ def pretrain(
 @functools.cache
 def code_fingerprint() -> str:
     """A hash of what decides the numbers pretraining produces beyond its inputs: the source of
-    the model (`floe_jax.model` and the attention code it takes from `kernels.decode_attention`)
-    and of this module, and the jax, jaxlib and optax versions. Any edit to those files
-    (comments included) is a new cache entry: the cost is one re-pretraining, the gain is that a
-    warm cache and a fresh clone give the same models."""
+    the model (`floe_jax.model` and the attention code it takes from `kernels.decode_attention`),
+    of the loss (`floe_jax.loss`) and of this module, and the jax, jaxlib and optax versions. Any
+    edit to those files (comments included) is a new cache entry: the cost is one re-pretraining,
+    the gain is that a warm cache and a fresh clone give the same models."""
     h = hashlib.sha256()
-    for source in (floe_jax.model.__file__, kernels.decode_attention.__file__, __file__):
+    sources = (floe_jax.model, kernels.decode_attention, floe_jax.loss)
+    for source in (*(m.__file__ for m in sources), __file__):
         h.update(Path(source).read_bytes())
     for pkg in ("jax", "jaxlib", "optax"):
         h.update(f"{pkg}={importlib.metadata.version(pkg)};".encode())

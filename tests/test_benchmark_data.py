@@ -19,6 +19,7 @@ from floe_jax.data.benchmark import (
 from floe_jax.data.tokenizer import (
     encode_docs,
     encode_example,
+    encode_examples,
     encode_prompt,
     load_tokenizer,
     save_tokenizer,
@@ -226,6 +227,62 @@ def test_encode_helpers(bench, tok_dir):
     assert tok.decode(ids[n_prompt:-1]) == ex.response
     stream = encode_docs(tok, bench.public_docs[:3])
     assert stream.count(tok.bos_token_id) == stream.count(tok.eos_token_id) == 3
+
+
+def test_encode_examples_pads_right_and_masks_the_response(bench, tok_dir):
+    tok = load_tokenizer(tok_dir)
+    exs = bench.client_examples[0][:3]
+    out = encode_examples(tok, [(e.prompt, e.response) for e in exs])
+    enc = [encode_example(tok, e.prompt, e.response) for e in exs]
+    longest = max(len(t) for t, _ in enc)
+    assert out["tokens"].shape == (3, -(-longest // 16) * 16)
+    for i, (ids, m) in enumerate(enc):
+        assert out["tokens"][i, : len(ids)].tolist() == ids
+        assert (out["tokens"][i, len(ids) :] == tok.pad_token_id).all()
+        assert out["mask"][i].tolist() == [1] * len(ids) + [0] * (out["mask"].shape[1] - len(ids))
+        assert (
+            out["loss_mask"][i, : len(m)].tolist() == m and out["loss_mask"][i, len(m) :].sum() == 0
+        )
+    with pytest.raises(ValueError, match="seq_len=4"):
+        encode_examples(tok, [(exs[0].prompt, exs[0].response)], seq_len=4)
+
+
+def test_encoders_without_a_bos_token():
+    """A tokenizer without BOS (Qwen's): prompts start with their own tokens."""
+
+    class NoBos:
+        bos_token_id, eos_token_id = None, 9
+
+        def encode(self, text, add_special_tokens):
+            assert not add_special_tokens
+            return [len(w) for w in text.split()]
+
+    assert encode_prompt(NoBos(), "ab c") == [2, 1]
+    assert encode_example(NoBos(), "ab c", "dddd") == ([2, 1, 4, 9], [0, 0, 1, 1])
+
+
+def test_load_tokenizer_round_trip(tmp_path):
+    """A checkpoint's tokenizer (not the benchmark's) loads through the same loader."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    texts = ["the edge model answers fast", "the cloud model answers well", "private data stays"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"])
+    )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    fast.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    ids = loaded("the cloud answers")["input_ids"]
+    assert ids == tok.encode("the cloud answers").ids
+    assert loaded.decode(ids) == "the cloud answers"
+    assert loaded.eos_token == "</s>" and loaded.eos_token_id == tok.token_to_id("</s>")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tokenizer(tmp_path / "nope")
 
 
 def test_load_tokenizer_missing_folder_is_clear(tmp_path):

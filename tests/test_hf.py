@@ -340,31 +340,6 @@ def test_error_no_safetensors(checkpoints, tmp_path):
         hf.load_hf(folder)
 
 
-# ----------------------------------------------------------------------------- tokenizer
-
-
-def test_load_tokenizer_round_trip(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    texts = ["the edge model answers fast", "the cloud model answers well", "private data stays"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(
-        texts, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"])
-    )
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    fast.save_pretrained(tmp_path)
-    loaded = hf.load_tokenizer(tmp_path)
-    ids = loaded("the cloud answers")["input_ids"]
-    assert ids == tok.encode("the cloud answers").ids
-    assert loaded.decode(ids) == "the cloud answers"
-    assert loaded.eos_token == "</s>" and loaded.eos_token_id == tok.token_to_id("</s>")
-    with pytest.raises(hf.CheckpointError, match="does not exist"):
-        hf.load_tokenizer(tmp_path / "nope")
-
-
 def test_error_index_names_tensor_missing_from_its_shard(checkpoints, tmp_path):
     checkpoints["llama-gqa"][1].save_pretrained(tmp_path, max_shard_size="20KB")
     path = tmp_path / hf.INDEX_FILE

@@ -10,16 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import floe_jax.loss
 import floe_jax.model
 import floe_jax.pretrain
 import kernels.decode_attention
 from floe_jax.config import ConfigError, ModelConfig
 from floe_jax.hf import load_hf
+from floe_jax.loss import token_loss
 from floe_jax.model import init_params
 from floe_jax.pretrain import (
     PretrainConfig,
     cache_key,
-    lm_loss_sums,
     pretrain,
     pretrain_cached,
     sample_windows,
@@ -40,9 +41,14 @@ def _stream(n=400, seed=0):
     return s.astype(np.int32)
 
 
+def _loss_sums(params, toks, loss_mask, cfg):
+    """Pretraining's loss: every token real, the targets where `loss_mask` is 1."""
+    return token_loss(params, None, toks, jnp.ones_like(toks), loss_mask, cfg=cfg)
+
+
 def _mean_loss(params, stream):
     toks = jnp.asarray(sample_windows(stream, 8, 17, np.random.default_rng(123)))
-    s, n = lm_loss_sums(params, toks, jnp.ones_like(toks), CFG)
+    s, n = _loss_sums(params, toks, jnp.ones_like(toks), CFG)
     return float(s / n)
 
 
@@ -60,9 +66,9 @@ def test_loss_mask_counts_only_masked_targets():
     params = init_params(CFG, key=jax.random.key(0))
     toks = jnp.asarray(_stream()[:20].reshape(2, 10))
     mask = jnp.zeros_like(toks).at[:, 5:].set(1)
-    s, n = lm_loss_sums(params, toks, mask, CFG)
+    s, n = _loss_sums(params, toks, mask, CFG)
     assert float(n) == 10.0
-    s_all, n_all = lm_loss_sums(params, toks, jnp.ones_like(toks), CFG)
+    s_all, n_all = _loss_sums(params, toks, jnp.ones_like(toks), CFG)
     assert float(n_all) == 18.0 and float(s) < float(s_all)
 
 
@@ -93,11 +99,11 @@ def test_cache_key_covers_data_model_and_training():
     assert k != cache_key(CFG, TCFG, s, tag="bench-seed-1")
 
 
-@pytest.mark.parametrize("module", [floe_jax.model, kernels.decode_attention])
+@pytest.mark.parametrize("module", [floe_jax.model, kernels.decode_attention, floe_jax.loss])
 def test_cache_key_follows_the_code(monkeypatch, tmp_path, module):
-    """An edit to the model's source (the model module, or the attention code it imports) is a
-    new fingerprint, and a new fingerprint a new entry: a warm cache never serves a model the
-    current code would train differently."""
+    """An edit to the model's source (the model module, or the attention code it imports) or to
+    the loss is a new fingerprint, and a new fingerprint a new entry: a warm cache never serves a
+    model the current code would train differently."""
     fingerprint = floe_jax.pretrain.code_fingerprint.__wrapped__  # uncached
     before = fingerprint()
     edited = tmp_path / Path(module.__file__).name

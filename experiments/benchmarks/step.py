@@ -35,8 +35,9 @@ from experiments.benchmarks._util import (
 )
 from experiments.benchmarks.round import ALPHA, LR, RANKS, WORKLOADS
 from floe_jax.config import LORA_TARGETS, LoRAConfig
-from floe_jax.federated.client import local_update, make_optimizer, token_loss
+from floe_jax.federated.client import local_update, make_optimizer
 from floe_jax.lora import init_lora
+from floe_jax.loss import token_loss
 from floe_jax.model import init_params
 
 ROUND_RANKS = tuple(f"r{r}" for r in RANKS)  # `bench round`'s clients cycle over these

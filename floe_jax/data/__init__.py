@@ -1,1 +1,2 @@
-"""Data: the embedded multi-task benchmark, Hugging Face datasets, batches, non-IID splits."""
+"""Data: the embedded multi-task benchmark, its tokenizer and the example encoder, Hugging Face
+instruction datasets."""

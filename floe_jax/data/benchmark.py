@@ -46,6 +46,9 @@ state; `both` about held-out contacts of the asking client. `score` computes exa
 query type. Each query lists its private spans; `Benchmark.private_terms(k)` are client `k`'s
 contacts' names, the terms the PII patterns cannot find (the demo registers each contact's
 name, phone and email, `Contact.private_values`).
+
+The world's entities and the texts written about them live in `floe_jax.data.world`; this module
+holds the benchmark's config and records, the generator that assembles them, and the scoring.
 """
 
 from __future__ import annotations
@@ -55,11 +58,26 @@ import random
 from collections.abc import Sequence
 
 from floe_jax.config import ConfigError
+from floe_jax.data.world import (
+    FACT_ATTRS,
+    Contact,
+    Country,
+    Names,
+    contact_example,
+    directory_docs,
+    fact_value,
+    make_contacts,
+    make_countries,
+    neutral_docs,
+    public_docs,
+    qa_prompt,
+    travel_example,
+    trip_example,
+)
 
 QUERY_TYPES = ("general", "personal", "both")
 TASKS = ("trivia", "contact", "travel")
 TASK_TYPE = {"trivia": "general", "contact": "personal", "travel": "both"}
-EMAIL_DOMAINS = ("example.com", "mail.test", "post.example")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -126,35 +144,6 @@ class BenchmarkConfig:
     def num_local(self) -> int:
         """Countries whose facts the edge model is pretrained on (at least one)."""
         return max(1, round(self.edge_fact_fraction * self.num_countries))
-
-
-@dataclasses.dataclass(frozen=True)
-class Country:
-    name: str
-    capital: str
-    currency: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Contact:
-    first: str
-    last: str
-    phone: str
-    email: str
-    home: str  # a country name (public)
-
-    @property
-    def name(self) -> str:
-        return f"{self.first} {self.last}"
-
-    @property
-    def card(self) -> str:
-        return f"Contact: {self.name} | phone {self.phone} | email {self.email} | home {self.home}"
-
-    @property
-    def private_values(self) -> tuple[str, ...]:
-        """The spans of this contact that must never reach the cloud."""
-        return (self.name, self.phone, self.email)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,202 +232,25 @@ class Benchmark:
         return tuple(e for ex in self.client_examples for e in ex)
 
 
-# ----------------------------------------------------------------------------- names
-
-_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "sh")
-_VOWELS = ("a", "e", "i", "o", "u")
-_CODAS = ("", "", "", "n", "r", "l", "s")
-_COUNTRY_ENDS = ("ia", "and", "or", "ica", "en")
-
-
-def _syllable(rng: random.Random) -> str:
-    return rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
-
-
-class _Names:
-    """Draws invented words, never the same one twice (across every kind of entity)."""
-
-    def __init__(self, rng: random.Random):
-        self.rng, self.used = rng, set()
-
-    def word(self, syllables: int, end: str = "") -> str:
-        for _ in range(10_000):
-            w = "".join(_syllable(self.rng) for _ in range(syllables)) + end
-            if w not in self.used:
-                self.used.add(w)
-                return w
-        raise RuntimeError("name space exhausted; lower the benchmark sizes")
-
-
-def _make_world(rng: random.Random, names: _Names, n: int) -> tuple[Country, ...]:
-    out = []
-    for _ in range(n):
-        country = names.word(2, rng.choice(_COUNTRY_ENDS)).capitalize()
-        capital = names.word(rng.choice((2, 3))).capitalize()
-        currency = names.word(rng.choice((1, 2)))
-        out.append(Country(country, capital, currency))
-    return tuple(out)
-
-
-def _make_contacts(
-    rng: random.Random, names: _Names, phones: set, homes: Sequence[str], n: int
-) -> tuple[Contact, ...]:
-    out = []
-    for _ in range(n):
-        first = names.word(2).capitalize()
-        last = names.word(rng.choice((2, 3))).capitalize()
-        while True:
-            phone = f"555-{rng.randrange(10_000):04d}"
-            if phone not in phones:
-                phones.add(phone)
-                break
-        email = f"{first.lower()}.{last.lower()}@{rng.choice(EMAIL_DOMAINS)}"
-        out.append(Contact(first, last, phone, email, rng.choice(list(homes))))
-    return tuple(out)
-
-
-# ----------------------------------------------------------------------------- text formats
-
-_ATTRS = ("capital", "currency")
-
-
-def qa_prompt(country: str, attr: str) -> str:
-    """The public QA format (general queries)."""
-    if attr == "capital":
-        return f"Q: What is the capital of {country}?\nA:"
-    return f"Q: What is the currency of {country}?\nA:"
-
-
-def _fact_value(c: Country, attr: str) -> str:
-    return c.capital if attr == "capital" else c.currency
-
-
-def _fact_sentences(c: Country) -> list[str]:
-    return [
-        f"The capital of {c.name} is {c.capital}.",
-        f"{c.capital} is the capital of {c.name}.",
-        f"The city of {c.capital} lies in {c.name}.",
-        f"The currency of {c.name} is the {c.currency}.",
-        f"In {c.name}, people pay with the {c.currency}.",
-        f"The {c.currency} is the money of {c.name}.",
-    ]
-
-
-def _public_docs(rng: random.Random, countries, repeats: int) -> list[str]:
-    """Fact documents (a few sentences each), QA pairs and travel-guide sentences, every fact
-    `repeats` times."""
-    docs = []
-    for _ in range(repeats):
-        for c in countries:
-            sents = _fact_sentences(c)
-            rng.shuffle(sents)
-            docs.append(" ".join(sents[:3]))
-            docs.append(" ".join(sents[3:]))
-            for attr in _ATTRS:
-                docs.append(f"{qa_prompt(c.name, attr)} {_fact_value(c, attr)}")
-            # travel-guide sentences: a destination in context, then a fact about it
-            docs.append(
-                f"A friend is travelling to {c.name}. "
-                + rng.choice(_fact_sentences(c)[:1] + _fact_sentences(c)[3:4])
-            )
-    rng.shuffle(docs)
-    return docs
-
-
-def _neutral_docs(rng: random.Random, countries, repeats: int) -> list[str]:
-    """Fact-free documents that name every country (the edge learns names, not facts)."""
-    names = [c.name for c in countries]
-    docs = []
-    for _ in range(repeats):
-        for name in names:
-            other = rng.choice([x for x in names if x != name] or names)
-            docs.append(
-                rng.choice(
-                    (
-                        f"{name} is a country. It borders {other}.",
-                        f"Travellers often go from {name} to {other}.",
-                        f"{name} and {other} are neighbours.",
-                    )
-                )
-            )
-    return docs
-
-
-def _directory_docs(rng: random.Random, people: Sequence[Contact]) -> list[str]:
-    """Public documents in which a public person's phone, email or country appears twice.
-
-    The values are fresh for every document, so the only way to predict the second mention is to
-    copy the first: base models learn copying here (a 2-layer model forms induction heads), in
-    formats unlike the private contact card.
-    """
-    docs = []
-    for p in people:
-        docs.append(
-            rng.choice(
-                (
-                    f"Call {p.name} at {p.phone}. The number of {p.name} is {p.phone}.",
-                    f"{p.name} has the phone number {p.phone}; call {p.phone} to reach {p.first}.",
-                    f"Write to {p.name} at {p.email}. The email of {p.first} is {p.email}.",
-                    f"The address {p.email} belongs to {p.name}. Mail {p.email} today.",
-                    f"{p.name} lives in {p.home}. {p.first} likes {p.home} and works there.",
-                    f"{p.name} is travelling to {p.home}. {p.first} will arrive in {p.home} soon.",
-                )
-            )
-        )
-    return docs
-
-
-def contact_example(contact: Contact, field: str) -> tuple[str, str]:
-    """(prompt, response) of the `contact` family: recall a phone or email from the contact book.
-
-    The prompt names the contact only; the answer is personal knowledge that the client's own
-    private examples state (and nothing public does).
-    """
-    what = "phone number" if field == "phone" else "email"
-    prompt = f"Q: What is the {what} of {contact.name}?\nA:"
-    return prompt, (contact.phone if field == "phone" else contact.email)
-
-
-def travel_example(contact: Contact, dest: Country, attr: str) -> tuple[str, str]:
-    """(prompt, response) of the `travel` family: a general fact about a contact's destination.
-
-    The prompt carries the contact's card (private spans) and names the destination (public); the
-    response restates the destination in the private answer format, then the fact.
-    """
-    if attr == "capital":
-        q = f"{contact.name} is travelling to {dest.name}. What is the capital there?"
-        resp = f"The capital of {dest.name} is {dest.capital}."
-    else:
-        q = f"{contact.name} is travelling to {dest.name}. Which currency is needed there?"
-        resp = f"The currency of {dest.name} is the {dest.currency}."
-    return f"{contact.card}\nQ: {q}\nA:", resp
-
-
-def trip_example(contact: Contact, dest: Country) -> tuple[str, str]:
-    """(prompt, response) of the `travel` family that states no fact: restate the destination."""
-    q = f"{contact.name} is travelling to {dest.name}. Which country is that?"
-    return f"{contact.card}\nQ: {q}\nA:", f"The country is {dest.name}."
-
-
 # ----------------------------------------------------------------------------- generator
 
 
 def make_benchmark(config: BenchmarkConfig = BenchmarkConfig()) -> Benchmark:
     """Generates the benchmark deterministically from `config` (seed and sizes)."""
     rng = random.Random(f"floe-benchmark-{config.seed}")
-    names = _Names(rng)
-    countries = _make_world(rng, names, config.num_countries)
+    names = Names(rng)
+    countries = make_countries(rng, names, config.num_countries)
     local = tuple(c.name for c in rng.sample(countries, config.num_local))
     local_set = set(local)
     by_name = {c.name: c for c in countries}
 
     phones: set[str] = set()
-    public = _public_docs(rng, countries, config.public_repeats)
-    neutral = _neutral_docs(rng, countries, max(1, config.public_repeats // 2))
-    people = _make_contacts(rng, names, phones, [c.name for c in countries], config.directory_docs)
-    neutral += _directory_docs(rng, people)
+    public = public_docs(rng, countries, config.public_repeats)
+    neutral = neutral_docs(rng, countries, max(1, config.public_repeats // 2))
+    people = make_contacts(rng, names, phones, [c.name for c in countries], config.directory_docs)
+    neutral += directory_docs(rng, people)
     local_countries = [c for c in countries if c.name in local_set]
-    edge = _public_docs(rng, local_countries, config.public_repeats) + neutral
+    edge = public_docs(rng, local_countries, config.public_repeats) + neutral
     rng.shuffle(edge)
     public = public + neutral
     rng.shuffle(public)
@@ -446,10 +258,10 @@ def make_benchmark(config: BenchmarkConfig = BenchmarkConfig()) -> Benchmark:
     client_tasks, client_contacts, client_examples = [], [], []
     for k in range(config.num_clients):
         task = TASKS[k % len(TASKS)]
-        train_c = _make_contacts(
+        train_c = make_contacts(
             rng, names, phones, [c.name for c in countries], config.contacts_per_client
         )
-        test_c = _make_contacts(
+        test_c = make_contacts(
             rng, names, phones, [c.name for c in countries], config.test_contacts_per_client
         )
         # contact-book facts in a fixed shuffled cycle, so a client's examples cover its book
@@ -495,16 +307,16 @@ def make_benchmark(config: BenchmarkConfig = BenchmarkConfig()) -> Benchmark:
     # Its own rng keeps the benchmark independent of `format_samples`; the used-name and phone
     # sets carry over, so no dummy value equals a client's private value.
     dummy_rng = random.Random(f"floe-benchmark-format-{config.seed}")
-    dummy_names = _Names(dummy_rng)
+    dummy_names = Names(dummy_rng)
     dummy_names.used = set(names.used)
-    dummy = _make_contacts(
+    dummy = make_contacts(
         dummy_rng, dummy_names, set(phones), [c.name for c in countries], config.format_samples
     )
     fmt = []
     for c in dummy:
         p, r = contact_example(c, dummy_rng.choice(("phone", "email")))
         fmt.append(f"{p} {r}")
-        p, r = travel_example(c, by_name[c.home], dummy_rng.choice(_ATTRS))
+        p, r = travel_example(c, by_name[c.home], dummy_rng.choice(FACT_ATTRS))
         fmt.append(f"{p} {r}")
 
     return Benchmark(
@@ -524,13 +336,13 @@ def make_benchmark(config: BenchmarkConfig = BenchmarkConfig()) -> Benchmark:
 def _train_example(rng, task, contacts, local_countries, by_name) -> Example:
     if task == "trivia":
         c = rng.choice(local_countries)
-        attr = rng.choice(_ATTRS)
-        return Example(qa_prompt(c.name, attr), f" {_fact_value(c, attr)}", task)
+        attr = rng.choice(FACT_ATTRS)
+        return Example(qa_prompt(c.name, attr), f" {fact_value(c, attr)}", task)
     contact = rng.choice(contacts)
     if task == "contact":
         p, r = contact_example(contact, rng.choice(("phone", "email")))
     elif rng.random() < 0.5:  # clients know facts of their own region only ...
-        p, r = travel_example(contact, rng.choice(local_countries), rng.choice(_ATTRS))
+        p, r = travel_example(contact, rng.choice(local_countries), rng.choice(FACT_ATTRS))
     else:  # ... and travel anywhere (which teaches reading the destination, not its facts)
         p, r = trip_example(contact, rng.choice(list(by_name.values())))
     return Example(p, f" {r}", task)
@@ -547,10 +359,10 @@ def _personal_query(rng, client, known, client_contacts) -> Query:
 
 
 def _query(rng, qtype, client, contacts, countries, by_name) -> Query:
-    attr = rng.choice(_ATTRS)
+    attr = rng.choice(FACT_ATTRS)
     if qtype == "general":
         c = rng.choice(countries)
-        value = _fact_value(c, attr)
+        value = fact_value(c, attr)
         return Query(
             qa_prompt(c.name, attr), value, qtype, "trivia", client, (), ((c.name, attr, value),)
         )
@@ -558,9 +370,7 @@ def _query(rng, qtype, client, contacts, countries, by_name) -> Query:
     spans = contact.private_values
     dest = rng.choice(countries)
     p, r = travel_example(contact, dest, attr)
-    return Query(
-        p, r, qtype, "travel", client, spans, ((dest.name, attr, _fact_value(dest, attr)),)
-    )
+    return Query(p, r, qtype, "travel", client, spans, ((dest.name, attr, fact_value(dest, attr)),))
 
 
 # ----------------------------------------------------------------------------- scoring

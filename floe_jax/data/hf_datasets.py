@@ -73,7 +73,7 @@ def load_instruction_dataset(
       source: a local file (or list of files) ending in .json, .jsonl, .csv or .parquet, or a
         hub dataset id (anything that is not an existing path).
       prompt_column, response_column: text columns.
-      task_column: optional task label column (for non-IID splits and per-task metrics).
+      task_column: optional task label column (per-client tasks and per-task metrics).
       input_column: optional extra prompt context (Alpaca's `input`, Dolly's `context`); when
         non-empty it is appended to the prompt after a blank line.
       split: the split to read (local files load as `train`).

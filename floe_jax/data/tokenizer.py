@@ -12,12 +12,18 @@ and to every device, leaks nothing; private names are simply split into more, sm
 Special tokens: `<pad>` (id 0), `<bos>` (1), `<eos>` (2). `encode` does not add them; prompts are
 built with `bos + encode(text)` and training examples end with `eos` (see `encode_prompt`,
 `encode_example`).
+
+The loader and the encoders here are the only ones in floe_jax: real checkpoints' tokenizers (a
+Hugging Face folder, with or without a BOS token, as Qwen's has none) go through the same
+`load_tokenizer`, `encode_prompt` and `encode_example` as the benchmark's own.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+
+import numpy as np
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)
@@ -66,24 +72,63 @@ def save_tokenizer(tokenizer, path: str | os.PathLike) -> None:
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """Loads a tokenizer folder with `transformers.AutoTokenizer` (local files only)."""
+    """Loads a tokenizer folder (the benchmark's, or a Hugging Face checkpoint's) with
+    `transformers.AutoTokenizer`, from local files only (no hub access)."""
     from transformers import AutoTokenizer
 
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer folder {path} does not exist")
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         raise FileNotFoundError(f"{path}: no tokenizer.json (write it with save_tokenizer)")
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    """`<bos>` + the tokens of `text` (what a query's prompt is fed as)."""
-    return [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False)]
+    """`<bos>` (when the tokenizer has one) + the tokens of `text`: what a prompt is fed as."""
+    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    return [*bos, *tokenizer.encode(text, add_special_tokens=False)]
 
 
 def encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """(tokens, loss mask) of `<bos> prompt response <eos>`; the mask is 1 on response + eos."""
+    """(tokens, loss mask) of `[<bos>] prompt response <eos>`; the mask is 1 on response + eos.
+
+    Prompt and response are tokenized apart, so the boundary is exact (a joint tokenization can
+    merge the last prompt and first response characters into one token).
+    """
     p = encode_prompt(tokenizer, prompt)
     r = [*tokenizer.encode(response, add_special_tokens=False), tokenizer.eos_token_id]
     return p + r, [0] * len(p) + [1] * len(r)
+
+
+def encode_examples(
+    tokenizer, pairs: Sequence[tuple[str, str]], *, seq_len: int | None = None, multiple: int = 16
+) -> dict[str, np.ndarray]:
+    """`encode_example` of each (prompt, response), right-padded to one shape.
+
+    Args:
+      tokenizer: as for `encode_example`; its pad token fills the rows.
+      pairs: N (prompt, response) strings.
+      seq_len: T; default the longest example rounded up to `multiple` (few distinct shapes, so
+        few compiles).
+      multiple: see `seq_len`.
+
+    Returns:
+      `tokens` int32, `mask` (1 on real tokens) and `loss_mask` (1 on response + eos), [N, T].
+
+    Raises:
+      ValueError: an example is longer than `seq_len`.
+    """
+    enc = [encode_example(tokenizer, p, r) for p, r in pairs]
+    longest = max(len(t) for t, _ in enc)
+    T = -(-longest // multiple) * multiple if seq_len is None else seq_len
+    if longest > T:
+        raise ValueError(f"an example has {longest} tokens > seq_len={T}")
+    tokens = np.full((len(enc), T), tokenizer.pad_token_id, np.int32)
+    mask = np.zeros((len(enc), T), np.int32)
+    loss_mask = np.zeros((len(enc), T), np.int32)
+    for i, (t, m) in enumerate(enc):
+        tokens[i, : len(t)], mask[i, : len(t)], loss_mask[i, : len(m)] = t, 1, m
+    return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
 
 
 def encode_docs(tokenizer, docs: Sequence[str]) -> list[int]:

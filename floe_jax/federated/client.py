@@ -9,8 +9,8 @@ Shapes: C clients, S local steps, B batch, T tokens, V vocab, R padded rank.
 A client's batches are `{"tokens": int32 [S, B, T], "mask": [S, B, T], "loss_mask": [S, B, T]}`
 with an optional `"batch_mask"` ([S] or [S, B]): a zero row or step weighs nothing, and a step
 whose loss weight is zero (a short client's padding) leaves the adapter and optimizer state
-untouched. The loss is next-token cross-entropy on targets that are real (`mask`) and are training
-targets (`loss_mask`), predicted from a real position.
+untouched. Each local step is `train_step`, which the centralized fine-tune and the cost table's
+measurement run too; its loss is `floe_jax.loss.token_loss`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import optax
 
 from floe_jax.config import ModelConfig
 from floe_jax.lora import LoRA, freeze_padding
-from floe_jax.model import forward
+from floe_jax.loss import token_loss
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 
@@ -51,30 +51,6 @@ def make_optimizer(
     return tx
 
 
-def token_loss(
-    params: dict,
-    lora: LoRA | None,
-    tokens_BT: jax.Array,
-    mask_BT: jax.Array,
-    loss_mask_BT: jax.Array,
-    *,
-    cfg: ModelConfig,
-) -> tuple[jax.Array, jax.Array]:
-    """Summed next-token cross-entropy and its token count (both float32 []).
-
-    Target t+1 counts when it is real, a training target, and predicted from a real position t.
-    Masked tokens still shape the context of later tokens through attention (as in training with
-    a prompt), they only carry no loss.
-    """
-    logits_BTV = forward(params, tokens_BT, cfg, lora=lora, mask=mask_BT)[:, :-1]
-    tgt_BT = tokens_BT[:, 1:]
-    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
-    tgt_logit_BT = jnp.take_along_axis(logits_BTV, tgt_BT[..., None], axis=-1)[..., 0]
-    m = mask_BT.astype(jnp.float32)
-    w_BT = m[:, :-1] * m[:, 1:] * loss_mask_BT[:, 1:].astype(jnp.float32)
-    return jnp.sum((lse_BT - tgt_logit_BT) * w_BT), jnp.sum(w_BT)
-
-
 def _tree_where(pred, new, old):
     return jax.tree.map(lambda n, o: jnp.where(pred, n, o), new, old)
 
@@ -89,6 +65,66 @@ def _row_weights(batches: dict) -> jax.Array:
     return jnp.broadcast_to(bm[:, None] if bm.ndim == 1 else bm, (S, B))
 
 
+def optimized_factors(lora: LoRA, frozen: tuple[str, ...] = ()) -> dict:
+    """The factors of `lora.trainable()` an optimizer sees: all but the `frozen` ones.
+
+    `opt.init(optimized_factors(lora, frozen))` is the optimizer state `train_step` expects.
+    """
+    full = lora.trainable()
+    unknown = set(frozen) - set(full)
+    if unknown:
+        raise ValueError(f"frozen={frozen!r}: {sorted(unknown)} not among {sorted(full)}")
+    return {k: v for k, v in full.items() if k not in frozen}
+
+
+def train_step(
+    params: dict,
+    lora: LoRA,
+    opt_state: optax.OptState,
+    batch: dict,
+    *,
+    cfg: ModelConfig,
+    opt: optax.GradientTransformation,
+    frozen: tuple[str, ...] = (),
+) -> tuple[LoRA, optax.OptState, tuple[jax.Array, jax.Array]]:
+    """One optimizer step of a LoRA adapter on one batch: the step every LoRA training runs (a
+    federated client's local steps, a centralized fine-tune, the cost table's measured step).
+
+    The gradient is that of the mean `token_loss` over the batch's loss tokens, taken with respect
+    to `optimized_factors(lora, frozen)` only; padded rank slots stay exactly zero. A batch with no
+    loss token (a short client's padding) changes nothing, optimizer state included.
+
+    Args:
+      params: frozen base params.
+      lora: the adapter (padded to R, its mask and scale set).
+      opt_state: `opt`'s state over `optimized_factors(lora, frozen)`.
+      batch: `tokens`, `mask`, `loss_mask` [B, T].
+      cfg: base model config (static).
+      opt: the optimizer (static).
+      frozen: factors (`"a"`, `"b"`) that are not trained (static).
+
+    Returns:
+      `(lora, opt_state, (loss_sum, tokens))`, the sums float32 [].
+    """
+    train = optimized_factors(lora, frozen)
+    fixed = {k: v for k, v in lora.trainable().items() if k in frozen}  # no gradient, no state
+    whole = lambda train: lora.with_trainable({**fixed, **train})  # the adapter they make up
+
+    def loss_of(train):
+        s, n = token_loss(
+            params, whole(train), batch["tokens"], batch["mask"], batch["loss_mask"], cfg=cfg
+        )
+        return s / jnp.maximum(n, 1.0), (s, n)
+
+    (_, (s, n)), g = jax.value_and_grad(loss_of, has_aux=True)(train)
+    updates, new_opt_state = opt.update(g, opt_state, train)
+    new_train = freeze_padding(whole(optax.apply_updates(train, updates))).trainable()
+    new_train = {k: new_train[k] for k in train}
+    live = n > 0
+    new_train = _tree_where(live, new_train, train)
+    return whole(new_train), _tree_where(live, new_opt_state, opt_state), (s, n)
+
+
 def local_update(
     params: dict,
     lora: LoRA,
@@ -99,7 +135,7 @@ def local_update(
     key: jax.Array | None = None,
     frozen: tuple[str, ...] = (),
 ) -> tuple[LoRA, dict]:
-    """Trains one client's adapter for S local steps (a `lax.scan`).
+    """Trains one client's adapter for S local steps: `train_step` under a `lax.scan`.
 
     Args:
       params: frozen base params.
@@ -121,32 +157,18 @@ def local_update(
     del key  # deterministic loss; kept in the signature so callers thread keys explicitly
     rows_SB = _row_weights(batches)
     loss_mask = batches["loss_mask"].astype(jnp.float32) * rows_SB[..., None]
-    xs = (batches["tokens"], batches["mask"], loss_mask)
-    full = lora.trainable()
-    unknown = set(frozen) - set(full)
-    if unknown:
-        raise ValueError(f"frozen={frozen!r}: {sorted(unknown)} not among {sorted(full)}")
-    fixed = {k: v for k, v in full.items() if k in frozen}  # no gradient, no optimizer state
-    train0 = {k: v for k, v in full.items() if k not in frozen}
-    whole = lambda train: lora.with_trainable({**fixed, **train})  # the adapter they make up
-
-    def loss_of(train, tok, msk, lm):
-        s, n = token_loss(params, whole(train), tok, msk, lm, cfg=cfg)
-        return s / jnp.maximum(n, 1.0), (s, n)
+    xs = {"tokens": batches["tokens"], "mask": batches["mask"], "loss_mask": loss_mask}
 
     def step(carry, batch):
-        train, opt_state = carry
-        (_, (s, n)), g = jax.value_and_grad(loss_of, has_aux=True)(train, *batch)
-        updates, new_opt_state = opt.update(g, opt_state, train)
-        new_train = optax.apply_updates(train, updates)
-        new_train = freeze_padding(whole(new_train)).trainable()
-        new_train = {k: new_train[k] for k in train}
-        live = n > 0  # a padded step (short client) changes nothing, optimizer count included
-        carry = (_tree_where(live, new_train, train), _tree_where(live, new_opt_state, opt_state))
-        return carry, (s, n, live.astype(jnp.float32))
+        lora, opt_state = carry
+        lora, opt_state, (s, n) = train_step(
+            params, lora, opt_state, batch, cfg=cfg, opt=opt, frozen=frozen
+        )
+        return (lora, opt_state), (s, n, (n > 0).astype(jnp.float32))
 
+    opt_state = opt.init(optimized_factors(lora, frozen))
     with jax.named_scope("local_update"):
-        (train, _), (s_S, n_S, live_S) = jax.lax.scan(step, (train0, opt.init(train0)), xs)
+        (lora, _), (s_S, n_S, live_S) = jax.lax.scan(step, (lora, opt_state), xs)
     m = batches["mask"].astype(jnp.float32)
     row_live = jnp.sum(m[..., :-1] * m[..., 1:] * loss_mask[..., 1:], axis=-1) > 0
     metrics = {
@@ -155,14 +177,14 @@ def local_update(
         "steps": jnp.sum(live_S),
         "examples": jnp.sum(row_live.astype(jnp.float32)),
     }
-    return whole(train), metrics
+    return lora, metrics
 
 
 def default_client_chunk() -> int:
-    """`local_update_clients`' chunk when none is given: 1 (one client at a time, measured
-    fastest) on a CPU, 0 (every client vmapped at once) on a GPU or TPU. Vmapping holds every
-    sampled client's activations at once; when they do not fit in device memory (large models,
-    many clients per round), give a chunk k > 0 instead."""
+    """`local_update_clients`' chunk when none is given: 1 (one client at a time) on a CPU, 0
+    (every client vmapped at once) on a GPU or TPU. Vmapping holds every sampled client's
+    activations at once; when they do not fit in device memory (large models, many clients per
+    round), give a chunk k > 0 instead."""
     return 1 if jax.default_backend() == "cpu" else 0
 
 
@@ -187,16 +209,10 @@ def local_update_clients(
       keys: [C] PRNG keys.
       client_chunk: 0 vmaps all C clients at once; k > 0 runs `jax.lax.map(..., batch_size=k)`,
         k clients vmapped at a time (less activation memory); None picks by backend
-        (`default_client_chunk`): 1 on a CPU, 0 on an accelerator.
-
-        Measured on a 2-core CPU (FJ-REF model, ranks 4/8/16/32 padded to 32, AdamW, `bench
-        round` workloads, median of 3 rounds, 2026-11-30): `ref` (16 clients x 4
-        steps x batch 8 x 128 tokens) chunk 1 / 2 / 4: 10.3 / 10.3 / 10.9 s; `xdev` (64 x 2 x 2
-        x 64) chunk 4 / 8 / 16 / 32: 2.95 / 2.86 / 2.94 / 3.09 s. Earlier runs found vmapping
-        all clients at once slower on a CPU (activations for every client no longer fit in
-        cache: xdev vmap 8.4 s, 1.9 GB temp memory). So the CPU default is chunk 1; workloads
-        with little work per client gain a little from a few clients per chunk (xdev uses 8);
-        on an accelerator, where the client axis is what fills the device, the default is 0.
+        (`default_client_chunk`): 1 on a CPU, 0 on an accelerator. On a CPU, vmapping every
+        client at once is slower (the activations of all clients no longer fit in cache); a few
+        clients per chunk can help workloads with little work per client (`bench round` has the
+        measurements). On an accelerator the client axis is what fills the device.
 
     Returns:
       `(loras [C], metrics)`, each metric [C].

@@ -1,0 +1,228 @@
+"""The synthetic world of the embedded benchmark (`floe_jax.data.benchmark`) and its texts.
+
+Invented names (never the same word twice), countries with a capital and a currency, contacts
+with a phone, an email and a home country; the public documents written about them (fact
+sentences, QA pairs, fact-free mentions, a public directory that teaches copying from context);
+and the prompt/response formats of the three task families. `make_benchmark` draws from these
+with one seeded `random.Random`, so the order of the draws here is part of the benchmark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Sequence
+
+EMAIL_DOMAINS = ("example.com", "mail.test", "post.example")
+FACT_ATTRS = ("capital", "currency")
+
+
+@dataclasses.dataclass(frozen=True)
+class Country:
+    """An invented country and its two facts (general knowledge)."""
+
+    name: str
+    capital: str
+    currency: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Contact:
+    """An invented person in a contact book; name, phone and email are private."""
+
+    first: str
+    last: str
+    phone: str
+    email: str
+    home: str  # a country name (public)
+
+    @property
+    def name(self) -> str:
+        return f"{self.first} {self.last}"
+
+    @property
+    def card(self) -> str:
+        return f"Contact: {self.name} | phone {self.phone} | email {self.email} | home {self.home}"
+
+    @property
+    def private_values(self) -> tuple[str, ...]:
+        """The spans of this contact that must never reach the cloud."""
+        return (self.name, self.phone, self.email)
+
+
+# ----------------------------------------------------------------------------- names
+
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "sh")
+_VOWELS = ("a", "e", "i", "o", "u")
+_CODAS = ("", "", "", "n", "r", "l", "s")
+_COUNTRY_ENDS = ("ia", "and", "or", "ica", "en")
+
+
+def _syllable(rng: random.Random) -> str:
+    return rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+
+
+class Names:
+    """Draws invented words, never the same one twice (across every kind of entity)."""
+
+    def __init__(self, rng: random.Random):
+        self.rng, self.used = rng, set()
+
+    def word(self, syllables: int, end: str = "") -> str:
+        for _ in range(10_000):
+            w = "".join(_syllable(self.rng) for _ in range(syllables)) + end
+            if w not in self.used:
+                self.used.add(w)
+                return w
+        raise RuntimeError("name space exhausted; lower the benchmark sizes")
+
+
+def make_countries(rng: random.Random, names: Names, n: int) -> tuple[Country, ...]:
+    """`n` countries with fresh names, capitals and currencies."""
+    out = []
+    for _ in range(n):
+        country = names.word(2, rng.choice(_COUNTRY_ENDS)).capitalize()
+        capital = names.word(rng.choice((2, 3))).capitalize()
+        currency = names.word(rng.choice((1, 2)))
+        out.append(Country(country, capital, currency))
+    return tuple(out)
+
+
+def make_contacts(
+    rng: random.Random, names: Names, phones: set, homes: Sequence[str], n: int
+) -> tuple[Contact, ...]:
+    """`n` contacts with fresh names and phones (`phones`, the numbers already given, grows)."""
+    out = []
+    for _ in range(n):
+        first = names.word(2).capitalize()
+        last = names.word(rng.choice((2, 3))).capitalize()
+        while True:
+            phone = f"555-{rng.randrange(10_000):04d}"
+            if phone not in phones:
+                phones.add(phone)
+                break
+        email = f"{first.lower()}.{last.lower()}@{rng.choice(EMAIL_DOMAINS)}"
+        out.append(Contact(first, last, phone, email, rng.choice(list(homes))))
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- text formats
+
+
+def qa_prompt(country: str, attr: str) -> str:
+    """The public QA format (general queries)."""
+    if attr == "capital":
+        return f"Q: What is the capital of {country}?\nA:"
+    return f"Q: What is the currency of {country}?\nA:"
+
+
+def fact_value(c: Country, attr: str) -> str:
+    """The value of fact `attr` (one of `FACT_ATTRS`) of country `c`."""
+    return c.capital if attr == "capital" else c.currency
+
+
+def _fact_sentences(c: Country) -> list[str]:
+    return [
+        f"The capital of {c.name} is {c.capital}.",
+        f"{c.capital} is the capital of {c.name}.",
+        f"The city of {c.capital} lies in {c.name}.",
+        f"The currency of {c.name} is the {c.currency}.",
+        f"In {c.name}, people pay with the {c.currency}.",
+        f"The {c.currency} is the money of {c.name}.",
+    ]
+
+
+def public_docs(rng: random.Random, countries, repeats: int) -> list[str]:
+    """Fact documents (a few sentences each), QA pairs and travel-guide sentences, every fact
+    `repeats` times."""
+    docs = []
+    for _ in range(repeats):
+        for c in countries:
+            sents = _fact_sentences(c)
+            rng.shuffle(sents)
+            docs.append(" ".join(sents[:3]))
+            docs.append(" ".join(sents[3:]))
+            for attr in FACT_ATTRS:
+                docs.append(f"{qa_prompt(c.name, attr)} {fact_value(c, attr)}")
+            # travel-guide sentences: a destination in context, then a fact about it
+            docs.append(
+                f"A friend is travelling to {c.name}. "
+                + rng.choice(_fact_sentences(c)[:1] + _fact_sentences(c)[3:4])
+            )
+    rng.shuffle(docs)
+    return docs
+
+
+def neutral_docs(rng: random.Random, countries, repeats: int) -> list[str]:
+    """Fact-free documents that name every country (the edge learns names, not facts)."""
+    names = [c.name for c in countries]
+    docs = []
+    for _ in range(repeats):
+        for name in names:
+            other = rng.choice([x for x in names if x != name] or names)
+            docs.append(
+                rng.choice(
+                    (
+                        f"{name} is a country. It borders {other}.",
+                        f"Travellers often go from {name} to {other}.",
+                        f"{name} and {other} are neighbours.",
+                    )
+                )
+            )
+    return docs
+
+
+def directory_docs(rng: random.Random, people: Sequence[Contact]) -> list[str]:
+    """Public documents in which a public person's phone, email or country appears twice.
+
+    The values are fresh for every document, so the only way to predict the second mention is to
+    copy the first: base models learn copying here (a 2-layer model forms induction heads), in
+    formats unlike the private contact card.
+    """
+    docs = []
+    for p in people:
+        docs.append(
+            rng.choice(
+                (
+                    f"Call {p.name} at {p.phone}. The number of {p.name} is {p.phone}.",
+                    f"{p.name} has the phone number {p.phone}; call {p.phone} to reach {p.first}.",
+                    f"Write to {p.name} at {p.email}. The email of {p.first} is {p.email}.",
+                    f"The address {p.email} belongs to {p.name}. Mail {p.email} today.",
+                    f"{p.name} lives in {p.home}. {p.first} likes {p.home} and works there.",
+                    f"{p.name} is travelling to {p.home}. {p.first} will arrive in {p.home} soon.",
+                )
+            )
+        )
+    return docs
+
+
+def contact_example(contact: Contact, field: str) -> tuple[str, str]:
+    """(prompt, response) of the `contact` family: recall a phone or email from the contact book.
+
+    The prompt names the contact only; the answer is personal knowledge that the client's own
+    private examples state (and nothing public does).
+    """
+    what = "phone number" if field == "phone" else "email"
+    prompt = f"Q: What is the {what} of {contact.name}?\nA:"
+    return prompt, (contact.phone if field == "phone" else contact.email)
+
+
+def travel_example(contact: Contact, dest: Country, attr: str) -> tuple[str, str]:
+    """(prompt, response) of the `travel` family: a general fact about a contact's destination.
+
+    The prompt carries the contact's card (private spans) and names the destination (public); the
+    response restates the destination in the private answer format, then the fact.
+    """
+    if attr == "capital":
+        q = f"{contact.name} is travelling to {dest.name}. What is the capital there?"
+        resp = f"The capital of {dest.name} is {dest.capital}."
+    else:
+        q = f"{contact.name} is travelling to {dest.name}. Which currency is needed there?"
+        resp = f"The currency of {dest.name} is the {dest.currency}."
+    return f"{contact.card}\nQ: {q}\nA:", resp
+
+
+def trip_example(contact: Contact, dest: Country) -> tuple[str, str]:
+    """(prompt, response) of the `travel` family that states no fact: restate the destination."""
+    q = f"{contact.name} is travelling to {dest.name}. Which country is that?"
+    return f"{contact.card}\nQ: {q}\nA:", f"The country is {dest.name}."
