@@ -43,14 +43,12 @@ REASON_OK = 0
 REASON_NONFINITE = 1
 REASON_NORM = 2
 REASON_ZERO_WEIGHT = 3
-REASON_NOT_IN_CLUSTER = 4
-REASON_UPDATE_NORM = 5
+REASON_UPDATE_NORM = 4
 REASONS = {
     REASON_OK: "included",
     REASON_NONFINITE: "non-finite update (NaN/Inf in its factors or scale)",
     REASON_NORM: "update norm ‖ΔW‖_F above max_norm",
     REASON_ZERO_WEIGHT: "zero weight",
-    REASON_NOT_IN_CLUSTER: "not in this cluster",
     REASON_UPDATE_NORM: "adapter moved more than max_update_norm",
 }
 BYTES_PER_PARAM = 4  # adapters travel as float32
