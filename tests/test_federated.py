@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from floe_jax.config import LoRAConfig, ModelConfig
+from floe_jax.config import LoRAConfig, ModelConfig, apply_overrides
 from floe_jax.federated import rounds
 from floe_jax.federated.aggregate import (
     Aggregated,
@@ -179,6 +179,21 @@ def test_fed_config_names_the_field():
     assert hash(FedConfig()) == hash(FedConfig())
 
 
+def test_fed_config_nests_lora_and_aggregation_and_takes_dotted_overrides():
+    fed = apply_overrides(
+        FedConfig(), ["agg.method=hetlora", "agg.prune_threshold=0.1", "lora.rank=16"]
+    )
+    assert fed.agg == AggregationConfig(method="hetlora", prune_threshold=0.1)
+    assert fed.lora.rank == 16 and fed.max_rank == 16
+    assert fed.agg.options == {"norm_weighting": False, "prune_threshold": 0.1}
+    with pytest.raises(ConfigError, match="AggregationConfig.prune_threshold"):
+        apply_overrides(FedConfig(), ["agg.prune_threshold=0.1"])  # fedavg takes no pruning
+    with pytest.raises(ConfigError, match="AggregationConfig.method"):
+        AggregationConfig(method="fedprox")
+    with pytest.raises(ConfigError, match="max_rank"):
+        apply_overrides(FedConfig(lora=LoRAConfig(rank=8, max_rank=8)), ["lora.rank=16"])
+
+
 def test_fedavg_equal_ranks_is_mean(tiny_cfg):
     loras = stack_loras([_lora(tiny_cfg, 8, i) for i in range(3)])
     out, _ = make_rule("fedavg").apply(
@@ -337,6 +352,30 @@ def test_frozen_factor_never_moves_and_the_other_trains_as_before(tiny_cfg, tiny
     spy = optax.GradientTransformation(init, OPT.update)
     local_update(tiny_params, lora, one, cfg=tiny_cfg, opt=spy, frozen=("a",))
     assert seen == [["b"]]
+
+
+def test_rule_state_is_initialised_once_and_carried_between_rounds(tiny_cfg, tiny_params, register):
+    fedavg, inits = make_rule("fedavg"), []
+
+    def init(lora, *, key):
+        inits.append(key)
+        return {"applied": jnp.zeros((), jnp.int32)}
+
+    def apply(state, loras, weights, ranks, *, key):
+        out, _ = fedavg.apply((), loras, weights, ranks, key=key)
+        return out, {"applied": state["applied"] + 1}
+
+    register("test-counting", lambda: Rule(init, apply))
+    fed = dataclasses.replace(
+        ROUND_FED, agg=AggregationConfig(method="test-counting"), clients_per_round=2
+    )
+    data = client_data(_client_examples(tiny_cfg.vocab_size, n_clients=4))
+    state = init_server_state(tiny_cfg, fed, ranks=[8] * 4, assignment=[0, 1, 0, 1], num_clusters=2)
+    step = jax.jit(lambda s, p, d: round_step(s, p, d, cfg=tiny_cfg, fed=fed))
+    for _ in range(2):
+        state, _ = step(state, tiny_params, data)
+    assert len(inits) == 1  # init ran once, in init_server_state
+    assert int(state.rule_state["applied"]) == 4  # apply: every round, once per cluster
 
 
 def _spied_rounds(monkeypatch, tiny_cfg, tiny_params, fed, n_rounds, **state_kw):
