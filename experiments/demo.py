@@ -45,7 +45,8 @@ from floe_jax.devices import (
     train_memory_bytes,
 )
 from floe_jax.federated import train_federated
-from floe_jax.federated.rounds import FedConfig, _client_start
+from floe_jax.federated.config import AggregationConfig, FedConfig
+from floe_jax.federated.rounds import client_start
 from floe_jax.federated.types import client_data
 from floe_jax.inference import (
     FusionConfig,
@@ -194,16 +195,16 @@ def fed_configs(preset, bench: Benchmark, T: int) -> dict[str, FedConfig]:
         batch_size=f.batch_size,
         seq_len=T,
         lr=f.lr,
-        lora_rank=f.lora_rank,
-        lora_alpha=f.lora_alpha,
+        lora=LoRAConfig(rank=f.lora_rank, alpha=f.lora_alpha),
         seed=f.seed,
         client_chunk=f.client_chunk,
         checkpoint_every=f.num_rounds,
         max_to_keep=1,
     )
-    out = {FLOE: FedConfig(aggregation=f.floe_rule, clustering="updates", num_clusters=k, **common)}
+    floe_agg = AggregationConfig(method=f.floe_rule)
+    out = {FLOE: FedConfig(agg=floe_agg, clustering="updates", num_clusters=k, **common)}
     for rule in f.rules:
-        out[rule] = FedConfig(aggregation=rule, **common)
+        out[rule] = FedConfig(agg=AggregationConfig(method=rule), **common)
     return out
 
 
@@ -218,16 +219,14 @@ def _federate(preset, prep: Setup, run_dir: str, *, progress: bool) -> dict:
     for method, fed in fed_configs(preset, bench, T).items():
         t0 = time.perf_counter()
         if progress:
-            print(f"federated rounds: {method} ({fed.aggregation}, clustering={fed.clustering})")
+            print(f"federated rounds: {method} ({fed.agg.method}, clustering={fed.clustering})")
         state, _ = train_federated(
             prep.edge_params, data, cfg=prep.edge_cfg, fed=fed,
             run_dir=os.path.join(run_dir, "fed", method), ranks=ranks_a,
             num_clusters=fed.num_clusters or 1, progress=progress,
         )  # fmt: skip
         assignment = np.asarray(state.assignment)
-        loras = _client_start(
-            state.global_loras, jnp.asarray(assignment), jnp.asarray(ranks_a), fed
-        )
+        loras = client_start(state.global_loras, jnp.asarray(assignment), jnp.asarray(ranks_a), fed)
         out[method] = (
             loras,
             {"assignment": assignment.tolist(), "seconds": time.perf_counter() - t0},

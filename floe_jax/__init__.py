@@ -10,8 +10,8 @@ from floe_jax.decode import SamplingConfig, generate, pad_prompts, stream
 from floe_jax.devices import CATALOG, DeviceProfile, assign_ranks, get_device
 from floe_jax.federated.aggregate import Aggregated, aggregate, available_rules
 from floe_jax.federated.cluster import assign_cluster, cluster_aggregate, cluster_clients
+from floe_jax.federated.config import AggregationConfig, FedConfig
 from floe_jax.federated.loop import train_federated
-from floe_jax.federated.rounds import FedConfig
 from floe_jax.hf import (
     CheckpointError,
     config_from_hf,
@@ -35,6 +35,7 @@ from floe_jax.model import KVCache, forward, init_cache, init_params
 __all__ = [
     "CATALOG",
     "Aggregated",
+    "AggregationConfig",
     "DeviceProfile",
     "FedConfig",
     "SamplingConfig",

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 from floe_jax import checkpoint
+from floe_jax.config import LoRAConfig
+from floe_jax.federated.aggregate import Rule, make_rule, register_rule, unregister_rule
+from floe_jax.federated.config import AggregationConfig, FedConfig
 from floe_jax.federated.loop import train_federated
-from floe_jax.federated.rounds import FedConfig, fedavg, init_server_state
+from floe_jax.federated.rounds import init_server_state
 from floe_jax.federated.types import client_data
 
 T = 10
@@ -22,8 +25,7 @@ FED = FedConfig(
     batch_size=2,
     seq_len=T,
     lr=1e-2,
-    lora_rank=8,
-    lora_targets=("q", "v"),
+    lora=LoRAConfig(rank=8, targets=("q", "v")),
     checkpoint_every=2,  # odd rounds' metrics are fetched one round late
     max_to_keep=1,
 )
@@ -56,9 +58,12 @@ def test_save_restore_roundtrip_and_mismatch(tmp_path, tiny_cfg):
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(state), strict=True):
         assert x.dtype == y.dtype
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    other = init_server_state(
-        tiny_cfg, FED, ranks=RANKS, aggregate_fn=_folding(tiny_cfg), num_clusters=2
-    )
+    register_rule("test-folding-ckpt")(lambda: _folding(tiny_cfg))
+    try:
+        fed = dataclasses.replace(FED, agg=AggregationConfig(method="test-folding-ckpt"))
+        other = init_server_state(tiny_cfg, fed, ranks=RANKS, num_clusters=2)
+    finally:
+        unregister_rule("test-folding-ckpt")
     with pytest.raises(ValueError, match="only in template"):
         checkpoint.restore(str(tmp_path), other)
     with pytest.raises(FileNotFoundError):
@@ -66,12 +71,14 @@ def test_save_restore_roundtrip_and_mismatch(tmp_path, tiny_cfg):
 
 
 def _folding(cfg):
-    def fn(method, loras, *, weights, ranks):
-        out = fedavg(method, loras, weights=weights, ranks=ranks)
-        L, (I, O) = cfg.num_layers, cfg.proj_shape("q_proj")
-        return dataclasses.replace(out, base_delta={"q_proj": jnp.zeros((L, I, O))})
+    fedavg = make_rule("fedavg")
+    L, (I, O) = cfg.num_layers, cfg.proj_shape("q_proj")
 
-    return fn
+    def apply(state, loras, weights, ranks, *, key):
+        out, state = fedavg.apply(state, loras, weights, ranks, key=key)
+        return dataclasses.replace(out, base_delta={"q_proj": jnp.zeros((L, I, O))}), state
+
+    return Rule(fedavg.init, apply, init_base=lambda g: {"q_proj": jnp.zeros((L, I, O))})
 
 
 def _rows(path):

@@ -9,9 +9,15 @@ import numpy as np
 import optax
 import pytest
 
-from floe_jax.config import LoRAConfig, ModelConfig
+from floe_jax.config import LoRAConfig, ModelConfig, apply_overrides
 from floe_jax.federated import rounds
-from floe_jax.federated.aggregate import Aggregated, aggregate_traced, make_rule
+from floe_jax.federated.aggregate import (
+    Aggregated,
+    Rule,
+    make_rule,
+    register_rule,
+    unregister_rule,
+)
 from floe_jax.federated.client import (
     default_client_chunk,
     local_update,
@@ -19,13 +25,11 @@ from floe_jax.federated.client import (
     make_optimizer,
     token_loss,
 )
+from floe_jax.federated.config import AggregationConfig, ConfigError, FedConfig
 from floe_jax.federated.loop import train_federated
 from floe_jax.federated.rounds import (
-    ConfigError,
-    FedConfig,
     check_round,
     drop_reasons,
-    fedavg,
     init_server_state,
     round_step,
     tensor_names,
@@ -175,9 +179,26 @@ def test_fed_config_names_the_field():
     assert hash(FedConfig()) == hash(FedConfig())
 
 
+def test_fed_config_nests_lora_and_aggregation_and_takes_dotted_overrides():
+    fed = apply_overrides(
+        FedConfig(), ["agg.method=hetlora", "agg.prune_threshold=0.1", "lora.rank=16"]
+    )
+    assert fed.agg == AggregationConfig(method="hetlora", prune_threshold=0.1)
+    assert fed.lora.rank == 16 and fed.max_rank == 16
+    assert fed.agg.options == {"norm_weighting": False, "prune_threshold": 0.1}
+    with pytest.raises(ConfigError, match="AggregationConfig.prune_threshold"):
+        apply_overrides(FedConfig(), ["agg.prune_threshold=0.1"])  # fedavg takes no pruning
+    with pytest.raises(ConfigError, match="AggregationConfig.method"):
+        AggregationConfig(method="fedprox")
+    with pytest.raises(ConfigError, match="max_rank"):
+        apply_overrides(FedConfig(lora=LoRAConfig(rank=8, max_rank=8)), ["lora.rank=16"])
+
+
 def test_fedavg_equal_ranks_is_mean(tiny_cfg):
     loras = stack_loras([_lora(tiny_cfg, 8, i) for i in range(3)])
-    out = fedavg("fedavg", loras, weights=jnp.array([1.0, 1.0, 2.0]), ranks=jnp.array([8, 8, 8]))
+    out, _ = make_rule("fedavg").apply(
+        (), loras, jnp.array([1.0, 1.0, 2.0]), jnp.array([8, 8, 8]), key=None
+    )
     assert isinstance(out, Aggregated)
     want = (loras.a["q_proj"][0] + loras.a["q_proj"][1] + 2 * loras.a["q_proj"][2]) / 4
     np.testing.assert_allclose(np.asarray(out.global_lora.a["q_proj"]), np.asarray(want), 1e-6)
@@ -193,8 +214,7 @@ ROUND_FED = FedConfig(
     batch_size=2,
     seq_len=T,
     lr=1e-2,
-    lora_rank=R,
-    lora_targets=TARGETS,
+    lora=LoRAConfig(rank=R, targets=TARGETS),
     max_to_keep=1,
 )
 
@@ -213,9 +233,20 @@ def _client_examples(vocab, n_clients=5, bad=None, seed=0):
 
 @pytest.fixture(scope="module")
 def round_fn(tiny_cfg):
-    return jax.jit(
-        lambda s, p, d: round_step(s, p, d, cfg=tiny_cfg, fed=ROUND_FED, aggregate_fn=fedavg)
-    )
+    return jax.jit(lambda s, p, d: round_step(s, p, d, cfg=tiny_cfg, fed=ROUND_FED))
+
+
+@pytest.fixture
+def register():
+    """Registers a test's own rules by name, and removes them after the test."""
+    names = []
+
+    def reg(name, factory):
+        register_rule(name)(factory)
+        names.append(name)
+
+    yield reg
+    unregister_rule(*names)
 
 
 def test_nan_client_dropped_with_reason(tiny_cfg, tiny_params, round_fn):
@@ -277,18 +308,21 @@ def test_round_moves_only_the_sampled_clusters(tiny_cfg, tiny_params, round_fn):
     )
 
 
-def test_base_delta_from_rule_is_folded_into_the_base(tiny_cfg, tiny_params):
-    def folding(method, loras, *, weights, ranks):
-        out = fedavg("fedavg", loras, weights=weights, ranks=ranks)
-        L, (I, O) = tiny_cfg.num_layers, tiny_cfg.proj_shape("q_proj")
-        return dataclasses.replace(out, base_delta={"q_proj": jnp.full((L, I, O), 0.01)})
+def test_base_delta_from_rule_is_folded_into_the_base(tiny_cfg, tiny_params, register):
+    fedavg = make_rule("fedavg")
+    L, (I, O) = tiny_cfg.num_layers, tiny_cfg.proj_shape("q_proj")
 
+    def apply(state, loras, weights, ranks, *, key):
+        out, state = fedavg.apply(state, loras, weights, ranks, key=key)
+        return dataclasses.replace(out, base_delta={"q_proj": jnp.full((L, I, O), 0.01)}), state
+
+    init_base = lambda g: {"q_proj": jnp.zeros((L, I, O))}
+    register("test-folding", lambda: Rule(fedavg.init, apply, init_base=init_base))
+    fed = dataclasses.replace(ROUND_FED, agg=AggregationConfig(method="test-folding"))
     data = client_data(_client_examples(tiny_cfg.vocab_size))
-    state = init_server_state(tiny_cfg, ROUND_FED, ranks=[8] * 5, aggregate_fn=folding)
+    state = init_server_state(tiny_cfg, fed, ranks=[8] * 5)
     assert set(state.base_delta) == {"q_proj"}
-    step = jax.jit(
-        lambda s, p, d: round_step(s, p, d, cfg=tiny_cfg, fed=ROUND_FED, aggregate_fn=folding)
-    )
+    step = jax.jit(lambda s, p, d: round_step(s, p, d, cfg=tiny_cfg, fed=fed))
     state, _ = step(state, tiny_params, data)
     state, _ = step(state, tiny_params, data)
     np.testing.assert_allclose(np.asarray(state.base_delta["q_proj"]), 0.02, rtol=1e-6)
@@ -320,6 +354,30 @@ def test_frozen_factor_never_moves_and_the_other_trains_as_before(tiny_cfg, tiny
     assert seen == [["b"]]
 
 
+def test_rule_state_is_initialised_once_and_carried_between_rounds(tiny_cfg, tiny_params, register):
+    fedavg, inits = make_rule("fedavg"), []
+
+    def init(lora, *, key):
+        inits.append(key)
+        return {"applied": jnp.zeros((), jnp.int32)}
+
+    def apply(state, loras, weights, ranks, *, key):
+        out, _ = fedavg.apply((), loras, weights, ranks, key=key)
+        return out, {"applied": state["applied"] + 1}
+
+    register("test-counting", lambda: Rule(init, apply))
+    fed = dataclasses.replace(
+        ROUND_FED, agg=AggregationConfig(method="test-counting"), clients_per_round=2
+    )
+    data = client_data(_client_examples(tiny_cfg.vocab_size, n_clients=4))
+    state = init_server_state(tiny_cfg, fed, ranks=[8] * 4, assignment=[0, 1, 0, 1], num_clusters=2)
+    step = jax.jit(lambda s, p, d: round_step(s, p, d, cfg=tiny_cfg, fed=fed))
+    for _ in range(2):
+        state, _ = step(state, tiny_params, data)
+    assert len(inits) == 1  # init ran once, in init_server_state
+    assert int(state.rule_state["applied"]) == 4  # apply: every round, once per cluster
+
+
 def _spied_rounds(monkeypatch, tiny_cfg, tiny_params, fed, n_rounds, **state_kw):
     """Runs `n_rounds` of `round_step` eagerly, recording each round's (start, trained)."""
     seen = []
@@ -335,21 +393,19 @@ def _spied_rounds(monkeypatch, tiny_cfg, tiny_params, fed, n_rounds, **state_kw)
     state = init_server_state(tiny_cfg, fed, **state_kw)
     states, metrics = [state], []
     for _ in range(n_rounds):
-        state, m = round_step(
-            state, tiny_params, data, cfg=tiny_cfg, fed=fed, aggregate_fn=aggregate_traced
-        )
+        state, m = round_step(state, tiny_params, data, cfg=tiny_cfg, fed=fed)
         states.append(state)
         metrics.append(m)
     return states, metrics, seen
 
 
 def test_fedsa_clients_keep_their_own_b_between_rounds(monkeypatch, tiny_cfg, tiny_params):
-    fed = dataclasses.replace(ROUND_FED, aggregation="fedsa", clients_per_round=3)
+    fed = dataclasses.replace(ROUND_FED, agg=AggregationConfig(method="fedsa"), clients_per_round=3)
     states, metrics, seen = _spied_rounds(
         monkeypatch, tiny_cfg, tiny_params, fed, 2, ranks=[8, 4, 8, 2]
     )
     s0, s1 = states[0], states[1]
-    assert set(s0.personal) == {"b"} and fed.aggregation == "fedsa"
+    assert set(s0.personal) == {"b"} and fed.agg.method == "fedsa"
     assert all(np.all(np.asarray(v) == 0) for v in s0.personal["b"].values())  # LoRA's B init
     ids1, ids2 = (np.asarray(m["client_ids"]) for m in metrics)
     assert bool(np.all(metrics[0]["included"]))
@@ -375,7 +431,7 @@ def test_fedsa_clients_keep_their_own_b_between_rounds(monkeypatch, tiny_cfg, ti
 
 
 def test_ffa_round_trains_b_only(monkeypatch, tiny_cfg, tiny_params):
-    fed = dataclasses.replace(ROUND_FED, aggregation="ffa", clients_per_round=2)
+    fed = dataclasses.replace(ROUND_FED, agg=AggregationConfig(method="ffa"), clients_per_round=2)
     states, _, seen = _spied_rounds(monkeypatch, tiny_cfg, tiny_params, fed, 1, ranks=[8] * 4)
     start, trained = seen[0]
     for m in start.a:
@@ -390,37 +446,57 @@ def test_ffa_round_trains_b_only(monkeypatch, tiny_cfg, tiny_params):
 
 
 def test_hetlora_pruned_rank_is_kept_for_the_next_round(tiny_cfg, tiny_params):
-    rule = make_rule("hetlora", prune_threshold=0.9)  # keep few slots: most tail energy may go
-
-    def pruning(method, loras, *, weights, ranks):
-        return rule.apply(rule.init(loras, key=None), loras, weights, ranks)[0]
-
+    # keep few slots: most tail energy may go
+    pruning = AggregationConfig(method="hetlora", prune_threshold=0.9)
     data = client_data(_client_examples(tiny_cfg.vocab_size, n_clients=4))
-    fed = dataclasses.replace(ROUND_FED, aggregation="hetlora", clients_per_round=4)
+    fed = dataclasses.replace(ROUND_FED, agg=pruning, clients_per_round=4)
     state = init_server_state(tiny_cfg, fed, ranks=[8] * 4)
-    new, m = round_step(state, tiny_params, data, cfg=tiny_cfg, fed=fed, aggregate_fn=pruning)
+    new, m = round_step(state, tiny_params, data, cfg=tiny_cfg, fed=fed)
     ranks = np.asarray(new.ranks)
     assert np.all(ranks >= 1) and np.all(ranks < 8), ranks  # every client pruned, none to zero
     assert bool(np.all(m["included"]))
-    again, _ = round_step(new, tiny_params, data, cfg=tiny_cfg, fed=fed, aggregate_fn=pruning)
+    again, _ = round_step(new, tiny_params, data, cfg=tiny_cfg, fed=fed)
     assert np.all(np.asarray(again.ranks) <= ranks)  # a pruned client never grows back
 
 
-def _forwarding_aggregate(method, loras, **kwargs):  # a caller's own rule passing kwargs on
-    return aggregate_traced(method, loras, **kwargs)
+def test_hetlora_from_the_config_differs_from_fedit(tiny_cfg, tiny_params, tmp_path):
+    """HetLoRA by name with its rank self-pruning and norm weighting is a different rule from
+    FedIT in a real federated run: other ranks and other global adapters."""
+    data = client_data(_client_examples(tiny_cfg.vocab_size, n_clients=4))
+    het = AggregationConfig(method="hetlora", prune_threshold=0.5, norm_weighting=True)
+    out = {}
+    for name, agg in (("fedit", AggregationConfig(method="fedit")), ("hetlora", het)):
+        fed = dataclasses.replace(ROUND_FED, agg=agg, clients_per_round=4, num_rounds=2)
+        out[name], _ = train_federated(
+            tiny_params, data, cfg=tiny_cfg, fed=fed, run_dir=str(tmp_path / name),
+            ranks=[8] * 4, progress=False,
+        )  # fmt: skip
+    fedit, het_state = out["fedit"], out["hetlora"]
+    assert np.all(np.asarray(fedit.ranks) == 8)
+    assert np.all(np.asarray(het_state.ranks) < 8)
+    assert not np.allclose(
+        np.asarray(fedit.global_loras.b["q_proj"]), np.asarray(het_state.global_loras.b["q_proj"])
+    )
 
 
-@pytest.mark.parametrize("aggregate_fn", [aggregate_traced, _forwarding_aggregate])
-def test_flora_rounds_restart_from_new_fresh_factors(tiny_cfg, tiny_params, aggregate_fn):
+def _forwarding_flora():  # a caller's own rule passing the key on through **kwargs
+    flora = make_rule("flora")
+    apply = lambda state, loras, weights, ranks, **kwargs: flora.apply(
+        state, loras, weights, ranks, **kwargs
+    )
+    return flora._replace(apply=apply)
+
+
+@pytest.mark.parametrize("method", ["flora", "test-forwarding-flora"])
+def test_flora_rounds_restart_from_new_fresh_factors(tiny_cfg, tiny_params, method, register):
     """FLoRA folds each round into the base and restarts the adapters: from a new draw each
     round (the round passes its own key to the rule, also through `**kwargs`), not the same A
     every time."""
-    fed = dataclasses.replace(ROUND_FED, aggregation="flora", clients_per_round=2)
+    register("test-forwarding-flora", _forwarding_flora)
+    fed = dataclasses.replace(ROUND_FED, agg=AggregationConfig(method=method), clients_per_round=2)
     data = client_data(_client_examples(tiny_cfg.vocab_size, n_clients=4))
     state = init_server_state(tiny_cfg, fed, ranks=[8] * 4)
-    step = jax.jit(
-        lambda s, p, d: round_step(s, p, d, cfg=tiny_cfg, fed=fed, aggregate_fn=aggregate_fn)
-    )
+    step = jax.jit(lambda s, p, d: round_step(s, p, d, cfg=tiny_cfg, fed=fed))
     a1 = np.asarray((s1 := step(state, tiny_params, data)[0]).global_loras.a["q_proj"])
     a2 = np.asarray(step(s1, tiny_params, data)[0].global_loras.a["q_proj"])
     assert np.all(np.asarray(s1.global_loras.b["q_proj"]) == 0) and np.any(a1 != 0)

@@ -16,9 +16,14 @@ import pytest
 
 from floe_jax.config import LoRAConfig
 from floe_jax.decode import SamplingConfig, generate, pad_prompts
-from floe_jax.federated import FedConfig, client_data, init_server_state, round_step
+from floe_jax.federated import (
+    AggregationConfig,
+    FedConfig,
+    client_data,
+    init_server_state,
+    round_step,
+)
 from floe_jax.federated.aggregate import available_rules
-from floe_jax.federated.rounds import default_aggregate_fn
 from floe_jax.inference.fused import fused_step_jit
 from floe_jax.inference.fused import prefill_jit as fused_prefill_jit
 from floe_jax.inference.replies import CloudInput
@@ -59,19 +64,14 @@ def test_federated_round_lowers(monkeypatch, kernel_cfg, kernel_params, platform
         local_steps=2,
         batch_size=2,
         seq_len=12,
-        lora_rank=8,
-        lora_targets=("q", "v", "down"),
-        aggregation=rule,
+        lora=LoRAConfig(rank=8, targets=("q", "v", "down")),
+        agg=AggregationConfig(method=rule),
     )
     clusters = [0, 0, 0, 0] if rule in ONE_CLUSTER else [0, 1, 0, 1]
     state = init_server_state(
         kernel_cfg, fed, ranks=[2, 4, 8, 2], assignment=clusters, num_clusters=max(clusters) + 1
     )
-    fn = jax.jit(
-        lambda s, p, d: round_step(
-            s, p, d, cfg=kernel_cfg, fed=fed, aggregate_fn=default_aggregate_fn(rule)
-        )
-    )
+    fn = jax.jit(lambda s, p, d: round_step(s, p, d, cfg=kernel_cfg, fed=fed))
     assert "func.func public @main" in _lowered_text(
         monkeypatch, platform, fn, state, kernel_params, data
     )

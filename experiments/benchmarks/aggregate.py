@@ -125,10 +125,12 @@ def run(quick: bool = False) -> list[dict]:
     rows = []
     reps = 3 if quick else 2
 
+    labels, key = np.zeros(r.shape, np.int32), jax.random.key(0)
+
     def jitted(method, **options):
         opts = tuple(sorted(options.items()))
-        state = agg.make_rule(method, **options).init(lora, key=jax.random.key(0))
-        fn = lambda: block(agg._apply_jit(method, opts, state, lora, w, r))
+        state = agg.make_rule(method, **options).init(lora, key=key)
+        fn = lambda: block(agg.aggregate_jit(method, opts, None, 1, state, lora, w, r, labels, key))
         t = time.perf_counter()
         fn()
         compile_s = time.perf_counter() - t
@@ -148,7 +150,7 @@ def run(quick: bool = False) -> list[dict]:
     ref = numpy_flexlora(lora, weights, ranks)
     numpy_s = time.perf_counter() - t
     # agreement: each client's s_k A_k B_k, layer 0, every module (singular vectors may flip sign)
-    ours = agg._apply_jit("flexlora", (), (), lora, w, r)[0].client_loras
+    ours = agg.aggregate_jit("flexlora", (), None, 1, (), lora, w, r, labels, key)[0].client_loras
     err = 0.0
     for m in LORA_TARGETS:
         for k in range(min(4, clients)):

@@ -49,9 +49,10 @@ from experiments.benchmarks._util import (
     print_table,
     timeit_alternating,
 )
-from floe_jax.config import LORA_TARGETS, ModelConfig
+from floe_jax.config import LORA_TARGETS, LoRAConfig, ModelConfig
 from floe_jax.federated.client import default_client_chunk
-from floe_jax.federated.rounds import FedConfig, fedavg, init_server_state, run_round
+from floe_jax.federated.config import FedConfig
+from floe_jax.federated.rounds import init_server_state, run_round
 from floe_jax.federated.types import ClientData
 from floe_jax.model import init_params
 
@@ -147,8 +148,7 @@ def _jax_round(w: Workload, tokens: np.ndarray):
         weight_decay=0.0,
         optimizer="adamw",
         client_chunk=w.client_chunk,
-        lora_rank=max(RANKS),
-        lora_alpha=ALPHA,
+        lora=LoRAConfig(rank=max(RANKS), alpha=ALPHA),
     )
     params = init_params(FJ_REF, key=jax.random.key(0))
     ranks = client_ranks(w)
@@ -159,10 +159,10 @@ def _jax_round(w: Workload, tokens: np.ndarray):
         loss_mask=ones,
         num_examples=jnp.full((w.clients,), tokens.shape[1], jnp.int32),
     )
-    box = [init_server_state(FJ_REF, fed, ranks=ranks, aggregate_fn=fedavg)]
+    box = [init_server_state(FJ_REF, fed, ranks=ranks)]
 
     def one():
-        box[0], m = run_round(box[0], params, data, cfg=FJ_REF, fed=fed, aggregate_fn=fedavg)
+        box[0], m = run_round(box[0], params, data, cfg=FJ_REF, fed=fed)
         jax.block_until_ready((box[0], m))
 
     return one

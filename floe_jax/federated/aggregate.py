@@ -1,49 +1,27 @@
-"""Heterogeneous-rank LoRA aggregation rules, one jitted call per round.
+"""Aggregation of heterogeneous-rank LoRA adapters: the rule interface and registry, the one
+client screening, the one per-cluster aggregation, and the public `aggregate` entry point.
 
-Shapes: C clients, L layers, I input width, O output width, R padded rank, K = C * R stacked rank.
-Client k has factors `A_k [I, r_k]`, `B_k [r_k, O]` (zero-padded to R), scale `s_k` and update
-`ΔW_k = s_k A_k B_k`; `p_k = n_k / Σ n` over the clients that pass screening.
+Shapes: C clients, K clusters, L layers, I input width, O output width, R padded rank. Client k
+has factors `A_k [I, r_k]`, `B_k [r_k, O]` (zero-padded to R), scale `s_k` and update
+`ΔW_k = s_k A_k B_k`.
 
-Every rule is an `(init, apply)` pair of pure functions (optax style) registered by name:
-`init(client_loras, *, key) -> state`, `apply(state, client_loras, weights, ranks) -> (Aggregated,
-state)`. `aggregate` validates on the host, then runs one jitted `apply` whose static arguments are
-the method and its options only: ranks and weights are arrays, so a new rank mix never recompiles.
+A rule is an optax-style `(init, apply)` pair of pure functions (`Rule`), registered by name
+(`register_rule`; the built-in rules live in `floe_jax.federated.rules`):
 
-Rules (what each client sends up / receives down; bytes count live float32 parameters only):
+    state = rule.init(global_lora, key=key)                        # once, per run
+    out, state = rule.apply(state, client_loras, weights, ranks, key=key)   # every round
 
-- `fedavg` / `fedit` — FedIT (Zhang et al., 2023, "Towards Building the Federated GPT"):
-  `A = Σ p_k A_k`, `B = Σ p_k B_k` on zero-padded factors (inexact: the product of averages is
-  not the average of products). Up: A_k, B_k. Down: the first r_k slots of A and B.
-- `hetlora` — HetLoRA (Cho et al., EMNLP 2024): zero-pad, weighted average, truncate to r_k;
-  optional norm weighting `p_k ‖ΔW_k‖_F / Σ` (`norm_weighting=True`) and rank self-pruning
-  (`prune_threshold`: the client keeps the fewest leading slots whose discarded tail energy is at
-  most `prune_threshold` of its total, measured per slot as `s_k² Σ ‖a_j‖² ‖b_j‖²`). Without
-  options it is FedIT exactly. Up: A_k, B_k. Down: first r'_k slots (r'_k after pruning).
-- `flexlora` — FlexLoRA (Bai et al., NeurIPS 2024): `ΔW = Σ p_k ΔW_k`, truncated SVD
-  `U Σ Vᵀ`, client k gets `A_k = U[:, :r_k] Σ^{1/2} / √s_k`, `B_k = Σ^{1/2} V[:, :r_k]ᵀ / √s_k`
-  so `s_k A_k B_k` is the best rank-r_k approximation of ΔW. Computed without forming ΔW
-  (K x K eigenproblems of the stacked factors, `top_svd_factored`) when K < min(I, O);
-  otherwise densely, from the eigendecomposition of the Gram matrix of ΔW's shorter side.
-  Up: A_k, B_k. Down: A_k, B_k.
-- `flora` — FLoRA (Wang et al., NeurIPS 2024): stacking, `Σ p_k s_k A_k B_k` exactly, returned as
-  `base_delta` for every client to fold into its *base weights* (the base model changes each
-  round); adapters restart fresh (A random, B zero) from the rule state's key. Up: A_k, B_k.
-  Down: the stacked factors of every included client (Σ_j live_j (I + O) each).
-- `fedsa` — FedSA-LoRA (Guo et al., ICLR 2025): average A only; B stays on the client (a
-  federated round keeps each client's B in the server state's `personal` and starts the client
-  from it). Up: A_k. Down: A. The global adapter's B is the weighted average of B, for
-  evaluation only (never sent).
-- `ffa` — FFA-LoRA (Sun et al., ICLR 2024): A frozen at the shared init (clients train B only);
-  average B only, with scales folded in (`B = Σ p_k (s_k / s) B_k`), exact when A is shared.
-  Up: B_k. Down: B.
-- `fedex` — FedEx-LoRA (Singhal et al., 2025): FedIT's A and B, plus the residual
-  `Σ p_k ΔW_k − s A B` in `base_delta`: exact overall. Up: A_k, B_k. Down: A, B and the dense
-  residual I x O of every adapted (layer, module).
+`apply` sees screened clients: `screen` has already set the weight of every client it leaves out
+(non-finite update, ‖ΔW_k‖_F above `max_norm`, an adapter that moved more than
+`max_update_norm`, zero weight) to zero, and a rule includes exactly the clients of positive
+weight, zeroing the factors of the rest (so a NaN never reaches an average). `key` is a fresh key
+per call (FLoRA draws its new factors from it); rules that need none ignore it.
 
-The global adapter carries the scale `s = Σ p_k s_k` (the clients' common scale when ranks are
-equal). Clients that are excluded (non-finite update, ‖ΔW_k‖_F above `max_norm`, zero weight)
-contribute nothing and still download the round's result; `reason` says why, and
-`exclusion_reasons` turns it into text.
+`aggregate_clusters` runs a rule once per cluster over the same screened clients, threading the
+rule state, and gives each client its own cluster's result: Floe's clustered aggregation
+(`cluster.cluster_aggregate`) and the federated round (`rounds.round_step`) both use it.
+`aggregate` validates on the host, then runs one jitted program whose static arguments are the
+method and its options only: ranks and weights are arrays, so a new rank mix never recompiles.
 """
 
 from __future__ import annotations
@@ -57,38 +35,39 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
-from floe_jax.federated.linalg import top_svd_dense, top_svd_factored
 from floe_jax.lora import LoRA
 
 REASON_OK = 0
 REASON_NONFINITE = 1
 REASON_NORM = 2
 REASON_ZERO_WEIGHT = 3
-REASON_NOT_IN_CLUSTER = 4
+REASON_UPDATE_NORM = 4
 REASONS = {
     REASON_OK: "included",
     REASON_NONFINITE: "non-finite update (NaN/Inf in its factors or scale)",
     REASON_NORM: "update norm ‖ΔW‖_F above max_norm",
     REASON_ZERO_WEIGHT: "zero weight",
-    REASON_NOT_IN_CLUSTER: "not in this cluster",
+    REASON_UPDATE_NORM: "adapter moved more than max_update_norm",
 }
-BYTES_PER_PARAM = 4  # float32
+BYTES_PER_PARAM = 4  # adapters travel as float32
 
 
 class AggregationError(ValueError):
     """Invalid aggregation input; the message names the client or field."""
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class Aggregated:
-    """One round's aggregation result.
+    """One aggregation's result.
 
     Attributes:
-      global_lora: the server's adapter padded to R (a new client is truncated from it).
+      global_lora: the server's adapter padded to R (a new client is truncated from it); with
+        clusters, one per cluster on a leading K axis.
       client_loras: [C] what each client downloads (its own rank slots; fedsa keeps its own B).
-      base_delta: `{module: [L, I, O]}` to add to the base weights (flora, fedex), else None.
+      base_delta: `{module: [L, I, O]}` ([K, L, I, O] with clusters) to add to the base weights
+        (flora, fedex), else None.
       included: [C] bool, clients whose update was used.
       reason: [C] int32 reason code (`REASONS`), 0 when included.
       ranks: [C] int32 rank each client holds after the round (hetlora pruning may lower it).
@@ -107,51 +86,88 @@ class Aggregated:
 
 
 class Rule(NamedTuple):
-    """An aggregation rule: `init(client_loras, *, key) -> state` and
-    `apply(state, client_loras, weights, ranks) -> (Aggregated, state)`.
+    """An aggregation rule.
 
-    `personal` names the factors (`"a"`, `"b"`) that stay on the client between rounds: a
-    federated round starts each client from its own copy of them, not the global one (FedSA's
-    B). `frozen` names the factors clients never train (FFA's A)."""
+    Attributes:
+      init: `(lora, *, key) -> state`, run once when the server starts (`lora` shows the
+        adapters' structure: the global adapter, or stacked clients).
+      apply: `(state, client_loras [C], weights [C], ranks [C], *, key) -> (Aggregated, state)`,
+        run every round (once per cluster) on screened clients.
+      personal: factors (`"a"`, `"b"`) that stay on the client between rounds: a federated
+        round starts each client from its own copy of them (FedSA's B).
+      frozen: factors clients never train (FFA's A).
+      init_base: for a rule that folds updates into the shared base weights (FLoRA,
+        FedEx-LoRA), `(global_lora) -> {module: zeros [L, I, O]}`, the base delta the server
+        accumulates `Aggregated.base_delta` into; None for a rule that never does.
+    """
 
     init: Callable
     apply: Callable
     personal: tuple[str, ...] = ()
     frozen: tuple[str, ...] = ()
+    init_base: Callable | None = None
 
 
-_RULES: dict[str, Callable[..., Rule]] = {}
+_RULES: dict[str, tuple[Callable[..., Rule], tuple[str, ...]]] = {}
 
 
-def register_rule(*names: str):
-    """Registers a factory `(**options) -> Rule` under `names`."""
+def register_rule(*names: str, options: tuple[str, ...] = ()):
+    """Registers a factory `(**options) -> Rule` under `names`; `options` names the keyword
+    options it takes (the fields of `AggregationConfig` it reads)."""
 
     def deco(factory):
         for n in names:
-            _RULES[n] = factory
+            _RULES[n] = (factory, tuple(options))
         return factory
 
     return deco
+
+
+def unregister_rule(*names: str) -> None:
+    """Removes rules registered under `names` (a test's or an experiment's own)."""
+    for n in names:
+        _RULES.pop(n, None)
 
 
 def available_rules() -> tuple[str, ...]:
     return tuple(sorted(_RULES))
 
 
-def make_rule(method: str, **options) -> Rule:
-    """The `(init, apply)` pair of `method` with its options bound."""
+def rule_options(method: str) -> tuple[str, ...]:
+    """The option names rule `method` takes."""
+    _check_method(method)
+    return _RULES[method][1]
+
+
+def _check_method(method: str) -> None:
     if method not in _RULES:
         raise AggregationError(f"unknown aggregation method {method!r}; known: {available_rules()}")
-    return _RULES[method](**options)
 
 
-def client_roles(method: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """`(personal, frozen)` factors of rule `method` (see `Rule`); `((), ())` for a name that is
-    not registered (a caller's own aggregation function)."""
-    if method not in _RULES:
-        return (), ()
-    rule = make_rule(method)
-    return rule.personal, rule.frozen
+def make_rule(method: str, **options) -> Rule:
+    """The `Rule` of `method` with its options bound."""
+    _check_method(method)
+    factory, takes = _RULES[method]
+    extra = sorted(set(options) - set(takes))
+    if extra:
+        raise AggregationError(
+            f"aggregation method {method!r} takes no option {extra[0]!r} "
+            f"(its options: {', '.join(takes) or 'none'})"
+        )
+    return factory(**options)
+
+
+def no_state(global_lora=None, *, key=None):
+    """`init` of a rule that keeps no state between rounds."""
+    return ()
+
+
+def zero_base_delta(global_lora: LoRA) -> dict:
+    """`{module: zeros [L, I, O]}` for every module of the (unstacked) adapter."""
+    return {
+        m: jnp.zeros(global_lora.a[m].shape[-3:-1] + global_lora.b[m].shape[-1:], jnp.float32)
+        for m in global_lora.a
+    }
 
 
 def exclusion_reasons(reason) -> list[str]:
@@ -159,25 +175,8 @@ def exclusion_reasons(reason) -> list[str]:
     return [REASONS.get(int(r), f"unknown reason {int(r)}") for r in np.asarray(reason)]
 
 
-# ----------------------------------------------------------------------------- shared helpers
-
-
-class _Prep(NamedTuple):
-    lora: LoRA  # live slots only, excluded clients zeroed
-    live: dict  # {m: [C, L, R]} float32 live mask
-    adapted: dict  # {m: [C, L]} float32: client adapts (m, l)
-    p: jax.Array  # [C] normalised weights over included clients
-    included: jax.Array
-    reason: jax.Array
-    sq_norm: jax.Array  # [C] ‖ΔW_k‖_F², summed over modules and layers
-    scale: jax.Array  # [] global scale Σ p_k s_k (1 when nothing is included)
-
-
-def _slot_mask(ranks, R):
-    return (jnp.arange(R)[None, :] < ranks[:, None]).astype(jnp.float32)  # [C, R]
-
-
-def _bcast(x_C, ndim):
+def broadcast_clients(x_C: jax.Array, ndim: int) -> jax.Array:
+    """`x [C]` reshaped to broadcast against a leaf of `ndim` dimensions led by C."""
     return x_C.reshape(x_C.shape + (1,) * (ndim - 1))
 
 
@@ -192,382 +191,103 @@ def lora_sq_norms(lora: LoRA) -> jax.Array:
     return total * lora.scale**2
 
 
-def _prepare(lora: LoRA, weights, ranks, *, max_norm: float) -> _Prep:
-    R = lora.max_rank
-    ranks = ranks.astype(jnp.int32)
-    slots = _slot_mask(ranks, R)
-    live = {m: (v > 0).astype(jnp.float32) * slots[:, None, :] for m, v in lora.mask.items()}
-    adapted = {m: (v.sum(-1) > 0).astype(jnp.float32) for m, v in live.items()}
-    a = {m: jnp.where(live[m][..., None, :] > 0, v, 0.0) for m, v in lora.a.items()}
-    b = {m: jnp.where(live[m][..., :, None] > 0, v, 0.0) for m, v in lora.b.items()}
-    clean = LoRA(a=a, b=b, mask=live, scale=lora.scale)
-    sq = lora_sq_norms(clean)
-    finite = jnp.isfinite(sq) & jnp.isfinite(lora.scale)
-    small = sq <= max_norm**2
-    positive = weights > 0
-    reason = jnp.where(
-        ~finite,
-        REASON_NONFINITE,
-        jnp.where(~small, REASON_NORM, jnp.where(~positive, REASON_ZERO_WEIGHT, REASON_OK)),
-    ).astype(jnp.int32)
-    included = reason == REASON_OK
-    w = jnp.where(included, weights.astype(jnp.float32), 0.0)
-    p = w / jnp.where(w.sum() > 0, w.sum(), 1.0)
-    keep = lambda x: jnp.where(_bcast(included, x.ndim), x, 0.0)
-    clean = LoRA(
-        a=jax.tree.map(keep, a),
-        b=jax.tree.map(keep, b),
-        mask=live,
-        scale=jnp.where(included, lora.scale, 0.0),
-    )
-    s = jnp.sum(p * clean.scale)
-    return _Prep(clean, live, adapted, p, included, reason, sq, jnp.where(s > 0, s, 1.0))
+# ----------------------------------------------------------------------------- screening
 
 
-def _wsum(x, p):
-    """Σ_k p_k x_k over the leading client axis."""
-    return jnp.tensordot(p, x, axes=1)
-
-
-def _out_mask(prep: _Prep, ranks) -> dict:
-    slots = _slot_mask(ranks.astype(jnp.int32), next(iter(prep.live.values())).shape[-1])
-    return {m: v[..., None] * slots[:, None, :] for m, v in prep.adapted.items()}
-
-
-def _global_mask(prep: _Prep) -> dict:
-    inc = prep.included.astype(jnp.float32)
-    return {m: jnp.max(v * inc[:, None, None], axis=0) for m, v in prep.live.items()}
-
-
-def _to_clients(a_g, b_g, mask, factor=None) -> tuple[dict, dict]:
-    """Broadcasts global factors to every client's slots; `factor` [C] multiplies a and b."""
-    a, b = {}, {}
-    for m in a_g:
-        f = 1.0 if factor is None else factor[:, None, None, None]
-        a[m] = a_g[m][None] * mask[m][:, :, None, :] * f
-        b[m] = b_g[m][None] * mask[m][:, :, :, None] * f
-    return a, b
-
-
-def _dims(lora: LoRA) -> dict:
-    return {m: (lora.a[m].shape[-2], lora.b[m].shape[-1]) for m in lora.a}
-
-
-def _count(mask: dict, dims: dict, part: str) -> jax.Array:
-    """Live parameters per client: Σ_m live slots x (I for A, O for B, I + O for both). [C]"""
-    total = 0.0
-    for m, v in mask.items():
-        i, o = dims[m]
-        width = {"a": i, "b": o, "ab": i + o}[part]
-        total = total + v.sum((-2, -1)) * width
-    return total * BYTES_PER_PARAM
-
-
-def _dense_sum(prep: _Prep) -> dict:
-    """`Σ_k p_k s_k A_k B_k` per module: {m: [L, I, O]}."""
-    ps = prep.p * prep.lora.scale
-    return {
-        m: jnp.einsum("clir,clro->lio", prep.lora.a[m] * ps[:, None, None, None], prep.lora.b[m])
-        for m in prep.lora.a
-    }
-
-
-def _result(prep, ranks, g_a, g_b, g_mask, c_a, c_b, c_mask, c_scale, up, down, base=None):
-    return Aggregated(
-        global_lora=LoRA(a=g_a, b=g_b, mask=g_mask, scale=prep.scale),
-        client_loras=LoRA(a=c_a, b=c_b, mask=c_mask, scale=c_scale),
-        base_delta=base,
-        included=prep.included,
-        reason=prep.reason,
-        ranks=ranks.astype(jnp.int32),
-        bytes_up=up.astype(jnp.float32),
-        bytes_down=down.astype(jnp.float32),
-    )
-
-
-def _no_state(client_loras=None, *, key=None):
-    return ()
-
-
-# ----------------------------------------------------------------------------- FedIT / HetLoRA
-
-
-def _prune_ranks(prep: _Prep, ranks, threshold: float):
-    """HetLoRA rank self-pruning: fewest leading slots whose tail energy ≤ threshold x total."""
-    e = 0.0  # per-slot energy [C, R]
-    for m in prep.lora.a:
-        na = jnp.sum(prep.lora.a[m] ** 2, axis=-2)  # [C, L, R]
-        nb = jnp.sum(prep.lora.b[m] ** 2, axis=-1)
-        e = e + jnp.sum(na * nb, axis=1)
-    e = e * prep.lora.scale[:, None] ** 2
-    tail = jnp.flip(jnp.cumsum(jnp.flip(e, -1), -1), -1)  # tail[j] = Σ_{i>=j} e_i
-    ok = tail <= threshold * tail[:, :1]  # [C, R]: cutting at j keeps enough
-    ok = ok | (jnp.arange(e.shape[-1])[None] >= ranks[:, None])
-    ok = jnp.concatenate([ok, jnp.ones_like(ok[:, :1])], axis=-1)  # j = R keeps every slot
-    new = jnp.argmax(ok, axis=-1)  # first j that is ok
-    return jnp.clip(new, 1, ranks).astype(jnp.int32)
-
-
-def _fedit_apply(state, client_loras, weights, ranks, *, max_norm, norm_weighting, prune):
-    ranks = ranks.astype(jnp.int32)
-    prep = _prepare(client_loras, weights, ranks, max_norm=max_norm)
-    up = _count(prep.live, _dims(client_loras), "ab")
-    if prune is not None:
-        ranks = jnp.where(prep.included, _prune_ranks(prep, ranks, prune), ranks)
-        prep = _prepare(client_loras, weights, ranks, max_norm=max_norm)._replace(
-            included=prep.included, reason=prep.reason, p=prep.p, scale=prep.scale
-        )
-        prep = prep._replace(lora=_zero_excluded(prep.lora, prep.included))
-    if norm_weighting:
-        w = prep.p * jnp.sqrt(jnp.where(prep.included, prep.sq_norm, 0.0))
-        p = w / jnp.where(w.sum() > 0, w.sum(), 1.0)
-        prep = prep._replace(p=jnp.where(w.sum() > 0, p, prep.p))
-        prep = prep._replace(scale=jnp.where(w.sum() > 0, jnp.sum(prep.p * prep.lora.scale), 1.0))
-    g_a = {m: _wsum(v, prep.p) for m, v in prep.lora.a.items()}
-    g_b = {m: _wsum(v, prep.p) for m, v in prep.lora.b.items()}
-    c_mask = _out_mask(prep, ranks)
-    c_a, c_b = _to_clients(g_a, g_b, c_mask)
-    down = _count(c_mask, _dims(client_loras), "ab")
-    out = _result(
-        prep, ranks, g_a, g_b, _global_mask(prep), c_a, c_b, c_mask, client_loras.scale, up, down
-    )
-    return out, state
-
-
-def _zero_excluded(lora: LoRA, included) -> LoRA:
-    keep = lambda x: jnp.where(_bcast(included, x.ndim), x, 0.0)
-    return dataclasses.replace(lora, a=jax.tree.map(keep, lora.a), b=jax.tree.map(keep, lora.b))
-
-
-@register_rule("fedavg", "fedit")
-def fedit(*, max_norm: float = math.inf) -> Rule:
-    """FedIT / FedAvg of A and B separately, zero-padded to R."""
-    apply = functools.partial(_fedit_apply, max_norm=max_norm, norm_weighting=False, prune=None)
-    return Rule(_no_state, apply)
-
-
-@register_rule("hetlora")
-def hetlora(
+def screen(
+    client_loras: LoRA,
+    weights,
     *,
-    max_norm: float = math.inf,
-    norm_weighting: bool = False,
-    prune_threshold: float | None = None,
-) -> Rule:
-    """HetLoRA: FedIT on zero-padded factors, optional norm weighting and rank self-pruning."""
-    apply = functools.partial(
-        _fedit_apply, max_norm=max_norm, norm_weighting=norm_weighting, prune=prune_threshold
-    )
-    return Rule(_no_state, apply)
-
-
-# ----------------------------------------------------------------------------- FlexLoRA
-
-
-def _compact(p_IK, q_KO, live_K, k: int):
-    """Moves the live columns of p (rows of q) to the front and keeps the first k."""
-    order = jnp.argsort(live_K <= 0, stable=True)[:k]
-    return p_IK[:, order], q_KO[order]
-
-
-def _flexlora_apply(state, client_loras, weights, ranks, *, max_norm, path, total_rank):
-    ranks = ranks.astype(jnp.int32)
-    prep = _prepare(client_loras, weights, ranks, max_norm=max_norm)
-    C, R = ranks.shape[0], client_loras.max_rank
-    root = jnp.sqrt(prep.p * prep.lora.scale)  # [C]
-    g_a, g_b = {}, {}
-    for m in prep.lora.a:
-        a, b = prep.lora.a[m], prep.lora.b[m]  # [C, L, I, R], [C, L, R, O]
-        _, L, I, _ = a.shape
-        O = b.shape[-1]
-        p_LIK = jnp.moveaxis(a * root[:, None, None, None], 0, 2).reshape(L, I, C * R)
-        q_LKO = (b * root[:, None, None, None]).transpose(1, 0, 2, 3).reshape(L, C * R, O)
-        live_LK = jnp.moveaxis(prep.live[m], 0, 1).reshape(L, C * R)
-        k = C * R if total_rank is None else min(total_rank, C * R)
-        factored = {"auto": k < min(I, O), "factored": True, "dense": False}[path]
-        if factored and k > min(I, O):
-            raise AggregationError(
-                f"flexlora path='factored' needs K={k} <= min(I, O)={min(I, O)} for {m}"
-            )
-        r = min(R, k, I, O)
-
-        def one_layer(p_IK, q_KO, live_K, k=k, r=r, factored=factored):
-            if k < p_IK.shape[1]:
-                p_IK, q_KO = _compact(p_IK, q_KO, live_K, k)
-            top = top_svd_factored if factored else top_svd_dense
-            u, s, v = top(p_IK, q_KO, r)
-            return u * jnp.sqrt(s)[None], jnp.sqrt(s)[:, None] * v.T
-
-        with jax.named_scope(f"flexlora_{m}"):
-            a_LIr, b_LrO = jax.vmap(one_layer)(p_LIK, q_LKO, live_LK)
-        pad = R - r
-        g_a[m] = jnp.pad(a_LIr, ((0, 0), (0, 0), (0, pad)))
-        g_b[m] = jnp.pad(b_LrO, ((0, 0), (0, pad), (0, 0)))
-    # g_a @ g_b is the unit-scale best rank-R approximation; split each scale evenly.
-    c_mask = _out_mask(prep, ranks)
-    inv_root = jax.lax.rsqrt(jnp.where(client_loras.scale > 0, client_loras.scale, 1.0))
-    c_a, c_b = _to_clients(g_a, g_b, c_mask, inv_root)
-    g_root = jax.lax.rsqrt(prep.scale)
-    g_mask = _global_mask(prep)
-    g_a = {m: v * g_root * g_mask[m][:, None, :] for m, v in g_a.items()}
-    g_b = {m: v * g_root * g_mask[m][:, :, None] for m, v in g_b.items()}
-    dims = _dims(client_loras)
-    up, down = _count(prep.live, dims, "ab"), _count(c_mask, dims, "ab")
-    out = _result(prep, ranks, g_a, g_b, g_mask, c_a, c_b, c_mask, client_loras.scale, up, down)
-    return out, state
-
-
-@register_rule("flexlora")
-def flexlora(
-    *, max_norm: float = math.inf, path: str = "auto", total_rank: int | None = None
-) -> Rule:
-    """FlexLoRA: weighted sum of full updates, redistributed by truncated SVD.
+    max_norm: float | None = None,
+    update_norm: jax.Array | None = None,
+    max_update_norm: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """The one client screening: which clients an aggregation uses.
 
     Args:
-      max_norm: exclude clients with ‖ΔW_k‖_F above it.
-      path: `"auto"` (factored when K < min(I, O)), `"factored"` or `"dense"`.
-      total_rank: static bound on Σ_k r_k (K). When given, live slots are gathered into K
-        columns first, so padding costs no flops; `aggregate` checks the bound on the host.
+      client_loras: stacked LoRA [C, ...] (padded slots zero).
+      weights: [C] example counts.
+      max_norm: leave out a client with ‖ΔW_k‖_F above it; None = no limit.
+      update_norm: [C] how far each adapter moved (the round's Frobenius norm of the change of
+        its trainable tree), or None when unknown.
+      max_update_norm: leave out a client whose `update_norm` is above it; None = no limit.
+
+    Returns:
+      `(weights [C] float32, zero where left out; reason [C] int32, REASON_OK when used)`.
     """
-    if path not in ("auto", "factored", "dense"):
-        raise AggregationError(f"flexlora path={path!r} is not auto, factored or dense")
-    apply = functools.partial(_flexlora_apply, max_norm=max_norm, path=path, total_rank=total_rank)
-    return Rule(_no_state, apply)
+    sq = lora_sq_norms(client_loras)
+    finite = jnp.isfinite(sq) & jnp.isfinite(client_loras.scale)
+    if update_norm is not None:
+        finite = finite & jnp.isfinite(update_norm)
+    small = jnp.ones_like(finite) if max_norm is None else sq <= max_norm**2
+    near = jnp.ones_like(finite)
+    if update_norm is not None and max_update_norm is not None:
+        near = update_norm <= max_update_norm
+    w = jnp.asarray(weights, jnp.float32)
+    reason = jnp.select(
+        [~finite, ~small, ~near, ~(w > 0)],
+        [REASON_NONFINITE, REASON_NORM, REASON_UPDATE_NORM, REASON_ZERO_WEIGHT],
+        REASON_OK,
+    ).astype(jnp.int32)
+    return jnp.where(reason == REASON_OK, w, 0.0), reason
 
 
-# ----------------------------------------------------------------------------- FLoRA
+# ----------------------------------------------------------------------------- per cluster
 
 
-def _fresh_factors(key, mask: dict, dims: dict, lead: tuple) -> tuple[dict, dict]:
-    """PEFT-style fresh adapters: a ~ U(±1/√I) on live slots, b = 0."""
-    a, b = {}, {}
-    for m, k in zip(mask, jax.random.split(key, len(mask)), strict=True):
-        i, o = dims[m]
-        L, R = mask[m].shape[-2:]
-        bound = 1.0 / math.sqrt(i)
-        w = jax.random.uniform(k, lead + (L, i, R), jnp.float32, -bound, bound)
-        a[m] = w * mask[m][..., None, :]
-        b[m] = jnp.zeros(lead + (L, R, o), jnp.float32)
-    return a, b
+def pick_clients(c_C, new, old):
+    """Per client: `new`'s leaves where `c_C` [C] is true, `old`'s elsewhere."""
+    return jax.tree.map(lambda n, o: jnp.where(broadcast_clients(c_C, n.ndim), n, o), new, old)
 
 
-def _flora_init(client_loras=None, *, key=None):
-    return {"key": jax.random.key(0) if key is None else key}
+def aggregate_clusters(
+    rule: Rule,
+    state,
+    client_loras: LoRA,
+    weights,
+    ranks,
+    labels,
+    num_clusters: int,
+    *,
+    key: jax.Array,
+    reason=None,
+) -> tuple[Aggregated, object, jax.Array]:
+    """Aggregates each cluster's clients with `rule` (traceable; K = `num_clusters` is static).
 
+    Args:
+      rule, state: the rule and its state (threaded through the clusters in order).
+      client_loras: stacked LoRA [C, ...]; weights [C] screened weights; ranks [C] true ranks.
+      labels: [C] int cluster of each client, in [0, K).
+      key: cluster k's rule gets `fold_in(key, k)`.
+      reason: [C] screening reasons (`screen`), copied into the result.
 
-def _flora_apply(state, client_loras, weights, ranks, *, max_norm):
-    ranks = ranks.astype(jnp.int32)
-    prep = _prepare(client_loras, weights, ranks, max_norm=max_norm)
-    base = _dense_sum(prep)
-    key, k_glob, k_cli = jax.random.split(state["key"], 3)
-    dims = _dims(client_loras)
-    c_mask = _out_mask(prep, ranks)
-    g_mask = _global_mask(prep)
-    C = ranks.shape[0]
-    c_a, c_b = _fresh_factors(k_cli, c_mask, dims, (C,))
-    g_a, g_b = _fresh_factors(k_glob, g_mask, dims, ())
-    up = _count(prep.live, dims, "ab")
-    stacked = jnp.sum(_count(prep.live, dims, "ab") * prep.included)
-    down = jnp.full((C,), stacked)
-    out = _result(
-        prep, ranks, g_a, g_b, g_mask, c_a, c_b, c_mask, client_loras.scale, up, down, base
+    Returns:
+      `(Aggregated, state, any_in [K] bool)`: `global_lora` and `base_delta` carry a leading K
+      axis; every per-client field is the client's own cluster's; `any_in[k]` says whether
+      cluster k used any client (when not, its global adapter means nothing).
+    """
+    ranks = jnp.asarray(ranks, jnp.int32)
+    outs = []
+    for k in range(num_clusters):  # K is small and static
+        w_k = jnp.where(labels == k, weights, 0.0)
+        out, state = rule.apply(state, client_loras, w_k, ranks, key=jax.random.fold_in(key, k))
+        outs.append(out)
+    per_client = ("client_loras", "included", "reason", "ranks", "bytes_up", "bytes_down")
+    merged = {n: getattr(outs[0], n) for n in per_client}
+    for k, out in enumerate(outs[1:], start=1):
+        merged = pick_clients(labels == k, {n: getattr(out, n) for n in per_client}, merged)
+    stack = lambda *xs: jnp.stack(xs)
+    merged = Aggregated(
+        **merged,
+        global_lora=jax.tree.map(stack, *(o.global_lora for o in outs)),
+        base_delta=None
+        if outs[0].base_delta is None
+        else jax.tree.map(stack, *(o.base_delta for o in outs)),
     )
-    return out, {"key": key}
-
-
-@register_rule("flora")
-def flora(*, max_norm: float = math.inf) -> Rule:
-    """FLoRA stacking: exact `Σ p_k ΔW_k` into `base_delta`; fresh adapters from the state key."""
-    return Rule(_flora_init, functools.partial(_flora_apply, max_norm=max_norm))
-
-
-# ----------------------------------------------------------------------------- FedSA / FFA
-
-
-def _fedsa_apply(state, client_loras, weights, ranks, *, max_norm):
-    ranks = ranks.astype(jnp.int32)
-    prep = _prepare(client_loras, weights, ranks, max_norm=max_norm)
-    g_a = {m: _wsum(v, prep.p) for m, v in prep.lora.a.items()}
-    g_b = {m: _wsum(v, prep.p) for m, v in prep.lora.b.items()}  # evaluation only, never sent
-    c_mask = _out_mask(prep, ranks)
-    c_a, _ = _to_clients(g_a, g_b, c_mask)
-    dims = _dims(client_loras)
-    up, down = _count(prep.live, dims, "a"), _count(c_mask, dims, "a")
-    out = _result(
-        prep,
-        ranks,
-        g_a,
-        g_b,
-        _global_mask(prep),
-        c_a,
-        client_loras.b,
-        client_loras.mask,
-        client_loras.scale,
-        up,
-        down,
-    )
-    return out, state
-
-
-@register_rule("fedsa")
-def fedsa(*, max_norm: float = math.inf) -> Rule:
-    """FedSA-LoRA: A averaged and shared, B personal."""
-    return Rule(_no_state, functools.partial(_fedsa_apply, max_norm=max_norm), personal=("b",))
-
-
-def _ffa_apply(state, client_loras, weights, ranks, *, max_norm):
-    ranks = ranks.astype(jnp.int32)
-    prep = _prepare(client_loras, weights, ranks, max_norm=max_norm)
-    g_a, g_b = {}, {}
-    for m in prep.lora.a:
-        # A is shared: per-slot average over the clients holding the slot (exact when equal).
-        w = prep.p[:, None, None] * prep.live[m]  # [C, L, R]
-        tot = w.sum(0)
-        g_a[m] = (
-            jnp.einsum("clr,clir->lir", w, prep.lora.a[m])
-            / jnp.where(tot > 0, tot, 1.0)[:, None, :]
-        )
-        ps = prep.p * prep.lora.scale / prep.scale
-        g_b[m] = _wsum(prep.lora.b[m], ps)
-    c_mask = _out_mask(prep, ranks)
-    ratio = prep.scale / jnp.where(client_loras.scale > 0, client_loras.scale, 1.0)
-    c_b = {m: g_b[m][None] * c_mask[m][..., None] * ratio[:, None, None, None] for m in g_b}
-    c_a = {m: g_a[m][None] * c_mask[m][:, :, None, :] for m in g_a}
-    dims = _dims(client_loras)
-    up, down = _count(prep.live, dims, "b"), _count(c_mask, dims, "b")
-    out = _result(
-        prep, ranks, g_a, g_b, _global_mask(prep), c_a, c_b, c_mask, client_loras.scale, up, down
-    )
-    return out, state
-
-
-@register_rule("ffa")
-def ffa(*, max_norm: float = math.inf) -> Rule:
-    """FFA-LoRA: A frozen at the shared init, B averaged with scales folded in (exact)."""
-    return Rule(_no_state, functools.partial(_ffa_apply, max_norm=max_norm), frozen=("a",))
-
-
-# ----------------------------------------------------------------------------- FedEx-LoRA
-
-
-def _fedex_apply(state, client_loras, weights, ranks, *, max_norm):
-    out, state = _fedit_apply(
-        state, client_loras, weights, ranks, max_norm=max_norm, norm_weighting=False, prune=None
-    )
-    prep = _prepare(client_loras, weights, ranks.astype(jnp.int32), max_norm=max_norm)
-    exact = _dense_sum(prep)
-    g = out.global_lora
-    base = {m: exact[m] - jnp.einsum("lir,lro->lio", g.a[m], g.b[m]) * g.scale for m in exact}
-    dims = _dims(client_loras)
-    adapted = {m: (v.sum(-1) > 0) for m, v in g.mask.items()}  # [L]
-    dense = sum(adapted[m].sum() * dims[m][0] * dims[m][1] for m in adapted) * BYTES_PER_PARAM
-    out = dataclasses.replace(out, base_delta=base, bytes_down=out.bytes_down + dense)
-    return out, state
-
-
-@register_rule("fedex")
-def fedex(*, max_norm: float = math.inf) -> Rule:
-    """FedEx-LoRA: FedIT plus the exact residual folded into the base weights."""
-    return Rule(_no_state, functools.partial(_fedex_apply, max_norm=max_norm))
+    if reason is not None:
+        merged = dataclasses.replace(merged, reason=reason)
+    any_in = jnp.stack([jnp.any(o.included) for o in outs])
+    return merged, state, any_in
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -611,35 +331,60 @@ def validate(client_loras: LoRA, weights, ranks, *, total_rank: int | None = Non
     return w.astype(np.float32), r.astype(np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("method", "options"))
-def _apply_jit(method, options, state, client_loras, weights, ranks):
-    return make_rule(method, **dict(options)).apply(state, client_loras, weights, ranks)
+@functools.partial(jax.jit, static_argnames=("method", "options", "max_norm", "num_clusters"))
+def aggregate_jit(
+    method, options, max_norm, num_clusters, state, client_loras, weights, ranks, labels, key
+):
+    """Screening plus `aggregate_clusters` of rule `method` (its `options` a sorted tuple of
+    pairs), compiled once per (method, options, max_norm, K, shapes)."""
+    rule = make_rule(method, **dict(options))
+    w, reason = screen(client_loras, weights, max_norm=max_norm)
+    return aggregate_clusters(
+        rule, state, client_loras, w, ranks, labels, num_clusters, key=key, reason=reason
+    )
+
+
+def _single(out: Aggregated) -> Aggregated:
+    """Drops the K = 1 cluster axis."""
+    first = lambda t: None if t is None else jax.tree.map(lambda x: x[0], t)
+    return dataclasses.replace(
+        out, global_lora=first(out.global_lora), base_delta=first(out.base_delta)
+    )
 
 
 def aggregate_with_state(
-    method: str, client_loras: LoRA, *, weights, ranks, state=None, key=None, **options
+    method: str,
+    client_loras: LoRA,
+    *,
+    weights,
+    ranks,
+    state=None,
+    key=None,
+    max_norm: float | None = None,
+    **options,
 ):
     """Like `aggregate`, and also takes and returns the rule state."""
     rule = make_rule(method, **options)  # unknown methods / bad options fail here
     w, r = validate(client_loras, weights, ranks, total_rank=options.get("total_rank"))
+    key = jax.random.key(0) if key is None else key
     if state is None:
         state = rule.init(client_loras, key=key)
-    out, state = _apply_jit(method, tuple(sorted(options.items())), state, client_loras, w, r)
-    inc = np.asarray(out.included)
-    if not inc.any():
+    out, state, _ = aggregate_jit(
+        method,
+        tuple(sorted(options.items())),
+        None if max_norm is None or math.isinf(max_norm) else float(max_norm),
+        1,
+        state,
+        client_loras,
+        w,
+        r,
+        jnp.zeros(r.shape, jnp.int32),
+        key,
+    )
+    if not np.asarray(out.included).any():
         why = "; ".join(f"client {k}: {t}" for k, t in enumerate(exclusion_reasons(out.reason)))
         raise AggregationError(f"every client was excluded ({why})")
-    return out, state
-
-
-def aggregate_traced(method: str, client_loras: LoRA, *, weights, ranks, key=None) -> Aggregated:
-    """`aggregate` without the host-side checks, for use inside a caller's jit (the federated
-    round, whose inputs are validated once before the loop). Rule state starts fresh each call,
-    from `key` (FLoRA draws its fresh factors from it; the round passes a new key every round;
-    None means a fixed key)."""
-    rule = make_rule(method)
-    state = rule.init(client_loras, key=key)
-    return rule.apply(state, client_loras, weights, jnp.asarray(ranks, jnp.int32))[0]
+    return _single(out), state
 
 
 def aggregate(method: str, client_loras: LoRA, *, weights, ranks, **options) -> Aggregated:
@@ -650,8 +395,9 @@ def aggregate(method: str, client_loras: LoRA, *, weights, ranks, **options) -> 
       client_loras: stacked LoRA, every leaf [C, ...], padded to R.
       weights: [C] example counts n_k (normalised over included clients inside).
       ranks: [C] int true ranks, 1 <= r_k <= R.
-      **options: static rule options (`max_norm`, hetlora's `norm_weighting` and
-        `prune_threshold`, flexlora's `path` and `total_rank`), plus `key` and `state`.
+      **options: `max_norm` (screening), the rule's static options (hetlora's
+        `norm_weighting` and `prune_threshold`, flexlora's `path` and `total_rank`), plus `key`
+        and `state`.
 
     Returns:
       An `Aggregated`.

@@ -1,5 +1,6 @@
 """Floe's task-clustered aggregation: group clients whose LoRA updates look alike, aggregate each
-group with any rule of `floe_jax.federated.aggregate`, route new clients to the nearest group.
+group with any rule of `floe_jax.federated.aggregate`, route new clients to the nearest group;
+and Floe's update-based clustering of a federation before its first round (`cluster_by_updates`).
 
 Floe (Tian et al., arXiv 2602.14302) clusters clients by task but does not publish its clustering
 algorithm; floe_jax implements the natural candidates (related work: IFCA, Ghosh et al., NeurIPS
@@ -28,8 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from floe_jax.config import ModelConfig
 from floe_jax.federated import aggregate as agg
+from floe_jax.federated.client import local_update_clients
+from floe_jax.federated.config import FedConfig
 from floe_jax.federated.linalg import eigh
+from floe_jax.federated.rounds import client_start, init_global_loras
+from floe_jax.federated.types import ClientData, sample_batches
 from floe_jax.lora import LoRA
 
 CLUSTER_METHODS = ("spectral", "agglomerative")
@@ -220,29 +226,6 @@ def cluster_clients(
 # ----------------------------------------------------------------------------- aggregation
 
 
-@functools.partial(jax.jit, static_argnames=("method", "options", "num_clusters"))
-def _cluster_apply(method, options, num_clusters, state, client_loras, weights, ranks, labels):
-    rule = agg.make_rule(method, **dict(options))
-    first, _ = jax.eval_shape(lambda: rule.apply(state, client_loras, weights, ranks))
-    merged0 = {
-        name: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), getattr(first, name))
-        for name in ("client_loras", "included", "reason", "ranks", "bytes_up", "bytes_down")
-    }
-
-    def body(carry, k):
-        merged, state = carry
-        member = labels == k
-        out, state = rule.apply(state, client_loras, jnp.where(member, weights, 0.0), ranks)
-        pick = lambda new, old: jnp.where(agg._bcast(member, new.ndim), new, old)
-        merged = {n: jax.tree.map(pick, getattr(out, n), merged[n]) for n in merged}
-        return (merged, state), (out.global_lora, out.base_delta, jnp.any(out.included))
-
-    (merged, state), (glob, base, any_in) = jax.lax.scan(
-        body, (merged0, state), jnp.arange(num_clusters)
-    )
-    return agg.Aggregated(global_lora=glob, base_delta=base, **merged), state, any_in
-
-
 def cluster_aggregate(
     method: str,
     client_loras: LoRA,
@@ -255,9 +238,11 @@ def cluster_aggregate(
     k_max: int = 8,
     state=None,
     key=None,
+    max_norm: float | None = None,
     **options,
 ) -> tuple[agg.Aggregated, np.ndarray]:
-    """Clusters clients (or takes `labels`) and aggregates each cluster with rule `method`.
+    """Clusters clients (or takes `labels`) and aggregates each cluster with rule `method`
+    (`aggregate.aggregate_clusters`, the per-cluster aggregation the federated round uses).
 
     Args:
       method: an aggregation rule (`floe_jax.federated.aggregate.available_rules()`).
@@ -267,7 +252,9 @@ def cluster_aggregate(
       num_clusters: K, or None to choose it (see `cluster_clients`).
       labels: [C] given task labels 0..K-1 (skips clustering).
       cluster_method: `"spectral"` or `"agglomerative"`.
-      **options: static options of the rule (e.g. `max_norm`).
+      state, key: the rule's state (default: `init`'s) and key.
+      max_norm: screening: leave out clients with ‖ΔW_k‖_F above it.
+      **options: static options of the rule (e.g. hetlora's `prune_threshold`).
 
     Returns:
       `(Aggregated, assignment [C])`. In the Aggregated, `global_lora` and `base_delta` carry a
@@ -297,22 +284,62 @@ def cluster_aggregate(
             raise agg.AggregationError(f"cluster {k} is empty")
         if w[labels == k].sum() <= 0:
             raise agg.AggregationError(f"weights of cluster {k} sum to zero")
+    key = jax.random.key(0) if key is None else key
     if state is None:
         state = rule.init(client_loras, key=key)
-    out, _, any_in = _cluster_apply(
+    out, _, any_in = agg.aggregate_jit(
         method,
         tuple(sorted(options.items())),
+        None if max_norm is None else float(max_norm),
         K,
         state,
         client_loras,
         jnp.asarray(w),
         jnp.asarray(r),
         jnp.asarray(labels, jnp.int32),
+        key,
     )
     empty = np.flatnonzero(~np.asarray(any_in))
     if empty.size:
         raise agg.AggregationError(f"every client of cluster {int(empty[0])} was excluded")
     return out, labels.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- Floe's clustering
+
+
+def cluster_by_updates(
+    params: dict, data: ClientData, *, cfg: ModelConfig, fed: FedConfig, ranks
+) -> tuple[np.ndarray, dict]:
+    """Floe's task clustering: every client trains `fed.local_steps` steps from one shared fresh
+    adapter (each on its own rank slots), and the server clusters the resulting updates by the
+    cosine similarity of their ΔW (`cluster_clients`, computed from the factors).
+
+    Returns:
+      (assignment [N] int32, info: `similarity` [N, N], `silhouette` per K tried).
+    """
+    N = data.num_clients
+    ranks = jnp.asarray(np.asarray(ranks, np.int32))
+    key = jax.random.fold_in(jax.random.PRNGKey(fed.seed), 0x5EED)  # apart from every round's
+    k_data, k_train = jax.random.split(key)
+    start = client_start(init_global_loras(cfg, fed), jnp.zeros((N,), jnp.int32), ranks, fed)
+    batches = sample_batches(
+        data, jnp.arange(N), jax.random.split(k_data, N), fed.local_steps, fed.batch_size
+    )
+    trained, _ = _local_updates(
+        params, start, batches, jax.random.split(k_train, N), cfg=cfg, fed=fed
+    )
+    labels, info = cluster_clients(
+        trained, num_clusters=fed.num_clusters, method=fed.cluster_method
+    )
+    return labels, {"similarity": info["similarity"].tolist(), "silhouette": info["silhouette"]}
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "fed"))
+def _local_updates(params, start, batches, keys, *, cfg, fed):
+    return local_update_clients(
+        params, start, batches, cfg=cfg, opt=fed.opt, keys=keys, client_chunk=fed.client_chunk
+    )
 
 
 def assign_cluster(lora: LoRA, cluster_loras: LoRA) -> jax.Array:
@@ -336,6 +363,7 @@ __all__ = [
     "agglomerative",
     "assign_cluster",
     "cluster_aggregate",
+    "cluster_by_updates",
     "cluster_clients",
     "cosine_similarity",
     "kmeans",

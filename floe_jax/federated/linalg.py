@@ -15,11 +15,10 @@ import numpy as np
 def eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Symmetric eigendecomposition `(w ascending, v)` of `x [..., K, K]`, safe inside any jit.
 
-    On CPU it goes to NumPy's LAPACK through a host callback. jaxlib 0.10.2's CPU `eigh` splits
-    a batch over XLA's intra-op thread pool and blocks the pool thread that called it until the
-    pieces finish (`jax::ParallelBatchMap`); two such calls running at once can leave every
-    thread of a small pool waiting, and the program deadlocks (seen on this project's 2-core
-    machine, FlexLoRA at 8 clients). Accelerators use `jnp.linalg.eigh`.
+    On CPU it goes to NumPy's LAPACK through a host callback: XLA's CPU `eigh` splits a batch
+    over the intra-op thread pool and blocks the pool thread that called it until the pieces
+    finish (`jax::ParallelBatchMap`), so two such calls running at once can leave every thread
+    of a small pool waiting, and the program deadlocks. Accelerators use `jnp.linalg.eigh`.
     """
     if jax.default_backend() != "cpu":
         return jnp.linalg.eigh(x)
@@ -49,8 +48,8 @@ def top_eigh(x: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
     """The r largest eigenpairs `(w [..., r] descending, v [..., K, r])` of symmetric x [..., K, K].
 
     On CPU, LAPACK's `syevr` through SciPy computes only those r (FlexLoRA needs r = R_max of a
-    K up to the model width: over 10x faster than a full decomposition at K = 896); see `eigh`
-    for why CPU linear algebra goes through the host. Accelerators slice `jnp.linalg.eigh`.
+    K up to the model width, far fewer than a full decomposition finds); see `eigh` for why CPU
+    linear algebra goes through the host. Accelerators slice `jnp.linalg.eigh`.
     """
     K = x.shape[-1]
     if r >= K or jax.default_backend() != "cpu":

@@ -10,28 +10,22 @@ host anyway.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from floe_jax import checkpoint
 from floe_jax.config import ModelConfig
-from floe_jax.federated.client import local_update_clients
+from floe_jax.federated.cluster import cluster_by_updates
+from floe_jax.federated.config import FedConfig
 from floe_jax.federated.rounds import (
-    AggregateFn,
-    FedConfig,
     ServerState,
-    _client_start,
-    _sample_batches,
     check_round,
-    default_aggregate_fn,
     drop_reasons,
     init_server_state,
     run_round,
@@ -48,7 +42,7 @@ def _host_metrics(m: dict, names: list[str], fed: FedConfig, seconds: float) -> 
     if not bool(m["global_finite"]):
         raise FloatingPointError(
             f"round {rnd}: the aggregated global adapter is not finite (aggregation="
-            f"{fed.aggregation!r}); the checkpoint of round {rnd} is the last good state"
+            f"{fed.agg.method!r}); the checkpoint of round {rnd} is the last good state"
         )
     dropped = drop_reasons(m, names, fed)
     for cid, why in dropped.items():
@@ -85,53 +79,6 @@ def _rewrite_jsonl(path: str, upto_round: int) -> set[int]:
     return {r["round"] for r in rows}
 
 
-def cluster_by_updates(
-    params: dict,
-    data: ClientData,
-    *,
-    cfg: ModelConfig,
-    fed: FedConfig,
-    ranks,
-) -> tuple[np.ndarray, dict]:
-    """Floe's task clustering: every client trains `fed.local_steps` steps from one shared fresh
-    adapter (each on its own rank slots), and the server clusters the resulting updates by the
-    cosine similarity of their ΔW (`cluster.cluster_clients`, computed from the factors).
-
-    Returns:
-      (assignment [N] int32, info: `similarity` [N, N], `silhouette` per K tried).
-    """
-    from floe_jax.federated.cluster import cluster_clients  # noqa: PLC0415
-
-    N = data.num_clients
-    ranks = jnp.asarray(np.asarray(ranks, np.int32))
-    state = init_server_state(cfg, fed, ranks=np.asarray(ranks), aggregate_fn=_no_base_rule)
-    key = jax.random.fold_in(state.key, 0x5EED)  # distinct from every round's key
-    k_data, k_train = jax.random.split(key)
-    ids = jnp.arange(N)
-    start = _client_start(state.global_loras, jnp.zeros((N,), jnp.int32), ranks, fed)
-    batches = _sample_batches(
-        data, ids, jax.random.split(k_data, N), fed.local_steps, fed.batch_size
-    )
-    trained, _ = _probe_jit(params, start, batches, jax.random.split(k_train, N), cfg=cfg, fed=fed)
-    labels, info = cluster_clients(
-        trained, num_clusters=fed.num_clusters, method=fed.cluster_method
-    )
-    return labels, {"similarity": info["similarity"].tolist(), "silhouette": info["silhouette"]}
-
-
-def _no_base_rule(method, client_loras, *, weights, ranks):
-    from floe_jax.federated.rounds import fedavg  # noqa: PLC0415
-
-    return fedavg("fedavg", client_loras, weights=weights, ranks=ranks)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "fed"))
-def _probe_jit(params, start, batches, keys, *, cfg, fed):
-    return local_update_clients(
-        params, start, batches, cfg=cfg, opt=fed.opt, keys=keys, client_chunk=fed.client_chunk
-    )
-
-
 def _resolve_clusters(params, data, *, cfg, fed, ranks, assignment, num_clusters, run_dir):
     """The (assignment, K) this run uses; `"updates"` clustering is computed once and stored in
     `run_dir/clusters.json`, so a resumed run keeps the same clusters."""
@@ -162,7 +109,6 @@ def train_federated(
     assignment=None,
     num_clusters: int = 1,
     eval_data: ClientData | None = None,
-    aggregate_fn: AggregateFn | None = None,
     stop_after: int | None = None,
     progress: bool = True,
 ) -> tuple[ServerState, list[dict]]:
@@ -174,25 +120,23 @@ def train_federated(
       data: every client's training examples; `eval_data` likewise, optional.
       cfg, fed: model and run config.
       run_dir: output folder; when it holds a checkpoint, the run resumes from the newest one.
-      ranks: [N] true LoRA rank per client (default: `fed.lora_rank` for all).
+      ranks: [N] true LoRA rank per client (default: `fed.lora.rank` for all).
       assignment, num_clusters: cluster of each client and the cluster count K (with
         `fed.clustering == "updates"` both come from `cluster_by_updates` instead).
-      aggregate_fn: the aggregation rule (default: `default_aggregate_fn(fed.aggregation)`).
       stop_after: return after this many rounds in this call (a deliberate interruption).
       progress: show a tqdm bar.
 
     Returns:
       `(state, rows)`: the final server state and the metric rows written by this call.
     """
-    fn = aggregate_fn or default_aggregate_fn(fed.aggregation)
-    ranks = np.full((data.num_clients,), fed.lora_rank) if ranks is None else ranks
+    ranks = np.full((data.num_clients,), fed.lora.rank) if ranks is None else ranks
     os.makedirs(run_dir, exist_ok=True)
     assignment, num_clusters = _resolve_clusters(
         params, data, cfg=cfg, fed=fed, ranks=ranks, assignment=assignment,
         num_clusters=num_clusters, run_dir=run_dir,
     )  # fmt: skip
     state = init_server_state(
-        cfg, fed, ranks=ranks, assignment=assignment, num_clusters=num_clusters, aggregate_fn=fn
+        cfg, fed, ranks=ranks, assignment=assignment, num_clusters=num_clusters
     )
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
@@ -230,7 +174,7 @@ def train_federated(
     pending = None  # (device metrics, start time) of the previous round, fetched one round late
     for r in bar:
         t0 = time.perf_counter()
-        state, m = run_round(state, params, data, eval_data, cfg=cfg, fed=fed, aggregate_fn=fn)
+        state, m = run_round(state, params, data, eval_data, cfg=cfg, fed=fed)
         if pending is not None:
             emit(*pending)
             pending = None

@@ -1,4 +1,5 @@
-"""Pytrees shared by the client update, the aggregation rules and the round loop.
+"""Client data: every client's examples padded into one pytree, and the rows a round samples
+from it.
 
 Shapes: C sampled clients, N clients in the federation, E examples per client (padded), T tokens,
 L layers, I / O a projection's input / output width.
@@ -72,3 +73,47 @@ def client_data(
         loss_mask=jnp.asarray(lm),
         num_examples=jnp.asarray(n),
     )
+
+
+def sample_batches(data: ClientData, ids_C, keys_C, S: int, B: int) -> dict:
+    """Each sampled client's S x B rows (traceable): a random permutation of its real examples,
+    one pass at most; rows past its example count are padding (`batch_mask` 0).
+
+    Args:
+      data: every client's examples (N clients).
+      ids_C: int [C] the sampled clients; keys_C: [C] one PRNG key each.
+      S, B: local steps and batch size.
+
+    Returns:
+      `{"tokens", "mask", "loss_mask": [C, S, B, T], "batch_mask": [C, S, B]}`.
+    """
+    E = data.tokens.shape[1]
+
+    def one(i, key):
+        n = data.num_examples[i]
+        u = jnp.where(jnp.arange(E) < n, jax.random.uniform(key, (E,)), 2.0)
+        order = jnp.argsort(u)
+        j = jnp.arange(S * B)
+        idx = order[j % E]
+        pick = lambda x: x[i][idx].reshape(S, B, -1)
+        return {
+            "tokens": pick(data.tokens),
+            "mask": pick(data.mask),
+            "loss_mask": pick(data.loss_mask),
+            "batch_mask": (j < n).astype(jnp.float32).reshape(S, B),
+        }
+
+    return jax.vmap(one)(ids_C, keys_C)
+
+
+def eval_rows(data: ClientData, ids_C, B: int) -> dict:
+    """The first B rows of each sampled client's eval split ([C, B, T]); rows past a client's
+    example count carry no loss."""
+    E = data.tokens.shape[1]
+    j = jnp.arange(B) % E
+    return {
+        "tokens": data.tokens[ids_C][:, j],
+        "mask": data.mask[ids_C][:, j],
+        "loss_mask": data.loss_mask[ids_C][:, j]
+        * (jnp.arange(B)[None, :, None] < data.num_examples[ids_C][:, None, None]),
+    }

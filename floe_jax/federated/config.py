@@ -1,0 +1,174 @@
+"""Configuration of a federated LoRA run: the rounds, the adapters (`LoRAConfig`) and the
+aggregation rule with its options (`AggregationConfig`).
+
+Both nested configs are reachable by dotted overrides (`fed.agg.method=hetlora`,
+`fed.agg.prune_threshold=0.1`, `fed.lora.rank=16`; `floe_jax.config.apply_overrides`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from floe_jax.config import ConfigError, LoRAConfig
+from floe_jax.federated.aggregate import Rule, available_rules, make_rule, rule_options
+from floe_jax.federated.client import make_optimizer
+
+_AGG_DEFAULTS = {
+    "norm_weighting": False,
+    "prune_threshold": None,
+    "path": "auto",
+    "total_rank": None,
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AggregationConfig:
+    """An aggregation rule by name and its options (`floe_jax.federated.rules`).
+
+    Every option belongs to the methods that register it; setting one the method does not take
+    fails, naming the field (set `method` before its options in a list of overrides).
+
+    Attributes:
+      method: a registered rule (`aggregate.available_rules()`; register your own with
+        `aggregate.register_rule`).
+      max_norm: screening, every method: a client whose update has ‖ΔW‖_F above it is left out;
+        None = no limit.
+      norm_weighting: hetlora: weight client k by `p_k ‖ΔW_k‖_F`.
+      prune_threshold: hetlora: rank self-pruning; a client keeps the fewest leading slots whose
+        discarded tail energy is at most this fraction of its total. None = no pruning.
+      path: flexlora: `"auto"`, `"factored"` or `"dense"` SVD.
+      total_rank: flexlora: static bound on the sum of the aggregated clients' ranks.
+    """
+
+    method: str = "fedavg"
+    max_norm: float | None = None
+    norm_weighting: bool = False
+    prune_threshold: float | None = None
+    path: str = "auto"
+    total_rank: int | None = None
+
+    def __post_init__(self):
+        if self.method not in available_rules():
+            raise ConfigError(
+                f"AggregationConfig.method={self.method!r} is not one of "
+                f"{', '.join(available_rules())}"
+            )
+        if self.max_norm is not None and not self.max_norm > 0:
+            raise ConfigError(f"AggregationConfig.max_norm must be > 0, got {self.max_norm}")
+        takes = rule_options(self.method)
+        for name, default in _AGG_DEFAULTS.items():
+            if getattr(self, name) != default and name not in takes:
+                raise ConfigError(
+                    f"AggregationConfig.{name} is not an option of method={self.method!r} "
+                    f"(its options: {', '.join(takes) or 'none'})"
+                )
+        if self.prune_threshold is not None and not 0 <= self.prune_threshold < 1:
+            raise ConfigError(
+                f"AggregationConfig.prune_threshold must lie in [0, 1), got {self.prune_threshold}"
+            )
+        if self.total_rank is not None and self.total_rank < 1:
+            raise ConfigError(f"AggregationConfig.total_rank must be >= 1, got {self.total_rank}")
+        self.rule()  # a rule's own checks (flexlora's path) fail here, not inside a jit
+
+    @property
+    def options(self) -> dict:
+        """The rule options the method takes (screening's `max_norm` is not one)."""
+        return {name: getattr(self, name) for name in rule_options(self.method)}
+
+    def rule(self) -> Rule:
+        return make_rule(self.method, **self.options)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FedConfig:
+    """A federated LoRA training run.
+
+    Attributes:
+      num_rounds: rounds to run.
+      clients_per_round: C clients sampled (without replacement) each round.
+      local_steps: S optimizer steps per client per round.
+      batch_size: B examples per step.
+      seq_len: T; client data must have this sequence length.
+      lr, weight_decay, optimizer: the client optimizer (`adamw`, `adam`, `sgd`), fresh per round.
+      max_grad_norm: clip each step's gradient to this global norm; None = no clipping.
+      lora: the adapters: `max_rank` (or `rank` when it is None) is the padded rank R every
+        client shares; `rank` is a client's rank when the run is given none; alpha, rslora,
+        targets and layers as in `LoRAConfig` (each client's scale uses its true rank).
+      agg: the aggregation rule and its options.
+      client_chunk: 0 vmaps all sampled clients; k > 0 trains k at a time (`lax.map`); None
+        picks by backend: 1 on a CPU, 0 on a GPU or TPU (`client.default_client_chunk`).
+      seed: seeds the server key: every random choice derives from it and the round index.
+      checkpoint_every: save the server state every this many rounds (and at the end).
+      max_update_norm: screening: drop a client whose adapter moved more than this (Frobenius
+        norm of the change of its trainable tree); None = no limit.
+      eval_batch_size: rows of each sampled client's eval split scored after aggregation.
+      max_to_keep: checkpoints kept on disk.
+      clustering: `"none"` (one global adapter), `"updates"` (Floe's task clustering: before
+        round 0 every client trains once from a shared fresh adapter and the server clusters
+        the updates by cosine similarity of their ΔW, see `cluster.cluster_by_updates`), or
+        `"given"` (the caller passes `assignment`, e.g. task labels).
+      num_clusters: K for `"updates"`; None picks K by silhouette (`cluster.cluster_clients`).
+      cluster_method: `"spectral"` (k-means on a spectral embedding) or `"agglomerative"`.
+    """
+
+    num_rounds: int = 10
+    clients_per_round: int = 8
+    local_steps: int = 4
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    max_grad_norm: float | None = None
+    lora: LoRAConfig = LoRAConfig(rank=32, alpha=16.0)
+    agg: AggregationConfig = AggregationConfig()
+    client_chunk: int | None = None  # by backend; see local_update_clients
+    seed: int = 0
+    checkpoint_every: int = 1
+    max_update_norm: float | None = None
+    eval_batch_size: int = 8
+    max_to_keep: int = 2
+    clustering: str = "none"
+    num_clusters: int | None = None
+    cluster_method: str = "spectral"
+
+    def __post_init__(self):
+        for name in (
+            "num_rounds",
+            "clients_per_round",
+            "local_steps",
+            "batch_size",
+            "seq_len",
+            "checkpoint_every",
+            "eval_batch_size",
+            "max_to_keep",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"FedConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.clustering not in ("none", "updates", "given"):
+            raise ConfigError(
+                f"FedConfig.clustering={self.clustering!r} is not one of none, updates, given"
+            )
+        if self.num_clusters is not None and self.num_clusters < 1:
+            raise ConfigError(f"FedConfig.num_clusters must be >= 1, got {self.num_clusters}")
+        if self.client_chunk is not None and self.client_chunk < 0:
+            raise ConfigError(f"FedConfig.client_chunk must be >= 0, got {self.client_chunk}")
+        if self.lr <= 0:
+            raise ConfigError(f"FedConfig.lr must be > 0, got {self.lr}")
+        if self.max_update_norm is not None and self.max_update_norm <= 0:
+            raise ConfigError(f"FedConfig.max_update_norm must be > 0, got {self.max_update_norm}")
+        make_optimizer(self.optimizer, lr=self.lr)  # raises on an unknown name
+
+    @property
+    def max_rank(self) -> int:
+        """R, the padded rank every client's adapter shares."""
+        return self.lora.padded_rank
+
+    @property
+    def opt(self):
+        return make_optimizer(
+            self.optimizer,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            max_grad_norm=self.max_grad_norm,
+        )
