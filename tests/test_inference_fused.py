@@ -142,3 +142,14 @@ def test_proxy_tuning_baseline(tiny_cfg, tiny_params, cloud_params):
     z = [forward(p, x, tiny_cfg, lora=lo)[0, -1] for p, lo in
          ((cloud_params, None), (tiny_params, lora), (tiny_params, None))]  # fmt: skip
     assert res.tokens[0][0] == int(np.argmax(z[0] + z[1] - z[2]))
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("max_new_tokens", 0), ("deadline_s", -1.0), ("buckets", (32, 16)), ("top_k", 0)],
+)
+def test_fused_decode_config_names_the_bad_field(field, value):
+    from floe_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        FusedDecodeConfig(**{"max_new_tokens": 4, field: value})
