@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from floe_jax.config import ConfigError, ModelConfig
 from floe_jax.lora import LoRA
@@ -94,8 +95,7 @@ def pad_prompts(
     return tokens, mask
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class DecodeState:
     """Everything that changes between decode steps.
 

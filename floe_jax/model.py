@@ -23,12 +23,12 @@ so a left-padded row gives the same logits as the unpadded example.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from floe_jax.config import LORA_TARGETS, ModelConfig
 from floe_jax.lora import LoRA, lora_delta
@@ -140,8 +140,7 @@ def param_shapes(cfg: ModelConfig) -> dict:
 # ----------------------------------------------------------------------------- KV cache
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class KVCache:
     """Static-shape KV cache shared by a left-padded batch.
 
