@@ -1,19 +1,52 @@
 """The command line: parse a command, a preset and `key=value` overrides, call one function.
 
 Commands register themselves in `COMMANDS` with a one-line help and a handler taking the
-remaining arguments. The logic each handler calls lives in floe_jax or in an experiments module.
+remaining arguments and the attention implementation. The logic each handler calls lives in
+floe_jax or in an experiments module.
+
+`FLOE_KERNELS` (`reference`, the default, or `pallas`) is read here, once per command, and set as
+`ModelConfig.attention_impl` on the model configs the command builds; the library never reads it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
-from floe_jax.config import ConfigError
+from floe_jax.config import ATTENTION_IMPLS, ConfigError, ModelConfig
+
+KERNELS_ENV = "FLOE_KERNELS"
 
 
-def _bench(argv: list[str]) -> int:
+def attention_impl_from_env() -> str:
+    """`FLOE_KERNELS` from the environment, else "reference"."""
+    impl = os.environ.get(KERNELS_ENV, "reference")
+    if impl not in ATTENTION_IMPLS:
+        raise ConfigError(f"{KERNELS_ENV}={impl!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
+    return impl
+
+
+def with_attention_impl(obj, impl: str):
+    """`obj` with `attention_impl=impl` on every `ModelConfig` in it: itself, or a field of a
+    (nested) dataclass such as a preset."""
+    if isinstance(obj, ModelConfig):
+        return dataclasses.replace(obj, attention_impl=impl)
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        return obj
+    changes = {}
+    for f in dataclasses.fields(obj):
+        if not f.init:
+            continue
+        v = getattr(obj, f.name)
+        new = with_attention_impl(v, impl)
+        if new is not v:
+            changes[f.name] = new
+    return dataclasses.replace(obj, **changes) if changes else obj
+
+
+def _bench(argv: list[str], impl: str) -> int:
     from experiments import benchmarks
 
     p = argparse.ArgumentParser(
@@ -44,26 +77,26 @@ def _bench(argv: list[str]) -> int:
     return 0
 
 
-def _profile(argv: list[str]) -> int:
+def _profile(argv: list[str], impl: str) -> int:
     from experiments import profile
 
     profile.main(argv)
     return 0
 
 
-def _serve_cloud(argv: list[str]) -> int:
+def _serve_cloud(argv: list[str], impl: str) -> int:
     from experiments import serve_cloud
 
-    return serve_cloud.main(argv)
+    return serve_cloud.main(argv, attention_impl=impl)
 
 
-def _pretrain(argv: list[str]) -> int:
+def _pretrain(argv: list[str], impl: str) -> int:
     from experiments import calibrate
 
     return calibrate.pretrain_main(argv)
 
 
-def _calibrate(argv: list[str]) -> int:
+def _calibrate(argv: list[str], impl: str) -> int:
     from experiments import calibrate
 
     return calibrate.main(argv)
@@ -86,21 +119,21 @@ def _run_parser(command: str, description: str):
     return p
 
 
-def _run_args(argv: list[str], command: str, description: str):
+def _run_args(argv: list[str], impl: str, command: str, description: str):
     from experiments.presets import get_preset
 
     args = _run_parser(command, description).parse_intermixed_args(argv)
     if "=" in args.preset:  # `demo key=value` without a preset name
         args.overrides, args.preset = [args.preset, *args.overrides], "default"
-    preset = get_preset(args.preset, args.overrides)
+    preset = with_attention_impl(get_preset(args.preset, args.overrides), impl)
     return preset, args.out or f"runs/demo-{preset.name}", not args.no_progress
 
 
-def _demo(argv: list[str]) -> int:
+def _demo(argv: list[str], impl: str) -> int:
     from experiments import demo
 
     preset, out, progress = _run_args(
-        argv, "demo",
+        argv, impl, "demo",
         "The embedded Floe benchmark end to end: tokenizer and pretrained base models (cached), "
         "heterogeneous ranks from device profiles, federated LoRA rounds (Floe clustered, "
         "FedIT/HetLoRA/FlexLoRA unclustered), then every method on the same test queries under a "
@@ -113,11 +146,11 @@ def _demo(argv: list[str]) -> int:
     return 0
 
 
-def _federate(argv: list[str]) -> int:
+def _federate(argv: list[str], impl: str) -> int:
     from experiments import demo
 
     preset, out, progress = _run_args(
-        argv, "federate",
+        argv, impl, "federate",
         "Pretraining (cached) and the federated LoRA rounds of every compared method only "
         "(resumes from the run folder's checkpoints). `evaluate` then scores them.",
     )  # fmt: skip
@@ -127,11 +160,11 @@ def _federate(argv: list[str]) -> int:
     return 0
 
 
-def _evaluate(argv: list[str]) -> int:
+def _evaluate(argv: list[str], impl: str) -> int:
     from experiments import demo
 
     preset, out, progress = _run_args(
-        argv, "evaluate",
+        argv, impl, "evaluate",
         "Evaluate the adapters of an existing run folder (written by `federate` or `demo` with "
         "the same preset and overrides) and write eval.jsonl, report.md and plots.",
     )  # fmt: skip
@@ -187,7 +220,8 @@ def main(argv: list[str]) -> int:
     else:
         command, rest = DEFAULT_COMMAND, argv
     try:
-        return COMMANDS[command][1](rest) or 0
+        impl = attention_impl_from_env()
+        return COMMANDS[command][1](rest, impl) or 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

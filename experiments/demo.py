@@ -49,6 +49,7 @@ from floe_jax.federated.config import AggregationConfig, FedConfig
 from floe_jax.federated.rounds import client_start
 from floe_jax.federated.types import client_data
 from floe_jax.inference import (
+    FusedDecodeConfig,
     FusionConfig,
     GuardedCloud,
     LocalCloud,
@@ -330,12 +331,15 @@ def _run_fused(ctx: _Ctx, idx, *, lora, cloud: str | None, fusion, tau_ms, net_s
         if lora is None
         else jax.tree.map(lambda x: x[np.asarray([q.client for q in qs])], lora)
     )
+    config = FusedDecodeConfig(
+        max_new_tokens=ctx.preset.max_new_tokens, fusion=fusion, deadline_s=tau_ms / 1e3,
+        eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+    )  # fmt: skip
     res = generate_fused(
         ctx.prep.edge_params, ctx.prep.edge_cfg, [ctx.prompts[i] for i in idx], cloud=guard,
-        max_new_tokens=ctx.preset.max_new_tokens, fusion=fusion, lora=rows,
-        deadline_s=tau_ms / 1e3, clock=SimClock(),
+        config=config, lora=rows, clock=SimClock(),
         network=SimulatedNetwork(rtt_ms=ev.rtt_ms, sigma=ev.sigma, seed=net_seed),
-        decode=ctx.decode, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+        decode=ctx.decode,
     )  # fmt: skip
     return res, rec
 

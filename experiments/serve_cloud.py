@@ -67,7 +67,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, attention_impl: str = "reference") -> int:
+    """Serves until interrupted; `attention_impl` (from `FLOE_KERNELS`, read by the command
+    line) is set on the served model's config."""
+    import dataclasses
+
     args = parser().parse_args(argv)
     tok_path = args.tokenizer or args.checkpoint
     if not tok_path:
@@ -75,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = _tokenizer(tok_path)
     vocab = len(tok.get_vocab())
     cfg, params = _model(args, vocab)
+    cfg = dataclasses.replace(cfg, attention_impl=attention_impl)
     if cfg.vocab_size < vocab:
         raise SystemExit(f"model vocab {cfg.vocab_size} is smaller than the tokenizer's {vocab}")
 

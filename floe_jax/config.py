@@ -13,6 +13,7 @@ from typing import Literal
 MODEL_TYPES = ("llama", "qwen2")
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("reference", "pallas")  # kernels.decode_attention.IMPLS
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _TARGET_ALIASES = {t.removesuffix("_proj"): t for t in LORA_TARGETS}
 
@@ -54,6 +55,11 @@ class ModelConfig:
 
     Covers Llama 2/3, TinyLlama, SmolLM2 (`model_type="llama"`) and Qwen2/Qwen2.5
     (`model_type="qwen2"`, which always has q/k/v bias and no o bias).
+
+    `attention_impl` picks a decode step's attention (`kernels.decode_attention`): `"reference"`
+    (plain jnp) or `"pallas"` (the kernel wherever its shapes and backend allow, the reference
+    elsewhere). It is part of the config, so a jitted step compiles once per choice; checkpoints
+    do not record it (loading one gives the default).
     """
 
     model_type: Literal["llama", "qwen2"] = "llama"
@@ -76,6 +82,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    attention_impl: str = "reference"
 
     def __post_init__(self):
         _require(
@@ -96,6 +103,10 @@ class ModelConfig:
         )
         _require(self.dim_head % 2 == 0, f"head_dim must be even for RoPE, got {self.dim_head}")
         _require(self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {DTYPES}")
+        _require(
+            self.attention_impl in ATTENTION_IMPLS,
+            f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}",
+        )
 
     @property
     def kv_heads(self) -> int:

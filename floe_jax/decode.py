@@ -7,6 +7,11 @@ the output buffer are preallocated, and the step count, positions and stop flags
 compiled program serves every step and every prompt length within a bucket. `generate` runs the
 whole loop on the device under `lax.while_loop`; `decode_step` is the same step for a host-driven
 (streaming) loop.
+
+Every decode loop in floe_jax is built from the same three pieces: `prefill` (the prompt into a
+fresh cache), `advance` (one token through the model) and `append_token` (sample, append, stop):
+plain decoding here, fused decoding (`floe_jax.inference.fused`, which fuses the logits between
+`advance` and `append_token`) and the local cloud (`floe_jax.inference.cloud.LocalCloud`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from floe_jax.config import ConfigError, ModelConfig
 from floe_jax.lora import LoRA
@@ -44,9 +50,8 @@ class SamplingConfig:
 def greedy(logits_BV: jax.Array) -> jax.Array:
     """`argmax` over the last axis as int32 [B] (the first index on ties, as `jnp.argmax`),
     computed as a max, then the smallest index holding it: two plain reductions, which XLA:CPU
-    runs ~3x faster than the (value, index) pair reduction `jnp.argmax` lowers to (an [8, 2048]
-    argmax: 15 vs 53 us on a 2-core CPU, ~3% of a batch-8 decode step). A row with NaNs gets
-    its first NaN, as `jnp.argmax` does."""
+    runs faster than the (value, index) pair reduction `jnp.argmax` lowers to. A row with NaNs
+    gets its first NaN, as `jnp.argmax` does."""
     V = logits_BV.shape[-1]
     z = jnp.where(jnp.isnan(logits_BV), jnp.inf, logits_BV)
     at_max = z == jnp.max(z, axis=-1, keepdims=True)
@@ -90,8 +95,7 @@ def pad_prompts(
     return tokens, mask
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class DecodeState:
     """Everything that changes between decode steps.
 
@@ -120,20 +124,62 @@ def prefill(
     *,
     max_new_tokens: int,
     key: jax.Array,
-    sampling: SamplingConfig = SamplingConfig(),
     lora: LoRA | None = None,
-    eos_id: int | None = None,
-) -> DecodeState:
-    """Runs the prompt [B, P] through the model and samples the first new token."""
+    done: jax.Array | None = None,
+) -> tuple[DecodeState, jax.Array]:
+    """Runs the prompt through the model into a fresh cache of P + N slots.
+
+    The one prefill of every decode loop (`generate`, `stream`, fused decoding, the local cloud).
+    Nothing is sampled: `append_token` (after fusion, in fused decoding) chooses token 0.
+
+    Args:
+      params, cfg, lora: the model (`lora`: None, one adapter, or per-row adapters).
+      tokens: int32 [B, P] left-padded prompts; mask: [B, P] 1 for real tokens.
+      max_new_tokens: N, the cache slots past the prompt.
+      key: PRNG key of the state (token t samples with `fold_in(key, t)`).
+      done: [B] bool rows that generate nothing (batch padding); default none.
+
+    Returns:
+      (state at step 0 with `token` the last prompt token, logits [B, V] for token 0).
+    """
     B, P = tokens.shape
     cache = init_cache(cfg, B, P + max_new_tokens)
     logits, cache = forward(params, tokens, cfg, lora=lora, cache=cache, mask=mask, last_only=True)
-    first = sample_logits(logits[:, -1], jax.random.fold_in(key, 0), sampling)
-    out = jnp.zeros((B, max_new_tokens), jnp.int32).at[:, 0].set(first)
-    done = jnp.zeros((B,), bool) if eos_id is None else first == eos_id
-    return DecodeState(
-        cache=cache, token=first, out=out, step=jnp.ones((), jnp.int32), done=done, key=key
+    state = DecodeState(
+        cache=cache,
+        token=tokens[:, -1],
+        out=jnp.zeros((B, max_new_tokens), jnp.int32),
+        step=jnp.zeros((), jnp.int32),
+        done=jnp.zeros((B,), bool) if done is None else done,
+        key=key,
     )
+    return state, logits[:, -1]
+
+
+def advance(
+    params: dict, state: DecodeState, cfg: ModelConfig, *, lora: LoRA | None = None
+) -> tuple[DecodeState, jax.Array]:
+    """Feeds `state.token` to the model: (state with the cache advanced, logits [B, V])."""
+    logits, cache = forward(params, state.token[:, None], cfg, lora=lora, cache=state.cache)
+    return dataclasses.replace(state, cache=cache), logits[:, 0]
+
+
+def append_token(
+    state: DecodeState,
+    logits_BV: jax.Array,
+    *,
+    sampling: SamplingConfig = SamplingConfig(),
+    eos_id: int | None = None,
+    pad_id: int = 0,
+) -> DecodeState:
+    """Samples token `state.step` from `logits_BV` with `fold_in(state.key, step)` and appends
+    it: `pad_id` for rows already done, a row is done once it emits `eos_id`. The tail of every
+    decode step, plain or fused."""
+    nxt = sample_logits(logits_BV, jax.random.fold_in(state.key, state.step), sampling)
+    nxt = jnp.where(state.done, pad_id, nxt)
+    done = state.done if eos_id is None else state.done | (nxt == eos_id)
+    out = jax.lax.dynamic_update_slice(state.out, nxt[:, None], (0, state.step))
+    return dataclasses.replace(state, token=nxt, out=out, step=state.step + 1, done=done)
 
 
 def decode_step(
@@ -147,16 +193,29 @@ def decode_step(
     pad_id: int = 0,
 ) -> tuple[DecodeState, jax.Array]:
     """Feeds `state.token`, samples the next token. Returns (state, logits [B, V])."""
-    logits, cache = forward(params, state.token[:, None], cfg, lora=lora, cache=state.cache)
-    logits_BV = logits[:, 0]
-    nxt = sample_logits(logits_BV, jax.random.fold_in(state.key, state.step), sampling)
-    nxt = jnp.where(state.done, pad_id, nxt)
-    done = state.done if eos_id is None else state.done | (nxt == eos_id)
-    out = jax.lax.dynamic_update_slice(state.out, nxt[:, None], (0, state.step))
-    new = DecodeState(
-        cache=cache, token=nxt, out=out, step=state.step + 1, done=done, key=state.key
+    state, logits_BV = advance(params, state, cfg, lora=lora)
+    return append_token(
+        state, logits_BV, sampling=sampling, eos_id=eos_id, pad_id=pad_id
+    ), logits_BV
+
+
+def first_token(
+    params: dict,
+    tokens: jax.Array,
+    mask: jax.Array,
+    cfg: ModelConfig,
+    *,
+    max_new_tokens: int,
+    key: jax.Array,
+    sampling: SamplingConfig = SamplingConfig(),
+    lora: LoRA | None = None,
+    eos_id: int | None = None,
+) -> DecodeState:
+    """`prefill`, then `append_token`: the state after the first new token (step 1)."""
+    state, logits_BV = prefill(
+        params, tokens, mask, cfg, max_new_tokens=max_new_tokens, key=key, lora=lora
     )
-    return new, logits_BV
+    return append_token(state, logits_BV, sampling=sampling, eos_id=eos_id)
 
 
 @functools.partial(
@@ -193,7 +252,7 @@ def generate(
       (out [B, N] int32, lengths [B] int32: tokens generated up to and including EOS).
     """
     params = unstack_layers(params)  # once per call: per-layer buffers, no slice copies per step
-    state = prefill(
+    state = first_token(
         params, tokens, mask, cfg, max_new_tokens=max_new_tokens, key=key, sampling=sampling,
         lora=lora, eos_id=eos_id,
     )  # fmt: skip
@@ -217,6 +276,18 @@ def generate(
     return state.out, lengths
 
 
+# The jitted pieces host-driven loops share (`stream`, fused decoding, the local cloud). A state
+# passed to a step is donated: its buffers are reused for the next state.
+prefill_jit = jax.jit(prefill, static_argnames=("cfg", "max_new_tokens"))
+first_token_jit = jax.jit(
+    first_token, static_argnames=("cfg", "max_new_tokens", "sampling", "eos_id")
+)
+advance_jit = jax.jit(advance, static_argnames=("cfg",), donate_argnames=("state",))
+decode_step_jit = jax.jit(
+    decode_step, static_argnames=("cfg", "sampling", "eos_id", "pad_id"), donate_argnames=("state",)
+)
+
+
 def stream(
     params: dict,
     tokens: jax.Array,
@@ -231,19 +302,13 @@ def stream(
 ) -> Iterator[np.ndarray]:
     """Yields each step's tokens [B] as they are produced (host-driven loop, one jitted step)."""
     static = dict(cfg=cfg, sampling=sampling, eos_id=eos_id)
-    state = _prefill_jit(
+    state = first_token_jit(
         params, tokens, mask, max_new_tokens=max_new_tokens, key=key, lora=lora, **static
     )
     yield np.asarray(state.token)
     for _ in range(max_new_tokens - 1):
-        state, _ = _step_jit(params, state, lora=lora, **static)
+        state, _ = decode_step_jit(params, state, lora=lora, **static)
         tok = np.asarray(state.token)
         yield tok
         if eos_id is not None and bool(np.asarray(state.done).all()):
             return
-
-
-_prefill_jit = jax.jit(prefill, static_argnames=("cfg", "max_new_tokens", "sampling", "eos_id"))
-_step_jit = jax.jit(
-    decode_step, static_argnames=("cfg", "sampling", "eos_id", "pad_id"), donate_argnames=("state",)
-)

@@ -23,20 +23,20 @@ so a left-padded row gives the same logits as the unpadded example.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from floe_jax.config import LORA_TARGETS, ModelConfig
 from floe_jax.lora import LoRA, lora_delta
 from kernels.decode_attention import NEG, decode_attention
 
 # Stacks of at most this many layers are unrolled inside the layer scan: each layer's saved
-# activations stay separate buffers instead of slices of a stacked one (a training step of FJ-REF,
-# 4 layers, ran ~8% faster on a 2-core CPU); deeper stacks stay rolled to bound compile time.
+# activations stay separate buffers instead of slices of a stacked one (a faster training step,
+# `bench step`); deeper stacks stay rolled to bound compile time.
 UNROLL_MAX_LAYERS = 8
 
 
@@ -71,7 +71,7 @@ def _has_bias(cfg: ModelConfig, name: str) -> bool:
 
 # Projections that read the same input; `fuse_projections` concatenates each group's weights so
 # the group runs as one wider matmul. Decode uses it (few rows per step: fewer dots is faster);
-# training keeps them apart (the split of a fused result costs copies: 5% slower per step here).
+# training keeps them apart (the split of a fused result costs copies in the backward pass).
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
@@ -140,8 +140,7 @@ def param_shapes(cfg: ModelConfig) -> dict:
 # ----------------------------------------------------------------------------- KV cache
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class KVCache:
     """Static-shape KV cache shared by a left-padded batch.
 
@@ -150,8 +149,7 @@ class KVCache:
         batch and KV-head axes merged (row b·N + n), so attention reads a layer's buffer as its
         batched matmul wants it, with no reshape. One buffer per layer lets a decode step write
         its slot in place and attend to the buffer itself: slicing a layer out of a stacked
-        [L, ...] cache made XLA copy that layer's whole cache every step (measured on a 2-core
-        CPU, FJ-REF: decode ~5% faster at batch 1 and 8 without the copies).
+        [L, ...] cache makes XLA copy that layer's whole cache every step.
       valid: [B, S] bool, slot holds a real (non-padding) token.
       index: [] int32, next slot to write (the same for every row: rows are left-padded).
       pos: [B] int32, position id of each row's next real token.
@@ -222,13 +220,13 @@ def apply_rope(x_BTHK: jax.Array, pos_BT: jax.Array, inv_freq: np.ndarray) -> ja
     return (x32 * cos + rot * sin).astype(x_BTHK.dtype)
 
 
-def attention(q_BTHK, k_XSK, v_XSK, mask_BTS, n_keys=None) -> jax.Array:
+def attention(q_BTHK, k_XSK, v_XSK, mask_BTS, n_keys=None, *, impl="reference") -> jax.Array:
     """Grouped-query softmax attention; returns [B, T, H, K]. Scores in float32.
 
     Keys and values are [X = B·N, S, K] (batch and KV heads on one axis, as the cache holds
     them); each KV head's G query heads and T steps become the G·T rows of one batched matmul.
-    A decode step (T == 1) goes to `kernels.decode_attention`, which reads only the first
-    `n_keys` slots when the Pallas kernel is chosen (`FLOE_KERNELS=pallas`).
+    A decode step (T == 1) goes to `kernels.decode_attention` with `impl`
+    (`ModelConfig.attention_impl`), whose Pallas kernel reads only the first `n_keys` slots.
     """
     B, T, H, K = q_BTHK.shape
     X, S, _ = k_XSK.shape
@@ -236,16 +234,16 @@ def attention(q_BTHK, k_XSK, v_XSK, mask_BTS, n_keys=None) -> jax.Array:
     G = H // N
     q = q_BTHK.reshape(B, T, N, G, K).transpose(0, 2, 3, 1, 4).reshape(X, G * T, K)
     if T == 1:
-        o = decode_attention(q, k_XSK, v_XSK, mask_BTS[:, 0], S if n_keys is None else n_keys)
+        n = S if n_keys is None else n_keys
+        o = decode_attention(q, k_XSK, v_XSK, mask_BTS[:, 0], n, impl=impl, fallback=True)
         return o.reshape(B, H, 1, K).transpose(0, 2, 1, 3)
     s = jnp.einsum("xqk,xsk->xqs", q, k_XSK, preferred_element_type=jnp.float32)
     s_BNGTS = s.reshape(B, N, G, T, S) / math.sqrt(K)
     s_BNGTS = jnp.where(mask_BTS[:, None, None], s_BNGTS, NEG)
     p = jax.nn.softmax(s_BNGTS, axis=-1).astype(v_XSK.dtype).reshape(X, G * T, S)
     # Heads-major output, then one explicit transpose: XLA then runs p @ v as a plain batched
-    # matmul. Asking the einsum for [B, T, N, G, K] directly made it swap the operands into a
-    # transposed dot plus copies (a decode step was ~25% slower at batch 8 that way, measured
-    # on a 2-core CPU, FJ-REF, S = 128).
+    # matmul. Asking the einsum for [B, T, N, G, K] directly makes it swap the operands into a
+    # transposed dot plus copies.
     o = jnp.einsum("xqs,xsk->xqk", p, v_XSK, preferred_element_type=jnp.float32)
     o = o.reshape(B, N, G, T, K).transpose(0, 3, 1, 2, 4)
     return o.reshape(B, T, H, K).astype(q_BTHK.dtype)
@@ -274,8 +272,8 @@ def _projections(cfg, x, lp, names, lora_l):
     ]  # fmt: skip
 
 
-def _block(cfg, inv_freq, x_BTD, lp, lora_l, pos_BT, mask_BTS, cache_kv):
-    """One transformer layer.
+def block(cfg, inv_freq, x_BTD, lp, lora_l, pos_BT, mask_BTS, cache_kv):
+    """One transformer layer (`lp`: its params; `lora_l`: its adapters or None).
 
     `cache_kv` is None (attend to this step's keys only) or `(k_XSK, v_XSK, write_at)`, this
     layer's cache buffers: this step's keys/values are written in place at slot `write_at` and
@@ -300,7 +298,8 @@ def _block(cfg, inv_freq, x_BTD, lp, lora_l, pos_BT, mask_BTS, cache_kv):
             k_out = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
             v_out = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
             k_XSK, v_XSK = k_out.astype(q.dtype), v_out.astype(q.dtype)
-        o = attention(q, k_XSK, v_XSK, mask_BTS, None if cache_kv is None else write_at + T)
+        n_keys = None if cache_kv is None else write_at + T
+        o = attention(q, k_XSK, v_XSK, mask_BTS, n_keys, impl=cfg.attention_impl)
         (o,) = _projections(cfg, o.reshape(B, T, H * K), lp, ("o_proj",), lora_l)
         x_BTD = x_BTD + o
     with jax.named_scope("mlp"):
@@ -360,7 +359,7 @@ def hidden_states(
 
     def layer(x, lp, ll, cache_kv):
         lora_l = None if ll is None else LoRA(a=ll["a"], b=ll["b"], mask=ll["mask"], scale=scale)
-        return _block(cfg, inv_freq, x, lp, lora_l, pos_BT, mask_BTS, cache_kv)
+        return block(cfg, inv_freq, x, lp, lora_l, pos_BT, mask_BTS, cache_kv)
 
     layers = params["layers"]
     if cache is None and not isinstance(layers, tuple | list):

@@ -2,6 +2,7 @@
 
 - `decode_attention`: one decode step's attention to a KV cache, reading only its filled blocks.
 
-Kernels are chosen with `FLOE_KERNELS` (`reference`, the default, or `pallas`), read when a step
-is traced; on a CPU the Pallas kernels run in Pallas' interpreter (slow: for tests).
+A model chooses its kernel with `ModelConfig.attention_impl` (`reference`, the default, or
+`pallas`); the command line sets it from `FLOE_KERNELS`. On a CPU the Pallas kernels run in
+Pallas' interpreter (slow: for tests).
 """

@@ -5,7 +5,8 @@ the first `n_filled` have been written. `reference` is what `floe_jax.model.atte
 for such a step: it scores all S slots and masks the unwritten ones, so its cost follows the
 cache's length, not the text's. The Pallas kernel walks the cache in blocks of `block` slots and
 stops after the last filled block, with an online softmax (flash decoding, one program per row
-of the merged batch·KV-head axis). `decode_attention` dispatches between them.
+of the merged batch·KV-head axis). `decode_attention` dispatches between them on an `impl`
+argument (the model passes `ModelConfig.attention_impl`); nothing here reads the environment.
 
 Shapes: X = B·N (batch and KV heads merged, as `floe_jax.model.KVCache` stores them), G query
 heads per KV head, S cache slots, K head dim.
@@ -15,26 +16,23 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from floe_jax.config import ATTENTION_IMPLS as IMPLS
+
 # Finite "minus infinity" for masked scores (floe_jax.model's attention uses it too): a fully
 # masked (padding) query row stays finite.
 NEG = -1e30
-
-IMPLS = ("reference", "pallas")
-ENV = "FLOE_KERNELS"
 
 
 def reference(q_XGK, k_XSK, v_XSK, mask_BS) -> jax.Array:
     """Plain-jnp decode attention: softmax(q·kᵀ/√K, masked) · v over all S slots; [X, G, K].
 
     Per query head one matrix-vector product over the cached keys: XLA turns the batched
-    [G, K] x [S, K]ᵀ product into a transposed-operand matmul that ran ~1.7x slower on a 2-core
-    CPU (FJ-REF cache [32, 128, 32], and [16, 256, 64] with G = 7).
+    [G, K] x [S, K]ᵀ product into a slower transposed-operand matmul (`bench decode`).
     """
     X, G, K = q_XGK.shape
     B, S = mask_BS.shape
@@ -139,15 +137,9 @@ def kernel_block(S: int, K: int) -> int | None:
     return None
 
 
-def default_impl() -> str:
-    """`FLOE_KERNELS` from the environment (read when a step is traced), else "reference"."""
-    impl = os.environ.get(ENV, "reference")
-    if impl not in IMPLS:
-        raise ValueError(f"{ENV}={impl!r}: expected one of {', '.join(IMPLS)}")
-    return impl
-
-
-def decode_attention(q_XGK, k_XSK, v_XSK, mask_BS, n_filled, *, impl: str | None = None):
+def decode_attention(
+    q_XGK, k_XSK, v_XSK, mask_BS, n_filled, *, impl: str = "reference", fallback: bool = False
+):
     """Attention of one new token per row to a KV cache; [X, G, K].
 
     Args:
@@ -155,13 +147,12 @@ def decode_attention(q_XGK, k_XSK, v_XSK, mask_BS, n_filled, *, impl: str | None
       k_XSK, v_XSK: the cache's keys and values for this layer.
       mask_BS: [B, S] bool, slot s may be attended by row b; false at and past `n_filled`.
       n_filled: [] int, slots written so far (the kernel reads no block past it).
-      impl: "reference" (plain jnp, every slot), "pallas" (the kernel: on GPU through Triton, on
-        CPU in Pallas' interpreter, for tests) or None for `default_impl()`. With "pallas"
-        asked for by name, shapes the kernel cannot take are an error; through `FLOE_KERNELS`
-        they fall back to the reference, as does a TPU (the kernel is written for Triton).
+      impl: "reference" (plain jnp, every slot) or "pallas" (the kernel: on GPU through Triton,
+        on CPU in Pallas' interpreter, for tests).
+      fallback: what "pallas" does with shapes the kernel cannot take, or on a TPU (the kernel
+        is written for Triton): False raises, True runs the reference. The model passes True: a
+        config asks for the kernel wherever it applies.
     """
-    explicit = impl is not None
-    impl = default_impl() if impl is None else impl
     if impl not in IMPLS:
         raise ValueError(f"decode_attention impl={impl!r}: expected one of {', '.join(IMPLS)}")
     if impl == "reference":
@@ -170,7 +161,7 @@ def decode_attention(q_XGK, k_XSK, v_XSK, mask_BS, n_filled, *, impl: str | None
     block = kernel_block(S, K)
     backend = jax.default_backend()
     if block is None or backend == "tpu":
-        if explicit:
+        if not fallback:
             why = f"cache [{S} slots, head dim {K}]" if block is None else "a TPU backend"
             raise ValueError(
                 f"decode_attention impl='pallas' cannot take {why}: the kernel needs a power-of-"

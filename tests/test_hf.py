@@ -14,7 +14,7 @@ import transformers
 from transformers.models.llama import modeling_llama
 
 import floe_jax.hf as hf
-from floe_jax.model import _block, apply_rope, attention, rms_norm, rope_inv_freq, unstack_layers
+from floe_jax.model import apply_rope, attention, block, rms_norm, rope_inv_freq, unstack_layers
 from floe_jax.model import forward as _forward
 from tests import _hf_utils as U
 
@@ -131,7 +131,7 @@ def test_decoder_layer_matches_hf(case, checkpoints):
         want = model.model.layers[1](x_t, attention_mask=additive, position_embeddings=cos_sin)
     lp = jax.tree.map(lambda a: a[1], params["layers"])
     mask = jnp.broadcast_to(jnp.asarray(causal), (B, T, T))
-    got, _, _ = _block(
+    got, _, _ = block(
         cfg, rope_inv_freq(cfg), jnp.asarray(x), lp, None, jnp.asarray(pos), mask, None
     )
     np.testing.assert_allclose(got, want.numpy(), atol=ATOL)

@@ -10,8 +10,9 @@ import pytest
 from _inference_util import bytelevel_tokenizer, metaspace_tokenizer, tiny_model
 
 from floe_jax.inference.align import AlignConfig, build_map, vocab_of
-from floe_jax.inference.cloud import LocalCloud, Prefix, SimClock, SimulatedNetwork
-from floe_jax.inference.fused import generate_fused
+from floe_jax.inference.cloud import LocalCloud, Prefix
+from floe_jax.inference.deadline import SimClock, SimulatedNetwork
+from floe_jax.inference.fused import FusedDecodeConfig, generate_fused
 from floe_jax.inference.http_cloud import HTTPCloud
 from floe_jax.inference.privacy import GuardedCloud, PrivacyDetector, PrivacyPolicy
 from floe_jax.inference.router import FusionConfig
@@ -136,7 +137,8 @@ def test_fused_generation_through_the_http_cloud(server, model, tok):
     edge_cfg, edge_params = tiny_model(tok.get_vocab_size(), 11)
     prompts = [tok.encode("the dog sat").ids]
     allow = PrivacyDetector(PrivacyPolicy(action="allow"))
-    kw = dict(max_new_tokens=4, fusion=CLOUD_TOPK, clock=SimClock(), deadline_s=1e9, top_k=5)
+    config = FusedDecodeConfig(max_new_tokens=4, fusion=CLOUD_TOPK, deadline_s=1e9, top_k=5)
+    kw = dict(clock=SimClock(), config=config)
     remote = GuardedCloud(HTTPCloud(server, top_k=5, prompt="ids", token_ids=True), allow)
     got = generate_fused(edge_params, edge_cfg, prompts, cloud=remote, **kw)
     local = GuardedCloud(LocalCloud(params, cfg), allow)
@@ -156,8 +158,9 @@ def test_cross_tokenizer_cloud_runs():
     cloud = LocalCloud(cparams, ccfg, tokenizer=ms)
     guard = GuardedCloud(cloud, PrivacyDetector())
     res = generate_fused(eparams, ecfg, prompts, cloud=guard, decode=bl.decode,
-                         vocab_map=vm, max_new_tokens=4, fusion=CLOUD_ONLY, clock=SimClock(),
-                         deadline_s=1e9)  # fmt: skip
+                         vocab_map=vm, clock=SimClock(),
+                         config=FusedDecodeConfig(max_new_tokens=4, fusion=CLOUD_ONLY,
+                                                  deadline_s=1e9))  # fmt: skip
     assert res.share_fused == 1.0
     # w = 0: every token is the edge image of the cloud's aligned argmax
     first = cloud.logprobs(ms.encode(bl.decode(prompts[0])).ids)

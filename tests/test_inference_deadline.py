@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from floe_jax.decode import generate, pad_prompts
-from floe_jax.inference.cloud import CloudDistribution, LocalCloud, SimClock, SimulatedNetwork
-from floe_jax.inference.fused import generate_fused
+from floe_jax.inference.cloud import CloudDistribution, LocalCloud
+from floe_jax.inference.deadline import SimClock, SimulatedNetwork
+from floe_jax.inference.fused import FusedDecodeConfig, generate_fused
 from floe_jax.inference.privacy import GuardedCloud, PrivacyDetector, PrivacyPolicy
 from floe_jax.inference.router import FusionConfig
 from floe_jax.model import init_params
@@ -56,14 +57,15 @@ def test_deadline_with_simulated_clock(tiny_cfg, tiny_params, cloud_params):
     each token costs tau (the loop waits until the deadline), never the full RTT."""
     cloud = LocalCloud(cloud_params, tiny_cfg)
     p = [PROMPTS[0]]
-    fast = generate_fused(tiny_params, tiny_cfg, p, cloud=_allow(cloud), max_new_tokens=N,
-                          fusion=CLOUD_ONLY, clock=SimClock(), deadline_s=0.1,
+    config = FusedDecodeConfig(max_new_tokens=N, fusion=CLOUD_ONLY, deadline_s=0.1)
+    fast = generate_fused(tiny_params, tiny_cfg, p, cloud=_allow(cloud), config=config,
+                          clock=SimClock(),
                           network=SimulatedNetwork(rtt_ms=50, sigma=0, server_ms=2))  # fmt: skip
     assert fast.share_fused == 1.0 and fast.tokens == _ref(cloud_params, tiny_cfg, p)
     assert np.all(fast.latency_s[1:] >= 0.05)
     clock = SimClock()
-    slow = generate_fused(tiny_params, tiny_cfg, p, cloud=_allow(cloud), max_new_tokens=N,
-                          fusion=CLOUD_ONLY, clock=clock, deadline_s=0.1,
+    slow = generate_fused(tiny_params, tiny_cfg, p, cloud=_allow(cloud), config=config,
+                          clock=clock,
                           network=SimulatedNetwork(rtt_ms=500, sigma=0, server_ms=2))  # fmt: skip
     assert slow.share_fused == 0.0 and slow.failures["deadline"] == N
     assert slow.tokens == _ref(tiny_params, tiny_cfg, p)
@@ -75,8 +77,9 @@ def test_mixed_misses_fall_back_per_token(tiny_cfg, tiny_params, cloud_params):
     """Steps whose cloud reply is missing are decoded by the edge alone (w = 1), the rest fused."""
     inner = LocalCloud(cloud_params, tiny_cfg)
     res = generate_fused(tiny_params, tiny_cfg, [PROMPTS[0]],
-                         cloud=_allow(_Scripted(inner, fail_calls={2, 4})), max_new_tokens=N,
-                         fusion=CLOUD_ONLY, clock=SimClock(), deadline_s=1e9)  # fmt: skip
+                         cloud=_allow(_Scripted(inner, fail_calls={2, 4})), clock=SimClock(),
+                         config=FusedDecodeConfig(max_new_tokens=N, fusion=CLOUD_ONLY,
+                                                  deadline_s=1e9))  # fmt: skip
     assert res.fused[:, 0].tolist() == [True, False, True, False, True]
     assert res.w[[1, 3], 0].tolist() == [1.0, 1.0] and res.w[[0, 2, 4], 0].tolist() == [0, 0, 0]
     assert res.failures["scripted"] == 2
@@ -86,7 +89,7 @@ def test_lossy_network_is_deterministic(tiny_cfg, tiny_params, cloud_params):
     net = lambda: SimulatedNetwork(
         rtt_ms=80, sigma=0.5, jitter_ms=10, loss=0.3, server_ms=5, seed=4
     )
-    kw = dict(max_new_tokens=N, fusion=FusionConfig(), deadline_s=0.1)
+    kw = dict(config=FusedDecodeConfig(max_new_tokens=N, fusion=FusionConfig(), deadline_s=0.1))
     runs = [
         generate_fused(
             tiny_params,
@@ -120,8 +123,9 @@ def test_privacy_edge_only_rows_never_reach_the_cloud(tiny_cfg, tiny_params, clo
     )
     det = PrivacyDetector(PrivacyPolicy(action="edge_only"))
     res = generate_fused(tiny_params, tiny_cfg, PROMPTS, cloud=GuardedCloud(Spy(), det,
-                         decode=decode), decode=decode, max_new_tokens=3, fusion=CLOUD_ONLY,
-                         clock=SimClock(), deadline_s=1e9)  # fmt: skip
+                         decode=decode), decode=decode, clock=SimClock(),
+                         config=FusedDecodeConfig(max_new_tokens=3, fusion=CLOUD_ONLY,
+                                                  deadline_s=1e9))  # fmt: skip
     assert seen and not any("@" in t for t in seen)
     assert res.fused[:, 0].sum() == 0 and res.fused[:, 1:].all()
     assert res.failures["privacy"] == 3 and res.privacy["requests"]["edge_only"] == 3
@@ -130,7 +134,8 @@ def test_privacy_edge_only_rows_never_reach_the_cloud(tiny_cfg, tiny_params, clo
 def test_bare_backend_is_wrapped_and_fails_closed(tiny_cfg, tiny_params, cloud_params):
     """Without a decoder the default guard cannot read ids: nothing leaves, edge decodes."""
     res = generate_fused(tiny_params, tiny_cfg, PROMPTS, cloud=LocalCloud(cloud_params, tiny_cfg),
-                         max_new_tokens=3, fusion=CLOUD_ONLY, clock=SimClock())  # fmt: skip
+                         clock=SimClock(),
+                         config=FusedDecodeConfig(max_new_tokens=3, fusion=CLOUD_ONLY))  # fmt: skip
     assert res.share_fused == 0.0 and res.privacy["requests"]["unchecked"] == 3 * len(PROMPTS)
     assert res.tokens == [r[:3] for r in _ref(tiny_params, tiny_cfg)]
 
@@ -152,8 +157,10 @@ def test_failing_http_cloud_degrades_to_edge(tiny_cfg, tiny_params, mode):
     guard = GuardedCloud(client, PrivacyDetector(), decode=decode)
     try:
         res = generate_fused(tiny_params, tiny_cfg, PROMPTS[:2], cloud=guard, decode=decode,
-                             max_new_tokens=3, fusion=CLOUD_ONLY, clock=SimClock(),
-                             deadline_s=0.1, real_timeout_s=5.0)  # fmt: skip
+                             clock=SimClock(),
+                             config=FusedDecodeConfig(max_new_tokens=3, fusion=CLOUD_ONLY,
+                                                      deadline_s=0.1,
+                                                      real_timeout_s=5.0))  # fmt: skip
     finally:
         client.close()
         server.close()
@@ -170,21 +177,23 @@ def test_real_clock_paths(tiny_cfg, tiny_params, cloud_params):
     never answers costs at most the deadline per token and decodes edge-only."""
     from _inference_util import RecordingServer
 
-    from floe_jax.inference.cloud import RealClock
+    from floe_jax.inference.deadline import RealClock
     from floe_jax.inference.http_cloud import HTTPCloud
 
     p = [PROMPTS[1]]
     ok = generate_fused(tiny_params, tiny_cfg, p, cloud=_allow(LocalCloud(cloud_params, tiny_cfg)),
-                        max_new_tokens=3, fusion=CLOUD_ONLY, clock=RealClock(),
-                        deadline_s=60.0)  # fmt: skip
+                        clock=RealClock(),
+                        config=FusedDecodeConfig(max_new_tokens=3, fusion=CLOUD_ONLY,
+                                                 deadline_s=60.0))  # fmt: skip
     assert ok.share_fused == 1.0 and ok.tokens == [_ref(cloud_params, tiny_cfg, p)[0][:3]]
     server = RecordingServer("hang")
     client = HTTPCloud(server.url, top_k=3, timeout_s=0.5, retries=0)
     decode = lambda ids: " ".join(f"w{i}" for i in ids)
     try:
         res = generate_fused(tiny_params, tiny_cfg, p, cloud=GuardedCloud(client, decode=decode),
-                             decode=decode, max_new_tokens=3, fusion=CLOUD_ONLY,
-                             clock=RealClock(), deadline_s=0.05, overlap=False)  # fmt: skip
+                             decode=decode, clock=RealClock(),
+                             config=FusedDecodeConfig(max_new_tokens=3, fusion=CLOUD_ONLY,
+                                                      deadline_s=0.05, overlap=False))  # fmt: skip
     finally:
         client.close()
         server.close()

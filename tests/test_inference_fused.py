@@ -9,8 +9,9 @@ import pytest
 
 from floe_jax.config import LoRAConfig
 from floe_jax.decode import SamplingConfig, generate, pad_prompts
-from floe_jax.inference.cloud import LocalCloud, SimClock
-from floe_jax.inference.fused import generate_fused
+from floe_jax.inference.cloud import LocalCloud
+from floe_jax.inference.deadline import SimClock
+from floe_jax.inference.fused import FusedDecodeConfig, generate_fused
 from floe_jax.inference.privacy import GuardedCloud, PrivacyDetector, PrivacyPolicy
 from floe_jax.inference.router import FusionConfig
 from floe_jax.lora import init_lora, stack_loras
@@ -51,8 +52,9 @@ def _random_lora(cfg, seed, rank):
 
 def test_weight_one_equals_edge_only_decoding(tiny_cfg, tiny_params, cloud_params):
     res = generate_fused(tiny_params, tiny_cfg, PROMPTS, cloud=_allow(LocalCloud(cloud_params,
-                         tiny_cfg)), max_new_tokens=N, fusion=EDGE_ONLY, clock=SimClock(),
-                         deadline_s=1e9)  # fmt: skip
+                         tiny_cfg)), clock=SimClock(),
+                         config=FusedDecodeConfig(max_new_tokens=N, fusion=EDGE_ONLY,
+                                                  deadline_s=1e9))  # fmt: skip
     assert res.tokens == _ref(tiny_params, tiny_cfg)
     assert res.share_fused == 1.0 and np.all(res.w == 1.0)
 
@@ -60,17 +62,18 @@ def test_weight_one_equals_edge_only_decoding(tiny_cfg, tiny_params, cloud_param
 def test_weight_one_with_sampling_equals_edge_sampling(tiny_cfg, tiny_params, cloud_params):
     s = SamplingConfig(temperature=0.8, top_p=0.9)
     res = generate_fused(tiny_params, tiny_cfg, PROMPTS, cloud=_allow(LocalCloud(cloud_params,
-                         tiny_cfg)), max_new_tokens=N, fusion=EDGE_ONLY, sampling=s,
-                         key=jax.random.key(3), clock=SimClock(), deadline_s=1e9)  # fmt: skip
+                         tiny_cfg)), key=jax.random.key(3), clock=SimClock(),
+                         config=FusedDecodeConfig(max_new_tokens=N, fusion=EDGE_ONLY, sampling=s,
+                                                  deadline_s=1e9))  # fmt: skip
     assert res.tokens == _ref(tiny_params, tiny_cfg, sampling=s, key=3)
 
 
 @pytest.mark.parametrize("overlap", [True, False])
 def test_weight_zero_equals_cloud_greedy(tiny_cfg, tiny_params, cloud_params, overlap):
     cloud = LocalCloud(cloud_params, tiny_cfg)
-    res = generate_fused(tiny_params, tiny_cfg, PROMPTS, cloud=_allow(cloud), max_new_tokens=N,
-                         fusion=CLOUD_ONLY, clock=SimClock(), deadline_s=1e9,
-                         overlap=overlap)  # fmt: skip
+    res = generate_fused(tiny_params, tiny_cfg, PROMPTS, cloud=_allow(cloud), clock=SimClock(),
+                         config=FusedDecodeConfig(max_new_tokens=N, fusion=CLOUD_ONLY,
+                                                  deadline_s=1e9, overlap=overlap))  # fmt: skip
     assert res.tokens == _ref(cloud_params, tiny_cfg)
     assert res.share_fused == 1.0
     assert cloud.stats["prefills"] == len(PROMPTS)  # then one cached extend per token
@@ -79,13 +82,13 @@ def test_weight_zero_equals_cloud_greedy(tiny_cfg, tiny_params, cloud_params, ov
 
 def test_sparse_full_vocab_equals_dense(tiny_cfg, tiny_params, cloud_params):
     fusion = FusionConfig(gate="entropy")
-    kw = dict(max_new_tokens=N, fusion=fusion, clock=SimClock(), deadline_s=1e9)
-    dense = generate_fused(tiny_params, tiny_cfg, PROMPTS,
-                           cloud=_allow(LocalCloud(cloud_params, tiny_cfg)), **kw)  # fmt: skip
+    config = FusedDecodeConfig(max_new_tokens=N, fusion=fusion, deadline_s=1e9)
+    dense = generate_fused(tiny_params, tiny_cfg, PROMPTS, clock=SimClock(), config=config,
+                           cloud=_allow(LocalCloud(cloud_params, tiny_cfg)))  # fmt: skip
     V = tiny_cfg.vocab_size
-    sparse = generate_fused(tiny_params, tiny_cfg, PROMPTS, top_k=V,
-                            cloud=_allow(LocalCloud(cloud_params, tiny_cfg, top_k=V)),
-                            **kw)  # fmt: skip
+    sparse = generate_fused(tiny_params, tiny_cfg, PROMPTS, clock=SimClock(),
+                            config=dataclasses.replace(config, top_k=V),
+                            cloud=_allow(LocalCloud(cloud_params, tiny_cfg, top_k=V)))  # fmt: skip
     assert dense.tokens == sparse.tokens
     np.testing.assert_allclose(dense.w, sparse.w, atol=1e-5)
     assert np.all((dense.w > 0) & (dense.w < 1))
@@ -93,8 +96,8 @@ def test_sparse_full_vocab_equals_dense(tiny_cfg, tiny_params, cloud_params):
 
 def test_per_row_adapters_match_per_row_decoding(tiny_cfg, tiny_params, cloud_params):
     loras = [_random_lora(tiny_cfg, s, r) for s, r in ((1, 2), (2, 4), (3, 1))]
-    res = generate_fused(tiny_params, tiny_cfg, PROMPTS, cloud=None, max_new_tokens=N,
-                         lora=stack_loras(loras), clock=SimClock())  # fmt: skip
+    res = generate_fused(tiny_params, tiny_cfg, PROMPTS, cloud=None, lora=stack_loras(loras),
+                         clock=SimClock(), config=FusedDecodeConfig(max_new_tokens=N))  # fmt: skip
     for i, (p, lora) in enumerate(zip(PROMPTS, loras, strict=True)):
         assert res.tokens[i] == _ref(tiny_params, tiny_cfg, [p], lora=lora)[0], i
     plain = _ref(tiny_params, tiny_cfg)
@@ -102,24 +105,25 @@ def test_per_row_adapters_match_per_row_decoding(tiny_cfg, tiny_params, cloud_pa
 
 
 def test_no_recompiles_across_steps_and_clients(tiny_cfg, tiny_params, cloud_params):
-    from floe_jax.inference import fused
+    from floe_jax import decode
+    from floe_jax.inference import step
 
-    kw = dict(max_new_tokens=N, clock=SimClock(), deadline_s=1e9)
+    kw = dict(clock=SimClock(), config=FusedDecodeConfig(max_new_tokens=N, deadline_s=1e9))
     cloud = _allow(LocalCloud(cloud_params, tiny_cfg))
     loras = [_random_lora(tiny_cfg, s, r) for s, r in ((4, 1), (5, 3), (6, 4))]
     generate_fused(tiny_params, tiny_cfg, PROMPTS, cloud=cloud, lora=stack_loras(loras), **kw)
-    sizes = (fused.advance_jit._cache_size(), fused.fuse_sample_jit._cache_size())
+    sizes = (decode.advance_jit._cache_size(), step.fuse_sample_jit._cache_size())
     loras = [_random_lora(tiny_cfg, s, r) for s, r in ((7, 4), (8, 2), (9, 1))]
     generate_fused(tiny_params, tiny_cfg, [[1, 2], [3], [4, 5, 6, 7]], cloud=cloud,
                    lora=stack_loras(loras), **kw)  # fmt: skip
-    assert (fused.advance_jit._cache_size(), fused.fuse_sample_jit._cache_size()) == sizes
+    assert (decode.advance_jit._cache_size(), step.fuse_sample_jit._cache_size()) == sizes
 
 
 def test_eos_stops_rows(tiny_cfg, tiny_params):
     ref = _ref(tiny_params, tiny_cfg)
     eos = ref[0][2]
-    res = generate_fused(tiny_params, tiny_cfg, PROMPTS, cloud=None, max_new_tokens=N,
-                         eos_id=eos, clock=SimClock())  # fmt: skip
+    res = generate_fused(tiny_params, tiny_cfg, PROMPTS, cloud=None, clock=SimClock(),
+                         config=FusedDecodeConfig(max_new_tokens=N, eos_id=eos))  # fmt: skip
     assert res.tokens[0] == ref[0][:3]
 
 
@@ -127,7 +131,8 @@ def test_proxy_tuning_baseline(tiny_cfg, tiny_params, cloud_params):
     """Without adapters the tuned and base edge cancel: proxy-tuning is the cloud itself; with an
     adapter the first token is argmax(z_cloud + z_tuned - z_base)."""
     proxy = FusionConfig(gate="proxy")
-    kw = dict(max_new_tokens=N, fusion=proxy, clock=SimClock(), deadline_s=1e9)
+    kw = dict(clock=SimClock(), config=FusedDecodeConfig(max_new_tokens=N, fusion=proxy,
+                                                          deadline_s=1e9))  # fmt: skip
     cloud = _allow(LocalCloud(cloud_params, tiny_cfg))
     res = generate_fused(tiny_params, tiny_cfg, PROMPTS, cloud=cloud, **kw)
     assert res.tokens == _ref(cloud_params, tiny_cfg)
@@ -137,3 +142,14 @@ def test_proxy_tuning_baseline(tiny_cfg, tiny_params, cloud_params):
     z = [forward(p, x, tiny_cfg, lora=lo)[0, -1] for p, lo in
          ((cloud_params, None), (tiny_params, lora), (tiny_params, None))]  # fmt: skip
     assert res.tokens[0][0] == int(np.argmax(z[0] + z[1] - z[2]))
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("max_new_tokens", 0), ("deadline_s", -1.0), ("buckets", (32, 16)), ("top_k", 0)],
+)
+def test_fused_decode_config_names_the_bad_field(field, value):
+    from floe_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        FusedDecodeConfig(**{"max_new_tokens": 4, field: value})

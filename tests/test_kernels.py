@@ -1,6 +1,7 @@
 """kernels/: each Pallas kernel equals its pure-jnp reference (in Pallas' interpreter on the CPU),
 lowers for a GPU, and is reached from the model through its dispatcher."""
 
+import dataclasses
 import functools
 import re
 
@@ -9,9 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from floe_jax.config import ConfigError, ModelConfig
 from floe_jax.decode import pad_prompts
 from floe_jax.model import forward, init_cache
 from kernels import decode_attention as da
+
+_SIZES = dict(vocab_size=16, hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4)
 
 
 def _case(B, N, G, S, K, n_filled, left_pad, dtype=jnp.float32, seed=0):
@@ -106,19 +110,17 @@ def test_kernel_block_follows_triton_shapes():
     assert da.kernel_block(128, 8) is None
 
 
-def test_dispatcher(monkeypatch):
+def test_dispatcher():
     q, k, v, mask = _case(1, 2, 2, 128, 32, 40, left_pad=[0])
     want = np.asarray(da.reference(q, k, v, mask))
-    monkeypatch.delenv(da.ENV, raising=False)
-    assert da.default_impl() == "reference"
-    monkeypatch.setenv(da.ENV, "pallas")
-    assert da.default_impl() == "pallas"
-    got = da.decode_attention(q, k, v, mask, 40)  # the interpreter, on this CPU
+    assert ModelConfig(**_SIZES).attention_impl == "reference"
+    np.testing.assert_array_equal(np.asarray(da.decode_attention(q, k, v, mask, 40)), want)
+    got = da.decode_attention(q, k, v, mask, 40, impl="pallas")  # the interpreter, on this CPU
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-6, rtol=2e-6)
-    # Through the environment, shapes the kernel cannot take fall back to the reference ...
+    # As the model asks (fallback), shapes the kernel cannot take fall back to the reference ...
     q80, k80, v80, m80 = _case(1, 2, 2, 128, 80, 40, left_pad=[0])
     np.testing.assert_array_equal(
-        np.asarray(da.decode_attention(q80, k80, v80, m80, 40)),
+        np.asarray(da.decode_attention(q80, k80, v80, m80, 40, impl="pallas", fallback=True)),
         np.asarray(da.reference(q80, k80, v80, m80)),
     )
     # ... asked for by name they are an error naming the shape.
@@ -126,20 +128,41 @@ def test_dispatcher(monkeypatch):
         da.decode_attention(q80, k80, v80, m80, 40, impl="pallas")
     with pytest.raises(ValueError, match="impl='flash'"):
         da.decode_attention(q, k, v, mask, 40, impl="flash")
-    monkeypatch.setenv(da.ENV, "triton")
-    with pytest.raises(ValueError, match="FLOE_KERNELS='triton'"):
-        da.decode_attention(q, k, v, mask, 40)
+    with pytest.raises(ConfigError, match="attention_impl='triton'"):
+        ModelConfig(**_SIZES, attention_impl="triton")
 
 
-def test_model_decode_with_the_kernel_equals_reference(monkeypatch, kernel_cfg, kernel_params):
+def test_floe_kernels_is_read_by_the_command_line(monkeypatch):
+    """`FLOE_KERNELS` sets the attention of the model configs a command builds; a bad value is
+    an error naming the variable."""
+    from experiments.cli import KERNELS_ENV, attention_impl_from_env, with_attention_impl
+
+    monkeypatch.delenv(KERNELS_ENV, raising=False)
+    assert attention_impl_from_env() == "reference"
+    monkeypatch.setenv(KERNELS_ENV, "pallas")
+    assert attention_impl_from_env() == "pallas"
+    monkeypatch.setenv(KERNELS_ENV, "triton")
+    with pytest.raises(ConfigError, match="FLOE_KERNELS='triton'"):
+        attention_impl_from_env()
+
+    @dataclasses.dataclass(frozen=True)
+    class Preset:
+        edge: ModelConfig
+        steps: int = 3
+
+    got = with_attention_impl(Preset(edge=ModelConfig(**_SIZES)), "pallas")
+    assert got.edge.attention_impl == "pallas" and got.steps == 3
+
+
+def test_model_decode_with_the_kernel_equals_reference(kernel_cfg, kernel_params):
     """Prefill a left-padded batch, then decode steps: the same logits through either impl
-    (the model's forward run eagerly, so each call reads FLOE_KERNELS afresh)."""
-    cfg, params = kernel_cfg, kernel_params
+    (`ModelConfig.attention_impl`)."""
+    params = kernel_params
     tokens, mask = pad_prompts([[5, 9, 11, 2, 7], [3, 4]])
     nxt = jnp.asarray([[8], [1]], jnp.int32)
 
     def run(impl):
-        monkeypatch.setenv(da.ENV, impl)
+        cfg = dataclasses.replace(kernel_cfg, attention_impl=impl)
         cache = init_cache(cfg, batch=2, max_len=32)
         _, cache = forward(params, tokens, cfg, mask=mask, cache=cache)
         out = []

@@ -9,13 +9,15 @@ CPU's LAPACK callback, every client vmapped at once, the Triton kernel instead o
 interpreter), as it would on the device.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from floe_jax.config import LoRAConfig
-from floe_jax.decode import SamplingConfig, generate, pad_prompts
+from floe_jax.decode import SamplingConfig, generate, pad_prompts, prefill_jit
 from floe_jax.federated import (
     AggregationConfig,
     FedConfig,
@@ -24,13 +26,11 @@ from floe_jax.federated import (
     round_step,
 )
 from floe_jax.federated.aggregate import available_rules
-from floe_jax.inference.fused import fused_step_jit
-from floe_jax.inference.fused import prefill_jit as fused_prefill_jit
 from floe_jax.inference.replies import CloudInput
 from floe_jax.inference.router import FusionConfig
+from floe_jax.inference.step import fused_step_jit
 from floe_jax.lora import init_lora
 from floe_jax.pretrain import PretrainConfig, make_optimizer, train_step
-from kernels import decode_attention as da
 
 PLATFORMS = {"cuda": "gpu", "tpu": "tpu"}  # lowering platform: what default_backend() says
 # Rules that fold updates into the shared base weights run with one cluster.
@@ -90,11 +90,11 @@ def test_generate_with_lora_lowers(monkeypatch, kernel_cfg, kernel_params, platf
 
 
 def test_generate_with_the_decode_kernel_lowers_for_a_gpu(monkeypatch, kernel_cfg, kernel_params):
-    monkeypatch.setenv(da.ENV, "pallas")
+    cfg = dataclasses.replace(kernel_cfg, attention_impl="pallas")
     tokens, mask = pad_prompts([[5, 9, 11], [3]])
     new = 32 - tokens.shape[1]  # a cache of 32 slots: shapes the kernel takes
     text = _lowered_text(
-        monkeypatch, "cuda", generate, kernel_params, tokens, mask, kernel_cfg,
+        monkeypatch, "cuda", generate, kernel_params, tokens, mask, cfg,
         max_new_tokens=new, key=jax.random.key(0),
     )  # fmt: skip
     assert "__gpu$xla.gpu.triton" in text
@@ -105,8 +105,8 @@ def test_fused_decode_step_lowers(monkeypatch, kernel_cfg, kernel_params, platfo
     B = 2
     tokens, mask = pad_prompts([[5, 9, 11], [3]])
     key = jax.random.key(0)
-    state, _ = fused_prefill_jit(
-        kernel_params, tokens, mask, jnp.zeros(B, bool), key, kernel_cfg, max_new_tokens=8
+    state, _ = prefill_jit(
+        kernel_params, tokens, mask, kernel_cfg, max_new_tokens=8, key=key, done=jnp.zeros(B, bool)
     )
     lp = jax.nn.log_softmax(jax.random.normal(key, (B, kernel_cfg.vocab_size)))
     z = np.zeros((B, 0))

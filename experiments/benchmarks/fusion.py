@@ -21,18 +21,20 @@ import numpy as np
 
 from experiments.benchmarks._util import FJ_REF, block, machine, print_table
 from floe_jax.config import LoRAConfig
-from floe_jax.decode import SamplingConfig, _prefill_jit, _step_jit, pad_prompts
-from floe_jax.inference.cloud import LocalCloud, SimClock, SimulatedNetwork
-from floe_jax.inference.fused import (
-    CloudInput,
-    fuse_sample_jit,
-    fused_step_jit,
-    generate_fused,
-    rows_lora,
+from floe_jax.decode import (
+    SamplingConfig,
+    decode_step_jit,
+    first_token_jit,
+    pad_prompts,
+    prefill_jit,
 )
-from floe_jax.inference.fused import prefill_jit as fused_prefill_jit
+from floe_jax.inference.cloud import LocalCloud
+from floe_jax.inference.deadline import SimClock, SimulatedNetwork
+from floe_jax.inference.fused import FusedDecodeConfig, generate_fused
 from floe_jax.inference.privacy import GuardedCloud, PrivacyDetector, PrivacyPolicy
+from floe_jax.inference.replies import CloudInput
 from floe_jax.inference.router import FusionConfig
+from floe_jax.inference.step import fuse_sample_jit, fused_step_jit, rows_lora
 from floe_jax.lora import init_lora, stack_loras
 from floe_jax.model import init_params, unstack_layers
 
@@ -53,8 +55,8 @@ def _sparse_input(B: int, V: int, K: int, key) -> CloudInput:
 
 def _fused_state(params, cfg, tokens, mask, key, N, lora):
     B = tokens.shape[0]
-    st, lg = fused_prefill_jit(params, tokens, mask, jnp.zeros(B, bool), key, cfg,
-                               max_new_tokens=N, lora=lora)  # fmt: skip
+    st, lg = prefill_jit(params, tokens, mask, cfg, max_new_tokens=N, key=key, lora=lora,
+                         done=jnp.zeros(B, bool))  # fmt: skip
     st, _ = fuse_sample_jit(st, lg, _dense_input(B, cfg.vocab_size, key), fusion=FusionConfig(),
                             sampling=SamplingConfig(), eos_id=None, pad_id=0)  # fmt: skip
     return st
@@ -96,9 +98,9 @@ def step_rows(quick: bool) -> list[dict]:
         fresh = functools.partial(_fused_state, params, cfg, tokens, mask, key, N)
         variants = {
             "edge-only decode_step": (
-                lambda s: _step_jit(params, s, cfg=cfg, sampling=greedy, eos_id=None)[0],
-                _prefill_jit(params, tokens, mask, max_new_tokens=N, key=key, cfg=cfg,
-                             sampling=greedy, eos_id=None, lora=None),
+                lambda s: decode_step_jit(params, s, cfg=cfg, sampling=greedy, eos_id=None)[0],
+                first_token_jit(params, tokens, mask, max_new_tokens=N, key=key, cfg=cfg,
+                                sampling=greedy, eos_id=None, lora=None),
             ),
             "fused, dense cloud, entropy gate, prob space": (
                 fused(FusionConfig(), dense), fresh(None)),
@@ -158,12 +160,12 @@ def latency_rows(quick: bool) -> list[dict]:
             cloud = None
             if fusion is not None:
                 cloud = GuardedCloud(LocalCloud(cloud_params, cloud_cfg, headroom=N + 8), allow)
-            kw = dict(cloud=cloud, max_new_tokens=N, fusion=fusion or FusionConfig(),
-                      deadline_s=tau or 0.0)  # fmt: skip
+            config = FusedDecodeConfig(max_new_tokens=N, fusion=fusion or FusionConfig(),
+                                       deadline_s=tau or 0.0)  # fmt: skip
             for warm in (True, False):  # the first run compiles
-                res = generate_fused(edge, edge_cfg, prompts, clock=SimClock(),
-                                     network=SimulatedNetwork(rtt_ms=rtt, sigma=0.25, seed=0),
-                                     **kw)  # fmt: skip
+                net = SimulatedNetwork(rtt_ms=rtt, sigma=0.25, seed=0)
+                res = generate_fused(edge, edge_cfg, prompts, cloud=cloud, config=config,
+                                     clock=SimClock(), network=net)  # fmt: skip
                 if warm:
                     continue
                 dec = res.latency_s[1:] * 1e3

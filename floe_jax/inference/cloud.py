@@ -1,4 +1,4 @@
-"""Cloud back ends behind one interface, a simulated network, and clocks.
+"""Cloud back ends behind one interface.
 
 Shapes: B prefixes (rows), W cloud vocab, K listed tokens (top-k).
 
@@ -7,22 +7,18 @@ text) the cloud's next-token distribution, either dense log-probs [B, W] or spar
 and/or token strings with log-probs, k <= 20 as proprietary APIs give). Rows fail independently
 (`ok[b] = False` with a reason); a back end never raises for one bad row.
 
-- `LocalCloud` serves a floe_jax model: the simulated cloud of the experiments. It keeps a KV cache
-  per request stream, so a prefix that extends the last one by a token costs one decode step.
+- `LocalCloud` serves a floe_jax model: the simulated cloud of the experiments. It keeps a decode
+  state per request stream, so a prefix that extends the last one by a token costs one decode
+  step (`floe_jax.decode.prefill` and `advance`, as every decode loop).
 - `HTTPCloud` (in `floe_jax.inference.http_cloud`) speaks the OpenAI completions API.
 
-`SimulatedNetwork` draws round-trip times (lognormal around a mean, plus jitter, loss and a
-bandwidth term) from a seed; the generation loop runs on a `Clock`: `RealClock`, or `SimClock`
-whose virtual time the loop advances, so tests and benchmarks never sleep.
+The network between edge and cloud, and the clocks, are in `floe_jax.inference.deadline`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Protocol
@@ -32,9 +28,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from floe_jax.config import ModelConfig
-from floe_jax.decode import DEFAULT_BUCKETS, bucket_length, pad_prompts
+from floe_jax.decode import (
+    DEFAULT_BUCKETS,
+    DecodeState,
+    advance_jit,
+    bucket_length,
+    pad_prompts,
+    prefill_jit,
+)
 from floe_jax.lora import LoRA
-from floe_jax.model import forward, init_cache, unstack_layers
+from floe_jax.model import unstack_layers
 
 
 class CloudError(RuntimeError):
@@ -172,23 +175,10 @@ def token_string(tokenizer, i: int) -> str:
 # ----------------------------------------------------------------------------- LocalCloud
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "slots"))
-def _prefill_one(params, tokens, mask, lora, *, cfg: ModelConfig, slots: int):
-    cache = init_cache(cfg, tokens.shape[0], slots)
-    logits, cache = forward(params, tokens, cfg, lora=lora, cache=cache, mask=mask, last_only=True)
-    return jax.nn.log_softmax(logits[:, -1], axis=-1), cache
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def _extend_one(params, token, cache, lora, *, cfg: ModelConfig):
-    logits, cache = forward(params, token[:, None], cfg, lora=lora, cache=cache)
-    return jax.nn.log_softmax(logits[:, 0], axis=-1), cache
-
-
 @dataclasses.dataclass
 class _Stream:
     ids: tuple[int, ...]
-    cache: object
+    state: DecodeState  # after `ids`, its cache holding them
     logprobs: np.ndarray  # [W] after `ids`
 
 
@@ -233,6 +223,7 @@ class LocalCloud:
             raise ValueError("LocalCloud(inputs='text') needs a tokenizer")
         self.headroom, self.buckets, self.pad_id = headroom, tuple(buckets), pad_id
         self.max_streams = max_streams
+        self._key = jax.random.key(0)  # the decode state's; the cloud never samples
         self._streams: OrderedDict[object, _Stream] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = {"prefills": 0, "extends": 0, "hits": 0}
@@ -268,24 +259,24 @@ class LocalCloud:
                 st is not None
                 and 0 < n_new
                 and ids[: len(st.ids)] == st.ids
-                and int(st.cache.index) + n_new <= st.cache.max_len
+                and int(st.state.cache.index) + n_new <= st.state.cache.max_len
             ):
-                cache, lp = st.cache, None
+                state, logits = st.state, None
                 for t in ids[len(st.ids) :]:
-                    lp, cache = _extend_one(
-                        self.params, jnp.asarray([t], jnp.int32), cache, self.lora, cfg=self.cfg
-                    )
+                    state = dataclasses.replace(state, token=jnp.asarray([t], jnp.int32))
+                    state, logits = advance_jit(self.params, state, cfg=self.cfg, lora=self.lora)
                 self.stats["extends"] += n_new
             else:
                 tokens, mask = pad_prompts([ids], pad_id=self.pad_id, buckets=self.buckets)
-                slots = tokens.shape[1] + self.headroom
-                lp, cache = _prefill_one(
-                    self.params, tokens, mask, self.lora, cfg=self.cfg, slots=slots
-                )
+                state, logits = prefill_jit(
+                    self.params, tokens, mask, cfg=self.cfg, max_new_tokens=self.headroom,
+                    key=self._key, lora=self.lora,
+                )  # fmt: skip
                 self.stats["prefills"] += 1
+            lp = jax.nn.log_softmax(logits, axis=-1)
             out = np.asarray(lp[0], np.float32)
             if stream is not None:
-                self._streams[stream] = _Stream(ids, cache, out)
+                self._streams[stream] = _Stream(ids, state, out)
                 self._streams.move_to_end(stream)
                 while len(self._streams) > self.max_streams:
                     self._streams.popitem(last=False)
@@ -321,80 +312,3 @@ class LocalCloud:
 def headroom_for(prompt_len: int, max_new_tokens: int, buckets=DEFAULT_BUCKETS) -> int:
     """Cache headroom so a stream of `max_new_tokens` is never re-prefilled."""
     return max(1, max_new_tokens + bucket_length(prompt_len, buckets) - prompt_len)
-
-
-# ----------------------------------------------------------------------------- network, clocks
-
-
-class RealClock:
-    """Wall time (`time.perf_counter`); waiting on a future really waits."""
-
-    simulated = False
-
-    def now(self) -> float:
-        return time.perf_counter()
-
-
-class SimClock:
-    """Virtual time in seconds, advanced by the generation loop; nothing sleeps."""
-
-    simulated = True
-
-    def __init__(self, start: float = 0.0):
-        self.t = float(start)
-
-    def now(self) -> float:
-        return self.t
-
-    def advance(self, dt: float) -> None:
-        if dt < 0:
-            raise ValueError(f"a clock cannot go back ({dt})")
-        self.t += dt
-
-
-@dataclasses.dataclass
-class SimulatedNetwork:
-    """Round trips between edge and cloud, deterministic from `seed`.
-
-    One request's delay is `lognormal(mean=rtt_ms, shape=sigma) + |N(0, jitter_ms)| +
-    8 * bytes / bandwidth`; with probability `loss` it never arrives.
-
-    Attributes:
-      rtt_ms: mean round-trip time.
-      sigma: lognormal shape (0 gives a constant RTT).
-      jitter_ms: scale of extra half-normal jitter.
-      loss: probability a request is lost.
-      bandwidth_mbps: link rate for the payload term (inf: none).
-      server_ms: under `SimClock`, the cloud's compute time per request is taken as this instead
-        of measured (None: measured), which makes a simulated run fully deterministic.
-      seed: the draws are a function of the seed and the call order.
-    """
-
-    rtt_ms: float = 50.0
-    sigma: float = 0.25
-    jitter_ms: float = 0.0
-    loss: float = 0.0
-    bandwidth_mbps: float = math.inf
-    server_ms: float | None = None
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.rtt_ms < 0 or self.sigma < 0 or self.jitter_ms < 0:
-            raise ValueError("SimulatedNetwork: rtt_ms, sigma and jitter_ms must be >= 0")
-        if not 0 <= self.loss <= 1:
-            raise ValueError(f"SimulatedNetwork.loss must be in [0, 1], got {self.loss}")
-        self._rng = np.random.default_rng(self.seed)
-        self._lock = threading.Lock()
-
-    def sample(self, payload_bytes: int = 0) -> float | None:
-        """Delay in seconds of one request, or None when it is lost."""
-        with self._lock:
-            lost = self._rng.random() < self.loss
-            if self.sigma > 0 and self.rtt_ms > 0:
-                mu = math.log(self.rtt_ms) - self.sigma**2 / 2  # mean exactly rtt_ms
-                rtt = float(self._rng.lognormal(mu, self.sigma))
-            else:
-                rtt = self.rtt_ms
-            jit = abs(float(self._rng.normal(0.0, self.jitter_ms))) if self.jitter_ms else 0.0
-        wire = 8 * payload_bytes / (self.bandwidth_mbps * 1e6) if payload_bytes else 0.0
-        return None if lost else (rtt + jit) / 1e3 + wire

@@ -10,17 +10,15 @@ once per bucket whatever the cloud sent.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import numpy as np
+from flax import struct
 
 from floe_jax.inference.align import StringMapper, VocabMap
 from floe_jax.inference.cloud import CloudDistribution
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class CloudInput:
     """The cloud's distributions for one step, as arrays (built on the host by `cloud_input`).
 
