@@ -31,18 +31,18 @@ import dataclasses
 import functools
 import unicodedata
 
-# Non-Latin letters drawn like a Latin letter (upper and lower case), by script.
+# Non-Latin letters drawn like a Latin letter (upper and lower case): Cyrillic, Greek, Armenian.
 _LOOKALIKES = {
     # Cyrillic
-    "a": "аӑӓ",
+    "a": "аӑӓα",
     "b": "Ьв",
     "c": "сϲ",
     "d": "ԁ",
-    "e": "еёҽ",
+    "e": "еёҽε",
     "h": "һ",
-    "i": "іїɩ",
+    "i": "іїɩι",
     "j": "ј",
-    "k": "к",
+    "k": "кκ",
     "m": "м",
     "n": "п",
     "o": "оοօ",

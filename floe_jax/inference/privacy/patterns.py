@@ -8,7 +8,8 @@ possible but not assigned (`555-0142`) counts. A seven-digit local number writte
 space (`100 2000`) is read as two numbers, not as a phone.
 
 The other types are regular expressions with a check where one exists (Luhn for cards, mod-97
-for IBANs, `ipaddress` for IPs), because no well-kept library finds them in free text: email
+for IBANs, `ipaddress` for IPs; a street address's words must be capitalised, since `3 proposals
+after lunch` has the same shape), because no well-kept library finds them in free text: email
 libraries (`email-validator`) validate one address, they do not find addresses in prose, nor
 their obfuscated forms (`mira dot okafor at example dot com`, `mira.okafor [at] example.com`,
 spaced `mira.okafor @ example . com`), which the email pattern here accepts.
@@ -34,11 +35,20 @@ from floe_jax.inference.privacy.span import Span, merge_spans
 PATTERN_TYPES = ("email", "card", "iban", "ssn", "ipv6", "ipv4", "phone", "address")
 
 # obfuscated separators of emails: "@", "(at)", "[at]", " at "; ".", "(dot)", " dot "
-_AT = r"(?:\s?@\s?|\s?[\[({<]\s?at\s?[\])}>]\s?|\s(?:at)\s)"
 _DOT = r"(?:\s?\.\s?|\s?[\[({<]\s?dot\s?[\])}>]\s?|\s(?:dot)\s)"
 _LOCAL = r"[a-z0-9!#$%&'*+/=?^_`{|}~.-]+"
 _LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
-_EMAIL = rf"(?<![\w.@]){_LOCAL}(?:{_DOT}{_LOCAL})*{_AT}{_LABEL}(?:{_DOT}{_LABEL})*{_DOT}[a-z]{{2,}}"
+# Spelt out ("at", "dot") in ordinary prose they would also match "look at the dot in": there a
+# word after "at" must not be one that ordinary phrases put there, and the last label after a
+# spelt "dot" must be a common top-level domain.
+_NOT_DOMAIN = (
+    "the|a|an|this|that|these|those|my|your|his|her|our|their|its|one|some|any|each|every|"
+    "least|most|first|last|home|work|noon|night|all|once|school|least|times|which|what"
+)
+_TLD = "com|org|net|edu|gov|mil|int|io|co|uk|us|ca|au|de|fr|nl|eu|ch|es|it|jp|info|biz|me|ai|dev"
+_AT = rf"(?:\s?@\s?|\s?[\[({{<]\s?at\s?[\])}}>]\s?|\sat\s(?!(?:{_NOT_DOMAIN})\b))"
+_END = rf"(?:\s?\.\s?[a-z]{{2,}}|(?:\s?[\[({{<]\s?dot\s?[\])}}>]\s?|\sdot\s)(?:{_TLD})\b)"
+_EMAIL = rf"(?<![\w.@]){_LOCAL}(?:{_DOT}{_LOCAL})*{_AT}{_LABEL}(?:{_DOT}{_LABEL})*{_END}"
 _STREET = (
     r"street|st|avenue|ave|road|rd|lane|ln|drive|dr|boulevard|blvd|court|ct|place|pl|way|"
     r"terrace|close|crescent|square|sq|highway|hwy|parkway|pkwy|alley|row|strasse|straße"
@@ -105,6 +115,13 @@ def _valid(kind: str, text: str) -> bool:
         a, g, s = text.split("-")
         return a not in ("000", "666") and a[0] != "9" and g != "00" and s != "0000"
     return True
+
+
+def capitalised_street(original: str) -> bool:
+    """Whether the words after an address's house number are capitalised in the original text
+    (`12 Harbour Lane`, not `3 proposals after lunch`): an address found by its shape alone."""
+    rest = re.sub(r"^\W*\d+[^\W\d_]?[,\s]*", "", original)
+    return all(w[0].isupper() for w in re.findall(r"[^\W\d_][\w'-]*", rest))
 
 
 def grow_number(norm: str, start: int, end: int) -> tuple[int, int]:
@@ -181,6 +198,10 @@ class PatternDetector:
                     span = span.rsplit(" ", 1)[0]  # a greedy match may run into the next word
                 if _valid(kind, span):
                     s, e = m.start(), m.start() + len(span)
+                    if kind == "address" and not capitalised_street(
+                        text[n.span(s, e)[0] : n.span(s, e)[1]]
+                    ):
+                        continue
                     if kind in ("card", "ssn"):
                         s, e = grow_number(norm, s, e)
                     found.append((s, e, kind))
@@ -200,12 +221,15 @@ class PatternDetector:
                 start = min(start, m.start())
         if "email" in self.types:
             for m in PATTERNS["email"].finditer(norm, partial=True):
-                if m.partial and m.end() > m.start() and _EMAIL_TAIL_CHARS.search(m.group()):
+                # a sentence's full stop alone does not make a word an address
+                tail = m.group().removesuffix(".")
+                if m.partial and m.end() > m.start() and _EMAIL_TAIL_CHARS.search(tail):
                     start = min(start, m.start())
                     break
         if "address" in self.types:
             for m in PATTERNS_PARTIAL_ADDRESS.finditer(norm, partial=True):
-                if m.partial and m.end() > m.start() and " " in m.group():
+                a = n.at(m.start())
+                if m.partial and m.group().strip() and capitalised_street(text[a:]):
                     start = min(start, m.start())
                     break
         return 0 if start >= len(norm) else len(text) - n.at(start)

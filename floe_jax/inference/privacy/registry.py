@@ -148,8 +148,10 @@ class RegisteredDetector:
         spans = []
         for kind, pat in self._patterns:
             for m in pat.finditer(n.text, overlapped=False):
-                if m.end() > m.start():
-                    a, b = n.span(m.start(), m.end())
+                g = m.group()
+                if g.strip():  # a span starts and ends with a visible character
+                    start = m.start() + len(g) - len(g.lstrip())
+                    a, b = n.span(start, m.start() + len(g.rstrip()))
                     spans.append(Span(a, b, kind, text[a:b]))
         return merge_spans(spans, text)
 
@@ -158,6 +160,6 @@ class RegisteredDetector:
         start = len(n.text)
         for _, pat in self._patterns:
             for m in pat.finditer(n.text, partial=True):
-                if m.partial and m.end() > m.start():
-                    start = min(start, m.start())
+                if m.partial and m.group().strip():
+                    start = min(start, m.start() + len(m.group()) - len(m.group().lstrip()))
         return 0 if start >= len(n.text) else len(text) - n.at(start)
