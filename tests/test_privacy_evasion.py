@@ -141,6 +141,7 @@ def test_hold_mode_sends_the_text_without_its_tail():
     det = _detector(pending="hold")
     d = det.screen("Contact: Mira Okaf")
     assert d.action == "redact" and d.text == "Contact: " and d.held.start == 9
+    assert det.screen("Mira Ok").action == "edge_only"  # nothing decided is left to send
     for case in CASES[::7]:
         text, s0, s1 = _place(TEMPLATES[1], case.form)
         for k in _chunks(text):
@@ -173,6 +174,16 @@ def test_the_issue_streams_through_the_guard():
     assert rec.texts[-1] == "Contact: [TERM] | phone [PHONE] | email [EMAIL] | thanks"
 
 
+def test_an_incomplete_last_character_is_undecided():
+    """A byte-level tokenizer decodes `55` + the first byte of a fullwidth `５` as `55\ufffd`:
+    the digits before it are held back, and the recorder calls it a partial span."""
+    det = _detector()
+    d = det.screen("A: 555-01\ufffd")
+    assert d.text == "A: [PENDING]" and d.held is not None
+    assert det.screen("A: 555-01\ufffd\ufffd").text == "A: [PENDING]"
+    assert count_private_spans("A: 555-01\ufffd", ["555-0199"]).partial == 1
+
+
 def test_recorder_counts_partial_spans():
     values = ("Mira Okafor", "+1 (555) 014-2000", "mira.okafor@example.com")
     assert count_private_spans("Contact: Mira Okaf", values).partial == 1
@@ -183,6 +194,8 @@ def test_recorder_counts_partial_spans():
     assert count_private_spans("Mira Okafor, +1 555 014 2000", values).complete == 2
     assert count_private_spans("Contact: [TERM] | phone [PHONE]", values).total == 0
     assert count_private_spans("Mirror the example", values).total == 0
+    assert count_private_spans("call +1 (555!", values).total == 0  # "!" closes the number
+    assert count_private_spans("Contact: Mira ", values).partial == 1  # the space is in the name
 
 
 def test_a_plugged_in_detector_is_consulted():

@@ -49,6 +49,7 @@ from floe_jax.inference.privacy.registry import RegisteredDetector
 from floe_jax.inference.privacy.span import Span, merge_spans
 
 ACTIONS = ("allow", "redact", "edge_only")
+INCOMPLETE = "\ufffd"  # what a tokenizer decodes an incomplete UTF-8 sequence to
 PENDING = ("redact", "hold")
 TYPES = (*PATTERN_TYPES, "term")
 
@@ -110,7 +111,8 @@ class Decision:
       action: `"allow"`, `"redact"` or `"edge_only"`.
       text: what may be sent (None for edge_only).
       spans: the complete private spans found.
-      held: the undecided trailing span (redacted or held back), or None.
+      held: the undecided trailing span (redacted or held back, with any complete span it may
+        continue), or None.
     """
 
     action: str
@@ -159,8 +161,15 @@ class PrivacyDetector:
         return merge_spans((s for d in self.detectors for s in d.find(text)), text)
 
     def pending(self, text: str) -> int:
-        """Trailing characters of `text` that could still become a private span."""
-        return max((d.pending(text) for d in self.detectors), default=0)
+        """Trailing characters of `text` that could still become a private span.
+
+        A trailing U+FFFD is the start of a character whose other bytes are in the next token
+        (a byte-level tokenizer decodes `55` + the first byte of a fullwidth `５` as `55\ufffd`):
+        it is undecided itself, and the text before it is judged as if it ended there.
+        """
+        core = text.rstrip(INCOMPLETE)
+        n = max((d.pending(core) for d in self.detectors), default=0)
+        return n + len(text) - len(core)
 
     def redact(self, text: str, spans: Sequence[Span]) -> str:
         """`text` with each span replaced by its placeholder (spans sorted, not overlapping)."""
@@ -175,8 +184,9 @@ class PrivacyDetector:
         if n <= 0:
             return None
         start = len(text) - n
-        kinds = [s.kind for s in spans if s.end > start]  # a span the tail continues
-        kind = kinds[-1] if kinds else "pending"
+        cont = [s for s in spans if s.end > start]  # complete spans the tail may continue
+        kind = cont[-1].kind if cont else "pending"
+        start = min([start, *(s.start for s in cont)])
         return Span(start, len(text), kind, text[start:])
 
     def screen(self, text: str | None) -> Decision:
@@ -199,12 +209,12 @@ class PrivacyDetector:
             action = "redact"
             if held is None:
                 out = self.redact(text, spans)
-            else:
-                whole = [s for s in spans if s.end <= held.start]
-                tail = min([held.start, *(s.start for s in spans if s.end > held.start)])
-                out = self.redact(text[:tail], whole)
+            else:  # the decided part redacted, then the undecided tail
+                out = self.redact(text[: held.start], [s for s in spans if s.end <= held.start])
                 if self.policy.pending == "redact":
                     out += self.policy.placeholder.format(kind=held.kind.upper())
+                elif not out.strip():
+                    action, out = "edge_only", None  # nothing decided is left to send
         with self._lock:
             self.requests[action] += 1
             if held is not None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import unicodedata
 
 # Non-Latin letters drawn like a Latin letter (upper and lower case): Cyrillic, Greek, Armenian.
@@ -114,9 +115,14 @@ class Normalized:
         return self.origin[start]
 
 
+_ASCII_SPACES = re.compile(r"[^\S ]|  ")  # whitespace other than single spaces
+
+
 @functools.lru_cache(maxsize=256)
 def normalize(text: str) -> Normalized:
     """Normalises `text` (see the module docstring), keeping the map back to its offsets."""
+    if text.isascii() and "`" not in text and not _ASCII_SPACES.search(text):
+        return Normalized(text.lower(), tuple(range(len(text) + 1)))  # the common case, fast
     out: list[str] = []
     origin: list[int] = []
     for i, ch in enumerate(text):

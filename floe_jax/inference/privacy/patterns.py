@@ -23,6 +23,7 @@ spelt `at`. A bare word that later turns out to be an address's local part (`bob
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -30,7 +31,7 @@ import phonenumbers
 import regex
 
 from floe_jax.inference.privacy.normalize import normalize
-from floe_jax.inference.privacy.span import Span, merge_spans
+from floe_jax.inference.privacy.span import PENDING_WINDOW, Span, merge_spans
 
 PATTERN_TYPES = ("email", "card", "iban", "ssn", "ipv6", "ipv4", "phone", "address")
 
@@ -155,6 +156,42 @@ def grow_number(norm: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
+# cheap tests that a type can occur at all, before its pattern runs: (normalised text, digits?)
+_NEED = {
+    "email": lambda t, d: "@" in t or " at " in t or "at)" in t or "at]" in t or "at}" in t,
+    "card": lambda t, d: d,
+    "iban": lambda t, d: d,
+    "ssn": lambda t, d: d,
+    "ipv4": lambda t, d: d,
+    "ipv6": lambda t, d: ":" in t,
+    "address": lambda t, d: d,
+    "phone": lambda t, d: d,
+}
+_NUMBER_RUN = re.compile(r"[+(]?\d(?:[\d \-./()]*\d)?\)?")
+_CONTEXT = 8  # characters each side of a run that the matcher sees ("ext", a letter, a date)
+
+
+@functools.lru_cache(maxsize=4096)
+def phones_in(window: str, region: str) -> tuple[tuple[int, int], ...]:
+    """`(start, end)` of the phone numbers `phonenumbers` finds in `window` (POSSIBLE leniency)."""
+    out = []
+    leniency = phonenumbers.Leniency.POSSIBLE
+    for m in phonenumbers.PhoneNumberMatcher(window, region, leniency=leniency):
+        raw = m.raw_string
+        digits = re.sub(r"\D", "", raw)
+        if len(digits) < 7:
+            continue
+        if len(digits) == 7 and not raw.startswith("+") and not re.search(r"\d[-.]\d", raw):
+            if re.search(r"\d\s+\d", raw):
+                continue  # "100 2000": two numbers, not a local phone number
+        out.append((m.start, m.end))
+    return tuple(out)
+
+
+def _window(norm: str) -> int:
+    return max(len(norm) - PENDING_WINDOW, 0)
+
+
 class PatternDetector:
     """Finds private data by its shape (see the module docstring); implements `Detector`.
 
@@ -171,24 +208,26 @@ class PatternDetector:
         self.region = region
 
     def _phones(self, norm: str) -> list[tuple[int, int]]:
+        """Phone spans of the normalised text: `phonenumbers` on each run of digits and phone
+        separators with seven digits or more (with a little context), cached by run, so a text
+        that grows token by token re-parses only its newest number."""
         out = []
-        leniency = phonenumbers.Leniency.POSSIBLE
-        for m in phonenumbers.PhoneNumberMatcher(norm, self.region, leniency=leniency):
-            raw = m.raw_string
-            digits = re.sub(r"\D", "", raw)
-            if len(digits) < 7:
+        for m in _NUMBER_RUN.finditer(norm):
+            if sum(c.isdigit() for c in m.group()) < 7:
                 continue
-            if len(digits) == 7 and not raw.startswith("+") and not re.search(r"\d[-.]\d", raw):
-                if re.search(r"\d\s+\d", raw):
-                    continue  # "100 2000": two numbers, not a local phone number
-            out.append(grow_number(norm, m.start, m.end))
+            a, b = max(m.start() - _CONTEXT, 0), min(m.end() + _CONTEXT, len(norm))
+            for s, e in phones_in(norm[a:b], self.region):
+                out.append(grow_number(norm, a + s, a + e))
         return out
 
     def find(self, text: str) -> list[Span]:
         n = normalize(text)
         norm = n.text
         found: list[tuple[int, int, str]] = []
+        has_digit = any(c.isdigit() for c in norm)
         for kind in self.types:
+            if not _NEED[kind](norm, has_digit):
+                continue
             if kind == "phone":
                 found += [(s, e, "phone") for s, e in self._phones(norm)]
                 continue
@@ -220,14 +259,14 @@ class PatternDetector:
             if m:
                 start = min(start, m.start())
         if "email" in self.types:
-            for m in PATTERNS["email"].finditer(norm, partial=True):
+            for m in PATTERNS["email"].finditer(norm, pos=_window(norm), partial=True):
                 # a sentence's full stop alone does not make a word an address
                 tail = m.group().removesuffix(".")
                 if m.partial and m.end() > m.start() and _EMAIL_TAIL_CHARS.search(tail):
                     start = min(start, m.start())
                     break
         if "address" in self.types:
-            for m in PATTERNS_PARTIAL_ADDRESS.finditer(norm, partial=True):
+            for m in PATTERNS_PARTIAL_ADDRESS.finditer(norm, pos=_window(norm), partial=True):
                 a = n.at(m.start())
                 if m.partial and m.group().strip() and capitalised_street(text[a:]):
                     start = min(start, m.start())

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 import regex
 
 from floe_jax.inference.privacy.normalize import normalize
-from floe_jax.inference.privacy.span import Span, merge_spans
+from floe_jax.inference.privacy.span import PENDING_WINDOW, Span, merge_spans
 
 _STREET_ABBR = {
     "street": "st",
@@ -159,7 +159,7 @@ class RegisteredDetector:
         n = normalize(text)
         start = len(n.text)
         for _, pat in self._patterns:
-            for m in pat.finditer(n.text, partial=True):
+            for m in pat.finditer(n.text, pos=max(len(n.text) - PENDING_WINDOW, 0), partial=True):
                 if m.partial and m.group().strip():
                     start = min(start, m.start() + len(m.group()) - len(m.group().lstrip()))
         return 0 if start >= len(n.text) else len(text) - n.at(start)

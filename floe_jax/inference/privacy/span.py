@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
+# How far back from the end of a text (in normalised characters) a detector looks for a span that
+# is still being written: longer than any phone, address or (even spelt-out) email address.
+PENDING_WINDOW = 256
+
 
 @dataclasses.dataclass(frozen=True)
 class Span:
