@@ -32,6 +32,7 @@ import re
 import pytest
 from privacy_corpus import REGISTERED, TEMPLATES, Case, cases, ordinary
 
+from floe_jax.config import ConfigError
 from floe_jax.inference.cloud import CloudDistribution, Prefix
 from floe_jax.inference.privacy import (
     GuardedCloud,
@@ -128,9 +129,8 @@ def test_hand_written_cases_streamed_char_by_char():
             _check(det, text, s0, s1, case, k)
 
 
-@pytest.mark.parametrize("action", ["edge_only"])
-def test_edge_only_policy_streamed(action):
-    det = _detector(action=action)
+def test_edge_only_policy_streamed():
+    det = _detector(action="edge_only")
     for case in CASES[::5]:
         text, s0, s1 = _place(TEMPLATES[0], case.form)
         for k in _chunks(text):
@@ -231,3 +231,11 @@ def test_false_positive_rate_on_ordinary_text():
             held += det.pending(t[:k]) > 0
     assert held / total < 0.20, held / total  # documented: 603 / 5343
     print(f"false positives {len(flagged)}/{len(texts)}; tail held on {held}/{total} prefixes")
+
+
+@pytest.mark.parametrize(
+    "field, value", [("pending", "drop"), ("region", "usa"), ("action", "hide"), ("types", ("x",))]
+)
+def test_policy_fields_are_validated(field, value):
+    with pytest.raises(ConfigError, match=field if field != "types" else "span type"):
+        PrivacyPolicy(**{field: value})
