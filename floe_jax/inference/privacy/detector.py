@@ -165,11 +165,12 @@ class PrivacyDetector:
 
         A trailing U+FFFD is the start of a character whose other bytes are in the next token
         (a byte-level tokenizer decodes `55` + the first byte of a fullwidth `５` as `55\ufffd`):
-        it is undecided itself, and the text before it is judged as if it ended there.
+        the text before it is judged as if it ended there, and when that is undecided the
+        U+FFFD is held with it. (Sent alone, U+FFFD carries none of the character's bytes.)
         """
         core = text.rstrip(INCOMPLETE)
         n = max((d.pending(core) for d in self.detectors), default=0)
-        return n + len(text) - len(core)
+        return n + len(text) - len(core) if n else 0
 
     def redact(self, text: str, spans: Sequence[Span]) -> str:
         """`text` with each span replaced by its placeholder (spans sorted, not overlapping)."""
