@@ -15,7 +15,9 @@ their obfuscated forms (`mira dot okafor at example dot com`, `mira.okafor [at] 
 spaced `mira.okafor @ example . com`), which the email pattern here accepts.
 
 Streaming: `pending(text)` is the length of the trailing text that could still grow into a span:
-a trailing run of digits and phone separators, an email whose domain is not finished, or a local
+a trailing run of digits and phone separators (phones, cards, SSNs, IPv4), an IBAN after its
+two-letter country code, hex groups after a colon (IPv6), a house number and the capitalised
+words after it, an email whose domain is not finished, or a local
 part that contains a character ordinary words do not (`.`, `_`, `+`, `@`) or is followed by a
 spelt `at`. A bare word that later turns out to be an address's local part (`bob` before
 `@example.com`) cannot be told from a word: only a registered address covers that case.
@@ -71,6 +73,9 @@ PATTERNS = {
 }
 # a phone still being written: digits and phone separators at the end, not inside a word
 _PHONE_TAIL = re.compile(r"(?<![^\W_])[+(]?\d[\d \-./()]*$")
+# an IBAN after its country code, an IPv6 address after its first colon
+_IBAN_TAIL = re.compile(r"(?<![^\W_])[a-z]{2}\d{2}[a-z0-9]*(?: [a-z0-9]+)*$")
+_IPV6_TAIL = re.compile(r"(?<![0-9a-f:])(?:[0-9a-f]{1,4}:{1,2}){1,7}[0-9a-f]{0,4}$")
 _EMAIL_TAIL_CHARS = re.compile(r"[._%+@\-\[(]| at| dot")
 
 
@@ -256,6 +261,10 @@ class PatternDetector:
         start = len(norm)
         if "phone" in self.types or "card" in self.types or "ssn" in self.types:
             m = _PHONE_TAIL.search(norm)
+            if m:
+                start = min(start, m.start())
+        for kind, tail_re in (("iban", _IBAN_TAIL), ("ipv6", _IPV6_TAIL)):
+            m = tail_re.search(norm, _window(norm)) if kind in self.types else None
             if m:
                 start = min(start, m.start())
         if "email" in self.types:
