@@ -263,3 +263,12 @@ def test_other_types_streamed(kind, value):
         s0 += 2
     for k in _chunks(text, size=2):
         _check(det, text, s0, s1, case, k)
+
+
+def test_a_registered_foreign_number_in_its_national_forms():
+    """`phonenumbers` reads the registered number's national part, so the number written
+    without its country code, with the trunk 0, or with `(0)` is the same number."""
+    det = PrivacyDetector(terms=["+44 20 7946 0958"])
+    for form in ("020 7946 0958", "20 7946 0958", "+44 (0) 20 7946 0958", "0044 20 7946 0958"):
+        sent = det.screen(f"ring {form} now").text
+        assert sent == "ring [PHONE] now", (form, sent)

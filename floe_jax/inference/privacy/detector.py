@@ -141,7 +141,7 @@ class PrivacyDetector:
         self.patterns = PatternDetector(
             [t for t in PATTERN_TYPES if t in policy.types], region=policy.region
         )
-        self.registered = RegisteredDetector()
+        self.registered = RegisteredDetector(region=policy.region)
         for d in detectors:
             if not isinstance(d, Detector):
                 raise TypeError(f"{d!r} has no find(text) and pending(text)")

@@ -8,8 +8,9 @@ A registered value is classified by its shape and matched on normalised text (se
   part alone (the surname always, a given name of three letters or more), in any case, with the
   possessive (`Okafor's`: the name is redacted, the `'s` stays), and with one separator allowed
   between any two letters (`O.k.a.f.o.r`, `Oka-for`);
-- a phone (`555-0142`, `+1 555 014 2000`) matches by its digits in order with any separators
-  (`5550142`, `5 5 5 0 1 4 2`, `555–0142`, `555/0142`), after an optional country code;
+- a phone (`555-0142`, `+1 555 014 2000`) matches by the digits of its national number (read by
+  `phonenumbers`) in order with any separators (`5550142`, `5 5 5 0 1 4 2`, `555–0142`,
+  `555/0142`), after an optional country code or trunk prefix;
 - an email matches with `@`/`.` written as `at`/`dot` (bare or in brackets) or spaced;
 - a street address (`12 Harbour Lane`) matches with its street type abbreviated or spelt out.
 
@@ -24,9 +25,11 @@ import re
 import threading
 from collections.abc import Iterable
 
+import phonenumbers
 import regex
 
 from floe_jax.inference.privacy.normalize import normalize
+from floe_jax.inference.privacy.patterns import grow_number
 from floe_jax.inference.privacy.span import PENDING_WINDOW, Span, merge_spans
 
 _STREET_ABBR = {
@@ -82,13 +85,18 @@ def name_pattern(name: str) -> str:
     return f"{_B}(?:{'|'.join(alts)}){_E}"
 
 
-def phone_pattern(phone: str) -> str:
+def phone_pattern(phone: str, region: str = "US") -> str:
+    """The national number's digits in order with any separators, after an optional country
+    code or trunk prefix (`+44 20 7946 0958` also matches `020 7946 0958`, `20 7946 0958`)."""
     digits = re.sub(r"\D", "", normalize(phone).text)
-    if phone.strip().startswith("+") or (len(digits) == 11 and digits[0] == "1"):
-        # keep the national number; the country code is optional below
-        digits = digits[1:] if len(digits) == 11 and digits[0] == "1" else digits
+    try:
+        number = phonenumbers.parse(normalize(phone).text, region)
+        if number.national_number:
+            digits = str(number.national_number)
+    except phonenumbers.NumberParseException:
+        pass  # not a number phonenumbers can read: all its digits, in order
     body = _DIGIT_SEP.join(digits)
-    return rf"(?<!\d)(?:\+?\s?\d{{1,3}}\s?[\-./ ]?\s?)?\(?{body}"
+    return rf"(?<!\d)(?:\+?\s?\d{{1,4}}\s?[\-./ ]?\s?)?\(?(?:0\s?)?{body}"
 
 
 def email_pattern(email: str) -> str:
@@ -111,14 +119,14 @@ def address_pattern(address: str) -> str:
     return _B + r"[\s,]{0,3}".join(out) + _E
 
 
-_BUILDERS = {"term": name_pattern, "phone": phone_pattern, "email": email_pattern,
-             "address": address_pattern}  # fmt: skip
+_BUILDERS = {"term": name_pattern, "email": email_pattern, "address": address_pattern}
 
 
 class RegisteredDetector:
     """Matches client-registered values in their common variants; implements `Detector`."""
 
-    def __init__(self, values: Iterable[str] = ()):
+    def __init__(self, values: Iterable[str] = (), *, region: str = "US"):
+        self.region = region
         self._lock = threading.Lock()
         self._values: dict[str, str] = {}
         self._patterns: list[tuple[str, regex.Pattern]] = []
@@ -137,7 +145,8 @@ class RegisteredDetector:
                     self._values[v] = classify(v)
             by_kind: dict[str, list[str]] = {}
             for v, kind in self._values.items():
-                by_kind.setdefault(kind, []).append(_BUILDERS[kind](v))
+                pattern = phone_pattern(v, self.region) if kind == "phone" else _BUILDERS[kind](v)
+                by_kind.setdefault(kind, []).append(pattern)
             self._patterns = [
                 (kind, regex.compile("|".join(f"(?:{p})" for p in pats)))
                 for kind, pats in by_kind.items()
@@ -150,8 +159,10 @@ class RegisteredDetector:
             for m in pat.finditer(n.text, overlapped=False):
                 g = m.group()
                 if g.strip():  # a span starts and ends with a visible character
-                    start = m.start() + len(g) - len(g.lstrip())
-                    a, b = n.span(start, m.start() + len(g.rstrip()))
+                    start, end = m.start() + len(g) - len(g.lstrip()), m.start() + len(g.rstrip())
+                    if kind == "phone":  # the whole number, not `0044 [PHONE]`
+                        start, end = grow_number(n.text, start, end)
+                    a, b = n.span(start, end)
                     spans.append(Span(a, b, kind, text[a:b]))
         return merge_spans(spans, text)
 
