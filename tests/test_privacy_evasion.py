@@ -218,6 +218,12 @@ def test_a_plugged_in_detector_is_consulted():
         PrivacyDetector(detectors=[object()])
 
 
+def test_a_prompt_waiting_for_its_answer_is_not_held():
+    det = _detector()
+    for text in ("Q: What is the capital of Nolraia?\nA:", "Q: Which currency?\nA: The", "Note:"):
+        assert det.pending(text) == 0, text
+
+
 def test_false_positive_rate_on_ordinary_text():
     det = _detector()
     texts = ordinary(300)

@@ -76,6 +76,7 @@ _PHONE_TAIL = re.compile(r"(?<![^\W_])[+(]?\d[\d \-./()]*$")
 # an IBAN after its country code, an IPv6 address after its first colon
 _IBAN_TAIL = re.compile(r"(?<![^\W_])[a-z]{2}\d{2}[a-z0-9]*(?: [a-z0-9]+)*$")
 _IPV6_TAIL = re.compile(r"(?<![0-9a-f:])(?:[0-9a-f]{1,4}:{1,2}){1,7}[0-9a-f]{0,4}$")
+_DIGIT = re.compile(r"\d")
 _EMAIL_TAIL_CHARS = re.compile(r"[._%+@\-\[(]| at| dot")
 
 
@@ -265,7 +266,8 @@ class PatternDetector:
                 start = min(start, m.start())
         for kind, tail_re in (("iban", _IBAN_TAIL), ("ipv6", _IPV6_TAIL)):
             m = tail_re.search(norm, _window(norm)) if kind in self.types else None
-            if m:
+            # hex groups need a digit or a second colon: not the "A:" of a prompt
+            if m and (kind == "iban" or m.group().count(":") > 1 or _DIGIT.search(m.group())):
                 start = min(start, m.start())
         if "email" in self.types:
             for m in PATTERNS["email"].finditer(norm, pos=_window(norm), partial=True):
