@@ -134,9 +134,11 @@ class _Echo:
 def test_guard_withholds_rows_and_uses_decoder():
     backend = _Echo()
     g = GuardedCloud(backend, PrivacyDetector(PrivacyPolicy(action="edge_only")),
-                     decode=lambda ids: " ".join(map(str, ids)))  # fmt: skip
+                     decode=lambda ids: " ".join(f"w{i}" for i in ids))  # fmt: skip
+    # (decoded as words: a text ending in a bare number, "1 2", is now held back under
+    # edge_only, since more digits could still make it a phone number)
     out = g.next_token([Prefix(text="mail a@b.org"), Prefix(ids=(1, 2)), Prefix(text="hi")])
-    assert [p.text for p in backend.seen] == ["1 2", "hi"]
+    assert [p.text for p in backend.seen] == ["w1 w2", "hi"]
     assert out.errors[0] == "privacy" and out.batch == 3
     assert g.detector.stats()["requests"]["edge_only"] == 1
     with pytest.raises(TypeError):
