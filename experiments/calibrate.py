@@ -222,9 +222,10 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _parse(argv: list[str], prog: str, description: str) -> DemoPreset:
+def _parse(argv: list[str], prog: str, description: str, attention_impl: str) -> DemoPreset:
     import argparse
 
+    from experiments.cli import with_attention_impl
     from experiments.presets import PRESETS
 
     p = argparse.ArgumentParser(prog=prog, description=description)
@@ -236,27 +237,29 @@ def _parse(argv: list[str], prog: str, description: str) -> DemoPreset:
     args = p.parse_args(argv)
     if "=" in args.preset:  # `calibrate key=value` without a preset name
         args.overrides, args.preset = [args.preset, *args.overrides], "default"
-    return get_preset(args.preset, args.overrides)
+    return with_attention_impl(get_preset(args.preset, args.overrides), attention_impl)
 
 
-def main(argv: list[str]) -> int:
-    """`python -m experiments calibrate [PRESET] [key=value ...]`."""
+def main(argv: list[str], attention_impl: str = "reference") -> int:
+    """`python -m experiments calibrate [PRESET] [key=value ...]`; `attention_impl` is the decode
+    attention kernel of both models (`FLOE_KERNELS`, read by the command line)."""
     preset = _parse(
         argv, "python -m experiments calibrate",
         "Pretrain (or load from the cache) the edge and cloud models of a preset, LoRA-fine-tune "
         "the edge on the pooled private examples, and print exact-match accuracy per query type "
-        "with the time of each stage.",
+        "with the time of each stage.", attention_impl,
     )  # fmt: skip
     print(format_report(run(preset)))
     return 0
 
 
-def pretrain_main(argv: list[str]) -> int:
+def pretrain_main(argv: list[str], attention_impl: str = "reference") -> int:
     """`python -m experiments pretrain [PRESET] [key=value ...]`."""
     preset = _parse(
         argv, "python -m experiments pretrain",
         "Generate the embedded benchmark, train its BPE tokenizer and pretrain the cloud and edge "
         "base models into the cache folder (a second run finds them there and skips training).",
+        attention_impl,
     )  # fmt: skip
     prep = prepare(preset)
     for which in ("cloud", "edge"):

@@ -65,14 +65,14 @@ def _bench(argv: list[str], impl: str) -> int:
     args = p.parse_args(argv)
     for name in args.names or benchmarks.available():
         if args.profile is None:
-            benchmarks.run(name, quick=args.quick)
+            benchmarks.run(name, quick=args.quick, attention_impl=impl)
             continue
         from experiments.benchmarks._profile import op_table, traced
         from experiments.benchmarks._util import print_table
 
         out = os.path.join(args.profile, name)
         with traced(out):
-            benchmarks.run(name, quick=args.quick)
+            benchmarks.run(name, quick=args.quick, attention_impl=impl)
         print_table(op_table(out), title=f"{name}: XLA time per op (trace in {out})")
     return 0
 
@@ -80,7 +80,7 @@ def _bench(argv: list[str], impl: str) -> int:
 def _profile(argv: list[str], impl: str) -> int:
     from experiments import profile
 
-    profile.main(argv)
+    profile.main(argv, attention_impl=impl)
     return 0
 
 
@@ -93,13 +93,13 @@ def _serve_cloud(argv: list[str], impl: str) -> int:
 def _pretrain(argv: list[str], impl: str) -> int:
     from experiments import calibrate
 
-    return calibrate.pretrain_main(argv)
+    return calibrate.pretrain_main(argv, attention_impl=impl)
 
 
 def _calibrate(argv: list[str], impl: str) -> int:
     from experiments import calibrate
 
-    return calibrate.main(argv)
+    return calibrate.main(argv, attention_impl=impl)
 
 
 def _run_parser(command: str, description: str):

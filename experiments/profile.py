@@ -139,7 +139,9 @@ def _parse(argv):
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> CostTable:
+def main(argv: list[str] | None = None, attention_impl: str = "reference") -> CostTable:
+    """`python -m experiments profile ...`; `attention_impl` is the decode attention kernel of the
+    measured model (`FLOE_KERNELS`, read by the command line)."""
     args = _parse(argv)
     if args.model_json:
         cfg = ModelConfig(**json.loads(args.model_json))
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> CostTable:
         cfg = MODEL_PRESETS[args.model]
     if args.dtype:
         cfg = dataclasses.replace(cfg, dtype=args.dtype)
+    cfg = dataclasses.replace(cfg, attention_impl=attention_impl)
     ranks = [int(r) for r in args.ranks.split(",") if r]
     try:
         target_sets = [_TARGET_SETS[t] for t in args.targets.split(",") if t]

@@ -254,32 +254,57 @@ def _convert(value: str, tp, where: str):
     raise ConfigError(f"{where}: fields of type {tp} cannot be set from the command line")
 
 
-def _set_path(obj, path: list[str], value: str, trail: list[str]):
+def _apply(obj, tree: dict, trail: list[str]):
+    """`obj` with every override in `tree` (`{field: value str | subtree}`) applied in one
+    `dataclasses.replace` per nested config, so a config validates its fields together."""
     import typing
 
-    name = path[0]
-    where = ".".join([*trail, name])
     fields = {f.name for f in dataclasses.fields(obj)}
-    if name not in fields:
-        raise ConfigError(f"unknown setting {where!r}; known: {', '.join(sorted(fields))}")
-    if len(path) > 1:
-        child = getattr(obj, name)
-        if not dataclasses.is_dataclass(child):
-            raise ConfigError(f"{where!r} has no sub-settings")
-        return dataclasses.replace(obj, **{name: _set_path(child, path[1:], value, [*trail, name])})
-    tp = typing.get_type_hints(type(obj))[name]
-    return dataclasses.replace(obj, **{name: _convert(value.strip(), tp, where)})
+    hints = typing.get_type_hints(type(obj))
+    changes = {}
+    for name, value in tree.items():
+        where = ".".join([*trail, name])
+        if name not in fields:
+            raise ConfigError(f"unknown setting {where!r}; known: {', '.join(sorted(fields))}")
+        if isinstance(value, dict):
+            child = getattr(obj, name)
+            if not dataclasses.is_dataclass(child):
+                raise ConfigError(f"{where!r} has no sub-settings")
+            changes[name] = _apply(child, value, [*trail, name])
+        else:
+            changes[name] = _convert(value.strip(), hints[name], where)
+    try:
+        return dataclasses.replace(obj, **changes)
+    except ConfigError as e:
+        prefix = ".".join(trail)
+        raise ConfigError(f"{prefix}: {e}" if prefix else str(e)) from None
 
 
 def apply_overrides(cfg, overrides: list[str] | tuple[str, ...]):
     """Returns `cfg` (a frozen dataclass) with `key=value` overrides applied.
 
     Dotted keys reach nested dataclasses (`fed.num_rounds=3`). Values are parsed by each field's
-    type annotation; an unknown key or a value of the wrong type raises `ConfigError` naming it.
+    type annotation; an unknown key, a key given twice or a value of the wrong type raises
+    `ConfigError` naming it. The order of the overrides does not matter: all the fields set on
+    one (nested) config are applied together, so `agg.prune_threshold=0.1 agg.method=hetlora`
+    validates as one `AggregationConfig`.
     """
+    tree: dict = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, value = item.split("=", 1)
-        cfg = _set_path(cfg, key.strip().split("."), value, [])
-    return cfg
+        *parents, leaf = [k.strip() for k in key.strip().split(".")]
+        node = tree
+        for i, k in enumerate(parents):
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(
+                    f"{'.'.join(parents[: i + 1])!r} is set and also has sub-settings"
+                )
+        if isinstance(node.get(leaf), dict):
+            raise ConfigError(f"{key.strip()!r} is set and also has sub-settings")
+        if leaf in node:
+            raise ConfigError(f"setting {key.strip()!r} is given twice")
+        node[leaf] = value
+    return _apply(cfg, tree, []) if tree else cfg

@@ -225,11 +225,13 @@ def code_fingerprint() -> str:
 
 def cache_key(cfg: ModelConfig, tcfg: PretrainConfig, stream: np.ndarray, tag: str = "") -> str:
     """A short hash of (token stream, model config, training config, tag, cache version, code
-    fingerprint)."""
+    fingerprint). The model config's `attention_impl` is left out: it picks the kernel of cached
+    decode steps, which pretraining never runs, so both implementations share one cache entry."""
     h = hashlib.sha256()
     h.update(np.ascontiguousarray(np.asarray(stream, np.int64)).tobytes())
+    model = dataclasses.asdict(dataclasses.replace(cfg, attention_impl="reference"))
     meta = {
-        "model": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+        "model": json.loads(json.dumps(model, default=str)),
         "train": dataclasses.asdict(tcfg),
         "tag": tag,
         "version": CACHE_VERSION,

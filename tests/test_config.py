@@ -70,8 +70,9 @@ def test_overrides_parse_by_type():
         ("num_layers", "key=value"),
         ("dtype=float16", "dtype"),
         ("rope_scaling.factor=2", "has no sub-settings"),
+        ("num_layers=2,num_layers=3", "given twice"),
     ],
 )
 def test_bad_overrides_are_clear(override, message):
     with pytest.raises(ConfigError, match=message):
-        apply_overrides(ModelConfig(**BASE), [override])
+        apply_overrides(ModelConfig(**BASE), override.split(","))

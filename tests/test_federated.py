@@ -186,12 +186,19 @@ def test_fed_config_nests_lora_and_aggregation_and_takes_dotted_overrides():
     assert fed.agg == AggregationConfig(method="hetlora", prune_threshold=0.1)
     assert fed.lora.rank == 16 and fed.max_rank == 16
     assert fed.agg.options == {"norm_weighting": False, "prune_threshold": 0.1}
+    # the overrides of one nested config validate together, in any order
+    assert apply_overrides(FedConfig(), ["agg.prune_threshold=0.1", "agg.method=hetlora"]) == (
+        apply_overrides(FedConfig(), ["agg.method=hetlora", "agg.prune_threshold=0.1"])
+    )
     with pytest.raises(ConfigError, match="AggregationConfig.prune_threshold"):
         apply_overrides(FedConfig(), ["agg.prune_threshold=0.1"])  # fedavg takes no pruning
     with pytest.raises(ConfigError, match="AggregationConfig.method"):
         AggregationConfig(method="fedprox")
     with pytest.raises(ConfigError, match="max_rank"):
         apply_overrides(FedConfig(lora=LoRAConfig(rank=8, max_rank=8)), ["lora.rank=16"])
+    grown = apply_overrides(FedConfig(lora=LoRAConfig(rank=8, max_rank=8)),
+                            ["lora.rank=16", "lora.max_rank=16"])  # fmt: skip
+    assert grown.max_rank == 16
 
 
 def test_fedavg_equal_ranks_is_mean(tiny_cfg):

@@ -97,6 +97,8 @@ def test_cache_key_covers_data_model_and_training():
     assert k != cache_key(dataclasses.replace(CFG, hidden_size=64), TCFG, s)
     assert k != cache_key(CFG, dataclasses.replace(TCFG, lr=1e-3), s)
     assert k != cache_key(CFG, TCFG, s, tag="bench-seed-1")
+    # the decode kernel is not part of what pretraining trains
+    assert k == cache_key(dataclasses.replace(CFG, attention_impl="pallas"), TCFG, s)
 
 
 @pytest.mark.parametrize("module", [floe_jax.model, kernels.decode_attention, floe_jax.loss])

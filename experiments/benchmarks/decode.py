@@ -9,6 +9,7 @@ the two agree (a check that the comparison is like for like).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 
@@ -30,7 +31,7 @@ def _hf_model(path: str):
     return model
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, attention_impl: str = "reference") -> list[dict]:
     import torch
 
     import floe_jax as fj
@@ -42,6 +43,7 @@ def run(quick: bool = False) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         hf = _hf_model(d)
         cfg, params = fj.load_hf(d)
+    cfg = dataclasses.replace(cfg, attention_impl=attention_impl)
     rows = []
     for batch in (1, 8):
         ids = np.random.RandomState(batch).randint(0, cfg.vocab_size, (batch, prompt_len))
@@ -76,6 +78,10 @@ def run(quick: bool = False) -> list[dict]:
                 "greedy agreement": agree,
             }
         )
-    print_table(rows, title=f"bench decode: prompt {prompt_len}, {new} new tokens — {machine()}")
+    print_table(
+        rows,
+        title=f"bench decode: prompt {prompt_len}, {new} new tokens, attention {attention_impl} — "
+        f"{machine()}",
+    )
     print(f"float32 matmul (1024^3 through XLA): {matmul_gflops():.1f} GFLOP/s")
     return rows

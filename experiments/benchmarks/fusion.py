@@ -72,10 +72,10 @@ def _once(variants, states, name, steps) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def step_rows(quick: bool) -> list[dict]:
+def step_rows(quick: bool, attention_impl: str = "reference") -> list[dict]:
     """Edge-only and fused steps timed in interleaved rounds (a busy machine drifts: each round
     measures every variant back to back, and the median over rounds is reported)."""
-    cfg = FJ_REF
+    cfg = dataclasses.replace(FJ_REF, attention_impl=attention_impl)
     params = unstack_layers(init_params(cfg, key=jax.random.key(0)))
     greedy = SamplingConfig()
     steps = 10 if quick else 40
@@ -140,9 +140,9 @@ def step_rows(quick: bool) -> list[dict]:
     return rows
 
 
-def latency_rows(quick: bool) -> list[dict]:
-    edge_cfg = FJ_REF
-    cloud_cfg = dataclasses.replace(FJ_REF, num_layers=8)  # a bigger (simulated) cloud
+def latency_rows(quick: bool, attention_impl: str = "reference") -> list[dict]:
+    edge_cfg = dataclasses.replace(FJ_REF, attention_impl=attention_impl)
+    cloud_cfg = dataclasses.replace(edge_cfg, num_layers=8)  # a bigger (simulated) cloud
     edge = init_params(edge_cfg, key=jax.random.key(0))
     cloud_params = init_params(cloud_cfg, key=jax.random.key(1))
     N = 8 if quick else 32
@@ -179,11 +179,12 @@ def latency_rows(quick: bool) -> list[dict]:
     return rows
 
 
-def run(quick: bool = False) -> list[dict]:
+def run(quick: bool = False, attention_impl: str = "reference") -> list[dict]:
     print(f"machine: {machine()}  (numbers on a busy machine are provisional)", flush=True)
-    steps = step_rows(quick)
+    print(f"decode attention: {attention_impl}", flush=True)
+    steps = step_rows(quick, attention_impl)
     print_table(steps, "Fused step vs edge-only step (FJ-REF, float32, cloud precomputed)")
-    lat = latency_rows(quick)
+    lat = latency_rows(quick, attention_impl)
     print_table(lat, "Per-token latency under a simulated network (SimClock, lognormal RTT)")
     return [dict(table="step", **r) for r in steps] + [dict(table="latency", **r) for r in lat]
 
