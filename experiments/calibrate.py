@@ -180,7 +180,7 @@ def run(preset: DemoPreset, *, progress: bool = True) -> dict:
     prep = prepare(preset, progress=progress)
     times = dict(prep.times)
     rows = {}
-    n = preset.max_new_tokens
+    n = preset.eval.decode.max_new_tokens
     for which in ("cloud", "edge"):
         t0 = time.perf_counter()
         res = getattr(prep, which)

@@ -112,7 +112,8 @@ def _run_parser(command: str, description: str):
     p.add_argument("preset", nargs="?", default="default", help=f"one of {names}")
     p.add_argument(
         "overrides", nargs="*", metavar="key=value",
-        help="preset overrides, e.g. fed.num_rounds=3 eval.tau_ms=150 bench.seed=1",
+        help="preset overrides, e.g. fed.rounds.num_rounds=3 eval.decode.deadline_s=0.15 "
+        "fed.rounds.agg.method=fedit bench.seed=1",
     )  # fmt: skip
     p.add_argument("--out", default=None, help="run folder (default runs/demo-<preset>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -135,8 +136,8 @@ def _demo(argv: list[str], impl: str) -> int:
     preset, out, progress = _run_args(
         argv, impl, "demo",
         "The embedded Floe benchmark end to end: tokenizer and pretrained base models (cached), "
-        "heterogeneous ranks from device profiles, federated LoRA rounds (Floe clustered, "
-        "FedIT/HetLoRA/FlexLoRA unclustered), then every method on the same test queries under a "
+        "heterogeneous ranks from device profiles, federated LoRA rounds (Floe clustered, the "
+        "fed.baselines rules unclustered), then every method on the same test queries under a "
         "simulated network. Writes config.json, fed/*/metrics.jsonl, eval.jsonl, report.md and "
         "plots into the run folder.",
     )  # fmt: skip

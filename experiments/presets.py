@@ -14,9 +14,13 @@ import dataclasses
 
 from floe_jax.config import ConfigError, LoRAConfig, ModelConfig, apply_overrides
 from floe_jax.data.benchmark import BenchmarkConfig
+from floe_jax.federated.config import AggregationConfig, FedConfig
+from floe_jax.inference.fused import FusedDecodeConfig
+from floe_jax.inference.router import FusionConfig
 from floe_jax.pretrain import PretrainConfig
 
 VOCAB_SIZE = 768
+FLOE = "floe"  # the name of Floe's run beside the baselines'
 
 
 def _model(layers: int, hidden: int, heads: int, kv_heads: int, ffn: int) -> ModelConfig:
@@ -45,33 +49,64 @@ class FinetuneConfig:
     seed: int = 0
 
 
+DEMO_ROUNDS = FedConfig(
+    num_rounds=8,
+    clients_per_round=6,
+    local_steps=8,
+    batch_size=8,
+    seq_len=None,  # the demo pads to its longest example (`experiments.demo.setup.private_data`)
+    lr=3e-3,
+    lora=LoRAConfig(rank=16, alpha=32.0),
+    agg=AggregationConfig(method="hetlora"),
+    clustering="updates",
+    checkpoint_every=8,
+    max_to_keep=1,
+)
+"""Floe's rounds in the demo: update-based task clustering, HetLoRA's zero-padded average inside
+each cluster."""
+
+BASELINES = (
+    AggregationConfig(method="fedit"),
+    AggregationConfig(method="hetlora", norm_weighting=True, prune_threshold=0.05),
+    AggregationConfig(method="flexlora"),
+)
+"""The unclustered rules the demo trains beside Floe. HetLoRA runs with its norm weighting and rank
+self-pruning on: a client drops the trailing slots that hold at most 5% of its update's energy,
+which on the default demo does lower the ranks (the report's client table shows the ranks each
+run ends with)."""
+
+
+def baseline_name(agg: AggregationConfig) -> str:
+    """A run's name for an aggregation config: the method, then each option set away from its
+    default (`hetlora-norm_weighting-prune_threshold0.05`)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(AggregationConfig)}
+    parts = [agg.method]
+    for name in ("max_norm", *agg.options):
+        value = getattr(agg, name)
+        if value != defaults[name]:
+            parts.append(name if value is True else f"{name}{value}")
+    return "-".join(parts)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DemoFed:
-    """Federated LoRA rounds of the demo (one run per compared rule, same data and ranks).
+    """Federated LoRA rounds of the demo: Floe's run and one run per baseline rule, with the same
+    data and ranks.
 
     Attributes:
-      num_rounds, clients_per_round, local_steps, batch_size, lr: the rounds.
-      seq_len: padded example length (0: the longest private example, rounded up to 16).
-      lora_rank: the largest (padded) rank; lora_alpha: the scale numerator.
-      rank_candidates: ranks a device may get (`floe_jax.devices.assign_ranks`).
+      rounds: Floe's rounds (`FedConfig`: sizes, adapters, Floe's rule inside each cluster,
+        clustering). `seq_len=None` lets the demo pad examples to the longest one.
+      rank_candidates: ranks a device may get (`floe_jax.devices.assign_ranks`); the largest must
+        fit `rounds.lora`'s padded rank.
       devices: catalog profiles cycled over the clients (one per client).
       deadline_ms: per-token decode deadline the devices' ranks must meet.
-      num_clusters: Floe's K (0: the number of task families).
-      rules: the unclustered baselines trained besides Floe (aggregation rule names).
-      floe_rule: the aggregation rule inside each of Floe's clusters.
-      client_chunk: clients trained at once (`FedConfig.client_chunk`; none: 1 on a CPU, all
-        of them vmapped on a GPU or TPU).
-      seed: seeds every round.
+      baselines: the unclustered rules trained beside Floe; each runs `rounds` with
+        `agg=<baseline>, clustering="none"` and is named by `baseline_name`.
+      known_k: Floe's K is the number of task families; False leaves it to `rounds.num_clusters`
+        (None: picked by silhouette).
     """
 
-    num_rounds: int = 8
-    clients_per_round: int = 6
-    local_steps: int = 8
-    batch_size: int = 8
-    lr: float = 3e-3
-    seq_len: int = 0
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
+    rounds: FedConfig = DEMO_ROUNDS
     rank_candidates: tuple[int, ...] = (4, 8, 16)
     devices: tuple[str, ...] = (
         "jetson-orin-nano-8gb",
@@ -80,28 +115,44 @@ class DemoFed:
         "ryzen-7-7840u",
     )
     deadline_ms: float = 100.0
-    num_clusters: int = 0
-    rules: tuple[str, ...] = ("fedit", "hetlora", "flexlora")
-    floe_rule: str = "hetlora"
-    client_chunk: int | None = None
-    seed: int = 0
+    baselines: tuple[AggregationConfig, ...] = BASELINES
+    known_k: bool = True
 
     def __post_init__(self):
-        from floe_jax.federated.aggregate import available_rules
-
-        for r in (*self.rules, self.floe_rule):
-            if r not in available_rules():
-                raise ConfigError(
-                    f"fed: unknown aggregation rule {r!r}; known: {available_rules()}"
-                )
-        if not self.rank_candidates or max(self.rank_candidates) > self.lora_rank:
+        R = self.rounds.max_rank
+        if (
+            not self.rank_candidates
+            or not 1 <= min(self.rank_candidates) <= max(self.rank_candidates) <= R
+        ):
             raise ConfigError(
-                f"fed.rank_candidates={self.rank_candidates} must be non-empty and <= lora_rank"
+                f"fed.rank_candidates={self.rank_candidates} must be non-empty, each in "
+                f"[1, fed.rounds.lora's padded rank {R}]"
             )
         if not self.devices:
             raise ConfigError("fed.devices must name at least one catalog device")
-        if self.num_clusters < 0:
-            raise ConfigError(f"fed.num_clusters must be >= 0, got {self.num_clusters}")
+        if self.deadline_ms <= 0:
+            raise ConfigError(f"fed.deadline_ms must be > 0, got {self.deadline_ms}")
+        names = [baseline_name(b) for b in self.baselines]
+        if len(set(names)) != len(names) or FLOE in names:
+            raise ConfigError(
+                f"fed.baselines must have distinct names other than {FLOE!r}: {names}"
+            )
+
+    def runs(self, num_tasks: int) -> dict[str, FedConfig]:
+        """The `FedConfig` of every compared run by name: Floe's, then each baseline's."""
+        k = num_tasks if self.known_k else self.rounds.num_clusters
+        out = {FLOE: dataclasses.replace(self.rounds, num_clusters=k)}
+        for b in self.baselines:
+            out[baseline_name(b)] = dataclasses.replace(
+                self.rounds, agg=b, clustering="none", num_clusters=None
+            )
+        return out
+
+
+DEMO_DECODE = FusedDecodeConfig(
+    max_new_tokens=32, deadline_s=0.25, fusion=FusionConfig(gate="entropy")
+)
+"""How the demo decodes (the eos and pad ids come from the tokenizer at run time)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -109,9 +160,9 @@ class DemoEval:
     """Inference settings of the demo's evaluation.
 
     Attributes:
+      decode: fused decoding (`FusedDecodeConfig`: max_new_tokens, Floe's deadline `deadline_s`
+        (a later cloud reply is not used: the edge decodes alone), the router in `fusion`).
       rtt_ms, sigma: the simulated network (lognormal round trip with mean `rtt_ms`).
-      tau_ms: Floe's per-token deadline (a later cloud reply is not used: the edge decodes alone).
-      gate, temperature, space: the router (`floe_jax.inference.FusionConfig`).
       privacy: the detector's action on a request with private spans: `redact` (send it with
         placeholders) or `edge_only` (send nothing: the edge decodes that request alone).
       placeholder: how the privacy detector redacts a span (`{kind}` is its type).
@@ -120,20 +171,19 @@ class DemoEval:
       ablations: also run Floe with fixed w=0.5 and without the deadline.
     """
 
+    decode: FusedDecodeConfig = DEMO_DECODE
     rtt_ms: float = 150.0
     sigma: float = 0.25
-    tau_ms: float = 250.0
-    gate: str = "entropy"
-    temperature: float = 1.0
-    space: str = "prob"
     privacy: str = "edge_only"
     placeholder: str = "[{kind}]"
     latency_queries: int = 9
     ablations: bool = True
 
     def __post_init__(self):
-        if self.rtt_ms < 0 or self.tau_ms <= 0:
-            raise ConfigError("eval.rtt_ms must be >= 0 and eval.tau_ms > 0")
+        if self.rtt_ms < 0 or self.sigma < 0:
+            raise ConfigError(
+                f"eval.rtt_ms and eval.sigma must be >= 0, got {self.rtt_ms}, {self.sigma}"
+            )
         if self.privacy not in ("redact", "edge_only"):
             raise ConfigError(f"eval.privacy must be redact or edge_only, got {self.privacy!r}")
         if self.latency_queries < 0:
@@ -152,7 +202,6 @@ class DemoPreset:
       cloud: the cloud model (larger; sees the whole public corpus).
       edge_pretrain, cloud_pretrain: pretraining of each.
       finetune: the centralized LoRA check of the edge model.
-      max_new_tokens: generation budget per query (the longest answer fits).
       fed: the federated rounds (`demo`, `federate`).
       eval: the evaluation (`demo`, `evaluate`).
       cache_dir: where pretrained models and the tokenizer are cached.
@@ -166,7 +215,6 @@ class DemoPreset:
     edge_pretrain: PretrainConfig
     cloud_pretrain: PretrainConfig
     finetune: FinetuneConfig = FinetuneConfig()
-    max_new_tokens: int = 32
     fed: DemoFed = DemoFed()
     eval: DemoEval = DemoEval()
     cache_dir: str = ".cache/floe_jax"
@@ -179,8 +227,6 @@ class DemoPreset:
                     f"{which}.vocab_size={m.vocab_size} differs from vocab_size={self.vocab_size}"
                     " (both models share the benchmark tokenizer)"
                 )
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
 PRESETS: dict[str, DemoPreset] = {
@@ -214,17 +260,24 @@ PRESETS: dict[str, DemoPreset] = {
         edge_pretrain=PretrainConfig(steps=4, batch_size=2, seq_len=32, warmup_steps=1),
         cloud_pretrain=PretrainConfig(steps=4, batch_size=2, seq_len=32, warmup_steps=1),
         finetune=FinetuneConfig(steps=4, batch_size=2),
-        max_new_tokens=8,
         fed=DemoFed(
-            num_rounds=2,
-            clients_per_round=3,
-            local_steps=2,
-            batch_size=2,
-            lora_rank=4,
+            rounds=dataclasses.replace(
+                DEMO_ROUNDS,
+                num_rounds=2,
+                clients_per_round=3,
+                local_steps=2,
+                batch_size=2,
+                lora=LoRAConfig(rank=4, alpha=32.0),
+                checkpoint_every=2,
+            ),
             rank_candidates=(2, 4),
-            rules=("fedit",),
+            baselines=(AggregationConfig(method="fedit"),),
         ),  # fmt: skip
-        eval=DemoEval(latency_queries=1, ablations=False),
+        eval=DemoEval(
+            decode=dataclasses.replace(DEMO_DECODE, max_new_tokens=8),
+            latency_queries=1,
+            ablations=False,
+        ),
     ),
 }
 
@@ -257,7 +310,6 @@ class RealPreset:
       prompt_format: how an example's prompt is shown to the models (`{prompt}` is replaced).
       num_clients: edge devices; each gets one task.
       examples_per_client, test_per_client: private training examples / held-out test queries.
-      max_new_tokens: generation budget per query.
       dtype: parameter dtype of both models.
       fed, eval: as in `DemoPreset`.
       seed: seeds the split.
@@ -276,14 +328,15 @@ class RealPreset:
     num_clients: int = 8
     examples_per_client: int = 64
     test_per_client: int = 8
-    max_new_tokens: int = 32
     dtype: str = "bfloat16"
-    fed: DemoFed = DemoFed(lora_rank=16, rank_candidates=(4, 8, 16), num_rounds=10)
+    fed: DemoFed = DemoFed(
+        rounds=dataclasses.replace(DEMO_ROUNDS, num_rounds=10, checkpoint_every=10)
+    )
     eval: DemoEval = DemoEval()
     seed: int = 0
 
     def __post_init__(self):
-        for f in ("num_clients", "examples_per_client", "test_per_client", "max_new_tokens"):
+        for f in ("num_clients", "examples_per_client", "test_per_client"):
             if getattr(self, f) < 1:
                 raise ConfigError(f"{f} must be >= 1, got {getattr(self, f)}")
         if "{prompt}" not in self.prompt_format:

@@ -1,38 +1,75 @@
 """The demo end to end on the `smoke` preset, the presets and overrides, the command line."""
 
+import dataclasses
 import json
 
 import pytest
 
 from experiments import cli, demo
-from experiments.presets import PRESETS, REAL_PRESETS, get_preset
+from experiments.presets import FLOE, PRESETS, REAL_PRESETS, baseline_name, get_preset
 from floe_jax.config import ConfigError
+from floe_jax.federated.config import AggregationConfig
 
 
 def test_presets_and_overrides_parse():
     for name in [*PRESETS, *REAL_PRESETS]:
         assert get_preset(name).name == name
     p = get_preset(
-        "smoke", ["fed.num_rounds=3", "fed.rules=fedit,flexlora", "eval.tau_ms=120", "bench.seed=2"]
-    )
-    assert p.fed.num_rounds == 3 and p.fed.rules == ("fedit", "flexlora")
-    assert p.eval.tau_ms == 120.0 and p.bench.seed == 2
-    assert PRESETS["smoke"].fed.num_rounds != 3  # the preset itself is untouched (frozen)
+        "smoke",
+        ["fed.rounds.num_rounds=3", "fed.rounds.agg.method=fedit", "eval.decode.deadline_s=0.12",
+         "eval.decode.fusion.gate=maxprob", "fed.baselines=", "bench.seed=2"],
+    )  # fmt: skip
+    assert p.fed.rounds.num_rounds == 3 and p.fed.rounds.agg.method == "fedit"
+    assert p.fed.baselines == ()
+    assert p.eval.decode.deadline_s == 0.12 and p.eval.decode.fusion.gate == "maxprob"
+    assert p.bench.seed == 2
+    assert PRESETS["smoke"].fed.rounds.num_rounds != 3  # the preset itself is untouched (frozen)
+
+
+def test_demo_runs_nest_the_round_config():
+    """Floe's run is `fed.rounds` with K = the task families; each baseline is the same rounds
+    unclustered under its own rule; the HetLoRA baseline really has its options on."""
+    fed = PRESETS["default"].fed
+    runs = fed.runs(num_tasks=3)
+    assert runs[FLOE] == dataclasses.replace(fed.rounds, num_clusters=3)
+    assert runs[FLOE].clustering == "updates" and runs[FLOE].agg.method == "hetlora"
+    assert list(runs)[1:] == [baseline_name(b) for b in fed.baselines]
+    for b in fed.baselines:
+        run = runs[baseline_name(b)]
+        assert run == dataclasses.replace(fed.rounds, agg=b, clustering="none", num_clusters=None)
+    het = runs["hetlora-norm_weighting-prune_threshold0.05"].agg
+    assert het.norm_weighting and het.prune_threshold == 0.05
+    unknown_k = dataclasses.replace(fed, known_k=False)
+    assert unknown_k.runs(num_tasks=3)[FLOE].num_clusters is None  # silhouette picks K
+    with pytest.raises(ConfigError, match="fed.baselines"):
+        dataclasses.replace(fed, baselines=(AggregationConfig(method="fedit"),) * 2)
+    with pytest.raises(ConfigError, match="fed.rank_candidates"):
+        dataclasses.replace(fed, rank_candidates=(4, 32))
 
 
 @pytest.mark.parametrize(
     "override, match",
     [
         ("fed.nope=1", "nope"),
-        ("fed.num_rounds=many", "num_rounds"),
-        ("fed.rules=fedit,bogus", "bogus"),
-        ("eval.tau_ms=0", "tau_ms"),
+        ("fed.rounds.num_rounds=many", "num_rounds"),
+        ("fed.rounds.agg.method=bogus", "bogus"),
+        ("eval.decode.deadline_s=-1", "deadline_s"),
+        ("eval.rtt_ms=-1", "rtt_ms"),
         ("no_equals_sign", "key=value"),
     ],
 )
 def test_bad_overrides_are_clear(override, match):
     with pytest.raises(ConfigError, match=match):
         get_preset("smoke", [override])
+
+
+def test_clients_per_round_above_the_clients_is_an_error(tmp_path):
+    """No silent clamp: the round names the field when it asks for more clients than there are."""
+    preset = get_preset(
+        "smoke", [f"cache_dir={tmp_path / 'cache'}", "fed.rounds.clients_per_round=4"]
+    )
+    with pytest.raises(ConfigError, match="FedConfig.clients_per_round=4"):
+        demo.run_federate(preset, str(tmp_path / "run"), progress=False)
 
 
 def test_unknown_preset():
@@ -68,12 +105,12 @@ def test_smoke_demo_writes_run_folder(smoke_run):
         assert (run_dir / name).is_file(), name
     for method in ("floe", "fedit"):
         lines = (run_dir / "fed" / method / "metrics.jsonl").read_text().splitlines()
-        assert len(lines) == get_preset("smoke").fed.num_rounds
+        assert len(lines) == get_preset("smoke").fed.rounds.num_rounds
     assert (run_dir / "fed" / "floe" / "clusters.json").is_file()
     report = (run_dir / "report.md").read_text()
     assert "Floe (full)" in report and "cloud-only (redacted prompt)" in report
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["name"] == "smoke" and config["fed"]["num_rounds"] >= 1
+    assert config["name"] == "smoke" and config["fed"]["rounds"]["num_rounds"] >= 1
     evals = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert [e["method"] for e in evals] == [r["method"] for r in result["rows"]]
 
@@ -99,12 +136,12 @@ def test_smoke_demo_latency_and_ranks(smoke_run):
     # the cloud-only request waits for the simulated round trip on every token
     assert rows["cloud-only (redacted prompt)"]["latency_ms_mean"] > 50
     ranks = result["clients"]["ranks"]
-    assert len(set(ranks)) > 1 and max(ranks) <= get_preset("smoke").fed.lora_rank
+    assert len(set(ranks)) > 1 and max(ranks) <= get_preset("smoke").fed.rounds.max_rank
 
 
 def test_client_ranks_differ_on_default_devices():
     p = get_preset("default")
-    devices, ranks = demo.client_ranks(p, p.bench.num_clients, p.edge)
+    devices, ranks = demo.client_ranks(p.fed, p.bench.num_clients, p.edge, seq_len=128)
     assert len(devices) == len(ranks) == get_preset("default").bench.num_clients
     assert len(set(ranks)) > 1
 
@@ -115,8 +152,6 @@ def test_client_ranks_differ_on_default_devices():
 def _tiny_real_preset(root):
     """The `qwen` preset's code path on tiny local stand-ins: random HF checkpoints written by
     `save_hf`, a tiny local tokenizer and a tiny jsonl instruction dataset with task labels."""
-    import dataclasses
-
     import jax
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -146,12 +181,19 @@ def _tiny_real_preset(root):
                           num_heads=2, num_kv_heads=1, eos_token_id=1, pad_token_id=0)  # fmt: skip
         save_hf(cfg, init_params(cfg, key=jax.random.key(seed)), root / name)
     fast.save_pretrained(str(root / "edge"))  # no bos token, like Qwen's
+    smoke = PRESETS["smoke"]  # two task families, so Floe's K (known_k) is 2
     return dataclasses.replace(
         REAL_PRESETS["qwen"], edge_path=str(root / "edge"), cloud_path=str(root / "cloud"),
         dataset=str(data), input_column="", num_clients=2, examples_per_client=8,
-        test_per_client=2, max_new_tokens=3, dtype="float32",
-        fed=dataclasses.replace(PRESETS["smoke"].fed, num_clusters=2, rules=()),
-        eval=dataclasses.replace(PRESETS["smoke"].eval, latency_queries=1),
+        test_per_client=2, dtype="float32",
+        fed=dataclasses.replace(
+            smoke.fed, rounds=dataclasses.replace(smoke.fed.rounds, clients_per_round=2),
+            baselines=(),
+        ),
+        eval=dataclasses.replace(
+            smoke.eval, decode=dataclasses.replace(smoke.eval.decode, max_new_tokens=3),
+            latency_queries=1,
+        ),
     )  # fmt: skip
 
 
@@ -167,7 +209,7 @@ def test_real_model_preset_on_tiny_stand_ins(tmp_path):
 
 
 def test_qwen_preset_parses_with_paths():
-    p = get_preset("qwen", ["edge_path=/m/edge", "cloud_path=/m/cloud", "fed.num_rounds=2"])
-    assert p.edge_path == "/m/edge" and p.fed.num_rounds == 2
+    p = get_preset("qwen", ["edge_path=/m/edge", "cloud_path=/m/cloud", "fed.rounds.num_rounds=2"])
+    assert p.edge_path == "/m/edge" and p.fed.rounds.num_rounds == 2
     with pytest.raises(ConfigError, match="dtype"):
         get_preset("qwen", ["dtype=float16"])

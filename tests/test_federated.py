@@ -568,6 +568,15 @@ def test_bad_inputs_name_the_field(tiny_cfg):
         client_data([(np.zeros((1, 4), np.int32),) * 3, (np.zeros((1, 5), np.int32),) * 3])
 
 
+def test_seq_len_none_takes_the_data_length(tiny_cfg):
+    """`FedConfig.seq_len=None` accepts client data of any padded length; a set one must match."""
+    data = client_data(_client_examples(tiny_cfg.vocab_size))
+    state = init_server_state(tiny_cfg, ROUND_FED, ranks=[2, 4, 8, 2, 4])
+    check_round(dataclasses.replace(ROUND_FED, seq_len=None), data, state)
+    with pytest.raises(ConfigError, match="FedConfig.seq_len"):
+        FedConfig(seq_len=0)
+
+
 def _task_examples(vocab, task, n=6, seed=0):
     """Sequences following a task's rule: task 0 counts up by one, task 1 counts down by two."""
     rng = np.random.default_rng(seed)

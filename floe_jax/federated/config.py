@@ -88,7 +88,8 @@ class FedConfig:
       clients_per_round: C clients sampled (without replacement) each round.
       local_steps: S optimizer steps per client per round.
       batch_size: B examples per step.
-      seq_len: T; client data must have this sequence length.
+      seq_len: T; client data must have this sequence length. None takes the client data's
+        length (a caller that pads its own examples, such as the demo).
       lr, weight_decay, optimizer: the client optimizer (`adamw`, `adam`, `sgd`), fresh per round.
       max_grad_norm: clip each step's gradient to this global norm; None = no clipping.
       lora: the adapters: `max_rank` (or `rank` when it is None) is the padded rank R every
@@ -115,7 +116,7 @@ class FedConfig:
     clients_per_round: int = 8
     local_steps: int = 4
     batch_size: int = 8
-    seq_len: int = 128
+    seq_len: int | None = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
     optimizer: str = "adamw"
@@ -138,13 +139,14 @@ class FedConfig:
             "clients_per_round",
             "local_steps",
             "batch_size",
-            "seq_len",
             "checkpoint_every",
             "eval_batch_size",
             "max_to_keep",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"FedConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len is not None and self.seq_len < 1:
+            raise ConfigError(f"FedConfig.seq_len must be >= 1 or None, got {self.seq_len}")
         if self.clustering not in ("none", "updates", "given"):
             raise ConfigError(
                 f"FedConfig.clustering={self.clustering!r} is not one of none, updates, given"

@@ -358,7 +358,7 @@ def _check_shared_base(fed: FedConfig, num_clusters: int) -> None:
 def check_round(fed: FedConfig, data: ClientData, state: ServerState) -> None:
     """Host-side checks that name the field, before anything is traced."""
     _check_shared_base(fed, state.num_clusters)
-    if data.seq_len != fed.seq_len:
+    if fed.seq_len is not None and data.seq_len != fed.seq_len:
         raise ConfigError(
             f"client data has sequence length {data.seq_len}, FedConfig.seq_len={fed.seq_len}"
         )

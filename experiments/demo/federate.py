@@ -1,0 +1,71 @@
+"""The demo's federated runs: Floe (clustered by client updates, `fed.rounds.agg` inside each
+cluster) and each unclustered baseline of `fed.baselines`, on the same private data and ranks.
+
+Each run writes `run_dir/fed/<name>/` (checkpoints, metrics.jsonl); a second call restores the
+finished runs instead of training them again (`evaluate` does that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.demo.setup import Setup, client_ranks, private_data, setup
+from experiments.presets import DemoPreset, RealPreset
+from floe_jax.federated import train_federated
+from floe_jax.federated.rounds import client_start
+
+
+def federate(preset: DemoPreset | RealPreset, prep: Setup, run_dir: str, *, progress: bool):
+    """Trains (or restores) every run's adapters and writes `run_dir/clients.json`.
+
+    Returns:
+      `{run name: (client LoRAs [N], info)}`: each client's adapter (its cluster's, at the rank
+      it ends the run with) and `{"assignment", "ranks", "seconds"}`.
+    """
+    bench, tok, fed = prep.bench, prep.tokenizer, preset.fed
+    data = private_data(fed, bench, tok)
+    devices, ranks = client_ranks(fed, bench.num_clients, prep.edge_cfg, seq_len=data.seq_len)
+    out = {}
+    for name, rounds in fed.runs(len(set(bench.client_tasks))).items():
+        t0 = time.perf_counter()
+        if progress:
+            print(f"federated rounds: {name} ({rounds.agg.method}, clustering={rounds.clustering})")
+        state, _ = train_federated(
+            prep.edge_params, data, cfg=prep.edge_cfg, fed=rounds,
+            run_dir=os.path.join(run_dir, "fed", name), ranks=np.asarray(ranks, np.int32),
+            progress=progress,
+        )  # fmt: skip
+        # a client ends the run at its own rank, which HetLoRA's self-pruning may have lowered
+        assignment, final = np.asarray(state.assignment), np.asarray(state.ranks)
+        loras = client_start(
+            state.global_loras, jnp.asarray(assignment), jnp.asarray(final), rounds
+        )
+        out[name] = (loras, {"assignment": assignment.tolist(), "ranks": final.tolist(),
+                             "seconds": time.perf_counter() - t0})  # fmt: skip
+    info = {"devices": devices, "ranks": ranks, "client_tasks": list(bench.client_tasks)}
+    with open(os.path.join(run_dir, "clients.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    return out
+
+
+def write_config(preset: DemoPreset | RealPreset, run_dir: str) -> None:
+    """`run_dir/config.json`: the preset as run, overrides applied."""
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(preset), f, indent=1, default=str)
+
+
+def run_federate(preset: DemoPreset | RealPreset, run_dir: str, *, progress: bool = True) -> dict:
+    """Pretraining (cached) and the federated rounds of every run; writes the run folder.
+    Returns `{run name: info}` (see `federate`)."""
+    os.makedirs(run_dir, exist_ok=True)
+    write_config(preset, run_dir)
+    prep = setup(preset, progress=progress)
+    return {
+        name: info for name, (_, info) in federate(preset, prep, run_dir, progress=progress).items()
+    }
