@@ -123,6 +123,7 @@ def test_smoke_demo_no_private_span_reaches_the_cloud(smoke_run):
     assert all(r["private_spans_to_cloud"] == 0 for r in guarded), [
         (r["method"], r.get("leak_examples")) for r in guarded
     ]
+    assert all(r["partial_spans_to_cloud"] == 0 for r in guarded)  # counted in the total too
     # the recorder does see spans when the guard lets them through (the privacy-violating ref)
     ref = rows["cloud-only (full private context; violates privacy)"]
     assert ref["reference"] and ref["private_spans_to_cloud"] > 0

@@ -12,7 +12,6 @@ import dataclasses
 import itertools
 import json
 import os
-import re
 import time
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from floe_jax.inference import (
     SimulatedNetwork,
     generate_fused,
 )
+from floe_jax.inference.privacy import count_private_spans
 
 NO_DEADLINE_S = 1e6  # methods that always wait for the cloud
 LATENCY_METHODS = (
@@ -48,15 +48,13 @@ LATENCY_METHODS = (
 
 class SpanRecorder:
     """A cloud back end wrapper (placed behind the guard) that checks every request it receives
-    for the given private spans (case-insensitive, on word boundaries) and counts them."""
+    for the given private values with `count_private_spans`: complete occurrences, and a request
+    that ends in the start of one (a span cut short while the edge was still generating it)."""
 
     def __init__(self, backend, spans, decode):
         self._backend, self.decode = backend, decode
-        spans = sorted({s for s in spans if s}, key=len, reverse=True)
-        self._re = (
-            re.compile("|".join(rf"\b{re.escape(s)}\b" for s in spans), re.I) if spans else None
-        )
-        self.requests = self.leaked_requests = self.leaked_spans = 0
+        self.values = tuple(sorted({s for s in spans if s}, key=len, reverse=True))
+        self.requests = self.leaked_requests = self.leaked_spans = self.partial_spans = 0
         self.examples: list[str] = []
 
     @property
@@ -71,10 +69,11 @@ class SpanRecorder:
         for p in prefixes:
             self.requests += 1
             text = p.text if p.text is not None else self.decode(list(p.ids))
-            hits = self._re.findall(text) if self._re is not None else []
-            if hits:
+            found = count_private_spans(text, self.values)
+            if found.total:
                 self.leaked_requests += 1
-                self.leaked_spans += len(hits)
+                self.leaked_spans += found.complete
+                self.partial_spans += found.partial
                 if len(self.examples) < 3:
                     self.examples.append(text)
         return self._backend.next_token(prefixes)
@@ -210,7 +209,8 @@ def evaluate(preset: DemoPreset | RealPreset, prep: Setup, fed: dict, run_dir: s
                    guarded=m["cloud"] in ("redact", "edge_only"),
                    reference=bool(m.get("reference")),
                    cloud_requests=rec.requests if rec else 0,
-                   private_spans_to_cloud=rec.leaked_spans if rec else 0,
+                   private_spans_to_cloud=rec.leaked_spans + rec.partial_spans if rec else 0,
+                   partial_spans_to_cloud=rec.partial_spans if rec else 0,
                    leaked_requests=rec.leaked_requests if rec else 0,
                    fused_share=res.share_fused if m["cloud"] else 0.0,
                    failures=dict(res.failures), privacy=res.privacy,

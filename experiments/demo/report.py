@@ -28,6 +28,8 @@ def format_report(result: dict) -> str:
     for r in result["rows"]:
         a = r["accuracy"]
         spans = r["private_spans_to_cloud"] if r["cloud_requests"] else "— (no cloud)"
+        if r.get("partial_spans_to_cloud"):
+            spans = f"{spans} ({r['partial_spans_to_cloud']} partial)"
         if r["reference"]:
             spans = f"{spans} (not guarded)"
         lines.append(
@@ -56,7 +58,10 @@ def format_report(result: dict) -> str:
         "",
         "Notes: accuracy is exact match per query type. Private spans are counted by a recorder "
         "between the privacy guard and the cloud back end (every request text, every query's "
-        "private spans). Latency: queries decoded one at a time under a simulated network "
+        "private spans, `count_private_spans`): complete ones, and partial ones (a request that "
+        "ends in the start of a span, cut short while the edge generated it). "
+        "Latency: queries decoded one at a time "
+        "under a simulated network "
         "(lognormal RTT), measured compute; token 0 (prefill) excluded. Ranks: device memory "
         "budgets scaled into the tiny demo model's range (see `experiments/demo/setup.py`).",
     ]
