@@ -247,6 +247,8 @@ def _convert(value: str, tp, where: str):
             return tp(value)
         except ValueError:
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    if dataclasses.is_dataclass(tp) and hasattr(tp, "from_string"):
+        return tp.from_string(value)  # e.g. an AggregationConfig from a method name
     if dataclasses.is_dataclass(tp):
         raise ConfigError(
             f"{where} is a group of settings; set one of its fields ({where}.NAME=...)"

@@ -24,6 +24,8 @@ def test_presets_and_overrides_parse():
     assert p.eval.decode.deadline_s == 0.12 and p.eval.decode.fusion.gate == "maxprob"
     assert p.bench.seed == 2
     assert PRESETS["smoke"].fed.rounds.num_rounds != 3  # the preset itself is untouched (frozen)
+    named = get_preset("smoke", ["fed.baselines=fedit,flexlora"]).fed.baselines
+    assert named == (AggregationConfig(method="fedit"), AggregationConfig(method="flexlora"))
 
 
 def test_demo_runs_nest_the_round_config():

@@ -196,6 +196,7 @@ def test_fed_config_nests_lora_and_aggregation_and_takes_dotted_overrides():
         AggregationConfig(method="fedprox")
     with pytest.raises(ConfigError, match="max_rank"):
         apply_overrides(FedConfig(lora=LoRAConfig(rank=8, max_rank=8)), ["lora.rank=16"])
+    assert AggregationConfig.from_string(" flexlora") == AggregationConfig(method="flexlora")
     grown = apply_overrides(FedConfig(lora=LoRAConfig(rank=8, max_rank=8)),
                             ["lora.rank=16", "lora.max_rank=16"])  # fmt: skip
     assert grown.max_rank == 16

@@ -70,6 +70,12 @@ class AggregationConfig:
             raise ConfigError(f"AggregationConfig.total_rank must be >= 1, got {self.total_rank}")
         self.rule()  # a rule's own checks (flexlora's path) fail here, not inside a jit
 
+    @classmethod
+    def from_string(cls, method: str) -> AggregationConfig:
+        """The method's config with default options: how a command line names a rule in a list
+        (`fed.baselines=fedit,flexlora`)."""
+        return cls(method=method.strip())
+
     @property
     def options(self) -> dict:
         """The rule options the method takes (screening's `max_norm` is not one)."""
