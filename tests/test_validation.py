@@ -271,6 +271,13 @@ def test_nonfinite_or_non_numeric_lora_alpha_is_refused(adapter, tiny_cfg, alpha
         hf.load_peft(adapter, tiny_cfg)
 
 
+def test_save_peft_refuses_a_nonfinite_scale(tmp_path, tiny_cfg):
+    lora = init_lora(tiny_cfg, LoRAConfig(rank=2, alpha=4), key=jax.random.key(0))
+    lora = dataclasses.replace(lora, scale=jnp.asarray(jnp.nan))
+    with pytest.raises(hf.CheckpointError, match="scale"):
+        hf.save_peft(lora, tiny_cfg, tmp_path / "adapter")
+
+
 @pytest.mark.parametrize("r", [0, -1, 2.5, None])
 def test_bad_r_is_refused(adapter, tiny_cfg, r):
     _edit(adapter, r=r)

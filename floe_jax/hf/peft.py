@@ -94,6 +94,8 @@ def save_peft(
             f"save_peft takes one client's adapter; got scale of shape {np.shape(lora.scale)}"
         )
     scale = float(lora.scale)
+    if not math.isfinite(scale):
+        raise CheckpointError(f"save_peft: the adapter's scale is {scale}, not a finite number")
     masks = {m: np.asarray(lora.mask[m]) > 0 for m in lora.a}
     live_targets = [m for m in LORA_TARGETS if m in masks and masks[m].any()]
     if not live_targets:
@@ -166,9 +168,15 @@ def load_peft(
       targets: tree targets, a superset of the adapter's, so adapters with different targets
         share one structure (as `init_lora(targets=...)`); defaults to the adapter's targets.
 
+    `target_modules`, `exclude_modules`, `layers_to_transform` and `layers_pattern` are
+    honoured as PEFT honours them: a tensor of a module PEFT would not adapt is refused (PEFT
+    would leave it unloaded), and the modules and layers the file does adapt become the
+    adapter's live slots.
+
     Raises:
-      CheckpointError: missing files, unsupported PEFT settings (the field is named), tensors
-        that do not fit `cfg` (the tensor is named).
+      CheckpointError: missing or unreadable files, unsupported PEFT settings, a non-finite
+        `lora_alpha` or an `r` that is not a positive integer (the field is named), tensors
+        that do not fit `cfg` or that the config keeps out of the adapter (the tensor is named).
     """
     folder = Path(out_dir)
     cfg_path, w_path = folder / ADAPTER_CONFIG_FILE, folder / ADAPTER_WEIGHTS_FILE
