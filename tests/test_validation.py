@@ -100,7 +100,7 @@ def _data(N, T=8, vocab=16, seed=0):
     rows = []
     for _ in range(N):
         t = rng.integers(0, vocab, (3, T)).astype(np.int32)
-        rows.append((t, np.ones_like(t), np.ones_like(t)))
+        rows.append((t, np.ones(t.shape, np.float32), np.ones(t.shape, np.float32)))
     return rows
 
 
@@ -127,6 +127,14 @@ def test_out_of_vocabulary_tokens_name_the_client_and_row(tiny_cfg):
     check_round(fed, data, state)  # the model is not known either
     with pytest.raises(ValueError, match=r"client 2.*row 1.*vocab_size=96"):
         check_round(fed, data, state, cfg=tiny_cfg)
+
+
+@pytest.mark.parametrize("value", [math.nan, -1.0])
+def test_bad_masks_name_the_client_and_row(value):
+    rows = _data(2)
+    rows[1][2][2, 0] = value
+    with pytest.raises(ValueError, match=r"client 1: row 2 of loss_mask"):
+        client_data(rows)
 
 
 def test_out_of_vocabulary_prompt_is_named():

@@ -94,6 +94,11 @@ def client_data(
         for name, x in (("tokens", t), ("mask", m), ("loss_mask", l)):
             if np.shape(x) != np.shape(t):
                 raise ValueError(f"client {i}: {name} has shape {np.shape(x)}, tokens {t.shape}")
+        for name, x in (("mask", m), ("loss_mask", l)):
+            bad = ~np.isfinite(np.asarray(x, np.float64)) | (np.asarray(x, np.float64) < 0)
+            if bad.any():
+                row = int(np.argwhere(bad)[0][0])
+                raise ValueError(f"client {i}: row {row} of {name} is negative or not finite")
         k = len(t)
         tok[i, :k], msk[i, :k], lm[i, :k], n[i] = t, m, l, k
     check_token_ids(tok, vocab_size)
