@@ -127,7 +127,25 @@ def _run_args(argv: list[str], impl: str, command: str, description: str):
     if "=" in args.preset:  # `demo key=value` without a preset name
         args.overrides, args.preset = [args.preset, *args.overrides], "default"
     preset = with_attention_impl(get_preset(args.preset, args.overrides), impl)
-    return preset, args.out or f"runs/demo-{preset.name}", not args.no_progress
+    out = args.out or f"runs/demo-{preset.name}"
+    check_out_dir(out)
+    return preset, out, not args.no_progress
+
+
+def check_out_dir(path: str, flag: str = "--out") -> None:
+    """Raises `ConfigError` naming `flag` when `path` cannot be a run folder: it, or a folder
+    above it, is an existing file, or the nearest existing folder above it is not writable.
+    Checked before any work, so a long run does not end in a storage-layer traceback."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{flag} {path} is a file, not a folder")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{flag} {path}: {parent} is a file, so no folder can be made under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {parent} is not writable")
 
 
 def _demo(argv: list[str], impl: str) -> int:

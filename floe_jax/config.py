@@ -8,6 +8,8 @@ written, with the field named.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from typing import Literal
 
 MODEL_TYPES = ("llama", "qwen2")
@@ -25,6 +27,17 @@ class ConfigError(ValueError):
 def _require(ok: bool, msg: str) -> None:
     if not ok:
         raise ConfigError(msg)
+
+
+def require_finite(owner: str, **values) -> None:
+    """Raises `ConfigError` naming `owner.name` for the first value that is NaN or infinite.
+
+    Comparisons alone let NaN through (`nan <= 0` is False), so every float setting that must be
+    a number is checked here first. None (an unset optional) passes.
+    """
+    for name, v in values.items():
+        if v is not None and not math.isfinite(v):
+            raise ConfigError(f"{owner}.{name} must be a finite number, got {v}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,6 +58,12 @@ class RopeScaling:
         _require(
             self.rope_type in ROPE_TYPES,
             f"rope_type={self.rope_type!r} is not supported; supported: {ROPE_TYPES}",
+        )
+        require_finite(
+            "RopeScaling",
+            factor=self.factor,
+            low_freq_factor=self.low_freq_factor,
+            high_freq_factor=self.high_freq_factor,
         )
         _require(self.factor > 0, f"rope factor must be > 0, got {self.factor}")
 
@@ -91,6 +110,9 @@ class ModelConfig:
         )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
             _require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        require_finite("ModelConfig", rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta)
+        _require(self.rms_norm_eps > 0, f"rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        _require(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
         _require(self.kv_heads > 0, f"num_kv_heads must be > 0, got {self.num_kv_heads}")
         _require(
             self.num_heads % self.kv_heads == 0,
@@ -192,12 +214,13 @@ class LoRAConfig:
     init: str = "kaiming"
 
     def __post_init__(self):
-        _require(self.rank >= 1, f"LoRA rank must be >= 1, got {self.rank}")
+        _require(self.rank >= 1, f"LoRAConfig.rank must be >= 1, got {self.rank}")
+        require_finite("LoRAConfig", alpha=self.alpha)
         _require(
             self.max_rank is None or self.max_rank >= self.rank,
-            f"LoRA max_rank={self.max_rank} is below rank={self.rank}",
+            f"LoRAConfig.max_rank={self.max_rank} is below rank={self.rank}",
         )
-        _require(self.init in ("kaiming", "gaussian"), f"LoRA init={self.init!r} is unknown")
+        _require(self.init in ("kaiming", "gaussian"), f"LoRAConfig.init={self.init!r} is unknown")
         object.__setattr__(self, "targets", normalize_targets(self.targets))
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(sorted(set(int(i) for i in self.layers))))
@@ -220,13 +243,13 @@ def _convert(value: str, tp, where: str):
     if origin in (typing.Union, types.UnionType):
         if value.lower() in ("none", "null") and type(None) in args:
             return None
-        for a in args:
-            if a is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        for a in options:
             try:
                 return _convert(value, a, where)
             except ConfigError:
-                pass
+                if len(options) == 1:  # `float | None`: the float's own message
+                    raise
         raise ConfigError(f"{where}: cannot parse {value!r} as {tp}")
     if origin is typing.Literal:
         if value not in args:
@@ -244,9 +267,12 @@ def _convert(value: str, tp, where: str):
         raise ConfigError(f"{where}: expected a boolean (true/false), got {value!r}")
     if tp in (int, float, str):
         try:
-            return tp(value)
+            out = tp(value)
         except ValueError:
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+        if tp is float and not math.isfinite(out):  # `none` is how an optional says "no limit"
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return out
     if dataclasses.is_dataclass(tp) and hasattr(tp, "from_string"):
         return tp.from_string(value)  # e.g. an AggregationConfig from a method name
     if dataclasses.is_dataclass(tp):
@@ -278,8 +304,17 @@ def _apply(obj, tree: dict, trail: list[str]):
     try:
         return dataclasses.replace(obj, **changes)
     except ConfigError as e:
-        prefix = ".".join(trail)
-        raise ConfigError(f"{prefix}: {e}" if prefix else str(e)) from None
+        raise ConfigError(_located(str(e), type(obj).__name__, trail)) from None
+
+
+def _located(msg: str, owner: str, trail: list[str]) -> str:
+    """`msg` led by the setting's dotted path: a message naming `Owner.field` gets
+    `fed.lora.field: ...` (the key the user typed), any other `fed.lora: ...`."""
+    if not trail:
+        return msg
+    prefix = ".".join(trail)
+    named = re.match(rf"{re.escape(owner)}\.(\w+)\b", msg)
+    return f"{prefix}.{named[1]}: {msg}" if named else f"{prefix}: {msg}"
 
 
 def apply_overrides(cfg, overrides: list[str] | tuple[str, ...]):

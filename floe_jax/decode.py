@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from floe_jax.config import ConfigError, ModelConfig
+from floe_jax.config import ConfigError, ModelConfig, require_finite
 from floe_jax.lora import LoRA
 from floe_jax.model import KVCache, forward, init_cache, unstack_layers
 
@@ -41,6 +41,7 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self):
+        require_finite("SamplingConfig", temperature=self.temperature, top_p=self.top_p)
         if self.temperature < 0:
             raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -81,11 +82,31 @@ def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
 
 
 def pad_prompts(
-    prompts: Sequence[Sequence[int]], *, pad_id: int = 0, buckets: Sequence[int] = DEFAULT_BUCKETS
+    prompts: Sequence[Sequence[int]],
+    *,
+    pad_id: int = 0,
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    vocab_size: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pads token lists to one bucket length. Returns (tokens [B, P] int32, mask [B, P])."""
+    """Left-pads token lists to one bucket length. Returns (tokens [B, P] int32, mask [B, P]).
+
+    A negative token id, or one at or past `vocab_size` when it is given, is an error naming the
+    prompt: inside the model it would be an out-of-bounds gather (NaN logits, or a row counted
+    from the end), not an error.
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    for i, p in enumerate(prompts):
+        ids = np.asarray(p)
+        bad = (ids < 0) | (ids >= vocab_size) if vocab_size is not None else ids < 0
+        if bad.any():
+            j = int(np.argmax(bad))
+            bound = (
+                "ids must be >= 0"
+                if vocab_size is None
+                else f"outside [0, vocab_size={vocab_size})"
+            )
+            raise ValueError(f"prompt {i}: token id {int(ids[j])} at position {j} ({bound})")
     P = bucket_length(max(len(p) for p in prompts), buckets)
     tokens = np.full((len(prompts), P), pad_id, np.int32)
     mask = np.zeros((len(prompts), P), np.int32)

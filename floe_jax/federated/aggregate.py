@@ -44,12 +44,14 @@ REASON_NONFINITE = 1
 REASON_NORM = 2
 REASON_ZERO_WEIGHT = 3
 REASON_UPDATE_NORM = 4
+REASON_BAD_WEIGHT = 5
 REASONS = {
     REASON_OK: "included",
     REASON_NONFINITE: "non-finite update (NaN/Inf in its factors or scale)",
     REASON_NORM: "update norm ‖ΔW‖_F above max_norm",
     REASON_ZERO_WEIGHT: "zero weight",
     REASON_UPDATE_NORM: "adapter moved more than max_update_norm",
+    REASON_BAD_WEIGHT: "non-finite weight",
 }
 BYTES_PER_PARAM = 4  # adapters travel as float32
 
@@ -214,6 +216,9 @@ def screen(
 
     Returns:
       `(weights [C] float32, zero where left out; reason [C] int32, REASON_OK when used)`.
+      The weights are rescaled by a power of two so that the largest lies in [0.5, 1): their
+      sum cannot overflow (huge example counts would otherwise sum to inf and normalise to
+      NaN), and every rule, which divides by the sum, gets bit for bit the same proportions.
     """
     sq = lora_sq_norms(client_loras)
     finite = jnp.isfinite(sq) & jnp.isfinite(client_loras.scale)
@@ -225,11 +230,20 @@ def screen(
         near = update_norm <= max_update_norm
     w = jnp.asarray(weights, jnp.float32)
     reason = jnp.select(
-        [~finite, ~small, ~near, ~(w > 0)],
-        [REASON_NONFINITE, REASON_NORM, REASON_UPDATE_NORM, REASON_ZERO_WEIGHT],
+        [~finite, ~jnp.isfinite(w), ~small, ~near, ~(w > 0)],
+        [REASON_NONFINITE, REASON_BAD_WEIGHT, REASON_NORM, REASON_UPDATE_NORM, REASON_ZERO_WEIGHT],
         REASON_OK,
     ).astype(jnp.int32)
-    return jnp.where(reason == REASON_OK, w, 0.0), reason
+    return scale_to_unit(jnp.where(reason == REASON_OK, w, 0.0)), reason
+
+
+def scale_to_unit(w_C):
+    """`w_C` (finite, >= 0) divided by the power of two that brings its largest entry into
+    [0.5, 1): exact, so `w / w.sum()` is unchanged, and a sum of C entries is at most C.
+    All-zero weights stay zero. Works on numpy (float64) and jax arrays alike."""
+    xp = jnp if isinstance(w_C, jax.Array) else np
+    _, e = xp.frexp(xp.max(w_C))
+    return xp.ldexp(w_C, -e)
 
 
 # ----------------------------------------------------------------------------- per cluster
@@ -312,8 +326,9 @@ def validate(client_loras: LoRA, weights, ranks, *, total_rank: int | None = Non
     if not np.all(np.isfinite(w)) or np.any(w < 0):
         bad = int(np.flatnonzero(~np.isfinite(w) | (w < 0))[0])
         raise AggregationError(f"weights must be finite and >= 0; client {bad} has {w[bad]}")
-    if w.sum() <= 0:
+    if w.max() <= 0:
         raise AggregationError("weights sum to zero: no client carries any weight")
+    w = scale_to_unit(w)  # in float64, before float32 could overflow (1e39) or flush (1e-46)
     for k in range(C):
         if not 1 <= r[k] <= R:
             raise AggregationError(f"client {k} has rank {int(r[k])}, outside [1, R={R}]")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from floe_jax.config import ConfigError, LoRAConfig
+from floe_jax.config import ConfigError, LoRAConfig, require_finite
 from floe_jax.federated.aggregate import Rule, available_rules, make_rule, rule_options
 from floe_jax.federated.client import make_optimizer
 
@@ -53,6 +53,9 @@ class AggregationConfig:
                 f"AggregationConfig.method={self.method!r} is not one of "
                 f"{', '.join(available_rules())}"
             )
+        require_finite(
+            "AggregationConfig", max_norm=self.max_norm, prune_threshold=self.prune_threshold
+        )
         if self.max_norm is not None and not self.max_norm > 0:
             raise ConfigError(f"AggregationConfig.max_norm must be > 0, got {self.max_norm}")
         takes = rule_options(self.method)
@@ -161,10 +164,21 @@ class FedConfig:
             raise ConfigError(f"FedConfig.num_clusters must be >= 1, got {self.num_clusters}")
         if self.client_chunk is not None and self.client_chunk < 0:
             raise ConfigError(f"FedConfig.client_chunk must be >= 0, got {self.client_chunk}")
+        require_finite(
+            "FedConfig",
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            max_grad_norm=self.max_grad_norm,
+            max_update_norm=self.max_update_norm,
+        )
         if self.lr <= 0:
             raise ConfigError(f"FedConfig.lr must be > 0, got {self.lr}")
         if self.max_update_norm is not None and self.max_update_norm <= 0:
             raise ConfigError(f"FedConfig.max_update_norm must be > 0, got {self.max_update_norm}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"FedConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ConfigError(f"FedConfig.max_grad_norm must be > 0, got {self.max_grad_norm}")
         make_optimizer(self.optimizer, lr=self.lr)  # raises on an unknown name
 
     @property

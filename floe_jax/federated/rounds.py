@@ -33,7 +33,7 @@ from floe_jax.federated.aggregate import (
 )
 from floe_jax.federated.client import local_update_clients, token_loss
 from floe_jax.federated.config import FedConfig
-from floe_jax.federated.types import ClientData, eval_rows, sample_batches
+from floe_jax.federated.types import ClientData, check_token_ids, eval_rows, sample_batches
 from floe_jax.lora import LoRA, init_lora, rank_mask
 
 
@@ -355,9 +355,32 @@ def _check_shared_base(fed: FedConfig, num_clusters: int) -> None:
         )
 
 
-def check_round(fed: FedConfig, data: ClientData, state: ServerState) -> None:
-    """Host-side checks that name the field, before anything is traced."""
+def check_round(
+    fed: FedConfig,
+    data: ClientData,
+    state: ServerState,
+    *,
+    cfg: ModelConfig | None = None,
+    eval_data: ClientData | None = None,
+) -> None:
+    """Host-side checks that name the field, client or row, before anything is traced.
+
+    Args:
+      fed, data, state: the run's config, training data and server state.
+      cfg: the base model; when given, every token id of `data` (and `eval_data`) must lie in
+        `[0, cfg.vocab_size)` (`types.check_token_ids`), so an out-of-vocabulary id is reported
+        as such rather than as a client's non-finite update.
+      eval_data: the run's eval examples, checked like `data`.
+    """
     _check_shared_base(fed, state.num_clusters)
+    vocab = None if cfg is None else cfg.vocab_size
+    for what, d in (("client data", data), ("eval data", eval_data)):
+        if d is None:
+            continue
+        try:
+            check_token_ids(d.tokens, vocab)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
     if fed.seq_len is not None and data.seq_len != fed.seq_len:
         raise ConfigError(
             f"client data has sequence length {data.seq_len}, FedConfig.seq_len={fed.seq_len}"

@@ -40,14 +40,43 @@ class ClientData:
         return self.tokens.shape[-1]
 
 
+def check_token_ids(tokens_NET, vocab_size: int | None = None) -> None:
+    """Raises `ValueError` naming the client, row and position of the first token id outside
+    `[0, vocab_size)` (only negative ids when `vocab_size` is None).
+
+    An id out of range reaches the embedding as an out-of-bounds gather, which JAX answers with
+    NaN (or, for a negative id, with a row counted from the end): the client's update would be
+    dropped as non-finite, or trained on the wrong tokens, with no word of why.
+
+    Args:
+      tokens_NET: int [N, E, T] every client's examples (host or device array).
+      vocab_size: V of the model the tokens are for, or None when it is not known.
+    """
+    tok = np.asarray(tokens_NET)
+    bad = tok < 0 if vocab_size is None else (tok < 0) | (tok >= vocab_size)
+    if not bad.any():
+        return
+    i, row, pos = (int(x) for x in np.argwhere(bad)[0])
+    bound = "ids must be >= 0" if vocab_size is None else f"outside [0, vocab_size={vocab_size})"
+    raise ValueError(
+        f"client {i}: row {row} has token id {int(tok[i, row, pos])} at position {pos}, {bound} "
+        f"({int(bad.sum())} such ids in all)"
+    )
+
+
 def client_data(
-    examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], *, min_examples: int = 1
+    examples: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    *,
+    min_examples: int = 1,
+    vocab_size: int | None = None,
 ) -> ClientData:
     """Pads per-client `(tokens [E_i, T], mask [E_i, T], loss_mask [E_i, T])` into `ClientData`.
 
     Args:
       examples: one triple per client; every client's T must agree (pad sequences first).
       min_examples: pad the example axis to at least this many rows.
+      vocab_size: the model's V when known: a token id outside `[0, V)` is an error naming the
+        client and row (negative ids always are; `check_token_ids`).
     """
     if not examples:
         raise ValueError("client_data needs at least one client")
@@ -65,8 +94,14 @@ def client_data(
         for name, x in (("tokens", t), ("mask", m), ("loss_mask", l)):
             if np.shape(x) != np.shape(t):
                 raise ValueError(f"client {i}: {name} has shape {np.shape(x)}, tokens {t.shape}")
+        for name, x in (("mask", m), ("loss_mask", l)):
+            bad = ~np.isfinite(np.asarray(x, np.float64)) | (np.asarray(x, np.float64) < 0)
+            if bad.any():
+                row = int(np.argwhere(bad)[0][0])
+                raise ValueError(f"client {i}: row {row} of {name} is negative or not finite")
         k = len(t)
         tok[i, :k], msk[i, :k], lm[i, :k], n[i] = t, m, l, k
+    check_token_ids(tok, vocab_size)
     return ClientData(
         tokens=jnp.asarray(tok),
         mask=jnp.asarray(msk),

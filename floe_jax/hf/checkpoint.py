@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import jax
@@ -101,14 +102,33 @@ def _weight_map(folder: Path) -> tuple[dict[str, str], list[str]]:
         raise CheckpointError(f"{folder}: no *.safetensors weights{hint}")
     weight_map = {}
     for file in files:
-        with safetensors.safe_open(folder / file, framework="numpy") as f:
+        with open_safetensors(folder / file) as f:
             for name in f.keys():
                 weight_map.setdefault(name, file)
     return weight_map, files
 
 
+def open_safetensors(path: Path):
+    """`safetensors.safe_open(path)` (numpy), whose failure on a truncated, empty or garbage
+    file is a `CheckpointError` naming the file (safetensors' own message names none)."""
+    try:
+        return safetensors.safe_open(path, framework="numpy")
+    except (safetensors.SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def get_tensor(handle, name: str, path: Path) -> np.ndarray:
+    """`handle.get_tensor(name)`; a tensor that cannot be read is a `CheckpointError` naming it
+    and the file."""
+    try:
+        return handle.get_tensor(name)
+    except (safetensors.SafetensorError, OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"tensor {name!r} in {path} cannot be read ({e})") from e
+
+
 def _tensor_reader(folder: Path, stack: contextlib.ExitStack):
-    """`read(name) -> (array, file)` over the folder's safetensors, each file opened once."""
+    """`(read, weight_map)`: `read(name) -> (array, file)` over the folder's safetensors, each
+    file opened once, and `{tensor name: file}` of every tensor the folder holds."""
     weight_map, searched = _weight_map(folder)
     handles = {}
 
@@ -117,17 +137,35 @@ def _tensor_reader(folder: Path, stack: contextlib.ExitStack):
             raise CheckpointError(f"tensor {name!r} is missing; searched {searched} in {folder}")
         file = weight_map[name]
         if file not in handles:
-            handles[file] = stack.enter_context(
-                safetensors.safe_open(folder / file, framework="numpy")
-            )
-        try:
-            return handles[file].get_tensor(name), file
-        except safetensors.SafetensorError as e:  # the index names a tensor its shard lacks
+            f = stack.enter_context(open_safetensors(folder / file))
+            handles[file] = f, set(f.keys())
+        handle, holds = handles[file]
+        if name not in holds:  # the index names a tensor its shard lacks
             raise CheckpointError(
                 f"tensor {name!r} is missing from {file} (named there by {INDEX_FILE})"
-            ) from e
+            )
+        return get_tensor(handle, name, folder / file), file
 
-    return read
+    return read, weight_map
+
+
+# Tensors a checkpoint may hold that the config determines: RoPE's inverse frequencies, which
+# older transformers saved as a buffer of every attention layer.
+_DERIVED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _unaccounted(name: str, file: str, cfg: ModelConfig, source: str) -> CheckpointError:
+    """The error for a checkpoint tensor that `cfg` has no place for: loading it would drop it
+    silently, and with it whatever it computes."""
+    layer = _LAYER.match(name)
+    if layer and int(layer[1]) >= cfg.num_layers:
+        why = f"layer {layer[1]} is past num_hidden_layers={cfg.num_layers}"
+    elif name.endswith(".bias") and (".self_attn." in name or ".mlp." in name):
+        why = "the config disables this bias (attention_bias / o_bias / mlp_bias)"
+    else:
+        why = f"it is not a parameter of a {cfg.model_type} model"
+    return CheckpointError(f"tensor {name!r} in {file} is not accounted for by {source}: {why}")
 
 
 def _checked(read, name: str, shape: tuple, path: str) -> np.ndarray:
@@ -174,17 +212,36 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[Model
     names = hf_tensor_names()
     flat = {}
     with contextlib.ExitStack() as stack:
-        read = _tensor_reader(folder, stack)
+        read, weight_map = _tensor_reader(folder, stack)
+        used = set()
         for path, shape in _param_shapes(cfg):
             name = names[path]
+            layer_names = [name.format(i=i) for i in range(shape[0])]
             if path.startswith("layers/"):
-                arr = np.stack(
-                    [_checked(read, name.format(i=i), shape[1:], path) for i in range(shape[0])]
-                )
+                arr = np.stack([_checked(read, n, shape[1:], path) for n in layer_names])
+                used.update(layer_names)
             else:
                 arr = _checked(read, name, shape, path)
+                used.add(name)
             flat[path] = jnp.asarray(arr.astype(np_dtype))
+        for name in sorted(set(weight_map) - used):
+            if _DERIVED.match(name):
+                continue
+            if name == names["lm_head"] and cfg.tie_word_embeddings:
+                _check_tied_head(read, name, names["embed"], str(cfg_path))
+                continue
+            raise _unaccounted(name, weight_map[name], cfg, str(cfg_path))
     return cfg, traverse_util.unflatten_dict(flat, sep=_SEP)
+
+
+def _check_tied_head(read, name: str, embed_name: str, source: str) -> None:
+    """A checkpoint of tied embeddings may still store the head; it must be the embedding."""
+    (arr, file), (embed, _) = read(name), read(embed_name)
+    if arr.shape != embed.shape or not np.array_equal(arr, embed):
+        raise CheckpointError(
+            f"tensor {name!r} in {file} differs from the input embedding, but {source} sets "
+            "tie_word_embeddings=true (the head would be dropped)"
+        )
 
 
 # ----------------------------------------------------------------------------- saving

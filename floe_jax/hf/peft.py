@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
-import safetensors
 
 from floe_jax.config import LORA_TARGETS, ModelConfig, normalize_targets
-from floe_jax.hf.checkpoint import write_safetensors
+from floe_jax.hf.checkpoint import get_tensor, open_safetensors, write_safetensors
 from floe_jax.hf.config import PROJ_SUBMODULE, CheckpointError, module_name, read_json
 from floe_jax.lora import LoRA
 
@@ -52,6 +53,11 @@ _PEFT_UNSUPPORTED = (
     "lora_bias",
     "fan_in_fan_out",
 )
+
+# PEFT's `target_modules` when a config has none (its default for Llama and Qwen2) and its
+# shorthand for every linear layer but the output head.
+_PEFT_DEFAULT_TARGETS = ("q_proj", "v_proj")
+_PEFT_ALL_LINEAR = "all-linear"
 
 # initialisations that also rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA): such an
 # adapter is only right on top of the rewritten base, which floe_jax does not have.
@@ -88,6 +94,8 @@ def save_peft(
             f"save_peft takes one client's adapter; got scale of shape {np.shape(lora.scale)}"
         )
     scale = float(lora.scale)
+    if not math.isfinite(scale):
+        raise CheckpointError(f"save_peft: the adapter's scale is {scale}, not a finite number")
     masks = {m: np.asarray(lora.mask[m]) > 0 for m in lora.a}
     live_targets = [m for m in LORA_TARGETS if m in masks and masks[m].any()]
     if not live_targets:
@@ -160,9 +168,15 @@ def load_peft(
       targets: tree targets, a superset of the adapter's, so adapters with different targets
         share one structure (as `init_lora(targets=...)`); defaults to the adapter's targets.
 
+    `target_modules`, `exclude_modules`, `layers_to_transform` and `layers_pattern` are
+    honoured as PEFT honours them: a tensor of a module PEFT would not adapt is refused (PEFT
+    would leave it unloaded), and the modules and layers the file does adapt become the
+    adapter's live slots.
+
     Raises:
-      CheckpointError: missing files, unsupported PEFT settings (the field is named), tensors
-        that do not fit `cfg` (the tensor is named).
+      CheckpointError: missing or unreadable files, unsupported PEFT settings, a non-finite
+        `lora_alpha` or an `r` that is not a positive integer (the field is named), tensors
+        that do not fit `cfg` or that the config keeps out of the adapter (the tensor is named).
     """
     folder = Path(out_dir)
     cfg_path, w_path = folder / ADAPTER_CONFIG_FILE, folder / ADAPTER_WEIGHTS_FILE
@@ -184,11 +198,9 @@ def load_peft(
         )
     if pc.get("bias", "none") != "none":
         raise CheckpointError(f"{cfg_path}: bias={pc['bias']!r} is not supported (only 'none')")
-    for key in ("r", "lora_alpha"):
-        if key not in pc:
-            raise CheckpointError(f"{cfg_path}: required field {key!r} is missing")
-    r, alpha = int(pc["r"]), float(pc["lora_alpha"])
-    scale = alpha / (math.sqrt(r) if pc.get("use_rslora", False) else r)
+    r, alpha, rslora = _peft_scalars(pc, cfg_path)
+    why_not = _peft_module_filter(pc, cfg, cfg_path)
+    scale = alpha / (math.sqrt(r) if rslora else r)
     r_pad = r if max_rank is None else int(max_rank)
     if r_pad < r:
         raise CheckpointError(f"max_rank={r_pad} is below the adapter's r={r} ({cfg_path})")
@@ -201,7 +213,7 @@ def load_peft(
         raise CheckpointError(f"{w_path} is missing{hint}")
 
     found: dict[tuple[str, int], dict[str, np.ndarray]] = {}
-    with safetensors.safe_open(w_path, framework="numpy") as f:
+    with open_safetensors(w_path) as f:
         for key in f.keys():
             match = _PEFT_KEY.match(key)
             if match is None:
@@ -213,9 +225,16 @@ def load_peft(
                 raise CheckpointError(
                     f"tensor {key!r} in {w_path}: layer {layer} is outside [0, {cfg.num_layers})"
                 )
+            field = why_not(module_name(m, layer))
+            if field is not None:
+                raise CheckpointError(
+                    f"tensor {key!r} in {w_path} adapts {module_name(m, layer)}, which "
+                    f"{field}={pc.get(field)!r} in {cfg_path} keeps out of the adapter (PEFT "
+                    "would not load it)"
+                )
             d_in, d_out = cfg.proj_shape(m)
             expected = (r, d_in) if ab == "A" else (d_out, r)
-            arr = f.get_tensor(key)
+            arr = get_tensor(f, key, w_path)
             if tuple(arr.shape) != expected:
                 raise CheckpointError(
                     f"tensor {key!r} in {w_path} has shape {tuple(arr.shape)}, expected {expected}"
@@ -250,3 +269,102 @@ def load_peft(
                 mask_m[layer, :r] = 1.0
         a[m], b[m], mask[m] = jnp.asarray(a_m), jnp.asarray(b_m), jnp.asarray(mask_m)
     return LoRA(a=a, b=b, mask=mask, scale=jnp.asarray(scale, jnp.float32))
+
+
+def _peft_scalars(pc: dict, source: Path) -> tuple[int, float, bool]:
+    """`(r, lora_alpha, use_rslora)` of an adapter config, each checked: r a positive integer,
+    lora_alpha a finite number (a NaN or infinite alpha makes every output NaN or infinite)."""
+    for key in ("r", "lora_alpha"):
+        if key not in pc:
+            raise CheckpointError(f"{source}: required field {key!r} is missing")
+    r, alpha, rslora = pc["r"], pc["lora_alpha"], pc.get("use_rslora", False)
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+        raise CheckpointError(f"{source}: r={r!r} must be a positive integer")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise CheckpointError(f"{source}: lora_alpha={alpha!r} must be a number")
+    if not math.isfinite(alpha):
+        raise CheckpointError(f"{source}: lora_alpha={alpha!r} must be finite")
+    if not isinstance(rslora, bool):
+        raise CheckpointError(f"{source}: use_rslora={rslora!r} must be true or false")
+    return int(r), float(alpha), rslora
+
+
+def _str_or_list(pc: dict, key: str, source: Path):
+    """The field as PEFT takes it: None, a string (a regex) or a list of strings."""
+    v = pc.get(key)
+    if v is None or isinstance(v, str):
+        return v
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return v
+    raise CheckpointError(f"{source}: {key}={v!r} must be a string or a list of strings")
+
+
+def _peft_module_filter(pc: dict, cfg: ModelConfig, source: Path) -> Callable[[str], str | None]:
+    """Which modules PEFT would adapt under this config, as PEFT decides it
+    (`peft.tuners.tuners_utils.check_target_module_exists`): `exclude_modules` (a regex matched
+    in full, or names matched as the module path or its suffix), then `target_modules` (a regex
+    matched in full; or names, an exact path or a suffix, restricted to `layers_to_transform`,
+    whose layer index is the first numbered path segment, or the one after `layers_pattern`).
+
+    Returns `why_not(module path) -> None` when PEFT adapts the module, else the name of the
+    field that keeps it out. A tensor of a module PEFT would not adapt is refused by the caller
+    rather than loaded into a layer PEFT leaves alone.
+    """
+    targets = _str_or_list(pc, "target_modules", source)
+    exclude = _str_or_list(pc, "exclude_modules", source)
+    pattern = _str_or_list(pc, "layers_pattern", source)
+    layers = pc.get("layers_to_transform")
+    if targets is None:
+        targets = list(_PEFT_DEFAULT_TARGETS)
+    elif targets == _PEFT_ALL_LINEAR:
+        targets = list(LORA_TARGETS)
+    if isinstance(targets, str) and (layers is not None or pattern is not None):
+        raise CheckpointError(
+            f"{source}: layers_to_transform / layers_pattern cannot be used with a regex "
+            f"target_modules={targets!r} (PEFT refuses it too)"
+        )
+    if layers is not None:
+        items = [layers] if not isinstance(layers, list) else layers
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+            raise CheckpointError(
+                f"{source}: layers_to_transform={layers!r} must be a layer index or a list of them"
+            )
+        bad = [i for i in items if not 0 <= i < cfg.num_layers]
+        if bad:
+            raise CheckpointError(
+                f"{source}: layers_to_transform={layers!r} names layer {bad[0]}, outside "
+                f"[0, num_layers={cfg.num_layers})"
+            )
+    use_layers = layers is not None and layers != []
+    patterns = [pattern] if isinstance(pattern, str) else (pattern or [])
+
+    def layer_index(key: str) -> int | None:
+        if not patterns:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        else:
+            match = None
+            for p in patterns:
+                match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
+                if match is not None:
+                    break
+        return None if match is None else int(match["idx"])
+
+    def why_not(key: str) -> str | None:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, key):
+                return "exclude_modules"
+        elif exclude and (key in exclude or any(key.endswith(f".{e}") for e in exclude)):
+            return "exclude_modules"
+        if isinstance(targets, str):
+            return None if re.fullmatch(targets, key) else "target_modules"
+        if key in targets:
+            return None
+        if not any(key.endswith(f".{t}") for t in targets):
+            return "target_modules"
+        if use_layers:
+            i = layer_index(key)
+            if i is None or (i != layers if isinstance(layers, int) else i not in layers):
+                return "layers_to_transform"
+        return None
+
+    return why_not

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from floe_jax.config import ConfigError, ModelConfig
+from floe_jax.config import ConfigError, ModelConfig, require_finite
 from floe_jax.decode import (
     DEFAULT_BUCKETS,
     DecodeState,
@@ -96,6 +97,9 @@ class FusedDecodeConfig:
         for name in ("max_new_tokens", "top_k", "max_workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if math.isnan(self.deadline_s):  # inf is allowed: no deadline
+            raise ConfigError(f"deadline_s must be a number >= 0, got {self.deadline_s}")
+        require_finite("FusedDecodeConfig", real_timeout_s=self.real_timeout_s)
         if self.deadline_s < 0:
             raise ConfigError(f"deadline_s must be >= 0, got {self.deadline_s}")
         if self.real_timeout_s <= 0:
@@ -378,7 +382,7 @@ def generate_fused(
     n = len(prompts)
     B = _batch_bucket(n, c.batch_buckets)
     rows = [list(map(int, p)) for p in prompts] + [[c.pad_id]] * (B - n)
-    tokens, mask = pad_prompts(rows, pad_id=c.pad_id, buckets=c.buckets)
+    tokens, mask = pad_prompts(rows, pad_id=c.pad_id, buckets=c.buckets, vocab_size=cfg.vocab_size)
     log = FusedLog(
         outs=[[] for _ in range(n)],
         done=np.arange(B) >= n,

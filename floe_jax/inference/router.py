@@ -34,7 +34,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from floe_jax.config import ConfigError
+from floe_jax.config import ConfigError, require_finite
 from floe_jax.inference.align import AlignConfig
 
 GATES = ("entropy", "maxprob", "fixed", "proxy")
@@ -65,6 +65,7 @@ class FusionConfig:
             raise ConfigError(f"FusionConfig.gate={self.gate!r} is not one of {GATES}")
         if self.space not in SPACES:
             raise ConfigError(f"FusionConfig.space={self.space!r} is not one of {SPACES}")
+        require_finite("FusionConfig", temperature=self.temperature, fixed_w=self.fixed_w)
         if self.temperature <= 0:
             raise ConfigError(f"FusionConfig.temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.fixed_w <= 1.0:
