@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from floe_jax.config import ConfigError, LoRAConfig, ModelConfig, apply_overrides
+from floe_jax.config import ConfigError, LoRAConfig, ModelConfig, apply_overrides, require_finite
 from floe_jax.data.benchmark import BenchmarkConfig
 from floe_jax.federated.config import AggregationConfig, FedConfig
 from floe_jax.inference.fused import FusedDecodeConfig
@@ -180,6 +180,7 @@ class DemoEval:
     ablations: bool = True
 
     def __post_init__(self):
+        require_finite("eval", rtt_ms=self.rtt_ms, sigma=self.sigma)
         if self.rtt_ms < 0 or self.sigma < 0:
             raise ConfigError(
                 f"eval.rtt_ms and eval.sigma must be >= 0, got {self.rtt_ms}, {self.sigma}"

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from experiments import cli, demo
-from experiments.presets import FLOE, PRESETS, REAL_PRESETS, baseline_name, get_preset
+from experiments.presets import FLOE, PRESETS, REAL_PRESETS, DemoEval, baseline_name, get_preset
 from floe_jax.config import ConfigError
 from floe_jax.federated.config import AggregationConfig
 
@@ -57,12 +57,19 @@ def test_demo_runs_nest_the_round_config():
         ("fed.rounds.agg.method=bogus", "bogus"),
         ("eval.decode.deadline_s=-1", "deadline_s"),
         ("eval.rtt_ms=-1", "rtt_ms"),
+        ("eval.rtt_ms=nan", "eval.rtt_ms: expected a finite number"),
+        ("eval.decode.deadline_s=nan", "deadline_s"),
         ("no_equals_sign", "key=value"),
     ],
 )
 def test_bad_overrides_are_clear(override, match):
     with pytest.raises(ConfigError, match=match):
         get_preset("smoke", [override])
+
+
+def test_demo_eval_built_in_code_refuses_nan():
+    with pytest.raises(ConfigError, match="eval.sigma must be a finite number"):
+        DemoEval(sigma=float("nan"))
 
 
 def test_clients_per_round_above_the_clients_is_an_error(tmp_path):

@@ -29,7 +29,7 @@ def federate(preset: DemoPreset | RealPreset, prep: Setup, run_dir: str, *, prog
       it ends the run with) and `{"assignment", "ranks", "seconds"}`.
     """
     bench, tok, fed = prep.bench, prep.tokenizer, preset.fed
-    data = private_data(fed, bench, tok)
+    data = private_data(fed, bench, tok, prep.edge_cfg.vocab_size)
     devices, ranks = client_ranks(fed, bench.num_clients, prep.edge_cfg, seq_len=data.seq_len)
     out = {}
     for name, rounds in fed.runs(len(set(bench.client_tasks))).items():

@@ -116,9 +116,10 @@ def client_ranks(
     return [d.name for d in devices], [c.rank for c in got]
 
 
-def private_data(fed: DemoFed, bench: Benchmark, tok) -> ClientData:
+def private_data(fed: DemoFed, bench: Benchmark, tok, vocab_size: int) -> ClientData:
     """Every client's private examples, encoded and padded to one length T: `fed.rounds.seq_len`,
-    or (None) the longest example of any client rounded up to 16 tokens."""
+    or (None) the longest example of any client rounded up to 16 tokens. A token id outside the
+    edge model's vocabulary (`vocab_size`) is an error naming the client and row."""
     pairs = [[(e.prompt, e.response) for e in ex] for ex in bench.client_examples]
     T = fed.rounds.seq_len
     if T is None:
@@ -127,4 +128,6 @@ def private_data(fed: DemoFed, bench: Benchmark, tok) -> ClientData:
         arrays = [encode_examples(tok, ps, seq_len=T) for ps in pairs]
     except ValueError as e:
         raise ValueError(f"{e}: raise fed.rounds.seq_len (or set it to none)") from None
-    return client_data([(a["tokens"], a["mask"], a["loss_mask"]) for a in arrays])
+    return client_data(
+        [(a["tokens"], a["mask"], a["loss_mask"]) for a in arrays], vocab_size=vocab_size
+    )
