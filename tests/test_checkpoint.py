@@ -219,3 +219,21 @@ def test_no_intact_step_is_an_error_naming_the_folder(tmp_path):
         ),
     ):
         checkpoint.restore(str(tmp_path), _random_state(0))
+
+
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(tmp_path, tiny_cfg, tiny_params):
+    """A run whose newest checkpoint was truncated resumes from the one before it, with a
+    warning, redoes the lost round and ends equal to the uninterrupted run."""
+    data = _data(tiny_cfg.vocab_size)
+    fed = dataclasses.replace(FED, checkpoint_every=1, max_to_keep=2)
+    kw = dict(cfg=tiny_cfg, fed=fed, ranks=RANKS, progress=False)
+    full, _ = train_federated(tiny_params, data, run_dir=str(tmp_path / "a"), **kw)
+    train_federated(tiny_params, data, run_dir=str(tmp_path / "b"), stop_after=3, **kw)
+    for path in _data_files(tmp_path / "b" / "checkpoints" / "3"):
+        _truncate(path)
+    with pytest.warns(UserWarning, match="step 3 is damaged"):
+        resumed, rows = train_federated(tiny_params, data, run_dir=str(tmp_path / "b"), **kw)
+    assert [r["round"] for r in rows] == [2, 3]
+    _assert_state(resumed, full)
+    ra, rb = _rows(tmp_path / "a" / "metrics.jsonl"), _rows(tmp_path / "b" / "metrics.jsonl")
+    assert ra == rb
