@@ -14,6 +14,8 @@ from floe_jax.federated.loop import (
     FINGERPRINT_FILE,
     NothingTrainedError,
     RunMismatchError,
+    UntrainedRunError,
+    load_trained,
     run_fingerprint,
     train_federated,
 )
@@ -163,3 +165,21 @@ def test_a_run_that_trains_nothing_fails_naming_why(tmp_path, tiny_cfg, tiny_par
     # a run interrupted before its end is not judged yet
     state, _ = _run(tiny_params, data, tmp_path / "part", tiny_cfg, fed=fed, stop_after=1)
     assert int(state.round) == 1
+
+
+def test_load_trained_never_trains(tmp_path, tiny_cfg, tiny_params):
+    """Evaluation reads a finished run's adapters; an empty or unfinished folder is an error
+    (evaluating used to train from scratch silently)."""
+    data = _data(tiny_cfg.vocab_size)
+    kw = dict(cfg=tiny_cfg, fed=FED, ranks=RANKS)
+    with pytest.raises(UntrainedRunError, match="holds no trained adapters"):
+        load_trained(tiny_params, data, run_dir=str(tmp_path / "none"), **kw)
+    assert not (tmp_path / "none").exists()
+    _run(tiny_params, data, tmp_path, tiny_cfg, stop_after=1)
+    with pytest.raises(UntrainedRunError, match="holds round 1 of FedConfig.num_rounds=2"):
+        load_trained(tiny_params, data, run_dir=str(tmp_path), **kw)
+    state, _ = _run(tiny_params, data, tmp_path, tiny_cfg)
+    assert _equal(load_trained(tiny_params, data, run_dir=str(tmp_path), **kw), state)
+    with pytest.raises(RunMismatchError, match="fed.lr: saved 0.01, now 0.5"):
+        fast = dataclasses.replace(FED, lr=0.5)
+        load_trained(tiny_params, data, run_dir=str(tmp_path), **{**kw, "fed": fast})

@@ -8,7 +8,8 @@ host anyway.
 
 A run folder cannot be confused with another run: `fingerprint.json` holds what shapes the run's
 numbers (`run_fingerprint`), and resuming with any of it changed is a `RunMismatchError` listing
-the differences, unless `restart=True` clears the folder first. A damaged newest checkpoint falls
+the differences, unless `restart=True` clears the folder first; `load_trained` reads a finished
+run's adapters and never trains. A damaged newest checkpoint falls
 back to the previous intact one (`floe_jax.checkpoint.restore`), and a run in which no client was
 ever aggregated ends with `NothingTrainedError` instead of returning untrained adapters.
 """
@@ -58,6 +59,10 @@ RUN_FILES = ("metrics.jsonl", "clusters.json", "fed_config.json", FINGERPRINT_FI
 class RunMismatchError(ConfigError):
     """A run folder holds a run with other settings than the ones given (the message lists
     each differing setting with its saved and its new value)."""
+
+
+class UntrainedRunError(ConfigError):
+    """A run folder asked for trained adapters holds none, or an unfinished run."""
 
 
 class NothingTrainedError(RuntimeError):
@@ -132,6 +137,35 @@ def clear_run(run_dir: str) -> None:
             os.remove(path)
 
 
+def _holds_this_run(run_dir: str, fingerprint: dict) -> bool:
+    """True when `run_dir` holds the run `fingerprint` describes, False when it holds no run;
+    raises RunMismatchError when it holds another run or one of unknown settings."""
+    path = os.path.join(run_dir, FINGERPRINT_FILE)
+    if not os.path.exists(path):
+        if _has_run(run_dir):
+            raise RunMismatchError(
+                f"run folder {run_dir} holds a run without a {FINGERPRINT_FILE}, so its "
+                "settings are unknown; pass restart=True to start over or use another folder"
+            )
+        return False
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise RunMismatchError(
+            f"run folder {run_dir}: {FINGERPRINT_FILE} cannot be read ({e}); pass "
+            "restart=True to start the run over"
+        ) from e
+    diff = fingerprint_differences(saved, fingerprint)
+    if diff:
+        raise RunMismatchError(
+            f"run folder {run_dir} holds a run with other settings; pass restart=True to "
+            "start over (clearing its checkpoints and metrics) or use another folder. "
+            "Differences:\n  " + "\n  ".join(diff)
+        )
+    return True
+
+
 def _claim_run_dir(run_dir: str, fingerprint: dict, *, restart: bool) -> None:
     """Makes `run_dir` this run's: starts it over when `restart`, checks a resumed run's
     fingerprint, writes a new run's."""
@@ -142,31 +176,28 @@ def _claim_run_dir(run_dir: str, fingerprint: dict, *, restart: bool) -> None:
     if restart and _has_run(run_dir):
         log.info("restart: clearing the run in %s", run_dir)
         clear_run(run_dir)
-    path = os.path.join(run_dir, FINGERPRINT_FILE)
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-        except (OSError, ValueError) as e:
-            raise RunMismatchError(
-                f"run folder {run_dir}: {FINGERPRINT_FILE} cannot be read ({e}); pass "
-                "restart=True to start the run over"
-            ) from e
-        diff = fingerprint_differences(saved, fingerprint)
-        if diff:
-            raise RunMismatchError(
-                f"run folder {run_dir} holds a run with other settings; pass restart=True to "
-                "start over (clearing its checkpoints and metrics) or use another folder. "
-                "Differences:\n  " + "\n  ".join(diff)
-            )
-        return
-    if _has_run(run_dir):
+    if not _holds_this_run(run_dir, fingerprint):
+        with open(os.path.join(run_dir, FINGERPRINT_FILE), "w") as f:
+            json.dump(fingerprint, f, indent=1)
+
+
+def _restore_run(run_dir: str, state: ServerState, digest: str, fed: FedConfig):
+    """`(state, checkpoint metadata)` from the newest intact checkpoint of this run (`digest`),
+    at most `fed.num_rounds` rounds in."""
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    state, meta = checkpoint.restore(ckpt_dir, state)
+    rnd = int(state.round)
+    if meta.get("fingerprint", digest) != digest:
         raise RunMismatchError(
-            f"run folder {run_dir} holds a run without a {FINGERPRINT_FILE}, so its settings "
-            "are unknown; pass restart=True to start over or use another folder"
+            f"run folder {run_dir}: the checkpoint of round {rnd} was written by a run with "
+            f"another fingerprint than {FINGERPRINT_FILE}'s; pass restart=True to start over"
         )
-    with open(path, "w") as f:
-        json.dump(fingerprint, f, indent=1)
+    if rnd > fed.num_rounds:
+        raise RunMismatchError(
+            f"run folder {run_dir} holds a checkpoint of round {rnd}, past "
+            f"FedConfig.num_rounds={fed.num_rounds}; pass restart=True to start over"
+        )
+    return state, meta
 
 
 def _host_metrics(m: dict, names: list[str], fed: FedConfig, seconds: float) -> dict:
@@ -307,18 +338,8 @@ def train_federated(
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if checkpoint.latest_step(ckpt_dir) is not None:
-        state, meta = checkpoint.restore(ckpt_dir, state)
+        state, meta = _restore_run(run_dir, state, digest, fed)
         rnd = int(state.round)
-        if meta.get("fingerprint", digest) != digest:
-            raise RunMismatchError(
-                f"run folder {run_dir}: the checkpoint of round {rnd} was written by a run with "
-                f"another fingerprint than {FINGERPRINT_FILE}'s; pass restart=True to start over"
-            )
-        if rnd > fed.num_rounds:
-            raise RunMismatchError(
-                f"run folder {run_dir} holds a checkpoint of round {rnd}, past "
-                f"FedConfig.num_rounds={fed.num_rounds}; pass restart=True to start over"
-            )
         checkpoint.delete_steps_after(ckpt_dir, rnd)  # damaged ones skipped by the restore
         log.info("resumed %s at round %d", run_dir, rnd)
         done = _rewrite_jsonl(metrics_path, rnd)
@@ -370,9 +391,66 @@ def train_federated(
         else:
             pending = (m, t0)
     bar.close()
-    if int(state.round) == fed.num_rounds and os.path.exists(metrics_path):
-        with open(metrics_path) as f:
+    if int(state.round) == fed.num_rounds:
+        _check_trained(run_dir)
+    return state, rows
+
+
+def _check_trained(run_dir: str) -> None:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
             why = _nothing_trained([json.loads(x) for x in f if x.strip()], run_dir)
         if why is not None:
             raise NothingTrainedError(why)
-    return state, rows
+
+
+def load_trained(
+    params: dict,
+    data: ClientData,
+    *,
+    cfg: ModelConfig,
+    fed: FedConfig,
+    run_dir: str,
+    ranks=None,
+    assignment=None,
+    num_clusters: int = 1,
+    eval_data: ClientData | None = None,
+) -> ServerState:
+    """The final server state of the finished run in `run_dir` (`train_federated` with the same
+    arguments), never training: for evaluation, which must not score untrained adapters.
+
+    Raises:
+      UntrainedRunError: `run_dir` holds no checkpoint, or the run has not finished.
+      RunMismatchError: `run_dir` holds a run with other settings (lists them).
+      NothingTrainedError: the run aggregated no client in any round.
+    """
+    ranks = np.full((data.num_clients,), fed.lora.rank) if ranks is None else ranks
+    fingerprint = run_fingerprint(
+        params, data, cfg=cfg, fed=fed, ranks=ranks, assignment=assignment,
+        num_clusters=num_clusters, eval_data=eval_data,
+    )  # fmt: skip
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if not _holds_this_run(run_dir, fingerprint) or checkpoint.latest_step(ckpt_dir) is None:
+        raise UntrainedRunError(
+            f"run folder {run_dir} holds no trained adapters (no checkpoint); train them first "
+            "(train_federated, or the `federate` command)"
+        )
+    if fed.clustering == "updates" and not os.path.exists(os.path.join(run_dir, "clusters.json")):
+        raise UntrainedRunError(f"run folder {run_dir} has checkpoints but no clusters.json")
+    assignment, num_clusters = _resolve_clusters(
+        params, data, cfg=cfg, fed=fed, ranks=ranks, assignment=assignment,
+        num_clusters=num_clusters, run_dir=run_dir,
+    )  # fmt: skip
+    state = init_server_state(
+        cfg, fed, ranks=ranks, assignment=assignment, num_clusters=num_clusters
+    )
+    state, _ = _restore_run(run_dir, state, fingerprint_digest(fingerprint), fed)
+    if int(state.round) != fed.num_rounds:
+        raise UntrainedRunError(
+            f"run folder {run_dir} holds round {int(state.round)} of "
+            f"FedConfig.num_rounds={fed.num_rounds}; finish the run first (train_federated "
+            "resumes it)"
+        )
+    _check_trained(run_dir)
+    return state
