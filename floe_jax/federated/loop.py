@@ -8,10 +8,10 @@ host anyway.
 
 A run folder cannot be confused with another run: `fingerprint.json` holds what shapes the run's
 numbers (`run_fingerprint`), and resuming with any of it changed is a `RunMismatchError` listing
-the differences, unless `restart=True` clears the folder first; `load_trained` reads a finished
-run's adapters and never trains. A damaged newest checkpoint falls
-back to the previous intact one (`floe_jax.checkpoint.restore`), and a run in which no client was
-ever aggregated ends with `NothingTrainedError` instead of returning untrained adapters.
+the differences, unless `restart=True` clears the folder first. `load_trained` reads a finished
+run's adapters and never trains. A damaged newest checkpoint falls back to the previous intact one
+(`floe_jax.checkpoint.restore`), and a run in which no client was ever aggregated ends with
+`NothingTrainedError` instead of returning untrained adapters.
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def run_fingerprint(
     training never runs), the clients' ranks, the given assignment and cluster count, and digests
     of the base params, the client data and the eval data (`tree_digest`).
 
-    Hashing the base reads every weight once per call: a second per GB or so, small beside a
-    round."""
+    Hashing reads every base weight once per call, a host pass over the weights that is small
+    beside the rounds a run trains."""
     fed_d = {k: v for k, v in dataclasses.asdict(fed).items() if k not in UNFINGERPRINTED_FIELDS}
     model = dataclasses.asdict(cfg)
     model.pop("attention_impl", None)
@@ -107,6 +107,7 @@ def run_fingerprint(
 
 
 def fingerprint_digest(fingerprint: dict) -> str:
+    """A short hash of a fingerprint, stored in each checkpoint to tie it to its run."""
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -272,7 +273,9 @@ def _nothing_trained(rows: list[dict], run_dir: str) -> str | None:
         for cid, why in r["dropped"].items():
             first.setdefault(cid, why)
             count[cid] = count.get(cid, 0) + 1
-    shown = [f"client {c}: {first[c]} ({count[c]} of {len(rows)} rounds)" for c in sorted(first)]
+    shown = [
+        f"client {c}: {first[c]} ({count[c]} of {len(rows)} rounds)" for c in sorted(first, key=int)
+    ]
     if len(shown) > 8:
         shown = shown[:8] + [f"... {len(shown) - 8} more clients"]
     return (
