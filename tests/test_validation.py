@@ -129,6 +129,21 @@ def test_out_of_vocabulary_tokens_name_the_client_and_row(tiny_cfg):
         check_round(fed, data, state, cfg=tiny_cfg)
 
 
+def test_train_federated_checks_token_ids_before_clustering_trains(tiny_cfg, tmp_path):
+    """Update-based clustering trains every client before round 0: the data is checked first."""
+    from floe_jax.federated.loop import train_federated
+    from floe_jax.model import init_params
+
+    rows = _data(3, vocab=tiny_cfg.vocab_size)
+    rows[1][0][0, 3] = tiny_cfg.vocab_size + 5
+    fed = FedConfig(num_rounds=1, clients_per_round=2, seq_len=8, lora=LoRAConfig(rank=2),
+                    clustering="updates", num_clusters=2)  # fmt: skip
+    params = init_params(tiny_cfg, key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"client data: .*client 1.*row 0"):
+        train_federated(params, client_data(rows), cfg=tiny_cfg, fed=fed, run_dir=str(tmp_path))
+    assert not (tmp_path / "clusters.json").exists()
+
+
 @pytest.mark.parametrize("value", [math.nan, -1.0])
 def test_bad_masks_name_the_client_and_row(value):
     rows = _data(2)

@@ -35,6 +35,7 @@ from floe_jax.federated.cluster import cluster_by_updates
 from floe_jax.federated.config import FedConfig
 from floe_jax.federated.rounds import (
     ServerState,
+    check_data,
     check_round,
     drop_reasons,
     init_server_state,
@@ -325,6 +326,7 @@ def train_federated(
       NothingTrainedError: the run is complete and no client was aggregated in any round.
     """
     ranks = np.full((data.num_clients,), fed.lora.rank) if ranks is None else ranks
+    check_data(fed, data, cfg=cfg, eval_data=eval_data)
     fingerprint = run_fingerprint(
         params, data, cfg=cfg, fed=fed, ranks=ranks, assignment=assignment,
         num_clusters=num_clusters, eval_data=eval_data,
@@ -354,7 +356,7 @@ def train_federated(
         _rewrite_jsonl(metrics_path, 0)
         with open(os.path.join(run_dir, "fed_config.json"), "w") as f:
             json.dump(dataclasses.asdict(fed), f, indent=1)
-    check_round(fed, data, state)
+    check_round(fed, data, state, cfg=cfg, eval_data=eval_data)
     names = tensor_names(state.global_loras)
     first = int(state.round)
     last_round = fed.num_rounds if stop_after is None else min(fed.num_rounds, first + stop_after)

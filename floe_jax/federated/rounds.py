@@ -355,24 +355,23 @@ def _check_shared_base(fed: FedConfig, num_clusters: int) -> None:
         )
 
 
-def check_round(
+def check_data(
     fed: FedConfig,
     data: ClientData,
-    state: ServerState,
     *,
     cfg: ModelConfig | None = None,
     eval_data: ClientData | None = None,
 ) -> None:
-    """Host-side checks that name the field, client or row, before anything is traced.
+    """Host-side checks of a run's client data against its settings, before anything trains
+    (update-based clustering trains every client before the first round).
 
     Args:
-      fed, data, state: the run's config, training data and server state.
+      fed, data: the run's config and training data.
       cfg: the base model; when given, every token id of `data` (and `eval_data`) must lie in
         `[0, cfg.vocab_size)` (`types.check_token_ids`), so an out-of-vocabulary id is reported
         as such rather than as a client's non-finite update.
       eval_data: the run's eval examples, checked like `data`.
     """
-    _check_shared_base(fed, state.num_clusters)
     vocab = None if cfg is None else cfg.vocab_size
     for what, d in (("client data", data), ("eval data", eval_data)):
         if d is None:
@@ -385,15 +384,29 @@ def check_round(
         raise ConfigError(
             f"client data has sequence length {data.seq_len}, FedConfig.seq_len={fed.seq_len}"
         )
-    if data.num_clients != state.assignment.shape[0]:
-        raise ValueError(
-            f"client data has {data.num_clients} clients, the server state "
-            f"{state.assignment.shape[0]}"
-        )
     if fed.clients_per_round > data.num_clients:
         raise ConfigError(
             f"FedConfig.clients_per_round={fed.clients_per_round} exceeds the "
             f"{data.num_clients} clients"
+        )
+
+
+def check_round(
+    fed: FedConfig,
+    data: ClientData,
+    state: ServerState,
+    *,
+    cfg: ModelConfig | None = None,
+    eval_data: ClientData | None = None,
+) -> None:
+    """Host-side checks that name the field, client or row, before a round is traced: the data
+    (`check_data`, with the same arguments) and the server state against the settings."""
+    _check_shared_base(fed, state.num_clusters)
+    check_data(fed, data, cfg=cfg, eval_data=eval_data)
+    if data.num_clients != state.assignment.shape[0]:
+        raise ValueError(
+            f"client data has {data.num_clients} clients, the server state "
+            f"{state.assignment.shape[0]}"
         )
     if state.global_loras.max_rank != fed.max_rank:
         raise ConfigError(
