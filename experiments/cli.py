@@ -16,6 +16,7 @@ import os
 import sys
 
 from floe_jax.config import ATTENTION_IMPLS, ConfigError, ModelConfig
+from floe_jax.federated.loop import NothingTrainedError, RunMismatchError
 
 KERNELS_ENV = "FLOE_KERNELS"
 
@@ -102,7 +103,7 @@ def _calibrate(argv: list[str], impl: str) -> int:
     return calibrate.main(argv, attention_impl=impl)
 
 
-def _run_parser(command: str, description: str):
+def _run_parser(command: str, description: str, *, restart: bool = False):
     import argparse
 
     from experiments.presets import PRESETS, REAL_PRESETS
@@ -117,19 +118,26 @@ def _run_parser(command: str, description: str):
     )  # fmt: skip
     p.add_argument("--out", default=None, help="run folder (default runs/demo-<preset>)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if restart:
+        p.add_argument(
+            "--restart", action="store_true",
+            help="clear federated runs in the run folder that were trained with other settings "
+            "(without it, such a folder is an error listing the differences)",
+        )  # fmt: skip
     return p
 
 
-def _run_args(argv: list[str], impl: str, command: str, description: str):
+def _run_args(argv: list[str], impl: str, command: str, description: str, *, restart=False):
+    """`(preset, run folder, progress, restart)` from a run command's arguments."""
     from experiments.presets import get_preset
 
-    args = _run_parser(command, description).parse_intermixed_args(argv)
+    args = _run_parser(command, description, restart=restart).parse_intermixed_args(argv)
     if "=" in args.preset:  # `demo key=value` without a preset name
         args.overrides, args.preset = [args.preset, *args.overrides], "default"
     preset = with_attention_impl(get_preset(args.preset, args.overrides), impl)
     out = args.out or f"runs/demo-{preset.name}"
     check_out_dir(out)
-    return preset, out, not args.no_progress
+    return preset, out, not args.no_progress, bool(getattr(args, "restart", False))
 
 
 def check_out_dir(path: str, flag: str = "--out") -> None:
@@ -151,15 +159,15 @@ def check_out_dir(path: str, flag: str = "--out") -> None:
 def _demo(argv: list[str], impl: str) -> int:
     from experiments import demo
 
-    preset, out, progress = _run_args(
+    preset, out, progress, restart = _run_args(
         argv, impl, "demo",
         "The embedded Floe benchmark end to end: tokenizer and pretrained base models (cached), "
         "heterogeneous ranks from device profiles, federated LoRA rounds (Floe clustered, the "
         "fed.baselines rules unclustered), then every method on the same test queries under a "
         "simulated network. Writes config.json, fed/*/metrics.jsonl, eval.jsonl, report.md and "
-        "plots into the run folder.",
+        "plots into the run folder.", restart=True,
     )  # fmt: skip
-    result = demo.run_demo(preset, out, progress=progress)
+    result = demo.run_demo(preset, out, progress=progress, restart=restart)
     print(demo.format_report(result))
     print(f"run folder: {out}")
     return 0
@@ -168,12 +176,14 @@ def _demo(argv: list[str], impl: str) -> int:
 def _federate(argv: list[str], impl: str) -> int:
     from experiments import demo
 
-    preset, out, progress = _run_args(
+    preset, out, progress, restart = _run_args(
         argv, impl, "federate",
         "Pretraining (cached) and the federated LoRA rounds of every compared method only "
         "(resumes from the run folder's checkpoints). `evaluate` then scores them.",
+        restart=True,
     )  # fmt: skip
-    for method, info in demo.run_federate(preset, out, progress=progress).items():
+    for method, info in demo.run_federate(preset, out, progress=progress,
+                                          restart=restart).items():  # fmt: skip
         print(f"{method}: clusters {info['assignment']} ({info['seconds']:.1f}s)")
     print(f"run folder: {out}")
     return 0
@@ -182,7 +192,7 @@ def _federate(argv: list[str], impl: str) -> int:
 def _evaluate(argv: list[str], impl: str) -> int:
     from experiments import demo
 
-    preset, out, progress = _run_args(
+    preset, out, progress, _ = _run_args(
         argv, impl, "evaluate",
         "Evaluate the adapters of an existing run folder (written by `federate` or `demo` with "
         "the same preset and overrides) and write eval.jsonl, report.md and plots.",
@@ -241,6 +251,12 @@ def main(argv: list[str]) -> int:
     try:
         impl = attention_impl_from_env()
         return COMMANDS[command][1](rest, impl) or 0
+    except RunMismatchError as e:
+        print(f"error: {e}\n(on the command line: --restart)", file=sys.stderr)
+        return 2
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NothingTrainedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 
@@ -122,6 +123,25 @@ def test_smoke_demo_writes_run_folder(smoke_run):
     assert config["name"] == "smoke" and config["fed"]["rounds"]["num_rounds"] >= 1
     evals = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines()]
     assert [e["method"] for e in evals] == [r["method"] for r in result["rows"]]
+
+
+def test_a_run_folder_is_never_silently_reused(smoke_run, tmp_path, capsys):
+    """Other settings on a finished run folder: an error listing them (config.json untouched),
+    until --restart; `evaluate` on a folder without trained runs is an error, never a training."""
+    _, run_dir = smoke_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    cache = f"cache_dir={run_dir.parent / 'cache'}"
+    before = (run / "config.json").read_text()
+    assert cli.main(["federate", "smoke", cache, "fed.rounds.lr=0.5", "--out", str(run),
+                     "--no-progress"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "other settings" in err and "lr" in err and "--restart" in err
+    assert (run / "config.json").read_text() == before
+    empty = tmp_path / "empty"
+    assert cli.main(["evaluate", "smoke", cache, "--out", str(empty), "--no-progress"]) == 2
+    assert "fed" in capsys.readouterr().err
+    assert not (empty / "fed" / "floe" / "checkpoints").exists()
 
 
 def test_smoke_demo_no_private_span_reaches_the_cloud(smoke_run):

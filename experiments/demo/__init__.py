@@ -44,11 +44,14 @@ __all__ = [
 ]
 
 
-def run_demo(preset: DemoPreset | RealPreset, run_dir: str, *, progress: bool = True) -> dict:
-    """The whole demo into `run_dir`: pretraining (cached), federated rounds, evaluation, report."""
+def run_demo(
+    preset: DemoPreset | RealPreset, run_dir: str, *, progress: bool = True, restart: bool = False
+) -> dict:
+    """The whole demo into `run_dir`: pretraining (cached), federated rounds, evaluation, report.
+    `restart` clears federated runs in `run_dir` that were trained with other settings."""
     t0 = time.perf_counter()
     times = {}
-    run_federate(preset, run_dir, progress=progress)
+    run_federate(preset, run_dir, progress=progress, restart=restart)
     times["pretrain + federate"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     result = run_evaluate(preset, run_dir, progress=progress)

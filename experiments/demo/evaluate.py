@@ -259,7 +259,7 @@ def run_evaluate(preset: DemoPreset | RealPreset, run_dir: str, *, progress: boo
     """Evaluates the adapters of an existing run folder (`run_federate`); writes the report."""
     t0 = time.perf_counter()
     prep = setup(preset, progress=progress)
-    fed = federate(preset, prep, run_dir, progress=False)  # restores the finished runs
+    fed = federate(preset, prep, run_dir, progress=False, train=False)  # finished runs only
     rows = evaluate(preset, prep, fed, run_dir, progress=progress)
     with open(os.path.join(run_dir, "clients.json")) as f:
         clients = json.load(f)

@@ -1,8 +1,10 @@
 """The demo's federated runs: Floe (clustered by client updates, `fed.rounds.agg` inside each
 cluster) and each unclustered baseline of `fed.baselines`, on the same private data and ranks.
 
-Each run writes `run_dir/fed/<name>/` (checkpoints, metrics.jsonl); a second call restores the
-finished runs instead of training them again (`evaluate` does that).
+Each run writes `run_dir/fed/<name>/` (checkpoints, metrics.jsonl, the fingerprint of its
+settings); a second call with the same settings resumes or restores the runs, one with other
+settings is refused with the differences listed (`restart=True` starts over), and `evaluate` only
+loads finished runs (`floe_jax.federated.loop.load_trained`), never trains.
 """
 
 from __future__ import annotations
@@ -18,11 +20,21 @@ import numpy as np
 from experiments.demo.setup import Setup, client_ranks, private_data, setup
 from experiments.presets import DemoPreset, RealPreset
 from floe_jax.federated import train_federated
+from floe_jax.federated.loop import load_trained
 from floe_jax.federated.rounds import client_start
 
 
-def federate(preset: DemoPreset | RealPreset, prep: Setup, run_dir: str, *, progress: bool):
-    """Trains (or restores) every run's adapters and writes `run_dir/clients.json`.
+def federate(
+    preset: DemoPreset | RealPreset,
+    prep: Setup,
+    run_dir: str,
+    *,
+    progress: bool,
+    train: bool = True,
+    restart: bool = False,
+):
+    """Trains (or resumes) every run's adapters and writes `run_dir/clients.json`; with
+    `train=False` only loads finished runs (an unfinished or missing one is an error).
 
     Returns:
       `{run name: (client LoRAs [N], info)}`: each client's adapter (its cluster's, at the rank
@@ -36,11 +48,14 @@ def federate(preset: DemoPreset | RealPreset, prep: Setup, run_dir: str, *, prog
         t0 = time.perf_counter()
         if progress:
             print(f"federated rounds: {name} ({rounds.agg.method}, clustering={rounds.clustering})")
-        state, _ = train_federated(
-            prep.edge_params, data, cfg=prep.edge_cfg, fed=rounds,
-            run_dir=os.path.join(run_dir, "fed", name), ranks=np.asarray(ranks, np.int32),
-            progress=progress,
-        )  # fmt: skip
+        where = dict(cfg=prep.edge_cfg, fed=rounds, run_dir=os.path.join(run_dir, "fed", name),
+                     ranks=np.asarray(ranks, np.int32))  # fmt: skip
+        if train:
+            state, _ = train_federated(
+                prep.edge_params, data, **where, progress=progress, restart=restart
+            )
+        else:
+            state = load_trained(prep.edge_params, data, **where)
         # a client ends the run at its own rank, which HetLoRA's self-pruning may have lowered
         assignment, final = np.asarray(state.assignment), np.asarray(state.ranks)
         loras = client_start(
@@ -60,12 +75,15 @@ def write_config(preset: DemoPreset | RealPreset, run_dir: str) -> None:
         json.dump(dataclasses.asdict(preset), f, indent=1, default=str)
 
 
-def run_federate(preset: DemoPreset | RealPreset, run_dir: str, *, progress: bool = True) -> dict:
-    """Pretraining (cached) and the federated rounds of every run; writes the run folder.
-    Returns `{run name: info}` (see `federate`)."""
+def run_federate(
+    preset: DemoPreset | RealPreset, run_dir: str, *, progress: bool = True, restart: bool = False
+) -> dict:
+    """Pretraining (cached) and the federated rounds of every run; writes the run folder, its
+    `config.json` once every run has been accepted and trained (a refused run leaves the folder's
+    record as it was). `restart` clears runs trained with other settings. Returns
+    `{run name: info}` (see `federate`)."""
     os.makedirs(run_dir, exist_ok=True)
-    write_config(preset, run_dir)
     prep = setup(preset, progress=progress)
-    return {
-        name: info for name, (_, info) in federate(preset, prep, run_dir, progress=progress).items()
-    }
+    out = federate(preset, prep, run_dir, progress=progress, restart=restart)
+    write_config(preset, run_dir)
+    return {name: info for name, (_, info) in out.items()}
