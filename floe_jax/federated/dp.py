@@ -16,11 +16,16 @@ round whether or not a member was sampled, so what the server publishes is the G
 on a subsampled sum and nothing else. One client's data reaches only its own cluster's sum, so
 the clusters compose in parallel: per round, each client meets one subsampled Gaussian mechanism
 with noise multiplier σ and sampling rate q = C / N, composed over the rounds by the RDP
-accountant (`epsilon`).
+accountant (`epsilon`; `DPConfig.sampling` picks the round's own fixed-size sampler under
+replace-one adjacency, where the sum's sensitivity is 2S, or the Poisson approximation).
+
+The trust model is DP-FedAvg's: the server sees each client's raw update and adds the noise, so
+the guarantee covers what it publishes (the global adapters every peer downloads, and anything
+computed from them), not the server itself (that needs secure aggregation or local noise).
 
 Why the factors and not the product ΔW = s(A+ΔA)(B+ΔB) − sAB: the factors are what a client
-uploads and what FedAvg over LoRA averages, so clipping and noising them privatises the message
-itself and everything the server derives from it is post-processing; the noise has R(I + O)
+uploads and what FedAvg over LoRA averages, so the noised sum is over the very tensors the server
+aggregates and the adapters peers download are post-processing of it; the noise has R(I + O)
 dimensions per layer instead of I·O; and the result stays low rank without an SVD. The cost is
 the one Sun et al. (2024, "Improving LoRA in Privacy-preserving Federated Learning", FFA-LoRA)
 point out: noise on both A and B is multiplied through the product (ΔW picks up a noise x noise
