@@ -189,6 +189,28 @@ def test_dp_round_without_noise_or_clipping_is_the_plain_round(tiny_cfg, tiny_pa
     assert moved
 
 
+def test_dp_round_noises_every_cluster_with_members(tiny_cfg, tiny_params):
+    """Two clusters of two, two clients sampled: both adapters move every round, whether or not
+    a member was sampled (skipping one would publish that none was), and the round stays a
+    pure function of the state."""
+    fed = dataclasses.replace(FED, dp=DPConfig(enabled=True, clip_norm=0.1, noise_multiplier=1.0))
+    data = client_data(_examples(tiny_cfg.vocab_size))
+    state = init_server_state(tiny_cfg, fed, ranks=[R] * 4, assignment=[0, 0, 1, 1], num_clusters=2)
+    before = jax.device_get(state)
+    run = jax.jit(lambda s: round_step(s, tiny_params, data, cfg=tiny_cfg, fed=fed))
+    new, m = run(before)
+    assert 0 <= int(m["dp_clipped"]) <= 2 and bool(m["global_finite"])
+    for k in range(2):  # B starts at zero: every live entry now carries noise
+        assert np.all(np.asarray(new.global_loras.b["q_proj"][k]) != 0)
+        assert np.all(
+            np.asarray(new.global_loras.a["q_proj"][k] != before.global_loras.a["q_proj"][k])
+        )
+    again, _ = run(before)
+    np.testing.assert_array_equal(
+        np.asarray(again.global_loras.a["v_proj"]), np.asarray(new.global_loras.a["v_proj"])
+    )
+
+
 def test_train_federated_reports_epsilon_per_round(tiny_cfg, tiny_params, tmp_path):
     fed = dataclasses.replace(
         FED, num_rounds=3, dp=DPConfig(enabled=True, clip_norm=0.01, noise_multiplier=1.0)
