@@ -1,10 +1,11 @@
 """Federated LoRA: one client's local update lifted over the client axis, aggregation rules,
-task clustering and the round loop with checkpoints."""
+task clustering, client-level differential privacy (`dp`), extraction measurement (`extraction`)
+and the round loop with checkpoints."""
 
 from floe_jax.federated import rules  # noqa: F401  (registers the built-in aggregation rules)
 from floe_jax.federated.aggregate import Aggregated, Rule, register_rule
 from floe_jax.federated.client import local_update, local_update_clients, make_optimizer, token_loss
-from floe_jax.federated.config import AggregationConfig, FedConfig
+from floe_jax.federated.config import AggregationConfig, DPConfig, FedConfig
 from floe_jax.federated.loop import train_federated
 from floe_jax.federated.rounds import (
     ServerState,
@@ -19,6 +20,7 @@ __all__ = [
     "Aggregated",
     "AggregationConfig",
     "ClientData",
+    "DPConfig",
     "FedConfig",
     "Rule",
     "ServerState",

@@ -1,13 +1,16 @@
-"""Configuration of a federated LoRA run: the rounds, the adapters (`LoRAConfig`) and the
-aggregation rule with its options (`AggregationConfig`).
+"""Configuration of a federated LoRA run: the rounds, the adapters (`LoRAConfig`), the
+aggregation rule with its options (`AggregationConfig`) and client-level differential privacy
+(`DPConfig`).
 
-Both nested configs are reachable by dotted overrides (`fed.agg.method=hetlora`,
-`fed.agg.prune_threshold=0.1`, `fed.lora.rank=16`; `floe_jax.config.apply_overrides`).
+The nested configs are reachable by dotted overrides (`fed.agg.method=hetlora`,
+`fed.agg.prune_threshold=0.1`, `fed.lora.rank=16`, `fed.dp.enabled=true`;
+`floe_jax.config.apply_overrides`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from floe_jax.config import ConfigError, LoRAConfig, require_finite
 from floe_jax.federated.aggregate import Rule, available_rules, make_rule, rule_options
@@ -88,6 +91,53 @@ class AggregationConfig:
         return make_rule(self.method, **self.options)
 
 
+DP_METHODS = ("fedavg", "fedit", "ffa")  # rules whose global adapter is an average of factors
+DP_SAMPLING = ("fixed", "poisson")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPConfig:
+    """Client-level differential privacy of the federated rounds (DP-FedAvg; `federated.dp`).
+
+    Off by default; on with `enabled=True` (`fed.dp.enabled=true` on the command line: a field
+    that is None cannot be built by overrides, so DP is a flag on a config that always exists).
+    Each sampled client's change of its trained LoRA factors is clipped to `clip_norm` (L2 over
+    the whole tree), the clipped changes of a cluster are summed, Gaussian noise of std
+    `noise_multiplier * clip_norm` is added, and the sum is divided by the cluster's expected
+    number of sampled clients. Only `DP_METHODS` take it.
+
+    Attributes:
+      enabled: run the rounds with DP; when False the other fields are ignored.
+      clip_norm: S > 0, the bound on one client's update (L2 norm of its change of A and B).
+      noise_multiplier: σ >= 0; the noise std on each cluster's sum is σ·S (0: clipping only,
+        no privacy, ε = inf).
+      delta: δ in (0, 1) at which ε is reported; take it below 1 / num_clients.
+      sampling: how ε is accounted (`dp.epsilon`): `"fixed"` (the round's own sampler, C of N
+        without replacement, replace-one adjacency) or `"poisson"` (each client independently
+        with q = C / N, add-or-remove adjacency: the approximation DP-FedAvg papers report).
+    """
+
+    enabled: bool = False
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    delta: float = 1e-5
+    sampling: str = "fixed"
+
+    def __post_init__(self):
+        if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            raise ConfigError(f"DPConfig.clip_norm must be finite and > 0, got {self.clip_norm}")
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise ConfigError(
+                f"DPConfig.noise_multiplier must be finite and >= 0, got {self.noise_multiplier}"
+            )
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"DPConfig.delta must lie in (0, 1), got {self.delta}")
+        if self.sampling not in DP_SAMPLING:
+            raise ConfigError(
+                f"DPConfig.sampling={self.sampling!r} is not one of {', '.join(DP_SAMPLING)}"
+            )
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FedConfig:
     """A federated LoRA training run.
@@ -119,6 +169,7 @@ class FedConfig:
         `"given"` (the caller passes `assignment`, e.g. task labels).
       num_clusters: K for `"updates"`; None picks K by silhouette (`cluster.cluster_clients`).
       cluster_method: `"spectral"` (k-means on a spectral embedding) or `"agglomerative"`.
+      dp: client-level differential privacy of the rounds (off unless `dp.enabled`).
     """
 
     num_rounds: int = 10
@@ -141,6 +192,7 @@ class FedConfig:
     clustering: str = "none"
     num_clusters: int | None = None
     cluster_method: str = "spectral"
+    dp: DPConfig = DPConfig()
 
     def __post_init__(self):
         for name in (
@@ -180,6 +232,11 @@ class FedConfig:
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ConfigError(f"FedConfig.max_grad_norm must be > 0, got {self.max_grad_norm}")
         make_optimizer(self.optimizer, lr=self.lr)  # raises on an unknown name
+        if self.dp.enabled and self.agg.method not in DP_METHODS:
+            raise ConfigError(
+                f"FedConfig.dp is enabled but FedConfig.agg.method={self.agg.method!r} does not "
+                f"average factors; DP rounds take {', '.join(DP_METHODS)}"
+            )
 
     @property
     def max_rank(self) -> int:

@@ -33,6 +33,7 @@ from floe_jax import checkpoint
 from floe_jax.config import ConfigError, ModelConfig
 from floe_jax.federated.cluster import cluster_by_updates
 from floe_jax.federated.config import FedConfig
+from floe_jax.federated.dp import host_metrics as dp_host_metrics
 from floe_jax.federated.rounds import (
     ServerState,
     check_data,
@@ -366,6 +367,8 @@ def train_federated(
     def emit(m, t0, extra_save=None):
         m = jax.device_get(m)  # blocks until that round is done
         row = _host_metrics(m, names, fed, time.perf_counter() - t0)
+        row.update(dp_host_metrics(m, fed.dp, num_clients=data.num_clients,
+                                   clients_per_round=fed.clients_per_round))  # fmt: skip
         if extra_save is not None:
             extra_save(row)
         with open(metrics_path, "a") as f:
@@ -396,6 +399,9 @@ def train_federated(
         else:
             pending = (m, t0)
     bar.close()
+    if fed.dp.enabled and rows:
+        log.info("DP: ε = %s at δ = %g after %d rounds", rows[-1]["dp_epsilon"], fed.dp.delta,
+                 rows[-1]["round"] + 1)  # fmt: skip
     if int(state.round) == fed.num_rounds:
         _check_trained(run_dir)
     return state, rows

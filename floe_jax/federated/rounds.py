@@ -33,6 +33,7 @@ from floe_jax.federated.aggregate import (
 )
 from floe_jax.federated.client import local_update_clients, token_loss
 from floe_jax.federated.config import FedConfig
+from floe_jax.federated.dp import NOISE_SALT, expected_clients, private_step
 from floe_jax.federated.types import ClientData, check_token_ids, eval_rows, sample_batches
 from floe_jax.lora import LoRA, init_lora, rank_mask
 
@@ -220,7 +221,7 @@ def round_step(
       (`loss_sum`, `tokens`, `eval_loss_sum`, `eval_tokens`, `bytes_up`, `bytes_down`) and
       per-client arrays for the host's log (`client_ids`, `included`, `reason`, `finite`
       [C, tensors], `update_norm`, `examples`, `client_loss_sum`, `client_tokens`), and
-      `global_finite`.
+      `global_finite`; with `fed.dp` enabled also `dp_clipped` (`dp.private_step`).
     """
     N, C, K = data.num_clients, fed.clients_per_round, state.num_clusters
     _check_shared_base(fed, K)
@@ -261,11 +262,19 @@ def round_step(
         reason=reason_C,
     )  # fmt: skip
     included_C = agg.included
-    global_loras = jax.tree.map(
-        lambda n, o: jnp.where(any_in.reshape((K,) + (1,) * (n.ndim - 1)), n, o),
-        agg.global_lora,
-        state.global_loras,
-    )
+    dp_metrics = {}
+    if fed.dp.enabled:  # DP-FedAvg: clipped, noised sums replace the rule's average
+        global_loras, dp_metrics = private_step(
+            state.global_loras, start, trained, included_C, cluster_C,
+            expected_clients(state.assignment, C, K), dp=fed.dp, frozen=rule.frozen,
+            key=jax.random.fold_in(k_round, NOISE_SALT),
+        )  # fmt: skip
+    else:
+        global_loras = jax.tree.map(
+            lambda n, o: jnp.where(any_in.reshape((K,) + (1,) * (n.ndim - 1)), n, o),
+            agg.global_lora,
+            state.global_loras,
+        )
     ranks_after_C = jnp.where(included_C, agg.ranks, rank_C)  # hetlora's pruning may lower it
     new_state = dataclasses.replace(
         state,
@@ -296,6 +305,7 @@ def round_step(
             jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(global_loras)])
         ),
     }
+    metrics.update(dp_metrics)
     if eval_data is not None:
         metrics.update(_evaluate(new_state, params, eval_data, ids_C, ranks_after_C, cfg, fed))
     return new_state, metrics
