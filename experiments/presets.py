@@ -14,13 +14,14 @@ import dataclasses
 
 from floe_jax.config import ConfigError, LoRAConfig, ModelConfig, apply_overrides, require_finite
 from floe_jax.data.benchmark import BenchmarkConfig
-from floe_jax.federated.config import AggregationConfig, FedConfig
+from floe_jax.federated.config import DP_METHODS, AggregationConfig, DPConfig, FedConfig
 from floe_jax.inference.fused import FusedDecodeConfig
 from floe_jax.inference.router import FusionConfig
 from floe_jax.pretrain import PretrainConfig
 
 VOCAB_SIZE = 768
 FLOE = "floe"  # the name of Floe's run beside the baselines'
+FLOE_DP = "floe-dp"  # Floe's run with client-level differential privacy (`DemoFed.dp`)
 
 
 def _model(layers: int, hidden: int, heads: int, kv_heads: int, ffn: int) -> ModelConfig:
@@ -104,6 +105,10 @@ class DemoFed:
         `agg=<baseline>, clustering="none"` and is named by `baseline_name`.
       known_k: Floe's K is the number of task families; False leaves it to `rounds.num_clusters`
         (None: picked by silhouette).
+      dp: with `dp.enabled`, one more run (`FLOE_DP`): Floe's rounds with client-level
+        differential privacy (`FedConfig.dp`), FedIT inside each cluster when Floe's rule takes no
+        DP (`DP_METHODS`); it is evaluated beside Floe, so the report shows DP's accuracy cost
+        and its ε. Off by default (`fed.dp.enabled=true fed.dp.noise_multiplier=...`).
     """
 
     rounds: FedConfig = DEMO_ROUNDS
@@ -117,6 +122,7 @@ class DemoFed:
     deadline_ms: float = 100.0
     baselines: tuple[AggregationConfig, ...] = BASELINES
     known_k: bool = True
+    dp: DPConfig = DPConfig()
 
     def __post_init__(self):
         R = self.rounds.max_rank
@@ -146,6 +152,10 @@ class DemoFed:
             out[baseline_name(b)] = dataclasses.replace(
                 self.rounds, agg=b, clustering="none", num_clusters=None
             )
+        if self.dp.enabled:
+            floe = out[FLOE]
+            agg = floe.agg if floe.agg.method in DP_METHODS else AggregationConfig(method="fedit")
+            out[FLOE_DP] = dataclasses.replace(floe, agg=agg, dp=self.dp)
         return out
 
 
@@ -169,6 +179,9 @@ class DemoEval:
       latency_queries: queries decoded one at a time (batch 1) for the per-token latency, the
         same number of each query type.
       ablations: also run Floe with fixed w=0.5 and without the deadline.
+      extraction: measure what each run's cluster peers can read out of the adapter they
+        download about a client's private contacts (`floe_jax.federated.extraction`; the
+        embedded benchmark only).
     """
 
     decode: FusedDecodeConfig = DEMO_DECODE
@@ -178,6 +191,7 @@ class DemoEval:
     placeholder: str = "[{kind}]"
     latency_queries: int = 9
     ablations: bool = True
+    extraction: bool = True
 
     def __post_init__(self):
         require_finite("eval", rtt_ms=self.rtt_ms, sigma=self.sigma)

@@ -41,9 +41,9 @@ def _data(vocab, bad=None):
     ex = []
     for i in range(len(RANKS)):
         n = 2 + i % 3
-        t = rng.integers(0, vocab, (n, T)).astype(np.int32)
-        if i == bad:
-            t[0, 3] = vocab + 7  # out of range: NaN embeddings, so a NaN update
+        t = rng.integers(0, vocab - 1, (n, T)).astype(np.int32)
+        if i == bad:  # the one client that reads token vocab - 1 (NaN in `_nan_token`'s base)
+            t[0, 3] = vocab - 1
         ex.append((t, np.ones((n, T), np.float32), np.ones((n, T), np.float32)))
     return client_data(ex)
 
@@ -93,8 +93,15 @@ def _rows(path):
     return rows
 
 
+def _nan_token(params, cfg):
+    """The base with a NaN embedding for the last token id: a client whose data holds it trains
+    a NaN update (an out-of-vocabulary id, the old way to get one, is now refused up front)."""
+    return {**params, "embed": params["embed"].at[cfg.vocab_size - 1].set(jnp.nan)}
+
+
 def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tiny_cfg, tiny_params):
     data = _data(tiny_cfg.vocab_size, bad=3)
+    tiny_params = _nan_token(tiny_params, tiny_cfg)
     kw = dict(cfg=tiny_cfg, fed=FED, ranks=RANKS, eval_data=data, progress=False)
     full, _ = train_federated(tiny_params, data, run_dir=str(tmp_path / "a"), **kw)
     part, _ = train_federated(tiny_params, data, run_dir=str(tmp_path / "b"), stop_after=2, **kw)

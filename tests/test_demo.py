@@ -103,7 +103,9 @@ def test_cli_help_and_errors(capsys):
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    preset = get_preset("smoke", [f"cache_dir={root / 'cache'}"])
+    # with the optional DP run, so its row, its ε and the extraction table are checked too
+    preset = get_preset("smoke", [f"cache_dir={root / 'cache'}", "fed.dp.enabled=true",
+                                  "fed.dp.noise_multiplier=1.0", "fed.dp.delta=0.1"])  # fmt: skip
     run_dir = root / "run"
     return demo.run_demo(preset, str(run_dir), progress=False), run_dir
 
@@ -125,6 +127,22 @@ def test_smoke_demo_writes_run_folder(smoke_run):
     assert [e["method"] for e in evals] == [r["method"] for r in result["rows"]]
 
 
+def test_smoke_demo_reports_dp_and_extraction(smoke_run):
+    """The optional DP run is trained (FedIT in each cluster: HetLoRA takes no DP), evaluated
+    beside Floe, and its ε reported; every run's extraction by cluster peers is measured."""
+    result, run_dir = smoke_run
+    assert (run_dir / "fed" / "floe-dp" / "fingerprint.json").is_file()
+    rows = [json.loads(x) for x in (run_dir / "fed" / "floe-dp" / "metrics.jsonl").open()]
+    assert rows[-1]["dp_epsilon"] is not None and rows[-1]["dp_epsilon"] > 0
+    assert result["dp"]["floe-dp"]["epsilon"] == rows[-1]["dp_epsilon"]
+    assert "Floe + client-level DP" in [r["method"] for r in result["rows"]]
+    assert set(result["extraction"]) == set(result["clusters"]) >= {"floe", "floe-dp"}
+    for e in result["extraction"].values():
+        assert 0 <= e["rate"] <= 1 and 0 <= e["control_rate"] <= 1 and sum(e["queries"]) > 0
+    report = (run_dir / "report.md").read_text()
+    assert "client-level DP, ε =" in report and "read out of the adapters" in report
+
+
 def test_a_run_folder_is_never_silently_reused(smoke_run, tmp_path, capsys):
     """Other settings on a finished run folder: an error listing them (config.json untouched),
     until --restart; `evaluate` on a folder without trained runs is an error, never a training."""
@@ -132,8 +150,9 @@ def test_a_run_folder_is_never_silently_reused(smoke_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     cache = f"cache_dir={run_dir.parent / 'cache'}"
+    dp = ["fed.dp.enabled=true", "fed.dp.noise_multiplier=1.0", "fed.dp.delta=0.1"]
     before = (run / "config.json").read_text()
-    assert cli.main(["federate", "smoke", cache, "fed.rounds.lr=0.5", "--out", str(run),
+    assert cli.main(["federate", "smoke", cache, *dp, "fed.rounds.lr=0.5", "--out", str(run),
                      "--no-progress"]) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert "other settings" in err and "lr" in err and "--restart" in err

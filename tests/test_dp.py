@@ -54,8 +54,12 @@ def test_dp_config_validates_and_is_reachable_by_overrides():
         ("dp.delta=1", "delta"),
         ("dp.sampling=shuffle", "sampling"),
     ):
-        with pytest.raises(ConfigError, match=f"DPConfig.{field}"):
+        # the parser refuses a non-finite number itself, naming the key (`dp.clip_norm: ...`)
+        with pytest.raises(ConfigError, match=rf"(DPConfig|dp)\.{field}"):
             apply_overrides(FedConfig(), [bad])
+    for field in ("clip_norm", "noise_multiplier"):  # built in code, the config refuses them
+        with pytest.raises(ConfigError, match=f"DPConfig.{field}"):
+            DPConfig(**{field: float("nan")})
 
 
 @pytest.mark.parametrize("method", ["hetlora", "flexlora", "flora", "fedsa", "fedex"])

@@ -21,11 +21,12 @@ import numpy as np
 from experiments.demo.federate import federate
 from experiments.demo.report import format_report, plots
 from experiments.demo.setup import Setup, setup
-from experiments.presets import FLOE, DemoPreset, RealPreset, baseline_name
+from experiments.presets import FLOE, FLOE_DP, DemoPreset, RealPreset, baseline_name
 from floe_jax.config import LoRAConfig
 from floe_jax.data.benchmark import score
 from floe_jax.data.tokenizer import encode_prompt
 from floe_jax.devices import decode_energy_j_per_token, decode_ms_per_token, get_device
+from floe_jax.federated.extraction import extraction_rate
 from floe_jax.inference import (
     FusionConfig,
     GuardedCloud,
@@ -153,6 +154,9 @@ def methods(preset: DemoPreset | RealPreset, fed: dict) -> list[dict]:
         name = baseline_name(b)
         ms.append(dict(name=f"{name} LoRA + fusion", lora=fed[name][0], cloud=guard, decode=fused))
     ms.append(dict(name="Floe (full)", lora=floe, cloud=guard, decode=fused))
+    if FLOE_DP in fed:
+        ms.append(dict(name="Floe + client-level DP", lora=fed[FLOE_DP][0], cloud=guard,
+                       decode=fused))  # fmt: skip
     if ev.ablations:
         fixed = dataclasses.replace(fused, fusion=FusionConfig(gate="fixed", fixed_w=0.5))
         ms.append(dict(name="Floe, fixed w=0.5", lora=floe, cloud=guard, decode=fixed))
@@ -263,8 +267,16 @@ def run_evaluate(preset: DemoPreset | RealPreset, run_dir: str, *, progress: boo
     rows = evaluate(preset, prep, fed, run_dir, progress=progress)
     with open(os.path.join(run_dir, "clients.json")) as f:
         clients = json.load(f)
+    extraction = {}
+    if preset.eval.extraction and any(prep.bench.client_contacts):
+        for name, (loras, info) in fed.items():  # what each run's cluster peers can read out
+            extraction[name] = extraction_rate(
+                prep.edge_params, prep.edge_cfg, loras, prep.bench, prep.tokenizer,
+                assignment=info["assignment"], ranks=info["ranks"],
+            ).to_json()  # fmt: skip
     result = dict(
-        preset=preset.name, rows=rows, clients=clients,
+        preset=preset.name, rows=rows, clients=clients, extraction=extraction,
+        dp={m: info["dp"] for m, (_, info) in fed.items() if info.get("dp")},
         clusters={m: info["assignment"] for m, (_, info) in fed.items()},
         final_ranks={m: info["ranks"] for m, (_, info) in fed.items()},
         energy=energy_table(prep, clients["devices"], clients["ranks"]),

@@ -62,11 +62,24 @@ def federate(
             state.global_loras, jnp.asarray(assignment), jnp.asarray(final), rounds
         )
         out[name] = (loras, {"assignment": assignment.tolist(), "ranks": final.tolist(),
-                             "seconds": time.perf_counter() - t0})  # fmt: skip
+                             "seconds": time.perf_counter() - t0,
+                             "dp": _dp_summary(rounds, where["run_dir"])})  # fmt: skip
     info = {"devices": devices, "ranks": ranks, "client_tasks": list(bench.client_tasks)}
     with open(os.path.join(run_dir, "clients.json"), "w") as f:
         json.dump(info, f, indent=1)
     return out
+
+
+def _dp_summary(rounds, run_dir: str) -> dict | None:
+    """The privacy a DP run spent (its last round's `dp_epsilon`) and its settings; None for a
+    run without DP."""
+    if not rounds.dp.enabled:
+        return None
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        last = json.loads([x for x in f if x.strip()][-1])
+    return dict(epsilon=last.get("dp_epsilon"), delta=rounds.dp.delta,
+                noise_multiplier=rounds.dp.noise_multiplier, clip_norm=rounds.dp.clip_norm,
+                sampling=rounds.dp.sampling, clipped_last_round=last.get("dp_clipped"))  # fmt: skip
 
 
 def write_config(preset: DemoPreset | RealPreset, run_dir: str) -> None:

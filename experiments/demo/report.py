@@ -17,6 +17,29 @@ def _fmt(x, spec=".2f"):
     return "—" if x is None else format(x, spec)
 
 
+def _privacy_sections(result: dict) -> list[str]:
+    """Extraction by cluster peers, and the ε of a differentially private run."""
+    lines = []
+    if result.get("extraction"):
+        lines += ["", "## What cluster peers can read out of the adapters", "",
+                  "A peer's downloaded adapter asked (greedy) for each client's training "
+                  "contacts' phone and email; a hit is the value past the part the prompt gives "
+                  "away. Control: the same question about held-out contacts no one trained on.",
+                  "", "| run | hits / questions | rate | control rate |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for name, e in result["extraction"].items():
+            lines.append(f"| {name} | {sum(e['hits'])} / {sum(e['queries'])} | {e['rate']:.3f} | "
+                         f"{e['control_rate']:.3f} |")  # fmt: skip
+    for name, d in result.get("dp", {}).items():
+        eps = "∞ (no noise)" if d["epsilon"] is None else f"{d['epsilon']:.3g}"
+        lines += ["", f"Run `{name}`: client-level DP, ε = {eps} at δ = {d['delta']:g} "
+                  f"(noise multiplier {d['noise_multiplier']:g}, clip {d['clip_norm']:g}, "
+                  f"{d['sampling']} sampling); its accuracy is the `Floe + client-level DP` row. "
+                  "Update-based clustering reads the clients' un-noised first updates, which ε "
+                  "does not cover."]  # fmt: skip
+    return lines
+
+
 def format_report(result: dict) -> str:
     """The Markdown report of a `run_evaluate` result."""
     lines = [f"# Floe demo — preset `{result['preset']}`", ""]
@@ -48,6 +71,7 @@ def format_report(result: dict) -> str:
     for i, (t, d, r) in enumerate(zip(c["client_tasks"], c["devices"], c["ranks"], strict=True)):
         lines.append(f"| {i} | {t} | {d} | {r} | {result['clusters'][FLOE][i]} |"
                      + "".join(f" {ranks[i]} |" for ranks in pruned.values()))  # fmt: skip
+    lines += _privacy_sections(result)
     lines += ["", "## Energy per token (device model, roofline)", "",
               "| device | rank | edge ms/token | edge J/token | cloud-bound J/token (cloud model "
               "on rtx-4090) |", "|---|---|---|---|---|"]  # fmt: skip
