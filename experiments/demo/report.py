@@ -28,6 +28,9 @@ def _privacy_sections(result: dict) -> list[str]:
                   "", "| run | hits / questions | rate | control rate |",
                   "|---|---|---|---|"]  # fmt: skip
         for name, e in result["extraction"].items():
+            if not sum(e["queries"]):
+                lines.append(f"| {name} | no peers: every cluster has one client | — | — |")
+                continue
             lines.append(f"| {name} | {sum(e['hits'])} / {sum(e['queries'])} | {e['rate']:.3f} | "
                          f"{e['control_rate']:.3f} |")  # fmt: skip
     for name, d in result.get("dp", {}).items():
