@@ -138,6 +138,11 @@ class DemoFed:
             raise ConfigError("fed.devices must name at least one catalog device")
         if self.deadline_ms <= 0:
             raise ConfigError(f"fed.deadline_ms must be > 0, got {self.deadline_ms}")
+        if self.rounds.dp.enabled:
+            raise ConfigError(
+                "fed.rounds.dp is not how the demo takes DP (every run would inherit it): set "
+                "fed.dp.enabled=true, which adds a Floe run with DP beside the others"
+            )
         names = [baseline_name(b) for b in self.baselines]
         if len(set(names)) != len(names) or FLOE in names:
             raise ConfigError(

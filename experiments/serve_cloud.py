@@ -16,18 +16,15 @@ import sys
 
 
 def _tokenizer(path: str):
+    """A bare `tokenizer.json` file (the `tokenizers` library's), or a tokenizer folder through
+    the one folder loader (`floe_jax.data.tokenizer.load_tokenizer`: local files only)."""
     if os.path.isfile(path):
         from tokenizers import Tokenizer
 
         return Tokenizer.from_file(path)
-    tok_json = os.path.join(path, "tokenizer.json")
-    if os.path.isfile(tok_json):
-        from tokenizers import Tokenizer
+    from floe_jax.data.tokenizer import load_tokenizer
 
-        return Tokenizer.from_file(tok_json)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
+    return load_tokenizer(path)
 
 
 def _model(args, vocab_size: int):

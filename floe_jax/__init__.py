@@ -10,7 +10,7 @@ from floe_jax.decode import SamplingConfig, generate, pad_prompts, stream
 from floe_jax.devices import CATALOG, DeviceProfile, assign_ranks, get_device
 from floe_jax.federated.aggregate import Aggregated, aggregate, available_rules
 from floe_jax.federated.cluster import assign_cluster, cluster_aggregate, cluster_clients
-from floe_jax.federated.config import AggregationConfig, FedConfig
+from floe_jax.federated.config import AggregationConfig, DPConfig, FedConfig
 from floe_jax.federated.loop import train_federated
 from floe_jax.hf import (
     CheckpointError,
@@ -36,6 +36,7 @@ __all__ = [
     "CATALOG",
     "Aggregated",
     "AggregationConfig",
+    "DPConfig",
     "DeviceProfile",
     "FedConfig",
     "SamplingConfig",

@@ -3,6 +3,8 @@ restart) and runs that train nothing. Exact resume is tested in tests/test_check
 
 import dataclasses
 import json
+import os
+import shutil
 
 import jax
 import numpy as np
@@ -85,6 +87,22 @@ def test_restart_starts_the_run_over(tmp_path, tiny_cfg, tiny_params):
     saved = json.loads((tmp_path / "x" / FINGERPRINT_FILE).read_text())
     assert saved["fed.lr"] == 0.5
     _run(tiny_params, data, tmp_path / "x", tiny_cfg, fed=fast)  # now the folder's run
+    # restart keeps a folder's own run: nothing is cleared or retrained
+    again, rows = _run(tiny_params, data, tmp_path / "x", tiny_cfg, fed=fast, restart=True)
+    assert rows == [] and _equal(again, state)
+
+
+def test_a_first_start_that_died_before_training_leaves_no_claim(tmp_path, tiny_cfg, tiny_params):
+    """A folder with a fingerprint and nothing trained (killed during clustering) is empty."""
+    data = _data(tiny_cfg.vocab_size)
+    _run(tiny_params, data, tmp_path / "x", tiny_cfg)
+    for f in os.listdir(tmp_path / "x"):
+        if f != FINGERPRINT_FILE:
+            path = tmp_path / "x" / f
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    fast = dataclasses.replace(FED, lr=0.5)
+    state, rows = _run(tiny_params, data, tmp_path / "x", tiny_cfg, fed=fast)
+    assert [r["round"] for r in rows] == [0, 1]
 
 
 def test_resume_with_another_model_width_names_the_fields(tmp_path, tiny_cfg, tiny_params):

@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import json
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class SpanRecorder:
 
     def __init__(self, backend, spans, decode):
         self._backend, self.decode = backend, decode
+        self._lock = threading.Lock()  # fused decoding calls the cloud from a thread pool
         self.values = tuple(sorted({s for s in spans if s}, key=len, reverse=True))
         self.requests = self.leaked_requests = self.leaked_spans = self.partial_spans = 0
         self.examples: list[str] = []
@@ -68,15 +70,16 @@ class SpanRecorder:
 
     def next_token(self, prefixes):
         for p in prefixes:
-            self.requests += 1
             text = p.text if p.text is not None else self.decode(list(p.ids))
             found = count_private_spans(text, self.values)
-            if found.total:
-                self.leaked_requests += 1
-                self.leaked_spans += found.complete
-                self.partial_spans += found.partial
-                if len(self.examples) < 3:
-                    self.examples.append(text)
+            with self._lock:
+                self.requests += 1
+                if found.total:
+                    self.leaked_requests += 1
+                    self.leaked_spans += found.complete
+                    self.partial_spans += found.partial
+                    if len(self.examples) < 3:
+                        self.examples.append(text)
         return self._backend.next_token(prefixes)
 
 

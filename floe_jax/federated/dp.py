@@ -12,8 +12,8 @@ E_k = C · N_k / N is the expected number of cluster-k clients among the C sampl
 denominator of their unbiased estimator: dividing by the number actually sampled would leak it).
 Every client weighs the same (a client's contribution is bounded, not its example count), a
 client dropped by screening contributes zero, and every cluster with members is noised every
-round whether or not a member was sampled, so what the server publishes is the Gaussian mechanism
-on a subsampled sum and nothing else. One client's data reaches only its own cluster's sum, so
+round whether or not a member was sampled, so the adapters the server publishes are the Gaussian
+mechanism on a subsampled sum. One client's data reaches only its own cluster's sum, so
 the clusters compose in parallel: per round, each client meets one subsampled Gaussian mechanism
 with noise multiplier σ and sampling rate q = C / N, composed over the rounds by the RDP
 accountant (`epsilon`; `DPConfig.sampling` picks the round's own fixed-size sampler under
@@ -34,7 +34,9 @@ that here (A is frozen, so only B is clipped and noised).
 
 What it does not cover: `clustering="updates"` clusters the clients by their (unclipped,
 un-noised) updates before round 0, and the assignment it publishes is outside this guarantee;
-use `"none"` or `"given"` clustering for an ε that covers the whole run. With heterogeneous
+use `"none"` or `"given"` clustering for an ε that covers the whole run. Nor does it cover the
+run's own logs: `metrics.jsonl` holds each sampled client's un-noised loss, update norm, drop
+reason and whether it was clipped, which stay with the server's operator. With heterogeneous
 ranks a slot moves by the updates of the clients that hold it over E_k (rather than FedIT's
 zero-padded average), and the global scale stays the server's.
 

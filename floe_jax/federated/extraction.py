@@ -32,8 +32,6 @@ from floe_jax.lora import LoRA
 
 FIELDS = ("phone", "email")
 
-_generate = jax.jit(generate, static_argnames=("cfg", "max_new_tokens", "eos_id", "pad_id"))
-
 
 @dataclasses.dataclass(frozen=True)
 class Extraction:
@@ -151,7 +149,7 @@ def extraction_rate(
         prompts = [contact_example(c, f)[0] for c, f, _ in ask]
         enc = [encode_prompt(tokenizer, s) for s in prompts]
         tokens, mask = pad_prompts(enc + [enc[0]] * (rows - len(enc)), pad_id=pad)
-        out, lengths = _generate(
+        out, lengths = generate(
             params, jnp.asarray(tokens), jnp.asarray(mask), cfg, max_new_tokens=max_new_tokens,
             key=jax.random.key(0), lora=jax.tree.map(lambda x, p=p: x[p], loras),
             eos_id=tokenizer.eos_token_id, pad_id=pad,

@@ -8,7 +8,8 @@ host anyway.
 
 A run folder cannot be confused with another run: `fingerprint.json` holds what shapes the run's
 numbers (`run_fingerprint`), and resuming with any of it changed is a `RunMismatchError` listing
-the differences, unless `restart=True` clears the folder first. `load_trained` reads a finished
+the differences, unless `restart=True`, which clears a folder holding another run (the run's own
+checkpoints are kept and resumed). `load_trained` reads a finished
 run's adapters and never trains. A damaged newest checkpoint falls back to the previous intact one
 (`floe_jax.checkpoint.restore`), and a run in which no client was ever aggregated ends with
 `NothingTrainedError` instead of returning untrained adapters.
@@ -169,17 +170,32 @@ def _holds_this_run(run_dir: str, fingerprint: dict) -> bool:
     return True
 
 
+def _only_fingerprint(run_dir: str) -> bool:
+    """True when `run_dir` holds a fingerprint and nothing trained (no checkpoint, no metrics)."""
+    files = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
+    ckpt = checkpoint.latest_step(os.path.join(run_dir, "checkpoints"))
+    return files in ([FINGERPRINT_FILE], [FINGERPRINT_FILE, "fed_config.json"]) and ckpt is None
+
+
 def _claim_run_dir(run_dir: str, fingerprint: dict, *, restart: bool) -> None:
-    """Makes `run_dir` this run's: starts it over when `restart`, checks a resumed run's
-    fingerprint, writes a new run's."""
+    """Makes `run_dir` this run's: checks a resumed run's fingerprint (another run is an error,
+    or with `restart` cleared), writes a new run's. A folder whose first start died before
+    anything was trained (a fingerprint alone) counts as empty."""
     try:
         os.makedirs(run_dir, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as e:
         raise ConfigError(f"run_dir={run_dir!r} cannot be a folder: {e}") from e
-    if restart and _has_run(run_dir):
-        log.info("restart: clearing the run in %s", run_dir)
+    if _only_fingerprint(run_dir):  # a first start that died before training anything
         clear_run(run_dir)
-    if not _holds_this_run(run_dir, fingerprint):
+    try:
+        holds = _holds_this_run(run_dir, fingerprint)
+    except RunMismatchError:
+        if not restart:
+            raise
+        log.info("restart: clearing the other run in %s", run_dir)
+        clear_run(run_dir)
+        holds = False
+    if not holds:
         with open(os.path.join(run_dir, FINGERPRINT_FILE), "w") as f:
             json.dump(fingerprint, f, indent=1)
 
@@ -190,7 +206,7 @@ def _restore_run(run_dir: str, state: ServerState, digest: str, fed: FedConfig):
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     state, meta = checkpoint.restore(ckpt_dir, state)
     rnd = int(state.round)
-    if meta.get("fingerprint", digest) != digest:
+    if meta.get("fingerprint") != digest:
         raise RunMismatchError(
             f"run folder {run_dir}: the checkpoint of round {rnd} was written by a run with "
             f"another fingerprint than {FINGERPRINT_FILE}'s; pass restart=True to start over"
@@ -315,8 +331,9 @@ def train_federated(
         `fed.clustering == "updates"` both come from `cluster_by_updates` instead).
       stop_after: return after this many rounds in this call (a deliberate interruption).
       progress: show a tqdm bar.
-      restart: clear the run in `run_dir` (checkpoints, metrics, clusters, fingerprint) and
-        start over.
+      restart: when `run_dir` holds another run (or one of unknown settings), clear it
+        (checkpoints, metrics, clusters, fingerprint) and start over instead of refusing it; a
+        folder holding this run resumes either way.
 
     Returns:
       `(state, rows)`: the final server state and the metric rows written by this call.

@@ -27,12 +27,11 @@ covered: the local part of an unregistered email while it is still a bare word (
 `@example.com` arrives), and private data no detector recognises (unregistered names: plug in an
 NER model).
 
-False positives. On the 300 ordinary sentences of `tests/privacy_corpus.py` (with numbers, dates,
-times, prices, versions, code, and the words `at` and `dot`), the default detector with two
-registered contacts flags 0 sentences (0%; the test bounds it at 1%). A hold-back of the tail is
-more frequent while streaming (a trailing number, a word followed by `at`, the first letters of a
-registered name): 11% of those sentences' prefixes in three-character chunks, 16% word by word
-(bounded at 20%); each lasts until the next tokens decide it.
+False positives. A registered name also matches in its parts (surname or first name alone), so a
+contact whose name is an ordinary word (Will, May, Long) redacts that word in any text; and a
+trailing number or the first letters of a registered name are held back while streaming until the
+next tokens decide them. The rates on ordinary text are measured in `tests/test_privacy_evasion.py`
+and reported in the README.
 """
 
 from __future__ import annotations

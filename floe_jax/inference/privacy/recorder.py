@@ -35,27 +35,42 @@ class SpanCount:
 def count_private_spans(text: str, values: Iterable[str]) -> SpanCount:
     """Counts the private `values` in `text`, complete and as a trailing prefix."""
     norm = normalize(text.rstrip("\ufffd")).text  # an incomplete last character may be a digit
-    skel, starts = [], []  # letters and digits of the text; which of them start a word
+    skel, starts, where = [], [], []  # letters and digits; which start a word; where in `norm`
     prev_alnum = False
-    for c in norm:
+    for j, c in enumerate(norm):
         if c.isalnum():
             starts.append(not prev_alnum)
             skel.append(c)
+            where.append(j)
         prev_alnum = c.isalnum()
     s = "".join(skel)
     word_starts = [i for i, f in enumerate(starts) if f]
-    trail = norm[len(norm.rstrip("".join(c for c in set(norm) if not c.isalnum()))) :]
     complete, partial, seen = 0, 0, []
     for v in dict.fromkeys(values):
         k = skeleton(v)
         if not k:
             continue
         hits = sum(1 for i in word_starts if s.startswith(k, i))
-        # a prefix still open: only characters the value itself contains follow it ("555-")
-        open_end = set(trail) <= set(normalize(v).text) | {" "}
-        tail = open_end and any(len(s) - i < len(k) and k.startswith(s[i:]) for i in word_starts)
+        # a prefix still open: the text from a word start to its end is the start of the value,
+        # separators aside ("Mira Okaf", "+1 (555) 014-"), but not `d@@` for "dara@x.org"
+        loose_v = _loose(normalize(v).text)
+        tail = any(
+            len(s) - i < len(k)
+            and k.startswith(s[i:])
+            and loose_v.startswith(_loose(norm[where[i] :]))
+            for i in word_starts
+        )
         complete += hits
         if hits or tail:
             seen.append(v)
         partial = partial or int(tail)
     return SpanCount(complete, partial, tuple(seen))
+
+
+_SEPARATORS = frozenset(" \t\n-().,/+'_")
+
+
+def _loose(text: str) -> str:
+    """`text` without the separators that names and numbers are written with (spaces, dashes,
+    brackets, dots, slashes): what must match, in order, for a text to be a value's start."""
+    return "".join(c for c in text if c not in _SEPARATORS)
