@@ -362,7 +362,9 @@ def test_frozen_factor_never_moves_and_the_other_trains_as_before(tiny_cfg, tiny
     assert seen == [["b"]]
 
 
-def test_rule_state_is_initialised_once_and_carried_between_rounds(tiny_cfg, tiny_params, register):
+def test_rule_state_is_initialised_once_per_cluster_and_carried_between_rounds(
+    tiny_cfg, tiny_params, register
+):
     fedavg, inits = make_rule("fedavg"), []
 
     def init(lora, *, key):
@@ -382,8 +384,9 @@ def test_rule_state_is_initialised_once_and_carried_between_rounds(tiny_cfg, tin
     step = jax.jit(lambda s, p, d: round_step(s, p, d, cfg=tiny_cfg, fed=fed))
     for _ in range(2):
         state, _ = step(state, tiny_params, data)
-    assert len(inits) == 1  # init ran once, in init_server_state
-    assert int(state.rule_state["applied"]) == 4  # apply: every round, once per cluster
+    assert len(inits) == 2  # init ran once per cluster, in init_server_state
+    # each cluster's own state, applied every round: two clusters never share (mix) a state
+    assert [int(s["applied"]) for s in state.rule_state] == [2, 2]
 
 
 def _spied_rounds(monkeypatch, tiny_cfg, tiny_params, fed, n_rounds, **state_kw):

@@ -129,7 +129,8 @@ def run(quick: bool = False) -> list[dict]:
 
     def jitted(method, **options):
         opts = tuple(sorted(options.items()))
-        state = agg.make_rule(method, **options).init(lora, key=key)
+        first = jax.tree.map(lambda x: x[0], lora)
+        state = agg.init_states(agg.make_rule(method, **options), first, 1, key=key)
         fn = lambda: block(agg.aggregate_jit(method, opts, None, 1, state, lora, w, r, labels, key))
         t = time.perf_counter()
         fn()

@@ -91,10 +91,11 @@ class Rule(NamedTuple):
     """An aggregation rule.
 
     Attributes:
-      init: `(lora, *, key) -> state`, run once when the server starts (`lora` shows the
-        adapters' structure: the global adapter, or stacked clients).
+      init: `(lora, *, key) -> state`, run once per cluster when the server starts; `lora` is
+        one adapter (no client or cluster axis: the cluster's global adapter), showing the
+        adapters' structure (`init_states`).
       apply: `(state, client_loras [C], weights [C], ranks [C], *, key) -> (Aggregated, state)`,
-        run every round (once per cluster) on screened clients.
+        run every round for each cluster with that cluster's own state, on screened clients.
       personal: factors (`"a"`, `"b"`) that stay on the client between rounds: a federated
         round starts each client from its own copy of them (FedSA's B).
       frozen: factors clients never train (FFA's A).
@@ -254,9 +255,19 @@ def pick_clients(c_C, new, old):
     return jax.tree.map(lambda n, o: jnp.where(broadcast_clients(c_C, n.ndim), n, o), new, old)
 
 
+def init_states(rule: Rule, lora: LoRA, num_clusters: int, *, key: jax.Array) -> tuple:
+    """The K clusters' rule states: cluster k's is `rule.init(lora_k, key=fold_in(key, k))`,
+    where `lora` is one adapter shared by every cluster (no leading axis) or the K clusters'
+    stacked adapters (`lora.scale` of shape [K]): each cluster's state is its own, so a rule
+    with memory (server momentum) never mixes two clusters."""
+    stacked = jnp.ndim(lora.scale) == 1
+    one = lambda k: jax.tree.map(lambda x: x[k], lora) if stacked else lora
+    return tuple(rule.init(one(k), key=jax.random.fold_in(key, k)) for k in range(num_clusters))
+
+
 def aggregate_clusters(
     rule: Rule,
-    state,
+    states: tuple,
     client_loras: LoRA,
     weights,
     ranks,
@@ -269,23 +280,27 @@ def aggregate_clusters(
     """Aggregates each cluster's clients with `rule` (traceable; K = `num_clusters` is static).
 
     Args:
-      rule, state: the rule and its state (threaded through the clusters in order).
+      rule, states: the rule and the K clusters' states (`init_states`); cluster k is applied
+        with `states[k]`.
       client_loras: stacked LoRA [C, ...]; weights [C] screened weights; ranks [C] true ranks.
       labels: [C] int cluster of each client, in [0, K).
       key: cluster k's rule gets `fold_in(key, k)`.
       reason: [C] screening reasons (`screen`), copied into the result.
 
     Returns:
-      `(Aggregated, state, any_in [K] bool)`: `global_lora` and `base_delta` carry a leading K
+      `(Aggregated, states, any_in [K] bool)`: `global_lora` and `base_delta` carry a leading K
       axis; every per-client field is the client's own cluster's; `any_in[k]` says whether
       cluster k used any client (when not, its global adapter means nothing).
     """
     ranks = jnp.asarray(ranks, jnp.int32)
-    outs = []
+    if len(states) != num_clusters:
+        raise ValueError(f"{len(states)} rule states for {num_clusters} clusters")
+    outs, new_states = [], []
     for k in range(num_clusters):  # K is small and static
         w_k = jnp.where(labels == k, weights, 0.0)
-        out, state = rule.apply(state, client_loras, w_k, ranks, key=jax.random.fold_in(key, k))
+        out, s_k = rule.apply(states[k], client_loras, w_k, ranks, key=jax.random.fold_in(key, k))
         outs.append(out)
+        new_states.append(s_k)
     per_client = ("client_loras", "included", "reason", "ranks", "bytes_up", "bytes_down")
     merged = {n: getattr(outs[0], n) for n in per_client}
     for k, out in enumerate(outs[1:], start=1):
@@ -301,7 +316,7 @@ def aggregate_clusters(
     if reason is not None:
         merged = dataclasses.replace(merged, reason=reason)
     any_in = jnp.stack([jnp.any(o.included) for o in outs])
-    return merged, state, any_in
+    return merged, tuple(new_states), any_in
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -348,14 +363,14 @@ def validate(client_loras: LoRA, weights, ranks, *, total_rank: int | None = Non
 
 @functools.partial(jax.jit, static_argnames=("method", "options", "max_norm", "num_clusters"))
 def aggregate_jit(
-    method, options, max_norm, num_clusters, state, client_loras, weights, ranks, labels, key
+    method, options, max_norm, num_clusters, states, client_loras, weights, ranks, labels, key
 ):
     """Screening plus `aggregate_clusters` of rule `method` (its `options` a sorted tuple of
     pairs), compiled once per (method, options, max_norm, K, shapes)."""
     rule = make_rule(method, **dict(options))
     w, reason = screen(client_loras, weights, max_norm=max_norm)
     return aggregate_clusters(
-        rule, state, client_loras, w, ranks, labels, num_clusters, key=key, reason=reason
+        rule, states, client_loras, w, ranks, labels, num_clusters, key=key, reason=reason
     )
 
 
@@ -383,13 +398,13 @@ def aggregate_with_state(
     w, r = validate(client_loras, weights, ranks, total_rank=options.get("total_rank"))
     key = jax.random.key(0) if key is None else key
     if state is None:
-        state = rule.init(client_loras, key=key)
-    out, state, _ = aggregate_jit(
+        (state,) = init_states(rule, jax.tree.map(lambda x: x[0], client_loras), 1, key=key)
+    out, (state,), _ = aggregate_jit(
         method,
         tuple(sorted(options.items())),
         None if max_norm is None or math.isinf(max_norm) else float(max_norm),
         1,
-        state,
+        (state,),
         client_loras,
         w,
         r,

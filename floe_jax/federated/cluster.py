@@ -252,7 +252,7 @@ def cluster_aggregate(
       num_clusters: K, or None to choose it (see `cluster_clients`).
       labels: [C] given task labels 0..K-1 (skips clustering).
       cluster_method: `"spectral"` or `"agglomerative"`.
-      state, key: the rule's state (default: `init`'s) and key.
+      state, key: the K clusters' rule states (default: `aggregate.init_states`) and the key.
       max_norm: screening: leave out clients with ‖ΔW_k‖_F above it.
       **options: static options of the rule (e.g. hetlora's `prune_threshold`).
 
@@ -286,7 +286,7 @@ def cluster_aggregate(
             raise agg.AggregationError(f"weights of cluster {k} sum to zero")
     key = jax.random.key(0) if key is None else key
     if state is None:
-        state = rule.init(client_loras, key=key)
+        state = agg.init_states(rule, jax.tree.map(lambda x: x[0], client_loras), K, key=key)
     out, _, any_in = agg.aggregate_jit(
         method,
         tuple(sorted(options.items())),

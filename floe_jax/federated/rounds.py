@@ -28,6 +28,7 @@ from floe_jax.config import ConfigError, ModelConfig
 from floe_jax.federated.aggregate import (
     REASONS,
     aggregate_clusters,
+    init_states,
     pick_clients,
     screen,
 )
@@ -53,7 +54,8 @@ class ServerState:
         none. It starts at the client's cluster's initial factors (B = 0: LoRA's init); a round
         starts each sampled client from it and stores back what an included client trained.
         (On a real deployment it lives on the devices; the simulation keeps it here.)
-      rule_state: the aggregation rule's own state (`Rule.init`, then each `Rule.apply`).
+      rule_state: the aggregation rule's own state, one per cluster (`aggregate.init_states`,
+        then each round's `Rule.apply` of that cluster).
       round: int32 [], rounds done.
       key: uint32 [2] raw PRNG key; round r uses `fold_in(key, r)`.
     """
@@ -127,7 +129,9 @@ def init_server_state(
         ranks=jnp.asarray(ranks),
         base_delta=None if rule.init_base is None else rule.init_base(first),
         personal=personal,
-        rule_state=rule.init(global_loras, key=jax.random.fold_in(key, 0x7FFFFFFE)),
+        rule_state=init_states(
+            rule, global_loras, num_clusters, key=jax.random.fold_in(key, 0x7FFFFFFE)
+        ),
         round=jnp.zeros((), jnp.int32),
         key=key,
     )
