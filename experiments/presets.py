@@ -16,6 +16,7 @@ from floe_jax.config import ConfigError, LoRAConfig, ModelConfig, apply_override
 from floe_jax.data.benchmark import BenchmarkConfig
 from floe_jax.federated.config import DP_METHODS, AggregationConfig, DPConfig, FedConfig
 from floe_jax.inference.fused import FusedDecodeConfig
+from floe_jax.inference.privacy import PrivacyPolicy
 from floe_jax.inference.router import FusionConfig
 from floe_jax.pretrain import PretrainConfig
 
@@ -178,9 +179,12 @@ class DemoEval:
       decode: fused decoding (`FusedDecodeConfig`: max_new_tokens, Floe's deadline `deadline_s`
         (a later cloud reply is not used: the edge decodes alone), the router in `fusion`).
       rtt_ms, sigma: the simulated network (lognormal round trip with mean `rtt_ms`).
-      privacy: the detector's action on a request with private spans: `redact` (send it with
-        placeholders) or `edge_only` (send nothing: the edge decodes that request alone).
-      placeholder: how the privacy detector redacts a span (`{kind}` is its type).
+      policy: the privacy guard of every method that reaches the cloud (`PrivacyPolicy`): its
+        `action` on a request with private spans is `redact` (send it with placeholders) or
+        `edge_only` (send nothing: the edge decodes that request alone); `placeholder`,
+        `pending` and `region` as the library's. The cloud-only rows take the policy with
+        action `redact` (theirs must reach the cloud) and, for the privacy-violating reference,
+        `allow`.
       latency_queries: queries decoded one at a time (batch 1) for the per-token latency, the
         same number of each query type.
       ablations: also run Floe with fixed w=0.5 and without the deadline.
@@ -192,8 +196,7 @@ class DemoEval:
     decode: FusedDecodeConfig = DEMO_DECODE
     rtt_ms: float = 150.0
     sigma: float = 0.25
-    privacy: str = "edge_only"
-    placeholder: str = "[{kind}]"
+    policy: PrivacyPolicy = PrivacyPolicy(action="edge_only")
     latency_queries: int = 9
     ablations: bool = True
     extraction: bool = True
@@ -204,8 +207,11 @@ class DemoEval:
             raise ConfigError(
                 f"eval.rtt_ms and eval.sigma must be >= 0, got {self.rtt_ms}, {self.sigma}"
             )
-        if self.privacy not in ("redact", "edge_only"):
-            raise ConfigError(f"eval.privacy must be redact or edge_only, got {self.privacy!r}")
+        if self.policy.action not in ("redact", "edge_only"):
+            raise ConfigError(
+                f"eval.policy.action must be redact or edge_only (the guarded methods' guard), "
+                f"got {self.policy.action!r}"
+            )
         if self.latency_queries < 0:
             raise ConfigError(f"eval.latency_queries must be >= 0, got {self.latency_queries}")
 

@@ -26,6 +26,10 @@ def test_presets_and_overrides_parse():
     assert p.eval.decode.deadline_s == 0.12 and p.eval.decode.fusion.gate == "maxprob"
     assert p.bench.seed == 2
     assert PRESETS["smoke"].fed.rounds.num_rounds != 3  # the preset itself is untouched (frozen)
+    redact = get_preset("smoke", ["eval.policy.action=redact", "eval.policy.pending=hold"])
+    assert (redact.eval.policy.action, redact.eval.policy.pending) == ("redact", "hold")
+    with pytest.raises(ConfigError, match="eval.policy.action"):
+        get_preset("smoke", ["eval.policy.action=allow"])  # the guarded methods need a guard
     named = get_preset("smoke", ["fed.baselines=fedit,flexlora"]).fed.baselines
     assert named == (AggregationConfig(method="fedit"), AggregationConfig(method="flexlora"))
 
@@ -122,6 +126,9 @@ def test_smoke_demo_writes_run_folder(smoke_run):
     assert (run_dir / "fed" / "floe" / "clusters.json").is_file()
     report = (run_dir / "report.md").read_text()
     assert "Floe (full)" in report and "cloud-only (redacted prompt)" in report
+    assert json.loads((run_dir / "results.json").read_text())["eval"]["policy"]["action"] == (
+        "edge_only"
+    )  # the evaluation's own settings travel with its results
     config = json.loads((run_dir / "config.json").read_text())
     assert config["name"] == "smoke" and config["fed"]["rounds"]["num_rounds"] >= 1
     evals = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines()]

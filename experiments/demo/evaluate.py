@@ -28,12 +28,12 @@ from floe_jax.data.benchmark import score
 from floe_jax.data.tokenizer import encode_prompt
 from floe_jax.devices import decode_energy_j_per_token, decode_ms_per_token, get_device
 from floe_jax.federated.extraction import extraction_rate
+from floe_jax.federated.loop import FINGERPRINT_FILE, UntrainedRunError
 from floe_jax.inference import (
     FusionConfig,
     GuardedCloud,
     LocalCloud,
     PrivacyDetector,
-    PrivacyPolicy,
     SimClock,
     SimulatedNetwork,
     generate_fused,
@@ -98,7 +98,7 @@ def _guard(ctx: _Ctx, queries, *, action: str):
                          pad_id=tok.pad_token_id)  # fmt: skip
     spans = [s for q in queries for s in q.private_spans]
     rec = SpanRecorder(backend, spans, ctx.decode)
-    policy = PrivacyPolicy(action=action, placeholder=ctx.preset.eval.placeholder)
+    policy = dataclasses.replace(ctx.preset.eval.policy, action=action)
     det = PrivacyDetector(policy)
     for c in sorted({q.client for q in queries}):
         # Each client registers its own private strings: its contacts' names (which no pattern
@@ -143,7 +143,7 @@ def methods(preset: DemoPreset | RealPreset, fed: dict) -> list[dict]:
     """Every evaluated method: its name, adapters, cloud access (None: edge only; else the
     guard's action) and `FusedDecodeConfig`."""
     ev = preset.eval
-    guard, floe, fused = ev.privacy, fed[FLOE][0], ev.decode
+    guard, floe, fused = ev.policy.action, fed[FLOE][0], ev.decode
     waits = dataclasses.replace(fused, deadline_s=NO_DEADLINE_S)
     cloud_only = dataclasses.replace(waits, fusion=FusionConfig(gate="fixed", fixed_w=0.0))
     ms = [
@@ -265,6 +265,13 @@ def energy_table(prep: Setup, devices: list[str], ranks: list[int]) -> list[dict
 def run_evaluate(preset: DemoPreset | RealPreset, run_dir: str, *, progress: bool = True) -> dict:
     """Evaluates the adapters of an existing run folder (`run_federate`); writes the report."""
     t0 = time.perf_counter()
+    floe_dir = Path(run_dir, "fed", FLOE)
+    if not (floe_dir / "checkpoints").is_dir() or not (floe_dir / FINGERPRINT_FILE).is_file():
+        # before `setup`, which may pretrain the base models for minutes on a cold cache
+        raise UntrainedRunError(
+            f"run folder {run_dir} holds no trained federated runs ({floe_dir} has no "
+            "checkpoints); run `federate` (or `demo`) with the same preset first"
+        )
     prep = setup(preset, progress=progress)
     fed = federate(preset, prep, run_dir, progress=False, train=False)  # finished runs only
     rows = evaluate(preset, prep, fed, run_dir, progress=progress)
@@ -278,7 +285,8 @@ def run_evaluate(preset: DemoPreset | RealPreset, run_dir: str, *, progress: boo
                 assignment=info["assignment"], ranks=info["ranks"],
             ).to_json()  # fmt: skip
     result = dict(
-        preset=preset.name, rows=rows, clients=clients, extraction=extraction,
+        preset=preset.name, eval=dataclasses.asdict(preset.eval), rows=rows, clients=clients,
+        extraction=extraction,
         dp={m: info["dp"] for m, (_, info) in fed.items() if info.get("dp")},
         clusters={m: info["assignment"] for m, (_, info) in fed.items()},
         final_ranks={m: info["ranks"] for m, (_, info) in fed.items()},
