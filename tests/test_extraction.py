@@ -116,5 +116,7 @@ def test_extraction_after_a_federated_run(world, tmp_path, private):
     res = extraction_rate(params, cfg, loras, bench, tok, assignment=[0, 0, 0], ranks=ranks)
     n = 2 * SMOKE.contacts_per_client
     assert res.peer == (2, 0, 0) and res.queries == (n, n, n)
-    assert res.control_hits == (0, 0, 0) and 0.0 <= res.rate <= 1.0
+    assert res.control_hits == (0, 0, 0)
+    assert res.rate == sum(res.hits) / sum(res.queries)  # the rate is hits over questions asked
+    assert all(0 <= h <= q for h, q in zip(res.hits, res.queries, strict=True))
     assert dataclasses.asdict(res).keys() >= {"hits", "leaks"} and res.to_json()["rate"] == res.rate
