@@ -170,29 +170,29 @@ def _holds_this_run(run_dir: str, fingerprint: dict) -> bool:
     return True
 
 
-def _only_fingerprint(run_dir: str) -> bool:
-    """True when `run_dir` holds a fingerprint and nothing trained (no checkpoint, no metrics)."""
-    files = [f for f in RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
-    ckpt = checkpoint.latest_step(os.path.join(run_dir, "checkpoints"))
-    return files in ([FINGERPRINT_FILE], [FINGERPRINT_FILE, "fed_config.json"]) and ckpt is None
+def _nothing_trained_yet(run_dir: str) -> bool:
+    """True when `run_dir` has no checkpoint and no metrics line: a start that died before its
+    first round ended (during clustering, say), whose claim on the folder need not stand."""
+    if checkpoint.latest_step(os.path.join(run_dir, "checkpoints")) is not None:
+        return False
+    path = os.path.join(run_dir, "metrics.jsonl")
+    return not os.path.exists(path) or os.path.getsize(path) == 0
 
 
 def _claim_run_dir(run_dir: str, fingerprint: dict, *, restart: bool) -> None:
     """Makes `run_dir` this run's: checks a resumed run's fingerprint (another run is an error,
-    or with `restart` cleared), writes a new run's. A folder whose first start died before
-    anything was trained (a fingerprint alone) counts as empty."""
+    unless `restart`, or unless it died before any round ended: then it is cleared), writes a
+    new run's."""
     try:
         os.makedirs(run_dir, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as e:
         raise ConfigError(f"run_dir={run_dir!r} cannot be a folder: {e}") from e
-    if _only_fingerprint(run_dir):  # a first start that died before training anything
-        clear_run(run_dir)
     try:
         holds = _holds_this_run(run_dir, fingerprint)
     except RunMismatchError:
-        if not restart:
+        if not (restart or _nothing_trained_yet(run_dir)):
             raise
-        log.info("restart: clearing the other run in %s", run_dir)
+        log.info("clearing the other run in %s", run_dir)
         clear_run(run_dir)
         holds = False
     if not holds:
@@ -302,6 +302,18 @@ def _nothing_trained(rows: list[dict], run_dir: str) -> str | None:
     )
 
 
+def _initial_state(params, data, *, cfg, fed, ranks, assignment, num_clusters, run_dir):
+    """The fresh server state of the run in `run_dir`: its clusters (given, computed by
+    `_resolve_clusters`, or read back from the folder) and `init_server_state`."""
+    assignment, num_clusters = _resolve_clusters(
+        params, data, cfg=cfg, fed=fed, ranks=ranks, assignment=assignment,
+        num_clusters=num_clusters, run_dir=run_dir,
+    )  # fmt: skip
+    return init_server_state(
+        cfg, fed, ranks=ranks, assignment=assignment, num_clusters=num_clusters
+    )
+
+
 def train_federated(
     params: dict,
     data: ClientData,
@@ -351,13 +363,10 @@ def train_federated(
     )  # fmt: skip
     _claim_run_dir(run_dir, fingerprint, restart=restart)
     digest = fingerprint_digest(fingerprint)
-    assignment, num_clusters = _resolve_clusters(
+    state = _initial_state(
         params, data, cfg=cfg, fed=fed, ranks=ranks, assignment=assignment,
         num_clusters=num_clusters, run_dir=run_dir,
     )  # fmt: skip
-    state = init_server_state(
-        cfg, fed, ranks=ranks, assignment=assignment, num_clusters=num_clusters
-    )
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if checkpoint.latest_step(ckpt_dir) is not None:
@@ -466,13 +475,10 @@ def load_trained(
         )
     if fed.clustering == "updates" and not os.path.exists(os.path.join(run_dir, "clusters.json")):
         raise UntrainedRunError(f"run folder {run_dir} has checkpoints but no clusters.json")
-    assignment, num_clusters = _resolve_clusters(
+    state = _initial_state(
         params, data, cfg=cfg, fed=fed, ranks=ranks, assignment=assignment,
         num_clusters=num_clusters, run_dir=run_dir,
     )  # fmt: skip
-    state = init_server_state(
-        cfg, fed, ranks=ranks, assignment=assignment, num_clusters=num_clusters
-    )
     state, _ = _restore_run(run_dir, state, fingerprint_digest(fingerprint), fed)
     if int(state.round) != fed.num_rounds:
         raise UntrainedRunError(
