@@ -91,6 +91,17 @@ def test_string_mapper_reads_api_spellings(toks):
     assert m2("ignored", token_id=ms.token_to_id("▁the")) == bl.token_to_id("Ġthe")
 
 
+def test_string_mapper_maps_special_tokens_by_role(toks):
+    """A cloud's end-of-text token, as an API spells it, is the edge's end-of-text token (so the
+    cloud can vote to stop), never a piece of its spelling such as `<`."""
+    bl, _ = toks
+    m = StringMapper(vocab_of(bl))
+    eos = bl.token_to_id("<|endoftext|>")
+    for spelling in ("</s>", "<|im_end|>", "<eos>", "<|endoftext|>"):
+        assert m(spelling) == eos, spelling
+    assert m("<|no_such_role|>") == -1  # a special token of no known role maps nowhere
+
+
 def test_dense_alignment_sums_many_to_one():
     c2e = jnp.array([0, 0, 2, -1, 1], jnp.int32)  # cloud ids 0,1 -> edge 0; 3 unmapped
     p = jnp.array([[0.1, 0.2, 0.3, 0.2, 0.2]])

@@ -148,6 +148,23 @@ class Vocab:
         return self.by_surface.get(s, -1)
 
 
+_ROLE_KEYS = (
+    ("bos", ("<s>", "bos", "begin_of_text", "<|startoftext|>")),
+    ("eos", ("</s>", "eos", "endoftext", "end_of_text", "<|im_end|>", "eot")),
+    ("unk", ("unk",)),
+    ("pad", ("pad",)),
+)
+
+
+def special_role(token: str) -> str | None:
+    """The role (`bos`/`eos`/`unk`/`pad`) a special token's spelling names, or None."""
+    name = token.lower()
+    for role, keys in _ROLE_KEYS:
+        if any(k in name for k in keys):
+            return role
+    return None
+
+
 def vocab_of(tokenizer, *, size: int | None = None, style: str | None = None) -> Vocab:
     """A `Vocab` from a `tokenizers.Tokenizer`, a Hugging Face tokenizer, or a dict token -> id.
 
@@ -171,16 +188,9 @@ def vocab_of(tokenizer, *, size: int | None = None, style: str | None = None) ->
     special_ids = {int(i) for i, t in added.items() if getattr(t, "special", True)}
     special: dict[str, int] = {}
     for i in sorted(special_ids):
-        name = tokens[i].lower()
-        for role, keys in (
-            ("bos", ("<s>", "bos", "begin_of_text", "<|startoftext|>")),
-            ("eos", ("</s>", "eos", "endoftext", "end_of_text", "<|im_end|>", "eot")),
-            ("unk", ("unk",)),
-            ("pad", ("pad",)),
-        ):
-            if role not in special and any(k in name for k in keys):
-                special[role] = i
-                break
+        role = special_role(tokens[i])
+        if role is not None and role not in special:
+            special[role] = i
     return Vocab(
         tokens=tuple(tokens),
         style=style or detect_style(table),
@@ -297,6 +307,11 @@ class StringMapper:
         i = self.edge.by_surface.get(token, -1)  # APIs usually send decoded text
         if i < 0:
             i = self.edge.lookup(token)  # or the raw vocab spelling
+        if i < 0 and token.startswith("<") and token.endswith(">"):
+            # a special token (`</s>`, `<|im_end|>`, ...): the edge's token of the same role,
+            # never a piece of its spelling
+            role = special_role(token)
+            return self.edge.special.get(role, -1) if role is not None else -1
         return i if i >= 0 else self.fb(token)
 
 
