@@ -26,7 +26,7 @@ from experiments.presets import DemoPreset, FinetuneConfig, get_preset
 from floe_jax.config import ModelConfig
 from floe_jax.data.benchmark import Benchmark, Example, make_benchmark, score
 from floe_jax.data.tokenizer import (
-    benchmark_tokenizer,
+    benchmark_tokenizers,
     encode_docs,
     encode_examples,
     encode_prompt,
@@ -41,42 +41,49 @@ from floe_jax.pretrain import PretrainResult, pretrain_cached
 
 @dataclasses.dataclass
 class Prepared:
-    """The benchmark, its tokenizer and both pretrained base models."""
+    """The benchmark, the edge's and the cloud's tokenizers and both pretrained base models."""
 
     bench: Benchmark
     tokenizer: object
+    cloud_tokenizer: object
     edge: PretrainResult
     cloud: PretrainResult
     times: dict[str, float]
 
 
-def benchmark_and_tokenizer(preset: DemoPreset) -> tuple[Benchmark, object]:
-    """Generates the benchmark and trains (or loads the cached) tokenizer."""
+def benchmark_and_tokenizers(preset: DemoPreset) -> tuple[Benchmark, object, object]:
+    """Generates the benchmark and trains (or loads the cached) edge and cloud tokenizers."""
     bench = make_benchmark(preset.bench)
-    h = hashlib.sha256(json.dumps([preset.vocab_size, 1]).encode())
-    for text in bench.public_docs + bench.format_docs:  # what the tokenizer is trained on
+    h = hashlib.sha256(json.dumps([preset.vocab_size, preset.cloud_vocab_size, 2]).encode())
+    for text in bench.public_docs + bench.format_docs:  # what the tokenizers are trained on
         h.update(text.encode() + b"\0")
-    key = h.hexdigest()[:16]
-    path = Path(preset.cache_dir) / f"tokenizer-{key}"
-    if (path / "tokenizer.json").is_file():
-        return bench, load_tokenizer(path)
-    save_tokenizer(benchmark_tokenizer(bench, vocab_size=preset.vocab_size), path)
-    return bench, load_tokenizer(path)  # through AutoTokenizer, as a real checkpoint's
+    path = Path(preset.cache_dir) / f"tokenizers-{h.hexdigest()[:16]}"
+    if not all((path / w / "tokenizer.json").is_file() for w in ("edge", "cloud")):
+        edge, cloud = benchmark_tokenizers(
+            bench, edge_vocab_size=preset.vocab_size, cloud_vocab_size=preset.cloud_vocab_size
+        )
+        save_tokenizer(edge, path / "edge")
+        save_tokenizer(cloud, path / "cloud")
+    # through AutoTokenizer, as a real checkpoint's
+    return bench, load_tokenizer(path / "edge"), load_tokenizer(path / "cloud")
 
 
 def prepare(preset: DemoPreset, *, progress: bool = True) -> Prepared:
     """Benchmark, tokenizer, and both base models pretrained (or loaded from the cache)."""
     times = {}
     t0 = time.perf_counter()
-    bench, tok = benchmark_and_tokenizer(preset)
-    times["benchmark+tokenizer"] = time.perf_counter() - t0
+    bench, tok, cloud_tok = benchmark_and_tokenizers(preset)
+    times["benchmark+tokenizers"] = time.perf_counter() - t0
     tag = json.dumps(dataclasses.asdict(preset.bench), sort_keys=True)
     out = {}
-    for which, docs in (("cloud", bench.public_docs), ("edge", bench.edge_docs)):
+    for which, docs, tk in (
+        ("cloud", bench.public_docs, cloud_tok),
+        ("edge", bench.edge_docs, tok),
+    ):
         t0 = time.perf_counter()
         out[which] = pretrain_cached(
             getattr(preset, which),
-            np.asarray(encode_docs(tok, docs), np.int32),
+            np.asarray(encode_docs(tk, docs), np.int32),
             getattr(preset, f"{which}_pretrain"),
             cache_dir=preset.cache_dir,
             name=f"{which}",
@@ -84,7 +91,7 @@ def prepare(preset: DemoPreset, *, progress: bool = True) -> Prepared:
             progress=progress,
         )
         times[f"pretrain {which}"] = time.perf_counter() - t0
-    return Prepared(bench, tok, out["edge"], out["cloud"], times)
+    return Prepared(bench, tok, cloud_tok, out["edge"], out["cloud"], times)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -184,8 +191,9 @@ def run(preset: DemoPreset, *, progress: bool = True) -> dict:
     for which in ("cloud", "edge"):
         t0 = time.perf_counter()
         res = getattr(prep, which)
+        tk = prep.cloud_tokenizer if which == "cloud" else prep.tokenizer
         rows[f"{which} base"] = evaluate(
-            res.params, getattr(preset, which), prep.tokenizer, prep.bench, max_new_tokens=n
+            res.params, getattr(preset, which), tk, prep.bench, max_new_tokens=n
         )
         times[f"evaluate {which}"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -212,10 +220,12 @@ def run(preset: DemoPreset, *, progress: bool = True) -> dict:
 
 
 def format_report(result: dict) -> str:
-    lines = ["| model | general | personal | both | overall |", "|---|---|---|---|---|"]
+    cols = ("general", "personal", "both", "overall", "slot_format", "slot_personal",
+            "slot_general")  # fmt: skip
+    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, r in result["rows"].items():
-        cells = [f"{r.get(t, float('nan')):.2f}" for t in ("general", "personal", "both")]
-        lines.append(f"| {name} | {' | '.join(cells)} | {r['overall']:.2f} |")
+        cells = [f"{r.get(t, float('nan')):.2f}" for t in cols]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in result["times"].items()]
     lines += ["", f"cache hit: {result['cache_hit']}; final losses: {result['final_loss']}"]

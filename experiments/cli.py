@@ -201,8 +201,15 @@ def _evaluate(argv: list[str], impl: str) -> int:
     return 0
 
 
+def _seeds(argv: list[str], impl: str) -> int:
+    from experiments import seeds
+
+    return seeds.main(argv, impl)
+
+
 COMMANDS: dict[str, tuple[str, object]] = {
     "demo": ("the embedded Floe benchmark end to end, with a report (the default)", _demo),
+    "seeds": ("the whole demo over several seeds, mean ± sd per method", _seeds),
     "federate": ("pretrain + federated LoRA rounds of every compared method", _federate),
     "evaluate": ("evaluate a run folder's adapters: accuracy, privacy, latency", _evaluate),
     "bench": ("benchmarks against PyTorch / transformers / NumPy, side by side", _bench),

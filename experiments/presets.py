@@ -20,14 +20,20 @@ from floe_jax.inference.privacy import PrivacyPolicy
 from floe_jax.inference.router import FusionConfig
 from floe_jax.pretrain import PretrainConfig
 
-VOCAB_SIZE = 768
+VOCAB_SIZE = 768  # the edge tokenizer's
+CLOUD_VOCAB_SIZE = 640  # the cloud's: its own tokenizer (alignment maps it onto the edge's)
 FLOE = "floe"  # the name of Floe's run beside the baselines'
 FLOE_DP = "floe-dp"  # Floe's run with client-level differential privacy (`DemoFed.dp`)
+LOCAL = "local"  # every client trains alone (its own cluster): the local-only baseline
+CENTRAL = "centralized"  # one adapter on every client's data pooled: the non-private upper bound
+CLOUD_BACKENDS = ("http", "local")
 
 
-def _model(layers: int, hidden: int, heads: int, kv_heads: int, ffn: int) -> ModelConfig:
+def _model(
+    layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, vocab: int = VOCAB_SIZE
+) -> ModelConfig:
     return ModelConfig(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=ffn,
         num_layers=layers,
@@ -104,8 +110,11 @@ class DemoFed:
       deadline_ms: per-token decode deadline the devices' ranks must meet.
       baselines: the unclustered rules trained beside Floe; each runs `rounds` with
         `agg=<baseline>, clustering="none"` and is named by `baseline_name`.
-      known_k: Floe's K is the number of task families; False leaves it to `rounds.num_clusters`
-        (None: picked by silhouette).
+      known_k: Floe's K is the number of task families; False (default) leaves it to
+        `rounds.num_clusters` (None: picked from the data by silhouette).
+      local: also train the local-only baseline (`LOCAL`: each client its own cluster).
+      centralized: also train one adapter on the pooled data of every client (`CENTRAL`: the
+        non-private upper bound; as many steps as all clients' together, at the largest rank).
       dp: with `dp.enabled`, one more run (`FLOE_DP`): Floe's rounds with client-level
         differential privacy (`FedConfig.dp`), FedIT inside each cluster when Floe's rule takes no
         DP (`DP_METHODS`); it is evaluated beside Floe, so the report shows DP's accuracy cost
@@ -122,7 +131,9 @@ class DemoFed:
     )
     deadline_ms: float = 100.0
     baselines: tuple[AggregationConfig, ...] = BASELINES
-    known_k: bool = True
+    known_k: bool = False
+    local: bool = True
+    centralized: bool = True
     dp: DPConfig = DPConfig()
 
     def __post_init__(self):
@@ -144,20 +155,38 @@ class DemoFed:
                 "fed.rounds.dp is not how the demo takes DP (every run would inherit it): set "
                 "fed.dp.enabled=true, which adds a Floe run with DP beside the others"
             )
-        names = [baseline_name(b) for b in self.baselines]
-        if len(set(names)) != len(names) or FLOE in names:
+        names = self.baseline_runs()
+        if len(set(names)) != len(names) or {FLOE, FLOE_DP, LOCAL, CENTRAL} & set(names):
             raise ConfigError(
-                f"fed.baselines must have distinct names other than {FLOE!r}: {names}"
+                f"fed.baselines must have distinct names other than {FLOE}, {FLOE_DP}, {LOCAL} "
+                f"and {CENTRAL}: {names}"
             )
 
-    def runs(self, num_tasks: int) -> dict[str, FedConfig]:
-        """The `FedConfig` of every compared run by name: Floe's, then each baseline's."""
+    def baseline_runs(self) -> list[str]:
+        """The run names of the unclustered baselines (`baseline_name` of each rule)."""
+        return [baseline_name(b) for b in self.baselines]
+
+    def runs(self, num_tasks: int, num_clients: int) -> dict[str, FedConfig]:
+        """The `FedConfig` of every compared run by name: Floe's, each baseline's, the local-only
+        and centralized ones. The local-only run takes `clustering="given"` (each client its own
+        cluster, passed by the caller); the centralized one is trained on one client holding
+        the pooled data, with `num_clients` times the local steps."""
         k = num_tasks if self.known_k else self.rounds.num_clusters
         out = {FLOE: dataclasses.replace(self.rounds, num_clusters=k)}
         for b in self.baselines:
             out[baseline_name(b)] = dataclasses.replace(
                 self.rounds, agg=b, clustering="none", num_clusters=None
             )
+        plain = AggregationConfig(method="fedit")
+        if self.local:
+            out[LOCAL] = dataclasses.replace(
+                self.rounds, agg=plain, clustering="given", num_clusters=None
+            )
+        if self.centralized:
+            out[CENTRAL] = dataclasses.replace(
+                self.rounds, agg=plain, clustering="none", num_clusters=None, clients_per_round=1,
+                local_steps=self.rounds.local_steps * num_clients,
+            )  # fmt: skip
         if self.dp.enabled:
             floe = out[FLOE]
             agg = floe.agg if floe.agg.method in DP_METHODS else AggregationConfig(method="fedit")
@@ -187,7 +216,13 @@ class DemoEval:
         `allow`.
       latency_queries: queries decoded one at a time (batch 1) for the per-token latency, the
         same number of each query type.
-      ablations: also run Floe with fixed w=0.5 and without the deadline.
+      ablations: also run Floe without the deadline.
+      oracle: also run the token oracle (the ceiling of any token-level mixer).
+      cloud: `http` (default: the run starts `serve-cloud` on a loopback port and reaches it with
+        `HTTPCloud`, top-k log-probs by token string) or `local` (the same top-k back end
+        in-process, for tests and speed).
+      server_ms: the cloud's compute time per request as the simulated network charges it (a
+        fixed figure keeps the deadline's decisions independent of the machine's load).
       extraction: measure what each run's cluster peers can read out of the adapter they
         download about a client's private contacts (`floe_jax.federated.extraction`; the
         embedded benchmark only).
@@ -196,13 +231,20 @@ class DemoEval:
     decode: FusedDecodeConfig = DEMO_DECODE
     rtt_ms: float = 150.0
     sigma: float = 0.25
-    policy: PrivacyPolicy = PrivacyPolicy(action="edge_only")
+    policy: PrivacyPolicy = PrivacyPolicy(action="redact")
     latency_queries: int = 9
     ablations: bool = True
+    oracle: bool = True
     extraction: bool = True
+    cloud: str = "http"
+    server_ms: float = 20.0
 
     def __post_init__(self):
-        require_finite("eval", rtt_ms=self.rtt_ms, sigma=self.sigma)
+        require_finite("eval", rtt_ms=self.rtt_ms, sigma=self.sigma, server_ms=self.server_ms)
+        if self.cloud not in CLOUD_BACKENDS:
+            raise ConfigError(f"eval.cloud={self.cloud!r} is not one of {CLOUD_BACKENDS}")
+        if self.server_ms < 0:
+            raise ConfigError(f"eval.server_ms must be >= 0, got {self.server_ms}")
         if self.rtt_ms < 0 or self.sigma < 0:
             raise ConfigError(
                 f"eval.rtt_ms and eval.sigma must be >= 0, got {self.rtt_ms}, {self.sigma}"
@@ -223,7 +265,8 @@ class DemoPreset:
     Attributes:
       name: the preset's name (recorded in run folders).
       bench: benchmark sizes and seed.
-      vocab_size: BPE vocabulary of the locally trained tokenizer (= both models' vocab_size).
+      vocab_size: BPE vocabulary of the edge's locally trained tokenizer (= `edge.vocab_size`).
+      cloud_vocab_size: the cloud's own tokenizer's (= `cloud.vocab_size`).
       edge: the edge base model (small).
       cloud: the cloud model (larger; sees the whole public corpus).
       edge_pretrain, cloud_pretrain: pretraining of each.
@@ -236,6 +279,7 @@ class DemoPreset:
     name: str
     bench: BenchmarkConfig
     vocab_size: int = VOCAB_SIZE
+    cloud_vocab_size: int = CLOUD_VOCAB_SIZE
     edge: ModelConfig
     cloud: ModelConfig
     edge_pretrain: PretrainConfig
@@ -246,12 +290,12 @@ class DemoPreset:
     cache_dir: str = ".cache/floe_jax"
 
     def __post_init__(self):
-        for which in ("edge", "cloud"):
-            m = getattr(self, which)
-            if m.vocab_size != self.vocab_size:
+        for which, field in (("edge", "vocab_size"), ("cloud", "cloud_vocab_size")):
+            m, v = getattr(self, which), getattr(self, field)
+            if m.vocab_size != v:
                 raise ConfigError(
-                    f"{which}.vocab_size={m.vocab_size} differs from vocab_size={self.vocab_size}"
-                    " (both models share the benchmark tokenizer)"
+                    f"{which}.vocab_size={m.vocab_size} differs from {field}={v} (the size of "
+                    f"the {which}'s tokenizer)"
                 )
 
 
@@ -259,9 +303,9 @@ PRESETS: dict[str, DemoPreset] = {
     "default": DemoPreset(
         name="default",
         bench=BenchmarkConfig(),
-        edge=_model(layers=2, hidden=96, heads=4, kv_heads=2, ffn=256),
-        cloud=_model(layers=4, hidden=160, heads=4, kv_heads=2, ffn=448),
-        edge_pretrain=PretrainConfig(steps=300, batch_size=16, seq_len=128, lr=3e-3),
+        edge=_model(layers=3, hidden=128, heads=4, kv_heads=2, ffn=320),
+        cloud=_model(layers=4, hidden=160, heads=4, kv_heads=2, ffn=448, vocab=CLOUD_VOCAB_SIZE),
+        edge_pretrain=PretrainConfig(steps=1200, batch_size=16, seq_len=128, lr=3e-3),
         cloud_pretrain=PretrainConfig(steps=400, batch_size=16, seq_len=128, lr=3e-3),
     ),
     "smoke": DemoPreset(
@@ -277,11 +321,12 @@ PRESETS: dict[str, DemoPreset] = {
             format_samples=8,
         ),
         vocab_size=320,
+        cloud_vocab_size=300,
         edge=dataclasses.replace(
             _model(layers=1, hidden=32, heads=2, kv_heads=1, ffn=64), vocab_size=320
         ),
         cloud=dataclasses.replace(
-            _model(layers=2, hidden=32, heads=2, kv_heads=1, ffn=64), vocab_size=320
+            _model(layers=2, hidden=32, heads=2, kv_heads=1, ffn=64), vocab_size=300
         ),
         edge_pretrain=PretrainConfig(steps=4, batch_size=2, seq_len=32, warmup_steps=1),
         cloud_pretrain=PretrainConfig(steps=4, batch_size=2, seq_len=32, warmup_steps=1),

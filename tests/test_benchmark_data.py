@@ -9,12 +9,12 @@ import pytest
 from floe_jax.config import ConfigError
 from floe_jax.data.benchmark import (
     QUERY_TYPES,
-    TASK_TYPE,
     TASKS,
     BenchmarkConfig,
     Query,
     make_benchmark,
     score,
+    score_slots,
 )
 from floe_jax.data.tokenizer import (
     encode_docs,
@@ -64,51 +64,68 @@ def test_sizes_and_task_labels(bench):
     assert set(bench.client_tasks) == set(TASKS)  # clients form task clusters
     for k, examples in enumerate(bench.client_examples):
         assert len(examples) == SMALL.examples_per_client
-        assert {e.task for e in examples} <= set(TASKS)
-        main = sum(e.task == bench.client_tasks[k] for e in examples)
-        assert main >= len(examples) // 2  # mostly one family
+        assert {e.task for e in examples} <= {*TASKS, "trivia"}
+        apps = [e for e in examples if e.task != "trivia"]
+        main = sum(e.task == bench.client_tasks[k] for e in apps)
+        assert main >= len(apps) // 2  # mostly one app
     for qtype in QUERY_TYPES:
         qs = bench.queries_of(qtype)
         assert len(qs) == SMALL.queries_per_type
-        assert all(TASK_TYPE[q.task] == qtype for q in qs)
+        for q in qs:  # an app query is in its client's own app
+            assert q.task == ("trivia" if qtype == "general" else bench.client_tasks[q.client])
 
 
-def test_every_answer_follows_from_the_stated_facts(bench):
+CARD = r"Contact: (\w+) (\w+) \| phone (555-\d{4}) \| email (\S+) \| home (\w+)\n"
+
+
+def test_every_answer_follows_from_the_card_the_facts_and_the_app(bench):
+    """General answers are public facts; app answers copy the card, state the destination's
+    fact, in the asking client's app format; the slots mark exactly those parts."""
     capitals = {c.name: c.capital for c in bench.countries}
     currencies = {c.name: c.currency for c in bench.countries}
     for q in bench.queries:
+        for _, value, start in q.slots:
+            assert q.answer[start : start + len(value)] == value
         if q.qtype == "general":
             m = re.fullmatch(r"Q: What is the (capital|currency) of (\w+)\?\nA:", q.prompt)
             assert m, q.prompt
             table = capitals if m.group(1) == "capital" else currencies
-            assert q.answer == table[m.group(2)]
-            # the fact is stated in the public corpus
+            assert q.answer == table[m.group(2)] and q.slots == (("general", q.answer, 0),)
             assert any(q.answer in d and m.group(2) in d for d in bench.public_docs)
             continue
-        if q.qtype == "personal":
-            m = re.fullmatch(r"Q: What is the (phone number|email) of (\w+ \w+)\?\nA:", q.prompt)
-            assert m, q.prompt
-            (contact,) = [c for c in bench.client_contacts[q.client] if c.name == m.group(2)]
-            assert q.answer == (contact.phone if m.group(1) == "phone number" else contact.email)
-            # personal knowledge: stated in the asking client's own private examples
-            assert any(
-                e.prompt == q.prompt and e.response.strip() == q.answer
-                for e in bench.client_examples[q.client]
-            )
-            continue
-        card = re.match(
-            r"Contact: (\w+ \w+) \| phone (555-\d{4}) \| email (\S+) \| home (\w+)\n", q.prompt
-        )
+        card = re.match(CARD, q.prompt)
         assert card, q.prompt
-        name, phone, email, _ = card.groups()
-        m = re.fullmatch(rf"Q: {name} is travelling to (\w+)\. .*", q.prompt.split("\n")[1])
-        assert m, q.prompt
-        home = m.group(1)
-        if "capital" in q.prompt:
-            assert q.answer == f"The capital of {home} is {capitals[home]}."
+        first, _, phone, email, _ = card.groups()
+        app = q.task
+        assert f"\nApp: {app}\n" in q.prompt
+        trip = re.search(r"Note: (\w+) travels to (\w+)\.\nA:$", q.prompt)
+        assert (trip is not None) == (q.qtype == "both")
+        head = {"sms": f"Text {phone}", "mail": f"Mail {email}", "call": f"Call {first} at {phone}"}
+        assert q.answer.startswith(head[app])
+        personal = [v for k, v, _ in q.slots if k == "personal"]
+        assert personal == ([first, phone] if app == "call" else [phone if app == "sms" else email])
+        if trip:
+            dest = trip.group(2)
+            fact = capitals[dest] if app == "sms" else currencies[dest]
+            assert [v for k, v, _ in q.slots if k == "general"] == [fact]
+            assert q.answer.endswith(f"{fact}.") and dest in q.answer
+            assert dest not in bench.local_countries  # only the cloud knows it
         else:
-            assert q.answer == f"The currency of {home} is the {currencies[home]}."
-        assert name in q.prompt.split("\n")[1]
+            assert not [k for k, _, _ in q.slots if k == "general"]
+
+
+def test_score_slots_says_which_side_failed(bench):
+    q = bench.queries_of("both")[0]
+    general = next(v for k, v, _ in q.slots if k == "general")
+    personal = next(v for k, v, _ in q.slots if k == "personal")
+    assert score_slots(q.answer, q) == {"format": True, "personal": True, "general": True}
+    wrong_fact = q.answer[: -len(general) - 1] + "Nowhere."
+    assert score_slots(wrong_fact, q) == {"format": True, "personal": True, "general": False}
+    redacted = q.answer.replace(personal, "[PHONE]")
+    assert score_slots(redacted, q) == {"format": True, "personal": False, "general": True}
+    assert score_slots("no idea", q) == {"format": False, "personal": False, "general": False}
+    kinds = q.char_kinds()
+    assert "".join(c for c, k in zip(q.answer, kinds, strict=True) if k == "general") == general
 
 
 def test_private_spans_are_listed_and_present(bench):
@@ -116,11 +133,10 @@ def test_private_spans_are_listed_and_present(bench):
         if q.qtype == "general":
             assert q.private_spans == ()
             continue
-        assert len(q.private_spans) == (1 if q.qtype == "personal" else 3)
+        assert len(q.private_spans) == 3  # the card's name, phone and email
         for span in q.private_spans:
             assert span in q.prompt
-        # the asking client registered the contact's name with its detector
-        assert q.private_spans[0] in bench.private_terms(q.client)
+            assert span in bench.private_terms(q.client)  # the asking client registers them
 
 
 def test_the_detector_patterns_catch_every_phone_and_email(bench):
@@ -150,7 +166,7 @@ def test_edge_corpus_holds_only_local_facts(bench):
 
 def test_held_out_contacts_are_not_in_training_examples(bench):
     train_text = "\n".join(e.prompt for e in bench.pooled_examples())
-    for q in bench.queries_of("both"):
+    for q in bench.queries_of("both") + bench.queries_of("personal"):
         assert q.private_spans[0] not in train_text
 
 
@@ -176,6 +192,7 @@ def test_score_exact_match_per_type():
     assert s["both"] == 1.0  # whitespace is normalised
     assert s["overall"] == 0.75
     assert (s["n_general"], s["n_personal"], s["n_both"], s["n_overall"]) == (2, 1, 1, 4)
+    assert s["slot_format"] == 1.0  # without slots the format is the whole answer
     with pytest.raises(ValueError, match="2 predictions for 4 queries"):
         score(preds[:2], qs)
 
@@ -187,10 +204,9 @@ def test_bad_benchmark_config_names_the_field():
         BenchmarkConfig(edge_fact_fraction=1.5)
 
 
-def test_no_personal_facts_is_a_clear_error():
-    cfg = dataclasses.replace(SMALL, num_clients=1, main_task_fraction=1.0)  # one trivia client
-    with pytest.raises(ConfigError, match="no client has a `contact` example"):
-        make_benchmark(cfg)
+def test_no_country_left_for_the_cloud_is_a_clear_error():
+    with pytest.raises(ConfigError, match="edge_fact_fraction=1.0 leaves no country"):
+        BenchmarkConfig(edge_fact_fraction=1.0)
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -214,6 +230,25 @@ def test_tokenizer_round_trips_through_auto_tokenizer(bench, tok_dir):
         text = q.prompt + " " + q.answer
         assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
     assert load_tokenizer(tok_dir).get_vocab() == tok.get_vocab()
+
+
+def test_edge_and_cloud_tokenizers_differ_and_align(bench):
+    """The cloud's tokenizer is its own (public text only, another size); the string alignment
+    maps its tokens onto the edge's, special tokens by role."""
+    from floe_jax.data.tokenizer import benchmark_tokenizers
+    from floe_jax.inference.align import StringMapper, build_map, vocab_of
+
+    edge, cloud = benchmark_tokenizers(bench, edge_vocab_size=320, cloud_vocab_size=290)
+    assert (len(edge), len(cloud)) == (320, 290)
+    assert edge.get_vocab() != cloud.get_vocab()
+    cov = build_map(vocab_of(cloud), vocab_of(edge)).coverage()
+    assert cov["mapped"] == 1.0 and cov["exact"] > 0.9, cov
+    mapper = StringMapper(vocab_of(edge))
+    assert mapper(cloud.decode([cloud.eos_token_id])) == edge.eos_token_id  # "<eos>" by role
+    q = bench.queries_of("both")[0]
+    for i in cloud.encode(" " + q.answer, add_special_tokens=False):
+        piece = cloud.decode([i])
+        assert edge.decode([mapper(piece)]) == piece  # every answer piece has its edge token
 
 
 def test_encode_helpers(bench, tok_dir):

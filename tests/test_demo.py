@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 
 from experiments import cli, demo
-from experiments.presets import FLOE, PRESETS, REAL_PRESETS, DemoEval, baseline_name, get_preset
+from experiments.presets import (
+    CENTRAL,
+    FLOE,
+    LOCAL,
+    PRESETS,
+    REAL_PRESETS,
+    DemoEval,
+    baseline_name,
+    get_preset,
+)
 from floe_jax.config import ConfigError
 from floe_jax.federated.config import AggregationConfig
 
@@ -35,24 +44,68 @@ def test_presets_and_overrides_parse():
 
 
 def test_demo_runs_nest_the_round_config():
-    """Floe's run is `fed.rounds` with K = the task families; each baseline is the same rounds
-    unclustered under its own rule; the HetLoRA baseline really has its options on."""
+    """Floe's run is `fed.rounds` with K from the data (silhouette) unless `known_k`; each
+    baseline is the same rounds unclustered under its own rule (HetLoRA's options on); the
+    local-only run gives every client its own cluster, the centralized one trains one client's
+    worth of pooled data for as many steps as all clients together."""
     fed = PRESETS["default"].fed
-    runs = fed.runs(num_tasks=3)
-    assert runs[FLOE] == dataclasses.replace(fed.rounds, num_clusters=3)
+    runs = fed.runs(num_tasks=3, num_clients=6)
+    assert runs[FLOE] == fed.rounds and runs[FLOE].num_clusters is None  # silhouette picks K
     assert runs[FLOE].clustering == "updates" and runs[FLOE].agg.method == "hetlora"
-    assert list(runs)[1:] == [baseline_name(b) for b in fed.baselines]
+    assert list(runs)[1:] == [*fed.baseline_runs(), LOCAL, CENTRAL]
     for b in fed.baselines:
         run = runs[baseline_name(b)]
         assert run == dataclasses.replace(fed.rounds, agg=b, clustering="none", num_clusters=None)
     het = runs["hetlora-norm_weighting-prune_threshold0.05"].agg
     assert het.norm_weighting and het.prune_threshold == 0.05
-    unknown_k = dataclasses.replace(fed, known_k=False)
-    assert unknown_k.runs(num_tasks=3)[FLOE].num_clusters is None  # silhouette picks K
+    assert runs[LOCAL].clustering == "given" and runs[LOCAL].agg.method == "fedit"
+    assert runs[CENTRAL].clients_per_round == 1
+    assert runs[CENTRAL].local_steps == 6 * fed.rounds.local_steps
+    known = dataclasses.replace(fed, known_k=True, local=False, centralized=False)
+    assert known.runs(num_tasks=3, num_clients=6)[FLOE].num_clusters == 3
+    assert set(known.runs(num_tasks=3, num_clients=6)) == {FLOE, *fed.baseline_runs()}
     with pytest.raises(ConfigError, match="fed.baselines"):
         dataclasses.replace(fed, baselines=(AggregationConfig(method="fedit"),) * 2)
     with pytest.raises(ConfigError, match="fed.rank_candidates"):
         dataclasses.replace(fed, rank_candidates=(4, 32))
+
+
+def test_methods_have_stable_ids():
+    """Every compared method of the issue is there under its id, in a fixed order."""
+    p = PRESETS["default"]
+    runs = {FLOE, LOCAL, CENTRAL, *p.fed.baseline_runs()}
+    ms = demo.methods(p, runs)
+    ids = [m.id for m in ms]
+    assert len(set(ids)) == len(ids)
+    for need in (
+        "floe",
+        "query-router",
+        "edge-fed",
+        "cloud-redacted",
+        "centralized",
+        "oracle",
+        "edge-base",
+        "edge-local",
+        "cloud-full",
+        "proxy-tuning",
+        "mix-0.5",
+        "floe-w0",
+        "fedit-fusion",
+        "flexlora-fusion",
+        "floe-edge-only",
+        "floe-no-deadline",
+    ):
+        assert need in ids, need
+    by = {m.id: m for m in ms}
+    assert by["floe"].cloud == "redact" and by["floe-edge-only"].cloud == "edge_only"
+    assert by["cloud-full"].cloud == "allow" and by["cloud-full"].reference
+    assert by["edge-fed"].cloud is None and by["edge-fed"].run == FLOE
+    assert by["query-router"].kind == "router" and by["oracle"].kind == "oracle"
+    assert (
+        by["floe-w0"].decode.fusion.fixed_w == 0.0
+        and by["proxy-tuning"].decode.fusion.gate == "proxy"
+    )
+    assert "centralized" not in [m.id for m in demo.methods(p, {FLOE})]
 
 
 @pytest.mark.parametrize(
@@ -111,6 +164,7 @@ def smoke_run(tmp_path_factory):
     # with the optional DP run, so its row, its ε and the extraction table are checked too
     preset = get_preset("smoke", [f"cache_dir={root / 'cache'}", "fed.dp.enabled=true",
                                   "fed.dp.noise_multiplier=1.0", "fed.dp.delta=0.1"])  # fmt: skip
+    assert preset.eval.cloud == "http"  # the cloud behind serve-cloud on a loopback port
     run_dir = root / "run"
     return demo.run_demo(preset, str(run_dir), progress=False), run_dir
 
@@ -118,21 +172,28 @@ def smoke_run(tmp_path_factory):
 def test_smoke_demo_writes_run_folder(smoke_run):
     result, run_dir = smoke_run
     for name in ("config.json", "clients.json", "eval.jsonl", "results.json", "report.md",
-                 "accuracy.png", "rounds.png", "latency.png"):  # fmt: skip
+                 "accuracy.png", "rounds.png", "latency.png", "router.png"):  # fmt: skip
         assert (run_dir / name).is_file(), name
-    for method in ("floe", "fedit"):
+    for method in ("floe", "fedit", LOCAL, CENTRAL):
         lines = (run_dir / "fed" / method / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == get_preset("smoke").fed.rounds.num_rounds
     assert (run_dir / "fed" / "floe" / "clusters.json").is_file()
     report = (run_dir / "report.md").read_text()
-    assert "Floe (full)" in report and "cloud-only (redacted prompt)" in report
-    assert json.loads((run_dir / "results.json").read_text())["eval"]["policy"]["action"] == (
-        "edge_only"
-    )  # the evaluation's own settings travel with its results
+    for plot in ("accuracy.png", "router.png", "latency.png", "rounds.png"):
+        assert f"]({plot})" in report  # embedded
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["eval"]["policy"]["action"] == "redact"  # the eval settings travel with it
+    ids = [r["id"] for r in saved["rows"]]
+    assert {"floe", "query-router", "edge-fed", "cloud-redacted", "centralized", "oracle"} <= set(
+        ids
+    )
+    for r in saved["rows"]:
+        assert f"`{r['id']}`" in report
+        assert {"general", "personal", "both", "overall"} <= set(r["accuracy"])
     config = json.loads((run_dir / "config.json").read_text())
     assert config["name"] == "smoke" and config["fed"]["rounds"]["num_rounds"] >= 1
     evals = [json.loads(x) for x in (run_dir / "eval.jsonl").read_text().splitlines()]
-    assert [e["method"] for e in evals] == [r["method"] for r in result["rows"]]
+    assert [e["id"] for e in evals] == [r["id"] for r in result["rows"]]
 
 
 def test_smoke_demo_reports_dp_and_extraction(smoke_run):
@@ -143,7 +204,7 @@ def test_smoke_demo_reports_dp_and_extraction(smoke_run):
     rows = [json.loads(x) for x in (run_dir / "fed" / "floe-dp" / "metrics.jsonl").open()]
     assert rows[-1]["dp_epsilon"] is not None and rows[-1]["dp_epsilon"] > 0
     assert result["dp"]["floe-dp"]["epsilon"] == rows[-1]["dp_epsilon"]
-    assert "Floe + client-level DP" in [r["method"] for r in result["rows"]]
+    assert "floe-dp" in [r["id"] for r in result["rows"]]
     assert set(result["extraction"]) == set(result["clusters"]) >= {"floe", "floe-dp"}
     for name, e in result["extraction"].items():
         assert 0 <= e["rate"] <= 1 and 0 <= e["control_rate"] <= 1
@@ -175,7 +236,7 @@ def test_a_run_folder_is_never_silently_reused(smoke_run, tmp_path, capsys):
 
 def test_smoke_demo_no_private_span_reaches_the_cloud(smoke_run):
     result, _ = smoke_run
-    rows = {r["method"]: r for r in result["rows"]}
+    rows = {r["id"]: r for r in result["rows"]}
     guarded = [r for r in rows.values() if r["guarded"]]
     assert guarded and all(r["cloud_requests"] > 0 for r in guarded)
     assert all(r["private_spans_to_cloud"] == 0 for r in guarded), [
@@ -183,17 +244,18 @@ def test_smoke_demo_no_private_span_reaches_the_cloud(smoke_run):
     ]
     assert all(r["partial_spans_to_cloud"] == 0 for r in guarded)  # counted in the total too
     # the recorder does see spans when the guard lets them through (the privacy-violating ref)
-    ref = rows["cloud-only (full private context; violates privacy)"]
+    ref = rows["cloud-full"]
     assert ref["reference"] and ref["private_spans_to_cloud"] > 0
+    assert rows["floe"]["fused_share"] > 0  # fusion on every query type: redact, not edge_only
 
 
 def test_smoke_demo_latency_and_ranks(smoke_run):
     result, _ = smoke_run
-    rows = {r["method"]: r for r in result["rows"]}
-    for name in ("edge-only (Floe federated LoRA)", "cloud-only (redacted prompt)", "Floe (full)"):
+    rows = {r["id"]: r for r in result["rows"]}
+    for name in ("edge-fed", "cloud-redacted", "floe"):
         assert rows[name]["latency_ms_mean"] > 0
     # the cloud-only request waits for the simulated round trip on every token
-    assert rows["cloud-only (redacted prompt)"]["latency_ms_mean"] > 50
+    assert rows["cloud-redacted"]["latency_ms_mean"] > 50
     ranks = result["clients"]["ranks"]
     assert len(set(ranks)) > 1 and max(ranks) <= get_preset("smoke").fed.rounds.max_rank
 

@@ -10,7 +10,7 @@ import pytest
 
 from floe_jax.config import LoRAConfig, ModelConfig
 from floe_jax.data.benchmark import BenchmarkConfig, make_benchmark
-from floe_jax.data.tokenizer import benchmark_tokenizer, encode_example, encode_examples
+from floe_jax.data.tokenizer import benchmark_tokenizers, encode_example, encode_examples
 from floe_jax.data.world import Contact, contact_example
 from floe_jax.federated.client import make_optimizer, optimized_factors, train_step
 from floe_jax.federated.config import DPConfig, FedConfig
@@ -32,7 +32,7 @@ ALL = ("q", "k", "v", "o", "gate", "up", "down")
 @pytest.fixture(scope="module")
 def world():
     bench = make_benchmark(SMOKE)
-    tok = benchmark_tokenizer(bench, vocab_size=320)
+    tok, _ = benchmark_tokenizers(bench, edge_vocab_size=320, cloud_vocab_size=300)
     cfg = ModelConfig(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
         num_kv_heads=1, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
@@ -64,7 +64,7 @@ def _overfit(world, client: int, steps: int = 300):
     ]
     batch = {k: jnp.asarray(v) for k, v in encode_examples(tok, pairs).items()}
     lora = init_lora(cfg, LoRAConfig(rank=8, alpha=16, targets=ALL), key=jax.random.key(1))
-    opt = make_optimizer("adam", lr=3e-2)
+    opt = make_optimizer("adam", lr=1e-2)
     step = jax.jit(lambda l, s: train_step(params, l, s, batch, cfg=cfg, opt=opt)[:2])
     state = opt.init(optimized_factors(lora))
     for _ in range(steps):

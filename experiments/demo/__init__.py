@@ -9,8 +9,11 @@ modules: `experiments.demo.setup` is the module, `experiments.demo.setup.setup` 
   LoRA rank from `floe_jax.devices.assign_ranks`; each client's private examples as `ClientData`.
 - `federate`: federated rounds for Floe (`fed.rounds`: clustered by client updates) and for each
   unclustered baseline in `fed.baselines`; each run writes `run_dir/fed/<name>/`.
-- `evaluate`: every method answers the same test queries through a privacy guard whose back end
-  is wrapped by a recorder that checks every request for the queries' private spans.
+- `methods`: the compared methods and their stable ids.
+- `cloud`: the black-box cloud (serve-cloud over loopback, or in-process) and the span recorder.
+- `evaluate`: every method answers the same test queries, each behind its client's privacy
+  guard, with a recorder in front of the cloud checking every request for private spans;
+  `oracle`: the token oracle.
 - `report`: `report.md` and plots.
 """
 
@@ -19,14 +22,18 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from experiments.demo.evaluate import SpanRecorder, energy_table, methods, run_evaluate
+from experiments.demo.cloud import CloudEndpoint, SpanRecorder
+from experiments.demo.evaluate import energy_table, run_evaluate
 from experiments.demo.federate import run_federate, write_config
+from experiments.demo.methods import Method, methods
 from experiments.demo.report import QTYPES, format_report, plots
 from experiments.demo.setup import Setup, client_ranks, private_data, setup_real
 from experiments.presets import FLOE, DemoPreset, RealPreset
 
 __all__ = [
     "FLOE",
+    "CloudEndpoint",
+    "Method",
     "QTYPES",
     "Setup",
     "SpanRecorder",

@@ -1,9 +1,12 @@
-"""The demo's evaluation: every method answers the same test queries (each query by its own
-client's adapter) under a simulated network, through a privacy guard whose back end is wrapped by
-a recorder (`SpanRecorder`) that checks every request for the queries' private spans.
+"""The demo's evaluation: every method answers the same test queries, each query with its own
+client's adapter and behind its own client's privacy guard (the detector holds that client's
+contacts), under a simulated network; the cloud is a black box with its own tokenizer, reached
+through `experiments.demo.cloud.CloudEndpoint` (serve-cloud over loopback by default), and a
+recorder in front of it counts the private spans that reach it.
 
 `run_evaluate` restores every run's adapters from the run folder's checkpoints and writes
-`eval.jsonl`, `results.json`, `report.md` and plots.
+`eval.jsonl`, `results.json`, `report.md` and plots. Methods and their ids:
+`experiments.demo.methods`.
 """
 
 from __future__ import annotations
@@ -12,27 +15,27 @@ import dataclasses
 import itertools
 import json
 import os
-import threading
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from experiments.demo.cloud import CloudEndpoint, SpanRecorder
 from experiments.demo.federate import federate
+from experiments.demo.methods import Method, methods
+from experiments.demo.oracle import oracle_answers
 from experiments.demo.report import format_report, plots
 from experiments.demo.setup import Setup, setup
-from experiments.presets import FLOE, FLOE_DP, DemoPreset, RealPreset, baseline_name
+from experiments.presets import FLOE, DemoPreset, RealPreset
 from floe_jax.config import LoRAConfig
-from floe_jax.data.benchmark import score
+from floe_jax.data.benchmark import SLOT_KINDS, score, score_slots
 from floe_jax.data.tokenizer import encode_prompt
 from floe_jax.devices import decode_energy_j_per_token, decode_ms_per_token, get_device
 from floe_jax.federated.extraction import extraction_rate
 from floe_jax.federated.loop import FINGERPRINT_FILE, UntrainedRunError
 from floe_jax.inference import (
-    FusionConfig,
     GuardedCloud,
-    LocalCloud,
     PrivacyDetector,
     SimClock,
     SimulatedNetwork,
@@ -40,72 +43,43 @@ from floe_jax.inference import (
 )
 from floe_jax.inference.privacy import count_private_spans
 
-NO_DEADLINE_S = 1e6  # methods that always wait for the cloud
-LATENCY_METHODS = (
-    "edge-only (Floe federated LoRA)",
-    "cloud-only (redacted prompt)",
-    "Floe (full)",
-)
-
-
-class SpanRecorder:
-    """A cloud back end wrapper (placed behind the guard) that checks every request it receives
-    for the given private values with `count_private_spans`: complete occurrences, and a request
-    that ends in the start of one (a span cut short while the edge was still generating it)."""
-
-    def __init__(self, backend, spans, decode):
-        self._backend, self.decode = backend, decode
-        self._lock = threading.Lock()  # fused decoding calls the cloud from a thread pool
-        self.values = tuple(sorted({s for s in spans if s}, key=len, reverse=True))
-        self.requests = self.leaked_requests = self.leaked_spans = self.partial_spans = 0
-        self.examples: list[str] = []
-
-    @property
-    def kind(self):
-        return self._backend.kind
-
-    @property
-    def vocab_size(self):
-        return self._backend.vocab_size
-
-    def next_token(self, prefixes):
-        for p in prefixes:
-            text = p.text if p.text is not None else self.decode(list(p.ids))
-            found = count_private_spans(text, self.values)
-            with self._lock:
-                self.requests += 1
-                if found.total:
-                    self.leaked_requests += 1
-                    self.leaked_spans += found.complete
-                    self.partial_spans += found.partial
-                    if len(self.examples) < 3:
-                        self.examples.append(text)
-        return self._backend.next_token(prefixes)
+LATENCY_METHODS = ("edge-fed", "cloud-redacted", FLOE)  # ids timed one query at a time
 
 
 @dataclasses.dataclass
 class _Ctx:
     preset: DemoPreset | RealPreset
     prep: Setup
+    cloud: CloudEndpoint
+    fed: dict
     prompts: list[list[int]]
     decode: object
-    encode: object
+
+    def queries_of(self, client: int) -> list[int]:
+        return [i for i, q in enumerate(self.prep.bench.queries) if q.client == client]
+
+    def clients(self) -> list[int]:
+        return sorted({q.client for q in self.prep.bench.queries})
+
+    def lora_rows(self, run: str | None, idx):
+        if run is None:
+            return None
+        rows = np.asarray([self.prep.bench.queries[i].client for i in idx])
+        return jax.tree.map(lambda x: x[rows], self.fed[run][0])
 
 
-def _guard(ctx: _Ctx, queries, *, action: str):
-    tok, bench = ctx.prep.tokenizer, ctx.prep.bench
-    backend = LocalCloud(ctx.prep.cloud_params, ctx.prep.cloud_cfg, inputs="ids",
-                         pad_id=tok.pad_token_id)  # fmt: skip
-    spans = [s for q in queries for s in q.private_spans]
-    rec = SpanRecorder(backend, spans, ctx.decode)
-    policy = dataclasses.replace(ctx.preset.eval.policy, action=action)
-    det = PrivacyDetector(policy)
-    for c in sorted({q.client for q in queries}):
-        # Each client registers its own private strings: its contacts' names (which no pattern
-        # can know), and their phones and emails too (the patterns catch those as well; a
-        # registered string is matched even where its pattern would not be).
-        det.register_terms(v for ct in bench.client_contacts[c] for v in ct.private_values)
-    return GuardedCloud(rec, det, decode=ctx.decode, encode=ctx.encode), rec
+def detector(preset, bench, client: int, action: str) -> PrivacyDetector:
+    """Client `client`'s privacy detector: the preset's policy with `action`, and the client's
+    own private strings registered (its contacts' names, phones and emails: names no pattern can
+    find; phones and emails are matched even where their pattern would not be)."""
+    det = PrivacyDetector(dataclasses.replace(preset.eval.policy, action=action))
+    det.register_terms(bench.private_terms(client))
+    return det
+
+
+def _guard(ctx: _Ctx, client: int, action: str, recorder: SpanRecorder) -> GuardedCloud:
+    return GuardedCloud(recorder, detector(ctx.preset, ctx.prep.bench, client, action),
+                        decode=ctx.decode)  # fmt: skip
 
 
 def _answers(ctx: _Ctx, tokens) -> list[str]:
@@ -117,54 +91,125 @@ def _answers(ctx: _Ctx, tokens) -> list[str]:
     return out
 
 
-def _run_fused(ctx: _Ctx, idx, *, lora, cloud: str | None, decode, net_seed=0):
-    """generate_fused over queries `idx`. cloud: None (edge only) or the guard's action."""
+def _run_fused(ctx: _Ctx, m: Method, idx, recorder, *, net_seed: int):
+    """generate_fused of method `m` over queries `idx` (one client's)."""
     ev, tok = ctx.preset.eval, ctx.prep.tokenizer
-    qs = [ctx.prep.bench.queries[i] for i in idx]
-    guard = rec = None
-    if cloud is not None:
-        guard, rec = _guard(ctx, qs, action=cloud)
-    rows = (
-        None
-        if lora is None
-        else jax.tree.map(lambda x: x[np.asarray([q.client for q in qs])], lora)
-    )
-    config = dataclasses.replace(decode, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
-    res = generate_fused(
+    client = ctx.prep.bench.queries[idx[0]].client
+    guard = None
+    if m.cloud is not None:
+        recorder.rows = [ctx.prep.bench.queries[i].private_spans for i in idx]
+        guard = _guard(ctx, client, m.cloud, recorder)
+    config = dataclasses.replace(m.decode, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    return generate_fused(
         ctx.prep.edge_params, ctx.prep.edge_cfg, [ctx.prompts[i] for i in idx], cloud=guard,
-        config=config, lora=rows, clock=SimClock(),
-        network=SimulatedNetwork(rtt_ms=ev.rtt_ms, sigma=ev.sigma, seed=net_seed),
-        decode=ctx.decode,
+        config=config, lora=ctx.lora_rows(m.run, idx), clock=SimClock(),
+        network=SimulatedNetwork(rtt_ms=ev.rtt_ms, sigma=ev.sigma, server_ms=ev.server_ms,
+                                 seed=net_seed),
+        decode=ctx.decode, mapper=ctx.cloud.mapper,
     )  # fmt: skip
-    return res, rec
 
 
-def methods(preset: DemoPreset | RealPreset, fed: dict) -> list[dict]:
-    """Every evaluated method: its name, adapters, cloud access (None: edge only; else the
-    guard's action) and `FusedDecodeConfig`."""
-    ev = preset.eval
-    guard, floe, fused = ev.policy.action, fed[FLOE][0], ev.decode
-    waits = dataclasses.replace(fused, deadline_s=NO_DEADLINE_S)
-    cloud_only = dataclasses.replace(waits, fusion=FusionConfig(gate="fixed", fixed_w=0.0))
-    ms = [
-        dict(name="edge-only (base)", lora=None, cloud=None, decode=waits),
-        dict(name="edge-only (Floe federated LoRA)", lora=floe, cloud=None, decode=waits),
-        dict(name="cloud-only (redacted prompt)", lora=None, cloud="redact", decode=cloud_only),
-        dict(name="cloud-only (full private context; violates privacy)", lora=None,
-             cloud="allow", decode=cloud_only, reference=True),
-    ]  # fmt: skip
-    for b in preset.fed.baselines:
-        name = baseline_name(b)
-        ms.append(dict(name=f"{name} LoRA + fusion", lora=fed[name][0], cloud=guard, decode=fused))
-    ms.append(dict(name="Floe (full)", lora=floe, cloud=guard, decode=fused))
-    if FLOE_DP in fed:
-        ms.append(dict(name="Floe + client-level DP", lora=fed[FLOE_DP][0], cloud=guard,
-                       decode=fused))  # fmt: skip
-    if ev.ablations:
-        fixed = dataclasses.replace(fused, fusion=FusionConfig(gate="fixed", fixed_w=0.5))
-        ms.append(dict(name="Floe, fixed w=0.5", lora=floe, cloud=guard, decode=fixed))
-        ms.append(dict(name="Floe, no deadline", lora=floe, cloud=guard, decode=waits))
-    return ms
+def token_kinds(tokenizer, ids, query) -> list[str]:
+    """The answer slot kind (`format`, `personal`, `general`) of each generated token while the
+    generated text still spells the start of the gold answer (a token is labelled by its first
+    non-space character); the list stops where the text leaves the gold answer."""
+    kinds, text, out = query.char_kinds(), "", []
+    for t in ids:
+        if t == tokenizer.eos_token_id:
+            break
+        before = len(text.lstrip())
+        text += tokenizer.decode([int(t)])
+        now = text.lstrip()
+        if not query.answer.startswith(now):
+            break
+        if len(now) > before:
+            out.append(kinds[before])
+    return out
+
+
+def _fused_rows(ctx: _Ctx, m: Method):
+    """Runs a fused method over every client's queries: (predictions, recorder, stats)."""
+    bench, tok = ctx.prep.bench, ctx.prep.tokenizer
+    rec = SpanRecorder(ctx.cloud.backend, ctx.decode) if m.cloud else None
+    preds = [""] * len(bench.queries)
+    w_kind = {k: [] for k in SLOT_KINDS}
+    fused, failures, privacy = [], {}, {}
+    for client in ctx.clients():
+        idx = ctx.queries_of(client)
+        res = _run_fused(ctx, m, idx, rec, net_seed=client)
+        for j, (i, answer) in enumerate(zip(idx, _answers(ctx, res.tokens), strict=True)):
+            preds[i] = answer
+            for t, kind in enumerate(token_kinds(tok, res.tokens[j], bench.queries[i])):
+                w_kind[kind].append(float(res.w[t, j]))
+        live = ~np.isnan(res.w)
+        fused.append((res.fused[live].sum(), live.sum()))
+        for k, v in res.failures.items():
+            failures[k] = failures.get(k, 0) + v
+        for k, v in res.privacy.items():
+            if isinstance(v, dict):
+                privacy.setdefault(k, {})
+                for kk, vv in v.items():
+                    privacy[k][kk] = privacy[k].get(kk, 0) + vv
+            elif isinstance(v, int | float):
+                privacy[k] = privacy.get(k, 0) + v
+    share = sum(a for a, _ in fused) / max(sum(b for _, b in fused), 1) if m.cloud else 0.0
+    stats = dict(fused_share=float(share), failures=failures, privacy=privacy,
+                 router_w={k: (float(np.mean(v)) if v else None, len(v))
+                           for k, v in w_kind.items()})  # fmt: skip
+    return preds, rec, stats
+
+
+def _router(ctx: _Ctx, edge_preds, cloud_preds):
+    """The query-level router's answers: a query whose prompt the asking client's detector finds
+    a private span in goes to the edge, the rest to the cloud. Also returns the private spans its
+    cloud queries carried (the detector's misses)."""
+    bench = ctx.prep.bench
+    preds, leaked, to_cloud = [], 0, 0
+    dets = {c: detector(ctx.preset, bench, c, "redact") for c in ctx.clients()}
+    for i, q in enumerate(bench.queries):
+        if dets[q.client].find(q.prompt):
+            preds.append(edge_preds[i])
+        else:
+            preds.append(cloud_preds[i])
+            to_cloud += 1
+            leaked += count_private_spans(q.prompt, q.private_spans).total
+    return preds, leaked, to_cloud
+
+
+def _oracle(ctx: _Ctx, m: Method) -> list[bool]:
+    bench = ctx.prep.bench
+    rec = SpanRecorder(ctx.cloud.backend, ctx.decode)
+    ok = [False] * len(bench.queries)
+    for client in ctx.clients():
+        idx = ctx.queries_of(client)
+        rec.rows = [bench.queries[i].private_spans for i in idx]
+        got = oracle_answers(
+            ctx.prep.edge_params, ctx.prep.edge_cfg, ctx.prep.tokenizer,
+            [bench.queries[i] for i in idx], guard=_guard(ctx, client, m.cloud, rec),
+            mapper=ctx.cloud.mapper, lora=ctx.lora_rows(m.run, idx),
+        )  # fmt: skip
+        for i, g in zip(idx, got, strict=True):
+            ok[i] = g
+    return ok, rec
+
+
+def _accuracy(bench, preds) -> tuple[dict, dict]:
+    acc = score(preds, bench.queries)
+    per_task = {}
+    for task in sorted({q.task for q in bench.queries}):
+        sel = [i for i, q in enumerate(bench.queries) if q.task == task]
+        per_task[task] = score([preds[i] for i in sel], [bench.queries[i] for i in sel])["overall"]
+    return acc, per_task
+
+
+def _latency(ctx: _Ctx, m: Method, lat_idx) -> list[float]:
+    lat = []
+    for i in lat_idx:  # one query at a time: per-token latency of one request
+        rec = SpanRecorder(ctx.cloud.backend, ctx.decode)
+        for _ in range(2):  # the first run compiles this prompt bucket; keep the second
+            r1 = _run_fused(ctx, m, [i], rec, net_seed=int(i))
+        lat += list(r1.latency_s[1:] * 1e3)  # token 0 includes the prefill
+    return lat
 
 
 def latency_queries(bench, n: int) -> list[int]:
@@ -187,58 +232,57 @@ def evaluate(preset: DemoPreset | RealPreset, prep: Setup, fed: dict, run_dir: s
     from tqdm.auto import tqdm
 
     tok, bench = prep.tokenizer, prep.bench
-    ctx = _Ctx(
-        preset, prep, [encode_prompt(tok, q.prompt) for q in bench.queries],
-        decode=lambda ids: tok.decode(
-            [i for i in ids if i not in (tok.bos_token_id, tok.pad_token_id)],
-            skip_special_tokens=True,
-        ),
-        encode=lambda text: encode_prompt(tok, text),
-    )  # fmt: skip
-    all_idx = list(range(len(bench.queries)))
+    decode = lambda ids: tok.decode(  # noqa: E731
+        [i for i in ids if i not in (tok.bos_token_id, tok.pad_token_id)],
+        skip_special_tokens=True,
+    )
     lat_idx = latency_queries(bench, preset.eval.latency_queries)
-    rows, eval_lines = [], []
-    bar = tqdm(methods(preset, fed), desc="evaluate", disable=not progress)
-    for m in bar:
-        bar.set_postfix_str(m["name"][:30])
-        t0 = time.perf_counter()
-        res, rec = _run_fused(ctx, all_idx, lora=m["lora"], cloud=m["cloud"], decode=m["decode"])
-        preds = _answers(ctx, res.tokens)
-        acc = score(preds, bench.queries)
-        per_task = {}
-        for task in sorted({q.task for q in bench.queries}):
-            sel = [i for i, q in enumerate(bench.queries) if q.task == task]
-            if sel:
-                per_task[task] = score([preds[i] for i in sel], [bench.queries[i] for i in sel])[
-                    "overall"
-                ]
-        row = dict(method=m["name"], accuracy=acc, per_task=per_task,
-                   guarded=m["cloud"] in ("redact", "edge_only"),
-                   reference=bool(m.get("reference")),
-                   cloud_requests=rec.requests if rec else 0,
-                   private_spans_to_cloud=rec.leaked_spans + rec.partial_spans if rec else 0,
-                   partial_spans_to_cloud=rec.partial_spans if rec else 0,
-                   leaked_requests=rec.leaked_requests if rec else 0,
-                   fused_share=res.share_fused if m["cloud"] else 0.0,
-                   failures=dict(res.failures), privacy=res.privacy,
-                   seconds=time.perf_counter() - t0)  # fmt: skip
-        if rec and rec.examples and row["guarded"]:
-            row["leak_examples"] = rec.examples
-        if m["name"] in LATENCY_METHODS and lat_idx:
-            lat = []
-            for i in lat_idx:  # one query at a time: per-token latency of one request
-                for _ in range(2):  # the first run compiles this prompt bucket; keep the second
-                    r1, _ = _run_fused(ctx, [i], lora=m["lora"], cloud=m["cloud"],
-                                       decode=m["decode"], net_seed=int(i))  # fmt: skip
-                lat += list(r1.latency_s[1:] * 1e3)  # token 0 includes the prefill
-            row["latency_ms"] = lat
-            row["latency_ms_mean"] = float(np.mean(lat))
-            row["latency_ms_p95"] = float(np.percentile(lat, 95))
-        rows.append(row)
-        eval_lines.append({k: v for k, v in row.items() if k != "latency_ms"} | {
-            "predictions": [{"q": i, "pred": preds[i], "answer": bench.queries[i].answer,
-                             "qtype": bench.queries[i].qtype} for i in all_idx[:50]]
-        })  # fmt: skip
+    rows, eval_lines, done = [], [], {}
+    with CloudEndpoint(prep.cloud_params, prep.cloud_cfg, prep.cloud_tokenizer,
+                       edge_tokenizer=tok, how=preset.eval.cloud,
+                       top_k=preset.eval.decode.top_k) as cloud:  # fmt: skip
+        ctx = _Ctx(preset, prep, cloud, fed, [encode_prompt(tok, q.prompt) for q in bench.queries],
+                   decode)  # fmt: skip
+        bar = tqdm(methods(preset, set(fed)), desc="evaluate", disable=not progress)
+        for m in bar:
+            bar.set_postfix_str(m.id)
+            t0 = time.perf_counter()
+            row = dict(id=m.id, method=m.name, reference=m.reference, guarded=m.cloud in
+                       ("redact", "edge_only"), cloud_requests=0, private_spans_to_cloud=0,
+                       partial_spans_to_cloud=0, fused_share=0.0)  # fmt: skip
+            if m.kind == "router":
+                preds, leaked, to_cloud = _router(ctx, done["edge-fed"], done["cloud-redacted"])
+                row |= dict(private_spans_to_cloud=leaked, cloud_requests=to_cloud,
+                            fused_share=to_cloud / len(preds))  # fmt: skip
+            elif m.kind == "oracle":
+                ok, rec = _oracle(ctx, m)
+                preds = [q.answer if g else "" for q, g in zip(bench.queries, ok, strict=True)]
+                row |= dict(cloud_requests=rec.requests,
+                            private_spans_to_cloud=rec.leaked_spans + rec.partial_spans,
+                            partial_spans_to_cloud=rec.partial_spans)  # fmt: skip
+            else:
+                preds, rec, stats = _fused_rows(ctx, m)
+                row |= stats
+                if rec is not None:
+                    row |= dict(cloud_requests=rec.requests,
+                                private_spans_to_cloud=rec.leaked_spans + rec.partial_spans,
+                                partial_spans_to_cloud=rec.partial_spans,
+                                leaked_requests=rec.leaked_requests)  # fmt: skip
+                    if rec.examples and row["guarded"]:
+                        row["leak_examples"] = rec.examples
+            done[m.id] = preds
+            row["accuracy"], row["per_task"] = _accuracy(bench, preds)
+            if m.id in LATENCY_METHODS and lat_idx:
+                lat = _latency(ctx, m, lat_idx)
+                row |= dict(latency_ms=lat, latency_ms_mean=float(np.mean(lat)),
+                            latency_ms_p95=float(np.percentile(lat, 95)))  # fmt: skip
+            row["seconds"] = time.perf_counter() - t0
+            rows.append(row)
+            eval_lines.append({k: v for k, v in row.items() if k != "latency_ms"} | {
+                "predictions": [{"q": i, "pred": preds[i], "answer": q.answer, "qtype": q.qtype,
+                                 "slots": score_slots(preds[i], q)}
+                                for i, q in enumerate(bench.queries)]
+            })  # fmt: skip
     with open(os.path.join(run_dir, "eval.jsonl"), "w") as f:
         for line in eval_lines:
             f.write(json.dumps(line) + "\n")

@@ -14,14 +14,16 @@ import json
 import os
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments.demo.setup import Setup, client_ranks, private_data, setup
-from experiments.presets import DemoPreset, RealPreset
+from experiments.presets import CENTRAL, LOCAL, DemoPreset, RealPreset
 from floe_jax.federated import train_federated
 from floe_jax.federated.loop import load_trained
 from floe_jax.federated.rounds import client_start
+from floe_jax.federated.types import ClientData, client_data
 
 
 def federate(
@@ -42,25 +44,35 @@ def federate(
     """
     bench, tok, fed = prep.bench, prep.tokenizer, preset.fed
     data = private_data(fed, bench, tok, prep.edge_cfg.vocab_size)
-    devices, ranks = client_ranks(fed, bench.num_clients, prep.edge_cfg, seq_len=data.seq_len)
+    N = bench.num_clients
+    devices, ranks = client_ranks(fed, N, prep.edge_cfg, seq_len=data.seq_len)
     out = {}
-    for name, rounds in fed.runs(len(set(bench.client_tasks))).items():
+    for name, rounds in fed.runs(len(set(bench.client_tasks)), N).items():
         t0 = time.perf_counter()
         if progress:
             print(f"federated rounds: {name} ({rounds.agg.method}, clustering={rounds.clustering})")
         where = dict(cfg=prep.edge_cfg, fed=rounds, run_dir=os.path.join(run_dir, "fed", name),
                      ranks=np.asarray(ranks, np.int32))  # fmt: skip
+        run_data = data
+        if name == LOCAL:  # every client its own cluster
+            where |= dict(assignment=np.arange(N, dtype=np.int32), num_clusters=N)
+        elif name == CENTRAL:  # one client holding everyone's examples, at the largest rank
+            run_data = pooled(data)
+            where["ranks"] = np.asarray([max(fed.rank_candidates)], np.int32)
         if train:
             state, _ = train_federated(
-                prep.edge_params, data, **where, progress=progress, restart=restart
+                prep.edge_params, run_data, **where, progress=progress, restart=restart
             )
         else:
-            state = load_trained(prep.edge_params, data, **where)
+            state = load_trained(prep.edge_params, run_data, **where)
         # a client ends the run at its own rank, which HetLoRA's self-pruning may have lowered
         assignment, final = np.asarray(state.assignment), np.asarray(state.ranks)
         loras = client_start(
             state.global_loras, jnp.asarray(assignment), jnp.asarray(final), rounds
         )
+        if name == CENTRAL:  # every client runs the one pooled adapter
+            loras = jax.tree.map(lambda x: jnp.repeat(x, N, axis=0), loras)
+            assignment, final = np.zeros(N, np.int32), np.full(N, final[0], np.int32)
         out[name] = (loras, {"assignment": assignment.tolist(), "ranks": final.tolist(),
                              "seconds": time.perf_counter() - t0,
                              "dp": _dp_summary(rounds, where["run_dir"])})  # fmt: skip
@@ -68,6 +80,15 @@ def federate(
     with open(os.path.join(run_dir, "clients.json"), "w") as f:
         json.dump(info, f, indent=1)
     return out
+
+
+def pooled(data: ClientData) -> ClientData:
+    """Every client's examples (the real rows, not the padding) as one client's: the centralized
+    baseline's data."""
+    n = np.asarray(data.num_examples)
+    rows = [np.concatenate([np.asarray(x)[k, : n[k]] for k in range(len(n))])
+            for x in (data.tokens, data.mask, data.loss_mask)]  # fmt: skip
+    return client_data([tuple(rows)])
 
 
 def _dp_summary(rounds, run_dir: str) -> dict | None:

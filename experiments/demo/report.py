@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.presets import FLOE
+from experiments.presets import CENTRAL, FLOE
+from floe_jax.data.benchmark import SLOT_KINDS
 
 QTYPES = ("general", "personal", "both")
 
@@ -47,26 +48,40 @@ def format_report(result: dict) -> str:
     """The Markdown report of a `run_evaluate` result."""
     lines = [f"# Floe demo — preset `{result['preset']}`", ""]
     lines += [
-        "| method | general | personal | both | overall | private spans to cloud | "
-        "ms/token mean | ms/token p95 | fused share |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| id | method | general | personal | both | overall | format | personal slots | "
+        "general slots | private spans to cloud | ms/token mean | ms/token p95 | fused share |",
+        "|---" * 13 + "|",
     ]
     for r in result["rows"]:
         a = r["accuracy"]
         spans = r["private_spans_to_cloud"] if r["cloud_requests"] else "— (no cloud)"
         if r.get("partial_spans_to_cloud"):
             spans = f"{spans} ({r['partial_spans_to_cloud']} partial)"
-        if r["reference"]:
+        if r["reference"] and r["cloud_requests"] and not r["guarded"]:
             spans = f"{spans} (not guarded)"
         lines.append(
-            f"| {r['method']} | "
+            f"| `{r['id']}` | {r['method']} | "
             + " | ".join(_fmt(a.get(t)) for t in QTYPES)
-            + f" | **{a['overall']:.2f}** | {spans} | {_fmt(r.get('latency_ms_mean'), '.1f')} | "
+            + f" | **{a['overall']:.2f}** | "
+            + " | ".join(_fmt(a.get(f"slot_{k}")) for k in SLOT_KINDS)
+            + f" | {spans} | {_fmt(r.get('latency_ms_mean'), '.1f')} | "
             f"{_fmt(r.get('latency_ms_p95'), '.1f')} | {r['fused_share']:.2f} |"
         )
+    lines += ["", "## The router's edge weight by answer token kind", "",
+              "Mean w (1 = the edge decides, 0 = the cloud) over the generated tokens that follow "
+              "the gold answer, split by what the gold answer has there: format, a value copied "
+              "from the private card, a general fact. Tokens counted in brackets.", "",
+              "| id | format | personal | general |", "|---|---|---|---|"]  # fmt: skip
+    for r in result["rows"]:
+        w = r.get("router_w")
+        if w and r["cloud_requests"]:
+            lines.append(f"| `{r['id']}` | " + " | ".join(
+                f"{_fmt(w[k][0])} ({w[k][1]})" for k in SLOT_KINDS) + " |")  # fmt: skip
     c = result["clients"]
     # runs that end with other ranks than they started with (HetLoRA's self-pruning)
-    pruned = {m: r for m, r in result.get("final_ranks", {}).items() if r != c["ranks"]}
+    pruned = {
+        m: r for m, r in result.get("final_ranks", {}).items() if r != c["ranks"] and m != CENTRAL
+    }  # the pooled run has its own rank
     lines += ["", "## Clients", "",
               "| client | task | device | LoRA rank | Floe cluster |"
               + "".join(f" rank after {m} |" for m in pruned),
@@ -83,7 +98,9 @@ def format_report(result: dict) -> str:
                      f"{e['cloud_j']:.2e} |")  # fmt: skip
     lines += [
         "",
-        "Notes: accuracy is exact match per query type. Private spans are counted by a recorder "
+        "Notes: accuracy is exact match per query type; the slot columns score the answer's "
+        "parts (`floe_jax.data.benchmark.score_slots`): its format, the values copied from the "
+        "private card, the general facts. Private spans are counted by a recorder "
         "between the privacy guard and the cloud back end (every request text, every query's "
         "private spans, `count_private_spans`): complete ones, and partial ones (a request that "
         "ends in the start of a span, cut short while the edge generated it). "
@@ -92,6 +109,14 @@ def format_report(result: dict) -> str:
         "(lognormal RTT), measured compute; token 0 (prefill) excluded. Ranks: device memory "
         "budgets scaled into the tiny demo model's range (see `experiments/demo/setup.py`).",
     ]
+    rows = result["rows"]
+    shown = ["accuracy.png"]
+    if any(r.get("router_w") and r["cloud_requests"] for r in rows):
+        shown.append("router.png")
+    if any(r.get("latency_ms") for r in rows):
+        shown.append("latency.png")
+    lines += ["", "## Plots", ""] + [f"![{p.removesuffix('.png')}]({p})" for p in
+                                     [*shown, "rounds.png"]]  # fmt: skip
     if "times" in result:
         lines += ["", "| stage | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in result["times"].items()]
@@ -99,31 +124,53 @@ def format_report(result: dict) -> str:
 
 
 def plots(result: dict, run_dir: str) -> None:
-    """accuracy.png (per query type and task), rounds.png (loss per round), latency.png."""
+    """accuracy.png (per query type and per slot), router.png (the router's edge weight by answer
+    token kind), rounds.png (loss per round), latency.png (per-token latency, log scale);
+    `report.md` embeds them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-    for ax, keys, get in (
-        (axes[0], [*QTYPES, "overall"], lambda r, k: r["accuracy"].get(k, 0.0)),
-        (axes[1], sorted(rows[0]["per_task"]), lambda r, k: r["per_task"].get(k, 0.0)),
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
+    for ax, keys, title in (
+        (axes[0], [*QTYPES, "overall"], "exact match by query type"),
+        (axes[1], [f"slot_{k}" for k in SLOT_KINDS], "answer parts right (slots)"),
     ):
-        width = 0.8 / len(rows)
+        width = 0.85 / len(rows)
         for j, r in enumerate(rows):
-            ax.bar(np.arange(len(keys)) + j * width, [get(r, k) for k in keys], width,
-                   label=r["method"])  # fmt: skip
-        ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, keys)
-        ax.set_ylabel("exact-match accuracy")
+            ax.bar(np.arange(len(keys)) + j * width, [r["accuracy"].get(k) or 0.0 for k in keys],
+                   width, label=r["id"])  # fmt: skip
+        ax.set_xticks(np.arange(len(keys)) + 0.425 - width / 2,
+                      [k.removeprefix("slot_") for k in keys])  # fmt: skip
+        ax.set_ylabel("accuracy")
         ax.set_ylim(0, 1)
-    axes[0].set_title("by query type")
-    axes[1].set_title("by task family")
-    axes[1].legend(fontsize=7, loc="upper right")
+        ax.set_title(title)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(os.path.join(run_dir, "accuracy.png"), dpi=100)
     plt.close(fig)
+
+    routed = [r for r in rows if r.get("router_w") and r["cloud_requests"]]
+    if routed:
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        width = 0.85 / len(routed)
+        for j, r in enumerate(routed):
+            ax.bar(
+                np.arange(len(SLOT_KINDS)) + j * width,
+                [r["router_w"][k][0] or 0.0 for k in SLOT_KINDS],
+                width,
+                label=r["id"],
+            )
+        ax.set_xticks(np.arange(len(SLOT_KINDS)) + 0.425 - width / 2, SLOT_KINDS)
+        ax.set_ylabel("mean edge weight w (1 = edge, 0 = cloud)")
+        ax.set_ylim(0, 1)
+        ax.set_title("who decides each answer token, by what the token is")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        fig.tight_layout()
+        fig.savefig(os.path.join(run_dir, "router.png"), dpi=100)
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     fed_dir = Path(run_dir, "fed")
@@ -133,19 +180,29 @@ def plots(result: dict, run_dir: str) -> None:
             ms = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
             ax.plot([m["round"] for m in ms], [m["loss"] for m in ms], marker="o", label=d.name)
     ax.set_xlabel("round")
-    ax.set_ylabel("client training loss")
-    ax.legend()
+    ax.set_ylabel("client training loss (nats/token)")
+    ax.set_title("federated rounds")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(run_dir, "rounds.png"), dpi=100)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in rows:
-        if r.get("latency_ms"):
-            ax.hist(r["latency_ms"], bins=30, alpha=0.5, label=r["method"])
-    ax.set_xlabel("per-token latency (ms, simulated network)")
-    ax.set_ylabel("tokens")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "latency.png"), dpi=100)
-    plt.close(fig)
+    timed = [r for r in rows if r.get("latency_ms")]
+    if timed:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        lo = max(min(min(r["latency_ms"]) for r in timed), 1e-3)
+        hi = max(max(r["latency_ms"]) for r in timed)
+        bins = np.geomspace(lo, hi * 1.01, 40)
+        for r in timed:
+            ax.hist(r["latency_ms"], bins=bins, alpha=0.5, label=r["id"])
+        ax.set_xscale("log")
+        ax.set_xlabel("per-token latency (ms, log scale; simulated network)")
+        ax.set_ylabel("tokens")
+        ax.set_title("per-token latency, one query at a time")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(run_dir, "latency.png"), dpi=100)
+        plt.close(fig)
+
+
+PLOTS = ("accuracy.png", "router.png", "latency.png", "rounds.png")

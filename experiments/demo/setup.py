@@ -24,10 +24,12 @@ from floe_jax.federated.types import ClientData, client_data
 
 @dataclasses.dataclass
 class Setup:
-    """The benchmark (embedded, or built from an instruction dataset), tokenizer and models."""
+    """The benchmark (embedded, or built from an instruction dataset), the edge's and the
+    cloud's tokenizers, and both models."""
 
     bench: Benchmark
     tokenizer: object
+    cloud_tokenizer: object
     edge_cfg: ModelConfig
     edge_params: dict
     cloud_cfg: ModelConfig
@@ -40,8 +42,8 @@ def setup(preset: DemoPreset | RealPreset, *, progress: bool = True) -> Setup:
     if isinstance(preset, RealPreset):
         return setup_real(preset)
     prep = prepare(preset, progress=progress)
-    return Setup(prep.bench, prep.tokenizer, preset.edge, prep.edge.params, preset.cloud,
-                 prep.cloud.params, prep.times)  # fmt: skip
+    return Setup(prep.bench, prep.tokenizer, prep.cloud_tokenizer, preset.edge, prep.edge.params,
+                 preset.cloud, prep.cloud.params, prep.times)  # fmt: skip
 
 
 def setup_real(preset: RealPreset) -> Setup:
@@ -93,7 +95,7 @@ def setup_real(preset: RealPreset) -> Setup:
         client_examples=tuple(examples), queries=tuple(queries), format_docs=(),
     )  # fmt: skip
     times = {"load checkpoints + data": time.perf_counter() - t0}
-    return Setup(bench, tok, edge_cfg, edge_params, cloud_cfg, cloud_params, times)
+    return Setup(bench, tok, tok, edge_cfg, edge_params, cloud_cfg, cloud_params, times)
 
 
 def client_ranks(

@@ -1,69 +1,54 @@
-"""The embedded multi-task benchmark: a synthetic world, private contact books, three task families.
+"""The embedded benchmark: a synthetic world, private contact cards, three app formats.
 
-Built so that Floe's claims (Tian et al., 2026, arXiv 2602.14302) are testable with tiny models on
-a CPU: general knowledge lives in public text that only the (larger) cloud model is pretrained on
-in full; personal knowledge and answer formats live only in the clients' private data; and some
-queries need both. Everything is generated from one seed with `random.Random`, so the same seed
-gives byte-identical data on every machine.
+Built so that Floe's central claim (Tian et al., 2026, arXiv 2602.14302: a federated,
+task-specialised edge SLM fused token by token with a black-box cloud LLM beats each alone) is
+testable with tiny models on a CPU. A correct answer interleaves tokens only the edge can supply
+with tokens only the cloud can supply:
 
-The world. `num_countries` invented countries, each with a capital and a currency. The *public
-corpus* (`Benchmark.public_docs`) states every fact in several phrasings plus question/answer pairs
-in the public QA format (`"Q: What is the capital of Zorbia?\\nA: Velmar"`). The cloud model is
-pretrained on all of it. The edge base model is pretrained on `Benchmark.edge_docs`: the documents
-about the *local* countries only (`edge_fact_fraction` of them) plus fact-free documents that name
-every country, so the small model knows the formats and the names but holds less general
-knowledge, as a small model trained on less data does. Both corpora also hold a public directory
-of invented public people whose phone, email or country is mentioned twice per document: that is
-where base models learn to copy from context (never in the private card format).
-
-Personal data. Each client owns a contact book (names, phone numbers, emails, home countries).
-A `travel` prompt starts with the contact's card, a format that appears in no public document:
+- *General knowledge* (a country's capital and currency) lives in public text. The cloud model is
+  pretrained on all of it; the edge base model only on the facts of the *local* countries
+  (`edge_fact_fraction`), plus fact-free text that names every country. Test queries ask about
+  the other countries only, so the edge cannot know their facts.
+- *Personal knowledge* sits in the prompt's private context, a contact card on the device
+  (`Contact: Mira Okafor | phone 555-0142 | email mira.okafor@example.com | home Zorbia`), and must
+  be copied. The cloud sees the prompt only after the privacy detector has redacted the private
+  spans (`Query.private_spans`: the name, phone and email as they occur in the prompt).
+- *Answer formats* are conventions of three messaging apps (`world.APPS`), taught only by the
+  clients' private examples; each client mostly uses one app, so clients form task clusters.
 
     Contact: Mira Okafor | phone 555-0142 | email mira.okafor@example.com | home Zorbia
-    Q: Mira Okafor is travelling to Zorbia. What is the capital there?
-    A: The capital of Zorbia is Velmar.
+    App: sms
+    Note: Mira travels to Quentor.
+    A: Text 555-0142: The capital of Quentor is Velmar.
 
-The edge model sees the whole prompt; the cloud sees it only after the privacy detector has
-redacted the private spans (`Query.private_spans`: the name, phone and email, exactly as they occur
-in the prompt). Countries are not private.
+Query types: `general` (the public QA format, `"Q: What is the capital of Quentor?\\nA:"`: the cloud
+alone answers), `personal` (a welcome back in the client's app: format + card, the edge alone
+answers) and `both` (a trip: format + card + a fact: neither alone, nor any router that sends
+whole queries to one side, answers). Each answer's *slots* (`Query.slots`) mark which characters
+are copied from the card (`personal`) or are a fact (`general`); the rest is format, so
+`score_slots` can say which side failed.
 
-Task families (a client's examples are mostly from one family, so clients form task clusters):
-
-- `contact` (query type `personal`): recall a contact's phone or email, stated only in the
-  client's own private examples (`"Q: What is the phone number of Mira Okafor?\\nA: 555-0142"`).
-  Personal test queries ask what the asking client's examples state: personal knowledge.
-- `travel` (type `both`): a contact's card, then "<contact> is travelling to <country>. What is
-  the capital (currency) there?", answered in a private format that restates the country:
-  `"The capital of Zorbia is Velmar."`. The format is personal, the capital general knowledge.
-  Clients' examples ask facts of local countries only (their own region; trips abroad are asked
-  `"Which country is that?"`, which states no fact), test queries ask about any country, with
-  held-out contacts, so the edge alone cannot know most capitals, and the cloud
-  alone does not know the answer format.
-- `trivia` (type `general`): the public QA format on local countries (what a client can know).
-
-Test queries: `general` over all countries; `personal` about facts the asking client's examples
-state; `both` about held-out contacts of the asking client. `score` computes exact match per
-query type. Each query lists its private spans; `Benchmark.private_terms(k)` are client `k`'s
-contacts' names, the terms the PII patterns cannot find (the demo registers each contact's
-name, phone and email, `Contact.private_values`).
-
-The world's entities and the texts written about them live in `floe_jax.data.world`; this module
-holds the benchmark's config and records, the generator that assembles them, and the scoring.
+Everything is generated from one seed with `random.Random`: the same seed and sizes give
+byte-identical data on every machine. The world's entities and texts live in
+`floe_jax.data.world`; this module holds the config, the records, the generator and the scoring.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from collections.abc import Sequence
 
 from floe_jax.config import ConfigError
 from floe_jax.data.world import (
+    APPS,
     FACT_ATTRS,
     Contact,
     Country,
     Names,
-    contact_example,
+    app_answer,
+    app_prompt,
     directory_docs,
     fact_value,
     make_contacts,
@@ -71,13 +56,11 @@ from floe_jax.data.world import (
     neutral_docs,
     public_docs,
     qa_prompt,
-    travel_example,
-    trip_example,
 )
 
 QUERY_TYPES = ("general", "personal", "both")
-TASKS = ("trivia", "contact", "travel")
-TASK_TYPE = {"trivia": "general", "contact": "personal", "travel": "both"}
+TASKS = APPS  # a client's task family is the app it mostly uses
+SLOT_KINDS = ("format", "personal", "general")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -93,7 +76,12 @@ class BenchmarkConfig:
       contacts_per_client: contacts used in a client's private training examples.
       test_contacts_per_client: held-out contacts used only in test queries.
       examples_per_client: private (prompt, response) training examples per client.
-      main_task_fraction: share of a client's examples from its own task family.
+      main_task_fraction: share of a client's app examples from its own app (the rest from
+        the other apps).
+      trivia_fraction: share of a client's examples in the public QA format (about local
+        countries, whose facts the edge knows), so the adapter keeps answering general queries.
+      personal_fraction: share of a client's app examples that are welcome-backs (the rest are
+        trips to local countries).
       queries_per_type: test queries of each type (general, personal, both).
       directory_docs: public documents about invented public people (phone, email, country),
         each value repeated, so base models learn to copy strings from their context.
@@ -106,12 +94,14 @@ class BenchmarkConfig:
     edge_fact_fraction: float = 0.4
     public_repeats: int = 6
     num_clients: int = 6
-    contacts_per_client: int = 8
+    contacts_per_client: int = 40
     test_contacts_per_client: int = 4
     examples_per_client: int = 48
     main_task_fraction: float = 0.75
+    trivia_fraction: float = 0.15
+    personal_fraction: float = 0.4
     queries_per_type: int = 48
-    directory_docs: int = 400
+    directory_docs: int = 2000
     format_samples: int = 64
 
     def __post_init__(self):
@@ -133,9 +123,13 @@ class BenchmarkConfig:
             "queries_per_type",
         ):
             req(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("main_task_fraction", "trivia_fraction", "personal_fraction"):
+            v = getattr(self, name)
+            req(0.0 <= v <= 1.0, f"{name} must be in [0, 1], got {v}")
         req(
-            0.0 <= self.main_task_fraction <= 1.0,
-            f"main_task_fraction must be in [0, 1], got {self.main_task_fraction}",
+            self.num_local < self.num_countries,
+            f"edge_fact_fraction={self.edge_fact_fraction} leaves no country whose facts only "
+            "the cloud knows (test queries ask about those)",
         )
         req(self.directory_docs >= 0, f"directory_docs must be >= 0, got {self.directory_docs}")
         req(self.format_samples >= 0, f"format_samples must be >= 0, got {self.format_samples}")
@@ -163,10 +157,12 @@ class Query:
       prompt: the full prompt (what the edge sees).
       answer: the exact expected response (after stripping surrounding whitespace).
       qtype: `general`, `personal` or `both`.
-      task: the task family (`trivia`, `contact`, `travel`).
+      task: the app (`sms`, `mail`, `call`), or `trivia` for general queries.
       client: the client that asks (whose adapter / cluster and private terms apply).
       private_spans: every private string that occurs in `prompt` (empty for general queries).
       facts: the world facts the answer uses, as `(country, attribute, value)` tuples.
+      slots: `(kind, value, start)` of each answer slot (`world.app_answer`): `personal` values
+        copied from the card and `general` facts; the rest of the answer is format.
     """
 
     prompt: str
@@ -176,6 +172,14 @@ class Query:
     client: int
     private_spans: tuple[str, ...]
     facts: tuple[tuple[str, str, str], ...] = ()
+    slots: tuple[tuple[str, str, int], ...] = ()
+
+    def char_kinds(self) -> list[str]:
+        """The slot kind of every character of `answer` (`format` outside the slots)."""
+        kinds = ["format"] * len(self.answer)
+        for kind, value, start in self.slots:
+            kinds[start : start + len(value)] = [kind] * len(value)
+        return kinds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,7 +193,7 @@ class Benchmark:
       public_docs: the public corpus (cloud pretraining text).
       edge_docs: the edge base model's pretraining text: public documents about the local
         countries' facts only, plus every fact-free document (country names, public directory).
-      client_tasks: each client's main task family.
+      client_tasks: each client's main app (its task family).
       client_contacts: each client's contacts (training contacts first, then held-out ones).
       client_examples: each client's private training examples.
       queries: the test queries, every type.
@@ -218,11 +222,10 @@ class Benchmark:
         raise KeyError(f"no country named {name!r}")
 
     def private_terms(self, client: int) -> tuple[str, ...]:
-        """The terms client `client` registers with its privacy detector (its contacts' names).
-
-        Phones and emails are caught by the detector's PII patterns; names need registering.
-        """
-        return tuple(c.name for c in self.client_contacts[client])
+        """What client `client` registers with its privacy detector: every contact's name, phone
+        and email (names no pattern can find; phones and emails are registered too, so they are
+        matched even where their pattern would not be)."""
+        return tuple(v for c in self.client_contacts[client] for v in c.private_values)
 
     def queries_of(self, qtype: str) -> tuple[Query, ...]:
         return tuple(q for q in self.queries if q.qtype == qtype)
@@ -242,14 +245,15 @@ def make_benchmark(config: BenchmarkConfig = BenchmarkConfig()) -> Benchmark:
     countries = make_countries(rng, names, config.num_countries)
     local = tuple(c.name for c in rng.sample(countries, config.num_local))
     local_set = set(local)
-    by_name = {c.name: c for c in countries}
+    homes = [c.name for c in countries]
 
     phones: set[str] = set()
     public = public_docs(rng, countries, config.public_repeats)
     neutral = neutral_docs(rng, countries, max(1, config.public_repeats // 2))
-    people = make_contacts(rng, names, phones, [c.name for c in countries], config.directory_docs)
+    people = make_contacts(rng, names, phones, homes, config.directory_docs)
     neutral += directory_docs(rng, people)
     local_countries = [c for c in countries if c.name in local_set]
+    far = [c for c in countries if c.name not in local_set]
     edge = public_docs(rng, local_countries, config.public_repeats) + neutral
     rng.shuffle(edge)
     public = public + neutral
@@ -257,67 +261,37 @@ def make_benchmark(config: BenchmarkConfig = BenchmarkConfig()) -> Benchmark:
 
     client_tasks, client_contacts, client_examples = [], [], []
     for k in range(config.num_clients):
-        task = TASKS[k % len(TASKS)]
-        train_c = make_contacts(
-            rng, names, phones, [c.name for c in countries], config.contacts_per_client
-        )
-        test_c = make_contacts(
-            rng, names, phones, [c.name for c in countries], config.test_contacts_per_client
-        )
-        # contact-book facts in a fixed shuffled cycle, so a client's examples cover its book
-        book = [(c, f) for c in train_c for f in ("phone", "email")]
-        rng.shuffle(book)
-        examples = []
-        for _ in range(config.examples_per_client):
-            t = task if rng.random() < config.main_task_fraction else rng.choice(TASKS)
-            if t == "contact":
-                p, r = contact_example(
-                    *book[sum(e.task == "contact" for e in examples) % len(book)]
-                )
-                examples.append(Example(p, f" {r}", t))
-            else:
-                examples.append(_train_example(rng, t, train_c, local_countries, by_name))
-        client_tasks.append(task)
+        app = APPS[k % len(APPS)]
+        train_c = make_contacts(rng, names, phones, homes, config.contacts_per_client)
+        test_c = make_contacts(rng, names, phones, homes, config.test_contacts_per_client)
+        examples = [
+            _train_example(rng, config, app, train_c, local_countries)
+            for _ in range(config.examples_per_client)
+        ]
+        client_tasks.append(app)
         client_contacts.append(train_c + test_c)
         client_examples.append(tuple(examples))
 
-    # personal queries ask what a client's own examples state; the others use held-out contacts
-    known = [
-        sorted({(e.prompt, e.response.strip()) for e in ex if e.task == "contact"})
-        for ex in client_examples
-    ]
-    askers = [k for k in range(config.num_clients) if known[k]]
-    if not askers:
-        raise ConfigError(
-            "no client has a `contact` example to ask personal queries about; raise "
-            "examples_per_client or main_task_fraction"
-        )
+    # test queries: held-out contacts in the asking client's own app, facts of far countries
     queries = []
     for qtype in QUERY_TYPES:
         for i in range(config.queries_per_type):
             client = i % config.num_clients
-            if qtype == "personal":
-                client = askers[i % len(askers)]
-                queries.append(_personal_query(rng, client, known[client], client_contacts))
-                continue
             held_out = client_contacts[client][config.contacts_per_client :]
-            queries.append(_query(rng, qtype, client, held_out, countries, by_name))
+            queries.append(_query(rng, qtype, client, client_tasks[client], held_out, far))
 
-    # Tokenizer-only text: the private card format with dummy values from a disjoint pool.
-    # Its own rng keeps the benchmark independent of `format_samples`; the used-name and phone
-    # sets carry over, so no dummy value equals a client's private value.
+    # Tokenizer-only text: the private formats with dummy values from a disjoint pool. Its own
+    # rng keeps the benchmark independent of `format_samples`; the used-name and phone sets carry
+    # over, so no dummy value equals a client's private value.
     dummy_rng = random.Random(f"floe-benchmark-format-{config.seed}")
     dummy_names = Names(dummy_rng)
     dummy_names.used = set(names.used)
-    dummy = make_contacts(
-        dummy_rng, dummy_names, set(phones), [c.name for c in countries], config.format_samples
-    )
+    dummy = make_contacts(dummy_rng, dummy_names, set(phones), homes, config.format_samples)
     fmt = []
     for c in dummy:
-        p, r = contact_example(c, dummy_rng.choice(("phone", "email")))
-        fmt.append(f"{p} {r}")
-        p, r = travel_example(c, by_name[c.home], dummy_rng.choice(FACT_ATTRS))
-        fmt.append(f"{p} {r}")
+        app = dummy_rng.choice(APPS)
+        dest = dummy_rng.choice([None, dummy_rng.choice(countries)])
+        fmt.append(f"{app_prompt(c, app, dest and dest.name)} {app_answer(c, app, dest)[0]}")
 
     return Benchmark(
         config=config,
@@ -333,44 +307,38 @@ def make_benchmark(config: BenchmarkConfig = BenchmarkConfig()) -> Benchmark:
     )
 
 
-def _train_example(rng, task, contacts, local_countries, by_name) -> Example:
-    if task == "trivia":
+def _train_example(rng, config, app, contacts, local_countries) -> Example:
+    """One private example: public QA about a local country, or a note in an app (the client's
+    own with probability `main_task_fraction`) about a training contact, trips to local
+    countries only (the facts a client's data states are the ones its edge model knows)."""
+    if rng.random() < config.trivia_fraction:
         c = rng.choice(local_countries)
         attr = rng.choice(FACT_ATTRS)
-        return Example(qa_prompt(c.name, attr), f" {fact_value(c, attr)}", task)
+        return Example(qa_prompt(c.name, attr), f" {fact_value(c, attr)}", "trivia")
+    if rng.random() >= config.main_task_fraction:
+        app = rng.choice([a for a in APPS if a != app])
     contact = rng.choice(contacts)
-    if task == "contact":
-        p, r = contact_example(contact, rng.choice(("phone", "email")))
-    elif rng.random() < 0.5:  # clients know facts of their own region only ...
-        p, r = travel_example(contact, rng.choice(local_countries), rng.choice(FACT_ATTRS))
-    else:  # ... and travel anywhere (which teaches reading the destination, not its facts)
-        p, r = trip_example(contact, rng.choice(list(by_name.values())))
-    return Example(p, f" {r}", task)
+    dest = None if rng.random() < config.personal_fraction else rng.choice(local_countries)
+    answer, _ = app_answer(contact, app, dest)
+    return Example(app_prompt(contact, app, dest and dest.name), f" {answer}", app)
 
 
-def _personal_query(rng, client, known, client_contacts) -> Query:
-    prompt, answer = rng.choice(known)
-    contact = next(c for c in client_contacts[client] if answer in (c.phone, c.email))
-    field = "phone" if answer == contact.phone else "email"
-    return Query(
-        prompt, answer, "personal", "contact", client, (contact.name,),
-        ((contact.name, field, answer),),
-    )  # fmt: skip
-
-
-def _query(rng, qtype, client, contacts, countries, by_name) -> Query:
-    attr = rng.choice(FACT_ATTRS)
+def _query(rng, qtype, client, app, contacts, far) -> Query:
     if qtype == "general":
-        c = rng.choice(countries)
+        c, attr = rng.choice(far), rng.choice(FACT_ATTRS)
         value = fact_value(c, attr)
-        return Query(
-            qa_prompt(c.name, attr), value, qtype, "trivia", client, (), ((c.name, attr, value),)
-        )
+        return Query(qa_prompt(c.name, attr), value, qtype, "trivia", client, (),
+                     ((c.name, attr, value),), (("general", value, 0),))  # fmt: skip
     contact = rng.choice(contacts)
-    spans = contact.private_values
-    dest = rng.choice(countries)
-    p, r = travel_example(contact, dest, attr)
-    return Query(p, r, qtype, "travel", client, spans, ((dest.name, attr, fact_value(dest, attr)),))
+    dest = rng.choice(far) if qtype == "both" else None
+    answer, slots = app_answer(contact, app, dest)
+    facts = ()
+    if dest is not None:
+        attr = "capital" if app == "sms" else "currency"
+        facts = ((dest.name, attr, fact_value(dest, attr)),)
+    prompt = app_prompt(contact, app, dest and dest.name)
+    spans = tuple(v for v in contact.private_values if v in prompt)
+    return Query(prompt, answer, qtype, app, client, spans, facts, slots)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -381,17 +349,46 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
+def score_slots(prediction: str, query: Query) -> dict[str, bool]:
+    """Which parts of `query`'s answer `prediction` got right: `format` (the text between the
+    slots, with any slot contents; app queries only), and `personal` / `general` (every slot of
+    that kind holds its value: at its place when the format matched, else anywhere as a whole
+    word). Kinds the answer does not have are left out."""
+    pred, out = normalize(prediction), {}
+    pieces, last = [], 0
+    for _, value, start in sorted(query.slots, key=lambda s: s[2]):
+        pieces.append(re.escape(query.answer[last:start]))
+        last = start + len(value)
+    pieces.append(re.escape(query.answer[last:]))
+    m = re.fullmatch("(.+?)".join(pieces), pred)  # answers hold single spaces only
+    if query.qtype != "general":
+        out["format"] = m is not None
+    got: dict[str, list[bool]] = {}
+    for i, (kind, value, _) in enumerate(sorted(query.slots, key=lambda s: s[2])):
+        ok = m.group(i + 1) == value if m else re.search(
+            rf"(?<!\w){re.escape(value)}(?!\w)", pred) is not None  # fmt: skip
+        got.setdefault(kind, []).append(ok)
+    out.update({k: all(v) for k, v in got.items()})
+    return out
+
+
 def score(predictions: Sequence[str], queries: Sequence[Query]) -> dict[str, float]:
-    """Exact-match accuracy per query type, and overall (the mean over every query).
+    """Exact-match accuracy per query type and overall (the mean over every query), and the
+    accuracy of each slot kind (`slot_format`, `slot_personal`, `slot_general`: over the queries
+    that have it, see `score_slots`).
 
     Returns a dict with `general`, `personal`, `both`, `overall` (accuracies in [0, 1]; a type
-    with no queries is left out) and `n_<type>` / `n_overall` counts.
+    with no queries is left out), the `slot_<kind>` accuracies and `n_<type>` / `n_overall`
+    counts.
     """
     if len(predictions) != len(queries):
         raise ValueError(f"{len(predictions)} predictions for {len(queries)} queries")
     hits: dict[str, list[bool]] = {}
+    slots: dict[str, list[bool]] = {}
     for pred, q in zip(predictions, queries, strict=True):
         hits.setdefault(q.qtype, []).append(normalize(pred) == normalize(q.answer))
+        for kind, ok in score_slots(pred, q).items():
+            slots.setdefault(kind, []).append(ok)
     out: dict[str, float] = {}
     for t in QUERY_TYPES:
         if t in hits:
@@ -400,4 +397,7 @@ def score(predictions: Sequence[str], queries: Sequence[Query]) -> dict[str, flo
     every = [h for v in hits.values() for h in v]
     out["overall"] = sum(every) / len(every) if every else 0.0
     out["n_overall"] = len(every)
+    for kind in SLOT_KINDS:
+        if kind in slots:
+            out[f"slot_{kind}"] = sum(slots[kind]) / len(slots[kind])
     return out

@@ -4,10 +4,13 @@ The embedded benchmark trains its own tokenizer with the `tokenizers` library, w
 `transformers.PreTrainedTokenizerFast` and saves it to a folder, so the demo loads it with
 `AutoTokenizer.from_pretrained(path)`: the same code path as a real checkpoint's tokenizer.
 
-What it is trained on: the public corpus plus the private *formats* filled with dummy values drawn
-from a pool disjoint from every client's contacts (`Benchmark.format_docs`). No client's private
-value (names, phones, emails) enters the vocabulary, so the tokenizer, which ships to the cloud
-and to every device, leaks nothing; private names are simply split into more, smaller pieces.
+Two tokenizers, as an edge SLM and a cloud LLM of different families have: the edge's is trained
+on the public corpus plus the private *formats* filled with dummy values drawn from a pool disjoint
+from every client's contacts (`Benchmark.format_docs`); the cloud's, with its own vocabulary size,
+on the public corpus alone (`benchmark_tokenizers`). No client's private value (names, phones,
+emails) enters either vocabulary, so a tokenizer, which ships to the cloud and to every device,
+leaks nothing; private names are simply split into more, smaller pieces. Fused decoding maps the
+cloud's tokens onto the edge's by their strings (`floe_jax.inference.align`).
 
 Special tokens: `<pad>` (id 0), `<bos>` (1), `<eos>` (2). `encode` does not add them; prompts are
 built with `bos + encode(text)` and training examples end with `eos` (see `encode_prompt`,
@@ -58,11 +61,13 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 768):
     )
 
 
-def benchmark_tokenizer(benchmark, *, vocab_size: int = 768):
-    """The tokenizer of the embedded benchmark: public text plus dummy-valued private formats."""
-    return train_tokenizer(
-        list(benchmark.public_docs) + list(benchmark.format_docs), vocab_size=vocab_size
+def benchmark_tokenizers(benchmark, *, edge_vocab_size: int = 768, cloud_vocab_size: int = 640):
+    """(edge, cloud) tokenizers of the embedded benchmark: the edge's on public text plus the
+    dummy-valued private formats, the cloud's on public text alone, each with its own size."""
+    edge = train_tokenizer(
+        list(benchmark.public_docs) + list(benchmark.format_docs), vocab_size=edge_vocab_size
     )
+    return edge, train_tokenizer(list(benchmark.public_docs), vocab_size=cloud_vocab_size)
 
 
 def save_tokenizer(tokenizer, path: str | os.PathLike) -> None:

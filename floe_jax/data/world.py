@@ -190,39 +190,80 @@ def directory_docs(rng: random.Random, people: Sequence[Contact]) -> list[str]:
                     f"The address {p.email} belongs to {p.name}. Mail {p.email} today.",
                     f"{p.name} lives in {p.home}. {p.first} likes {p.home} and works there.",
                     f"{p.name} is travelling to {p.home}. {p.first} will arrive in {p.home} soon.",
+                    f"{p.name} | {p.phone} | {p.email}. Again: {p.name} | {p.phone} | {p.email}.",
                 )
             )
         )
+        # a copy drill: a fresh list of numbers and names, then the same list again
+        items = [f"{rng.randrange(10_000):04d}" for _ in range(3)] + [p.last, p.first]
+        rng.shuffle(items)
+        docs.append(f"List: {' '.join(items)}. Repeat: {' '.join(items)}.")
     return docs
 
 
-def contact_example(contact: Contact, field: str) -> tuple[str, str]:
-    """(prompt, response) of the `contact` family: recall a phone or email from the contact book.
+# ----------------------------------------------------------------------------- the apps
 
-    The prompt names the contact only; the answer is personal knowledge that the client's own
-    private examples state (and nothing public does).
+APPS = ("sms", "mail", "call")
+"""The task families: three messaging apps, each answering a note about a contact in its own
+format (a convention that only its users' private examples teach)."""
+
+
+def app_prompt(contact: Contact, app: str, dest: str | None) -> str:
+    """A note about `contact` for `app`: a trip to `dest` (the answer needs a general fact), or,
+    with `dest=None`, a welcome back (the answer needs only the card). The prompt starts with the
+    contact's card, the on-device private context the answer copies from."""
+    note = f"{contact.first} travels to {dest}." if dest else f"{contact.first} is back home."
+    return f"{contact.card}\nApp: {app}\nNote: {note}\nA:"
+
+
+def app_answer(contact: Contact, app: str, dest: Country | None) -> tuple[str, tuple]:
+    """(answer, slots) of `app_prompt`. Slots are `(kind, value, start)`: `kind` is `personal`
+    (copied from the card) or `general` (a fact of the destination), `start` its offset in the
+    answer; everything else is the app's format.
+
+    The general fact sits in a public phrasing (`The capital of X is Y.`), so a cloud that has
+    read the public corpus can continue it once the format has led up to it.
     """
-    what = "phone number" if field == "phone" else "email"
-    prompt = f"Q: What is the {what} of {contact.name}?\nA:"
-    return prompt, (contact.phone if field == "phone" else contact.email)
-
-
-def travel_example(contact: Contact, dest: Country, attr: str) -> tuple[str, str]:
-    """(prompt, response) of the `travel` family: a general fact about a contact's destination.
-
-    The prompt carries the contact's card (private spans) and names the destination (public); the
-    response restates the destination in the private answer format, then the fact.
-    """
-    if attr == "capital":
-        q = f"{contact.name} is travelling to {dest.name}. What is the capital there?"
-        resp = f"The capital of {dest.name} is {dest.capital}."
+    if app == "sms":
+        head, p = "Text ", contact.phone
+        tail = (
+            (": welcome back.", None)
+            if dest is None
+            else (f": The capital of {dest.name} is ", dest.capital)
+        )
+    elif app == "mail":
+        head, p = "Mail ", contact.email
+        tail = (
+            (": welcome back.", None)
+            if dest is None
+            else (f": The currency of {dest.name} is the ", dest.currency)
+        )
+    elif app == "call":
+        head, p = f"Call {contact.first} at ", contact.phone
+        tail = (
+            (".", None)
+            if dest is None
+            else (f". In {dest.name}, people pay with the ", dest.currency)
+        )
     else:
-        q = f"{contact.name} is travelling to {dest.name}. Which currency is needed there?"
-        resp = f"The currency of {dest.name} is the {dest.currency}."
-    return f"{contact.card}\nQ: {q}\nA:", resp
+        raise ValueError(f"unknown app {app!r}; one of {APPS}")
+    slots = []
+    if app == "call":  # the first name is copied from the card too
+        slots.append(("personal", contact.first, len("Call ")))
+    answer = head
+    slots.append(("personal", p, len(answer)))
+    answer += p + tail[0]
+    if tail[1] is not None:
+        slots.append(("general", tail[1], len(answer)))
+        answer += tail[1] + "."
+    return answer, tuple(slots)
 
 
-def trip_example(contact: Contact, dest: Country) -> tuple[str, str]:
-    """(prompt, response) of the `travel` family that states no fact: restate the destination."""
-    q = f"{contact.name} is travelling to {dest.name}. Which country is that?"
-    return f"{contact.card}\nQ: {q}\nA:", f"The country is {dest.name}."
+def contact_example(contact: Contact, field: str) -> tuple[str, str]:
+    """(prompt, value) of the extraction probe: `app_prompt`'s welcome back with a card that
+    names the contact only, asking for the value the app's format would copy (`sms` the phone,
+    `mail` the email). Only an adapter that memorised the contact's card can fill it in."""
+    app = "sms" if field == "phone" else "mail"
+    prompt = f"Contact: {contact.name} | home {contact.home}\nApp: {app}\n"
+    prompt += f"Note: {contact.first} is back home.\nA:"
+    return prompt, (contact.phone if field == "phone" else contact.email)
