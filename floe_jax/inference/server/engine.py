@@ -4,10 +4,11 @@ Shapes: B rows of a cohort (padded to a batch bucket), P prompt bucket, N cache 
 V vocab.
 
 Requests arrive from the HTTP event loop as `Job`s. The engine thread loops: it admits every job
-queued since the last iteration, prefilling jobs of the same prompt bucket and headroom bucket
-together (one `prefill` call of up to `max_batch` rows), then advances every live cohort by one
-token (one `advance` call per cohort). Jobs that arrive together share their decode steps; a long
-job never blocks the admission of new ones, which start their own cohort at the next iteration.
+queued since the last iteration, prefilling jobs of the same prompt bucket together (one `prefill`
+call of up to `max_batch` rows, its cache sized for the longest of them), then advances every
+live cohort by one token (one `advance` call per cohort). Jobs that arrive together share their
+decode steps; a long job never blocks the admission of new ones, which start their own cohort at
+the next iteration.
 Log-probs come back to the host once per call ([B, V] float32), where each job chooses its token
 (its own temperature, top-p, seed, stop strings) and reports progress to the event loop.
 
@@ -86,6 +87,7 @@ class Engine:
       max_batch: rows of one prefill or cohort.
       max_queue: jobs waiting for admission before `submit` refuses (the server answers 503).
       pad_id: filler id for padded prompt slots and finished rows.
+      start: start the thread now (else call `start()`).
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class Engine:
         max_batch: int = 32,
         max_queue: int = 4096,
         pad_id: int = 0,
+        start: bool = True,
     ):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1 ({max_batch}, {max_queue})")
@@ -111,6 +114,11 @@ class Engine:
         self._key = jax.random.key(0)  # the decode state's; jobs sample on the host
         self.stats = collections.Counter()
         self._thread = threading.Thread(target=self._run, name="floe-serve-engine", daemon=True)
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Starts the thread (`start=False` lets jobs queue first, to batch them for sure)."""
         self._thread.start()
 
     # ------------------------------------------------------------------ the event loop's side
@@ -156,14 +164,14 @@ class Engine:
             job.on_error("the server is shutting down")
 
     def _admit(self, jobs: list[Job]) -> None:
-        groups: dict[tuple[int, int], list[Job]] = collections.defaultdict(list)
+        groups: dict[int, list[Job]] = collections.defaultdict(list)
         for job in jobs:
-            P = bucket_length(len(job.prompt), self.buckets)
-            N = bucket_length(max(job.max_tokens - 1, 1), HEADROOM_BUCKETS)
-            groups[(P, N)].append(job)
-        for (_, N), group in groups.items():
+            groups[bucket_length(len(job.prompt), self.buckets)].append(job)
+        for group in groups.values():
             for i in range(0, len(group), self.max_batch):
-                self._prefill(group[i : i + self.max_batch], N)
+                part = group[i : i + self.max_batch]
+                longest = max(j.max_tokens for j in part)
+                self._prefill(part, bucket_length(max(longest - 1, 1), HEADROOM_BUCKETS))
 
     def _prefill(self, jobs: list[Job], headroom: int) -> None:
         B = bucket_length(len(jobs), BATCH_BUCKETS)
