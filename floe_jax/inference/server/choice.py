@@ -148,9 +148,6 @@ class Choice:
             self._end("abort")
             return None
         t = self._choose(lp_V)
-        if t in self.tok.eos_ids:  # the end-of-sequence token is not part of the text
-            self._end("stop")
-            return None
         self.ids.append(t)
         self.logprobs.append(float(lp_V[t]))
         if self.s.top_logprobs:
@@ -160,6 +157,9 @@ class Choice:
         elif self.s.top_logprobs is not None:
             self.tops.append([])
             self.top_lps.append([])
+        if t in self.tok.eos_ids:  # listed with its log-probs, but not part of the text
+            self._end("stop")
+            return None
         text = self.tok.decode(self.ids)
         cut = min((i for i in (text.find(s) for s in self.s.stops) if i >= 0), default=-1)
         if cut >= 0:
