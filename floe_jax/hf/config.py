@@ -52,6 +52,9 @@ FAMILY_FIELDS = {
 }
 # Families whose `config.json` keys differ from the defaults `config_from_hf` assumes.
 _HEAD_DIM_DEFAULT = {"qwen3": 128, "gemma3_text": 256}
+# what each family's transformers config class assumes when config.json leaves a key out
+_WINDOW_DEFAULT = {"mistral": 4096, "gemma3_text": 4096, "qwen3": 4096}
+_KV_HEADS_DEFAULT = {"gemma3_text": 4}
 _TIED_DEFAULT = {"gemma3_text": True, "smollm3": True}
 # Families whose checkpoints fuse projections: {fused tensor: the projections it concatenates}.
 FUSED_TENSORS = {
@@ -246,7 +249,7 @@ def config_from_hf(d: Mapping, *, source: str = CONFIG_FILE) -> ModelConfig:
         theta, scaling = _rope_from_hf(d, source)
     if model_type == "smollm3":
         family["nope_layers"] = _nope_layers(d, n)
-    window = d.get("sliding_window")
+    window = d.get("sliding_window", _WINDOW_DEFAULT.get(model_type))
     family["sliding_window"], family["layer_types"] = _layer_types(
         d, model_type, None if window is None else int(window), n, source
     )
@@ -275,7 +278,7 @@ def config_from_hf(d: Mapping, *, source: str = CONFIG_FILE) -> ModelConfig:
             intermediate_size=int(d["intermediate_size"]),
             num_layers=n,
             num_heads=int(d["num_attention_heads"]),
-            num_kv_heads=d.get("num_key_value_heads"),
+            num_kv_heads=d.get("num_key_value_heads", _KV_HEADS_DEFAULT.get(model_type)),
             head_dim=None if head_dim is None else int(head_dim),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
