@@ -3,9 +3,12 @@
 Examples:
   python -m experiments serve-cloud --checkpoint path/to/hf_folder --port 8000
   python -m experiments serve-cloud --random --tokenizer path/to/tokenizer.json   # a demo cloud
+  FLOE_API_KEY=secret python -m experiments serve-cloud --checkpoint path/to/hf_folder
 
-The server speaks `POST /v1/completions` (top-k logprobs), `GET /v1/models` and `GET /health`
-(see `floe_jax.inference.server`); point `floe_jax.inference.http_cloud.HTTPCloud` at it.
+The server speaks `POST /v1/completions` and `POST /v1/chat/completions` (log-probs, streaming,
+stop, n, top_p), `GET /v1/models` and `GET /health` (see `floe_jax.inference.server`); point
+`floe_jax.inference.HTTPCloud` or any OpenAI client at it. Everything loads from local files:
+a checkpoint or tokenizer path that does not exist is an error, never a hub download.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+API_KEY_ENV = "FLOE_API_KEY"
 
 
 def _tokenizer(path: str):
@@ -22,6 +27,8 @@ def _tokenizer(path: str):
         from tokenizers import Tokenizer
 
         return Tokenizer.from_file(path)
+    if not os.path.isdir(path):
+        raise SystemExit(f"--tokenizer/--checkpoint {path}: no such file or folder")
     from floe_jax.data.tokenizer import load_tokenizer
 
     return load_tokenizer(path)
@@ -57,11 +64,38 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default="floe-cloud")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV})",
+    )
     p.add_argument("--max-logprobs", type=int, default=20)
+    p.add_argument("--max-tokens-limit", type=int, default=1024)
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20)
+    p.add_argument("--request-timeout-s", type=float, default=120.0)
+    p.add_argument("--max-connections", type=int, default=1024)
+    p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--hidden", type=int, default=256, help="--random: width")
     p.add_argument("--layers", type=int, default=4, help="--random: depth")
     p.add_argument("--seed", type=int, default=0)
-    return p
+    return p  # fmt: skip
+
+
+def config_from(args):
+    """The `ServeConfig` the command line asks for (the API key from the flag or the
+    environment)."""
+    from floe_jax.inference.server import ServeConfig
+
+    return ServeConfig(
+        model_name=args.model_name,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        max_logprobs=args.max_logprobs,
+        max_tokens_limit=args.max_tokens_limit,
+        max_body_bytes=args.max_body_bytes,
+        request_timeout_s=args.request_timeout_s,
+        max_connections=args.max_connections,
+        max_batch=args.max_batch,
+    )
 
 
 def main(argv: list[str] | None = None, *, attention_impl: str = "reference") -> int:
@@ -73,6 +107,10 @@ def main(argv: list[str] | None = None, *, attention_impl: str = "reference") ->
     tok_path = args.tokenizer or args.checkpoint
     if not tok_path:
         raise SystemExit("--random needs --tokenizer")
+    if args.checkpoint and not os.path.isdir(args.checkpoint):
+        raise SystemExit(f"--checkpoint {args.checkpoint}: no such folder (models load from "
+                         "local files only)")  # fmt: skip
+    config = config_from(args)
     tok = _tokenizer(tok_path)
     vocab = len(tok.get_vocab())
     cfg, params = _model(args, vocab)
@@ -82,9 +120,10 @@ def main(argv: list[str] | None = None, *, attention_impl: str = "reference") ->
 
     from floe_jax.inference.server import serve_cloud
 
-    print(f"serving {args.model_name} on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    serve_cloud(params, cfg, tok, host=args.host, port=args.port, model_name=args.model_name,
-                max_logprobs=args.max_logprobs)  # fmt: skip
+    auth = " (API key required)" if config.api_key else ""
+    print(f"serving {args.model_name} on http://{args.host}:{args.port}/v1{auth}", file=sys.stderr)
+    serve_cloud(params, cfg, tok, host=args.host, port=args.port, block=True, config=config,
+                log_level="info")  # fmt: skip
     return 0
 
 

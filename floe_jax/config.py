@@ -12,10 +12,12 @@ import math
 import re
 from typing import Literal
 
-MODEL_TYPES = ("llama", "qwen2")
+MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "phi3", "smollm3")
 ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("reference", "pallas")  # kernels.decode_attention.IMPLS
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _TARGET_ALIASES = {t.removesuffix("_proj"): t for t in LORA_TARGETS}
 
@@ -70,10 +72,31 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """A decoder-only transformer of the Llama or Qwen2 family.
+    """A decoder-only transformer: one architecture whose fields cover the families below.
 
-    Covers Llama 2/3, TinyLlama, SmolLM2 (`model_type="llama"`) and Qwen2/Qwen2.5
-    (`model_type="qwen2"`, which always has q/k/v bias and no o bias).
+    Covers Llama 2/3, TinyLlama, SmolLM2 (`model_type="llama"`), Qwen2/Qwen2.5 (`"qwen2"`, which
+    always has q/k/v bias and no o bias), Qwen3 (`"qwen3"`: `qk_norm`), Mistral (`"mistral"`:
+    `sliding_window` on every layer), Gemma 3 text models (`"gemma3_text"`: `qk_norm`,
+    `norm_unit_offset`, `sandwich_norms`, `query_pre_attn_scalar`, `scale_embeddings`, GeGLU,
+    interleaved `layer_types` with `rope_local_theta` on the sliding layers), Phi-3 (`"phi3"`:
+    the checkpoint fuses q/k/v and gate/up, split at load) and SmolLM3 (`"smollm3"`:
+    `nope_layers`). The fields' defaults are Llama's, so a feature costs nothing where unused.
+
+    Family fields:
+      qk_norm: RMSNorm over the head dim of every query and key head, before RoPE.
+      norm_unit_offset: every RMSNorm scales by `1 + w`, in float32 (Gemma's norms).
+      sandwich_norms: extra RMSNorms on the attention and MLP outputs before each residual add.
+      query_pre_attn_scalar: attention scores scale by `query_pre_attn_scalar ** -0.5` instead of
+        `head_dim ** -0.5`.
+      scale_embeddings: input embeddings are multiplied by `sqrt(hidden_size)` (not the tied
+        output head).
+      hidden_act: the MLP's gate activation, `silu` (SwiGLU) or `gelu_pytorch_tanh` (GeGLU).
+      sliding_window: W, the keys a sliding-window layer sees (itself and the W - 1 before it).
+      layer_types: per layer `"full_attention"` or `"sliding_attention"`; None means every layer
+        slides when `sliding_window` is set, none otherwise.
+      rope_local_theta: the RoPE base of sliding layers (None: `rope_theta`); `rope_scaling`
+        then applies to full-attention layers only, as Gemma 3 does.
+      nope_layers: indices of layers that use no rotary embedding at all (SmolLM3's NoPE).
 
     `attention_impl` picks a decode step's attention (`kernels.decode_attention`): `"reference"`
     (plain jnp) or `"pallas"` (the kernel wherever its shapes and backend allow, the reference
@@ -81,7 +104,9 @@ class ModelConfig:
     do not record it (loading one gives the default).
     """
 
-    model_type: Literal["llama", "qwen2"] = "llama"
+    model_type: Literal["llama", "qwen2", "qwen3", "mistral", "gemma3_text", "phi3", "smollm3"] = (
+        "llama"
+    )
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -102,6 +127,16 @@ class ModelConfig:
     eos_token_id: int | None = None
     pad_token_id: int | None = None
     attention_impl: str = "reference"
+    qk_norm: bool = False
+    norm_unit_offset: bool = False
+    sandwich_norms: bool = False
+    query_pre_attn_scalar: float | None = None
+    scale_embeddings: bool = False
+    hidden_act: str = "silu"
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
+    rope_local_theta: float | None = None
+    nope_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         _require(
@@ -129,6 +164,36 @@ class ModelConfig:
             self.attention_impl in ATTENTION_IMPLS,
             f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}",
         )
+        self._check_family_fields()
+
+    def _check_family_fields(self):
+        _require(
+            self.hidden_act in ACTIVATIONS,
+            f"hidden_act={self.hidden_act!r} is not supported; supported: {ACTIVATIONS}",
+        )
+        require_finite(
+            "ModelConfig",
+            query_pre_attn_scalar=self.query_pre_attn_scalar,
+            rope_local_theta=self.rope_local_theta,
+        )
+        for name in ("query_pre_attn_scalar", "rope_local_theta", "sliding_window"):
+            v = getattr(self, name)
+            _require(v is None or v > 0, f"{name} must be > 0 (or None), got {v}")
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            _require(
+                len(self.layer_types) == self.num_layers,
+                f"layer_types has {len(self.layer_types)} entries for num_layers={self.num_layers}",
+            )
+            bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+            _require(not bad, f"layer_types holds {bad[:1]}; each must be one of {LAYER_TYPES}")
+            _require(
+                self.sliding_window is not None or "sliding_attention" not in self.layer_types,
+                "layer_types has sliding_attention layers but sliding_window is None",
+            )
+        object.__setattr__(self, "nope_layers", tuple(sorted({int(i) for i in self.nope_layers})))
+        bad = [i for i in self.nope_layers if not 0 <= i < self.num_layers]
+        _require(not bad, f"nope_layers names layer {bad[:1]}, outside [0, {self.num_layers})")
 
     @property
     def kv_heads(self) -> int:
@@ -137,6 +202,15 @@ class ModelConfig:
     @property
     def dim_head(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Per layer, its sliding window W, or None for full attention."""
+        if self.layer_types is None:
+            return (self.sliding_window,) * self.num_layers
+        return tuple(
+            self.sliding_window if t == "sliding_attention" else None for t in self.layer_types
+        )
 
     @property
     def q_size(self) -> int:
@@ -163,6 +237,7 @@ class ModelConfig:
     def num_params(self) -> int:
         """Parameter count, embeddings included."""
         per_layer = sum(a * b for a, b in map(self.proj_shape, LORA_TARGETS)) + 2 * self.hidden_size
+        per_layer += 2 * self.dim_head * self.qk_norm + 2 * self.hidden_size * self.sandwich_norms
         per_layer += (
             self.q_size + 2 * self.kv_size
         ) * self.qkv_bias + self.hidden_size * self.o_bias

@@ -1,4 +1,5 @@
-"""Decoder-only transformer of the Llama / Qwen2 families as pure functions.
+"""Decoder-only transformer of the Llama, Qwen2/3, Mistral, Gemma 3, Phi-3 and SmolLM3 families
+as pure functions: one model, whose `ModelConfig` fields switch on each family's differences.
 
 Shape legend: B batch, T new tokens, S key slots (cache length, or T without a cache), D model
 width, H query heads, N key/value heads, G = H // N query heads per KV head, K head dim, F ffn
@@ -8,8 +9,10 @@ Params are a nested dict of arrays; every per-layer leaf has a leading L axis so
 under one `jax.lax.scan`:
 
     embed [V, D]; norm [D]; lm_head [D, V] (absent when embeddings are tied)
-    layers: input_norm [L, D], post_norm [L, D],
+    layers: input_norm [L, D], post_norm [L, D] (the norm before the MLP),
             q_proj/k_proj/v_proj/o_proj/gate_proj/up_proj/down_proj: {"w": [L, I, O], "b": [L, O]?}
+            q_norm, k_norm [L, K] (with `qk_norm`);
+            attn_out_norm, mlp_out_norm [L, D] (with `sandwich_norms`)
 
 `fuse_projections` (applied by `unstack_layers`, the decode layout) replaces q/k/v and gate/up by
 `"q_proj+k_proj+v_proj"` and `"gate_proj+up_proj"` entries with weights concatenated on the
@@ -19,6 +22,9 @@ layout (`save_hf` does so itself).
 Linear weights are stored `[in, out]` (transposed from PyTorch). Left-padded batches are handled
 with a token mask: position ids count real tokens only, and keys at padded slots are masked out,
 so a left-padded row gives the same logits as the unpadded example.
+
+Sliding-window layers (`ModelConfig.layer_windows`) see their last W slots only; their KV cache is
+a ring buffer of W slots when the cache is longer than that (see `KVCache`).
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
 from floe_jax.config import LORA_TARGETS, ModelConfig
+from floe_jax.kv_cache import KVCache, ring_mask, ring_window, write_cache
+from floe_jax.kv_cache import init_cache as init_cache  # its old home: `from floe_jax.model`
 from floe_jax.lora import LoRA, lora_delta
 from kernels.decode_attention import NEG, decode_attention
 
@@ -49,16 +56,28 @@ def init_params(cfg: ModelConfig, *, key: jax.Array) -> dict:
     keys = iter(jax.random.split(key, 16))
     normal = lambda shape: (0.02 * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
     L, D, V = cfg.num_layers, cfg.hidden_size, cfg.vocab_size
-    layers = {"input_norm": jnp.ones((L, D), dtype), "post_norm": jnp.ones((L, D), dtype)}
+    norm = jnp.zeros if cfg.norm_unit_offset else jnp.ones  # a unit scale either way
+    layers = {name: norm((L, n), dtype) for name, n in norm_shapes(cfg).items()}
     for m in LORA_TARGETS:
         d_in, d_out = cfg.proj_shape(m)
         layers[m] = {"w": normal((L, d_in, d_out))}
         if _has_bias(cfg, m):
             layers[m]["b"] = jnp.zeros((L, d_out), dtype)
-    params = {"embed": normal((V, D)), "norm": jnp.ones((D,), dtype), "layers": layers}
+    params = {"embed": normal((V, D)), "norm": norm((D,), dtype), "layers": layers}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = normal((D, V))
     return params
+
+
+def norm_shapes(cfg: ModelConfig) -> dict[str, int]:
+    """{per-layer norm: its width} for `cfg` (the norms `qk_norm` and `sandwich_norms` add)."""
+    D, K = cfg.hidden_size, cfg.dim_head
+    shapes = {"input_norm": D, "post_norm": D}
+    if cfg.qk_norm:
+        shapes.update(q_norm=K, k_norm=K)
+    if cfg.sandwich_norms:
+        shapes.update(attn_out_norm=D, mlp_out_norm=D)
+    return shapes
 
 
 def _has_bias(cfg: ModelConfig, name: str) -> bool:
@@ -137,63 +156,25 @@ def param_shapes(cfg: ModelConfig) -> dict:
     )
 
 
-# ----------------------------------------------------------------------------- KV cache
-
-
-@struct.dataclass
-class KVCache:
-    """Static-shape KV cache shared by a left-padded batch.
-
-    Attributes:
-      k, v: a tuple of L buffers, one per layer, each [B·N, S, K]: keys and values by slot, the
-        batch and KV-head axes merged (row b·N + n), so attention reads a layer's buffer as its
-        batched matmul wants it, with no reshape. One buffer per layer lets a decode step write
-        its slot in place and attend to the buffer itself: slicing a layer out of a stacked
-        [L, ...] cache makes XLA copy that layer's whole cache every step.
-      valid: [B, S] bool, slot holds a real (non-padding) token.
-      index: [] int32, next slot to write (the same for every row: rows are left-padded).
-      pos: [B] int32, position id of each row's next real token.
-    """
-
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
-    valid: jax.Array
-    index: jax.Array
-    pos: jax.Array
-
-    @property
-    def max_len(self) -> int:
-        return self.valid.shape[1]
-
-
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    """An empty cache of `max_len` slots."""
-    dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch * cfg.kv_heads, max_len, cfg.dim_head)
-    return KVCache(
-        k=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-        v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-        valid=jnp.zeros((batch, max_len), bool),
-        index=jnp.zeros((), jnp.int32),
-        pos=jnp.zeros((batch,), jnp.int32),
-    )
-
-
 # ----------------------------------------------------------------------------- components
 
 
-def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm computed in float32, returned in x's dtype (as Hugging Face's LlamaRMSNorm)."""
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, *, unit_offset: bool = False) -> jax.Array:
+    """RMSNorm computed in float32, returned in x's dtype (as Hugging Face's LlamaRMSNorm); with
+    `unit_offset` the scale is `1 + w` and the product stays in float32 (Gemma3RMSNorm)."""
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if unit_offset:
+        return (y * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
     return w.astype(x.dtype) * y.astype(x.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [K/2] with the configured scaling (computed on the host)."""
-    k = cfg.dim_head
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, k, 2, dtype=np.float64) / k))
-    sc = cfg.rope_scaling
+def _norm(cfg: ModelConfig, x: jax.Array, w: jax.Array) -> jax.Array:
+    return rms_norm(x, w, cfg.rms_norm_eps, unit_offset=cfg.norm_unit_offset)
+
+
+def _inv_freq(k: int, theta: float, sc) -> np.ndarray:
+    inv = 1.0 / (theta ** (np.arange(0, k, 2, dtype=np.float64) / k))
     if sc is None or sc.rope_type == "default":
         return inv.astype(np.float32)
     if sc.rope_type == "linear":
@@ -209,6 +190,25 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [K/2] of full-attention layers, with the configured scaling (computed
+    on the host)."""
+    return _inv_freq(cfg.dim_head, cfg.rope_theta, cfg.rope_scaling)
+
+
+def layer_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray | None, ...]:
+    """Per layer, its RoPE inverse frequencies [K/2], or None for a layer without RoPE
+    (`nope_layers`). Sliding layers use `rope_local_theta`, unscaled, when it is set."""
+    full = rope_inv_freq(cfg)
+    local = None
+    if cfg.rope_local_theta is not None:
+        local = _inv_freq(cfg.dim_head, cfg.rope_local_theta, None)
+    return tuple(
+        None if i in cfg.nope_layers else (local if w is not None and local is not None else full)
+        for i, w in enumerate(cfg.layer_windows)
+    )
+
+
 def apply_rope(x_BTHK: jax.Array, pos_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     """Rotary embedding, half-split convention (Hugging Face's `rotate_half`)."""
     ang_BTk = pos_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
@@ -220,13 +220,16 @@ def apply_rope(x_BTHK: jax.Array, pos_BT: jax.Array, inv_freq: np.ndarray) -> ja
     return (x32 * cos + rot * sin).astype(x_BTHK.dtype)
 
 
-def attention(q_BTHK, k_XSK, v_XSK, mask_BTS, n_keys=None, *, impl="reference") -> jax.Array:
+def attention(
+    q_BTHK, k_XSK, v_XSK, mask_BTS, n_keys=None, *, impl="reference", scale=None, window=None
+) -> jax.Array:
     """Grouped-query softmax attention; returns [B, T, H, K]. Scores in float32.
 
     Keys and values are [X = B·N, S, K] (batch and KV heads on one axis, as the cache holds
     them); each KV head's G query heads and T steps become the G·T rows of one batched matmul.
-    A decode step (T == 1) goes to `kernels.decode_attention` with `impl`
-    (`ModelConfig.attention_impl`), whose Pallas kernel reads only the first `n_keys` slots.
+    Scores scale by `scale`, or by `1 / sqrt(K)` when it is None. A decode step (T == 1) goes to
+    `kernels.decode_attention` with `impl` (`ModelConfig.attention_impl`), whose Pallas kernel
+    reads only the first `n_keys` slots (of a ring of `window` slots when `window` is set).
     """
     B, T, H, K = q_BTHK.shape
     X, S, _ = k_XSK.shape
@@ -235,10 +238,14 @@ def attention(q_BTHK, k_XSK, v_XSK, mask_BTS, n_keys=None, *, impl="reference") 
     q = q_BTHK.reshape(B, T, N, G, K).transpose(0, 2, 3, 1, 4).reshape(X, G * T, K)
     if T == 1:
         n = S if n_keys is None else n_keys
-        o = decode_attention(q, k_XSK, v_XSK, mask_BTS[:, 0], n, impl=impl, fallback=True)
+        o = decode_attention(
+            q, k_XSK, v_XSK, mask_BTS[:, 0], n, impl=impl, fallback=True, scale=scale,
+            window=window,
+        )  # fmt: skip
         return o.reshape(B, H, 1, K).transpose(0, 2, 1, 3)
     s = jnp.einsum("xqk,xsk->xqs", q, k_XSK, preferred_element_type=jnp.float32)
-    s_BNGTS = s.reshape(B, N, G, T, S) / math.sqrt(K)
+    s = s.reshape(B, N, G, T, S)
+    s_BNGTS = s / math.sqrt(K) if scale is None else s * scale
     s_BNGTS = jnp.where(mask_BTS[:, None, None], s_BNGTS, NEG)
     p = jax.nn.softmax(s_BNGTS, axis=-1).astype(v_XSK.dtype).reshape(X, G * T, S)
     # Heads-major output, then one explicit transpose: XLA then runs p @ v as a plain batched
@@ -272,40 +279,54 @@ def _projections(cfg, x, lp, names, lora_l):
     ]  # fmt: skip
 
 
-def block(cfg, inv_freq, x_BTD, lp, lora_l, pos_BT, mask_BTS, cache_kv):
-    """One transformer layer (`lp`: its params; `lora_l`: its adapters or None).
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, True)}
 
-    `cache_kv` is None (attend to this step's keys only) or `(k_XSK, v_XSK, write_at)`, this
-    layer's cache buffers: this step's keys/values are written in place at slot `write_at` and
-    attention reads every slot. Returns (x, k_XSK, v_XSK) (None, None uncached).
+
+def block(cfg, inv_freq, x_BTD, lp, lora_l, pos_BT, mask_BTS, cache_kv):
+    """One transformer layer (`lp`: its params; `lora_l`: its adapters or None; `inv_freq`:
+    its RoPE frequencies, None for a layer without RoPE).
+
+    `cache_kv` is None (attend to this step's keys only) or `(k_XSK, v_XSK, write_at, ring)`,
+    this layer's cache buffers: this step's keys/values are written at slot `write_at` (of a
+    ring of `ring` slots when it is not None, see `write_cache`) and attention reads the
+    buffer. Returns (x, k_XSK, v_XSK) (None, None uncached).
     """
     B, T, _ = x_BTD.shape
     H, N, K = cfg.num_heads, cfg.kv_heads, cfg.dim_head
     with jax.named_scope("attention"):
-        h = rms_norm(x_BTD, lp["input_norm"], cfg.rms_norm_eps)
+        h = _norm(cfg, x_BTD, lp["input_norm"])
         q, k, v = _projections(cfg, h, lp, FUSED_GROUPS[0], lora_l)
         q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, N, K), v.reshape(B, T, N, K)
-        q, k = apply_rope(q, pos_BT, inv_freq), apply_rope(k, pos_BT, inv_freq)
+        if cfg.qk_norm:
+            q, k = _norm(cfg, q, lp["q_norm"]), _norm(cfg, k, lp["k_norm"])
+        if inv_freq is not None:
+            q, k = apply_rope(q, pos_BT, inv_freq), apply_rope(k, pos_BT, inv_freq)
         # [B·N, T, K]: batch and KV heads merged into one dot batch axis (see `KVCache`).
         k = k.transpose(0, 2, 1, 3).reshape(B * N, T, K)
         v = v.transpose(0, 2, 1, 3).reshape(B * N, T, K)
         if cache_kv is None:
-            k_out = v_out = None
+            k_out = v_out = n_keys = ring = None
             k_XSK, v_XSK = k, v
         else:
-            k_cache, v_cache, write_at = cache_kv
-            at = (0, write_at, 0)
-            k_out = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
-            v_out = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
-            k_XSK, v_XSK = k_out.astype(q.dtype), v_out.astype(q.dtype)
-        n_keys = None if cache_kv is None else write_at + T
-        o = attention(q, k_XSK, v_XSK, mask_BTS, n_keys, impl=cfg.attention_impl)
+            k_cache, v_cache, write_at, ring = cache_kv
+            k_out, k_XSK = write_cache(k_cache, k, write_at, ring)
+            v_out, v_XSK = write_cache(v_cache, v, write_at, ring)
+            k_XSK, v_XSK = k_XSK.astype(q.dtype), v_XSK.astype(q.dtype)
+            n_keys = write_at + T
+        scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
+        o = attention(
+            q, k_XSK, v_XSK, mask_BTS, n_keys, impl=cfg.attention_impl, scale=scale, window=ring
+        )
         (o,) = _projections(cfg, o.reshape(B, T, H * K), lp, ("o_proj",), lora_l)
+        if cfg.sandwich_norms:
+            o = _norm(cfg, o, lp["attn_out_norm"])
         x_BTD = x_BTD + o
     with jax.named_scope("mlp"):
-        h = rms_norm(x_BTD, lp["post_norm"], cfg.rms_norm_eps)
+        h = _norm(cfg, x_BTD, lp["post_norm"])
         g, u = _projections(cfg, h, lp, FUSED_GROUPS[1], lora_l)
-        (d,) = _projections(cfg, jax.nn.silu(g) * u, lp, ("down_proj",), lora_l)
+        (d,) = _projections(cfg, _ACTIVATIONS[cfg.hidden_act](g) * u, lp, ("down_proj",), lora_l)
+        if cfg.sandwich_norms:
+            d = _norm(cfg, d, lp["mlp_out_norm"])
         x_BTD = x_BTD + d
     return x_BTD, k_out, v_out
 
@@ -332,54 +353,87 @@ def hidden_states(
     the default for training) or a tuple of per-layer dicts from `unstack_layers` (a Python loop:
     what decoding wants, since slicing a stacked weight inside a loop makes XLA copy it, doubling
     the bytes a memory-bound decode step moves). With a cache the layers always run in a Python
-    loop (stacked params are unstacked first), each on its own cache buffer.
+    loop (stacked params are unstacked first), each on its own cache buffer. Under the scan,
+    what differs between layers (RoPE frequencies, sliding or not) is scanned over with the
+    weights; a config whose layers agree on them scans constants, as before.
     """
     B, T = tokens.shape
     dtype = jnp.dtype(cfg.dtype)
     mask_BT = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
-    inv_freq = rope_inv_freq(cfg)
     x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    if cfg.scale_embeddings:
+        x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
     step_pos = jnp.cumsum(mask_BT, axis=1, dtype=jnp.int32) - 1
     if cache is None:
         pos_BT = jnp.maximum(step_pos, 0)
         valid_BS = mask_BT
-        slots = jnp.arange(T)
-        mask_BTS = valid_BS[:, None, :] & (slots[None, :, None] >= slots[None, None, :])
+        q_slot = k_slot = jnp.arange(T)
         write_at = None
     else:
         pos_BT = jnp.maximum(cache.pos[:, None] + step_pos, 0)
         valid_BS = jax.lax.dynamic_update_slice(cache.valid, mask_BT, (0, cache.index))
         q_slot = cache.index + jnp.arange(T)
         k_slot = jnp.arange(cache.max_len)
-        mask_BTS = valid_BS[:, None, :] & (q_slot[None, :, None] >= k_slot[None, None, :])
         write_at = cache.index
+    mask_BTS = valid_BS[:, None, :] & (q_slot[None, :, None] >= k_slot[None, None, :])
+    windows = cfg.layer_windows
+    rings = [None if cache is None else ring_window(w, cache.max_len) for w in windows]
+    masks = {None: mask_BTS}  # by window
+    for w in set(windows) - {None}:
+        if cache is None:
+            masks[w] = mask_BTS & (q_slot[:, None] - k_slot[None, :] < w)[None]
+        elif ring_window(w, cache.max_len) is None:
+            masks[w] = mask_BTS  # a cache this short never reaches the window
+        else:
+            masks[w] = ring_mask(valid_BS, cache.index, T, w)
+    inv_freqs = layer_inv_freq(cfg)
 
     layer_lora = _layer_lora(lora)
     scale = None if lora is None else lora.scale
 
-    def layer(x, lp, ll, cache_kv):
+    def layer(x, lp, ll, cache_kv, inv_freq, mask_l):
         lora_l = None if ll is None else LoRA(a=ll["a"], b=ll["b"], mask=ll["mask"], scale=scale)
-        return block(cfg, inv_freq, x, lp, lora_l, pos_BT, mask_BTS, cache_kv)
+        return block(cfg, inv_freq, x, lp, lora_l, pos_BT, mask_l, cache_kv)
 
     layers = params["layers"]
     if cache is None and not isinstance(layers, tuple | list):
+        per_layer = {}
+        if any(f is None or not np.array_equal(f, inv_freqs[0]) for f in inv_freqs):
+            zero = np.zeros(cfg.dim_head // 2, np.float32)  # no RoPE: angle 0 rotates nothing
+            per_layer["inv_freq"] = np.stack([zero if f is None else f for f in inv_freqs])
+        if len(set(windows)) > 1:
+            per_layer["sliding"] = np.asarray([w is not None for w in windows])
+            w_slide = next(w for w in windows if w is not None)
 
         def body(x, xs):
-            return layer(x, *xs, None)[0], None
+            lp, ll, pl = xs
+            inv_freq = pl.get("inv_freq", inv_freqs[0])
+            mask_l = masks[windows[0]]
+            if "sliding" in pl:
+                mask_l = jnp.where(pl["sliding"], masks[w_slide], masks[None])
+            return layer(x, lp, ll, None, inv_freq, mask_l)[0], None
 
         unroll = cfg.num_layers <= UNROLL_MAX_LAYERS
-        x, _ = jax.lax.scan(body, x, (layers, layer_lora), unroll=unroll)
+        x, _ = jax.lax.scan(body, x, (layers, layer_lora, per_layer), unroll=unroll)
     else:
         if not isinstance(layers, tuple | list):  # the cache is one buffer per layer
             layers = unstack_layers(params, fuse=False)["layers"]
         k_new, v_new = [], []
         for i, lp in enumerate(layers):
             ll = None if layer_lora is None else jax.tree.map(lambda t, i=i: t[i], layer_lora)
-            cache_kv = None if cache is None else (cache.k[i], cache.v[i], write_at)
-            x, k, v = layer(x, lp, ll, cache_kv)
+            cache_kv = None
+            if cache is not None:
+                want = rings[i] or cache.max_len
+                if cache.k[i].shape[1] != want:
+                    raise ValueError(
+                        f"KV cache layer {i} has {cache.k[i].shape[1]} slots, expected {want}: "
+                        "build the cache with init_cache for this config"
+                    )
+                cache_kv = (cache.k[i], cache.v[i], write_at, rings[i])
+            x, k, v = layer(x, lp, ll, cache_kv, inv_freqs[i], masks[windows[i]])
             k_new.append(k)
             v_new.append(v)
-    x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
+    x = _norm(cfg, x, params["norm"])
     if cache is None:
         return x, None
     new_cache = KVCache(

@@ -8,6 +8,11 @@ stops after the last filled block, with an online softmax (flash decoding, one p
 of the merged batch·KV-head axis). `decode_attention` dispatches between them on an `impl`
 argument (the model passes `ModelConfig.attention_impl`); nothing here reads the environment.
 
+A sliding-window layer's cache is a ring buffer of `window` slots (`floe_jax.kv_cache`): with
+`window` set, `n_filled` counts the sequence slots written so far and the kernel reads the
+min(n_filled, window) ring slots that hold them. Scores scale by `scale` (Gemma's
+`query_pre_attn_scalar ** -0.5`), or by `1 / sqrt(K)` when it is None.
+
 Shapes: X = B·N (batch and KV heads merged, as `floe_jax.model.KVCache` stores them), G query
 heads per KV head, S cache slots, K head dim.
 """
@@ -28,8 +33,9 @@ from floe_jax.config import ATTENTION_IMPLS as IMPLS
 NEG = -1e30
 
 
-def reference(q_XGK, k_XSK, v_XSK, mask_BS) -> jax.Array:
-    """Plain-jnp decode attention: softmax(q·kᵀ/√K, masked) · v over all S slots; [X, G, K].
+def reference(q_XGK, k_XSK, v_XSK, mask_BS, *, scale=None) -> jax.Array:
+    """Plain-jnp decode attention: softmax(q·kᵀ·scale, masked) · v over all S slots (the
+    window, if any, is in the mask); [X, G, K].
 
     Per query head one matrix-vector product over the cached keys: XLA turns the batched
     [G, K] x [S, K]ᵀ product into a slower transposed-operand matmul (`bench decode`).
@@ -43,17 +49,18 @@ def reference(q_XGK, k_XSK, v_XSK, mask_BS) -> jax.Array:
         ],
         axis=1,
     )
-    s = s_XGS.reshape(B, X // B, G, S) / math.sqrt(K)
+    s = s_XGS.reshape(B, X // B, G, S)
+    s = s / math.sqrt(K) if scale is None else s * scale
     s = jnp.where(mask_BS[:, None, None], s, NEG)
     p = jax.nn.softmax(s, axis=-1).astype(v_XSK.dtype).reshape(X, G, S)
     o = jnp.einsum("xgs,xsk->xgk", p, v_XSK, preferred_element_type=jnp.float32)
     return o.astype(q_XGK.dtype)
 
 
-def _kernel(n_ref, q_ref, k_ref, v_ref, m_ref, o_ref, *, block: int):
+def _kernel(n_ref, q_ref, k_ref, v_ref, m_ref, o_ref, *, block: int, scale: float | None):
     """One row x: q_ref [G, K], k_ref/v_ref [S, K], m_ref [S] (int32 0/1), n_ref [1]."""
     G, K = q_ref.shape
-    q = q_ref[...].astype(jnp.float32) * (1.0 / math.sqrt(K))
+    q = q_ref[...].astype(jnp.float32) * (1.0 / math.sqrt(K) if scale is None else scale)
 
     def body(j, carry):
         m_i, l_i, acc = carry
@@ -79,8 +86,12 @@ def _kernel(n_ref, q_ref, k_ref, v_ref, m_ref, o_ref, *, block: int):
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
 
 
-def pallas(q_XGK, k_XSK, v_XSK, mask_BS, n_filled, *, block: int = 64, interpret: bool = False):
-    """The Pallas kernel: attends to slots [0, n_filled) only, in blocks of `block`.
+def pallas(
+    q_XGK, k_XSK, v_XSK, mask_BS, n_filled, *, block: int = 64, interpret: bool = False,
+    scale: float | None = None, window: int | None = None,
+):  # fmt: skip
+    """The Pallas kernel: attends to slots [0, n_filled) only, in blocks of `block` (to the
+    min(n_filled, window) filled slots of a ring buffer of `window` slots when it is set).
 
     Slots at or past `n_filled` must be masked out (they are in a decode step: unwritten slots
     are not valid). A row whose every slot is masked returns the mean of the values it visited,
@@ -97,7 +108,9 @@ def pallas(q_XGK, k_XSK, v_XSK, mask_BS, n_filled, *, block: int = 64, interpret
     Gp = 1 << max(G - 1, 0).bit_length()  # Triton blocks are powers of two; pad the query heads
     q = jnp.pad(q_XGK, ((0, 0), (0, Gp - G), (0, 0)))
     n = jnp.asarray(n_filled, jnp.int32).reshape(1)
-    kernel = functools.partial(_kernel, block=block)
+    if window is not None:
+        n = jnp.minimum(n, window)
+    kernel = functools.partial(_kernel, block=block, scale=scale)
     params = {}
     if not interpret:
         from jax.experimental.pallas import triton as plt
@@ -138,8 +151,9 @@ def kernel_block(S: int, K: int) -> int | None:
 
 
 def decode_attention(
-    q_XGK, k_XSK, v_XSK, mask_BS, n_filled, *, impl: str = "reference", fallback: bool = False
-):
+    q_XGK, k_XSK, v_XSK, mask_BS, n_filled, *, impl: str = "reference", fallback: bool = False,
+    scale: float | None = None, window: int | None = None,
+):  # fmt: skip
     """Attention of one new token per row to a KV cache; [X, G, K].
 
     Args:
@@ -147,6 +161,9 @@ def decode_attention(
       k_XSK, v_XSK: the cache's keys and values for this layer.
       mask_BS: [B, S] bool, slot s may be attended by row b; false at and past `n_filled`.
       n_filled: [] int, slots written so far (the kernel reads no block past it).
+      scale: the score scale; None is `1 / sqrt(K)`.
+      window: None, or the size W of a ring buffer (`k_XSK` then has W slots, sequence slot a
+        at a mod W): the kernel reads min(n_filled, W) slots; the mask says which are valid.
       impl: "reference" (plain jnp, every slot) or "pallas" (the kernel: on GPU through Triton,
         on CPU in Pallas' interpreter, for tests).
       fallback: what "pallas" does with shapes the kernel cannot take, or on a TPU (the kernel
@@ -156,7 +173,7 @@ def decode_attention(
     if impl not in IMPLS:
         raise ValueError(f"decode_attention impl={impl!r}: expected one of {', '.join(IMPLS)}")
     if impl == "reference":
-        return reference(q_XGK, k_XSK, v_XSK, mask_BS)
+        return reference(q_XGK, k_XSK, v_XSK, mask_BS, scale=scale)
     S, K = k_XSK.shape[1:]
     block = kernel_block(S, K)
     backend = jax.default_backend()
@@ -168,5 +185,8 @@ def decode_attention(
                 "two head dim >= 16, a slot count divisible by 16, and a GPU (or the CPU "
                 "interpreter); use impl='reference'"
             )
-        return reference(q_XGK, k_XSK, v_XSK, mask_BS)
-    return pallas(q_XGK, k_XSK, v_XSK, mask_BS, n_filled, block=block, interpret=backend == "cpu")
+        return reference(q_XGK, k_XSK, v_XSK, mask_BS, scale=scale)
+    return pallas(
+        q_XGK, k_XSK, v_XSK, mask_BS, n_filled, block=block, interpret=backend == "cpu",
+        scale=scale, window=window,
+    )  # fmt: skip

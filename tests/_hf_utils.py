@@ -67,10 +67,76 @@ CASES = {
 }
 
 
+# The newer families, each with what sets it apart; every sliding window is shorter than the
+# test sequences (11 tokens and more), and head dims differ from hidden_size / heads where the
+# family allows it. Kept apart from CASES, whose tests assume one RoPE for every layer.
+FAMILY_CASES = {
+    "qwen3-window-headdim16": (
+        "qwen3",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=1,  # layer 0 full, layer 1 sliding
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        ),
+    ),
+    "mistral-window5-headdim16": (
+        "mistral",
+        dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=5),
+    ),
+    "gemma3-interleaved": (
+        "gemma3_text",
+        dict(
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=24,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        ),
+    ),
+    "phi3-fused-window6": (
+        "phi3",
+        dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=6, pad_token_id=0),
+    ),
+    "smollm3-nope-window4": (
+        "smollm3",
+        dict(
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            no_rope_layer_interval=2,  # layer 1 has no RoPE, and slides
+            use_sliding_window=True,
+            sliding_window=4,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+}
+_CONFIG_CLASSES = {
+    "llama": "LlamaConfig",
+    "qwen2": "Qwen2Config",
+    "qwen3": "Qwen3Config",
+    "mistral": "MistralConfig",
+    "gemma3_text": "Gemma3TextConfig",
+    "phi3": "Phi3Config",
+    "smollm3": "SmolLM3Config",
+}
+
+
 def hf_config(case: str) -> transformers.PreTrainedConfig:
-    model_type, kw = CASES[case]
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[model_type]
-    return cls(**BASE, **kw, rms_norm_eps=1e-5, attn_implementation="eager")
+    model_type, kw = CASES[case] if case in CASES else FAMILY_CASES[case]
+    cls = getattr(transformers, _CONFIG_CLASSES[model_type])
+    return cls(**{**BASE, **kw}, rms_norm_eps=1e-5, attn_implementation="eager")
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

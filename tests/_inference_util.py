@@ -63,6 +63,9 @@ def tiny_model(vocab: int, seed: int, layers: int = 2):
     return cfg, init_params(cfg, key=jax.random.key(seed))
 
 
+RECORDED_VOCAB = {" the": 0, " a": 1, "x": 2}  # the tokens RecordingServer's answers name
+
+
 class RecordingServer:
     """A real HTTP server on 127.0.0.1 that records every request body and answers with `mode`:
     `ok` (a valid top-k reply), `500`, `garbage`, `nan`, `hang` (never answers until closed)."""

@@ -62,3 +62,19 @@ def test_error_config_to_hf_unrepresentable_bias():
     )
     with pytest.raises(hf.CheckpointError, match="attention_bias"):
         hf.config_to_hf(cfg)
+
+
+def test_keys_a_config_leaves_out_take_the_family_defaults_of_transformers():
+    """A config.json without `sliding_window` (or Gemma 3's `num_key_value_heads`) means what its
+    transformers config class defaults to, not full attention or one KV head per query head."""
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    for model_type, cls in (("mistral", transformers.MistralConfig),
+                            ("gemma3_text", transformers.Gemma3TextConfig)):  # fmt: skip
+        d = {**base, "model_type": model_type, "head_dim": 8}
+        want = cls(**{k: v for k, v in d.items() if k != "model_type"})
+        assert hf.config_from_hf(d).sliding_window == want.sliding_window == 4096
+    d = {**base, "model_type": "gemma3_text", "head_dim": 8}
+    del d["num_key_value_heads"]
+    assert hf.config_from_hf(d).kv_heads == transformers.Gemma3TextConfig().num_key_value_heads
+    assert hf.config_from_hf(d).kv_heads == 4

@@ -144,7 +144,7 @@ def test_bare_backend_is_wrapped_and_fails_closed(tiny_cfg, tiny_params, cloud_p
 def test_failing_http_cloud_degrades_to_edge(tiny_cfg, tiny_params, mode):
     """A cloud that errors, talks garbage, sends NaN or never answers: edge-only output, the
     failures counted, no exception and no hang (short client timeouts)."""
-    from _inference_util import RecordingServer
+    from _inference_util import RECORDED_VOCAB, RecordingServer
 
     from floe_jax.inference.http_cloud import HTTPCloud
 
@@ -152,7 +152,15 @@ def test_failing_http_cloud_degrades_to_edge(tiny_cfg, tiny_params, mode):
     url = server.url
     if mode == "refused":
         server.close()  # nothing listens there any more
-    client = HTTPCloud(url, top_k=3, timeout_s=0.3, retries=1, backoff_s=0.01, max_workers=2)
+    client = HTTPCloud(
+        url,
+        top_k=3,
+        timeout_s=0.3,
+        retries=1,
+        backoff_s=0.01,
+        max_workers=2,
+        edge_tokenizer=RECORDED_VOCAB,
+    )
     decode = lambda ids: " ".join(f"w{i}" for i in ids)
     guard = GuardedCloud(client, PrivacyDetector(), decode=decode)
     try:
@@ -175,7 +183,7 @@ def test_failing_http_cloud_degrades_to_edge(tiny_cfg, tiny_params, mode):
 def test_real_clock_paths(tiny_cfg, tiny_params, cloud_params):
     """Under the wall clock: a cloud in time is fused (w = 0 reproduces the cloud), a cloud that
     never answers costs at most the deadline per token and decodes edge-only."""
-    from _inference_util import RecordingServer
+    from _inference_util import RECORDED_VOCAB, RecordingServer
 
     from floe_jax.inference.deadline import RealClock
     from floe_jax.inference.http_cloud import HTTPCloud
@@ -187,7 +195,7 @@ def test_real_clock_paths(tiny_cfg, tiny_params, cloud_params):
                                                  deadline_s=60.0))  # fmt: skip
     assert ok.share_fused == 1.0 and ok.tokens == [_ref(cloud_params, tiny_cfg, p)[0][:3]]
     server = RecordingServer("hang")
-    client = HTTPCloud(server.url, top_k=3, timeout_s=0.5, retries=0)
+    client = HTTPCloud(server.url, top_k=3, timeout_s=0.5, retries=0, edge_tokenizer=RECORDED_VOCAB)
     decode = lambda ids: " ".join(f"w{i}" for i in ids)
     try:
         res = generate_fused(tiny_params, tiny_cfg, p, cloud=GuardedCloud(client, decode=decode),

@@ -5,7 +5,7 @@ import json
 import random
 
 import pytest
-from _inference_util import RecordingServer
+from _inference_util import RECORDED_VOCAB, RecordingServer
 
 from floe_jax.inference.cloud import CloudDistribution, Prefix
 from floe_jax.inference.http_cloud import HTTPCloud
@@ -150,7 +150,10 @@ def test_recording_server_receives_no_private_span(action):
     data = corpus(1000, seed=1 if action == "redact" else 2)
     server = RecordingServer("ok")
     det = PrivacyDetector(PrivacyPolicy(action=action), terms=NAMES)
-    guard = GuardedCloud(HTTPCloud(server.url, top_k=3, timeout_s=5, max_workers=8), det)
+    client = HTTPCloud(
+        server.url, top_k=3, timeout_s=5, max_workers=8, edge_tokenizer=RECORDED_VOCAB
+    )
+    guard = GuardedCloud(client, det)
     try:
         for i in range(0, len(data), 100):
             chunk = data[i : i + 100]

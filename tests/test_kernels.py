@@ -188,3 +188,45 @@ def test_bench_kernels_quick_runs_and_agrees():
     rows = bench.run(quick=True)
     assert {r["heads"] for r in rows} == set(bench.HEADS)
     assert all(r["max abs diff"] < 1e-5 and r["mode"] == "interpreter (CPU)" for r in rows)
+
+
+def test_pallas_on_a_ring_buffer_equals_reference():
+    """A sliding layer's ring of W slots: before it wraps the kernel reads the n filled slots,
+    after it all W; the query scale is the caller's (Gemma's `query_pre_attn_scalar`)."""
+    W, K = 32, 16
+    for n_filled in (5, 77):
+        q, k, v, mask = _case(2, 2, 3, W, K, min(n_filled, W), left_pad=[0, 2])
+        want = da.reference(q, k, v, mask, scale=0.2)
+        got = da.pallas(q, k, v, mask, n_filled, block=16, interpret=True, scale=0.2, window=W)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6, rtol=2e-6)
+    poisoned = k.at[:, 16:].set(jnp.nan)  # before the ring fills, unfilled blocks stay unread
+    q, k, v, mask = _case(2, 2, 3, W, K, 5, left_pad=[0, 2])
+    got = da.pallas(q, poisoned, v, mask, 5, block=16, interpret=True, window=W)
+    assert np.isfinite(np.asarray(got)).all()
+
+
+def test_model_decode_with_the_kernel_on_sliding_layers_equals_reference(kernel_cfg):
+    """A sliding layer (a ring of 16 slots), decoded past its window through either impl: the
+    same logits (full layers: `test_model_decode_with_the_kernel_equals_reference`)."""
+    from tests import _hf_utils as U
+
+    cfg = dataclasses.replace(
+        kernel_cfg, num_layers=1, sliding_window=16, qk_norm=True, query_pre_attn_scalar=24.0,
+    )  # fmt: skip
+    params = U.random_params(cfg, seed=2)
+    tokens, mask = pad_prompts([[5, 9, 11, 2, 7, 1, 4, 8, 3, 2, 6, 9, 1, 5], [3, 4]])
+
+    fwd = jax.jit(forward, static_argnames="cfg")
+
+    def run(impl):
+        c = dataclasses.replace(cfg, attention_impl=impl)
+        cache = init_cache(c, batch=2, max_len=32)
+        assert [b.shape[1] for b in cache.k] == [16]
+        _, cache = fwd(params, tokens, c, mask=mask, cache=cache)
+        out = []
+        for t in range(3):
+            logits, cache = fwd(params, jnp.asarray([[t + 1], [t + 2]]), c, cache=cache)
+            out.append(np.asarray(logits))
+        return np.stack(out)
+
+    np.testing.assert_allclose(run("pallas"), run("reference"), atol=1e-5, rtol=1e-5)

@@ -30,6 +30,7 @@ from floe_jax.inference.replies import CloudInput
 from floe_jax.inference.router import FusionConfig
 from floe_jax.inference.step import fused_step_jit
 from floe_jax.lora import init_lora
+from floe_jax.model import init_params
 from floe_jax.pretrain import PretrainConfig, make_optimizer, train_step
 
 PLATFORMS = {"cuda": "gpu", "tpu": "tpu"}  # lowering platform: what default_backend() says
@@ -134,5 +135,45 @@ def test_pretrain_step_lowers(monkeypatch, kernel_cfg, kernel_params, platform):
     text = _lowered_text(
         monkeypatch, platform, train_step, kernel_params, opt.init(kernel_params), tokens,
         jnp.ones((2, 16), jnp.float32), cfg=kernel_cfg, opt=opt,
+    )  # fmt: skip
+    assert "func.func public @main" in text
+
+
+def _family_cfg(kernel_cfg, impl="reference"):
+    """The kernel-sized model as a Gemma 3-style family: interleaved sliding (ring-buffer) and
+    full layers, qk-norm, sandwich norms, GeGLU, scaled embeddings, a NoPE layer."""
+    return dataclasses.replace(
+        kernel_cfg, model_type="gemma3_text", num_layers=3, qk_norm=True, norm_unit_offset=True,
+        sandwich_norms=True, scale_embeddings=True, query_pre_attn_scalar=24.0,
+        hidden_act="gelu_pytorch_tanh", sliding_window=16, rope_local_theta=1e4,
+        layer_types=("sliding_attention", "full_attention", "sliding_attention"), nope_layers=(2,),
+        attention_impl=impl,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_generate_with_sliding_layers_lowers(monkeypatch, kernel_cfg, platform):
+    cfg = _family_cfg(kernel_cfg, "pallas" if platform == "cuda" else "reference")
+    params = jax.eval_shape(lambda: init_params(cfg, key=jax.random.key(0)))
+    lora = init_lora(cfg, LoRAConfig(rank=4, max_rank=8), key=jax.random.key(1))
+    tokens, mask = pad_prompts([[5, 9, 11], [3]])
+    text = _lowered_text(
+        monkeypatch, platform, generate, params, tokens, mask, cfg,
+        max_new_tokens=32 - tokens.shape[1], key=jax.random.key(0), lora=lora,
+    )  # fmt: skip
+    assert "func.func public @main" in text
+    if platform == "cuda":  # the ring (16 slots) and the full cache (32) both take the kernel
+        assert text.count("__gpu$xla.gpu.triton") >= 2
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_train_step_with_sliding_layers_lowers(monkeypatch, kernel_cfg, platform):
+    cfg = _family_cfg(kernel_cfg)
+    params = jax.eval_shape(lambda: init_params(cfg, key=jax.random.key(0)))
+    opt = make_optimizer(PretrainConfig())
+    tokens = jnp.zeros((2, 24), jnp.int32)
+    text = _lowered_text(
+        monkeypatch, platform, train_step, params, jax.eval_shape(opt.init, params), tokens,
+        jnp.ones((2, 24), jnp.float32), cfg=cfg, opt=opt,
     )  # fmt: skip
     assert "func.func public @main" in text

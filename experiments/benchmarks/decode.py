@@ -5,6 +5,12 @@ intermediate 704, untied, float32) is built by transformers, saved as safetensor
 `floe_jax.load_hf`, so both sides decode identical weights. Prompt 32 tokens, 96 new tokens,
 batch 1 and 8, KV cache on for both; tokens/s, the ratio, and the share of greedy tokens on which
 the two agree (a check that the comparison is like for like).
+
+Then one row per other family (batch 1), FJ-REF's sizes with that family's features: Qwen3
+(qk-norm), Mistral and Phi-3 (a sliding window of 64 on every layer; Phi-3's checkpoint fuses
+q/k/v and gate/up), Gemma 3 (three sliding layers of window 64 to one global, qk-norm, sandwich
+norms, GeGLU, scaled and tied embeddings) and SmolLM3 (no RoPE in the last layer). The windows
+are shorter than the 128 tokens decoded, so the ring-buffer caches wrap.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import jax
 import numpy as np
 
 from experiments.benchmarks._util import (
+    FJ_REF,
     fj_ref_torch,
     machine,
     matmul_gflops,
@@ -25,10 +32,46 @@ from experiments.benchmarks._util import (
 )
 
 
-def _hf_model(path: str):
-    model = fj_ref_torch().eval()
+def _hf_model(path: str, family: str = "llama"):
+    import torch
+    import transformers
+
+    from floe_jax.hf import config_to_hf
+
+    if family == "llama":
+        model = fj_ref_torch().eval()
+    else:
+        d = config_to_hf(FAMILIES[family])
+        torch.manual_seed(0)
+        hc = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+        model = transformers.AutoModelForCausalLM.from_config(hc, dtype=torch.float32).eval()
     model.save_pretrained(path)
     return model
+
+
+_WINDOW = 64
+FAMILIES = {
+    "qwen3": dataclasses.replace(FJ_REF, model_type="qwen3", qk_norm=True),
+    "mistral": dataclasses.replace(FJ_REF, model_type="mistral", sliding_window=_WINDOW),
+    "gemma3_text": dataclasses.replace(
+        FJ_REF,
+        model_type="gemma3_text",
+        qk_norm=True,
+        norm_unit_offset=True,
+        sandwich_norms=True,
+        scale_embeddings=True,
+        query_pre_attn_scalar=32.0,
+        hidden_act="gelu_pytorch_tanh",
+        sliding_window=_WINDOW,
+        rope_local_theta=1e4,
+        layer_types=("sliding_attention",) * 3 + ("full_attention",),
+        tie_word_embeddings=True,
+    ),  # fmt: skip
+    "phi3": dataclasses.replace(FJ_REF, model_type="phi3", sliding_window=_WINDOW),
+    "smollm3": dataclasses.replace(
+        FJ_REF, model_type="smollm3", nope_layers=(3,), tie_word_embeddings=True
+    ),
+}
 
 
 def run(quick: bool = False, attention_impl: str = "reference") -> list[dict]:
@@ -40,16 +83,16 @@ def run(quick: bool = False, attention_impl: str = "reference") -> list[dict]:
     torch.set_num_threads(os.cpu_count() or 1)
     prompt_len, new = (32, 16) if quick else (32, 96)
     repeats = 2 if quick else 9
-    with tempfile.TemporaryDirectory() as d:
-        hf = _hf_model(d)
-        cfg, params = fj.load_hf(d)
-    cfg = dataclasses.replace(cfg, attention_impl=attention_impl)
     rows = []
-    for batch in (1, 8):
+    for family, batch in [("llama", 1), ("llama", 8), *((f, 1) for f in FAMILIES)]:
+        with tempfile.TemporaryDirectory() as d:
+            hf = _hf_model(d, family)
+            cfg, params = fj.load_hf(d)
+        cfg = dataclasses.replace(cfg, attention_impl=attention_impl)
         ids = np.random.RandomState(batch).randint(0, cfg.vocab_size, (batch, prompt_len))
         tokens, mask = ids.astype(np.int32), np.ones_like(ids, np.int32)
 
-        def run_fj(tokens=tokens, mask=mask):
+        def run_fj(tokens=tokens, mask=mask, params=params, cfg=cfg):
             return jax.block_until_ready(
                 generate(params, tokens, mask, cfg, max_new_tokens=new, key=jax.random.key(0))
             )[0]
@@ -60,7 +103,7 @@ def run(quick: bool = False, attention_impl: str = "reference") -> list[dict]:
             do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None,
         )  # fmt: skip
 
-        def run_hf(ids_t=ids_t, kw=kw):
+        def run_hf(ids_t=ids_t, kw=kw, hf=hf):
             with torch.no_grad():
                 return hf.generate(ids_t, **kw)[:, prompt_len:]
 
@@ -69,6 +112,7 @@ def run(quick: bool = False, attention_impl: str = "reference") -> list[dict]:
         fj_tps, hf_tps = batch * new / t_fj, batch * new / t_hf
         rows.append(
             {
+                "family": family if family != "llama" else "llama (FJ-REF)",
                 "batch": batch,
                 "floe_jax tok/s": fj_tps,
                 "transformers tok/s": hf_tps,

@@ -1,11 +1,14 @@
 """Hugging Face checkpoints in and out: `config.json` plus safetensors weights, without torch.
 
 `load_hf` / `save_hf` read and write local folders only (nothing is fetched from a hub) as
-transformers writes them for `LlamaForCausalLM` and `Qwen2ForCausalLM`: `model.safetensors`, or
-shards `model-0000k-of-0000n.safetensors` with `model.safetensors.index.json`. Linear weights are
-stored `[out, in]` there and `[in, out]` here; per-layer tensors are stacked on a leading L axis
-(see `floe_jax.model`). A params leaf is addressed by its `/`-joined path (`layers/q_proj/w`, from
-`flax.traverse_util.flatten_dict`), which `hf_tensor_names` maps to a Hugging Face tensor name.
+transformers writes them for the `*ForCausalLM` of every family in `floe_jax.hf.config`:
+`model.safetensors`, or shards `model-0000k-of-0000n.safetensors` with
+`model.safetensors.index.json`. A family whose checkpoints fuse projections (Phi-3's `qkv_proj`
+and `gate_up_proj`) is split into q/k/v and gate/up at load and fused again at save. Linear
+weights are stored `[out, in]` there and `[in, out]` here; per-layer tensors are stacked on a
+leading L axis (see `floe_jax.model`). A params leaf is addressed by its `/`-joined path
+(`layers/q_proj/w`, from `flax.traverse_util.flatten_dict`), which `hf_tensor_names` maps to a
+Hugging Face tensor name.
 
 Bad input raises `CheckpointError`, whose message names the file and the tensor or field.
 """
@@ -29,6 +32,7 @@ from flax import traverse_util
 from floe_jax.config import LORA_TARGETS, ConfigError, ModelConfig
 from floe_jax.hf.config import (
     CONFIG_FILE,
+    FUSED_TENSORS,
     CheckpointError,
     config_from_hf,
     config_to_hf,
@@ -41,26 +45,58 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 _SEP = "/"
-_NORMS = {"input_norm": "input_layernorm", "post_norm": "post_attention_layernorm"}
+_NORMS = {
+    "input_norm": "input_layernorm",
+    "post_norm": "post_attention_layernorm",
+    "q_norm": "self_attn.q_norm",
+    "k_norm": "self_attn.k_norm",
+}
+# Gemma 3 normalises the attention and MLP outputs too, and names its norms by their place.
+_SANDWICH_NORMS = {
+    "input_norm": "input_layernorm",
+    "attn_out_norm": "post_attention_layernorm",
+    "post_norm": "pre_feedforward_layernorm",
+    "mlp_out_norm": "post_feedforward_layernorm",
+}
 
 
-def hf_tensor_names() -> dict[str, str]:
-    """{params path: Hugging Face tensor name} for every leaf any config can have.
+def hf_tensor_names(cfg: ModelConfig | None = None) -> dict[str, str]:
+    """{params path: Hugging Face tensor name} for every leaf `cfg` can have (Llama's layout
+    when `cfg` is None).
 
     Paths are `/`-joined params keys (`layers/q_proj/w`). Names of per-layer leaves are
     templates with an `{i}` field for the layer index (`model.layers.{i}.self_attn.q_proj.weight`).
+    A projection a family fuses is named by its fused tensor (see `fused_rows`).
     """
     names = {
         "embed": "model.embed_tokens.weight",
         "norm": "model.norm.weight",
         "lm_head": "lm_head.weight",
     }
-    for key, norm in _NORMS.items():
+    norms = dict(_NORMS)
+    if cfg is not None and cfg.sandwich_norms:
+        norms.update(_SANDWICH_NORMS)
+    for key, norm in norms.items():
         names[f"layers/{key}"] = f"model.layers.{{i}}.{norm}.weight"
+    fused = {} if cfg is None else FUSED_TENSORS.get(cfg.model_type, {})
+    owner = {m: f for f, parts in fused.items() for m in parts}
     for m in LORA_TARGETS:
-        names[f"layers/{m}/w"] = module_name(m, "{i}") + ".weight"
-        names[f"layers/{m}/b"] = module_name(m, "{i}") + ".bias"
+        module = module_name(owner.get(m, m), "{i}")
+        names[f"layers/{m}/w"] = module + ".weight"
+        names[f"layers/{m}/b"] = module + ".bias"
     return names
+
+
+def fused_rows(cfg: ModelConfig, path: str) -> tuple[int, int, int] | None:
+    """For a params leaf stored inside a fused tensor (`layers/k_proj/w` in Phi-3's `qkv_proj`),
+    `(start, stop, total)`: its rows of the fused tensor's output axis; None for other leaves."""
+    parts = path.split(_SEP)
+    for group in FUSED_TENSORS.get(cfg.model_type, {}).values():
+        if len(parts) == 3 and parts[1] in group:
+            outs = [cfg.proj_shape(m)[1] for m in group]
+            start = sum(outs[: group.index(parts[1])])
+            return start, start + cfg.proj_shape(parts[1])[1], sum(outs)
+    return None
 
 
 def _param_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
@@ -168,20 +204,25 @@ def _unaccounted(name: str, file: str, cfg: ModelConfig, source: str) -> Checkpo
     return CheckpointError(f"tensor {name!r} in {file} is not accounted for by {source}: {why}")
 
 
-def _checked(read, name: str, shape: tuple, path: str) -> np.ndarray:
-    """Reads one tensor, checks its shape in HF layout, returns it in floe layout."""
+def _checked(read, name: str, shape: tuple, path: str, rows=None) -> np.ndarray:
+    """Reads one tensor, checks its shape in HF layout, returns it in floe layout (`rows`: the
+    leaf's `fused_rows` inside a fused tensor)."""
     arr, file = read(name)
     transpose = _transposed(path)
     hf_shape = tuple(reversed(shape)) if transpose else tuple(shape)
+    if rows is not None:
+        hf_shape = (rows[2], *hf_shape[1:])
     if tuple(arr.shape) != hf_shape:
         raise CheckpointError(
             f"tensor {name!r} in {file} has shape {tuple(arr.shape)}, expected {hf_shape}"
         )
+    if rows is not None:
+        arr = arr[rows[0] : rows[1]]
     return arr.T if transpose else arr
 
 
 def load_hf(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[ModelConfig, dict]:
-    """Loads a local Hugging Face Llama / Qwen2 checkpoint folder.
+    """Loads a local Hugging Face checkpoint folder of a family in `floe_jax.hf.config`.
 
     Args:
       path: folder with `config.json` and `model.safetensors` (or shards plus
@@ -209,7 +250,7 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[Model
         except ConfigError as e:
             raise CheckpointError(str(e)) from e
     np_dtype = np.dtype(jnp.dtype(cfg.dtype))
-    names = hf_tensor_names()
+    names = hf_tensor_names(cfg)
     flat = {}
     with contextlib.ExitStack() as stack:
         read, weight_map = _tensor_reader(folder, stack)
@@ -218,7 +259,8 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[Model
             name = names[path]
             layer_names = [name.format(i=i) for i in range(shape[0])]
             if path.startswith("layers/"):
-                arr = np.stack([_checked(read, n, shape[1:], path) for n in layer_names])
+                rows = fused_rows(cfg, path)
+                arr = np.stack([_checked(read, n, shape[1:], path, rows) for n in layer_names])
                 used.update(layer_names)
             else:
                 arr = _checked(read, name, shape, path)
@@ -276,8 +318,9 @@ def save_hf(
     flat_params = traverse_util.flatten_dict(stack_layers(params, cfg), sep=_SEP)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    names = hf_tensor_names()
+    names = hf_tensor_names(cfg)
     out: dict[str, np.ndarray] = {}
+    fused_parts: dict[str, list] = {}
     for leaf, shape in _param_shapes(cfg):
         if leaf not in flat_params:
             raise CheckpointError(f"params has no leaf {leaf}")
@@ -286,10 +329,15 @@ def save_hf(
             raise CheckpointError(f"params leaf {leaf} has shape {arr.shape}, expected {shape}")
         if _transposed(leaf):
             arr = np.swapaxes(arr, -1, -2)
-        if leaf.startswith("layers/"):
+        if fused_rows(cfg, leaf) is not None:  # concatenated below, in the group's order
+            fused_parts.setdefault(names[leaf], []).append((fused_rows(cfg, leaf)[0], arr))
+        elif leaf.startswith("layers/"):
             out.update({names[leaf].format(i=i): arr[i] for i in range(shape[0])})
         else:
             out[names[leaf]] = arr
+    for name, parts in fused_parts.items():
+        stacked = np.concatenate([a for _, a in sorted(parts, key=lambda p: p[0])], axis=-2)
+        out.update({name.format(i=i): stacked[i] for i in range(cfg.num_layers)})
     hf = config_to_hf(cfg)
     hf["dtype"] = str(np.dtype(out["model.embed_tokens.weight"].dtype))
     (folder / CONFIG_FILE).write_text(json.dumps(hf, indent=2) + "\n")

@@ -1,4 +1,9 @@
-"""Hugging Face `config.json` to `ModelConfig` and back, for Llama and Qwen2.
+"""Hugging Face `config.json` to `ModelConfig` and back, for Llama, Qwen2, Qwen3, Mistral,
+Gemma 3 (text), Phi-3 and SmolLM3.
+
+Each family is one `ModelConfig` with its fields set (`FAMILY_FIELDS`): what a family fixes is
+set on the way in and checked on the way out, so a config no `config.json` can express is an
+error naming the field, not a checkpoint that computes something else.
 
 Also holds what every `floe_jax.hf` module shares about the Hugging Face layout: the error type
 (`CheckpointError`), the JSON reader whose errors name the file, and the module path of each
@@ -12,11 +17,49 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from floe_jax.config import ROPE_TYPES, ConfigError, ModelConfig, RopeScaling
+from floe_jax.config import ACTIVATIONS, ROPE_TYPES, ConfigError, ModelConfig, RopeScaling
 
 CONFIG_FILE = "config.json"
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
+}
+_PLAIN = dict(
+    qk_norm=False,
+    norm_unit_offset=False,
+    sandwich_norms=False,
+    query_pre_attn_scalar=None,
+    scale_embeddings=False,
+    rope_local_theta=None,
+    nope_layers=(),
+)
+_GEMMA = dict(qk_norm=True, norm_unit_offset=True, sandwich_norms=True, scale_embeddings=True)
+# The `ModelConfig` fields each family fixes; the others come from `config.json`.
+FAMILY_FIELDS = {
+    "llama": dict(_PLAIN, sliding_window=None),
+    "qwen2": dict(_PLAIN, sliding_window=None, qkv_bias=True, o_bias=False, mlp_bias=False),
+    "qwen3": dict(_PLAIN, qk_norm=True, mlp_bias=False),
+    "mistral": dict(_PLAIN, qkv_bias=False, o_bias=False, mlp_bias=False),
+    "gemma3_text": dict(nope_layers=(), mlp_bias=False, **_GEMMA),
+    "phi3": dict(_PLAIN, qkv_bias=False, o_bias=False, mlp_bias=False, head_dim=None),
+    "smollm3": {**{k: v for k, v in _PLAIN.items() if k != "nope_layers"}, "head_dim": None},
+}
+# Families whose `config.json` keys differ from the defaults `config_from_hf` assumes.
+_HEAD_DIM_DEFAULT = {"qwen3": 128, "gemma3_text": 256}
+# what each family's transformers config class assumes when config.json leaves a key out
+_WINDOW_DEFAULT = {"mistral": 4096, "gemma3_text": 4096, "qwen3": 4096}
+_KV_HEADS_DEFAULT = {"gemma3_text": 4}
+_TIED_DEFAULT = {"gemma3_text": True, "smollm3": True}
+# Families whose checkpoints fuse projections: {fused tensor: the projections it concatenates}.
+FUSED_TENSORS = {
+    "phi3": {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+}
 # the submodule of a decoder layer that holds each projection
 PROJ_SUBMODULE = {
     "q_proj": "self_attn",
@@ -45,11 +88,29 @@ def read_json(path: Path) -> dict:
 def module_name(target: str, layer: int | str) -> str:
     """The Hugging Face module path of projection `target` in decoder layer `layer`, e.g.
     `model.layers.3.self_attn.q_proj`; `layer="{i}"` gives a template to `.format(i=...)`.
+    `target` may be a fused module of `FUSED_TENSORS` (`qkv_proj`, `gate_up_proj`).
 
     Raises:
-      KeyError: `target` is not one of `floe_jax.config.LORA_TARGETS`.
+      KeyError: `target` is not one of `floe_jax.config.LORA_TARGETS` nor a fused module.
     """
-    return f"model.layers.{layer}.{PROJ_SUBMODULE[target]}.{target}"
+    sub = PROJ_SUBMODULE.get(target) or PROJ_SUBMODULE[_fused_parts(target)[0]]
+    return f"model.layers.{layer}.{sub}.{target}"
+
+
+def _fused_parts(name: str) -> tuple[str, ...]:
+    for groups in FUSED_TENSORS.values():
+        if name in groups:
+            return groups[name]
+    raise KeyError(name)
+
+
+def hf_module(cfg: ModelConfig, target: str) -> str:
+    """The Hugging Face module that holds projection `target` for `cfg`'s family: `target`
+    itself, or the fused module that holds it (`q_proj` is in Phi-3's `qkv_proj`)."""
+    for fused, parts in FUSED_TENSORS.get(cfg.model_type, {}).items():
+        if target in parts:
+            return fused
+    return target
 
 
 def _rope_from_hf(d: Mapping, source: str) -> tuple[float, RopeScaling | None]:
@@ -91,8 +152,63 @@ def _first_id(x):
     return None if x is None else int(x)
 
 
+def _layer_types(d: Mapping, model_type: str, window, n: int, source: str):
+    """(sliding_window, layer_types) as each family's config class derives them."""
+    if model_type in ("llama", "qwen2"):
+        if model_type == "qwen2" and d.get("use_sliding_window", False):
+            raise CheckpointError(f"{source}: use_sliding_window=true is not supported")
+        return None, None
+    if model_type in ("mistral", "phi3"):  # one window for every layer (layer_types ignored)
+        return window, None
+    if model_type in ("qwen3", "smollm3") and not d.get("use_sliding_window", False):
+        return None, None
+    if window is None:
+        return None, None
+    types = d.get("layer_types")
+    if types is None and model_type == "qwen3":
+        first = int(d.get("max_window_layers", 28))
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    elif types is None and model_type == "gemma3_text":
+        every = int(d.get("sliding_window_pattern", 6))
+        types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+    elif types is None:  # smollm3: the layers without RoPE slide
+        nope = _nope_layers(d, n)
+        types = ["sliding_attention" if i in nope else "full_attention" for i in range(n)]
+    return window, tuple(types)
+
+
+def _nope_layers(d: Mapping, n: int) -> tuple[int, ...]:
+    """SmolLM3's `no_rope_layers` (1 where a layer uses RoPE) as the indices of the others."""
+    flags = d.get("no_rope_layers")
+    if flags is None:
+        every = int(d.get("no_rope_layer_interval", 4))
+        flags = [int((i + 1) % every != 0) for i in range(n)]
+    return tuple(i for i, f in enumerate(flags) if not f)
+
+
+def _gemma_rope(d: Mapping, source: str) -> tuple[float, RopeScaling | None, float]:
+    """(full-attention theta, its scaling, sliding-layer theta) of a Gemma 3 config, from
+    `rope_parameters` by layer type (transformers 5) or `rope_theta` / `rope_local_base_freq`."""
+    rp = d.get("rope_parameters")
+    if isinstance(rp, Mapping) and "full_attention" in rp:
+        full = {"rope_parameters": rp["full_attention"]}
+        local = dict(rp.get("sliding_attention") or {})
+        if local.get("rope_type", "default") != "default":
+            raise CheckpointError(
+                f"{source}: rope_parameters.sliding_attention.rope_type="
+                f"{local['rope_type']!r} is not supported (only 'default')"
+            )
+        local_theta = float(local.get("rope_theta", 10000.0))
+        full["rope_parameters"] = {"rope_theta": 1_000_000.0, **full["rope_parameters"]}
+    else:
+        full = {"rope_theta": 1_000_000.0, **d}
+        local_theta = float(d.get("rope_local_base_freq", 10000.0))
+    theta, scaling = _rope_from_hf(full, source)
+    return theta, scaling, local_theta
+
+
 def config_from_hf(d: Mapping, *, source: str = CONFIG_FILE) -> ModelConfig:
-    """A `ModelConfig` from a Hugging Face `config.json` dict (Llama or Qwen2).
+    """A `ModelConfig` from a Hugging Face `config.json` dict (a family of `FAMILY_FIELDS`).
 
     Args:
       d: the parsed `config.json`.
@@ -103,75 +219,118 @@ def config_from_hf(d: Mapping, *, source: str = CONFIG_FILE) -> ModelConfig:
     """
     model_type = d.get("model_type")
     if model_type not in _ARCHITECTURES:
+        hint = " (Gemma 3's multimodal checkpoints: use a text-only one)" * (model_type == "gemma3")
         raise CheckpointError(
             f"{source}: model_type={model_type!r} is not supported; "
-            f"supported: {tuple(_ARCHITECTURES)}"
+            f"supported: {tuple(_ARCHITECTURES)}{hint}"
         )
-    act = d.get("hidden_act", "silu")
-    if act != "silu":
-        raise CheckpointError(f"{source}: hidden_act={act!r} is not supported (only 'silu')")
-    if model_type == "qwen2" and d.get("use_sliding_window", False):
-        raise CheckpointError(f"{source}: use_sliding_window=true is not supported")
+    act_key = "hidden_activation" if model_type == "gemma3_text" else "hidden_act"
+    act = d.get(act_key, "gelu_pytorch_tanh" if model_type == "gemma3_text" else "silu")
+    if act not in ACTIVATIONS:
+        raise CheckpointError(
+            f"{source}: {act_key}={act!r} is not supported; supported: {ACTIVATIONS}"
+        )
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if d.get(key) is not None:
+            raise CheckpointError(f"{source}: {key}={d[key]} is not supported (only null)")
+    if d.get("use_bidirectional_attention"):
+        raise CheckpointError(f"{source}: use_bidirectional_attention=true is not supported")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
         if key not in d:
             raise CheckpointError(f"{source}: required field {key!r} is missing")
     if "num_attention_heads" not in d:
         raise CheckpointError(f"{source}: required field 'num_attention_heads' is missing")
-    theta, scaling = _rope_from_hf(d, source)
-    if model_type == "qwen2":
-        qkv_bias, o_bias, mlp_bias = True, False, False
+    n = int(d["num_hidden_layers"])
+    family = dict(FAMILY_FIELDS[model_type])
+    if model_type == "gemma3_text":
+        theta, scaling, family["rope_local_theta"] = _gemma_rope(d, source)
+        family["query_pre_attn_scalar"] = float(d.get("query_pre_attn_scalar", 256))
     else:
-        qkv_bias = o_bias = bool(d.get("attention_bias", False))
-        mlp_bias = bool(d.get("mlp_bias", False))
+        theta, scaling = _rope_from_hf(d, source)
+    if model_type == "smollm3":
+        family["nope_layers"] = _nope_layers(d, n)
+    window = d.get("sliding_window", _WINDOW_DEFAULT.get(model_type))
+    family["sliding_window"], family["layer_types"] = _layer_types(
+        d, model_type, None if window is None else int(window), n, source
+    )
+    if model_type in ("llama", "qwen3", "gemma3_text", "smollm3"):
+        family.setdefault("qkv_bias", bool(d.get("attention_bias", False)))
+        family.setdefault("o_bias", bool(d.get("attention_bias", False)))
+    family.setdefault("mlp_bias", bool(d.get("mlp_bias", False)))
     dtype = d.get("dtype", d.get("torch_dtype")) or "float32"
-    head_dim = d.get("head_dim")
+    head_dim = d.get("head_dim", _HEAD_DIM_DEFAULT.get(model_type))
+    if "head_dim" in family:  # the family derives it from hidden_size / heads
+        derived = int(d["hidden_size"]) // int(d["num_attention_heads"])
+        if head_dim is not None and int(head_dim) != derived:
+            raise CheckpointError(
+                f"{source}: head_dim={head_dim} is not supported for {model_type} (it uses "
+                f"hidden_size / num_attention_heads = {derived})"
+            )
+        head_dim = family.pop("head_dim")
     if head_dim is not None and int(head_dim) * int(d["num_attention_heads"]) == d["hidden_size"]:
         head_dim = None  # the default: keep one spelling so configs compare equal
+    tied = d.get("tie_word_embeddings", _TIED_DEFAULT.get(model_type, False))
     try:
         return ModelConfig(
             model_type=model_type,
             vocab_size=int(d["vocab_size"]),
             hidden_size=int(d["hidden_size"]),
             intermediate_size=int(d["intermediate_size"]),
-            num_layers=int(d["num_hidden_layers"]),
+            num_layers=n,
             num_heads=int(d["num_attention_heads"]),
-            num_kv_heads=d.get("num_key_value_heads"),
-            head_dim=head_dim,
+            num_kv_heads=d.get("num_key_value_heads", _KV_HEADS_DEFAULT.get(model_type)),
+            head_dim=None if head_dim is None else int(head_dim),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
-            qkv_bias=qkv_bias,
-            o_bias=o_bias,
-            mlp_bias=mlp_bias,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            hidden_act=act,
+            tie_word_embeddings=bool(tied),
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
             dtype=_HF_DTYPES.get(str(dtype), "float32"),
             bos_token_id=_first_id(d.get("bos_token_id")),
             eos_token_id=_first_id(d.get("eos_token_id")),
             pad_token_id=_first_id(d.get("pad_token_id")),
+            **family,
         )
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from e
 
 
-def config_to_hf(cfg: ModelConfig) -> dict:
-    """The `config.json` dict transformers 5 reads for `cfg` (`rope_parameters` format).
-
-    Raises:
-      CheckpointError: when the bias pattern has no Hugging Face equivalent (Llama ties q/k/v/o
-        bias to one `attention_bias` flag; Qwen2 always has q/k/v bias and no o/mlp bias).
-    """
+def _check_family(cfg: ModelConfig) -> None:
+    """Raises naming the first field `cfg` sets that its family's `config.json` cannot say."""
+    for field, want in FAMILY_FIELDS[cfg.model_type].items():
+        if getattr(cfg, field) != want:
+            raise CheckpointError(
+                f"{cfg.model_type} checkpoints have {field}={want!r}; this config has "
+                f"{field}={getattr(cfg, field)!r}"
+            )
     if cfg.model_type == "llama" and cfg.qkv_bias != cfg.o_bias:
         raise CheckpointError(
             f"llama has one attention_bias flag, but qkv_bias={cfg.qkv_bias} != o_bias={cfg.o_bias}"
         )
-    if cfg.model_type == "qwen2" and (not cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias):
+    if cfg.qkv_bias != cfg.o_bias and cfg.model_type in ("qwen3", "gemma3_text", "smollm3"):
         raise CheckpointError(
-            "qwen2 needs qkv_bias=True, o_bias=False, mlp_bias=False; got "
-            f"qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}, mlp_bias={cfg.mlp_bias}"
+            f"{cfg.model_type} has one attention_bias flag, but qkv_bias={cfg.qkv_bias} != "
+            f"o_bias={cfg.o_bias}"
         )
-    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    sc = cfg.rope_scaling
+    uniform = cfg.layer_types is None or len(set(cfg.layer_types)) == 1
+    if cfg.model_type in ("mistral", "phi3") and not uniform:
+        raise CheckpointError(
+            f"{cfg.model_type} slides every layer or none; layer_types={cfg.layer_types} mixes them"
+        )
+    if cfg.model_type == "gemma3_text":
+        for field in ("query_pre_attn_scalar", "rope_local_theta"):
+            if getattr(cfg, field) is None:
+                raise CheckpointError(f"gemma3_text checkpoints set {field}; it is None")
+
+
+def _int_if_whole(x: float) -> int | float:
+    """Gemma3TextConfig types `query_pre_attn_scalar` as an int; write whole values as one."""
+    return int(x) if float(x).is_integer() else x
+
+
+def _rope_to_hf(theta: float, sc: RopeScaling | None) -> dict:
+    rope = {"rope_type": "default", "rope_theta": theta}
     if sc is not None and sc.rope_type != "default":
         rope.update(rope_type=sc.rope_type, factor=sc.factor)
         if sc.rope_type == "llama3":
@@ -180,6 +339,22 @@ def config_to_hf(cfg: ModelConfig) -> dict:
                 high_freq_factor=sc.high_freq_factor,
                 original_max_position_embeddings=sc.original_max_position_embeddings,
             )
+    return rope
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The `config.json` dict transformers 5 reads for `cfg` (`rope_parameters` format).
+
+    Raises:
+      CheckpointError: naming the field, when `cfg` sets something its family's config cannot
+        express (a bias pattern, qk-norm on Llama, mixed layer types on Mistral, ...).
+    """
+    _check_family(cfg)
+    types = list(
+        cfg.layer_types
+        or ["sliding_attention" if w else "full_attention" for w in cfg.layer_windows]
+    )
+    window = cfg.sliding_window if "sliding_attention" in types else None
     d = {
         "architectures": [_ARCHITECTURES[cfg.model_type]],
         "model_type": cfg.model_type,
@@ -190,9 +365,9 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.kv_heads,
         "head_dim": cfg.dim_head,
-        "hidden_act": "silu",
+        "hidden_act": cfg.hidden_act,
         "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_parameters": rope,
+        "rope_parameters": _rope_to_hf(cfg.rope_theta, cfg.rope_scaling),
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "max_position_embeddings": cfg.max_position_embeddings,
         "dtype": cfg.dtype,
@@ -201,8 +376,39 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "pad_token_id": cfg.pad_token_id,
         "use_cache": True,
     }
-    if cfg.model_type == "llama":
-        d.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
-    else:
-        d.update(use_sliding_window=False)
+    m = cfg.model_type
+    if m in ("llama", "qwen3", "gemma3_text", "smollm3"):
+        d["attention_bias"] = cfg.qkv_bias
+    if m in ("llama", "smollm3"):
+        d["mlp_bias"] = cfg.mlp_bias
+    if m == "qwen2":
+        d["use_sliding_window"] = False
+    if m in ("qwen3", "smollm3"):
+        d.update(use_sliding_window=window is not None, sliding_window=window, layer_types=types)
+    if m == "qwen3":
+        d["max_window_layers"] = cfg.num_layers  # unused: layer_types says which layers slide
+    if m in ("mistral", "phi3"):
+        d["sliding_window"] = window
+    if m == "phi3":
+        d["rope_parameters"]["partial_rotary_factor"] = 1.0
+        d["original_max_position_embeddings"] = cfg.max_position_embeddings
+        del d["head_dim"]
+    if m == "smollm3":
+        d["no_rope_layers"] = [int(i not in cfg.nope_layers) for i in range(cfg.num_layers)]
+        del d["head_dim"]
+    if m == "gemma3_text":
+        local = cfg.rope_theta if cfg.rope_local_theta is None else cfg.rope_local_theta
+        d.update(
+            hidden_activation=d.pop("hidden_act"),
+            query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar),
+            sliding_window=window,
+            layer_types=types,
+            final_logit_softcapping=None,
+            attn_logit_softcapping=None,
+            use_bidirectional_attention=False,
+            rope_parameters={
+                "full_attention": d["rope_parameters"],
+                "sliding_attention": {"rope_type": "default", "rope_theta": local},
+            },
+        )
     return d

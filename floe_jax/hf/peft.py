@@ -3,9 +3,11 @@ writes them, without torch.
 
 A folder holds `adapter_config.json` and `adapter_model.safetensors` (Hu et al., 2021, "LoRA";
 rsLoRA: Kalajdzievski, 2023): per adapted projection `lora_A.weight [r, in]` and
-`lora_B.weight [out, r]`, scale `lora_alpha / r` (or `/ sqrt(r)` with `use_rslora`). floe_jax's
-`LoRA` keeps `a [L, in, R]` and `b [L, R, out]` padded to R with a rank mask; the conversion
-writes only live slots and pads on the way back in.
+`lora_B.weight [out, r]`, scale `lora_alpha / r` (or `/ sqrt(r)` with `use_rslora`). Modules
+are named as the family names them: Phi-3's adapters sit on its fused `qkv_proj` and
+`gate_up_proj`, which load as q/k/v (and gate/up) adapters sharing one A (see `_peft_blocks`).
+floe_jax's `LoRA` keeps `a [L, in, R]` and `b [L, R, out]` padded to R with a rank mask; the
+conversion writes only live slots and pads on the way back in.
 
 Bad input raises `CheckpointError`, whose message names the file and the tensor or field.
 """
@@ -25,7 +27,14 @@ import numpy as np
 
 from floe_jax.config import LORA_TARGETS, ModelConfig, normalize_targets
 from floe_jax.hf.checkpoint import get_tensor, open_safetensors, write_safetensors
-from floe_jax.hf.config import PROJ_SUBMODULE, CheckpointError, module_name, read_json
+from floe_jax.hf.config import (
+    FUSED_TENSORS,
+    PROJ_SUBMODULE,
+    CheckpointError,
+    hf_module,
+    module_name,
+    read_json,
+)
 from floe_jax.lora import LoRA
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -79,7 +88,9 @@ def save_peft(
     layers (a (target, layer) with fewer live slots is zero-padded to r, which PEFT computes the
     same); targets with no live slot are dropped, and `layers_to_transform` lists the live layers
     when not all are. `lora_alpha` is chosen so that PEFT's scale equals `lora.scale` exactly:
-    `alpha` when given (checked), else `scale * r` (or `scale * sqrt(r)` with `rslora`).
+    `alpha` when given (checked), else `scale * r` (or `scale * sqrt(r)` with `rslora`). A fused
+    module whose parts have different A's is written block-diagonally (`_peft_blocks`) at a
+    larger r, with `lora_alpha` rescaled to keep the scale.
 
     Args:
       lora: one client's adapter (no client axis).
@@ -112,29 +123,24 @@ def save_peft(
             f"save_peft: lora_alpha={alpha} at rank {r} (rslora={rslora}) gives scale "
             f"{alpha / denom}, but the adapter's scale is {scale}"
         )
+    blocks = _peft_blocks(lora, cfg, live_targets, live_layers)
+    r_file = max(a_out.shape[0] for a_out, _ in blocks.values())
+    if r_file != r:  # block-diagonal fused modules: the same scale at the written rank
+        alpha = scale * (math.sqrt(r_file) if rslora else r_file)
+        alpha = round(alpha) if abs(alpha - round(alpha)) < 1e-6 * max(1.0, alpha) else alpha
     tensors = {}
-    for m in live_targets:
-        a = np.asarray(lora.a[m], np.float32)
-        b = np.asarray(lora.b[m], np.float32)
-        mask = np.asarray(lora.mask[m], np.float32)
-        d_in, d_out = cfg.proj_shape(m)
-        for i in live_layers:
-            slots = np.nonzero(mask[i] > 0)[0]
-            a_out = np.zeros((r, d_in), np.float32)
-            b_out = np.zeros((d_out, r), np.float32)
-            a_out[: len(slots)] = (a[i][:, slots] * mask[i][slots]).T
-            b_out[:, : len(slots)] = b[i][slots, :].T
-            prefix = _PEFT_PREFIX + module_name(m, i)
-            tensors[f"{prefix}.lora_A.weight"] = a_out
-            tensors[f"{prefix}.lora_B.weight"] = b_out
+    for (module, i), (a_out, b_out) in blocks.items():
+        prefix = _PEFT_PREFIX + module_name(module, i)
+        tensors[f"{prefix}.lora_A.weight"] = np.pad(a_out, ((0, r_file - a_out.shape[0]), (0, 0)))
+        tensors[f"{prefix}.lora_B.weight"] = np.pad(b_out, ((0, 0), (0, r_file - b_out.shape[1])))
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
-        "r": r,
+        "r": r_file,
         "lora_alpha": alpha,
         "use_rslora": bool(rslora),
-        "target_modules": live_targets,
+        "target_modules": list(dict.fromkeys(hf_module(cfg, m) for m in live_targets)),
         "layers_to_transform": None if len(live_layers) == cfg.num_layers else live_layers,
         "lora_dropout": 0.0,
         "bias": "none",
@@ -150,6 +156,43 @@ def save_peft(
     folder.mkdir(parents=True, exist_ok=True)
     (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     write_safetensors(tensors, folder / ADAPTER_WEIGHTS_FILE)
+
+
+def _peft_blocks(lora: LoRA, cfg: ModelConfig, targets: list[str], layers: list[int]) -> dict:
+    """{(Hugging Face module, layer): (A [r, in], B [out, r])} of the live slots of `targets`
+    in `layers` (r may be 0: a target without live slots in that layer is written as zeros).
+
+    Projections a family fuses into one module (Phi-3's `qkv_proj`) become one adapter of that
+    module: with one shared A when their live A's are equal (as after `load_peft`), else their
+    slots stacked block-diagonally, `[A_q; A_k; A_v]` and `diag(B_q, B_k, B_v)`, which computes
+    exactly the same update at the sum of their ranks.
+    """
+    modules: dict[str, list[str]] = {}
+    for m in targets:
+        modules.setdefault(hf_module(cfg, m), []).append(m)
+    out = {}
+    for module, ms in modules.items():
+        group = FUSED_TENSORS.get(cfg.model_type, {}).get(module, (module,))
+        widths = [cfg.proj_shape(p)[1] for p in group]
+        rows = dict(zip(group, np.cumsum([0, *widths])[:-1].tolist(), strict=True))
+        d_in = cfg.proj_shape(group[0])[0]
+        for i in layers:
+            parts = []
+            for m in ms:
+                mask = np.asarray(lora.mask[m][i], np.float32)
+                slots = np.nonzero(mask > 0)[0]
+                a = (np.asarray(lora.a[m][i], np.float32)[:, slots] * mask[slots]).T
+                parts.append((m, a, np.asarray(lora.b[m][i], np.float32)[slots, :].T))
+            shared = all(a.shape == parts[0][1].shape and np.array_equal(a, parts[0][1])
+                         for _, a, _ in parts)  # fmt: skip
+            a_out = parts[0][1] if shared else np.concatenate([a for _, a, _ in parts])
+            b_out = np.zeros((sum(widths), a_out.shape[0]), np.float32)
+            col = 0
+            for m, a, b in parts:
+                b_out[rows[m] : rows[m] + b.shape[0], col : col + b.shape[1]] = b
+                col += 0 if shared else a.shape[0]
+            out[(module, i)] = (a_out.reshape(-1, d_in), b_out)
+    return out
 
 
 def load_peft(
@@ -213,14 +256,18 @@ def load_peft(
         raise CheckpointError(f"{w_path} is missing{hint}")
 
     found: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+    modules = {hf_module(cfg, t) for t in LORA_TARGETS}  # this family's adaptable modules
     with open_safetensors(w_path) as f:
         for key in f.keys():
             match = _PEFT_KEY.match(key)
             if match is None:
                 raise CheckpointError(f"tensor {key!r} in {w_path} is not a supported LoRA weight")
             layer, sub, m, ab = int(match[1]), match[2], match[3], match[4]
-            if PROJ_SUBMODULE.get(m) != sub:
-                raise CheckpointError(f"tensor {key!r} in {w_path}: unknown module {sub}.{m}")
+            group = FUSED_TENSORS.get(cfg.model_type, {}).get(m, (m,))
+            if m not in modules or PROJ_SUBMODULE[group[0]] != sub:
+                raise CheckpointError(
+                    f"tensor {key!r} in {w_path}: unknown module {sub}.{m} for {cfg.model_type}"
+                )
             if not 0 <= layer < cfg.num_layers:
                 raise CheckpointError(
                     f"tensor {key!r} in {w_path}: layer {layer} is outside [0, {cfg.num_layers})"
@@ -232,14 +279,18 @@ def load_peft(
                     f"{field}={pc.get(field)!r} in {cfg_path} keeps out of the adapter (PEFT "
                     "would not load it)"
                 )
-            d_in, d_out = cfg.proj_shape(m)
-            expected = (r, d_in) if ab == "A" else (d_out, r)
+            widths = [cfg.proj_shape(p)[1] for p in group]
+            d_in = cfg.proj_shape(group[0])[0]
+            expected = (r, d_in) if ab == "A" else (sum(widths), r)
             arr = get_tensor(f, key, w_path)
             if tuple(arr.shape) != expected:
                 raise CheckpointError(
                     f"tensor {key!r} in {w_path} has shape {tuple(arr.shape)}, expected {expected}"
                 )
-            found.setdefault((m, layer), {})[ab] = arr.astype(np.float32)
+            arr = arr.astype(np.float32)
+            starts = np.cumsum([0, *widths]).tolist()
+            for p, lo, hi in zip(group, starts[:-1], starts[1:], strict=True):
+                found.setdefault((p, layer), {})[ab] = arr if ab == "A" else arr[lo:hi]
     for (m, layer), ab in found.items():
         if set(ab) != {"A", "B"}:
             missing = ({"A", "B"} - set(ab)).pop()
@@ -317,7 +368,7 @@ def _peft_module_filter(pc: dict, cfg: ModelConfig, source: Path) -> Callable[[s
     if targets is None:
         targets = list(_PEFT_DEFAULT_TARGETS)
     elif targets == _PEFT_ALL_LINEAR:
-        targets = list(LORA_TARGETS)
+        targets = list(dict.fromkeys(hf_module(cfg, t) for t in LORA_TARGETS))
     if isinstance(targets, str) and (layers is not None or pattern is not None):
         raise CheckpointError(
             f"{source}: layers_to_transform / layers_pattern cannot be used with a regex "

@@ -109,6 +109,21 @@ def surface(token: str, style: str) -> str:
     return token
 
 
+def token_bytes(token: str, style: str) -> bytes:
+    """The bytes a token stands for: the exact form of `surface`, as the OpenAI schema's
+    `bytes` field carries them (a byte fragment of a UTF-8 character stays a fragment)."""
+    if style == "bytelevel":
+        dec = _byte_decoder()
+        if all(c in dec for c in token):
+            return bytes(dec[c] for c in token)
+    elif style == "metaspace":
+        m = _BYTE_PIECE.match(token)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        return token.replace("▁", " ").encode()
+    return token.encode()
+
+
 @dataclasses.dataclass(frozen=True)
 class Vocab:
     """A tokenizer's vocabulary as the aligner sees it.

@@ -48,7 +48,7 @@ from floe_jax.inference.deadline import (
     collect_simulated,
 )
 from floe_jax.inference.privacy import GuardedCloud, PrivacyDetector
-from floe_jax.inference.replies import cloud_input, merge_rows, reason
+from floe_jax.inference.replies import cloud_input, merge_rows, reason, unmapped_rows
 from floe_jax.inference.router import FusionConfig
 from floe_jax.inference.step import fuse_sample_jit, fused_step_jit, rows_lora
 from floe_jax.lora import LoRA
@@ -289,6 +289,8 @@ def decode_token(run: FusedRun, t: int, edge: EdgeCarry, log: FusedLog) -> EdgeC
         dist, B, run.cfg.vocab_size, kind=run.kind, cloud_size=run.cloud_size, top_k=c.top_k,
         vocab_map=run.vocab_map, mapper=run.mapper,
     )  # fmt: skip
+    if unmapped := unmapped_rows(dist, ci):  # answered onto no edge token: a failure, not fused
+        log.failures["unmapped"] += len(unmapped)
     # --- fuse and sample (or the whole single-program step)
     static = dict(fusion=c.fusion, sampling=c.sampling, eos_id=c.eos_id, pad_id=c.pad_id)
     f0 = time.perf_counter()

@@ -5,7 +5,8 @@ Shapes: B batch, W cloud vocab, K listed (top-k) tokens.
 `merge_rows` gathers the one-row replies of a step into a B-row `CloudDistribution`;
 `cloud_input` turns it into a `CloudInput` of fixed shapes (dense: the cloud's log-probs, aligned
 on the device; sparse: top-k already mapped to edge ids here, padded to K), so the step compiles
-once per bucket whatever the cloud sent.
+once per bucket whatever the cloud sent. A row whose mass falls on no edge token is not usable
+(`ok` False): the loop reports it as a failure (`unmapped_rows`) instead of fusing it.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def cloud_input(
         if ident and W != edge_size:
             raise ValueError(f"identity alignment needs equal vocabularies ({W} vs {edge_size})")
         c2e = np.zeros((0,), np.int32) if ident else vocab_map.cloud_to_edge.astype(np.int32)
+        if not ident:  # a distribution with no mass on a mapped id says nothing about the edge's
+            ok &= np.isfinite(np.where(c2e >= 0, dense, -np.inf)).any(-1)
         z = np.zeros((batch, 0))
         return CloudInput(ok, dense, c2e, z.astype(np.int32), z.astype(np.float32), z.astype(bool))
     K = top_k
@@ -94,11 +97,16 @@ def cloud_input(
             else:
                 eid = -1
             ids[b, j], logp[b, j] = eid, row_lp[j]
-        ok[b] = kk > 0
+        ok[b] = bool((ids[b, :kk] >= 0).any())  # no listed token maps: nothing to fuse
     valid = np.isfinite(logp)
     logp = np.where(valid, logp, 0.0).astype(np.float32)
     return CloudInput(ok, np.zeros((batch, 0), np.float32), np.zeros((0,), np.int32), ids, logp,
                       valid)  # fmt: skip
+
+
+def unmapped_rows(dist: CloudDistribution, ci: CloudInput) -> list[int]:
+    """Rows the cloud answered whose answer maps to no edge token."""
+    return [b for b in range(dist.batch) if dist.ok[b] and not ci.ok[b]]
 
 
 def reason(err: str | None) -> str:
