@@ -170,12 +170,17 @@ def test_held_out_contacts_are_not_in_training_examples(bench):
         assert q.private_spans[0] not in train_text
 
 
-def test_private_examples_hold_no_far_away_facts(bench):
-    """Clients' examples state facts of local countries only: general knowledge stays public."""
-    text = "\n".join(e.prompt + e.response for e in bench.pooled_examples())
+def test_the_facts_test_queries_ask_for_are_only_public(bench):
+    """No client's examples and no edge pretraining text state a fact a test query asks for:
+    only the cloud, pretrained on the public corpus, can know it."""
+    private = "\n".join(e.prompt + e.response for e in bench.pooled_examples())
+    edge = "\n".join(bench.edge_docs)
+    asked = {f[0] for q in bench.queries for f in q.facts}
+    assert asked and not asked & set(bench.local_countries)
     for c in bench.countries:
-        if c.name not in bench.local_countries:
-            assert c.capital not in text and f"the {c.currency}" not in text
+        if c.name in asked:
+            for text in (private, edge):
+                assert c.capital not in text and f"the {c.currency}" not in text
 
 
 def test_score_exact_match_per_type():

@@ -72,20 +72,23 @@ class CloudEndpoint:
     Args:
       params, cfg, tokenizer: the cloud model and the cloud's own tokenizer.
       edge_tokenizer: the edge's, whose vocabulary the cloud's token strings are mapped onto.
-      how: `http` (serve-cloud on 127.0.0.1, `HTTPCloud`) or `local` (in-process).
+      how: `http` (serve-cloud on 127.0.0.1, `HTTPCloud`, which maps the cloud's token strings
+        onto the edge vocabulary itself) or `local` (in-process; `mapper` maps them).
       top_k: log-probs per token the cloud returns (hosted APIs give at most 20).
     """
 
     def __init__(self, params, cfg, tokenizer, *, edge_tokenizer, how: str = "http",
                  top_k: int = 20):  # fmt: skip
         self.how, self.top_k = how, top_k
-        self.mapper = StringMapper(vocab_of(edge_tokenizer))
+        self.mapper = None  # HTTPCloud maps the strings itself (it is given both tokenizers)
         self._server = None
         if how == "http":
             self._server = serve_cloud(params, cfg, tokenizer, port=0, block=False,
-                                       max_logprobs=top_k)  # fmt: skip
-            self.backend = HTTPCloud(self._server.url, top_k=top_k, prompt="text")
+                                       model_name="floe-cloud", max_logprobs=top_k)  # fmt: skip
+            self.backend = HTTPCloud(self._server.url, model="floe-cloud", top_k=top_k,
+                                     edge_tokenizer=edge_tokenizer, cloud_tokenizer=tokenizer)
         elif how == "local":
+            self.mapper = StringMapper(vocab_of(edge_tokenizer))
             self.backend = LocalCloud(params, cfg, tokenizer=tokenizer, top_k=top_k,
                                       inputs="text", pad_id=tokenizer.pad_token_id)  # fmt: skip
         else:

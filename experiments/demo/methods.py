@@ -20,6 +20,7 @@ import dataclasses
 
 from experiments.presets import CENTRAL, FLOE, FLOE_DP, LOCAL, DemoPreset, RealPreset
 from floe_jax.inference import FusionConfig
+from floe_jax.inference.align import AlignConfig
 from floe_jax.inference.fused import FusedDecodeConfig
 
 NO_DEADLINE_S = 1e6  # methods that always wait for the cloud
@@ -54,10 +55,13 @@ def methods(preset: DemoPreset | RealPreset, runs: set[str]) -> list[Method]:
     ev = preset.eval
     guard, fused = ev.policy.action, ev.decode
     waits = dataclasses.replace(fused, deadline_s=NO_DEADLINE_S)
-    cloud_only = dataclasses.replace(waits, fusion=FusionConfig(gate="fixed", fixed_w=0.0))
+    # the cloud alone: its listed top-k renormalised, so no edge distribution fills its tail
+    alone = FusionConfig(gate="fixed", fixed_w=0.0, align=AlignConfig(tail="renorm"))
+    cloud_only = dataclasses.replace(waits, fusion=alone)
 
     def fixed(w):
-        return dataclasses.replace(fused, fusion=FusionConfig(gate="fixed", fixed_w=w))
+        return dataclasses.replace(fused, fusion=dataclasses.replace(
+            fused.fusion, gate="fixed", fixed_w=w))  # fmt: skip
 
     ms = [Method("edge-base", "edge base model", None, None, waits)]
     if LOCAL in runs:
@@ -70,9 +74,11 @@ def methods(preset: DemoPreset | RealPreset, runs: set[str]) -> list[Method]:
         Method("query-router", "query-level router (private → edge, else cloud)", FLOE, guard,
                waits, kind="router"),
         Method("proxy-tuning", "proxy-tuning (Floe's adapters)", FLOE, guard,
-               dataclasses.replace(fused, fusion=FusionConfig(gate="proxy"))),
+               dataclasses.replace(fused, fusion=dataclasses.replace(fused.fusion,
+                                                                     gate="proxy"))),
         Method("mix-0.5", "fixed-weight mix w=0.5 (Floe's adapters)", FLOE, guard, fixed(0.5)),
-        Method("floe-w0", "Floe, fixed w=0 (cloud)", FLOE, guard, fixed(0.0)),
+        Method("floe-w0", "Floe, fixed w=0 (cloud)", FLOE, guard,
+               dataclasses.replace(fused, fusion=alone)),
     ]  # fmt: skip
     for name in preset.fed.baseline_runs():
         ms.append(Method(f"{name}-fusion", f"{name} LoRA + fusion (no clustering)", name,

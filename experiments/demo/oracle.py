@@ -27,7 +27,8 @@ def oracle_answers(params, cfg, tokenizer, queries, *, guard, mapper, lora=None)
       tokenizer: the edge tokenizer.
       queries: the queries (one client's, so one guard screens them all).
       guard: the `GuardedCloud` the client reaches the cloud through.
-      mapper: cloud token strings -> edge ids (`StringMapper`).
+      mapper: cloud token strings -> edge ids (`StringMapper`), or None when the back end
+        returns edge ids itself.
     """
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     prompts = [encode_prompt(tokenizer, q.prompt) for q in queries]
@@ -64,10 +65,12 @@ def _cloud_covers(reply, tokenizer, mapper, rest: list[int], eos: int) -> bool:
     """Whether the cloud's top token spells a non-empty start of the gold ids `rest`."""
     best = int(np.argmax(reply.top_logprobs[0]))
     token = reply.top_tokens[0][best] if reply.top_tokens is not None else None
-    if token is None:
-        return False
-    edge_id = mapper(token)
+    # the edge id: mapped here from the string, or already by the back end (HTTPCloud)
+    edge_id = mapper(token) if mapper is not None and token is not None else int(
+        reply.top_ids[0][best])  # fmt: skip
     if rest == [eos]:
         return edge_id == eos
+    if token is None:
+        token = tokenizer.decode([edge_id]) if edge_id >= 0 else ""
     text = tokenizer.decode([i for i in rest if i != eos])
     return bool(token) and text.startswith(token)

@@ -49,6 +49,7 @@ from floe_jax.data.world import (
     Names,
     app_answer,
     app_prompt,
+    copy_drills,
     directory_docs,
     fact_value,
     make_contacts,
@@ -85,6 +86,11 @@ class BenchmarkConfig:
       queries_per_type: test queries of each type (general, personal, both).
       directory_docs: public documents about invented public people (phone, email, country),
         each value repeated, so base models learn to copy strings from their context.
+      copy_drills: the edge's extra copy practice (`world.copy_drills`, edge corpus only), one
+        card and one list per drill.
+      far_train_fraction: of the countries the edge base model knows nothing about, the share
+        whose facts clients' own examples may state (trips there); the others are asked about
+        in test queries and stated nowhere but the public corpus (only the cloud knows them).
       format_samples: dummy-contact examples (values from a disjoint pool) given to the tokenizer
         trainer so it learns the card format without seeing any client's private values.
     """
@@ -101,7 +107,9 @@ class BenchmarkConfig:
     trivia_fraction: float = 0.15
     personal_fraction: float = 0.4
     queries_per_type: int = 48
-    directory_docs: int = 2000
+    directory_docs: int = 1000
+    copy_drills: int = 1500
+    far_train_fraction: float = 0.5
     format_samples: int = 64
 
     def __post_init__(self):
@@ -132,6 +140,11 @@ class BenchmarkConfig:
             "the cloud knows (test queries ask about those)",
         )
         req(self.directory_docs >= 0, f"directory_docs must be >= 0, got {self.directory_docs}")
+        req(self.copy_drills >= 0, f"copy_drills must be >= 0, got {self.copy_drills}")
+        req(
+            0.0 <= self.far_train_fraction < 1.0,
+            f"far_train_fraction must be in [0, 1), got {self.far_train_fraction}",
+        )
         req(self.format_samples >= 0, f"format_samples must be >= 0, got {self.format_samples}")
 
     @property
@@ -253,8 +266,12 @@ def make_benchmark(config: BenchmarkConfig = BenchmarkConfig()) -> Benchmark:
     people = make_contacts(rng, names, phones, homes, config.directory_docs)
     neutral += directory_docs(rng, people)
     local_countries = [c for c in countries if c.name in local_set]
-    far = [c for c in countries if c.name not in local_set]
+    unknown = [c for c in countries if c.name not in local_set]
+    n_seen = min(len(unknown) - 1, round(config.far_train_fraction * len(unknown)))
+    seen, far = unknown[:n_seen], unknown[n_seen:]  # trips in private data / test queries only
+    drillers = make_contacts(rng, names, phones, homes, config.copy_drills)
     edge = public_docs(rng, local_countries, config.public_repeats) + neutral
+    edge += copy_drills(rng, drillers)
     rng.shuffle(edge)
     public = public + neutral
     rng.shuffle(public)
@@ -265,14 +282,14 @@ def make_benchmark(config: BenchmarkConfig = BenchmarkConfig()) -> Benchmark:
         train_c = make_contacts(rng, names, phones, homes, config.contacts_per_client)
         test_c = make_contacts(rng, names, phones, homes, config.test_contacts_per_client)
         examples = [
-            _train_example(rng, config, app, train_c, local_countries)
+            _train_example(rng, config, app, train_c, local_countries, local_countries + seen)
             for _ in range(config.examples_per_client)
         ]
         client_tasks.append(app)
         client_contacts.append(train_c + test_c)
         client_examples.append(tuple(examples))
 
-    # test queries: held-out contacts in the asking client's own app, facts of far countries
+    # test queries: held-out contacts in the asking client's own app, facts only the cloud knows
     queries = []
     for qtype in QUERY_TYPES:
         for i in range(config.queries_per_type):
@@ -307,10 +324,11 @@ def make_benchmark(config: BenchmarkConfig = BenchmarkConfig()) -> Benchmark:
     )
 
 
-def _train_example(rng, config, app, contacts, local_countries) -> Example:
+def _train_example(rng, config, app, contacts, local_countries, destinations) -> Example:
     """One private example: public QA about a local country, or a note in an app (the client's
-    own with probability `main_task_fraction`) about a training contact, trips to local
-    countries only (the facts a client's data states are the ones its edge model knows)."""
+    own with probability `main_task_fraction`) about a training contact, a trip to one of
+    `destinations` (the local countries and the far ones clients have been to: never a country
+    the test queries ask about)."""
     if rng.random() < config.trivia_fraction:
         c = rng.choice(local_countries)
         attr = rng.choice(FACT_ATTRS)
@@ -318,7 +336,7 @@ def _train_example(rng, config, app, contacts, local_countries) -> Example:
     if rng.random() >= config.main_task_fraction:
         app = rng.choice([a for a in APPS if a != app])
     contact = rng.choice(contacts)
-    dest = None if rng.random() < config.personal_fraction else rng.choice(local_countries)
+    dest = None if rng.random() < config.personal_fraction else rng.choice(destinations)
     answer, _ = app_answer(contact, app, dest)
     return Example(app_prompt(contact, app, dest and dest.name), f" {answer}", app)
 

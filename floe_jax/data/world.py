@@ -176,8 +176,7 @@ def directory_docs(rng: random.Random, people: Sequence[Contact]) -> list[str]:
     """Public documents in which a public person's phone, email or country appears twice.
 
     The values are fresh for every document, so the only way to predict the second mention is to
-    copy the first: base models learn copying here (a 2-layer model forms induction heads), in
-    formats unlike the private contact card.
+    copy the first: this is where base models learn to copy from their context.
     """
     docs = []
     for p in people:
@@ -190,11 +189,29 @@ def directory_docs(rng: random.Random, people: Sequence[Contact]) -> list[str]:
                     f"The address {p.email} belongs to {p.name}. Mail {p.email} today.",
                     f"{p.name} lives in {p.home}. {p.first} likes {p.home} and works there.",
                     f"{p.name} is travelling to {p.home}. {p.first} will arrive in {p.home} soon.",
-                    f"{p.name} | {p.phone} | {p.email}. Again: {p.name} | {p.phone} | {p.email}.",
                 )
             )
         )
-        # a copy drill: a fresh list of numbers and names, then the same list again
+    return docs
+
+
+def copy_drills(rng: random.Random, people: Sequence[Contact]) -> list[str]:
+    """Copy drills for the edge model's pretraining: a public person's card (the contact-card
+    layout of the devices' address books, filled with public values) followed by a line that
+    restates some of its fields, and a fresh list of numbers and names repeated. Nearly every
+    token after the first half is a copy, so a small model forms induction heads within its
+    short pretraining; no answer format of any app is in them."""
+    docs = []
+    for p in people:
+        field = rng.choice(
+            (
+                f"The phone of {p.first} is {p.phone}.",
+                f"{p.first} {p.last} can be reached at {p.email}.",
+                f"{p.first} lives in {p.home}; the number is {p.phone}.",
+                f"Reach {p.first} at {p.phone} or {p.email}.",
+            )
+        )
+        docs.append(f"{p.card}\n{field}")
         items = [f"{rng.randrange(10_000):04d}" for _ in range(3)] + [p.last, p.first]
         rng.shuffle(items)
         docs.append(f"List: {' '.join(items)}. Repeat: {' '.join(items)}.")
