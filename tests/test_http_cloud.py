@@ -329,10 +329,17 @@ def test_monkeypatched_env_gives_url_and_key(fake, monkeypatch):
     client.close()
 
 
-@pytest.mark.parametrize("top", [{"token_id:99999": -0.1}, {"zzz-not-a-token": -0.1}])
-def test_an_answer_on_no_edge_token_is_a_reported_failure(fake, top):
-    """Out-of-vocabulary `token_id:N` keys, or strings no edge token matches: the row fails
-    (`unmapped`), no token counts as fused."""
+@pytest.mark.parametrize(
+    "top, fallback",
+    [
+        ({"token_id:99999": -0.1}, "none"),
+        ({"zzz-not-a-token": -0.1}, "none"),
+        ({"token_id:99999": -0.1}, "prefix"),
+    ],  # an id is never matched as text  # fmt: skip
+)
+def test_an_answer_on_no_edge_token_is_a_reported_failure(fake, top, fallback):
+    """Out-of-vocabulary `token_id:N` keys (with the default prefix fallback too), or strings no
+    edge token matches: the row fails (`unmapped`), no token counts as fused."""
     import jax
 
     from floe_jax.config import ModelConfig
@@ -343,10 +350,41 @@ def test_an_answer_on_no_edge_token_is_a_reported_failure(fake, top):
                       num_heads=2, num_kv_heads=1)  # fmt: skip
     params = init_params(cfg, key=jax.random.key(0))
     client = HTTPCloud(srv.url, top_k=3, token_ids=True, mapper=StringMapper(
-        vocab_of(VOCAB), AlignConfig(fallback="none")))  # fmt: skip
+        vocab_of(VOCAB), AlignConfig(fallback=fallback)))  # fmt: skip
     res = generate_fused(params, cfg, [[0, 1]], cloud=GuardedCloud(client, PrivacyDetector(ALLOW)),
                          decode=lambda ids: "x" * len(ids), clock=SimClock(),
                          config=FusedDecodeConfig(max_new_tokens=2, fusion=CLOUD_TOPK,
                                                   deadline_s=1e9))  # fmt: skip
     client.close()
     assert res.share_fused == 0.0 and res.failures["unmapped"] == 2
+
+
+def test_token_id_keys_without_a_cloud_tokenizer_are_edge_ids(fake):
+    """`token_ids=True` with only the edge's tokenizer (a shared tokenizer): `token_id:N` is edge
+    id N, never the text `token_id:N` run through the string fallback."""
+    srv = fake(lambda h, p, b: send(h, 200, completion({"token_id:1": -0.2, "token_id:2": -1.0})))
+    client = HTTPCloud(srv.url, top_k=2, token_ids=True, edge_tokenizer=VOCAB)
+    out = client.next_token([Prefix(text="hi")])
+    client.close()
+    assert out.ok[0] and sorted(out.top_ids[0].tolist()) == [1, 2]
+
+
+def test_a_body_cut_short_is_a_retried_failure_not_an_exception(fake):
+    """A server that promises 1000 bytes and closes after 10: a connection error, retried, and
+    reported as the row's failure (nothing raises out of `next_token`)."""
+
+    def cut(h, path, body):
+        h.send_response(200)
+        h.send_header("Content-Length", "1000")
+        h.end_headers()
+        h.wfile.write(b'{"choices"')
+        h.wfile.flush()
+        h.close_connection = True
+
+    srv = fake(cut)
+    client = HTTPCloud(srv.url, top_k=3, timeout_s=1.0, retries=1, backoff_s=0.01,
+                       edge_tokenizer=VOCAB)  # fmt: skip
+    out = client.next_token([Prefix(text="hi")])
+    client.close()
+    assert not out.ok[0] and out.errors[0].startswith("connection error"), out.errors
+    assert len(srv.bodies) == 2  # the first attempt and one retry

@@ -130,6 +130,7 @@ def test_n_seed_and_top_p(client):
     [
         ({"temperature": "hot"}, "temperature"),
         ({"seed": "x"}, "seed"),
+        ({"seed": -1, "temperature": 1.0}, "seed"),
         ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": 65}, "max_tokens"),
         ({"logprobs": 21}, "logprobs"),

@@ -47,6 +47,7 @@ FALLBACKS = ("prefix", "edit", "none")
 TAILS = ("edge", "uniform", "renorm")
 _ROLES = ("bos", "eos", "unk", "pad")
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+_TOKEN_ID = re.compile(r"^token_id:(-?\d+)$")  # vLLM's `return_tokens_as_token_ids` keys
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -309,16 +310,26 @@ def build_map(cloud: Vocab, edge: Vocab, config: AlignConfig = AlignConfig()) ->
 
 class StringMapper:
     """Maps token strings as APIs return them (decoded surface text, or raw vocab spellings, or
-    `token_id:N`) to edge ids, on the host, with the same exact-then-fallback rule."""
+    `token_id:N`) to edge ids, on the host, with the same exact-then-fallback rule.
+
+    An id (`token_id=`, or a `token_id:N` key) goes through `vocab_map` when there is one; without
+    one it is taken as an edge id (a shared tokenizer) when it is inside the edge vocabulary, and
+    is unmapped (-1) otherwise: never matched as text.
+    """
 
     def __init__(self, edge: Vocab, config: AlignConfig = AlignConfig(), vocab_map=None):
         self.edge, self.fb, self.vocab_map = edge, _Fallback(edge, config.fallback), vocab_map
 
     def __call__(self, token: str, token_id: int | None = None) -> int:
-        if token_id is not None and self.vocab_map is not None:
-            if 0 <= token_id < self.vocab_map.cloud_size:
-                return int(self.vocab_map.cloud_to_edge[token_id])
-            return -1
+        m = _TOKEN_ID.match(token) if token_id is None else None
+        if m:
+            token_id = int(m.group(1))
+        if token_id is not None:  # an id, never a string to match: mapped, or the edge's own
+            if self.vocab_map is not None:
+                if 0 <= token_id < self.vocab_map.cloud_size:
+                    return int(self.vocab_map.cloud_to_edge[token_id])
+                return -1
+            return token_id if 0 <= token_id < self.edge.size else -1
         i = self.edge.by_surface.get(token, -1)  # APIs usually send decoded text
         if i < 0:
             i = self.edge.lookup(token)  # or the raw vocab spelling

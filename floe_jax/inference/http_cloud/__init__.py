@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import http.client
 import json
 import os
 import threading
@@ -228,8 +229,8 @@ class HTTPCloud:
                     raise CloudError(f"deadline: no answer within {self.deadline_s}s "
                                      f"({last})") from None  # fmt: skip
                 last, wait = f"timeout: no answer within {self.timeout_s}s ({self.url})", None
-            except OSError as e:
-                last = f"connection error: {e} ({self.url})"
+            except (OSError, http.client.HTTPException) as e:  # e.g. a body cut short
+                last = f"connection error: {type(e).__name__}: {e} ({self.url})"
                 wait = None
             else:
                 if resp.status == 200:
