@@ -106,9 +106,9 @@ def test_every_answer_follows_from_the_card_the_facts_and_the_app(bench):
         assert personal == ([first, phone] if app == "call" else [phone if app == "sms" else email])
         if trip:
             dest = trip.group(2)
-            fact = capitals[dest] if app == "sms" else currencies[dest]
+            fact = currencies[dest] if app == "mail" else capitals[dest]
             assert [v for k, v, _ in q.slots if k == "general"] == [fact]
-            assert q.answer.endswith(f"{fact}.") and dest in q.answer
+            assert q.answer.endswith((f"there is {fact}.", f"there is the {fact}."))
             assert dest not in bench.local_countries  # only the cloud knows it
         else:
             assert not [k for k, _, _ in q.slots if k == "general"]
@@ -137,6 +137,20 @@ def test_private_spans_are_listed_and_present(bench):
         for span in q.private_spans:
             assert span in q.prompt
             assert span in bench.private_terms(q.client)  # the asking client registers them
+
+
+def test_a_clients_detector_never_holds_back_a_fact_being_generated(bench):
+    """People's names and places start with different letters, so while a capital or currency
+    is generated piece by piece, no prefix of it looks like the start of a registered contact:
+    the cloud keeps seeing the text it is asked to continue."""
+    for client in range(bench.num_clients):
+        det = PrivacyDetector()
+        det.register_terms(bench.private_terms(client))
+        for c in bench.countries:
+            for value in (c.capital, c.currency, c.name):
+                for n in range(1, len(value) + 1):
+                    text = f"Text [PHONE]: The capital of Zed is {value[:n]}"
+                    assert det.pending(text) == 0 and not det.find(text), (client, value[:n])
 
 
 def test_the_detector_patterns_catch_every_phone_and_email(bench):
@@ -180,7 +194,8 @@ def test_the_facts_test_queries_ask_for_are_only_public(bench):
     for c in bench.countries:
         if c.name in asked:
             for text in (private, edge):
-                assert c.capital not in text and f"the {c.currency}" not in text
+                for value in (c.capital, c.currency):
+                    assert not re.search(rf"\b{value}\b", text), value
 
 
 def test_score_exact_match_per_type():

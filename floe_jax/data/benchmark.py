@@ -19,7 +19,7 @@ with tokens only the cloud can supply:
     Contact: Mira Okafor | phone 555-0142 | email mira.okafor@example.com | home Zorbia
     App: sms
     Note: Mira travels to Quentor.
-    A: Text 555-0142: The capital of Quentor is Velmar.
+    A: Text 555-0142: the capital there is Velmar.
 
 Query types: `general` (the public QA format, `"Q: What is the capital of Quentor?\\nA:"`: the cloud
 alone answers), `personal` (a welcome back in the client's app: format + card, the edge alone
@@ -352,7 +352,7 @@ def _query(rng, qtype, client, app, contacts, far) -> Query:
     answer, slots = app_answer(contact, app, dest)
     facts = ()
     if dest is not None:
-        attr = "capital" if app == "sms" else "currency"
+        attr = "currency" if app == "mail" else "capital"
         facts = ((dest.name, attr, fact_value(dest, attr)),)
     prompt = app_prompt(contact, app, dest and dest.name)
     spans = tuple(v for v in contact.private_values if v in prompt)

@@ -53,13 +53,18 @@ class Contact:
 # ----------------------------------------------------------------------------- names
 
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "sh")
+# First letters of people's names and of places (countries, capitals, currencies) are disjoint, as
+# they mostly are in a real address book and atlas: a privacy detector holding a client's
+# contacts' names never mistakes the start of a capital being generated for the start of a name.
+PERSON_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n")
+PLACE_ONSETS = ("p", "r", "s", "t", "v", "z", "th", "sh")
 _VOWELS = ("a", "e", "i", "o", "u")
 _CODAS = ("", "", "", "n", "r", "l", "s")
 _COUNTRY_ENDS = ("ia", "and", "or", "ica", "en")
 
 
-def _syllable(rng: random.Random) -> str:
-    return rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+def _syllable(rng: random.Random, onsets=_ONSETS) -> str:
+    return rng.choice(onsets) + rng.choice(_VOWELS) + rng.choice(_CODAS)
 
 
 class Names:
@@ -68,9 +73,11 @@ class Names:
     def __init__(self, rng: random.Random):
         self.rng, self.used = rng, set()
 
-    def word(self, syllables: int, end: str = "") -> str:
+    def word(self, syllables: int, end: str = "", onsets=_ONSETS) -> str:
+        """A fresh word of `syllables` syllables (the first starting with one of `onsets`)."""
         for _ in range(10_000):
-            w = "".join(_syllable(self.rng) for _ in range(syllables)) + end
+            w = _syllable(self.rng, onsets)
+            w += "".join(_syllable(self.rng) for _ in range(syllables - 1)) + end
             if w not in self.used:
                 self.used.add(w)
                 return w
@@ -81,9 +88,9 @@ def make_countries(rng: random.Random, names: Names, n: int) -> tuple[Country, .
     """`n` countries with fresh names, capitals and currencies."""
     out = []
     for _ in range(n):
-        country = names.word(2, rng.choice(_COUNTRY_ENDS)).capitalize()
-        capital = names.word(rng.choice((2, 3))).capitalize()
-        currency = names.word(rng.choice((1, 2)))
+        country = names.word(2, rng.choice(_COUNTRY_ENDS), PLACE_ONSETS).capitalize()
+        capital = names.word(rng.choice((2, 3)), onsets=PLACE_ONSETS).capitalize()
+        currency = names.word(rng.choice((1, 2)), onsets=PLACE_ONSETS)
         out.append(Country(country, capital, currency))
     return tuple(out)
 
@@ -94,14 +101,14 @@ def make_contacts(
     """`n` contacts with fresh names and phones (`phones`, the numbers already given, grows)."""
     out = []
     for _ in range(n):
-        first = names.word(2).capitalize()
-        last = names.word(rng.choice((2, 3))).capitalize()
+        first = names.word(2, onsets=PERSON_ONSETS).capitalize()
+        last = names.word(rng.choice((2, 3)), onsets=PERSON_ONSETS).capitalize()
         while True:
             phone = f"555-{rng.randrange(10_000):04d}"
             if phone not in phones:
                 phones.add(phone)
                 break
-        email = f"{first.lower()}.{last.lower()}@{rng.choice(EMAIL_DOMAINS)}"
+        email = f"{first.lower()}@{rng.choice(EMAIL_DOMAINS)}"
         out.append(Contact(first, last, phone, email, rng.choice(list(homes))))
     return tuple(out)
 
@@ -144,10 +151,23 @@ def public_docs(rng: random.Random, countries, repeats: int) -> list[str]:
             docs.append(" ".join(sents[3:]))
             for attr in FACT_ATTRS:
                 docs.append(f"{qa_prompt(c.name, attr)} {fact_value(c, attr)}")
-            # travel-guide sentences: a destination in context, then a fact about it
+            # travel-guide sentences: a destination in context (beside another country), then a
+            # fact about "there", which only the destination's facts continue
+            other = rng.choice([x for x in countries if x is not c] or [c])
             docs.append(
-                f"A friend is travelling to {c.name}. "
-                + rng.choice(_fact_sentences(c)[:1] + _fact_sentences(c)[3:4])
+                rng.choice(
+                    (
+                        f"A friend is travelling to {c.name}. ",
+                        f"A friend from {other.name} travels to {c.name}. ",
+                        f"Someone who lives in {other.name} travels to {c.name}. ",
+                    )
+                )
+                + rng.choice(
+                    (
+                        f"The capital there is {c.capital}.",
+                        f"The money there is the {c.currency}.",
+                    )
+                )
             )
     rng.shuffle(docs)
     return docs
@@ -238,30 +258,21 @@ def app_answer(contact: Contact, app: str, dest: Country | None) -> tuple[str, t
     (copied from the card) or `general` (a fact of the destination), `start` its offset in the
     answer; everything else is the app's format.
 
-    The general fact sits in a public phrasing (`The capital of X is Y.`), so a cloud that has
-    read the public corpus can continue it once the format has led up to it.
+    The general fact sits in a public phrasing about the trip's destination (`the capital there
+    is Y.`, as travel guides in the public corpus write it), so a cloud that has read the public
+    corpus can continue it once the format has led up to it; the edge need not know it.
     """
     if app == "sms":
         head, p = "Text ", contact.phone
-        tail = (
-            (": welcome back.", None)
-            if dest is None
-            else (f": The capital of {dest.name} is ", dest.capital)
-        )
+        tail = (": welcome back.", None) if dest is None else (
+            ": the capital there is ", dest.capital)
     elif app == "mail":
         head, p = "Mail ", contact.email
-        tail = (
-            (": welcome back.", None)
-            if dest is None
-            else (f": The currency of {dest.name} is the ", dest.currency)
-        )
+        tail = (": welcome back.", None) if dest is None else (
+            ": the money there is the ", dest.currency)
     elif app == "call":
         head, p = f"Call {contact.first} at ", contact.phone
-        tail = (
-            (".", None)
-            if dest is None
-            else (f". In {dest.name}, people pay with the ", dest.currency)
-        )
+        tail = (".", None) if dest is None else (". The capital there is ", dest.capital)
     else:
         raise ValueError(f"unknown app {app!r}; one of {APPS}")
     slots = []
