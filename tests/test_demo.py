@@ -309,11 +309,11 @@ def _tiny_real_preset(root):
         test_per_client=2, dtype="float32",
         fed=dataclasses.replace(
             smoke.fed, rounds=dataclasses.replace(smoke.fed.rounds, clients_per_round=2),
-            baselines=(),
+            baselines=(), local=False, centralized=False,
         ),
         eval=dataclasses.replace(
             smoke.eval, decode=dataclasses.replace(smoke.eval.decode, max_new_tokens=3),
-            latency_queries=1,
+            latency_queries=1, oracle=False,
         ),
     )  # fmt: skip
 
@@ -322,9 +322,9 @@ def test_real_model_preset_on_tiny_stand_ins(tmp_path):
     preset = _tiny_real_preset(tmp_path)
     result = demo.run_demo(preset, str(tmp_path / "run"), progress=False)
     assert (tmp_path / "run" / "report.md").is_file()
-    rows = {r["method"]: r for r in result["rows"]}
-    assert set(rows["Floe (full)"]["per_task"]) == {"math", "words"}
-    assert rows["Floe (full)"]["accuracy"]["n_overall"] == 4
+    rows = {r["id"]: r for r in result["rows"]}
+    assert set(rows["floe"]["per_task"]) == {"math", "words"}
+    assert rows["floe"]["accuracy"]["n_overall"] == 4
     assert all(r["private_spans_to_cloud"] == 0 for r in rows.values() if r["guarded"])
     assert result["clients"]["client_tasks"] in (["math", "words"], ["words", "math"])
 
