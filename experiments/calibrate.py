@@ -74,7 +74,6 @@ def prepare(preset: DemoPreset, *, progress: bool = True) -> Prepared:
     t0 = time.perf_counter()
     bench, tok, cloud_tok = benchmark_and_tokenizers(preset)
     times["benchmark+tokenizers"] = time.perf_counter() - t0
-    tag = json.dumps(dataclasses.asdict(preset.bench), sort_keys=True)
     out = {}
     for which, docs, tk in (
         ("cloud", bench.public_docs, cloud_tok),
@@ -87,7 +86,6 @@ def prepare(preset: DemoPreset, *, progress: bool = True) -> Prepared:
             getattr(preset, f"{which}_pretrain"),
             cache_dir=preset.cache_dir,
             name=f"{which}",
-            tag=tag,
             progress=progress,
         )
         times[f"pretrain {which}"] = time.perf_counter() - t0
