@@ -195,9 +195,12 @@ class DemoFed:
 
 
 DEMO_DECODE = FusedDecodeConfig(
-    max_new_tokens=32, deadline_s=0.25, fusion=FusionConfig(gate="entropy")
+    max_new_tokens=32, deadline_s=0.25, fusion=FusionConfig(gate="edge")
 )
-"""How the demo decodes (the eos and pad ids come from the tokenizer at run time)."""
+"""How the demo decodes (the eos and pad ids come from the tokenizer at run time). The router is
+the edge-certainty gate: on the embedded benchmark the cloud answers the redacted prompts
+confidently where it cannot know (the app formats), so the two-sided entropy gate hands it those
+tokens; it runs beside Floe as the `floe-gate-entropy` ablation."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -8,6 +8,7 @@ import pytest
 from floe_jax.config import ConfigError
 from floe_jax.inference.router import (
     FusionConfig,
+    edge_gate,
     edge_weight,
     entropy,
     entropy_gate,
@@ -37,6 +38,17 @@ def test_entropy_gate_formula_and_symmetry():
     np.testing.assert_allclose(w, [want], rtol=1e-5)
     assert float(w[0]) > 0.5  # the more certain edge gets more weight
     np.testing.assert_allclose(entropy_gate(_logp(pe), _logp(pe), T), [0.5], rtol=1e-6)
+
+
+def test_edge_gate_is_the_edges_normalised_certainty_whatever_the_cloud():
+    pe = np.array([[0.9, 0.05, 0.05], [1 / 3, 1 / 3, 1 / 3], [1.0, 0.0, 0.0]])
+    he = -(pe[0] * np.log(pe[0])).sum()
+    want = [1 - he / np.log(3), 0.0, 1.0]
+    np.testing.assert_allclose(edge_gate(_logp(pe)), want, atol=1e-6)
+    confident_cloud = _logp(np.array([[0.0, 1.0, 0.0]] * 3) + 1e-30)
+    cfg = FusionConfig(gate="edge")
+    w = edge_weight(_logp(pe), confident_cloud, jnp.array([True, True, False]), cfg)
+    np.testing.assert_allclose(w, [want[0], 0.0, 1.0], atol=1e-6)  # no cloud: w = 1
 
 
 def test_maxprob_gate():

@@ -90,6 +90,10 @@ def methods(preset: DemoPreset | RealPreset, runs: set[str]) -> list[Method]:
                          fused))  # fmt: skip
     if ev.ablations:
         ms.append(Method("floe-no-deadline", "Floe, no deadline", FLOE, guard, waits))
+        other = "entropy" if fused.fusion.gate != "entropy" else "edge"
+        ms.append(Method(f"floe-gate-{other}", f"Floe, router gate {other}", FLOE, guard,
+                         dataclasses.replace(fused, fusion=dataclasses.replace(
+                             fused.fusion, gate=other))))  # fmt: skip
     if FLOE_DP in runs:
         ms.append(Method(FLOE_DP, "Floe + client-level DP", FLOE_DP, guard, fused))
     if CENTRAL in runs:

@@ -12,6 +12,11 @@ so floe_jax offers the natural published candidates (`FusionConfig.gate`):
   the two experts, is smooth in both, and reduces to `w = 1/2` when they are equally certain; it is
   the confidence rule of entropy-weighted ensembling (and of PackLLM's importance weighting with a
   per-token instead of a per-query score).
+- `"edge"`: `w = 1 - H(p_e) / log V`, the edge's own normalised certainty: the adapted edge
+  decides the tokens it is sure of and hands the rest to the cloud, whatever the cloud's own
+  certainty. For a cloud that answers a redacted, out-of-distribution prompt confidently but
+  wrongly (a placeholder where a name was, a private format it never saw), the two-sided
+  `"entropy"` gate hands such tokens to the cloud; the demo measures both (`README.md`).
 - `"maxprob"`: `w = max p_e / (max p_e + max p_c)`.
 - `"fixed"`: `w = FusionConfig.fixed_w`.
 
@@ -37,7 +42,7 @@ import jax.numpy as jnp
 from floe_jax.config import ConfigError, require_finite
 from floe_jax.inference.align import AlignConfig
 
-GATES = ("entropy", "maxprob", "fixed", "proxy")
+GATES = ("entropy", "edge", "maxprob", "fixed", "proxy")
 SPACES = ("prob", "log")
 
 
@@ -83,6 +88,11 @@ def entropy_gate(logp_e_BV, logp_c_BV, temperature: float = 1.0) -> jax.Array:
     return jax.nn.sigmoid((entropy(logp_c_BV) - entropy(logp_e_BV)) / temperature)
 
 
+def edge_gate(logp_e_BV) -> jax.Array:
+    """`w = 1 - H(p_e) / log V`: 1 for a one-hot edge, 0 for a uniform one. [B]."""
+    return jnp.clip(1.0 - entropy(logp_e_BV) / jnp.log(logp_e_BV.shape[-1]), 0.0, 1.0)
+
+
 def maxprob_gate(logp_e_BV, logp_c_BV) -> jax.Array:
     """`w = max p_e / (max p_e + max p_c)`. [B]."""
     me, mc = jnp.exp(logp_e_BV.max(-1)), jnp.exp(logp_c_BV.max(-1))
@@ -93,6 +103,8 @@ def edge_weight(logp_e_BV, logp_c_BV, cloud_ok_B, config: FusionConfig) -> jax.A
     """Per-row edge weight w [B] in [0, 1]; rows without a cloud distribution get 1."""
     if config.gate == "entropy":
         w = entropy_gate(logp_e_BV, logp_c_BV, config.temperature)
+    elif config.gate == "edge":
+        w = edge_gate(logp_e_BV)
     elif config.gate == "maxprob":
         w = maxprob_gate(logp_e_BV, logp_c_BV)
     elif config.gate == "proxy":
