@@ -442,8 +442,6 @@ class LocalCloud:
         if self.top_k is None:
             return CloudDistribution(ok=ok, logprobs=dense, errors=errors)
         ids, lps = topk_rows(dense, self.top_k)
-        ids = np.where(ok[:, None], ids, -1).astype(np.int32)
-        lps = np.where(ok[:, None], lps, -np.inf).astype(np.float32)
         tokens = None
         if self.tokenizer is not None:
             tokens = [[token_string(self.tokenizer, i) for i in row] for row in ids]
