@@ -55,11 +55,15 @@ class CloudError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Prefix:
     """One request: the text so far, as ids and/or text. `stream` names the request stream so a
-    back end can keep state (a KV cache) between successive prefixes of one generation."""
+    back end can keep state (a KV cache) between successive prefixes of one generation.
+    `budget_s`: wall seconds, from when the back end starts on it, after which the answer is of
+    no use (the fused loop's per-token deadline less the network's delay); a back end that waits
+    on something (`HTTPCloud`) gives up then, so an abandoned request frees its worker."""
 
     ids: tuple[int, ...] | None = None
     text: str | None = None
     stream: object = None
+    budget_s: float | None = None
 
     def __post_init__(self):
         if self.ids is None and self.text is None:
@@ -109,7 +113,7 @@ class Draft(Prefix):
         text = None
         if self.text is not None and self.text_ends and self.text_ends[j] >= 0:
             text = self.text[: self.text_ends[j]]
-        return Prefix(ids=ids, text=text, stream=self.stream)
+        return Prefix(ids=ids, text=text, stream=self.stream, budget_s=self.budget_s)
 
 
 @dataclasses.dataclass

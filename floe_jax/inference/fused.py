@@ -244,6 +244,20 @@ class FusedLog:
     failures: Counter = dataclasses.field(default_factory=Counter)
 
 
+def request_budget(run: FusedRun, delay_s: float | None) -> float | None:
+    """Wall seconds a cloud request may take once started (`Prefix.budget_s`): the deadline less
+    the network's delay (simulated time counts the measured compute against the deadline too),
+    under `SimClock` at most `real_timeout_s` (all of it when the network fixes the compute)."""
+    c = run.config
+    sim = getattr(run.clock, "simulated", False)
+    if sim and run.network is not None and run.network.server_ms is not None:
+        return c.real_timeout_s
+    budget = max(c.deadline_s - (delay_s or 0.0), 0.0)
+    if sim:
+        return min(budget, c.real_timeout_s)
+    return budget if math.isfinite(budget) else None
+
+
 def _send(run: FusedRun, active: list[int], log: FusedLog):
     """Puts token t's cloud requests of the active rows on the pool: (futures, delays)."""
     futures, delays = {}, {}
@@ -255,6 +269,7 @@ def _send(run: FusedRun, active: list[int], log: FusedLog):
         text = run.decode(ids) if run.decode is not None else None
         prefix = Prefix(ids=ids, text=text, stream=(run.stream, b))
         d = run.network.sample(prefix.payload_bytes()) if run.network is not None else 0.0
+        prefix = dataclasses.replace(prefix, budget_s=request_budget(run, d))
         delays[b] = d
         futures[b] = run.pool.submit(call_cloud, run.guard, prefix, d, sleep)
     return futures, delays

@@ -248,7 +248,7 @@ def decode_round(run, r: int, edge, log, spec: SpecLog, length: DraftLength, slo
     """One speculative round of every active row: feed the last token, draft k, one cloud call
     per row, accept. Appends the tokens to `log`; returns the edge carry for the next round.
     `slots`: [next cache slot, cache slots] of the edge, kept on the host."""
-    from floe_jax.inference.fused import edge_half  # fused.py dispatches here
+    from floe_jax.inference.fused import edge_half, request_budget  # fused.py dispatches here
 
     c, clock = run.config, run.clock
     sim = getattr(clock, "simulated", False)
@@ -279,6 +279,7 @@ def decode_round(run, r: int, edge, log, spec: SpecLog, length: DraftLength, slo
         for b in active:
             draft = _draft_of(run, b, run.rows[b] + log.outs[b], drafted[b].tolist())
             delays[b] = run.network.sample(draft.payload_bytes()) if run.network else 0.0
+            draft = dataclasses.replace(draft, budget_s=request_budget(run, delays[b]))
             futures[b] = run.pool.submit(call_cloud, run.guard, draft, delays[b], sleep)
     t_send = clock.now()
     if sim:

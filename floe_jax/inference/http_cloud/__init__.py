@@ -58,6 +58,7 @@ from floe_jax.inference.http_cloud.transport import Cancelled, Transport
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 APIS = ("completions", "chat")
+MAX_STREAMS = 4096  # chat streams whose first message is remembered
 
 
 class HTTPCloud:
@@ -166,22 +167,39 @@ class HTTPCloud:
         self._pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="httpcloud")
         self._lock = threading.Lock()
         self._prompts: collections.OrderedDict = collections.OrderedDict()  # stream -> first text
+        self._forgotten: collections.OrderedDict = collections.OrderedDict()  # evicted streams
         self.failures: Counter[str] = Counter()
         self.requests = 0
 
     # -------------------------------------------------------------- request bodies
     def _messages(self, p: Prefix) -> tuple[list[dict], bool]:
-        """The conversation of a prefix, and whether it ends in a partial assistant reply."""
+        """The conversation of a prefix, and whether it ends in a partial assistant reply.
+
+        Raises `CloudError("position: ...")` when the answer's first token would not be the
+        reply's next one: a partial reply without `continue_final` (the server would start a new
+        turn), or a stream whose first text is unknown (evicted) or no longer a prefix."""
         text = p.text
-        first = None
+        first, seen = None, False
         if p.stream is not None:
             with self._lock:
+                if p.stream in self._forgotten:
+                    raise CloudError(f"position: this stream's first message was forgotten "
+                                     f"(over {MAX_STREAMS} streams)")  # fmt: skip
+                seen = p.stream in self._prompts
                 first = self._prompts.setdefault(p.stream, text)
                 self._prompts.move_to_end(p.stream)
-                while len(self._prompts) > 4096:
-                    self._prompts.popitem(last=False)
+                while len(self._prompts) > MAX_STREAMS:
+                    self._forgotten[self._prompts.popitem(last=False)[0]] = None
+                while len(self._forgotten) > 16 * MAX_STREAMS:
+                    self._forgotten.popitem(last=False)
+        if seen and not text.startswith(first):
+            raise CloudError("position: the stream's text no longer extends its first message, "
+                             "so the reply's next token cannot be asked for")  # fmt: skip
         msgs = [{"role": "system", "content": self.system}] if self.system else []
-        if first is not None and len(text) > len(first) and text.startswith(first):
+        if first is not None and len(text) > len(first):
+            if not self.continue_final:
+                raise CloudError("position: continue_final=False sends the partial reply as "
+                                 "a finished turn: the answer would start a new one")  # fmt: skip
             msgs += [{"role": "user", "content": first},
                      {"role": "assistant", "content": text[len(first) :]}]  # fmt: skip
             return msgs, True
@@ -194,7 +212,7 @@ class HTTPCloud:
                 raise CloudError("bad prefix: HTTPCloud(api='chat') got a prefix without text")
             msgs, partial = self._messages(p)
             body.update(messages=msgs, logprobs=True, top_logprobs=k)
-            if partial and self.continue_final:
+            if partial:
                 body.update(continue_final_message=True, add_generation_prompt=False)
         else:
             if self.prompt == "ids" and p.ids is not None:
@@ -210,15 +228,17 @@ class HTTPCloud:
 
     # -------------------------------------------------------------- one request
     def request(self, p: Prefix) -> list[tuple[str, float]]:
-        """One prefix -> [(token, log-prob)] best first, within `deadline_s` (retries and waits
-        included); raises `CloudError` with the reason, the server's message in it."""
+        """One prefix -> [(token, log-prob)] best first, within `deadline_s` and the prefix's
+        `budget_s` (retries and waits included); raises `CloudError` with the reason, the
+        server's message in it."""
         start = time.monotonic()
+        limit = self.deadline_s if p.budget_s is None else min(self.deadline_s, p.budget_s)
         waited = 0.0  # time spent in `sleep` (virtual under a fake sleep)
         attempt, last = 0, "no attempt"
         while True:
             k = self.top_k
             data = json.dumps(self._body(p, k)).encode()
-            end = start + self.deadline_s - waited  # the request's (waits in `sleep` count)
+            end = start + limit - waited  # the request's (waits in `sleep` count)
             deadline = min(time.monotonic() + self.timeout_s, end)
             try:
                 resp = self._transport.post(self._endpoint, data, deadline)
@@ -226,7 +246,7 @@ class HTTPCloud:
                 if "closed" in str(e):
                     raise CloudError("closed: the client was closed") from None
                 if time.monotonic() >= end:
-                    raise CloudError(f"deadline: no answer within {self.deadline_s}s "
+                    raise CloudError(f"deadline: no answer within {limit:.3g}s "
                                      f"({last})") from None  # fmt: skip
                 last, wait = f"timeout: no answer within {self.timeout_s}s ({self.url})", None
             except (OSError, http.client.HTTPException) as e:  # e.g. a body cut short
@@ -248,9 +268,9 @@ class HTTPCloud:
                 raise CloudError(f"{last} (after {attempt + 1} attempts)")
             wait = self.backoff_s * 2**attempt if wait is None else wait
             spent = time.monotonic() - start + waited
-            if spent + wait >= self.deadline_s:
+            if spent + wait >= limit:
                 raise CloudError(f"deadline: a retry in {wait:.3g}s would pass the "
-                                 f"{self.deadline_s}s deadline ({last})")  # fmt: skip
+                                 f"{limit:.3g}s deadline ({last})")  # fmt: skip
             self._sleep(wait)
             waited += wait
             attempt += 1

@@ -10,6 +10,7 @@ what came before (a held-back or redacted span, or a withheld prefix).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 from floe_jax.inference.privacy.detector import Decision, PrivacyDetector
@@ -53,8 +54,6 @@ class GuardedCloud:
 
     def screen(self, prefix):
         """(prefix to send or None, decision)."""
-        from floe_jax.inference.cloud import Prefix
-
         text = prefix.text
         if text is None and self.decode is not None and prefix.ids is not None:
             text = self.decode(list(prefix.ids))
@@ -65,9 +64,9 @@ class GuardedCloud:
         if d.action == "edge_only":
             return None, d
         if d.action == "allow":
-            return Prefix(ids=prefix.ids, text=text, stream=prefix.stream), d
+            return dataclasses.replace(prefix, text=text), d
         ids = self.encode(d.text) if self.encode is not None else None
-        return Prefix(ids=ids, text=d.text, stream=prefix.stream), d
+        return dataclasses.replace(prefix, ids=ids, text=d.text), d
 
     def next_token(self, prefixes):
         """Screens every prefix and asks the back end for the allowed ones."""
@@ -109,6 +108,7 @@ class GuardedCloud:
                     ids=last.ids if ids else None,
                     text=last.text if texts else None,
                     stream=draft.stream,
+                    budget_s=draft.budget_s,
                     id_ends=tuple(len(p.ids) for p in sent) if ids else None,
                     text_ends=tuple(len(p.text) for p in sent) if texts else None,
                 )
