@@ -212,9 +212,10 @@ def test_config_names_the_bad_field(field, value):
         FusedDecodeConfig(max_new_tokens=4, speculate=2, fusion=FusionConfig(gate="proxy"))
 
 
-def test_http_cloud_without_scoring_keeps_the_output():
-    """`HTTPCloud` does not score drafts yet: the guard asks it for the first position alone, so
-    speculation over `serve_cloud` is one token per call, with the token-by-token output."""
+def test_http_cloud_scores_a_draft_in_one_request():
+    """Over loopback `serve_cloud`, `HTTPCloud.score` asks for a drafted continuation's
+    log-probs in one completions request (`echo` with `logprobs`): greedy speculative output is
+    the token-by-token output, with more than one token per cloud call."""
     from _serve_util import chat_model, chat_tokenizer
 
     from floe_jax.inference.http_cloud import HTTPCloud
@@ -223,15 +224,18 @@ def test_http_cloud_without_scoring_keeps_the_output():
     tok = chat_tokenizer()
     cfg, params = chat_model(tok, context=256)
     ecfg, eparams = tiny_model(cfg.vocab_size, 5)
-    prompts = [tok.encode("the quick brown fox")]
+    prompts = [tok.encode("the quick brown fox"), tok.encode("a small")]
+    fusion = FusionConfig(gate="fixed", fixed_w=0.5)
     with serve_cloud(params, cfg, tok, model_name="tiny") as srv:
-        out = []
-        for k in (0, 3):
+        out, requests = [], []
+        for k in (0, 4):
             client = HTTPCloud(srv.url, model="tiny", top_k=5, prompt="ids", token_ids=True)
-            config = FusedDecodeConfig(max_new_tokens=4, deadline_s=1e9, speculate=k)
+            config = FusedDecodeConfig(max_new_tokens=8, deadline_s=1e9, speculate=k, top_k=5,
+                                       fusion=fusion)  # fmt: skip
             guard = GuardedCloud(client, PrivacyDetector(ALLOW))
             out.append(generate_fused(eparams, ecfg, prompts, cloud=guard, clock=SimClock(),
                                       config=config))  # fmt: skip
             client.close()
-    assert out[1].tokens == out[0].tokens and out[1].share_fused == 1.0
-    assert out[1].speculation["tokens_per_call"] == 1.0
+            requests.append(client.requests)
+    assert out[1].tokens == out[0].tokens and out[1].share_fused == 1.0 and not out[1].failures
+    assert out[1].speculation["tokens_per_call"] > 1.0 and requests[1] < requests[0]

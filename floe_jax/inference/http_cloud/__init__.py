@@ -45,11 +45,12 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from floe_jax.inference.align import AlignConfig, StringMapper, build_map, vocab_of
-from floe_jax.inference.cloud import CloudDistribution, CloudError, Prefix
+from floe_jax.inference.cloud import CloudDistribution, CloudError, Draft, Prefix
 from floe_jax.inference.http_cloud.parse import (
     TOKEN_ID,
     chat_top,
     completion_top,
+    echo_rows,
     error_message,
     logprobs_cap,
     retry_after,
@@ -227,7 +228,7 @@ class HTTPCloud:
         return body
 
     # -------------------------------------------------------------- one request
-    def request(self, p: Prefix) -> list[tuple[str, float]]:
+    def request(self, p: Prefix, *, echo: bool = False):
         """One prefix -> [(token, log-prob)] best first, within `deadline_s` and the prefix's
         `budget_s` (retries and waits included); raises `CloudError` with the reason, the
         server's message in it."""
@@ -237,7 +238,10 @@ class HTTPCloud:
         attempt, last = 0, "no attempt"
         while True:
             k = self.top_k
-            data = json.dumps(self._body(p, k)).encode()
+            body = self._body(p, k)
+            if echo:
+                body["echo"] = True
+            data = json.dumps(body).encode()
             end = start + limit - waited  # the request's (waits in `sleep` count)
             deadline = min(time.monotonic() + self.timeout_s, end)
             try:
@@ -254,6 +258,8 @@ class HTTPCloud:
                 wait = None
             else:
                 if resp.status == 200:
+                    if echo:
+                        return echo_rows(resp.body)
                     return chat_top(resp.body) if self.api == "chat" else completion_top(resp.body)
                 msg = error_message(resp.body)
                 last = f"HTTP {resp.status}: {msg} ({self.url})"
@@ -295,26 +301,30 @@ class HTTPCloud:
                 out.append(-1 if cid is None or cid < 0 else cid)
         return out
 
+    def _row(self, top: list[tuple[str, float]]):
+        toks = [t for t, _ in top]
+        ids = self._ids(toks)
+        if all(i < 0 for i in ids):
+            raise CloudError(f"unmapped: none of the cloud's {len(toks)} tokens maps to the "
+                             f"edge vocabulary (first: {toks[:3]!r})")  # fmt: skip
+        return toks, ids, [lp for _, lp in top]
+
+    def _failed(self, e: CloudError) -> str:
+        reason = str(e)
+        with self._lock:
+            self.failures[reason.split(":")[0].split(" (")[0]] += 1
+        return reason
+
     def _one(self, p: Prefix):
         with self._lock:
             self.requests += 1
         try:
-            top = self.request(p)
-            toks = [t for t, _ in top]
-            ids = self._ids(toks)
-            if all(i < 0 for i in ids):
-                raise CloudError(f"unmapped: none of the cloud's {len(toks)} tokens maps to the "
-                                 f"edge vocabulary (first: {toks[:3]!r})")  # fmt: skip
-            return (toks, ids, [lp for _, lp in top]), None
+            return self._row(self.request(p)), None
         except CloudError as e:
-            reason = str(e)
-            with self._lock:
-                self.failures[reason.split(":")[0].split(" (")[0]] += 1
-            return None, reason
+            return None, self._failed(e)
 
-    def next_token(self, prefixes: Sequence[Prefix]) -> CloudDistribution:
-        results = list(self._pool.map(self._one, prefixes))
-        B, K = len(prefixes), max(self.asked_k, 1)
+    def _rows(self, results) -> CloudDistribution:
+        B, K = len(results), max(self.asked_k, 1)
         ok = np.zeros(B, bool)
         ids = np.full((B, K), -1, np.int32)
         lps = np.full((B, K), -np.inf, np.float32)
@@ -333,6 +343,49 @@ class HTTPCloud:
         return CloudDistribution(
             ok=ok, top_ids=ids, top_tokens=tokens, top_logprobs=lps, errors=errors
         )
+
+    def score(self, draft: Draft) -> CloudDistribution:
+        """The cloud's top-k at each of the draft's k + 1 positions from one completions request
+        (`echo` with `logprobs`: the prompt's log-probs, as OpenAI's legacy API, vLLM and
+        `serve_cloud` give them; `max_tokens=1` adds the position after the whole draft).
+
+        Positions are found by token count (`prompt="ids"`: position j is `id_ends[j]` tokens
+        in) or by `text_offset` (text: the token that starts at `text_ends[j]` characters); one
+        the cloud's tokens do not start at is missing (`unscorable`). Chat has no prompt
+        log-probs: position 0 alone is asked for (the guard asks `next_token`)."""
+        P = draft.positions
+        if self.api == "chat":
+            return CloudDistribution.missing(P, "unscorable")
+        with self._lock:
+            self.requests += 1
+        by_ids = self.prompt == "ids" and draft.ids is not None and draft.id_ends is not None
+        try:
+            if not by_ids and (draft.text is None or draft.text_ends is None):
+                raise CloudError("bad prefix: HTTPCloud(prompt='text') got a draft without text")
+            rows, offsets = self.request(draft, echo=True)
+        except CloudError as e:
+            return CloudDistribution.missing(P, self._failed(e))
+        if by_ids:
+            where = list(draft.id_ends)
+        else:
+            first = {}
+            for i, o in enumerate(offsets):
+                if i >= 1:
+                    first.setdefault(o, i)
+            where = [first.get(e, -1) if e >= 0 else -1 for e in draft.text_ends]
+        results = []
+        for i in where:
+            if not 1 <= i < len(rows) or rows[i] is None:
+                results.append((None, "unscorable"))
+                continue
+            try:
+                results.append((self._row(rows[i]), None))
+            except CloudError as e:
+                results.append((None, self._failed(e)))
+        return self._rows(results)
+
+    def next_token(self, prefixes: Sequence[Prefix]) -> CloudDistribution:
+        return self._rows(list(self._pool.map(self._one, prefixes)))
 
     def close(self) -> None:
         """Cancels what is in flight (each request ends at once, with reason `closed`) and
