@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import statistics
 import time
 
@@ -291,9 +292,92 @@ def mode_latency_rows(quick: bool = False, repeats: int | None = None) -> list[d
     return rows
 
 
+class _IdTokenizer:
+    """Token i is spelled `<i>`: a tokenizer for a random model served and asked by id."""
+
+    eos_token_id = None
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def get_vocab(self) -> dict[str, int]:
+        return {f"<{i}>": i for i in range(self.vocab_size)}
+
+    def decode(self, ids) -> str:
+        return "".join(f"<{int(i)}>" for i in ids)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [int(x) for x in re.findall(r"<(\d+)>", text)]
+
+
+LOOPBACK_RTTS_MS = (0.0, 20.0, 150.0)
+
+
+def loopback_rows(quick: bool = False, repeats: int | None = None) -> list[dict]:
+    """Token-by-token and speculative fused decoding against the real `serve_cloud` over
+    loopback (`HTTPCloud`, token ids; a draft scored with `echo`), in wall time (`RealClock`):
+    the RTT on top of loopback is slept by the request's worker (0: bare loopback). Greedy, no
+    deadline; modes interleaved, medians of the repeats."""
+    from floe_jax.inference.deadline import RealClock
+    from floe_jax.inference.http_cloud import HTTPCloud
+    from floe_jax.inference.server import serve_cloud
+
+    edge_cfg = FJ_REF
+    edge = init_params(edge_cfg, key=jax.random.key(0))
+    edge = {**edge, "norm": edge["norm"] * 6}
+    cloud_cfg, cloud_params = related_cloud(edge_cfg, edge, scale=0.3)
+    N, k = (16 if quick else 32), 8
+    repeats = repeats or (1 if quick else 3)
+    prompts = [list(range(3, 40))]
+    allow = PrivacyDetector(PrivacyPolicy(action="allow"))
+    modes = {"fused, token by token (loopback)": 0, f"fused, speculative k<={k} (loopback)": k}
+    with serve_cloud(cloud_params, cloud_cfg, _IdTokenizer(cloud_cfg.vocab_size)) as srv:
+
+        def once(rtt, spec):
+            client = HTTPCloud(srv.url, top_k=20, prompt="ids", token_ids=True, timeout_s=60)
+            config = FusedDecodeConfig(max_new_tokens=N, fusion=FusionConfig(),
+                                       deadline_s=1e6, speculate=spec)  # fmt: skip
+            net = SimulatedNetwork(rtt_ms=rtt, sigma=0.25 if rtt else 0.0, seed=0)
+            try:
+                return generate_fused(edge, edge_cfg, prompts, config=config, clock=RealClock(),
+                                      cloud=GuardedCloud(client, allow), network=net)  # fmt: skip
+            finally:
+                client.close()
+
+        for spec in modes.values():  # compile, both sides
+            once(0.0, spec)
+        runs: dict[tuple, list] = {}
+        for _ in range(repeats):
+            for rtt in LOOPBACK_RTTS_MS:
+                for name, spec in modes.items():
+                    runs.setdefault((rtt, name), []).append(once(rtt, spec))
+    rows = []
+    for rtt in LOOPBACK_RTTS_MS:
+        tbt = runs[(rtt, next(iter(modes)))]
+        base = tbt[0].tokens[0]
+        ref_ms = statistics.median(_timing(r)[1] for r in tbt)
+        for name in modes:
+            rs = runs[(rtt, name)]
+            per = statistics.median(_timing(r)[1] for r in rs)
+            s = rs[0].speculation
+            agree = np.mean([a == b for a, b in zip(rs[0].tokens[0], base, strict=False)])
+            rows.append(dict(
+                rtt_ms=rtt, mode=name,
+                first_token_ms=statistics.median(_timing(r)[0] for r in rs), ms_per_token=per,
+                vs_token_by_token=f"{ref_ms / per:.2f}x",
+                acceptance=s.get("acceptance", float("nan")),
+                tokens_per_call=s.get("tokens_per_call", 1.0), greedy_agreement=float(agree),
+                share_fused=float(np.mean([r.share_fused for r in rs])),
+            ))  # fmt: skip
+    return rows
+
+
 def run_latency(quick: bool = False) -> list[dict]:
     print(f"machine: {machine()}  (numbers on a busy machine are provisional)", flush=True)
     rows = mode_latency_rows(quick)
     print_table(rows, "Latency by mode and RTT (SimClock: measured compute, lognormal RTT, "
                       "greedy, no deadline misses; medians of interleaved repeats)")  # fmt: skip
-    return rows
+    loop = loopback_rows(quick)
+    print_table(loop, "Over the real loopback serve-cloud (RealClock; RTT slept per request on "
+                      "top of loopback; greedy; medians of interleaved repeats)")  # fmt: skip
+    return rows + [dict(table="loopback", **r) for r in loop]
