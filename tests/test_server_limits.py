@@ -131,3 +131,42 @@ def test_many_prompts_are_tokenized_off_the_event_loop(tok):
 
     loop_thread = asyncio.run(run())
     assert threads and all(t is not loop_thread for t in threads)
+
+
+def test_new_requests_do_not_hold_up_live_streams(tok):
+    """The engine prefills at most one prompt bucket per iteration: three requests of three
+    buckets arriving together are admitted one at a time, with a step of the live stream
+    between them (not three prefills, and three compiles, while it waits)."""
+    import numpy as np
+
+    from floe_jax.inference.server.engine import Engine
+
+    cfg, params = chat_model(tok, context=256)
+    events, lock = [], threading.Lock()
+
+    class Job:
+        def __init__(self, name, n, max_tokens):
+            self.name, self.prompt, self.max_tokens, self.got = name, [5] * n, max_tokens, 0
+
+        def on_logprobs(self, lp):
+            with lock:
+                events.append(self.name)
+            self.got += 1
+            return None if self.got >= self.max_tokens else int(np.argmax(lp))
+
+        def on_error(self, msg):
+            raise AssertionError(msg)
+
+    engine = Engine(params, cfg, max_batch=4)
+    live = Job("live", 3, 40)
+    assert engine.submit(live)
+    assert _wait(lambda: live.got >= 2)
+    with engine._cv:  # the three arrive together: queued in one go (the lock is reentrant)
+        for name, n in (("a", 20), ("b", 40), ("c", 100)):
+            assert engine.submit(Job(name, n, 1))
+    assert _wait(lambda: all(x in events for x in "abc"), 60)
+    engine.close()
+    first = {x: events.index(x) for x in "abc"}
+    order = sorted(first.values())
+    for lo, hi in zip(order, order[1:], strict=False):
+        assert "live" in events[lo:hi], events

@@ -3,12 +3,13 @@
 Shapes: B rows of a cohort (padded to a batch bucket), P prompt bucket, N cache headroom,
 V vocab.
 
-Requests arrive from the HTTP event loop as `Job`s. The engine thread loops: it admits every job
-queued since the last iteration, prefilling jobs of the same prompt bucket together (one `prefill`
-call of up to `max_batch` rows, its cache sized for the longest of them), then advances every
-live cohort by one token (one `advance` call per cohort). Jobs that arrive together share their
-decode steps; a long job never blocks the admission of new ones, which start their own cohort at
-the next iteration.
+Requests arrive from the HTTP event loop as `Job`s. The engine thread loops: it admits at most one
+prefill's worth of queued jobs (the oldest and those of its prompt bucket, up to `max_batch`
+rows, its cache sized for the longest of them), then advances every live cohort by one token
+(one `advance` call per cohort), so new requests never hold up the streams already running. Jobs
+that arrive together share their decode steps; a long job never blocks the admission of new ones,
+which start their own cohort. Cohorts are not merged: requests that arrive one at a time decode
+as cohorts of one row each.
 Log-probs come back to the host once per call ([B, V] float32), where each job chooses its token
 (its own temperature, top-p, seed, stop strings) and reports progress to the event loop.
 
@@ -174,13 +175,29 @@ class Engine:
                     self._queue.clear()
                     self._cohorts.clear()
                     break
-                new = list(self._queue)
-                self._queue.clear()
+                new = self._next_prefill()
             if new:
                 self._admit(new)
             self._advance()
         for job in pending:
             job.on_error("the server is shutting down")
+
+    def _next_prefill(self) -> list[Job]:
+        """The jobs of one prefill, taken off the queue (under the lock): the oldest job and
+        the queued jobs of its prompt bucket, up to `max_batch`. One prefill per iteration, so
+        a burst of new requests never holds up the live cohorts' next steps."""
+        if not self._queue:
+            return []
+        bucket = bucket_length(len(self._queue[0].prompt), self.buckets)
+        take, keep = [], collections.deque()
+        for job in self._queue:
+            fits = len(take) < self.max_batch
+            if fits and bucket_length(len(job.prompt), self.buckets) == bucket:
+                take.append(job)
+            else:
+                keep.append(job)
+        self._queue = keep
+        return take
 
     def _admit(self, jobs: list[Job]) -> None:
         groups: dict[int, list[Job]] = collections.defaultdict(list)
