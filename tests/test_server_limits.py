@@ -154,11 +154,11 @@ def test_new_requests_do_not_hold_up_live_streams(tok):
             self.got += 1
             return None if self.got >= self.max_tokens else int(np.argmax(lp))
 
-        def on_error(self, msg):
-            raise AssertionError(msg)
+        def on_error(self, msg):  # only the shutdown's, for the live job at the end
+            self.error = msg
 
     engine = Engine(params, cfg, max_batch=4)
-    live = Job("live", 3, 40)
+    live = Job("live", 3, 240)  # long enough to outlive the three prefills
     assert engine.submit(live)
     assert _wait(lambda: live.got >= 2)
     with engine._cv:  # the three arrive together: queued in one go (the lock is reentrant)
