@@ -388,3 +388,50 @@ def test_a_body_cut_short_is_a_retried_failure_not_an_exception(fake):
     client.close()
     assert not out.ok[0] and out.errors[0].startswith("connection error"), out.errors
     assert len(srv.bodies) == 2  # the first attempt and one retry
+
+
+def test_a_hanging_server_costs_the_fused_deadline_not_the_request_timeout(fake):
+    """Under `SimClock` a request the fused loop can no longer use is cancelled at the token's
+    deadline (`Prefix.budget_s`), not at HTTPCloud's own (5 s here): three tokens against a
+    server that never answers take well under one request timeout of wall time."""
+    srv = fake(lambda h, path, body: srv.release.wait(10))
+    cfg, params = tiny_model(64, 0)
+    config = FusedDecodeConfig(max_new_tokens=3, deadline_s=0.2)
+    for _ in range(2):  # the first compiles
+        client = HTTPCloud(srv.url, top_k=3, timeout_s=5.0, retries=0, edge_tokenizer=VOCAB)
+        guard = GuardedCloud(client, PrivacyDetector(ALLOW))
+        t0 = time.monotonic()
+        res = generate_fused(params, cfg, [[5, 6, 7]], cloud=guard, clock=SimClock(),
+                             decode=lambda ids: "x" * len(ids), config=config)  # fmt: skip
+        took = time.monotonic() - t0
+        client.close()
+    assert res.share_fused == 0.0 and set(res.failures) == {"deadline"}
+    assert took < 2.5, took
+
+
+def _chat_answer(h, path, body):
+    top = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in TOP.items()]
+    content = [{"token": " the", "logprob": -0.5, "top_logprobs": top}]
+    send(h, 200, {"choices": [{"logprobs": {"content": content}}]})
+
+
+def test_chat_never_fuses_a_new_turn_as_the_reply(fake, monkeypatch):
+    """A partial reply sent as a finished turn (continue_final=False), a stream whose text no
+    longer extends its first message, and a forgotten stream are failures (`position`): the
+    answer's first token would not be the reply's next one."""
+    import floe_jax.inference.http_cloud as hc
+
+    srv = fake(_chat_answer)
+    plain = HTTPCloud(srv.url, api="chat", top_k=3, edge_tokenizer=VOCAB, continue_final=False)
+    first = plain.next_token([Prefix(text="hi", stream="s")])
+    later = plain.next_token([Prefix(text="hi the", stream="s")])
+    plain.close()
+    assert first.ok[0] and not later.ok[0] and later.errors[0].startswith("position")
+    monkeypatch.setattr(hc, "MAX_STREAMS", 1)
+    chat = HTTPCloud(srv.url, api="chat", top_k=3, edge_tokenizer=VOCAB)
+    asks = [("hi", "a"), ("hi the", "a"), ("yo", "a"), ("ho", "b"), ("hi the a", "a")]
+    rows = [chat.next_token([Prefix(text=t, stream=s)]) for t, s in asks]
+    chat.close()
+    assert [r.ok[0] for r in rows] == [True, True, False, True, False]
+    assert rows[2].errors[0].startswith("position") and rows[4].errors[0].startswith("position")
+    assert chat.failures["position"] == 2 and len(srv.bodies) == 1 + 3

@@ -135,7 +135,8 @@ def test_n_seed_and_top_p(client):
         ({"max_tokens": 65}, "max_tokens"),
         ({"logprobs": 21}, "logprobs"),
         ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"echo": True}, "echo"),
+        ({"echo": True, "stream": True}, "echo"),  # echo is implemented, not when streaming
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
         ({"nonsense_field": 1}, "nonsense_field"),
         ({"prompt": "the " * 200}, "prompt"),  # past the 96-token context
         ({"prompt": 3}, "prompt"),
@@ -200,6 +201,37 @@ def test_batched_requests_get_the_numbers_of_single_ones(model, tok, local):
         assert c.finish == "length" and c.ids == _greedy(local, ids, len(c.ids))
         np.testing.assert_allclose(c.logprobs[-1], local.logprobs(ids + c.ids[:-1])[c.ids[-1]],
                                    atol=2e-5)  # fmt: skip
+
+
+def test_echo_and_prompt_logprobs_score_the_prompt(server, local, tok):
+    """`echo` with `logprobs` (OpenAI legacy) and vLLM's `prompt_logprobs` give the model's
+    log-probs after every prompt prefix, from the request's one prefill."""
+    ids = encode_text(tok, "the dog sat on the")
+    steps = server.engine.stats["prefills"]
+    status, body = _post(server.url + "/v1/completions", {
+        "model": "tiny", "prompt": ids, "max_tokens": 1, "temperature": 0, "logprobs": 3,
+        "echo": True, "prompt_logprobs": 2, "return_tokens_as_token_ids": True})  # fmt: skip
+    assert status == 200 and server.engine.stats["prefills"] == steps + 1
+    row = body["choices"][0]
+    lp = row["logprobs"]
+    assert lp["tokens"][: len(ids)] == [f"token_id:{i}" for i in ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert len(lp["top_logprobs"]) == len(ids) + 1
+    for n in range(1, len(ids) + 1):  # position n: after ids[:n]
+        want = local.logprobs(ids[:n])
+        top = lp["top_logprobs"][n]
+        best = np.argsort(-want, kind="stable")[:3]
+        assert [f"token_id:{i}" for i in best] == list(top)
+        np.testing.assert_allclose(list(top.values()), want[best], atol=2e-5)
+        if n < len(ids):
+            np.testing.assert_allclose(lp["token_logprobs"][n], want[ids[n]], atol=2e-5)
+            vl = row["prompt_logprobs"][n]
+            assert str(ids[n]) in vl and len(vl) <= 3
+            np.testing.assert_allclose(vl[str(ids[n])]["logprob"], want[ids[n]], atol=2e-5)
+    assert row["prompt_logprobs"][0] is None and len(row["prompt_logprobs"]) == len(ids)
+    status, err = _post(server.url + "/v1/completions", {
+        "model": "tiny", "prompt": "x", "echo": True, "stream": True})  # fmt: skip
+    assert status == 400 and err["error"]["param"] == "echo"
 
 
 def test_cli_validates_and_loads_local_files_only(tmp_path, monkeypatch):

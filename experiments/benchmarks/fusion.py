@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import statistics
 import time
 
@@ -193,3 +194,190 @@ if __name__ == "__main__":
     import sys
 
     run(quick="--quick" in sys.argv)
+
+
+# ----------------------------------------------------------------------------- bench latency
+
+RTTS_MS = (20.0, 50.0, 150.0, 300.0)
+
+
+def related_cloud(edge_cfg, edge_params, *, extra_layers: int = 4, scale: float = 0.5, seed=1):
+    """A deeper cloud that agrees with the edge the way a model and its distilled edge do: the
+    edge's embedding, head and layers, then `extra_layers` random layers whose residual writes
+    (`o_proj`, `down_proj`) are scaled by `scale`. Random weights give no such pair (a random
+    edge and a random cloud agree on almost no greedy token), and speculation is only worth
+    measuring on a pair that agrees as real ones do; the acceptance rate is reported beside."""
+    cfg = dataclasses.replace(edge_cfg, num_layers=edge_cfg.num_layers + extra_layers)
+    fresh = init_params(cfg, key=jax.random.key(seed))
+    L = edge_cfg.num_layers
+
+    def layer(path, e, f):
+        tail = f[L:] * (scale if any(k in ("o_proj", "down_proj") for k in path) else 1.0)
+        return jnp.concatenate([e, tail.astype(e.dtype)])
+
+    layers = jax.tree_util.tree_map_with_path(
+        lambda p, e, f: layer([getattr(k, "key", None) for k in p], e, f),
+        edge_params["layers"], fresh["layers"],
+    )  # fmt: skip
+    return cfg, {**edge_params, "layers": layers}
+
+
+def _timing(res) -> tuple[float, float]:
+    """(first-token ms, ms per token after the first) of one generation."""
+    lat = np.asarray(res.latency_s)
+    n = sum(len(t) for t in res.tokens)
+    first = float(lat[0])
+    return first * 1e3, float((lat.sum() - first) / max(n - 1, 1) * 1e3)
+
+
+def mode_latency_rows(quick: bool = False, repeats: int | None = None) -> list[dict]:
+    """Edge-only, cloud-only, token-by-token fused and speculative fused decoding at each RTT
+    (`SimClock`: measured compute, simulated lognormal network), greedy, no deadline misses.
+    Modes are interleaved in time and repeated; medians are reported."""
+    edge_cfg = FJ_REF
+    edge = init_params(edge_cfg, key=jax.random.key(0))
+    edge = {**edge, "norm": edge["norm"] * 6}  # peaked distributions, as trained models have
+    cloud_cfg, cloud_params = related_cloud(edge_cfg, edge, scale=0.3)
+    N = 16 if quick else 48
+    k = 8
+    repeats = repeats or (1 if quick else 3)
+    prompts = [list(range(3, 40))]
+    allow = PrivacyDetector(PrivacyPolicy(action="allow"))
+    inf = float("inf")
+    modes = {
+        "edge-only": (FusionConfig(gate="fixed", fixed_w=1.0), 0, False),
+        "cloud-only": (FusionConfig(gate="fixed", fixed_w=0.0), 0, True),
+        "fused, token by token": (FusionConfig(), 0, True),
+        f"fused, speculative k<={k}": (FusionConfig(), k, True),
+    }
+
+    def once(rtt, fusion, spec, with_cloud, adapt=True):
+        cloud = None
+        if with_cloud:
+            cloud = GuardedCloud(LocalCloud(cloud_params, cloud_cfg, headroom=2 * N + k + 8), allow)
+        config = FusedDecodeConfig(max_new_tokens=N, fusion=fusion, deadline_s=inf, speculate=spec,
+                                   adapt_k=adapt)  # fmt: skip
+        net = SimulatedNetwork(rtt_ms=rtt, sigma=0.25, seed=0)
+        return generate_fused(edge, edge_cfg, prompts, cloud=cloud, config=config,
+                              clock=SimClock(), network=net)  # fmt: skip
+
+    for fusion, spec, with_cloud in modes.values():  # compile
+        once(50.0, fusion, spec, with_cloud)
+    for kk in (1, 2, 4, k):  # every length bucket of the cloud's draft forward
+        once(50.0, FusionConfig(), kk, True, adapt=False)
+    runs: dict[tuple, list] = {}
+    for _ in range(repeats):
+        for rtt in RTTS_MS:
+            for name, m in modes.items():
+                runs.setdefault((rtt, name), []).append(once(rtt, *m))
+    rows = []
+    for rtt in RTTS_MS:
+        base = runs[(rtt, "fused, token by token")][0].tokens[0]
+        ref_ms = statistics.median(_timing(r)[1] for r in runs[(rtt, "fused, token by token")])
+        for name in modes:
+            rs = runs[(rtt, name)]
+            first = statistics.median(_timing(r)[0] for r in rs)
+            per = statistics.median(_timing(r)[1] for r in rs)
+            s = rs[0].speculation
+            toks = rs[0].tokens[0]
+            agree = np.mean([a == b for a, b in zip(toks, base, strict=False)])
+            rows.append(dict(
+                rtt_ms=rtt, mode=name, first_token_ms=first, ms_per_token=per,
+                vs_token_by_token=f"{ref_ms / per:.2f}x" if "fused" in name else "",
+                acceptance=s.get("acceptance", float("nan")),
+                tokens_per_call=s.get("tokens_per_call", 1.0 if "only" not in name
+                                      or name == "cloud-only" else 0.0),
+                greedy_agreement=float(agree) if "fused" in name else float("nan"),
+            ))  # fmt: skip
+    return rows
+
+
+class _IdTokenizer:
+    """Token i is spelled `<i>`: a tokenizer for a random model served and asked by id."""
+
+    eos_token_id = None
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def get_vocab(self) -> dict[str, int]:
+        return {f"<{i}>": i for i in range(self.vocab_size)}
+
+    def decode(self, ids) -> str:
+        return "".join(f"<{int(i)}>" for i in ids)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [int(x) for x in re.findall(r"<(\d+)>", text)]
+
+
+LOOPBACK_RTTS_MS = (0.0, 20.0, 150.0)
+
+
+def loopback_rows(quick: bool = False, repeats: int | None = None) -> list[dict]:
+    """Token-by-token and speculative fused decoding against the real `serve_cloud` over
+    loopback (`HTTPCloud`, token ids; a draft scored with `echo`), in wall time (`RealClock`):
+    the RTT on top of loopback is slept by the request's worker (0: bare loopback). Greedy, no
+    deadline; modes interleaved, medians of the repeats."""
+    from floe_jax.inference.deadline import RealClock
+    from floe_jax.inference.http_cloud import HTTPCloud
+    from floe_jax.inference.server import serve_cloud
+
+    edge_cfg = FJ_REF
+    edge = init_params(edge_cfg, key=jax.random.key(0))
+    edge = {**edge, "norm": edge["norm"] * 6}
+    cloud_cfg, cloud_params = related_cloud(edge_cfg, edge, scale=0.3)
+    N, k = (16 if quick else 32), 8
+    repeats = repeats or (1 if quick else 3)
+    prompts = [list(range(3, 40))]
+    allow = PrivacyDetector(PrivacyPolicy(action="allow"))
+    modes = {"fused, token by token (loopback)": 0, f"fused, speculative k<={k} (loopback)": k}
+    with serve_cloud(cloud_params, cloud_cfg, _IdTokenizer(cloud_cfg.vocab_size)) as srv:
+
+        def once(rtt, spec):
+            client = HTTPCloud(srv.url, top_k=20, prompt="ids", token_ids=True, timeout_s=60)
+            config = FusedDecodeConfig(max_new_tokens=N, fusion=FusionConfig(),
+                                       deadline_s=1e6, speculate=spec)  # fmt: skip
+            net = SimulatedNetwork(rtt_ms=rtt, sigma=0.25 if rtt else 0.0, seed=0)
+            try:
+                return generate_fused(edge, edge_cfg, prompts, config=config, clock=RealClock(),
+                                      cloud=GuardedCloud(client, allow), network=net)  # fmt: skip
+            finally:
+                client.close()
+
+        for spec in modes.values():  # compile, both sides
+            once(0.0, spec)
+        runs: dict[tuple, list] = {}
+        for _ in range(repeats):
+            for rtt in LOOPBACK_RTTS_MS:
+                for name, spec in modes.items():
+                    runs.setdefault((rtt, name), []).append(once(rtt, spec))
+    rows = []
+    for rtt in LOOPBACK_RTTS_MS:
+        tbt = runs[(rtt, next(iter(modes)))]
+        base = tbt[0].tokens[0]
+        ref_ms = statistics.median(_timing(r)[1] for r in tbt)
+        for name in modes:
+            rs = runs[(rtt, name)]
+            per = statistics.median(_timing(r)[1] for r in rs)
+            s = rs[0].speculation
+            agree = np.mean([a == b for a, b in zip(rs[0].tokens[0], base, strict=False)])
+            rows.append(dict(
+                rtt_ms=rtt, mode=name,
+                first_token_ms=statistics.median(_timing(r)[0] for r in rs), ms_per_token=per,
+                vs_token_by_token=f"{ref_ms / per:.2f}x",
+                acceptance=s.get("acceptance", float("nan")),
+                tokens_per_call=s.get("tokens_per_call", 1.0), greedy_agreement=float(agree),
+                share_fused=float(np.mean([r.share_fused for r in rs])),
+            ))  # fmt: skip
+    return rows
+
+
+def run_latency(quick: bool = False) -> list[dict]:
+    print(f"machine: {machine()}  (numbers on a busy machine are provisional)", flush=True)
+    rows = mode_latency_rows(quick)
+    print_table(rows, "Latency by mode and RTT (SimClock: measured compute, lognormal RTT, "
+                      "greedy, no deadline misses; medians of interleaved repeats)")  # fmt: skip
+    loop = loopback_rows(quick)
+    print_table(loop, "Over the real loopback serve-cloud (RealClock; RTT slept per request on "
+                      "top of loopback; greedy; medians of interleaved repeats)")  # fmt: skip
+    return rows + [dict(table="loopback", **r) for r in loop]

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from floe_jax.inference.cloud import CloudDistribution, Prefix
+from floe_jax.inference.cloud import CloudDistribution, Draft, Prefix
 
 
 class RealClock:
@@ -96,18 +96,21 @@ class SimulatedNetwork:
 
 
 def call_cloud(guard, prefix: Prefix, delay_s: float | None, sleep: bool):
-    """Worker: asks `guard` (a `GuardedCloud`) for one prefix. Returns (distribution, compute
-    seconds) and never raises: a lost request (`delay_s is None`) or a broken back end is a
-    missing row. `sleep`: wait out `delay_s` first (a simulated network under a real clock)."""
+    """Worker: asks `guard` (a `GuardedCloud`) for one prefix, or to score one `Draft` (one row
+    per position). Returns (distribution, compute seconds) and never raises: a lost request
+    (`delay_s is None`) or a broken back end is missing. `sleep`: wait out `delay_s` first (a
+    simulated network under a real clock)."""
+    rows = prefix.positions if isinstance(prefix, Draft) else 1
     if delay_s is None:
-        return CloudDistribution.missing(1, "lost"), 0.0
+        return CloudDistribution.missing(rows, "lost"), 0.0
     if sleep and delay_s > 0:
         time.sleep(delay_s)
     t0 = time.perf_counter()
     try:
-        d = guard.next_token([prefix]).sanitized()
+        d = guard.score(prefix) if rows > 1 else guard.next_token([prefix])
+        d = d.sanitized()
     except Exception as e:  # noqa: BLE001  (a broken back end degrades to the edge)
-        d = CloudDistribution.missing(1, f"{type(e).__name__}: {e}")
+        d = CloudDistribution.missing(rows, f"{type(e).__name__}: {e}")
     return d, time.perf_counter() - t0
 
 
@@ -131,7 +134,7 @@ def collect_simulated(futures, delays, deadline_s, real_timeout_s, server_s=None
         wait_s = max(wait_s, min(arrival, deadline_s))
         slowest = max(slowest, c_s if math.isfinite(c_s) else 0.0)
         if arrival > deadline_s and d.ok[0]:
-            d = CloudDistribution.missing(1, "deadline")
+            d = CloudDistribution.missing(d.batch, "deadline")
         got[b] = d
     return got, wait_s, slowest
 

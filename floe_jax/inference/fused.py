@@ -47,6 +47,7 @@ from floe_jax.inference.deadline import (
     collect_real,
     collect_simulated,
 )
+from floe_jax.inference.extend import rewindable
 from floe_jax.inference.privacy import GuardedCloud, PrivacyDetector
 from floe_jax.inference.replies import cloud_input, merge_rows, reason, unmapped_rows
 from floe_jax.inference.router import FusionConfig
@@ -73,6 +74,11 @@ class FusedDecodeConfig:
         single `fused_step` program after the wait.
       max_workers: threads that call the cloud.
       real_timeout_s: hard wall-time cap on waiting for one cloud reply under `SimClock`.
+      speculate: 0 decodes token by token; k > 0 decodes speculatively, one cloud call per round
+        of up to k drafted tokens (`floe_jax.inference.speculative`): the same greedy output,
+        the same distribution when sampling, fewer round trips.
+      adapt_k: choose each round's draft length in [1, speculate] from the measured acceptance
+        rate, round trip and edge step (False: always `speculate`).
     """
 
     max_new_tokens: int
@@ -87,6 +93,8 @@ class FusedDecodeConfig:
     overlap: bool = True
     max_workers: int = 8
     real_timeout_s: float = 30.0
+    speculate: int = 0
+    adapt_k: bool = True
 
     def __post_init__(self):
         for name in ("buckets", "batch_buckets"):
@@ -104,6 +112,10 @@ class FusedDecodeConfig:
             raise ConfigError(f"deadline_s must be >= 0, got {self.deadline_s}")
         if self.real_timeout_s <= 0:
             raise ConfigError(f"real_timeout_s must be > 0, got {self.real_timeout_s}")
+        if self.speculate < 0:
+            raise ConfigError(f"speculate must be >= 0, got {self.speculate}")
+        if self.speculate and self.fusion.gate == "proxy":
+            raise ConfigError('speculate needs a mixture gate: gate="proxy" is token by token')
 
 
 @dataclasses.dataclass
@@ -118,6 +130,11 @@ class FusedResult:
       fused: [N, B] the cloud's distribution was used for that token.
       failures: reasons rows had no cloud distribution (`deadline`, `privacy`, `lost`, errors...).
       privacy: the detector's counters (spans by type, requests by decision).
+      speculation: with `speculate`: cloud calls, calls answered in time, acceptance rate of
+        drafted tokens, tokens per call, mean draft length, drafts stopped early.
+
+    Under speculation a round's tokens arrive together: `latency_s` holds the round's time at its
+    first token and 0 at the others (the mean is still the time per token).
     """
 
     tokens: list[list[int]]
@@ -128,6 +145,7 @@ class FusedResult:
     fused: np.ndarray
     failures: Counter
     privacy: dict
+    speculation: dict = dataclasses.field(default_factory=dict)
 
     @property
     def share_fused(self) -> float:
@@ -185,6 +203,15 @@ class FusedRun:
         return self.guard.kind if self.guard is not None else "dense"
 
     @property
+    def cache_slots(self) -> int:
+        """Edge cache slots past the prompt: a draft needs k more; rows of a batch that keep
+        different numbers of drafted tokens leave gaps."""
+        c = self.config
+        if not c.speculate:
+            return c.max_new_tokens
+        return (1 if self.batch == 1 else 2) * c.max_new_tokens + c.speculate + 1
+
+    @property
     def cloud_size(self) -> int:
         V = self.cfg.vocab_size if self.vocab_map is None else self.vocab_map.cloud_size
         if self.kind == "dense" and self.guard is not None and getattr(self.guard, "vocab_size", 0):
@@ -217,6 +244,20 @@ class FusedLog:
     failures: Counter = dataclasses.field(default_factory=Counter)
 
 
+def request_budget(run: FusedRun, delay_s: float | None) -> float | None:
+    """Wall seconds a cloud request may take once started (`Prefix.budget_s`): the deadline less
+    the network's delay (simulated time counts the measured compute against the deadline too),
+    under `SimClock` at most `real_timeout_s` (all of it when the network fixes the compute)."""
+    c = run.config
+    sim = getattr(run.clock, "simulated", False)
+    if sim and run.network is not None and run.network.server_ms is not None:
+        return c.real_timeout_s
+    budget = max(c.deadline_s - (delay_s or 0.0), 0.0)
+    if sim:
+        return min(budget, c.real_timeout_s)
+    return budget if math.isfinite(budget) else None
+
+
 def _send(run: FusedRun, active: list[int], log: FusedLog):
     """Puts token t's cloud requests of the active rows on the pool: (futures, delays)."""
     futures, delays = {}, {}
@@ -228,16 +269,17 @@ def _send(run: FusedRun, active: list[int], log: FusedLog):
         text = run.decode(ids) if run.decode is not None else None
         prefix = Prefix(ids=ids, text=text, stream=(run.stream, b))
         d = run.network.sample(prefix.payload_bytes()) if run.network is not None else 0.0
+        prefix = dataclasses.replace(prefix, budget_s=request_budget(run, d))
         delays[b] = d
         futures[b] = run.pool.submit(call_cloud, run.guard, prefix, d, sleep)
     return futures, delays
 
 
-def _edge_half(run: FusedRun, t: int, edge: EdgeCarry) -> EdgeCarry:
+def edge_half(run: FusedRun, t: int, edge: EdgeCarry) -> EdgeCarry:
     """Prefill (t = 0) or advance the edge (and the proxy's base model) by one token."""
-    c, proxy = run.config, run.config.fusion.gate == "proxy"
+    proxy = run.config.fusion.gate == "proxy"
     if t == 0:
-        kw = dict(cfg=run.cfg, max_new_tokens=c.max_new_tokens, key=run.key)
+        kw = dict(cfg=run.cfg, max_new_tokens=run.cache_slots, key=run.key)
         done = jnp.asarray(np.arange(run.batch) >= run.n)
         state, logits = prefill_jit(
             run.params, run.tokens, run.mask, lora=run.lora, done=done, **kw
@@ -275,7 +317,7 @@ def decode_token(run: FusedRun, t: int, edge: EdgeCarry, log: FusedLog) -> EdgeC
     e0 = time.perf_counter()
     split = t == 0 or c.overlap or c.fusion.gate == "proxy"
     if split:
-        edge = _edge_half(run, t, edge)
+        edge = edge_half(run, t, edge)
         jax.block_until_ready((edge.logits, edge.base_logits))
     edge_s = time.perf_counter() - e0
     if not sim:  # wait for what is left of the deadline
@@ -399,12 +441,16 @@ def generate_fused(
         network=network, decode=decode, vocab_map=vocab_map, mapper=mapper, pool=pool,
         stream=object(),  # a new stream per run: a back end never mixes two runs' caches
     )  # fmt: skip
+    spec = None
     try:
         edge = EdgeCarry()
-        for t in range(c.max_new_tokens):
-            edge = decode_token(run, t, edge, log)
-            if log.done[:n].all():
-                break
+        if c.speculate:
+            spec = _speculate(run, edge, log)
+        else:
+            for t in range(c.max_new_tokens):
+                edge = decode_token(run, t, edge, log)
+                if log.done[:n].all():
+                    break
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
     steps = len(log.latency_s)
@@ -417,4 +463,24 @@ def generate_fused(
         fused=log.fused[:steps],
         failures=log.failures,
         privacy=guard.detector.stats() if guard is not None else {},
+        speculation=spec.summary() if spec is not None else {},
     )
+
+
+def _speculate(run: FusedRun, edge: EdgeCarry, log: FusedLog):
+    """The speculative loop: rounds until every row stopped (`floe_jax.inference.speculative`)."""
+    from floe_jax.inference import speculative  # it builds on this module's run and carry
+
+    c = run.config
+    prompt = run.tokens.shape[1]
+    if not rewindable(run.cfg, prompt + run.cache_slots):
+        raise ValueError("speculate needs a cache it can rewind: this model has sliding-window "
+                         "layers whose ring buffer is shorter than the cache")  # fmt: skip
+    spec = speculative.SpecLog()
+    length = speculative.DraftLength(k_max=c.speculate, deadline_s=c.deadline_s, adapt=c.adapt_k)
+    slots = [prompt, prompt + run.cache_slots]
+    r = 0
+    while not log.done[: run.n].all():
+        edge = speculative.decode_round(run, r, edge, log, spec, length, slots)
+        r += 1
+    return spec

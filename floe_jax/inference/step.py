@@ -55,6 +55,28 @@ def aligned_cloud(cloud: CloudInput, logp_e_BV, fusion: FusionConfig) -> jax.Arr
     )
 
 
+def fused_logp(
+    logits_BV: jax.Array,
+    cloud: CloudInput,
+    fusion: FusionConfig,
+    base_logits_BV: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(edge log-probs [B, V], fused log-probs [B, V], edge weight w [B]) of one position: the
+    alignment, the router and the fusion (the edge alone where `cloud.ok` is False)."""
+    logp_e = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+    logp_c = aligned_cloud(cloud, logp_e, fusion)
+    logp_c = jnp.where(cloud.ok[:, None], logp_c, logp_e)  # never let a missing row leak
+    w = edge_weight(logp_e, logp_c, cloud.ok, fusion)
+    if fusion.gate == "proxy":
+        if base_logits_BV is None:
+            raise ValueError('gate="proxy" needs the edge base logits (base_logits_BV)')
+        base = jax.nn.log_softmax(base_logits_BV.astype(jnp.float32), axis=-1)
+        fused = jnp.where(cloud.ok[:, None], proxy_tuning(logp_c, logp_e, base), logp_e)
+    else:
+        fused = fuse(logp_e, logp_c, w, fusion.space)
+    return logp_e, fused, w
+
+
 def fuse_sample(
     state: DecodeState,
     logits_BV: jax.Array,
@@ -71,17 +93,7 @@ def fuse_sample(
     `base_logits_BV`: the edge base model's logits (no adapters), for `fusion.gate="proxy"`.
     """
     with jax.named_scope("fuse"):
-        logp_e = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
-        logp_c = aligned_cloud(cloud, logp_e, fusion)
-        logp_c = jnp.where(cloud.ok[:, None], logp_c, logp_e)  # never let a missing row leak
-        w = edge_weight(logp_e, logp_c, cloud.ok, fusion)
-        if fusion.gate == "proxy":
-            if base_logits_BV is None:
-                raise ValueError('gate="proxy" needs the edge base logits (base_logits_BV)')
-            base = jax.nn.log_softmax(base_logits_BV.astype(jnp.float32), axis=-1)
-            fused = jnp.where(cloud.ok[:, None], proxy_tuning(logp_c, logp_e, base), logp_e)
-        else:
-            fused = fuse(logp_e, logp_c, w, fusion.space)
+        _, fused, w = fused_logp(logits_BV, cloud, fusion, base_logits_BV)
     state = append_token(state, fused, sampling=sampling, eos_id=eos_id, pad_id=pad_id)
     return state, {"w": w}
 

@@ -45,11 +45,12 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from floe_jax.inference.align import AlignConfig, StringMapper, build_map, vocab_of
-from floe_jax.inference.cloud import CloudDistribution, CloudError, Prefix
+from floe_jax.inference.cloud import CloudDistribution, CloudError, Draft, Prefix
 from floe_jax.inference.http_cloud.parse import (
     TOKEN_ID,
     chat_top,
     completion_top,
+    echo_rows,
     error_message,
     logprobs_cap,
     retry_after,
@@ -58,6 +59,7 @@ from floe_jax.inference.http_cloud.transport import Cancelled, Transport
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 APIS = ("completions", "chat")
+MAX_STREAMS = 4096  # chat streams whose first message is remembered
 
 
 class HTTPCloud:
@@ -166,22 +168,39 @@ class HTTPCloud:
         self._pool = cf.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="httpcloud")
         self._lock = threading.Lock()
         self._prompts: collections.OrderedDict = collections.OrderedDict()  # stream -> first text
+        self._forgotten: collections.OrderedDict = collections.OrderedDict()  # evicted streams
         self.failures: Counter[str] = Counter()
         self.requests = 0
 
     # -------------------------------------------------------------- request bodies
     def _messages(self, p: Prefix) -> tuple[list[dict], bool]:
-        """The conversation of a prefix, and whether it ends in a partial assistant reply."""
+        """The conversation of a prefix, and whether it ends in a partial assistant reply.
+
+        Raises `CloudError("position: ...")` when the answer's first token would not be the
+        reply's next one: a partial reply without `continue_final` (the server would start a new
+        turn), or a stream whose first text is unknown (evicted) or no longer a prefix."""
         text = p.text
-        first = None
+        first, seen = None, False
         if p.stream is not None:
             with self._lock:
+                if p.stream in self._forgotten:
+                    raise CloudError(f"position: this stream's first message was forgotten "
+                                     f"(over {MAX_STREAMS} streams)")  # fmt: skip
+                seen = p.stream in self._prompts
                 first = self._prompts.setdefault(p.stream, text)
                 self._prompts.move_to_end(p.stream)
-                while len(self._prompts) > 4096:
-                    self._prompts.popitem(last=False)
+                while len(self._prompts) > MAX_STREAMS:
+                    self._forgotten[self._prompts.popitem(last=False)[0]] = None
+                while len(self._forgotten) > 16 * MAX_STREAMS:
+                    self._forgotten.popitem(last=False)
+        if seen and not text.startswith(first):
+            raise CloudError("position: the stream's text no longer extends its first message, "
+                             "so the reply's next token cannot be asked for")  # fmt: skip
         msgs = [{"role": "system", "content": self.system}] if self.system else []
-        if first is not None and len(text) > len(first) and text.startswith(first):
+        if first is not None and len(text) > len(first):
+            if not self.continue_final:
+                raise CloudError("position: continue_final=False sends the partial reply as "
+                                 "a finished turn: the answer would start a new one")  # fmt: skip
             msgs += [{"role": "user", "content": first},
                      {"role": "assistant", "content": text[len(first) :]}]  # fmt: skip
             return msgs, True
@@ -194,7 +213,7 @@ class HTTPCloud:
                 raise CloudError("bad prefix: HTTPCloud(api='chat') got a prefix without text")
             msgs, partial = self._messages(p)
             body.update(messages=msgs, logprobs=True, top_logprobs=k)
-            if partial and self.continue_final:
+            if partial:
                 body.update(continue_final_message=True, add_generation_prompt=False)
         else:
             if self.prompt == "ids" and p.ids is not None:
@@ -209,16 +228,21 @@ class HTTPCloud:
         return body
 
     # -------------------------------------------------------------- one request
-    def request(self, p: Prefix) -> list[tuple[str, float]]:
-        """One prefix -> [(token, log-prob)] best first, within `deadline_s` (retries and waits
-        included); raises `CloudError` with the reason, the server's message in it."""
+    def request(self, p: Prefix, *, echo: bool = False):
+        """One prefix -> [(token, log-prob)] best first, within `deadline_s` and the prefix's
+        `budget_s` (retries and waits included); raises `CloudError` with the reason, the
+        server's message in it."""
         start = time.monotonic()
+        limit = self.deadline_s if p.budget_s is None else min(self.deadline_s, p.budget_s)
         waited = 0.0  # time spent in `sleep` (virtual under a fake sleep)
         attempt, last = 0, "no attempt"
         while True:
             k = self.top_k
-            data = json.dumps(self._body(p, k)).encode()
-            end = start + self.deadline_s - waited  # the request's (waits in `sleep` count)
+            body = self._body(p, k)
+            if echo:
+                body["echo"] = True
+            data = json.dumps(body).encode()
+            end = start + limit - waited  # the request's (waits in `sleep` count)
             deadline = min(time.monotonic() + self.timeout_s, end)
             try:
                 resp = self._transport.post(self._endpoint, data, deadline)
@@ -226,7 +250,7 @@ class HTTPCloud:
                 if "closed" in str(e):
                     raise CloudError("closed: the client was closed") from None
                 if time.monotonic() >= end:
-                    raise CloudError(f"deadline: no answer within {self.deadline_s}s "
+                    raise CloudError(f"deadline: no answer within {limit:.3g}s "
                                      f"({last})") from None  # fmt: skip
                 last, wait = f"timeout: no answer within {self.timeout_s}s ({self.url})", None
             except (OSError, http.client.HTTPException) as e:  # e.g. a body cut short
@@ -234,6 +258,8 @@ class HTTPCloud:
                 wait = None
             else:
                 if resp.status == 200:
+                    if echo:
+                        return echo_rows(resp.body)
                     return chat_top(resp.body) if self.api == "chat" else completion_top(resp.body)
                 msg = error_message(resp.body)
                 last = f"HTTP {resp.status}: {msg} ({self.url})"
@@ -248,9 +274,9 @@ class HTTPCloud:
                 raise CloudError(f"{last} (after {attempt + 1} attempts)")
             wait = self.backoff_s * 2**attempt if wait is None else wait
             spent = time.monotonic() - start + waited
-            if spent + wait >= self.deadline_s:
+            if spent + wait >= limit:
                 raise CloudError(f"deadline: a retry in {wait:.3g}s would pass the "
-                                 f"{self.deadline_s}s deadline ({last})")  # fmt: skip
+                                 f"{limit:.3g}s deadline ({last})")  # fmt: skip
             self._sleep(wait)
             waited += wait
             attempt += 1
@@ -275,26 +301,30 @@ class HTTPCloud:
                 out.append(-1 if cid is None or cid < 0 else cid)
         return out
 
+    def _row(self, top: list[tuple[str, float]]):
+        toks = [t for t, _ in top]
+        ids = self._ids(toks)
+        if all(i < 0 for i in ids):
+            raise CloudError(f"unmapped: none of the cloud's {len(toks)} tokens maps to the "
+                             f"edge vocabulary (first: {toks[:3]!r})")  # fmt: skip
+        return toks, ids, [lp for _, lp in top]
+
+    def _failed(self, e: CloudError) -> str:
+        reason = str(e)
+        with self._lock:
+            self.failures[reason.split(":")[0].split(" (")[0]] += 1
+        return reason
+
     def _one(self, p: Prefix):
         with self._lock:
             self.requests += 1
         try:
-            top = self.request(p)
-            toks = [t for t, _ in top]
-            ids = self._ids(toks)
-            if all(i < 0 for i in ids):
-                raise CloudError(f"unmapped: none of the cloud's {len(toks)} tokens maps to the "
-                                 f"edge vocabulary (first: {toks[:3]!r})")  # fmt: skip
-            return (toks, ids, [lp for _, lp in top]), None
+            return self._row(self.request(p)), None
         except CloudError as e:
-            reason = str(e)
-            with self._lock:
-                self.failures[reason.split(":")[0].split(" (")[0]] += 1
-            return None, reason
+            return None, self._failed(e)
 
-    def next_token(self, prefixes: Sequence[Prefix]) -> CloudDistribution:
-        results = list(self._pool.map(self._one, prefixes))
-        B, K = len(prefixes), max(self.asked_k, 1)
+    def _rows(self, results) -> CloudDistribution:
+        B, K = len(results), max(self.asked_k, 1)
         ok = np.zeros(B, bool)
         ids = np.full((B, K), -1, np.int32)
         lps = np.full((B, K), -np.inf, np.float32)
@@ -313,6 +343,49 @@ class HTTPCloud:
         return CloudDistribution(
             ok=ok, top_ids=ids, top_tokens=tokens, top_logprobs=lps, errors=errors
         )
+
+    def score(self, draft: Draft) -> CloudDistribution:
+        """The cloud's top-k at each of the draft's k + 1 positions from one completions request
+        (`echo` with `logprobs`: the prompt's log-probs, as OpenAI's legacy API, vLLM and
+        `serve_cloud` give them; `max_tokens=1` adds the position after the whole draft).
+
+        Positions are found by token count (`prompt="ids"`: position j is `id_ends[j]` tokens
+        in) or by `text_offset` (text: the token that starts at `text_ends[j]` characters); one
+        the cloud's tokens do not start at is missing (`unscorable`). Chat has no prompt
+        log-probs: position 0 alone is asked for (the guard asks `next_token`)."""
+        P = draft.positions
+        if self.api == "chat":
+            return CloudDistribution.missing(P, "unscorable")
+        with self._lock:
+            self.requests += 1
+        by_ids = self.prompt == "ids" and draft.ids is not None and draft.id_ends is not None
+        try:
+            if not by_ids and (draft.text is None or draft.text_ends is None):
+                raise CloudError("bad prefix: HTTPCloud(prompt='text') got a draft without text")
+            rows, offsets = self.request(draft, echo=True)
+        except CloudError as e:
+            return CloudDistribution.missing(P, self._failed(e))
+        if by_ids:
+            where = list(draft.id_ends)
+        else:
+            first = {}
+            for i, o in enumerate(offsets):
+                if i >= 1:
+                    first.setdefault(o, i)
+            where = [first.get(e, -1) if e >= 0 else -1 for e in draft.text_ends]
+        results = []
+        for i in where:
+            if not 1 <= i < len(rows) or rows[i] is None:
+                results.append((None, "unscorable"))
+                continue
+            try:
+                results.append((self._row(rows[i]), None))
+            except CloudError as e:
+                results.append((None, self._failed(e)))
+        return self._rows(results)
+
+    def next_token(self, prefixes: Sequence[Prefix]) -> CloudDistribution:
+        return self._rows(list(self._pool.map(self._one, prefixes)))
 
     def close(self) -> None:
         """Cancels what is in flight (each request ends at once, with reason `closed`) and

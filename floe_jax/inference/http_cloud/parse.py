@@ -41,6 +41,25 @@ def completion_top(raw: bytes) -> list[tuple[str, float]]:
     return [(str(t), _checked(t, lp)) for t, lp in top.items()]
 
 
+def echo_rows(raw: bytes) -> tuple[list[list[tuple[str, float]] | None], list[int]]:
+    """The prompt's and the completion's top log-probs of an `echo` answer (OpenAI legacy): per
+    token position, [(token, log-prob)] (None for the first, which has no context), and each
+    token's `text_offset`."""
+    obj = _json(raw)
+    try:
+        lp = obj["choices"][0]["logprobs"]
+        tops, offsets = lp["top_logprobs"], lp.get("text_offset") or []
+    except (KeyError, IndexError, TypeError):
+        raise CloudError("bad response: no choices[0].logprobs.top_logprobs (echo)") from None
+    if not isinstance(tops, list):
+        raise CloudError("bad response: echo top_logprobs is not a list")
+    rows: list[list[tuple[str, float]] | None] = []
+    for top in tops:
+        ok = isinstance(top, dict) and top
+        rows.append([(str(t), _checked(t, v)) for t, v in top.items()] if ok else None)
+    return rows, [int(o) for o in offsets]
+
+
 def chat_top(raw: bytes, position: int = 0) -> list[tuple[str, float]]:
     """`choices[0].logprobs.content[position].top_logprobs` of a chat answer: [(token, log-prob)],
     the token spelled by its `bytes` when given (decoded as UTF-8, an undecodable fragment kept

@@ -3,11 +3,14 @@
 It is a `CloudBackend` whose `next_token` screens every prefix before the wrapped back end sees
 it (so a span that arrives token by token is held back until it is decided; see `detector`), and
 counts what it withheld. The fused generation loop only talks to a `GuardedCloud` (it wraps a
-bare back end itself).
+bare back end itself). A speculative draft (`score`) is screened at every position, as token by
+token decoding would screen each prefix: the draft stops where what would be sent stops extending
+what came before (a held-back or redacted span, or a withheld prefix).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 from floe_jax.inference.privacy.detector import Decision, PrivacyDetector
@@ -51,8 +54,6 @@ class GuardedCloud:
 
     def screen(self, prefix):
         """(prefix to send or None, decision)."""
-        from floe_jax.inference.cloud import Prefix
-
         text = prefix.text
         if text is None and self.decode is not None and prefix.ids is not None:
             text = self.decode(list(prefix.ids))
@@ -63,9 +64,9 @@ class GuardedCloud:
         if d.action == "edge_only":
             return None, d
         if d.action == "allow":
-            return Prefix(ids=prefix.ids, text=text, stream=prefix.stream), d
+            return dataclasses.replace(prefix, text=text), d
         ids = self.encode(d.text) if self.encode is not None else None
-        return Prefix(ids=ids, text=d.text, stream=prefix.stream), d
+        return dataclasses.replace(prefix, ids=ids, text=d.text), d
 
     def next_token(self, prefixes):
         """Screens every prefix and asks the back end for the allowed ones."""
@@ -78,7 +79,65 @@ class GuardedCloud:
         got = self._backend.next_token([screened[i] for i in send])
         return got.scatter_rows(send, len(prefixes), reason="privacy")
 
+    def score(self, draft):
+        """Screens each position of a `Draft` and asks the back end to score the longest run of
+        positions whose screened texts extend one another (so the cloud sees exactly what token by
+        token decoding would send at each of them); later positions come back missing (`held`).
+        A back end without `score` is asked for position 0 alone."""
+        from floe_jax.inference.cloud import CloudDistribution, Draft
+
+        P, sent = draft.positions, []
+        for j in range(P):
+            p, _ = self.screen(draft.prefix(j))
+            if p is None:
+                break
+            if sent and not _extends(sent[-1], p):
+                break
+            sent.append(p)
+        if not sent:
+            return CloudDistribution.missing(P, reason="privacy")
+        score = getattr(self._backend, "score", None)
+        if score is None or len(sent) == 1:
+            got = self._backend.next_token(sent[:1])
+        else:
+            last = sent[-1]
+            texts = all(p.text is not None for p in sent)
+            ids = all(p.ids is not None for p in sent)
+            got = score(
+                Draft(
+                    ids=last.ids if ids else None,
+                    text=last.text if texts else None,
+                    stream=draft.stream,
+                    budget_s=draft.budget_s,
+                    id_ends=tuple(len(p.ids) for p in sent) if ids else None,
+                    text_ends=tuple(len(p.text) for p in sent) if texts else None,
+                )
+            )
+            if not got.ok[0] and got.errors and got.errors[0] == "unscorable":
+                first = self._backend.next_token(sent[:1])  # the draft split its first position
+                got = got.scatter_rows(range(1, got.batch), got.batch, reason="unscorable")
+                got = _put_row(got, first, 0)
+        return got.scatter_rows(range(got.batch), P, reason="held")
+
     def close(self):
         close = getattr(self._backend, "close", None)
         if close is not None:
             close()
+
+
+def _extends(a, b) -> bool:
+    """Whether prefix `b` continues prefix `a` in what is sent (text, and ids when both have)."""
+    if (a.text is None) != (b.text is None) or (a.ids is None) != (b.ids is None):
+        return False
+    if a.text is not None and not (len(b.text) > len(a.text) and b.text.startswith(a.text)):
+        return False
+    return a.ids is None or (len(b.ids) > len(a.ids) and b.ids[: len(a.ids)] == a.ids)
+
+
+def _put_row(dist, one, j: int):
+    """`dist` with row j replaced by the one-row distribution `one`."""
+    rows = [one if i == j else dist.row(i) for i in range(dist.batch)]
+    from floe_jax.inference.replies import merge_rows
+
+    kind = "dense" if any(r.logprobs is not None for r in rows) else "sparse"
+    return merge_rows(dict(enumerate(rows)), dist.batch, kind)

@@ -23,8 +23,9 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from floe_jax.config import ModelConfig
-from floe_jax.inference.server.app import CloudApp, ServeConfig, build_app
+from floe_jax.inference.server.app import CloudApp, build_app
 from floe_jax.inference.server.choice import Tokens
+from floe_jax.inference.server.config import ServeConfig
 from floe_jax.inference.server.engine import Engine
 from floe_jax.lora import LoRA
 

@@ -11,11 +11,9 @@ body over the limit, 503 when the queue is full.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
 import json
 import time
-import uuid
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -23,8 +21,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from floe_jax.config import ConfigError
+from floe_jax.inference.server.answers import AnswerRows
 from floe_jax.inference.server.choice import Choice, Sampling, Tokens
+from floe_jax.inference.server.config import ServeConfig
 from floe_jax.inference.server.engine import Engine
 from floe_jax.inference.server.schema import (
     ChatCompletionRequest,
@@ -34,58 +33,7 @@ from floe_jax.inference.server.schema import (
 )
 
 _DRAIN_LIMIT = 64 << 20  # bodies up to this are read to the end before a 413 (no reset)
-_LONG_TEXT = 16384  # prompts longer than this (characters) are tokenized off the event loop
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ServeConfig:
-    """What `serve_cloud` serves and its limits.
-
-    Attributes:
-      model_name: the one `model` accepted (others are a 404).
-      max_logprobs: the most top log-probs a request may ask for.
-      max_tokens_limit: the most new tokens a request may ask for.
-      default_max_tokens: new tokens when a request names none (capped by the context).
-      api_key: when set, every route but `/health` needs `Authorization: Bearer <api_key>`.
-      max_body_bytes: larger request bodies are a 413.
-      header_timeout_s: a connection that has not sent a request's headers by then is closed.
-      body_timeout_s: a body not received by then is a 408.
-      request_timeout_s: a request not finished by then is cancelled (a 408).
-      keep_alive_s: idle keep-alive connections are closed after this.
-      max_connections: concurrent connections and requests (more get a 503).
-      backlog: the listen backlog.
-      max_batch: rows the engine prefills or decodes in one call.
-      max_queue: requests waiting for the engine before new ones get a 503.
-    """
-
-    model_name: str = "floe-cloud"
-    max_logprobs: int = 20
-    max_tokens_limit: int = 1024
-    default_max_tokens: int = 16
-    api_key: str | None = None
-    max_body_bytes: int = 4 << 20
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 10.0
-    request_timeout_s: float = 120.0
-    keep_alive_s: float = 5.0
-    max_connections: int = 1024
-    backlog: int = 2048
-    max_batch: int = 32
-    max_queue: int = 4096
-
-    def __post_init__(self):
-        for name in ("max_logprobs",):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"ServeConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_tokens_limit", "default_max_tokens", "max_body_bytes",
-                     "max_connections", "backlog", "max_batch", "max_queue"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ConfigError(f"ServeConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("header_timeout_s", "body_timeout_s", "request_timeout_s", "keep_alive_s"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"ServeConfig.{name} must be > 0, got {getattr(self, name)}")
-        if not self.model_name:
-            raise ConfigError("ServeConfig.model_name must not be empty")
+_LONG_TEXT = 16384  # a request's prompts of more characters are tokenized off the event loop
 
 
 class ApiError(Exception):
@@ -112,24 +60,46 @@ def _json(obj, status: int = 200, headers: dict | None = None) -> Response:
 
 class _Waiter:
     """Collects the choices of one request on the event loop: `changed` is set whenever a
-    choice has news, `left` counts the choices still running."""
+    choice has news, `left` counts the choices still running; `done()` is called once per
+    finished choice (the client's count of choices in flight)."""
 
-    def __init__(self, n: int):
-        self.changed, self.left = asyncio.Event(), n
+    def __init__(self, n: int, done=lambda: None):
+        self.changed, self.left, self.done = asyncio.Event(), n, done
 
     def notify(self, choice: Choice) -> None:
         if choice.finish is not None and not choice.counted:
             choice.counted = True
             self.left -= 1
+            self.done()
         self.changed.set()
 
 
-class CloudApp:
+class _TimedStream(StreamingResponse):
+    """Server-sent events whose every send must be taken within `send_timeout_s`: a client
+    that stops reading ends its stream (the connection is closed, its choices cancelled)."""
+
+    def __init__(self, content, send_timeout_s: float, **kw):
+        super().__init__(content, **kw)
+        self.send_timeout_s = send_timeout_s
+
+    async def stream_response(self, send) -> None:
+        async def timed(message):
+            await asyncio.wait_for(send(message), self.send_timeout_s)
+
+        try:
+            await super().stream_response(timed)
+        except TimeoutError:
+            await self.body_iterator.aclose()  # its `finally` cancels the choices
+            raise OSError(f"client took no data for {self.send_timeout_s}s") from None
+
+
+class CloudApp(AnswerRows):
     """The request logic: validation, the engine, and OpenAI-shaped answers."""
 
     def __init__(self, engine: Engine, tokens: Tokens, config: ServeConfig):
         self.engine, self.tok, self.cfg = engine, tokens, config
         self.created = int(time.time())
+        self.live: dict[str, int] = {}  # client host -> choices in flight
 
     # ------------------------------------------------------------------ request parsing
     def _auth(self, request: Request) -> None:
@@ -147,6 +117,9 @@ class CloudApp:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > _DRAIN_LIMIT:
             raise ApiError(413, f"request body of {declared} bytes is over {limit} bytes")
+        # a declared length is drained (up to _DRAIN_LIMIT) so its client reads the 413 instead
+        # of a reset; a chunked body of unknown length is read no further than twice the limit
+        drain = _DRAIN_LIMIT if declared is not None else min(2 * limit, _DRAIN_LIMIT)
         chunks, size = [], 0
 
         async def pull():
@@ -155,7 +128,7 @@ class CloudApp:
                 size += len(chunk)
                 if size <= limit:
                     chunks.append(chunk)
-                elif size > _DRAIN_LIMIT:
+                elif size > drain:
                     break
 
         try:
@@ -185,12 +158,8 @@ class CloudApp:
             raise ApiError(400, why, param=why.split()[0])
         return req
 
-    async def _encode(self, text: str) -> list[int]:
-        if len(text) > _LONG_TEXT:
-            return await asyncio.to_thread(self.tok.encode, text)
-        return self.tok.encode(text)
-
-    def _sampling(self, req, prompts: list[list[int]], top_logprobs: int | None) -> Sampling:
+    def _sampling(self, req, prompts: list[list[int]], top_logprobs: int | None,
+                  prompt_k: int | None = None) -> Sampling:  # fmt: skip
         ctx = self.engine.context
         longest = max(len(p) for p in prompts)
         max_tokens = req.max_tokens
@@ -205,19 +174,30 @@ class CloudApp:
             raise ApiError(400, f"This model's maximum context length is {ctx} tokens; the "
                            f"prompt has {longest} tokens and max_tokens is {max_tokens}",
                            param="prompt", code="context_length_exceeded")  # fmt: skip
-        if top_logprobs is not None and top_logprobs > self.cfg.max_logprobs:
-            name = "top_logprobs" if isinstance(req, ChatCompletionRequest) else "logprobs"
-            raise ApiError(400, f"{name} must be <= {self.cfg.max_logprobs}, got {top_logprobs}",
-                           param=name)  # fmt: skip
+        for name, k in (("prompt_logprobs", prompt_k), ("logprobs", top_logprobs)):
+            if k is not None and k > self.cfg.max_logprobs:
+                if name == "logprobs" and isinstance(req, ChatCompletionRequest):
+                    name = "top_logprobs"
+                raise ApiError(400, f"{name} must be <= {self.cfg.max_logprobs}, got {k}",
+                               param=name)  # fmt: skip
         return Sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                         seed=req.seed, top_logprobs=top_logprobs,
-                        stops=tuple(req.stops))  # fmt: skip
+                        stops=tuple(req.stops), prompt_logprobs=prompt_k)  # fmt: skip
 
-    async def _prompt_ids(self, prompts) -> list[list[int]]:
+    async def _prompt_ids(self, prompts, n: int = 1) -> list[list[int]]:
+        if len(prompts) * n > self.cfg.max_choices:
+            raise ApiError(400, f"{len(prompts)} prompts x n={n} is over the {self.cfg.max_choices}"
+                           " choices one request may ask for", param="n")  # fmt: skip
+        chars = sum(len(p) for p in prompts if isinstance(p, str))
+
+        def encode_all():
+            return [list(p) if isinstance(p, list) else self.tok.encode(p) for p in prompts]
+
+        # many short prompts add up: what is off the event loop is decided by the total
+        encoded = await asyncio.to_thread(encode_all) if chars > _LONG_TEXT else encode_all()
         out = []
         V = self.engine.cfg.vocab_size
-        for i, p in enumerate(prompts):
-            ids = list(p) if isinstance(p, list) else await self._encode(p)
+        for i, ids in enumerate(encoded):
             if not ids:
                 raise ApiError(400, f"prompt {i} is empty (no tokens)", param="prompt")
             if min(ids) < 0 or max(ids) >= V:
@@ -225,9 +205,22 @@ class CloudApp:
             out.append(ids)
         return out
 
-    def _start(self, prompts: list[list[int]], n: int, sampling: Sampling, stream: bool):
+    def _start(self, prompts: list[list[int]], n: int, sampling: Sampling, stream: bool,
+               host: str = ""):  # fmt: skip
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(len(prompts) * n)
+        total = len(prompts) * n
+        if self.live.get(host, 0) + total > self.cfg.max_client_choices:
+            raise ApiError(429, f"this client has {self.live.get(host, 0)} choices in flight; "
+                           f"at most {self.cfg.max_client_choices}", code="rate_limit_exceeded",
+                           headers={"Retry-After": "1"})  # fmt: skip
+        self.live[host] = self.live.get(host, 0) + total
+
+        def done():
+            self.live[host] -= 1
+            if not self.live[host]:
+                del self.live[host]
+
+        waiter = _Waiter(total, done)
         choices = [
             Choice(
                 p,
@@ -245,14 +238,24 @@ class CloudApp:
             if not self.engine.submit(c):
                 for c2 in choices[:k]:
                     c2.cancelled = True
+                for _ in choices[k:]:  # never submitted: never finish
+                    done()
                 raise ApiError(503, "the server is busy; retry later", headers={"Retry-After": "1"})
         return choices, waiter
 
-    async def _finish(self, choices: list[Choice], waiter: _Waiter, deadline: float) -> None:
+    async def _finish(self, choices: list[Choice], waiter: _Waiter, deadline: float,
+                      request: Request | None = None) -> None:  # fmt: skip
         try:
             while waiter.left:
                 waiter.changed.clear()
-                await asyncio.wait_for(waiter.changed.wait(), max(deadline - time.monotonic(), 0))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                try:
+                    await asyncio.wait_for(waiter.changed.wait(), min(left, self.cfg.poll_s))
+                except TimeoutError:
+                    if request is not None and await request.is_disconnected():
+                        raise ApiError(499, "the client went away") from None
         except TimeoutError:
             raise ApiError(
                 408, f"request not finished within {self.cfg.request_timeout_s}s"
@@ -265,49 +268,6 @@ class CloudApp:
                 raise ApiError(500, f"model error: {c.error}")
 
     # ------------------------------------------------------------------ answers
-    def _token(self, i: int, as_ids: bool) -> str:
-        return f"token_id:{i}" if as_ids else self.tok.text(i)
-
-    def _completion_logprobs(self, c: Choice, lo: int, hi: int, as_ids: bool, offset: int):
-        toks = [self._token(t, as_ids) for t in c.ids[lo:hi]]
-        offs, pos = [], offset
-        for t in c.ids[lo:hi]:
-            offs.append(pos)
-            pos += len(self.tok.text(t))
-        tops = None
-        if c.s.top_logprobs:
-            tops = []
-            for ids, lps in zip(c.tops[lo:hi], c.top_lps[lo:hi], strict=True):
-                d: dict[str, float] = {}
-                for i, lp in zip(ids, lps, strict=True):
-                    d.setdefault(self._token(i, as_ids), lp)  # a repeated string keeps the likelier
-                tops.append(d)
-        return {"tokens": toks, "token_logprobs": c.logprobs[lo:hi], "top_logprobs": tops,
-                "text_offset": offs}  # fmt: skip
-
-    def _chat_logprobs(self, c: Choice, lo: int, hi: int, as_ids: bool):
-        def entry(i, lp):
-            return {"token": self._token(i, as_ids), "logprob": lp, "bytes": self.tok.bytes(i)}
-
-        content = []
-        for j in range(lo, hi):
-            e = entry(c.ids[j], c.logprobs[j])
-            e["top_logprobs"] = [entry(i, lp) for i, lp in zip(c.tops[j], c.top_lps[j],
-                                                                strict=True)]  # fmt: skip
-            content.append(e)
-        return {"content": content}
-
-    @staticmethod
-    def _usage(prompts, choices) -> dict:
-        p = sum(len(x) for x in prompts)
-        n = sum(len(c.ids) for c in choices)
-        return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
-
-    def _head(self, kind: str) -> dict:
-        prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
-        return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": kind,
-                "created": int(time.time()), "model": self.cfg.model_name}  # fmt: skip
-
     def _events(self, c: Choice, chat: bool, as_ids: bool):
         """The stream rows of `c` since the last call (engine thread writes, this reads)."""
         if c.closed:
@@ -375,18 +335,20 @@ class CloudApp:
             for c in choices:
                 c.cancelled = c.finish is None
 
-    async def _run(self, req, prompts, top_logprobs, chat: bool) -> Response:
-        sampling = self._sampling(req, prompts, top_logprobs)
-        choices, waiter = self._start(prompts, req.n, sampling, req.stream)
+    async def _run(self, req, prompts, top_logprobs, chat: bool, request: Request,
+                   prompt_k: int | None = None) -> Response:  # fmt: skip
+        sampling = self._sampling(req, prompts, top_logprobs, prompt_k)
+        host = request.client.host if request.client else ""
+        choices, waiter = self._start(prompts, req.n, sampling, req.stream, host)
         deadline = time.monotonic() + self.cfg.request_timeout_s
         as_ids = req.return_tokens_as_token_ids
         head = self._head("chat.completion.chunk" if chat else "text_completion")
         if req.stream:
             gen = self._stream(choices, waiter, deadline, prompts, head, chat, as_ids,
                                req.include_usage)  # fmt: skip
-            return StreamingResponse(gen, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})  # fmt: skip
-        await self._finish(choices, waiter, deadline)
+            return _TimedStream(gen, self.cfg.send_timeout_s, media_type="text/event-stream",
+                                headers={"Cache-Control": "no-cache"})  # fmt: skip
+        await self._finish(choices, waiter, deadline, request)
         rows = []
         for c in choices:
             finish = "stop" if c.finish in ("stop", "abort") else c.finish
@@ -399,8 +361,14 @@ class CloudApp:
                 )
             if chat:
                 row["message"] = {"role": "assistant", "content": c.text}
+            elif req.echo:
+                row["text"] = self.tok.decode(c.prompt) + c.text
+                if c.s.top_logprobs is not None:
+                    row["logprobs"] = self._echo_logprobs(c, as_ids)
             else:
                 row["text"] = c.text
+            if not chat and req.prompt_logprobs is not None:
+                row["prompt_logprobs"] = self._prompt_logprobs(c, req.prompt_logprobs)
             rows.append(row)
         head = self._head("chat.completion" if chat else "text_completion")
         return _json({**head, "choices": rows, "usage": self._usage(prompts, choices)})
@@ -408,8 +376,12 @@ class CloudApp:
     # ------------------------------------------------------------------ routes
     async def completions(self, request: Request) -> Response:
         req = await self._parse(request, CompletionRequest)
-        prompts = await self._prompt_ids(req.prompts())
-        return await self._run(req, prompts, req.logprobs, chat=False)
+        prompts = await self._prompt_ids(req.prompts(), req.n)
+        prompt_k = req.logprobs if req.echo else None
+        if req.prompt_logprobs is not None:
+            prompt_k = max(prompt_k or 0, req.prompt_logprobs)
+        return await self._run(req, prompts, req.logprobs, chat=False, request=request,
+                               prompt_k=prompt_k)  # fmt: skip
 
     async def chat(self, request: Request) -> Response:
         req = await self._parse(request, ChatCompletionRequest)
@@ -429,9 +401,9 @@ class CloudApp:
             raise ApiError(
                 400, f"messages: the chat template failed: {e}", param="messages"
             ) from None
-        prompts = await self._prompt_ids([text])
+        prompts = await self._prompt_ids([text], req.n)
         k = (req.top_logprobs or 0) if req.logprobs else None
-        return await self._run(req, prompts, k, chat=True)
+        return await self._run(req, prompts, k, chat=True, request=request)
 
     async def models(self, request: Request) -> Response:
         self._auth(request)

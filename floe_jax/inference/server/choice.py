@@ -91,6 +91,8 @@ class Sampling:
       seed: None draws fresh randomness; a seed makes the choice repeatable.
       top_logprobs: None reports no log-probs; k reports the k likeliest tokens per position.
       stops: stop strings (the text ends before the first one).
+      prompt_logprobs: None, or k: the prompt's own log-probs are reported too, with the k
+        likeliest tokens at each of its positions (`echo`, `prompt_logprobs`).
     """
 
     max_tokens: int
@@ -99,6 +101,7 @@ class Sampling:
     seed: int | None = None
     top_logprobs: int | None = None
     stops: tuple[str, ...] = ()
+    prompt_logprobs: int | None = None
 
 
 class Choice:
@@ -127,6 +130,23 @@ class Choice:
         self.offset = 0  # text offset of the next streamed token
         self.closed = False  # the stream has sent this choice's last row
         self.counted = False  # the request's waiter has counted it finished
+        self.wants_prompt = sampling.prompt_logprobs is not None
+        self.prompt_lps: list[float] = []  # of prompt[i + 1] after prompt[: i + 1]
+        self.prompt_tops: list[list[int]] = []
+        self.prompt_top_lps: list[list[float]] = []
+        self.prompt_ranks: list[int] = []
+
+    def on_prompt_logprobs(self, lp_LV: np.ndarray) -> None:
+        """Log-probs after each prompt token (row i: after `prompt[: i + 1]`): those of the
+        prompt's own next token and the k likeliest, for positions 1 .. L - 1."""
+        k = self.s.prompt_logprobs or 0
+        for i in range(len(self.prompt) - 1):
+            t = self.prompt[i + 1]
+            self.prompt_lps.append(float(lp_LV[i, t]))
+            self.prompt_ranks.append(int((lp_LV[i] > lp_LV[i, t]).sum()) + 1)
+            ids = top_ids(lp_LV[i], k) if k else np.zeros(0, np.int64)
+            self.prompt_tops.append(ids.tolist())
+            self.prompt_top_lps.append(lp_LV[i, ids].tolist())
 
     def _choose(self, lp: np.ndarray) -> int:
         s = self.s
@@ -171,7 +191,7 @@ class Choice:
             self._end("length")
             return None
         if self._stream:
-            self._loop.call_soon_threadsafe(self._notify, self)
+            self._tell()
         return t
 
     def on_error(self, msg: str) -> None:
@@ -180,7 +200,13 @@ class Choice:
 
     def _end(self, reason: str) -> None:
         self.finish = reason
-        self._loop.call_soon_threadsafe(self._notify, self)
+        self._tell()
+
+    def _tell(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._notify, self)
+        except RuntimeError:  # the event loop is closed (shutdown): no one is waiting
+            pass
 
     def stream_text(self) -> str:
         """New text that is safe to send: not a possible start of a stop string, and not an

@@ -3,12 +3,13 @@
 Shapes: B rows of a cohort (padded to a batch bucket), P prompt bucket, N cache headroom,
 V vocab.
 
-Requests arrive from the HTTP event loop as `Job`s. The engine thread loops: it admits every job
-queued since the last iteration, prefilling jobs of the same prompt bucket together (one `prefill`
-call of up to `max_batch` rows, its cache sized for the longest of them), then advances every
-live cohort by one token (one `advance` call per cohort). Jobs that arrive together share their
-decode steps; a long job never blocks the admission of new ones, which start their own cohort at
-the next iteration.
+Requests arrive from the HTTP event loop as `Job`s. The engine thread loops: it admits at most one
+prefill's worth of queued jobs (the oldest and those of its prompt bucket, up to `max_batch`
+rows, its cache sized for the longest of them), then advances every live cohort by one token
+(one `advance` call per cohort), so new requests never hold up the streams already running. Jobs
+that arrive together share their decode steps; a long job never blocks the admission of new ones,
+which start their own cohort. Cohorts are not merged: requests that arrive one at a time decode
+as cohorts of one row each.
 Log-probs come back to the host once per call ([B, V] float32), where each job chooses its token
 (its own temperature, top-p, seed, stop strings) and reports progress to the event loop.
 
@@ -39,7 +40,7 @@ from floe_jax.decode import (
     prefill_jit,
 )
 from floe_jax.lora import LoRA
-from floe_jax.model import unstack_layers
+from floe_jax.model import forward, init_cache, unstack_layers
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 HEADROOM_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096)
@@ -50,7 +51,9 @@ class Job(Protocol):
 
     `on_logprobs(lp_V)` gets the next-token log-probs and returns the token to feed next, or None
     once the job has finished (it chose its last token, hit a stop, or was cancelled).
-    `on_error(msg)` ends the job when the model call failed."""
+    `on_error(msg)` ends the job when the model call failed. A job with `wants_prompt` True
+    first gets `on_prompt_logprobs(lp_LV)`: the log-probs after each of its L prompt tokens (row
+    i: after `prompt[: i + 1]`), from the same prefill."""
 
     prompt: Sequence[int]
     max_tokens: int
@@ -68,6 +71,23 @@ def prompt_buckets(context: int) -> tuple[int, ...]:
 @jax.jit
 def _log_softmax(logits_BV):
     return jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+
+
+def prefill_scored(params, tokens_BP, mask_BP, cfg: ModelConfig, *, max_new_tokens: int, key,
+                   lora: LoRA | None = None) -> tuple[DecodeState, jax.Array]:  # fmt: skip
+    """`floe_jax.decode.prefill` that keeps every position: (state, log-probs [B, P, V], position
+    p the next-token distribution after prompt slot p). The one prefill of a request that asks
+    for its prompt's log-probs (`echo`, `prompt_logprobs`)."""
+    B, P = tokens_BP.shape
+    cache = init_cache(cfg, B, P + max_new_tokens)
+    logits, cache = forward(params, tokens_BP, cfg, lora=lora, cache=cache, mask=mask_BP)
+    out = jnp.zeros((B, max_new_tokens), jnp.int32)
+    state = DecodeState(cache=cache, token=tokens_BP[:, -1], out=out, key=key,
+                        step=jnp.zeros((), jnp.int32), done=jnp.zeros((B,), bool))  # fmt: skip
+    return state, jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+prefill_scored_jit = jax.jit(prefill_scored, static_argnames=("cfg", "max_new_tokens"))
 
 
 @dataclasses.dataclass(eq=False)
@@ -155,13 +175,29 @@ class Engine:
                     self._queue.clear()
                     self._cohorts.clear()
                     break
-                new = list(self._queue)
-                self._queue.clear()
+                new = self._next_prefill()
             if new:
                 self._admit(new)
             self._advance()
         for job in pending:
             job.on_error("the server is shutting down")
+
+    def _next_prefill(self) -> list[Job]:
+        """The jobs of one prefill, taken off the queue (under the lock): the oldest job and
+        the queued jobs of its prompt bucket, up to `max_batch`. One prefill per iteration, so
+        a burst of new requests never holds up the live cohorts' next steps."""
+        if not self._queue:
+            return []
+        bucket = bucket_length(len(self._queue[0].prompt), self.buckets)
+        take, keep = [], collections.deque()
+        for job in self._queue:
+            fits = len(take) < self.max_batch
+            if fits and bucket_length(len(job.prompt), self.buckets) == bucket:
+                take.append(job)
+            else:
+                keep.append(job)
+        self._queue = keep
+        return take
 
     def _admit(self, jobs: list[Job]) -> None:
         groups: dict[int, list[Job]] = collections.defaultdict(list)
@@ -180,11 +216,18 @@ class Engine:
             tokens, mask = pad_prompts(
                 rows, pad_id=self.pad_id, buckets=self.buckets, vocab_size=self.cfg.vocab_size
             )
-            state, logits = prefill_jit(
-                self.params, tokens, mask, cfg=self.cfg, max_new_tokens=headroom, key=self._key,
-                lora=self.lora,
-            )  # fmt: skip
-            lp = np.asarray(_log_softmax(logits))
+            scored = any(getattr(j, "wants_prompt", False) for j in jobs)
+            fn = prefill_scored_jit if scored else prefill_jit
+            state, out = fn(self.params, tokens, mask, cfg=self.cfg, max_new_tokens=headroom,
+                            key=self._key, lora=self.lora)  # fmt: skip
+            if scored:
+                lp_BPV = np.asarray(out)
+                lp = lp_BPV[:, -1]
+                for b, j in enumerate(jobs):
+                    if getattr(j, "wants_prompt", False):
+                        j.on_prompt_logprobs(lp_BPV[b, tokens.shape[1] - len(j.prompt) :])
+            else:
+                lp = np.asarray(_log_softmax(out))
         except Exception as e:  # noqa: BLE001  (a failed call fails its jobs, not the server)
             for j in jobs:
                 j.on_error(f"{type(e).__name__}: {e}")

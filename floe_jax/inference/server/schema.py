@@ -3,9 +3,11 @@
 Every field of OpenAI's completions and chat completions requests is either implemented or
 refused with a 400 that names it: unknown fields are refused (`extra="forbid"`), and known fields
 this server does not implement are refused unless they hold their neutral value (`refused`).
-vLLM's extensions that `HTTPCloud` uses are implemented: `return_tokens_as_token_ids`, and for
-chat `add_generation_prompt` / `continue_final_message` (continue the last assistant message,
-so the top log-probs are those of the next token of a partial reply).
+vLLM's extensions that `HTTPCloud` uses are implemented: `return_tokens_as_token_ids`,
+`prompt_logprobs` (as is OpenAI's legacy `echo` with `logprobs`: the prompt's log-probs from
+the request's one prefill, so a drafted continuation is scored in one request), and for chat
+`add_generation_prompt` / `continue_final_message` (continue the last assistant message, so the
+top log-probs are those of the next token of a partial reply).
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ class CompletionRequest(_Request):
 
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0)
-    echo: bool = False
+    echo: bool = False  # the prompt, with its log-probs when `logprobs` is set (OpenAI legacy)
+    prompt_logprobs: int | None = Field(default=None, ge=0)  # vLLM's
     best_of: int | None = None
     suffix: str | None = None
 
@@ -121,7 +124,6 @@ _NEUTRAL = {
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
     "logit_bias": None,
-    "echo": False,
     "suffix": None,
     "tools": None,
     "tool_choice": None,
@@ -140,6 +142,12 @@ def refused(req: _Request) -> str | None:
                 return f"{name} is not supported by this server"
     if isinstance(req, CompletionRequest) and req.best_of not in (None, req.n):
         return "best_of is not supported by this server (only best_of = n)"
+    if (
+        isinstance(req, CompletionRequest)
+        and req.stream
+        and (req.echo or req.prompt_logprobs is not None)
+    ):
+        return "echo and prompt_logprobs are not supported with stream=true by this server"
     if isinstance(req, ChatCompletionRequest):
         rf = req.response_format
         if rf is not None and rf.get("type") != "text":
