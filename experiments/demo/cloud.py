@@ -85,8 +85,13 @@ class CloudEndpoint:
         if how == "http":
             self._server = serve_cloud(params, cfg, tokenizer, port=0, block=False,
                                        model_name="floe-cloud", max_logprobs=top_k)  # fmt: skip
-            self.backend = HTTPCloud(self._server.url, model="floe-cloud", top_k=top_k,
-                                     edge_tokenizer=edge_tokenizer, cloud_tokenizer=tokenizer)
+            self.backend = HTTPCloud(
+                self._server.url,
+                model="floe-cloud",
+                top_k=top_k,
+                edge_tokenizer=edge_tokenizer,
+                cloud_tokenizer=tokenizer,
+            )
         elif how == "local":
             self.mapper = StringMapper(vocab_of(edge_tokenizer))
             self.backend = LocalCloud(params, cfg, tokenizer=tokenizer, top_k=top_k,

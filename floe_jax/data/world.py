@@ -269,12 +269,16 @@ def app_answer(contact: Contact, app: str, dest: Country | None) -> tuple[str, t
     """
     if app == "sms":
         head, p = "Text ", contact.phone
-        tail = (": welcome back.", None) if dest is None else (
-            ": the capital there is ", dest.capital)
+        tail = (
+            (": welcome back.", None) if dest is None else (": the capital there is ", dest.capital)
+        )
     elif app == "mail":
         head, p = "Mail ", contact.email
-        tail = (": welcome back.", None) if dest is None else (
-            ": the money there is the ", dest.currency)
+        tail = (
+            (": welcome back.", None)
+            if dest is None
+            else (": the money there is the ", dest.currency)
+        )
     elif app == "call":
         head, p = f"Call {contact.first} at ", contact.phone
         tail = (".", None) if dest is None else (". The capital there is ", dest.capital)
