@@ -83,8 +83,8 @@ def methods(preset: DemoPreset | RealPreset, runs: set[str]) -> list[Method]:
     for name in preset.fed.baseline_runs():
         ms.append(Method(f"{name}-fusion", f"{name} LoRA + fusion (no clustering)", name,
                          guard, fused))  # fmt: skip
-    ms.append(Method(FLOE, "Floe (clustered LoRA, detector, entropy router, deadline)", FLOE,
-                     guard, fused))  # fmt: skip
+    ms.append(Method(FLOE, f"Floe (clustered LoRA, detector, {fused.fusion.gate} gate, deadline)",
+                     FLOE, guard, fused))  # fmt: skip
     if guard != "edge_only":
         ms.append(Method("floe-edge-only", "Floe, privacy action edge_only", FLOE, "edge_only",
                          fused))  # fmt: skip
