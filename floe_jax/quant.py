@@ -22,6 +22,7 @@ Shapes: M rows of activations, K contracted width, N outputs, G = K / group_size
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,8 @@ NF4_CODES = np.array(
 # fusion that reads the codes once; XLA:CPU turns a dot on a converted operand into a full float
 # copy of the weight first. Wider inputs (prefill, training) dequantize and run a dot.
 SMALL_ROWS = 16
+# The largest float copy of one weight a wide matmul makes at once (see `_dequantized_dot`).
+CHUNK_BYTES = 64 * 2**20
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -207,9 +210,33 @@ def _contract(x, w: QuantizedTensor, out_dtype=None):
         if per_row:
             y = y * w.scale[:, 0]
     else:
-        v = _decode(w.q, w.scale, w.format, x.dtype)
-        y = jnp.einsum("mk,nk->mn", x2, v, preferred_element_type=jnp.float32)
+        y = _dequantized_dot(x2, w.q, w.scale, w.format)
     return y.astype(out_dtype or x.dtype).reshape(*lead, y.shape[-1])
+
+
+# Rematerialized under autodiff: the backward pass decodes the weight again instead of keeping
+# its float copy as a residual (which, stacked over a layer scan, would be the whole float base).
+@functools.partial(jax.checkpoint, static_argnums=(3,))
+def _dot_decoded(x_MK, q, scale, fmt):
+    v_NK = _decode(q, scale, fmt, x_MK.dtype)
+    return jnp.einsum("mk,nk->mn", x_MK, v_NK, preferred_element_type=jnp.float32)
+
+
+def _dequantized_dot(x_MK, q, scale, fmt):
+    """`x @ decode(q).T` [M, N]. A weight whose float copy would pass `CHUNK_BYTES` (the
+    vocabulary matrix) is decoded CHUNK_BYTES at a time under a `lax.map` over output rows, so
+    its float copy never exists whole, forward or backward."""
+    n = q.shape[-2]
+    chunks = next(
+        (c for c in range(1, n + 1) if n % c == 0 and (n // c) * x_MK.shape[-1] * 4 <= CHUNK_BYTES),
+        n,
+    )
+    if chunks == 1:
+        return _dot_decoded(x_MK, q, scale, fmt)
+    qc = q.reshape(chunks, n // chunks, q.shape[-1])
+    sc = scale.reshape(chunks, n // chunks, scale.shape[-1])
+    y_CMn = jax.lax.map(lambda qs: _dot_decoded(x_MK, *qs, fmt), (qc, sc))
+    return jnp.moveaxis(y_CMn, 0, 1).reshape(x_MK.shape[0], n)
 
 
 def linear(x: jax.Array, w, out_dtype=None) -> jax.Array:
