@@ -2,8 +2,7 @@
 
 import pytest
 
-from experiments.benchmarks.decode_scale import QWEN25_05B
-from floe_jax.config import LoRAConfig
+from floe_jax.config import LoRAConfig, ModelConfig
 from floe_jax.devices import (
     DeviceProfile,
     RankAssignmentError,
@@ -13,6 +12,10 @@ from floe_jax.devices import (
 )
 
 WORK = dict(batch=1, seq_len=128)
+QWEN25_05B = ModelConfig(
+    model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+    num_layers=24, num_heads=14, num_kv_heads=2, qkv_bias=True, tie_word_embeddings=True,
+)  # fmt: skip
 
 
 def _device(mem):
