@@ -14,6 +14,7 @@ from floe_jax import quant
 from floe_jax.config import ConfigError, LoRAConfig, ModelConfig
 from floe_jax.federated.client import local_update, local_update_clients, make_optimizer
 from floe_jax.lora import init_lora, merge_lora, stack_loras
+from floe_jax.loss import token_loss
 from floe_jax.model import forward as _forward
 from floe_jax.model import init_cache, init_params, stack_layers, unstack_layers
 
@@ -195,3 +196,21 @@ def test_config_errors_name_the_field():
     qp = quant.quantize(_params(BASE), BASE, QCFGS["int8"])
     with pytest.raises(ValueError, match="already quantized"):
         quant.quantize(qp, BASE, QCFGS["int8"])
+
+
+def test_chunked_vocabulary_matmul_equals_whole(monkeypatch):
+    cfg = dataclasses.replace(BASE, tie_word_embeddings=True)
+    qp = quant.quantize(_params(cfg), cfg, QCFGS["int8-g32"])
+    lora = init_lora(cfg, LoRAConfig(rank=2, alpha=4), key=jax.random.key(2))
+    lora = dataclasses.replace(lora, b=jax.tree.map(lambda x: x + 0.01, lora.b))
+    toks = _tokens(2, 12)
+    ones = np.ones(toks.shape, np.float32)
+
+    def loss(lo):
+        s, n = token_loss(qp, lo, toks, ones, ones, cfg=cfg)
+        return s / n
+
+    whole = jax.value_and_grad(loss)(lora)
+    monkeypatch.setattr(quant, "CHUNK_BYTES", 16 * cfg.hidden_size * 4)  # 6 chunks of 16 rows
+    chunked = jax.value_and_grad(loss)(lora)
+    chex.assert_trees_all_close(chunked, whole, atol=1e-6)
