@@ -43,7 +43,7 @@ def quality_rows(quick: bool = False) -> list[dict]:
         num_kv_heads=4, tie_word_embeddings=False,
     )  # fmt: skip
     stream = np.asarray(encode_docs(tok, docs[:-64]), np.int32)
-    tcfg = PretrainConfig(steps=60 if quick else 400, batch_size=16, seq_len=128)
+    tcfg = PretrainConfig(steps=60 if quick else 300, batch_size=16, seq_len=128)
     params, _ = pretrain(cfg, stream, tcfg, progress=False)
 
     held_stream = np.asarray(encode_docs(tok, held), np.int32)
@@ -53,7 +53,7 @@ def quality_rows(quick: bool = False) -> list[dict]:
     ones = np.ones_like(win, np.float32)
     loss = jax.jit(lambda p: token_loss(p, None, win, ones, ones, cfg=cfg))
     logits = jax.jit(lambda p: jax.nn.log_softmax(_fwd(p, win, cfg)))
-    prompts = np.stack([np.asarray(encode_docs(tok, [d])[:16], np.int32) for d in held[:8]])
+    prompts = held_stream[: 8 * 64].reshape(8, 64)[:, :16]  # 16-token prompts of held-out text
     gen = jax.jit(generate, static_argnames=("cfg", "max_new_tokens"))
 
     def cont(p):
