@@ -5,7 +5,7 @@ beside transformers' `generate` in float32 and bfloat16 and beside the bandwidth
 
 The bound of a format is the bytes one decode step reads (every weight once: codes and scales;
 the tied embedding is the head) over the read bandwidth, measured in the same run as the rate of
-a float32 matrix-vector product over a 512 MB matrix (the fastest weight read XLA does here).
+float32 matrix-vector products over 512 MB of MLP-shaped matrices (`_bandwidth_probe`).
 Every side (and the bandwidth probe) runs in one alternating loop, so all see the same machine;
 figures are medians.
 """
@@ -40,19 +40,28 @@ QWEN25_05B = ModelConfig(
 FORMATS = ("float32", "bf16", "int8", "int4")
 
 
-def _bandwidth_probe(nbytes: int = 512 * 2**20):
-    """(a blocking call, bytes it reads): a float32 matrix-vector product through XLA."""
-    k = 1024
-    w = jnp.full((k, nbytes // (4 * k)), 0.5, jnp.float32)
+def _bandwidth_probe(nbytes: int = 512 * 2**20, k: int = 896, n: int = 4864):
+    """(a blocking call, bytes it reads): float32 matrix-vector products through XLA over
+    separate [k, n] matrices (a 0.5B model's MLP shape) totalling `nbytes`, the read pattern of a
+    float32 decode step. One huge matrix is no probe: XLA:CPU's product over a [1024, 131072]
+    matrix ran far below the rate it reaches on a model's matrices."""
+    count = max(1, nbytes // (4 * k * n))
+    ws = [jnp.full((k, n), 0.5 + i, jnp.float32) for i in range(count)]
     x = jnp.ones((1, k), jnp.float32)
-    f = jax.jit(lambda x, w: x @ w)
-    return (lambda: jax.block_until_ready(f(x, w))), w.size * 4
+    f = jax.jit(lambda x, ws: sum(jnp.sum(x @ w) for w in ws))
+    return (lambda: jax.block_until_ready(f(x, ws))), count * k * n * 4
 
 
 def run(
-    quick: bool = False, cfg: ModelConfig = QWEN25_05B, batches=(1, 8), prompt_len: int = 32
+    quick: bool = False,
+    cfg: ModelConfig = QWEN25_05B,
+    batches=(1, 8),
+    prompt_len: int = 32,
+    new: int | None = None,
+    repeats: int | None = None,
 ) -> list[dict]:
-    """Times every format at each batch and returns one row per (batch, side)."""
+    """Times every format at each batch (`new` tokens, `repeats` alternating calls per side;
+    defaults 32 and 5, or 8 and 2 when `quick`) and returns one row per (batch, side)."""
     import torch
     import transformers
 
@@ -63,8 +72,8 @@ def run(
     from floe_jax.model import unstack_layers
 
     torch.set_num_threads(os.cpu_count() or 1)
-    new = 8 if quick else 32
-    repeats = 2 if quick else 5
+    new = new or (8 if quick else 32)
+    repeats = repeats or (2 if quick else 5)
     d = config_to_hf(cfg)
     torch.manual_seed(0)
     hc = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
