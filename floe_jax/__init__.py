@@ -21,6 +21,7 @@ from floe_jax.hf import (
     save_hf,
     save_peft,
 )
+from floe_jax.hf.gguf import read_gguf, save_gguf
 from floe_jax.lora import (
     LoRA,
     delta_weight,
@@ -31,6 +32,7 @@ from floe_jax.lora import (
     unstack_loras,
 )
 from floe_jax.model import KVCache, forward, init_cache, init_params
+from floe_jax.quant import QuantConfig, QuantizedTensor, dequantize_params, quantize
 
 __all__ = [
     "CATALOG",
@@ -74,4 +76,10 @@ __all__ = [
     "merge_lora",
     "stack_loras",
     "unstack_loras",
+    "QuantConfig",
+    "QuantizedTensor",
+    "dequantize_params",
+    "quantize",
+    "read_gguf",
+    "save_gguf",
 ]

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from floe_jax.config import LoRAConfig, ModelConfig, normalize_targets
+from floe_jax.quant import is_quantized
 
 
 @jax.tree_util.register_dataclass
@@ -173,6 +174,8 @@ def merge_lora(params: dict, lora: LoRA) -> dict:
     """Base params with every adapter folded in: `w + scale * a b`. Returns a new tree.
 
     Takes the canonical layout (stacked layers; `model.stack_layers` converts the decode layout).
+    A quantized weight (`floe_jax.quant`) is dequantized first and comes back float32: requantize
+    the merged params (`quant.quantize`) or export them (`floe_jax.hf.gguf`) as the device needs.
     """
     if isinstance(params["layers"], tuple | list) or any("+" in k for k in params["layers"]):
         raise ValueError(
@@ -182,7 +185,10 @@ def merge_lora(params: dict, lora: LoRA) -> dict:
     layers = dict(params["layers"])
     for m in lora.a:
         p = dict(layers[m])
-        p["w"] = (p["w"].astype(jnp.float32) + delta_weight(lora, m)).astype(p["w"].dtype)
+        if is_quantized(p["w"]):
+            p["w"] = p["w"].dequantize(jnp.float32) + delta_weight(lora, m)
+        else:
+            p["w"] = (p["w"].astype(jnp.float32) + delta_weight(lora, m)).astype(p["w"].dtype)
         layers[m] = p
     return {**params, "layers": layers}
 

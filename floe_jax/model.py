@@ -19,7 +19,9 @@ under one `jax.lax.scan`:
 output axis; `forward` accepts either form, and `stack_layers` turns it back into the canonical
 layout (`save_hf` does so itself).
 
-Linear weights are stored `[in, out]` (transposed from PyTorch). Left-padded batches are handled
+Linear weights are stored `[in, out]` (transposed from PyTorch). Any weight, `embed` and `lm_head`
+may instead be a `floe_jax.quant.QuantizedTensor` (`floe_jax.quant.quantize`): the matmuls then
+dequantize inside the compiled step. Left-padded batches are handled
 with a token mask: position ids count real tokens only, and keys at padded slots are masked out,
 so a left-padded row gives the same logits as the unpadded example.
 
@@ -39,6 +41,7 @@ from floe_jax.config import LORA_TARGETS, ModelConfig
 from floe_jax.kv_cache import KVCache, ring_mask, ring_window, write_cache
 from floe_jax.kv_cache import init_cache as init_cache  # its old home: `from floe_jax.model`
 from floe_jax.lora import LoRA, lora_delta
+from floe_jax.quant import concat_outputs, is_quantized, linear, linear_t, split_outputs, take_rows
 from kernels.decode_attention import NEG, decode_attention
 
 # Stacks of at most this many layers are unrolled inside the layer scan: each layer's saved
@@ -105,9 +108,7 @@ def fuse_projections(params: dict) -> dict:
         for group in FUSED_GROUPS:
             if all(m in lp for m in group):
                 parts = [lp.pop(m) for m in group]
-                lp["+".join(group)] = {
-                    k: jnp.concatenate([q[k] for q in parts], axis=-1) for k in parts[0]
-                }
+                lp["+".join(group)] = {k: concat_outputs([q[k] for q in parts]) for k in parts[0]}
         return lp
 
     layers = params["layers"]
@@ -137,7 +138,7 @@ def stack_layers(params: dict, cfg: ModelConfig) -> dict:
             fused = lp.pop("+".join(group), None)
             if fused is not None:
                 ends = np.cumsum([cfg.proj_shape(m)[1] for m in group])[:-1]
-                parts = {k: jnp.split(v, ends, axis=-1) for k, v in fused.items()}
+                parts = {k: split_outputs(v, ends) for k, v in fused.items()}
                 lp.update({m: {k: parts[k][i] for k in parts} for i, m in enumerate(group)})
         return lp
 
@@ -257,7 +258,7 @@ def attention(
 
 
 def _linear(x, p):
-    y = jnp.einsum("bti,io->bto", x, p["w"], preferred_element_type=jnp.float32).astype(x.dtype)
+    y = linear(x, p["w"])  # a float or quantized weight (`floe_jax.quant`)
     return y + p["b"].astype(x.dtype) if "b" in p else y
 
 
@@ -360,7 +361,7 @@ def hidden_states(
     B, T = tokens.shape
     dtype = jnp.dtype(cfg.dtype)
     mask_BT = jnp.ones((B, T), bool) if mask is None else mask.astype(bool)
-    x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    x = take_rows(params["embed"], tokens, dtype)
     if cfg.scale_embeddings:
         x = x * jnp.asarray(math.sqrt(cfg.hidden_size), dtype)
     step_pos = jnp.cumsum(mask_BT, axis=1, dtype=jnp.int32) - 1
@@ -448,7 +449,12 @@ def hidden_states(
 
 def lm_head(params: dict, x_BTD: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Logits [B, T, V] in float32."""
-    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    w = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+    if is_quantized(w):
+        if cfg.tie_word_embeddings:
+            return linear_t(x_BTD, w)
+        return linear(x_BTD, w, jnp.float32)
+    w = w.T if cfg.tie_word_embeddings else w
     return jnp.einsum(
         "btd,dv->btv", x_BTD, w.astype(x_BTD.dtype), preferred_element_type=jnp.float32
     )

@@ -26,12 +26,15 @@ from floe_jax.federated import (
     round_step,
 )
 from floe_jax.federated.aggregate import available_rules
+from floe_jax.federated.client import local_update_clients
+from floe_jax.federated.client import make_optimizer as client_optimizer
 from floe_jax.inference.replies import CloudInput
 from floe_jax.inference.router import FusionConfig
 from floe_jax.inference.step import fused_step_jit
-from floe_jax.lora import init_lora
+from floe_jax.lora import init_lora, stack_loras
 from floe_jax.model import init_params
 from floe_jax.pretrain import PretrainConfig, make_optimizer, train_step
+from floe_jax.quant import QuantConfig, quantize
 
 PLATFORMS = {"cuda": "gpu", "tpu": "tpu"}  # lowering platform: what default_backend() says
 # Rules that fold updates into the shared base weights run with one cluster.
@@ -176,4 +179,33 @@ def test_train_step_with_sliding_layers_lowers(monkeypatch, kernel_cfg, platform
         monkeypatch, platform, train_step, params, jax.eval_shape(opt.init, params), tokens,
         jnp.ones((2, 24), jnp.float32), cfg=cfg, opt=opt,
     )  # fmt: skip
+    assert "func.func public @main" in text
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_generate_over_a_quantized_base_lowers(monkeypatch, kernel_cfg, kernel_params, platform):
+    qp = quantize(kernel_params, kernel_cfg, QuantConfig(format="int4", group_size=32))
+    lora = init_lora(kernel_cfg, LoRAConfig(rank=4, max_rank=8), key=jax.random.key(1))
+    tokens, mask = pad_prompts([[5, 9, 11], [3]])
+    text = _lowered_text(
+        monkeypatch, platform, generate, qp, tokens, mask, kernel_cfg, max_new_tokens=4,
+        key=jax.random.key(0), lora=lora,
+    )  # fmt: skip
+    assert "func.func public @main" in text
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_qlora_clients_lower(monkeypatch, kernel_cfg, kernel_params, platform):
+    qp = quantize(kernel_params, kernel_cfg, QuantConfig(format="nf4", group_size=32))
+    loras = stack_loras(
+        [init_lora(kernel_cfg, LoRAConfig(rank=2), key=jax.random.key(i)) for i in range(2)]
+    )
+    toks = np.zeros((2, 2, 2, 12), np.int32)
+    batches = {"tokens": toks, "mask": np.ones(toks.shape), "loss_mask": np.ones(toks.shape)}
+    opt = client_optimizer("adamw", lr=1e-3)
+    fn = jax.jit(
+        lambda p, lo, b, k: local_update_clients(p, lo, b, cfg=kernel_cfg, opt=opt, keys=k)
+    )
+    keys = jax.random.split(jax.random.key(0), 2)
+    text = _lowered_text(monkeypatch, platform, fn, qp, loras, batches, keys)
     assert "func.func public @main" in text

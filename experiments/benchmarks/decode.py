@@ -11,6 +11,9 @@ Then one row per other family (batch 1), FJ-REF's sizes with that family's featu
 q/k/v and gate/up), Gemma 3 (three sliding layers of window 64 to one global, qk-norm, sandwich
 norms, GeGLU, scaled and tied embeddings) and SmolLM3 (no RoPE in the last layer). The windows
 are shorter than the 128 tokens decoded, so the ring-buffer caches wrap.
+
+Then the real-scale rows (`_decode_scale`): Qwen2.5-0.5B shapes, batch 1 and 8, float32, bf16,
+int8 and int4 weights beside transformers float32 and bfloat16 and the bandwidth bound.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import tempfile
 import jax
 import numpy as np
 
+from experiments.benchmarks._decode_scale import run as real_scale
 from experiments.benchmarks._util import (
     FJ_REF,
     fj_ref_torch,
@@ -128,4 +132,4 @@ def run(quick: bool = False, attention_impl: str = "reference") -> list[dict]:
         f"{machine()}",
     )
     print(f"float32 matmul (1024^3 through XLA): {matmul_gflops():.1f} GFLOP/s")
-    return rows
+    return rows + real_scale(quick=quick)

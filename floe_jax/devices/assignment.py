@@ -160,7 +160,8 @@ def assign_ranks(
         replace the analytic model.
       context: KV-cache length for the decode cost.
       decode_batch: rows decoded together.
-      weight_dtype: storage dtype of the base weights on the device (default the model's).
+      weight_dtype: storage of the base weights on the device: a float dtype (default the
+        model's) or a `floe_jax.quant` format ("bf16", "int8", "int4", "nf4"; QLoRA).
       pad_to_max: set every returned config's `max_rank` to the largest assigned rank, so the
         clients' adapters stack on one client axis.
 

@@ -14,15 +14,22 @@ from __future__ import annotations
 
 from floe_jax.config import LORA_TARGETS, LoRAConfig, ModelConfig
 from floe_jax.devices.profiles import DeviceProfile
+from floe_jax.quant import FORMATS as QUANT_FORMATS
+from floe_jax.quant import weight_bytes_per_param
 
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
+# Bytes per weight of each float storage type. The quantized formats of `floe_jax.quant` ("bf16",
+# "int8", "int4", "nf4") are priced with their scales (`quant.weight_bytes_per_param`), so a
+# device's rank assignment sees the footprint of the base it actually runs (QLoRA).
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LORA_STATE_BYTES = 16  # per LoRA parameter: fp32 value + grad + two Adam moments
 
 
 def _bytes_of(dtype: str | None, cfg: ModelConfig) -> float:
     dtype = dtype or cfg.dtype
+    if dtype in QUANT_FORMATS:
+        return weight_bytes_per_param(dtype)
     if dtype not in _DTYPE_BYTES:
-        raise ValueError(f"dtype={dtype!r} is not one of {tuple(_DTYPE_BYTES)}")
+        raise ValueError(f"dtype={dtype!r} is not one of {(*_DTYPE_BYTES, *QUANT_FORMATS)}")
     return _DTYPE_BYTES[dtype]
 
 

@@ -226,3 +226,34 @@ def local_update_clients(
     if client_chunk <= 0:
         return jax.vmap(one, in_axes=(None, 0, 0, 0))(params, loras, batches, keys)
     return jax.lax.map(lambda x: one(params, *x), (loras, batches, keys), batch_size=client_chunk)
+
+
+def client_memory_bytes(
+    params: dict,
+    lora: LoRA,
+    batches: dict,
+    *,
+    cfg: ModelConfig,
+    opt: optax.GradientTransformation,
+    frozen: tuple[str, ...] = (),
+) -> dict[str, int]:
+    """One client's `local_update` memory from XLA's compiled memory analysis, in bytes.
+
+    Arguments may be arrays or `jax.ShapeDtypeStruct`s (`jax.eval_shape` of a base, quantized
+    or not): nothing is allocated or run. `arguments` holds the frozen base, the adapter and the
+    client's batches; `temporaries` the activations, gradients and optimizer state the step
+    needs; `total` their sum with the outputs. With a quantized base (`floe_jax.quant`, QLoRA)
+    the base's share is its codes and scales.
+    """
+
+    def one(params, lora, batches):
+        return local_update(params, lora, batches, cfg=cfg, opt=opt, frozen=frozen)
+
+    m = jax.jit(one).lower(params, lora, batches).compile().memory_analysis()
+    out = {
+        "arguments": int(m.argument_size_in_bytes),
+        "temporaries": int(m.temp_size_in_bytes),
+        "outputs": int(m.output_size_in_bytes - m.alias_size_in_bytes),
+    }
+    out["total"] = sum(out.values())
+    return out

@@ -1,0 +1,157 @@
+"""Real-scale rows of `bench decode`: a Qwen2.5-0.5B-shaped checkpoint (the public config's
+shapes, random weights, built locally by transformers and loaded by `floe_jax.load_hf`), greedy
+decoding at batch 1 and 8 with float32, bfloat16, int8 and int4 weights (`floe_jax.quant`),
+beside transformers' `generate` in float32 and bfloat16 and beside the bandwidth bound.
+
+The bound of a format is the bytes one decode step reads (every weight once: codes and scales;
+the tied embedding is the head) over the read bandwidth, measured in the same run as the rate of
+float32 matrix-vector products over 512 MB of MLP-shaped matrices (`_bandwidth_probe`).
+Every side (and the bandwidth probe) runs in one alternating loop, so all see the same machine;
+figures are medians.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.benchmarks._util import machine, print_table, timeit_alternating
+from floe_jax.config import ModelConfig
+
+# Qwen/Qwen2.5-0.5B's config.json shapes.
+QWEN25_05B = ModelConfig(
+    model_type="qwen2",
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_layers=24,
+    num_heads=14,
+    num_kv_heads=2,
+    qkv_bias=True,
+    tie_word_embeddings=True,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+)
+FORMATS = ("float32", "bf16", "int8", "int4")
+
+
+def _bandwidth_probe(nbytes: int = 512 * 2**20, k: int = 896, n: int = 4864):
+    """(a blocking call, bytes it reads): float32 matrix-vector products through XLA over
+    separate [k, n] matrices (a 0.5B model's MLP shape) totalling `nbytes`, the read pattern of a
+    float32 decode step. One huge matrix is no probe: XLA:CPU's product over a [1024, 131072]
+    matrix ran far below the rate it reaches on a model's matrices."""
+    count = max(1, nbytes // (4 * k * n))
+    ws = [jnp.full((k, n), 0.5 + i, jnp.float32) for i in range(count)]
+    x = jnp.ones((1, k), jnp.float32)
+    f = jax.jit(lambda x, ws: sum(jnp.sum(x @ w) for w in ws))
+    return (lambda: jax.block_until_ready(f(x, ws))), count * k * n * 4
+
+
+def run(
+    quick: bool = False,
+    cfg: ModelConfig = QWEN25_05B,
+    batches=(1, 8),
+    prompt_len: int = 32,
+    new: int | None = None,
+    repeats: int | None = None,
+) -> list[dict]:
+    """Times every format at each batch (`new` tokens, `repeats` alternating calls per side;
+    defaults 32 and 5, or 8 and 2 when `quick`) and returns one row per (batch, side)."""
+    import torch
+    import transformers
+
+    import floe_jax as fj
+    from floe_jax import quant
+    from floe_jax.decode import generate
+    from floe_jax.hf import config_to_hf
+    from floe_jax.model import unstack_layers
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    new = new or (8 if quick else 32)
+    repeats = repeats or (2 if quick else 5)
+    d = config_to_hf(cfg)
+    torch.manual_seed(0)
+    hc = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    hf32 = transformers.AutoModelForCausalLM.from_config(hc, dtype=torch.float32).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf32.save_pretrained(tmp)
+        cfg, params = fj.load_hf(tmp)
+    hf16 = transformers.AutoModelForCausalLM.from_config(hc, dtype=torch.bfloat16).eval()
+    hf16.load_state_dict({k: v.to(torch.bfloat16) for k, v in hf32.state_dict().items()})
+    bases = {"float32": params}
+    for fmt in FORMATS[1:]:
+        bases[fmt] = quant.quantize(params, cfg, quant.QuantConfig(format=fmt))
+    bytes_read = {f: quant.param_bytes(p) for f, p in bases.items()}
+    bases = {f: unstack_layers(p) for f, p in bases.items()}  # the decode layout, once
+    del params
+    gen = jax.jit(generate, static_argnames=("cfg", "max_new_tokens"))
+    probe, probe_bytes = _bandwidth_probe()
+
+    rows = []
+    for batch in batches:
+        ids = np.random.RandomState(batch).randint(0, cfg.vocab_size, (batch, prompt_len))
+        tokens, mask = ids.astype(np.int32), np.ones_like(ids, np.int32)
+        key = jax.random.key(0)
+
+        def fj_side(p, tokens=tokens, mask=mask, key=key):
+            return lambda: np.asarray(gen(p, tokens, mask, cfg, max_new_tokens=new, key=key)[0])
+
+        ids_t = torch.from_numpy(ids)
+        kw = dict(
+            attention_mask=torch.ones_like(ids_t), max_new_tokens=new, min_new_tokens=new,
+            do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None,
+        )  # fmt: skip
+
+        def hf_side(model, ids_t=ids_t, kw=kw):
+            def call():
+                with torch.no_grad():
+                    return model.generate(ids_t, **kw)[:, prompt_len:].numpy()
+
+            return call
+
+        sides = {f"floe_jax {f}": fj_side(p) for f, p in bases.items()}
+        sides |= {"transformers float32": hf_side(hf32), "transformers bf16": hf_side(hf16)}
+        sides["bandwidth probe"] = probe
+        times = dict(zip(sides, timeit_alternating(*sides.values(), repeats=repeats), strict=True))
+        bw = probe_bytes / times.pop("bandwidth probe")
+        out = {name: fn() for name, fn in sides.items() if name != "bandwidth probe"}
+        # ms per token-step is a whole call (prefill included) over `new`, on both sides.
+        hf_ms = 1e3 * times["transformers float32"] / new
+        ref = out["floe_jax float32"]
+        for name, sec in times.items():
+            fmt = name.split()[-1]
+            ms = 1e3 * sec / new
+            row = {
+                "batch": batch,
+                "side": name,
+                "ms/token-step": ms,
+                "tok/s": batch * new / sec,
+                "× transformers f32": hf_ms / ms,
+                "greedy = floe_jax f32": float((out[name] == ref).mean()),
+            }
+            if name.startswith("floe_jax"):
+                bound = 1e3 * bytes_read[fmt] / bw
+                row |= {"weights MB": bytes_read[fmt] / 1e6, "bound ms": bound,
+                        "% of bound": 100 * bound / ms}  # fmt: skip
+            rows.append(row)
+        rows.append({"batch": batch, "side": "read bandwidth (GB/s)", "ms/token-step": bw / 1e9})
+    print_table(
+        rows,
+        title=f"bench decode, {cfg.model_type} {cfg.num_params / 1e6:.0f}M shapes (random "
+        f"weights): prompt {prompt_len}, {new} new tokens, medians of {repeats} interleaved — "
+        f"{machine()}",
+    )
+    return rows
+
+
+def small_config() -> ModelConfig:
+    """A tiny config of the same family, for tests of this benchmark's code."""
+    return dataclasses.replace(
+        QWEN25_05B, vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_heads=4, num_kv_heads=2,
+    )  # fmt: skip
