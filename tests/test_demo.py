@@ -243,9 +243,12 @@ def test_smoke_demo_no_private_span_reaches_the_cloud(smoke_run):
         (r["method"], r.get("leak_examples")) for r in guarded
     ]
     assert all(r["partial_spans_to_cloud"] == 0 for r in guarded)  # counted in the total too
+    # ... and the server, which counts what it received on its own, agrees
+    assert all(r["spans_at_server"] == 0 for r in guarded if r["id"] != "query-router")
     # the recorder does see spans when the guard lets them through (the privacy-violating ref)
     ref = rows["cloud-full"]
     assert ref["reference"] and ref["private_spans_to_cloud"] > 0
+    assert ref["spans_at_server"] > 0
     assert rows["floe"]["fused_share"] > 0  # fusion on every query type: redact, not edge_only
 
 

@@ -156,6 +156,26 @@ def test_unknown_model_and_route_are_404(client, server):
     assert code == 404 and body["error"]["message"]
 
 
+def test_on_prompt_sees_every_accepted_prompt_as_text(model, tok):
+    """The audit hook gets each prompt the server accepts: text as sent, token ids decoded, a
+    chat conversation as its template renders it; a refused request reaches it not at all."""
+    cfg, params = model
+    seen = []
+    with serve_cloud(params, cfg, tok, model_name="tiny", on_prompt=seen.append) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        c.completions.create(model="tiny", prompt="the edge", max_tokens=1)
+        ids = encode_text(tok, "a cloud")
+        c.completions.create(model="tiny", prompt=ids, max_tokens=1)
+        c.chat.completions.create(
+            model="tiny", max_tokens=1, messages=[{"role": "user", "content": "hello there"}]
+        )
+        with pytest.raises(openai.BadRequestError):
+            c.completions.create(model="tiny", prompt="x", max_tokens=1, temperature=-1)
+        c.close()
+    assert seen[:2] == ["the edge", tok.decode(ids)]
+    assert len(seen) == 3 and "hello there" in seen[2]
+
+
 def test_api_key_is_required_when_set(model, tok):
     cfg, params = model
     with serve_cloud(params, cfg, tok, model_name="tiny", api_key="s3cret") as srv:

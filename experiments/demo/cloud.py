@@ -66,6 +66,24 @@ class SpanRecorder:
         return self._backend.next_token(prefixes)
 
 
+class ServerRecorder:
+    """What the cloud server itself received: `serve_cloud`'s `on_prompt` hook checks every
+    prompt it accepts for complete occurrences of `values` (every private span of the evaluated
+    queries; a cut-short span is attributed to its query by the `SpanRecorder` in front of the
+    client, which sees which request belongs to which query)."""
+
+    def __init__(self, values):
+        self.values = tuple(sorted({v for v in values if v}, key=len, reverse=True))
+        self._lock = threading.Lock()  # the server calls it from its event loop thread
+        self.prompts = self.spans = 0
+
+    def __call__(self, text: str) -> None:
+        found = count_private_spans(text, self.values).complete
+        with self._lock:
+            self.prompts += 1
+            self.spans += found
+
+
 class CloudEndpoint:
     """The cloud of one evaluation (a context manager: the HTTP server stops on exit).
 
@@ -75,16 +93,19 @@ class CloudEndpoint:
       how: `http` (serve-cloud on 127.0.0.1, `HTTPCloud`, which maps the cloud's token strings
         onto the edge vocabulary itself) or `local` (in-process; `mapper` maps them).
       top_k: log-probs per token the cloud returns (hosted APIs give at most 20).
+      private_values: what the server-side recorder (`ServerRecorder`, http only) looks for.
     """
 
     def __init__(self, params, cfg, tokenizer, *, edge_tokenizer, how: str = "http",
-                 top_k: int = 20):  # fmt: skip
+                 top_k: int = 20, private_values=()):  # fmt: skip
         self.how, self.top_k = how, top_k
         self.mapper = None  # HTTPCloud maps the strings itself (it is given both tokenizers)
-        self._server = None
+        self._server = self.server_recorder = None
         if how == "http":
+            self.server_recorder = ServerRecorder(private_values)
             self._server = serve_cloud(params, cfg, tokenizer, port=0, block=False,
-                                       model_name="floe-cloud", max_logprobs=top_k)  # fmt: skip
+                                       model_name="floe-cloud", max_logprobs=top_k,
+                                       on_prompt=self.server_recorder)  # fmt: skip
             self.backend = HTTPCloud(
                 self._server.url,
                 model="floe-cloud",

@@ -239,14 +239,16 @@ def evaluate(preset: DemoPreset | RealPreset, prep: Setup, fed: dict, run_dir: s
     lat_idx = latency_queries(bench, preset.eval.latency_queries)
     rows, eval_lines, done = [], [], {}
     with CloudEndpoint(prep.cloud_params, prep.cloud_cfg, prep.cloud_tokenizer,
-                       edge_tokenizer=tok, how=preset.eval.cloud,
-                       top_k=preset.eval.decode.top_k) as cloud:  # fmt: skip
+                       edge_tokenizer=tok, how=preset.eval.cloud, top_k=preset.eval.decode.top_k,
+                       private_values=[s for q in bench.queries for s in q.private_spans],
+                       ) as cloud:  # fmt: skip
         ctx = _Ctx(preset, prep, cloud, fed, [encode_prompt(tok, q.prompt) for q in bench.queries],
                    decode)  # fmt: skip
         bar = tqdm(methods(preset, set(fed)), desc="evaluate", disable=not progress)
         for m in bar:
             bar.set_postfix_str(m.id)
             t0 = time.perf_counter()
+            at_server = cloud.server_recorder.spans if cloud.server_recorder else None
             row = dict(id=m.id, method=m.name, reference=m.reference, guarded=m.cloud in
                        ("redact", "edge_only"), cloud_requests=0, private_spans_to_cloud=0,
                        partial_spans_to_cloud=0, fused_share=0.0)  # fmt: skip
@@ -271,6 +273,8 @@ def evaluate(preset: DemoPreset | RealPreset, prep: Setup, fed: dict, run_dir: s
                     if rec.examples and row["guarded"]:
                         row["leak_examples"] = rec.examples
             done[m.id] = preds
+            if at_server is not None and m.kind != "router":
+                row["spans_at_server"] = cloud.server_recorder.spans - at_server
             row["accuracy"], row["per_task"] = _accuracy(bench, preds)
             if m.id in LATENCY_METHODS and lat_idx:
                 lat = _latency(ctx, m, lat_idx)

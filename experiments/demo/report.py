@@ -49,7 +49,8 @@ def format_report(result: dict) -> str:
     lines = [f"# Floe demo — preset `{result['preset']}`", ""]
     lines += [
         "| id | method | general | personal | both | overall | format | personal slots | "
-        "general slots | private spans to cloud | ms/token mean | ms/token p95 | fused share |",
+        "general slots | private spans to cloud (client / server) | ms/token mean | ms/token p95 | "
+        "fused share |",
         "|---" * 13 + "|",
     ]
     for r in result["rows"]:
@@ -57,6 +58,8 @@ def format_report(result: dict) -> str:
         spans = r["private_spans_to_cloud"] if r["cloud_requests"] else "— (no cloud)"
         if r.get("partial_spans_to_cloud"):
             spans = f"{spans} ({r['partial_spans_to_cloud']} partial)"
+        if r.get("spans_at_server") is not None and r["cloud_requests"]:
+            spans = f"{spans} / {r['spans_at_server']}"
         if r["reference"] and r["cloud_requests"] and not r["guarded"]:
             spans = f"{spans} (not guarded)"
         lines.append(
@@ -103,7 +106,9 @@ def format_report(result: dict) -> str:
         "private card, the general facts. Private spans are counted by a recorder "
         "between the privacy guard and the cloud back end (every request text, every query's "
         "private spans, `count_private_spans`): complete ones, and partial ones (a request that "
-        "ends in the start of a span, cut short while the edge generated it). "
+        "ends in the start of a span, cut short while the edge generated it); after the slash, "
+        "the complete spans the cloud server itself found in the prompts it accepted "
+        "(`serve_cloud`'s `on_prompt` hook; the http cloud only). "
         "Latency: queries decoded one at a time "
         "under a simulated network "
         "(lognormal RTT), measured compute; token 0 (prefill) excluded. Ranks: device memory "

@@ -18,6 +18,7 @@ import dataclasses
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -117,6 +118,7 @@ def serve_cloud(
     config: ServeConfig | None = None,
     eos_ids: tuple[int, ...] | None = None,
     log_level: str = "warning",
+    on_prompt: Callable[[str], None] | None = None,
     **overrides,
 ) -> ServerHandle:
     """Serves a floe_jax model and its tokenizer as an OpenAI-compatible server.
@@ -132,6 +134,9 @@ def serve_cloud(
       config: names, limits and batching (`ServeConfig`); `overrides` replace its fields, e.g.
         `serve_cloud(..., model_name="tiny", api_key="k")`.
       eos_ids: ids that end a choice (default: `cfg.eos_token_id` and the tokenizer's).
+      on_prompt: called with the text of every prompt the server accepts (completions prompts,
+        token ids decoded; a chat conversation as its template renders it), before the model
+        sees it: an audit hook, e.g. a recorder of what reached the cloud.
     """
     config = dataclasses.replace(config or ServeConfig(), **overrides)
     if eos_ids is None:
@@ -139,7 +144,7 @@ def serve_cloud(
     tokens = Tokens(tokenizer, cfg.vocab_size, eos_ids)
     engine = Engine(params, cfg, lora=lora, max_batch=config.max_batch,
                     max_queue=config.max_queue)  # fmt: skip
-    cloud = CloudApp(engine, tokens, config)
+    cloud = CloudApp(engine, tokens, config, on_prompt=on_prompt)
     uv = uvicorn.Config(
         build_app(cloud), http=_protocol(config.header_timeout_s), loop="auto",
         lifespan="off", log_level=log_level, access_log=False,

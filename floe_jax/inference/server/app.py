@@ -96,8 +96,8 @@ class _TimedStream(StreamingResponse):
 class CloudApp(AnswerRows):
     """The request logic: validation, the engine, and OpenAI-shaped answers."""
 
-    def __init__(self, engine: Engine, tokens: Tokens, config: ServeConfig):
-        self.engine, self.tok, self.cfg = engine, tokens, config
+    def __init__(self, engine: Engine, tokens: Tokens, config: ServeConfig, *, on_prompt=None):
+        self.engine, self.tok, self.cfg, self.on_prompt = engine, tokens, config, on_prompt
         self.created = int(time.time())
         self.live: dict[str, int] = {}  # client host -> choices in flight
 
@@ -203,6 +203,9 @@ class CloudApp(AnswerRows):
             if min(ids) < 0 or max(ids) >= V:
                 raise ApiError(400, f"prompt {i} has a token id outside [0, {V})", param="prompt")
             out.append(ids)
+        if self.on_prompt is not None:
+            for p, ids in zip(prompts, out, strict=True):
+                self.on_prompt(p if isinstance(p, str) else self.tok.decode(ids))
         return out
 
     def _start(self, prompts: list[list[int]], n: int, sampling: Sampling, stream: bool,
