@@ -16,7 +16,7 @@ from floe_jax.inference.align import AlignConfig, StringMapper, vocab_of
 from floe_jax.inference.cloud import LocalCloud, Prefix, encode_text
 from floe_jax.inference.deadline import SimClock
 from floe_jax.inference.fused import FusedDecodeConfig, generate_fused
-from floe_jax.inference.http_cloud import HTTPCloud
+from floe_jax.inference.http_cloud import HTTPCloud, openai_settings
 from floe_jax.inference.privacy import GuardedCloud, PrivacyDetector, PrivacyPolicy
 from floe_jax.inference.router import FusionConfig
 from floe_jax.inference.server import serve_cloud
@@ -320,13 +320,19 @@ def test_retry_after_is_honoured_within_the_deadline(fake, monkeypatch):
     assert out.errors[0].startswith("deadline") and "busy" in out.errors[0] and waits == [0.2]
 
 
-def test_monkeypatched_env_gives_url_and_key(fake, monkeypatch):
-    srv = fake(lambda h, p, b: send(h, 200, completion(TOP)))
-    monkeypatch.setenv("OPENAI_BASE_URL", srv.url + "/v1")
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    client = HTTPCloud(edge_tokenizer=VOCAB, top_k=3)
+def test_openai_variables_give_url_and_key(fake, monkeypatch):
+    """The OpenAI client's variables, read once by the caller; the client itself reads none."""
+    seen = []
+    srv = fake(lambda h, p, b: (seen.append(h.headers.get("Authorization")),
+                                send(h, 200, completion(TOP))))  # fmt: skip
+    env = {"OPENAI_BASE_URL": srv.url + "/v1", "OPENAI_API_KEY": "sk-test"}
+    client = HTTPCloud(**openai_settings(env), edge_tokenizer=VOCAB, top_k=3)
     assert client.next_token([Prefix(text="hi")]).ok[0]
     client.close()
+    assert seen == ["Bearer sk-test"]
+    monkeypatch.setenv("OPENAI_BASE_URL", srv.url)
+    with pytest.raises(ValueError, match="base_url"):
+        HTTPCloud(edge_tokenizer=VOCAB)
 
 
 @pytest.mark.parametrize(

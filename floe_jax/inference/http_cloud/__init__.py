@@ -35,7 +35,6 @@ import collections
 import concurrent.futures as cf
 import http.client
 import json
-import os
 import threading
 import time
 import warnings
@@ -62,11 +61,19 @@ APIS = ("completions", "chat")
 MAX_STREAMS = 4096  # chat streams whose first message is remembered
 
 
+def openai_settings(environ: Mapping[str, str]) -> dict:
+    """`base_url` and `api_key` for `HTTPCloud` from the variables the official `openai` client
+    reads (`OPENAI_BASE_URL`, `OPENAI_API_KEY`). The library reads no environment itself: a
+    command line passes `os.environ` here once, e.g. `HTTPCloud(**openai_settings(os.environ),
+    edge_tokenizer=tok)`."""
+    return {"base_url": environ.get("OPENAI_BASE_URL"), "api_key": environ.get("OPENAI_API_KEY")}
+
+
 class HTTPCloud:
     """A sparse top-k cloud over HTTP in the OpenAI schema (module docstring).
 
     Args:
-      base_url: e.g. `http://127.0.0.1:8000` (with or without `/v1`); default `$OPENAI_BASE_URL`.
+      base_url: e.g. `http://127.0.0.1:8000` (with or without `/v1`); see `openai_settings`.
       api: `"completions"` or `"chat"`.
       model: the `model` field.
       top_k: log-probs asked for (lowered to a server's cap when a 400 names one).
@@ -78,7 +85,7 @@ class HTTPCloud:
       max_workers: concurrent requests.
       prompt: completions only: `"text"` sends the prefix text, `"ids"` its token ids.
       token_ids: ask for `token_id:N` keys (vLLM's `return_tokens_as_token_ids`).
-      api_key: sent as a Bearer token; default `$OPENAI_API_KEY`.
+      api_key: sent as a Bearer token (None: none).
       headers: extra HTTP headers (e.g. an organisation or a gateway key).
       edge_tokenizer: the edge's tokenizer (or anything `vocab_of` reads): string keys are
         mapped onto its vocabulary here.
@@ -118,9 +125,11 @@ class HTTPCloud:
         continue_final: bool = True,
         sleep: Callable[[float], None] = time.sleep,
     ):
-        base_url = base_url or os.environ.get("OPENAI_BASE_URL")
         if not base_url:
-            raise ValueError("HTTPCloud needs base_url (or $OPENAI_BASE_URL)")
+            raise ValueError(
+                "HTTPCloud needs base_url (`openai_settings(os.environ)` reads the "
+                "OpenAI client's variables at the command line)"
+            )
         if api not in APIS:
             raise ValueError(f"HTTPCloud api={api!r}: use one of {APIS}")
         if prompt not in ("text", "ids"):
@@ -155,7 +164,6 @@ class HTTPCloud:
         self.deadline_s = deadline_s
         self.prompt, self.token_ids, self.system = prompt, token_ids, system
         self.continue_final = continue_final
-        api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         hdrs = dict(headers or {})
         if api_key:
             hdrs.setdefault("Authorization", f"Bearer {api_key}")
