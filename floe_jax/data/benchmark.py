@@ -277,7 +277,7 @@ def make_benchmark(config: BenchmarkConfig = BenchmarkConfig()) -> Benchmark:
     edge = public_docs(rng, local_countries, config.public_repeats) + neutral
     edge += copy_drills(rng, drillers)
     rng.shuffle(edge)
-    # a separate stream: the notes change neither the edge's corpus nor the private data
+    # the notes draw from their own stream; the edge corpus is already drawn and shuffled above
     notes_rng = random.Random(f"floe-benchmark-{config.seed}-notes")
     public = public + neutral + travel_notes(notes_rng, countries, people, config.public_repeats)
     rng.shuffle(public)
