@@ -226,6 +226,17 @@ def test_a_prompt_waiting_for_its_answer_is_not_held():
         assert det.pending(text) == 0, text
 
 
+def test_a_sentence_after_at_and_a_number_is_not_an_email():
+    """`Call Bob at 555-0142. The capital` once redacted `Bob at 555-0142. The` as one email:
+    a spaced "." ends an address only before a top-level domain."""
+    det = _detector()
+    text = "Call Germol at 555-4909. The capital there is"
+    assert [(s.kind, text[s.start : s.end]) for s in det.find(text)] == [("phone", "555-4909")]
+    assert det.find("Meet Bob at 5. Then go") == []
+    for spaced in ("mira at example . com", "mira at example. org", "mira at example dot com"):
+        assert [s.kind for s in det.find(f"write {spaced} today")] == ["email"], spaced
+
+
 def test_false_positive_rate_on_ordinary_text():
     det = _detector()
     texts = ordinary(300)

@@ -50,7 +50,12 @@ _NOT_DOMAIN = (
 )
 _TLD = "com|org|net|edu|gov|mil|int|io|co|uk|us|ca|au|de|fr|nl|eu|ch|es|it|jp|info|biz|me|ai|dev"
 _AT = rf"(?:\s?@\s?|\s?[\[({{<]\s?at\s?[\])}}>]\s?|\sat\s(?!(?:{_NOT_DOMAIN})\b))"
-_END = rf"(?:\s?\.\s?[a-z]{{2,}}|(?:\s?[\[({{<]\s?dot\s?[\])}}>]\s?|\sdot\s)(?:{_TLD})\b)"
+# A "." with space around it ("example . com") ends an address only before a common top-level
+# domain: "Call Bob at 555-0142. The capital" is a sentence, not `bob@555-0142.the`.
+_END = (
+    rf"(?:\.[a-z]{{2,}}|\s?\.\s?(?:{_TLD})\b"
+    rf"|(?:\s?[\[({{<]\s?dot\s?[\])}}>]\s?|\sdot\s)(?:{_TLD})\b)"
+)
 _EMAIL = rf"(?<![\w.@]){_LOCAL}(?:{_DOT}{_LOCAL})*{_AT}{_LABEL}(?:{_DOT}{_LABEL})*{_END}"
 _STREET = (
     r"street|st|avenue|ave|road|rd|lane|ln|drive|dr|boulevard|blvd|court|ct|place|pl|way|"
