@@ -170,3 +170,35 @@ def test_new_requests_do_not_hold_up_live_streams(tok):
     order = sorted(first.values())
     for lo, hi in zip(order, order[1:], strict=False):
         assert "live" in events[lo:hi], events
+
+
+def test_infinite_time_limits_are_no_limits(tok):
+    """`math.inf` for a time limit means none (not an overflow): plain and streamed requests
+    are answered."""
+    import math
+
+    cfg, params = chat_model(tok)
+    limits = {
+        name: math.inf
+        for name in (
+            "header_timeout_s",
+            "body_timeout_s",
+            "request_timeout_s",
+            "keep_alive_s",
+            "send_timeout_s",
+        )
+    }
+    with serve_cloud(params, cfg, tok, model_name="tiny", **limits) as s:  # fmt: skip
+        status, body = _post(s, {"model": "tiny", "prompt": "the dog", "max_tokens": 3,
+                                 "temperature": 0})  # fmt: skip
+        c = http.client.HTTPConnection("127.0.0.1", _port(s), timeout=30)
+        req = {"model": "tiny", "prompt": "the dog", "max_tokens": 3, "temperature": 0,
+               "stream": True}  # fmt: skip
+        c.request("POST", "/v1/completions", json.dumps(req), {"Content-Type": "application/json"})
+        r = c.getresponse()
+        events = [x for x in r.read().decode().split("\n\n") if x.startswith("data: ")]
+        c.close()
+    assert status == 200 and body["choices"][0]["finish_reason"] == "length"
+    assert r.status == 200 and events[-1] == "data: [DONE]"
+    streamed = "".join(json.loads(e[6:])["choices"][0]["text"] for e in events[:-1])
+    assert streamed == body["choices"][0]["text"]
