@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from _serve_util import chat_model, chat_tokenizer
 
-from floe_jax.inference.server.engine import Engine, WarmUp
+from floe_jax.inference.server.engine import Engine
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +66,16 @@ def _same(got: Job, alone: Job):
     np.testing.assert_allclose(np.stack(got.lps), np.stack(alone.lps), atol=2e-5)
 
 
-@pytest.mark.parametrize("window", [None, 8, 24])
+@pytest.mark.parametrize("window", [8, 24])
 def test_a_request_arriving_mid_generation_shares_the_decode_steps(tok, window):
     """A (12 tokens) decodes alone; after its 3rd token B (a shorter prompt, 6 tokens) arrives,
     joins A's batch (grown from 1 row to 2) and is served in A's decode steps: 11 steps in all,
-    not 11 + 5. Both get what they get alone. Sliding-window layers (window 8: ring buffers on
-    both sides of the splice; 24: a ring in the batch's longer cache only) splice as well."""
+    not 11 + 5. Both get what they get alone. The model has a full-attention layer and a
+    sliding-window one (window 8: ring buffers on both sides of the splice; 24: a ring in the
+    batch's longer cache only)."""
     cfg, params = chat_model(tok, context=256)
-    if window is not None:
-        cfg = dataclasses.replace(cfg, sliding_window=window,
-                                  layer_types=("sliding_attention", "full_attention"))  # fmt: skip
+    cfg = dataclasses.replace(cfg, sliding_window=window,
+                              layer_types=("sliding_attention", "full_attention"))  # fmt: skip
     prompt_a, prompt_b = list(range(40, 52)), [7, 8, 9, 10, 11]
     alone_a, alone_b = Job(prompt_a, 12), Job(prompt_b, 6)
     _serve(params, cfg, [alone_a])
@@ -115,26 +115,48 @@ def test_finished_rows_leave_and_a_sparse_batch_shrinks(tok):
         _same(j, alone)
 
 
-def test_warm_up_compiles_the_buckets_before_the_first_request(tok):
-    """`warm_up` compiles every (batch bucket <= max_batch, prompt bucket <= max_prompt) shape
-    on the engine thread (`warming` meanwhile); a first request of those shapes then compiles
-    nothing (the jitted functions' caches do not grow), and gets what it gets without the
-    warm-up."""
-    from floe_jax.decode import advance_jit, prefill_jit
+def test_warm_up_compiles_before_the_first_request_and_health_answers_meanwhile(tok):
+    """`serve_cloud(warm_up=True)`: `/health` answers while the engine compiles (503, `warming
+    up`: an answer from before the warm-up ended), a request sent meanwhile waits and is
+    answered, `/health` is then ok; a batch of two rows of the warmed shapes compiles nothing
+    more (the jitted functions' caches do not grow)."""
+    import json
+    import urllib.error
+    import urllib.request
 
-    cfg, params = chat_model(tok, context=200, seed=5)  # a shape no other test compiles
-    engine = Engine(params, cfg, max_batch=2, warm_up=WarmUp(max_prompt=32, max_tokens=4))
-    assert engine.warming
-    t0 = time.monotonic()
-    while engine.warming and time.monotonic() - t0 < 120:
-        time.sleep(0.01)
-    assert not engine.warming and engine.warm_up_error is None
-    assert engine.stats["warm_up_shapes"] == 2 * 2  # batch buckets (1, 2) x prompt (16, 32)
-    sizes = prefill_jit._cache_size(), advance_jit._cache_size()
-    job = Job(list(range(20, 40)), 4)  # 20 tokens: the 32 bucket
-    assert engine.submit(job) and job.done.wait(60)
-    engine.close()
-    assert (prefill_jit._cache_size(), advance_jit._cache_size()) == sizes
-    alone = Job(list(range(20, 40)), 4)
-    _serve(params, cfg, [alone])
-    _same(job, alone)
+    from floe_jax.decode import advance_jit, prefill_jit
+    from floe_jax.inference.server import serve_cloud
+
+    def health(url):
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    cfg, params = chat_model(tok, context=176, seed=7)  # shapes no other test compiles
+    with serve_cloud(params, cfg, tok, model_name="tiny", warm_up=True, max_batch=2,
+                     warm_up_prompt_tokens=16, default_max_tokens=4) as srv:  # fmt: skip
+        status, body = health(srv.url)
+        assert status == 503 and body["status"] == "warming up", body
+        got = {}
+        req = urllib.request.Request(srv.url + "/v1/completions", json.dumps({
+            "model": "tiny", "prompt": "the dog", "max_tokens": 4, "temperature": 0}).encode(),
+            headers={"Content-Type": "application/json"})  # fmt: skip
+        t = threading.Thread(target=lambda: got.update(
+            r=json.loads(urllib.request.urlopen(req, timeout=300).read())))  # fmt: skip
+        t.start()
+        while srv.engine.warming:
+            assert health(srv.url)[0] in (503, 200)
+            time.sleep(0.05)
+        t.join(300)
+        engine = srv.engine
+        assert engine.warm_up_error is None and engine.stats["warm_up_shapes"] == 2  # B 1, 2
+        assert health(srv.url) == (200, {"status": "ok"})
+        assert got["r"]["choices"][0]["finish_reason"] == "length"
+        sizes = prefill_jit._cache_size(), advance_jit._cache_size()
+        jobs = [Job([5, 6, 7], 4), Job(list(range(20, 32)), 4)]
+        with engine._cv:  # queued together: one prefill of two rows
+            assert all(engine.submit(j) for j in jobs)
+        assert all(j.done.wait(60) and j.error is None for j in jobs)
+        assert (prefill_jit._cache_size(), advance_jit._cache_size()) == sizes
