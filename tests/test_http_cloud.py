@@ -265,7 +265,10 @@ def test_a_logprobs_cap_is_learned_from_the_400(fake):
 
 
 def test_chat_only_server_and_error_bodies_in_reasons(fake):
+    seen = []
+
     def chat_only(h, path, body):
+        seen.append((h.headers.get("X-Org"), h.headers.get("Authorization")))
         if path != "/v1/chat/completions":
             return send(h, 404, {"error": {"message": f"no route {path}"}})
         top = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in TOP.items()]
@@ -295,6 +298,7 @@ def test_chat_only_server_and_error_bodies_in_reasons(fake):
     path, body = srv.bodies[-1]
     assert body["messages"][0] == {"role": "system", "content": "be brief"}
     assert body["logprobs"] is True and body["top_logprobs"] == 3
+    assert seen[-1] == ("floe", "Bearer k")  # the extra header and the key were sent
 
 
 def test_retry_after_is_honoured_within_the_deadline(fake, monkeypatch):
