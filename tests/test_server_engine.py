@@ -160,3 +160,9 @@ def test_warm_up_compiles_before_the_first_request_and_health_answers_meanwhile(
             assert all(engine.submit(j) for j in jobs)
         assert all(j.done.wait(60) and j.error is None for j in jobs)
         assert (prefill_jit._cache_size(), advance_jit._cache_size()) == sizes
+
+
+def test_max_batch_past_the_largest_bucket_is_refused(tok):
+    cfg, params = chat_model(tok)
+    with pytest.raises(ValueError, match="max_batch 65 is past the largest batch bucket 64"):
+        Engine(params, cfg, max_batch=65, start=False)

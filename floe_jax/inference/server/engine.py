@@ -224,6 +224,9 @@ class Engine:
     ):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1 ({max_batch}, {max_queue})")
+        if max_batch > BATCH_BUCKETS[-1]:
+            raise ValueError(f"max_batch {max_batch} is past the largest batch bucket "
+                             f"{BATCH_BUCKETS[-1]}")  # fmt: skip
         self.params, self.cfg, self.lora = unstack_layers(params), cfg, lora
         self.context = int(cfg.max_position_embeddings)
         self.buckets = prompt_buckets(self.context)
