@@ -15,8 +15,10 @@ Token keys are strings (the decoded token text), or `token_id:N` (vLLM's
 mapped here, through `floe_jax.inference.align` (`StringMapper` over `vocab_of(edge_tokenizer)`;
 `token_id:N` through `build_map` when the cloud's tokenizer is given too): the distribution comes
 back in edge ids, and `generate_fused` is called with neither `vocab_map` nor `mapper`. A client
-with string keys and no way to map them is refused at construction. A row none of whose tokens
-maps onto the edge vocabulary is a failure (`unmapped`), never a fused token.
+with string keys and no way to map them is refused at construction. A row whose top-k mass
+mostly misses the edge vocabulary (the share of it that maps below `min_mapped_share`, none at
+all included) is a failure (`unmapped`), never a fused token: what is left of it would be fused
+as if it were the cloud's answer.
 
 Each attempt has a time limit (`timeout_s`, connect to last byte: a server that drip-feeds
 its answer cannot stretch it) and each request one total deadline (`deadline_s`, covering
@@ -92,6 +94,10 @@ class HTTPCloud:
       cloud_tokenizer: the cloud's, to map `token_id:N` keys across vocabularies.
       mapper: a ready `StringMapper` (instead of `edge_tokenizer`).
       align: the alignment's fallback rule.
+      min_mapped_share: the least share of an answer's top-k probability mass (sum of
+        `exp(logprob)` over its tokens) that must map onto edge tokens; an answer below it is a
+        failure (`unmapped`). 0.5 by default: at least half of what the cloud said must survive
+        the mapping for the fused token to be called the cloud's.
       system: chat only: a system message put first.
       continue_final: chat only: send `continue_final_message` / `add_generation_prompt=false`
         with a partial reply (False for a server that refuses those fields: the reply so far is
@@ -121,6 +127,7 @@ class HTTPCloud:
         cloud_tokenizer=None,
         mapper: StringMapper | None = None,
         align: AlignConfig | None = None,
+        min_mapped_share: float = 0.5,
         system: str | None = None,
         continue_final: bool = True,
         sleep: Callable[[float], None] = time.sleep,
@@ -141,6 +148,11 @@ class HTTPCloud:
         if not timeout_s > 0 or retries < 0 or backoff_s < 0 or max_workers < 1:
             raise ValueError("HTTPCloud: timeout_s > 0, retries >= 0, backoff_s >= 0 and "
                              "max_workers >= 1 are needed")  # fmt: skip
+        if not 0.0 <= min_mapped_share <= 1.0:
+            raise ValueError(
+                f"HTTPCloud min_mapped_share must be in [0, 1], got {min_mapped_share}"
+            )
+        self.min_mapped_share = min_mapped_share
         align = align or AlignConfig()
         if mapper is None and edge_tokenizer is not None:
             vm = None
@@ -312,10 +324,18 @@ class HTTPCloud:
     def _row(self, top: list[tuple[str, float]]):
         toks = [t for t, _ in top]
         ids = self._ids(toks)
+        lps = [lp for _, lp in top]
         if all(i < 0 for i in ids):
             raise CloudError(f"unmapped: none of the cloud's {len(toks)} tokens maps to the "
                              f"edge vocabulary (first: {toks[:3]!r})")  # fmt: skip
-        return toks, ids, [lp for _, lp in top]
+        p = np.exp(np.asarray(lps, np.float64))
+        share = float(p[np.asarray(ids) >= 0].sum() / p.sum()) if p.sum() > 0 else 0.0
+        if share < self.min_mapped_share:
+            lost = [t for t, i in zip(toks, ids, strict=True) if i < 0]
+            raise CloudError(f"unmapped: {share:.1%} of the top-{len(toks)} mass maps to the edge "
+                             f"vocabulary, under min_mapped_share={self.min_mapped_share} "
+                             f"(unmapped: {lost[:3]!r})")  # fmt: skip
+        return toks, ids, lps
 
     def _failed(self, e: CloudError) -> str:
         reason = str(e)
