@@ -195,13 +195,30 @@ def test_draft_length_follows_acceptance_and_rtt():
     fast = DraftLength(k_max=8, deadline_s=1.0)
     assert fast.choose(cap=8) == 8  # nothing measured yet
     for _ in range(10):
-        fast.update(accepted=2, tested=10, rtt_s=0.002, edge_s=0.001)
+        fast.update([(0, 1), (1, 2)], rtt_s=0.002, edge_s=0.001)
     slow = DraftLength(k_max=8, deadline_s=1.0)
     for _ in range(10):
-        slow.update(accepted=19, tested=20, rtt_s=0.15, edge_s=0.001)
+        slow.update([(8, 8), (4, 5)], rtt_s=0.15, edge_s=0.001)
     assert fast.choose(cap=8) <= 2 < slow.choose(cap=8)
     assert slow.choose(cap=3) == 3
     assert DraftLength(k_max=5, deadline_s=1.0, adapt=False).choose(cap=8) == 5
+
+
+def test_draft_length_reads_run_lengths_not_a_pooled_rate():
+    """Runs that either stop at once or go long (a fused output alternates between stretches the
+    edge predicts and tokens it does not): the survival past position i is estimated per
+    position (here 1/2, then 1 for every later position judged), not the pooled rate's
+    geometric decay, so a long draft pays off at a long round trip. Drafts cut at k are
+    censored: a run of 8 kept out of 8 says nothing about position 9."""
+    d = DraftLength(k_max=8, deadline_s=1.0, decay=1.0, prior=0.0)
+    for _ in range(5):
+        d.update([(0, 1), (8, 8)], rtt_s=0.15, edge_s=0.001)
+    s = d.survival()
+    np.testing.assert_allclose(s[1:9], 0.5)
+    assert d.alpha == pytest.approx((40 + 1) / (45 + 2))
+    np.testing.assert_allclose(d.expected_tokens(8), 1 + 8 * 0.5)
+    assert d.choose(cap=8) == 8
+    assert d.choose(cap=8, ahead=8) == 8
 
 
 @pytest.mark.parametrize("field,value", [("speculate", -1)])
