@@ -136,7 +136,8 @@ class FusedResult:
       failures: reasons rows had no cloud distribution (`deadline`, `privacy`, `lost`, errors...).
       privacy: the detector's counters (spans by type, requests by decision).
       speculation: with `speculate`: cloud calls, calls answered in time, acceptance rate of
-        drafted tokens, tokens per call, mean draft length, drafts stopped early.
+        drafted (or proposed) tokens, tokens per call, mean draft length, drafts stopped early,
+        tokens drafted ahead during a wait and kept.
 
     Under speculation a round's tokens arrive together: `latency_s` holds the round's time at its
     first token and 0 at the others (the mean is still the time per token).

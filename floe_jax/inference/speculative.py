@@ -1,6 +1,7 @@
 """Speculative fused decoding: one cloud call per k tokens.
 
-Shapes: B batch, P = k_max + 1 positions of a round, K = k_max drafted tokens, V edge vocab.
+Shapes: B batch, P = 2 k_max + 1 positions of a round, K drafted tokens (k sent, the rest
+drafted ahead), V edge vocab.
 
 Token-by-token fusion pays a round trip per token. Here (Leviathan et al., ICML 2023; Chen et al.,
 2023, speculative sampling) each round the edge drafts k tokens with its adapter (`draft_step`,
@@ -12,15 +13,26 @@ With `q` the edge's (draft) distribution, drafted token x is kept with probabili
 a draft kept whole earns a bonus token from `p` at position k. The output follows `p` exactly;
 under greedy decoding (`p`, `q` one-hot) it is the token-by-token fused output itself.
 
+While the cloud's reply is out the edge keeps drafting (up to k_max more tokens, no longer than
+the wait): the first token drafted ahead is judged at position k, the last one the cloud scored,
+in place of the bonus token (the same rule, one more drafted token), and when it is kept the
+rest start the next round's draft, drafted for free.
+
 Two things stop a draft early, and neither changes the output: a position the cloud could not
 score from the one request (the guard holds a span back there, or the cloud's tokenizer splits
 the text across it) ends the round at the last scored position; a reply later than the deadline
 (or lost, failed, withheld) leaves the whole round to the edge (`w = 1` at every position: all
-k drafted tokens are kept, plus the bonus from the edge), as a missed token is today.
+drafted tokens are kept, plus the bonus from the edge), as a missed token is today.
 
 k adapts (`DraftLength`): after each round it is the k in `[1, k_max]` that minimises the expected
-time per token, `(e (k + 1) + min(rtt, tau)) / E(k)` with `E(k) = (1 - a^{k+1}) / (1 - a)`,
-from the measured acceptance rate `a`, round trip `rtt` and edge step `e` (decayed averages).
+time per token, `(e (k - ahead) + min(rtt, tau)) / E(k)`, with `E(k) = 1 + S(1) + ... + S(k)`
+from the measured per-position survival `S` of drafts (censored run lengths), round trip `rtt`
+and edge step `e` (decayed counts and averages).
+
+Chat-only clouds cannot score a draft; with `propose` the cloud drafts instead (`propose_round`,
+`floe_jax.inference.http_cloud.propose`): one chat call returns its next k tokens with its top-k
+at each, the edge scores them in one forward (`extend`), and `agree` keeps the fused choice while
+it is the cloud's token, then the fused token where they part.
 
 The edge's cache is shared by the rows of a batch (one write index); rows that keep different
 numbers of drafted tokens drop the rest by marking their slots invalid (`rewind`).
