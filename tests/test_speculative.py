@@ -53,6 +53,19 @@ def test_greedy_speculation_gives_the_token_by_token_output(tiny_cfg, tiny_param
         assert s["tokens_per_call"] > 1.0
 
 
+def test_drafting_ahead_during_the_wait_keeps_the_output(tiny_cfg, tiny_params, cloud_params):
+    """A 100 ms wait: the edge drafts ahead meanwhile; where the first token ahead is kept (the
+    edge leads at w = 0.9, so most are), the rest start the next round's draft. The output is
+    still the token-by-token one."""
+    fusion = FusionConfig(gate="fixed", fixed_w=0.9)
+    want = _run(tiny_params, tiny_cfg, cloud_params, PROMPTS[:1], fusion=fusion)
+    net = SimulatedNetwork(rtt_ms=100.0, sigma=0.0)
+    got = _run(tiny_params, tiny_cfg, cloud_params, PROMPTS[:1], fusion=fusion, speculate=3,
+               net=net)  # fmt: skip
+    assert got.tokens == want.tokens and got.share_fused == 1.0
+    assert got.speculation["ahead"] > 0, got.speculation
+
+
 def test_greedy_speculation_across_tokenizers():
     """Edge byte-level BPE, cloud Metaspace BPE reading text: the cloud scores each drafted
     position where its tokens line up, and the output is the token-by-token one."""
