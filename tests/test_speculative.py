@@ -53,6 +53,19 @@ def test_greedy_speculation_gives_the_token_by_token_output(tiny_cfg, tiny_param
         assert s["tokens_per_call"] > 1.0
 
 
+def test_drafting_ahead_during_the_wait_keeps_the_output(tiny_cfg, tiny_params, cloud_params):
+    """A 100 ms wait: the edge drafts ahead meanwhile; where the first token ahead is kept (the
+    edge leads at w = 0.9, so most are), the rest start the next round's draft. The output is
+    still the token-by-token one."""
+    fusion = FusionConfig(gate="fixed", fixed_w=0.9)
+    want = _run(tiny_params, tiny_cfg, cloud_params, PROMPTS[:1], fusion=fusion)
+    net = SimulatedNetwork(rtt_ms=100.0, sigma=0.0)
+    got = _run(tiny_params, tiny_cfg, cloud_params, PROMPTS[:1], fusion=fusion, speculate=3,
+               net=net)  # fmt: skip
+    assert got.tokens == want.tokens and got.share_fused == 1.0
+    assert got.speculation["ahead"] > 0, got.speculation
+
+
 def test_greedy_speculation_across_tokenizers():
     """Edge byte-level BPE, cloud Metaspace BPE reading text: the cloud scores each drafted
     position where its tokens line up, and the output is the token-by-token one."""
@@ -195,13 +208,30 @@ def test_draft_length_follows_acceptance_and_rtt():
     fast = DraftLength(k_max=8, deadline_s=1.0)
     assert fast.choose(cap=8) == 8  # nothing measured yet
     for _ in range(10):
-        fast.update(accepted=2, tested=10, rtt_s=0.002, edge_s=0.001)
+        fast.update([(0, 1), (1, 2)], rtt_s=0.002, edge_s=0.001)
     slow = DraftLength(k_max=8, deadline_s=1.0)
     for _ in range(10):
-        slow.update(accepted=19, tested=20, rtt_s=0.15, edge_s=0.001)
+        slow.update([(8, 8), (4, 5)], rtt_s=0.15, edge_s=0.001)
     assert fast.choose(cap=8) <= 2 < slow.choose(cap=8)
     assert slow.choose(cap=3) == 3
     assert DraftLength(k_max=5, deadline_s=1.0, adapt=False).choose(cap=8) == 5
+
+
+def test_draft_length_reads_run_lengths_not_a_pooled_rate():
+    """Runs that either stop at once or go long (a fused output alternates between stretches the
+    edge predicts and tokens it does not): the survival past position i is estimated per
+    position (here 1/2, then 1 for every later position judged), not the pooled rate's
+    geometric decay, so a long draft pays off at a long round trip. Drafts cut at k are
+    censored: a run of 8 kept out of 8 says nothing about position 9."""
+    d = DraftLength(k_max=8, deadline_s=1.0, decay=1.0, prior=0.0)
+    for _ in range(5):
+        d.update([(0, 1), (8, 8)], rtt_s=0.15, edge_s=0.001)
+    s = d.survival()
+    np.testing.assert_allclose(s[1:9], 0.5)
+    assert d.alpha == pytest.approx((40 + 1) / (45 + 2))
+    np.testing.assert_allclose(d.expected_tokens(8), 1 + 8 * 0.5)
+    assert d.choose(cap=8) == 8
+    assert d.choose(cap=8, ahead=8) == 8
 
 
 @pytest.mark.parametrize("field,value", [("speculate", -1)])

@@ -56,6 +56,8 @@ from floe_jax.inference.http_cloud.parse import (
     logprobs_cap,
     retry_after,
 )
+from floe_jax.inference.http_cloud.propose import proposal_rows
+from floe_jax.inference.http_cloud.propose import propose as propose_tokens
 from floe_jax.inference.http_cloud.transport import Cancelled, Transport
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -248,10 +250,10 @@ class HTTPCloud:
         return body
 
     # -------------------------------------------------------------- one request
-    def request(self, p: Prefix, *, echo: bool = False):
+    def request(self, p: Prefix, *, echo: bool = False, propose: int = 0):
         """One prefix -> [(token, log-prob)] best first, within `deadline_s` and the prefix's
         `budget_s` (retries and waits included); raises `CloudError` with the reason, the
-        server's message in it."""
+        server's message in it. `propose=k` (chat): k generated tokens, `propose.proposal_rows`."""
         start = time.monotonic()
         limit = self.deadline_s if p.budget_s is None else min(self.deadline_s, p.budget_s)
         waited = 0.0  # time spent in `sleep` (virtual under a fake sleep)
@@ -261,6 +263,8 @@ class HTTPCloud:
             body = self._body(p, k)
             if echo:
                 body["echo"] = True
+            if propose:  # issue 20, chat speculation: see propose.py
+                body["max_tokens"] = propose
             data = json.dumps(body).encode()
             end = start + limit - waited  # the request's (waits in `sleep` count)
             deadline = min(time.monotonic() + self.timeout_s, end)
@@ -280,6 +284,8 @@ class HTTPCloud:
                 if resp.status == 200:
                     if echo:
                         return echo_rows(resp.body)
+                    if propose:
+                        return proposal_rows(resp.body)
                     return chat_top(resp.body) if self.api == "chat" else completion_top(resp.body)
                 msg = error_message(resp.body)
                 last = f"HTTP {resp.status}: {msg} ({self.url})"
@@ -411,6 +417,10 @@ class HTTPCloud:
             except CloudError as e:
                 results.append((None, self._failed(e)))
         return self._rows(results)
+
+    def propose(self, prefix: Prefix, k: int):
+        """Chat: the cloud's next k tokens and its top-k before each (`propose.Proposal`)."""
+        return propose_tokens(self, prefix, k)
 
     def next_token(self, prefixes: Sequence[Prefix]) -> CloudDistribution:
         return self._rows(list(self._pool.map(self._one, prefixes)))

@@ -119,6 +119,13 @@ class GuardedCloud:
                 got = _put_row(got, first, 0)
         return got.scatter_rows(range(got.batch), P, reason="held")
 
+    def propose(self, prefix, k: int):
+        """A chat cloud's next k tokens after the screened prefix, cut where screening would not
+        send the proposal's text as it is (`floe_jax.inference.http_cloud.propose`)."""
+        from floe_jax.inference.http_cloud.propose import screened_proposal
+
+        return screened_proposal(self, self._backend, prefix, k)
+
     def close(self):
         close = getattr(self._backend, "close", None)
         if close is not None:

@@ -1,0 +1,147 @@
+"""Speculation for chat-only clouds: the cloud proposes, the edge verifies.
+
+A chat API has no prompt log-probs, so it cannot score an edge draft (`HTTPCloud.score`). It can
+generate: one chat request with `max_tokens=k`, `logprobs=true` and `top_logprobs` returns the
+cloud's k next tokens (greedy, `temperature=0`) with its top-k at every position, each position
+conditioned on the tokens the cloud generated before it. The edge then scores those positions in
+one batched step and keeps the fused choice while it agrees with the cloud's token
+(`floe_jax.inference.speculative.propose_round`).
+
+`proposal_rows` reads the answer; `propose` asks (an `HTTPCloud(api="chat")` method); the guard
+screens the request's prefix like any prefix, and `screened_proposal` cuts a proposal at the
+first position whose text token-by-token decoding would not send unchanged (a span held back or
+redacted), so the cloud's distribution is used exactly where token-by-token decoding would have
+used it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from floe_jax.inference.cloud import CloudDistribution, CloudError, Prefix
+from floe_jax.inference.http_cloud.parse import TOKEN_ID, _checked, _json
+
+
+@dataclasses.dataclass
+class Proposal:
+    """The cloud's k proposed tokens and its distributions before each.
+
+    Attributes:
+      dist: [k] rows: row j is the cloud's top-k before its token j (after tokens 0..j-1);
+        rows past the end of the answer, or cut by the guard, are missing.
+      ids: [k] int32 edge ids of the proposed tokens; -1 past the end, or for a token that maps
+        onto no single edge token (the edge cannot follow the proposal past it).
+      pieces: the proposed tokens' bytes, for screening and logs.
+    """
+
+    dist: CloudDistribution
+    ids: np.ndarray
+    pieces: list[bytes]
+
+    def text(self, j: int | None = None) -> str:
+        """The first j proposed tokens as text (a character split across tokens decodes as
+        U+FFFD, as a tokenizer's `decode` does)."""
+        return b"".join(self.pieces[:j]).decode("utf-8", errors="replace")
+
+    @classmethod
+    def missing(cls, k: int, reason: str) -> Proposal:
+        return cls(CloudDistribution.missing(k, reason), np.full(k, -1, np.int32), [])
+
+
+def _spelled(e: dict) -> tuple[str, bytes]:
+    """(key as the aligner reads it, bytes) of one chat log-probs entry: the key is `token`
+    (`token_id:N` kept), else its bytes as `chat_top` spells them; the bytes are `bytes` when
+    given, else the token's UTF-8."""
+    tok = str(e.get("token", ""))
+    raw = tok.encode()
+    b = e.get("bytes")
+    if isinstance(b, list) and b:
+        try:
+            raw = bytes(b)
+        except (ValueError, TypeError):
+            pass
+    if TOKEN_ID.match(tok):
+        return tok, raw
+    return raw.decode("utf-8", errors="backslashreplace"), raw
+
+
+def proposal_rows(raw: bytes) -> list[tuple[str, bytes, list[tuple[str, float]]]]:
+    """`choices[0].logprobs.content` of a chat answer: per generated token (its key, its bytes,
+    its position's [(token, log-prob)] best first)."""
+    obj = _json(raw)
+    try:
+        content = obj["choices"][0]["logprobs"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise CloudError("bad response: no choices[0].logprobs.content") from None
+    if not isinstance(content, list):
+        raise CloudError("bad response: logprobs.content is not a list")
+    out = []
+    for j, e in enumerate(content):
+        top = e.get("top_logprobs") if isinstance(e, dict) else None
+        if not isinstance(top, list) or not top:
+            raise CloudError(f"bad response: content[{j}].top_logprobs is not a non-empty list")
+        rows = []
+        for t in top:
+            if not isinstance(t, dict) or "logprob" not in t:
+                raise CloudError(f"bad response: top_logprobs entry {t!r:.80}")
+            key, _ = _spelled(t)
+            rows.append((key, _checked(key, t["logprob"])))
+        key, piece = _spelled(e)
+        out.append((key, piece, rows))
+    return out
+
+
+def propose(cloud, prefix: Prefix, k: int) -> Proposal:
+    """One chat request for the cloud's next `k` tokens after `prefix` (`HTTPCloud.propose`):
+    the same conversation as `next_token` sends, `max_tokens=k`, greedy. Never raises: a failed
+    request comes back missing with its reason."""
+    if cloud.api != "chat":
+        raise ValueError("propose is for chat clouds; a completions server scores a draft")
+    with cloud._lock:
+        cloud.requests += 1
+    try:
+        content = cloud.request(prefix, propose=k)
+    except CloudError as e:
+        return Proposal.missing(k, cloud._failed(e))
+    results, ids, pieces = [], np.full(k, -1, np.int32), []
+    for j, (key, piece, top) in enumerate(content[:k]):
+        try:
+            results.append((cloud._row(top), None))
+        except CloudError as e:
+            results.append((None, cloud._failed(e)))
+        ids[j] = cloud._ids([key])[0]
+        pieces.append(piece)
+    results += [(None, "short")] * (k - len(results))  # the answer ended (a stop token)
+    return Proposal(cloud._rows(results), ids, pieces)
+
+
+def screened_proposal(guard, backend, prefix: Prefix, k: int) -> Proposal:
+    """`GuardedCloud.propose`: the prefix is screened as `next_token` screens it (withheld: the
+    whole proposal is missing, `privacy`); the answer is cut at the first position j whose
+    prefix (the screened prefix and the cloud's first j tokens) screening would not send as it
+    is (`held`): token by token, the cloud would not have been asked there."""
+    sent, _ = guard.screen(prefix)
+    if sent is None:
+        return Proposal.missing(k, "privacy")
+    if getattr(backend, "propose", None) is None:
+        raise CloudError(f"{type(backend).__name__} cannot propose (a chat HTTPCloud can)")
+    got = backend.propose(sent, k)
+    cut = len(got.pieces)
+    if sent.text is not None:
+        for j in range(1, len(got.pieces)):
+            text = sent.text + got.text(j)
+            again, _ = guard.screen(Prefix(text=text, stream=None))
+            if again is None or again.text != text:
+                cut = j
+                break
+    if cut < len(got.pieces):
+        d = got.dist
+        head = CloudDistribution(
+            **{f.name: None if getattr(d, f.name) is None else getattr(d, f.name)[:cut]
+               for f in dataclasses.fields(d)}
+        )  # fmt: skip
+        ids = np.where(np.arange(k) < cut, got.ids, -1).astype(np.int32)
+        got = Proposal(head.scatter_rows(range(cut), k, reason="held"), ids, got.pieces[:cut])
+    return got
