@@ -1,0 +1,158 @@
+"""The Flower app (floe_jax/flower) in Flower's own simulation engine (`flwr.simulation`, Ray)
+against floe_jax's own loop: the same adapters, a failing client left out of its round, the
+`flower` command. A tiny model and a handful of clients keep it to seconds of training; most of
+the time is Ray starting."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+from flwr.simulation import run_simulation  # noqa: E402
+
+from floe_jax.config import LoRAConfig, ModelConfig  # noqa: E402
+from floe_jax.federated.aggregate import aggregate  # noqa: E402
+from floe_jax.federated.config import FedConfig  # noqa: E402
+from floe_jax.federated.loop import load_trained, run_fingerprint, train_federated  # noqa: E402
+from floe_jax.federated.rounds import init_server_state, plan_round, train_sampled  # noqa: E402
+from floe_jax.federated.types import client_data  # noqa: E402
+from floe_jax.flower import FloeClient, FloeServer, client_app, server_app  # noqa: E402
+from floe_jax.model import init_params  # noqa: E402
+
+CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                  num_kv_heads=2)  # fmt: skip
+T = 8
+RANKS = [2, 4, 3, 4]
+FED = FedConfig(
+    num_rounds=2,
+    clients_per_round=3,
+    local_steps=2,
+    batch_size=2,
+    seq_len=T,
+    lr=1e-2,
+    lora=LoRAConfig(rank=4, targets=("q", "v")),
+    clustering="updates",
+    num_clusters=2,
+)
+BACKEND = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+           "init_args": {"num_cpus": 1, "log_to_driver": False}}  # fmt: skip
+
+
+def _data():
+    """Four clients of two tasks: clients 0, 2 draw tokens from the lower half of the
+    vocabulary, 1, 3 from the upper half."""
+    rng = np.random.default_rng(0)
+    ex = []
+    for k, n in enumerate([3, 4, 2, 4]):
+        lo = 0 if k % 2 == 0 else CFG.vocab_size // 2
+        t = rng.integers(lo, lo + CFG.vocab_size // 2, (n, T)).astype(np.int32)
+        ex.append((t, np.ones((n, T), np.float32), np.ones((n, T), np.float32)))
+    return client_data(ex)
+
+
+def _params():
+    return init_params(CFG, key=jax.random.key(0))
+
+
+def _client(context, fed=FED, fail=None):
+    """The device of `partition-id`: its own row of the run's data; `fail` raises in training
+    (a client that dies mid-round)."""
+    k = int(context.node_config["partition-id"])
+    one = jax.tree.map(lambda x: x[k : k + 1], _data())
+    client = FloeClient(_params(), one, CFG, fed, client_id=k, rank=RANKS[k])
+    if k == fail:
+
+        def boom(arrays, config):
+            raise RuntimeError(f"client {k} killed mid-round")
+
+        client.train = boom
+    return client
+
+
+def _simulate(run_dir, fed, fail=None, **server_kw):
+    """One Flower simulation; returns the final ServerState the ServerApp ended with."""
+    params, data = _params(), _data()
+    fp = run_fingerprint(params, data, cfg=CFG, fed=fed, ranks=RANKS)
+    out = []
+    server = lambda ctx: FloeServer(CFG, fed, str(run_dir), len(RANKS), fp, ranks=RANKS,
+                                    connect_timeout=600, **server_kw)  # fmt: skip
+    run_simulation(
+        server_app=server_app(server, done=out.append),
+        client_app=client_app(lambda ctx: _client(ctx, fed, fail)),
+        num_supernodes=len(RANKS),
+        backend_config=BACKEND,
+    )
+    assert len(out) == 1, "the ServerApp did not finish"
+    return out[0]
+
+
+def _close(a, b, atol=1e-5):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def loop_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("loop")
+    state, _ = train_federated(_params(), _data(), cfg=CFG, fed=FED, run_dir=str(run_dir),
+                               ranks=RANKS, progress=False)  # fmt: skip
+    return state, run_dir
+
+
+def test_flower_simulation_gives_the_loops_adapters(tmp_path, loop_run):
+    ref, ref_dir = loop_run
+    state = _simulate(tmp_path, FED)
+    # Floe's clustering put the clients in the same two clusters, every client ends at the
+    # same rank
+    assert sorted(set(np.asarray(ref.assignment).tolist())) == [0, 1]
+    np.testing.assert_array_equal(np.asarray(state.assignment), np.asarray(ref.assignment))
+    np.testing.assert_array_equal(np.asarray(state.ranks), np.asarray(ref.ranks))
+    _close(state.global_loras, ref.global_loras)
+    assert float(np.abs(np.asarray(ref.global_loras.b["q"])).max()) > 1e-4  # it trained
+    # the run folder is the loop's: load_trained reads it with the loop's arguments
+    loaded = load_trained(_params(), _data(), cfg=CFG, fed=FED, run_dir=str(tmp_path),
+                          ranks=RANKS)  # fmt: skip
+    _close(loaded.global_loras, ref.global_loras)
+    rows = [json.loads(x) for x in open(os.path.join(tmp_path, "metrics.jsonl"))]
+    ref_rows = [json.loads(x) for x in open(os.path.join(ref_dir, "metrics.jsonl"))]
+    for row, want in zip(rows, ref_rows, strict=True):
+        assert row["clients"] == want["clients"] and row["dropped"] == {}
+        assert row["bytes_up"] == want["bytes_up"] and row["bytes_down"] == want["bytes_down"]
+        assert row["loss"] == pytest.approx(want["loss"], abs=1e-5)
+        # what travelled up is exactly the live factors floe_jax counts
+        assert row["wire_bytes_up"] == row["bytes_up"]
+    clusters = json.load(open(os.path.join(tmp_path, "clusters.json")))
+    want = json.load(open(os.path.join(ref_dir, "clusters.json")))
+    assert clusters["assignment"] == want["assignment"]
+    assert clusters["num_clusters"] == want["num_clusters"] == 2
+    np.testing.assert_allclose(clusters["similarity"], want["similarity"], atol=1e-5)
+
+
+def test_a_client_killed_mid_round_is_left_out(tmp_path):
+    fed = dataclasses.replace(FED, clustering="none", num_clusters=None, num_rounds=1)
+    params, data = _params(), _data()
+    state0 = init_server_state(CFG, fed, ranks=RANKS)
+    plan = plan_round(state0, fed, len(RANKS))
+    ids = np.asarray(plan.ids_C).tolist()
+    victim = ids[1]
+    state = _simulate(tmp_path, fed, fail=victim)
+    row = json.loads(open(os.path.join(tmp_path, "metrics.jsonl")).readline())
+    assert row["clients"] == ids and row["included"] == 2
+    assert list(row["dropped"]) == [str(victim)]
+    assert "killed mid-round" in row["dropped"][str(victim)]
+    # floe_jax's own aggregation over the clients that replied
+    trained, cm = train_sampled(params, plan.start, data, plan.ids_C, plan.data_keys,
+                                plan.train_keys, cfg=CFG, fed=fed)  # fmt: skip
+    keep = np.asarray([c for c in range(len(ids)) if ids[c] != victim])
+    ref = aggregate(fed.agg.method, jax.tree.map(lambda x: x[keep], trained),
+                    weights=np.asarray(cm["examples"])[keep],
+                    ranks=np.asarray(plan.rank_C)[keep])  # fmt: skip
+    _close(jax.tree.map(lambda x: x[0], state.global_loras), ref.global_lora)
+    # and not the aggregate over all three
+    full = aggregate(fed.agg.method, trained, weights=cm["examples"], ranks=plan.rank_C)
+    diff = np.abs(np.asarray(full.global_lora.b["q"]) - np.asarray(state.global_loras.b["q"][0]))
+    assert diff.max() > 1e-4
