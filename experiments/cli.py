@@ -217,7 +217,7 @@ def _flower(argv: list[str], impl: str) -> int:
         "--timeout",
         type=float,
         default=flower.DEFAULT_TIMEOUT,
-        help="seconds a round waits for its clients; later ones are left out",
+        help="seconds a round waits for its clients; later ones are left out (0: no limit)",
     )
     p.add_argument("--num-cpus", type=int, default=None,
                    help="CPUs Ray may use: clients trained at once (default: all)")  # fmt: skip
@@ -229,7 +229,7 @@ def _flower(argv: list[str], impl: str) -> int:
     preset = with_attention_impl(get_preset(args.preset, args.overrides), impl)
     out = args.out or f"runs/flower-{preset.name}"
     check_out_dir(out)
-    state = flower.simulate(preset, out, name=args.run, timeout=args.timeout,
+    state = flower.simulate(preset, out, name=args.run, timeout=args.timeout or None,
                             restart=args.restart, num_cpus=args.num_cpus)  # fmt: skip
     import numpy as np
 

@@ -47,17 +47,23 @@ class DemoRun:
 def demo_run(preset: DemoPreset | RealPreset, name: str = FLOE) -> DemoRun:
     """The run `name` of the preset (`DemoFed.runs`): pretraining from the cache, every
     client's private examples and device-profile ranks. Once per process."""
-    prep = setup(preset, progress=False)
-    bench = prep.bench
-    data = private_data(preset.fed, bench, prep.tokenizer, prep.edge_cfg.vocab_size)
-    N = bench.num_clients
-    runs = preset.fed.runs(len(set(bench.client_tasks)), N)
-    if name in (LOCAL, CENTRAL) or name not in runs:
+
+    def refuse(runs):
         usable = [r for r in runs if r not in (LOCAL, CENTRAL)]
         raise ConfigError(
             f"run {name!r} cannot run on Flower; runs of this preset: {', '.join(usable)} "
             f"({LOCAL!r} and {CENTRAL!r} are baselines without federation)"
         )
+
+    if name in (LOCAL, CENTRAL):  # before the setup, which may pretrain
+        refuse([FLOE, *preset.fed.baseline_runs()])
+    prep = setup(preset, progress=False)
+    bench = prep.bench
+    data = private_data(preset.fed, bench, prep.tokenizer, prep.edge_cfg.vocab_size)
+    N = bench.num_clients
+    runs = preset.fed.runs(len(set(bench.client_tasks)), N)
+    if name not in runs:
+        refuse(runs)
     devices, ranks = client_ranks(preset.fed, N, prep.edge_cfg, seq_len=data.seq_len)
     return DemoRun(prep, data, devices, ranks, runs[name], name)
 
@@ -92,13 +98,14 @@ def load_server(
     restart: bool = False,
 ) -> FloeServer:
     """Floe's server for run `name` writing `<out>/fed/<name>/`, with the fingerprint the loop
-    (`federate`) gives the same run."""
+    (`federate`) gives the same run (with the ranks the devices report)."""
     run = demo_run(preset, name)
     p, cfg = run.prep.edge_params, run.prep.edge_cfg
     ranks = np.asarray(run.ranks, np.int32)
     fp = run_fingerprint(p, run.data, cfg=cfg, fed=run.fed, ranks=ranks)
+    # ranks=None: a device's own `rank` (node config) stands, and goes into the fingerprint
     return FloeServer(
-        cfg, run.fed, os.path.join(out, "fed", name), run.data.num_clients, fp, ranks=ranks,
+        cfg, run.fed, os.path.join(out, "fed", name), run.data.num_clients, fp, ranks=None,
         timeout=timeout, restart=restart,
     )  # fmt: skip
 

@@ -112,7 +112,7 @@ def test_flower_simulation_gives_the_loops_adapters(tmp_path, loop_run):
     np.testing.assert_array_equal(np.asarray(state.assignment), np.asarray(ref.assignment))
     np.testing.assert_array_equal(np.asarray(state.ranks), np.asarray(ref.ranks))
     _close(state.global_loras, ref.global_loras)
-    assert float(np.abs(np.asarray(ref.global_loras.b["q"])).max()) > 1e-4  # it trained
+    assert float(np.abs(np.asarray(ref.global_loras.b["q_proj"])).max()) > 1e-4  # it trained
     # the run folder is the loop's: load_trained reads it with the loop's arguments
     loaded = load_trained(_params(), _data(), cfg=CFG, fed=FED, run_dir=str(tmp_path),
                           ranks=RANKS)  # fmt: skip
@@ -154,5 +154,36 @@ def test_a_client_killed_mid_round_is_left_out(tmp_path):
     _close(jax.tree.map(lambda x: x[0], state.global_loras), ref.global_lora)
     # and not the aggregate over all three
     full = aggregate(fed.agg.method, trained, weights=cm["examples"], ranks=plan.rank_C)
-    diff = np.abs(np.asarray(full.global_lora.b["q"]) - np.asarray(state.global_loras.b["q"][0]))
+    diff = np.abs(
+        np.asarray(full.global_lora.b["q_proj"]) - np.asarray(state.global_loras.b["q_proj"][0])
+    )
     assert diff.max() > 1e-4
+
+
+def test_flower_command_runs_the_demo_preset(tmp_path):
+    """`python -m experiments flower` on a two-client smoke preset: a run folder the loop's
+    `load_trained` accepts as the run `federate` would have written."""
+    from experiments import cli
+    from experiments.flower import demo_run
+    from experiments.presets import get_preset
+
+    overrides = [f"cache_dir={tmp_path / 'cache'}", "bench.num_clients=2",
+                 "fed.rounds.clients_per_round=2", "fed.rounds.num_rounds=1"]  # fmt: skip
+    out = tmp_path / "run"
+    assert cli.main(["flower", "smoke", *overrides, "--out", str(out), "--num-cpus", "1"]) == 0
+    run_dir = out / "fed" / "floe"
+    rows = [json.loads(x) for x in open(run_dir / "metrics.jsonl")]
+    assert len(rows) == 1 and rows[0]["included"] == 2 and rows[0]["dropped"] == {}
+    assert rows[0]["wire_bytes_up"] == rows[0]["bytes_up"] > 0
+    run = demo_run(get_preset("smoke", overrides))
+    state = load_trained(run.prep.edge_params, run.data, cfg=run.prep.edge_cfg, fed=run.fed,
+                         run_dir=str(run_dir), ranks=run.ranks)  # fmt: skip
+    assert int(state.round) == 1
+
+
+def test_flower_command_refuses_a_run_without_federation(tmp_path, capsys):
+    from experiments import cli
+
+    argv = ["flower", "smoke", f"cache_dir={tmp_path / 'cache'}", "--run", "centralized"]
+    assert cli.main([*argv, "--out", str(tmp_path / "run")]) == 2
+    assert "run 'centralized' cannot run on Flower" in capsys.readouterr().err

@@ -84,9 +84,9 @@ class FloeServer:
       run_dir: the run folder (the loop's format; resumed when it holds this run).
       num_clients: N, the clients the run expects (SuperNodes with `partition-id` 0..N-1).
       fingerprint: the run's settings (`loop.run_fingerprint`), written to and checked against
-        `run_dir/fingerprint.json`.
-      ranks: [N] the ranks the fingerprint was made with; the devices' own ranks must equal
-        them. None takes the devices' ranks as they report them.
+        `run_dir/fingerprint.json`; its `ranks` are replaced by the ranks the devices report.
+      ranks: [N] ranks the devices must report (an error names a client that reports another);
+        None takes the devices' ranks as they report them (a device may set its own).
       assignment, num_clusters: given clusters (`fed.clustering != "updates"`).
       timeout: seconds a round waits for its clients' replies; a client not answering by then
         is left out of the round. None waits for every reply.
@@ -277,8 +277,9 @@ class FloeServer:
         adapter. Returns the final server state."""
         fed = self.fed
         node_of, ranks = self._connect(grid)
-        loop._claim_run_dir(self.run_dir, self.fingerprint, restart=self.restart)
-        digest = loop.fingerprint_digest(self.fingerprint)
+        fingerprint = {**self.fingerprint, "ranks": ranks.tolist()}  # the ranks the run trains
+        loop._claim_run_dir(self.run_dir, fingerprint, restart=self.restart)
+        digest = loop.fingerprint_digest(fingerprint)
         assignment, K = loop._resolve_clusters(
             None, None, cfg=self.cfg, fed=fed, ranks=ranks, assignment=self.assignment,
             num_clusters=self.num_clusters, run_dir=self.run_dir,
