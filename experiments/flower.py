@@ -140,7 +140,9 @@ def simulate(
             ),
             done=done.append,
         ),  # fmt: skip
-        client_app=client_app(functools.partial(load_client, preset=preset, name=name)),
+        client_app=client_app(
+            functools.partial(load_client, preset=preset, name=name), name=f"simulate {name}"
+        ),
         num_supernodes=run.data.num_clients,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init},
     )

@@ -151,10 +151,10 @@ def client_app(load: Callable[[Context], FloeClient], name: str | None = None) -
         process, its result kept in the process (the base model and data load once). Flower's
         simulation ships the app to its workers by pickling, so `load` must pickle.
       name: tells apart the clients of different `load`s in one process (default: `load`'s
-        qualified name).
+        qualified name, or its repr for a `functools.partial`).
     """
     app = ClientApp()
-    tag = name or f"{load.__module__}.{load.__qualname__}"
+    tag = name or getattr(load, "__qualname__", None) or repr(load)
 
     def get(context: Context) -> FloeClient:
         key = (tag, *sorted((str(k), str(v)) for k, v in context.node_config.items()))

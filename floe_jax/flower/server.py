@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 
@@ -69,6 +70,15 @@ class ClientsMissingError(RuntimeError):
 def _row(x, c: int):
     """Client `c` of a stacked pytree, keeping a leading axis of 1."""
     return jax.tree.map(lambda v: v[c : c + 1], x)
+
+
+def _first_error(reason: str) -> str:
+    """The first `SomeError: message` line of a client's error report (Flower's simulation
+    wraps the client's exception in Ray's traceback), else its last line; at most 300 chars."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", x).strip() for x in str(reason).splitlines()]
+    lines = [x for x in lines if x]
+    hit = [x for x in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*: ", x)]
+    return (hit[0] if hit else lines[-1] if lines else "unknown error")[:300]
 
 
 def _concat(loras: list):
@@ -135,7 +145,8 @@ class FloeServer:
             if cid is None:
                 continue
             if rep.has_error():
-                failed[cid] = f"client error: {rep.error.reason}"
+                log.debug("client %s failed: %s", cid, rep.error.reason)
+                failed[cid] = f"client error: {_first_error(rep.error.reason)}"
             else:
                 got[cid] = rep
         for cid in sends:
