@@ -100,7 +100,8 @@ class FloeServer:
       assignment, num_clusters: given clusters (`fed.clustering != "updates"`).
       timeout: seconds a round waits for its clients' replies; a client not answering by then
         is left out of the round. None waits for every reply.
-      connect_timeout: seconds to wait for N SuperNodes to connect.
+      connect_timeout: seconds to wait for N SuperNodes to connect and answer the hello (a
+        device loads its base model on its first message).
       restart: clear a run folder holding another run (`loop.train_federated`'s `restart`).
       stop_after: return after this many rounds (a deliberate interruption).
     """
@@ -114,7 +115,7 @@ class FloeServer:
     assignment: object = None
     num_clusters: int = 1
     timeout: float | None = None
-    connect_timeout: float = 120.0
+    connect_timeout: float = 600.0
     restart: bool = False
     stop_after: int | None = None
 
