@@ -212,6 +212,9 @@ def _flower(argv: list[str], impl: str) -> int:
         "`federate` does. Deployed on real hosts: experiments/floe-flower and README 'Flower'.",
         restart=True,
     )
+    next(
+        a for a in p._actions if a.dest == "out"
+    ).help = "run folder (default runs/flower-<preset>)"
     p.add_argument("--run", default="floe", help="which run of the preset (default floe)")
     p.add_argument(
         "--timeout",
