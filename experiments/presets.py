@@ -21,7 +21,11 @@ from floe_jax.inference.router import FusionConfig
 from floe_jax.pretrain import PretrainConfig
 
 VOCAB_SIZE = 768  # the edge tokenizer's
-CLOUD_VOCAB_SIZE = 640  # the cloud's: its own tokenizer (alignment maps it onto the edge's)
+# The cloud's own tokenizer (alignment maps it onto the edge's), larger than the edge's as a real
+# cloud's is: every capital and currency is one token in both, so a fact the cloud knows is one
+# aligned token. With 640 the cloud spelt most capitals in pieces (` P` `anbas`) that the edge's
+# whole-word tokens cannot take up, and fusion stalled mid-word (alignment maps tokens, not words).
+CLOUD_VOCAB_SIZE = 1024
 FLOE = "floe"  # the name of Floe's run beside the baselines'
 FLOE_DP = "floe-dp"  # Floe's run with client-level differential privacy (`DemoFed.dp`)
 LOCAL = "local"  # every client trains alone (its own cluster): the local-only baseline

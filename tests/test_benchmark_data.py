@@ -171,6 +171,38 @@ def test_private_values_stay_out_of_public_text_and_tokenizer_text(bench):
                 assert v not in public
 
 
+def test_travel_notes_teach_the_cloud_redacted_trips_not_an_apps_format(bench):
+    """The public trip notes end in a fact about the destination (never the card's home), half
+    of them anonymised exactly as the guard redacts (so a redacted prompt is text the cloud has
+    read), and none writes an app's answer format (that stays private, for the edge to learn)."""
+    from floe_jax.data.world import REDACTED, app_answer
+
+    notes = [d for d in bench.public_docs if "\nNote: " in d]
+    assert len(notes) == len(bench.countries) * 2 * SMALL.public_repeats
+    assert not any("\nNote: " in d for d in bench.edge_docs)
+    by_name = {c.name: c for c in bench.countries}
+    anon = 0
+    for d in notes:
+        card, note, reply = d.split("\n")
+        dest = by_name[re.fullmatch(r"Note: .+ travels to (\w+)\.", note).group(1)]
+        home = re.search(r"\| home (\w+)$", card).group(1)
+        assert home != dest.name and reply.endswith((f" {dest.capital}.", f" {dest.currency}."))
+        anon += REDACTED["name"] in card
+    assert 0.3 < anon / len(notes) < 0.7
+    # the guard's own redaction of a contact's card reads as an anonymised note's card
+    contact = bench.client_contacts[0][0]
+    det = PrivacyDetector()
+    det.register_terms(bench.private_terms(0))
+    redacted = det.screen(contact.card).text
+    assert redacted.startswith(
+        f"Contact: {REDACTED['name']} | phone {REDACTED['phone']} | email {REDACTED['email']} |"
+    ), redacted
+    for app in TASKS:  # every app's format opens with text no note's reply holds
+        head = app_answer(contact, app, None)[0].split(contact.first)[0].split(contact.phone)[0]
+        head = head.split(contact.email)[0]
+        assert not any(d.split("\nA: ")[1].startswith(head) for d in notes), (app, head)
+
+
 def test_edge_corpus_holds_only_local_facts(bench):
     edge = "\n".join(bench.edge_docs)
     for c in bench.countries:

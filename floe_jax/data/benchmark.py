@@ -57,6 +57,7 @@ from floe_jax.data.world import (
     neutral_docs,
     public_docs,
     qa_prompt,
+    travel_notes,
 )
 
 QUERY_TYPES = ("general", "personal", "both")
@@ -276,7 +277,9 @@ def make_benchmark(config: BenchmarkConfig = BenchmarkConfig()) -> Benchmark:
     edge = public_docs(rng, local_countries, config.public_repeats) + neutral
     edge += copy_drills(rng, drillers)
     rng.shuffle(edge)
-    public = public + neutral
+    # a separate stream: the notes change neither the edge's corpus nor the private data
+    notes_rng = random.Random(f"floe-benchmark-{config.seed}-notes")
+    public = public + neutral + travel_notes(notes_rng, countries, people, config.public_repeats)
     rng.shuffle(public)
 
     client_tasks, client_contacts, client_examples = [], [], []

@@ -61,7 +61,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 768):
     )
 
 
-def benchmark_tokenizers(benchmark, *, edge_vocab_size: int = 768, cloud_vocab_size: int = 640):
+def benchmark_tokenizers(benchmark, *, edge_vocab_size: int = 768, cloud_vocab_size: int = 1024):
     """(edge, cloud) tokenizers of the embedded benchmark: the edge's on public text plus the
     dummy-valued private formats, the cloud's on public text alone, each with its own size."""
     edge = train_tokenizer(

@@ -173,6 +173,50 @@ def public_docs(rng: random.Random, countries, repeats: int) -> list[str]:
     return docs
 
 
+REDACTED = {"name": "[TERM]", "phone": "[PHONE]", "email": "[EMAIL]"}
+"""How anonymised public text writes a person's name, phone and email: the privacy guard's
+default placeholders (`PrivacyPolicy.placeholder`, `[{kind}]`; names are registered terms)."""
+
+
+def travel_notes(
+    rng: random.Random, countries, people: Sequence[Contact], repeats: int
+) -> list[str]:
+    """Public notes about trips, laid out like a device's notes: a public person's card (half of
+    them anonymised, as public datasets are), a note that the person travels to a country, and a
+    reply that ends in a fact about "there". The card names a home country too, so only the
+    destination's facts continue the reply; the replies are generic, never an app's format.
+
+    They teach the cloud what a strong LLM brings anyway: a fact about "there" follows the trip's
+    destination, whatever the card, a placeholder or a reply's opening say in between."""
+    docs = []
+    for _ in range(repeats):
+        for c in countries:
+            for attr in FACT_ATTRS:
+                p = rng.choice(people)
+                anon = rng.random() < 0.5
+                name, phone, email, first = (
+                    (REDACTED["name"], REDACTED["phone"], REDACTED["email"], REDACTED["name"])
+                    if anon
+                    else (p.name, p.phone, p.email, p.first)
+                )
+                home = rng.choice([x.name for x in countries if x is not c] or [c.name])
+                card = f"Contact: {name} | phone {phone} | email {email} | home {home}"
+                opener = rng.choice(
+                    ("Noted", "Sure", "Okay", f"Have a good trip, {first}", f"Reply to {phone}",
+                     f"Reply to {email}", f"Ask {first}")
+                )  # fmt: skip
+                fact = (
+                    f"the capital there is {c.capital}."
+                    if attr == "capital"
+                    else f"the money there is the {c.currency}."
+                )
+                sep = rng.choice((": ", ". "))
+                if sep == ". ":
+                    fact = fact[0].upper() + fact[1:]
+                docs.append(f"{card}\nNote: {first} travels to {c.name}.\nA: {opener}{sep}{fact}")
+    return docs
+
+
 def neutral_docs(rng: random.Random, countries, repeats: int) -> list[str]:
     """Fact-free documents that name every country (the edge learns names, not facts), in
     everyday words: a word no pretraining text holds keeps its random output embedding, which
