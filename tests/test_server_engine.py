@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from _serve_util import chat_model, chat_tokenizer
 
-from floe_jax.inference.server.engine import Engine
+from floe_jax.config import RopeScaling
+from floe_jax.inference.server.engine import Engine, WarmUp
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +161,138 @@ def test_warm_up_compiles_before_the_first_request_and_health_answers_meanwhile(
             assert all(engine.submit(j) for j in jobs)
         assert all(j.done.wait(60) and j.error is None for j in jobs)
         assert (prefill_jit._cache_size(), advance_jit._cache_size()) == sizes
+
+
+def _staggered(params, cfg, first, later, *, at=3, max_batch=8):
+    """Serves `first` alone; after its `at`-th token the jobs `later` are queued together (one
+    prefill). Returns the engine's stats once all are done."""
+    box = {}
+
+    def arrive(_):
+        with box["e"]._cv:  # all queued before the engine takes the next prefill
+            assert all(box["e"].submit(j) for j in later)
+
+    first.at, first.then = at, arrive
+    engine = Engine(params, cfg, max_batch=max_batch, start=False)
+    box["e"] = engine
+    assert engine.submit(first)
+    engine.start()
+    try:
+        for j in [first, *later]:
+            assert j.done.wait(120), "a job did not finish"
+    finally:
+        engine.close()
+    for j in [first, *later]:
+        assert j.error is None, j.error
+    return engine.stats
+
+
+def test_rows_join_at_once_from_another_prompt_bucket_and_into_a_freed_row(tok):
+    """A (20-token prompt: bucket 32) decodes alone; after its 3rd token B and C (prompts of 5
+    and 7 tokens: bucket 16) join it together, one prefill of 2 rows spliced at once (the
+    batch grown from 1 row to 4). B finishes; its freed row decodes padding on while C's 17th
+    token comes, then D arrives and joins into that row, whose slots still hold B's keys and
+    values (B's prompt before D's spliced slots, padding in them). Every job gets what it
+    gets alone."""
+    cfg, params = chat_model(tok, context=256)
+    prompts = {"a": list(range(40, 60)), "b": [7, 8, 9, 10, 11], "c": [3, 4, 5, 6, 7, 8, 9],
+               "d": [21, 22, 23, 24, 25, 26]}  # fmt: skip
+    lengths = {"a": 30, "b": 4, "c": 25, "d": 5}
+    alone = {n: Job(prompts[n], lengths[n]) for n in prompts}
+    for j in alone.values():
+        _serve(params, cfg, [j])
+    jobs = {n: Job(prompts[n], lengths[n]) for n in prompts}
+    box = {}
+
+    def d_arrives(_):
+        with box["e"]._cv:
+            assert box["e"].submit(jobs["d"])
+
+    def d_row(_):  # D's first token, on the engine thread: the row it was given
+        box["d_row"] = box["e"]._cohorts[0].jobs.index(jobs["d"])
+
+    jobs["c"].at, jobs["c"].then = 17, d_arrives  # at slot 50: B's prompt is in 29..33
+    jobs["d"].at, jobs["d"].then = 1, d_row
+    engine = Engine(params, cfg, max_batch=8, start=False)
+    box["e"] = engine
+
+    def b_c_arrive(_):
+        with engine._cv:
+            assert engine.submit(jobs["b"]) and engine.submit(jobs["c"])
+
+    jobs["a"].at, jobs["a"].then = 3, b_c_arrive
+    assert engine.submit(jobs["a"])
+    engine.start()
+    try:
+        for j in jobs.values():
+            assert j.done.wait(120), "a job did not finish"
+    finally:
+        engine.close()
+    for n in jobs:
+        assert jobs[n].error is None, jobs[n].error
+        _same(jobs[n], alone[n])
+    stats = engine.stats
+    assert stats["cohorts"] == 1 and stats["joins"] == 2 and stats["joined_rows"] == 3, stats
+    assert stats["grown"] == 1, stats
+    assert box["d_row"] == 1, box  # B's row (A has row 0, C row 2; row 3 was never used)
+
+
+def _longrope(cfg, original: int):
+    """`cfg` with Phi-4-mini's kind of RoPE: longrope factors that switch from short to long
+    once a forward's sequence passes `original` positions."""
+    rope = RopeScaling(rope_type="longrope", original_max_position_embeddings=original,
+                       factor=4.0, short_factor=(1.0, 1.05, 1.3, 1.8),
+                       long_factor=(1.0, 1.6, 3.5, 9.0))  # fmt: skip
+    cfg = dataclasses.replace(cfg, rope_scaling=rope)
+    assert cfg.rope_switches and cfg.rotary_dim // 2 == 4
+    return cfg
+
+
+def test_a_longrope_model_serves_staggered_requests_each_as_alone(tok):
+    """longrope (factors switch past 20 positions): A (12-token prompt, 12 tokens) decodes
+    alone; after its 6th token B and E (short prompts and answers, never past 20 positions)
+    arrive. A forward's factors follow its longest row, and A's switch to the long ones while
+    B would still decode beside it, so they do not join A's batch (a join would also lose the
+    cache's tokens): they share one prefill of their own, whose cache of 16 + 4 slots never
+    passes 20. Each gets what it gets alone, and no request fails."""
+    cfg, params = chat_model(tok, context=64)
+    cfg = _longrope(cfg, 20)
+    prompts = {"a": list(range(40, 52)), "b": [7, 8, 9, 10, 11], "e": [30, 31, 32]}
+    lengths = {"a": 12, "b": 5, "e": 3}
+    alone = {n: Job(prompts[n], lengths[n]) for n in prompts}
+    for j in alone.values():
+        _serve(params, cfg, [j])
+    jobs = {n: Job(prompts[n], lengths[n]) for n in prompts}
+    stats = _staggered(params, cfg, jobs["a"], [jobs["b"], jobs["e"]], at=6)
+    for n in jobs:
+        _same(jobs[n], alone[n])
+    assert stats["joins"] == 0 and stats["cohorts"] == 2 and stats["prefills"] == 2, stats
+    assert stats["prefill_rows"] == 3, stats
+
+
+def test_warm_up_compiles_the_bucket_that_holds_its_prompt_tokens(tok):
+    """`WarmUp(max_prompt=17)`: a 17-token prompt takes bucket 32, so the warm-up compiles
+    buckets 16 and 32 (not only those up to 17), and serving such a prompt compiles nothing."""
+    from floe_jax.decode import prefill_jit
+
+    cfg, params = chat_model(tok, context=48, seed=11)  # shapes no other test compiles
+    engine = Engine(params, cfg, max_batch=1, start=False)
+    engine.warm_up(WarmUp(max_prompt=17, max_tokens=1))
+    assert engine.stats["warm_up_shapes"] == 2, engine.stats  # buckets 16, 32 (of 16, 32, 48)
+    size = prefill_jit._cache_size()
+    job = Job(list(range(3, 20)), 1)
+    _serve_on(engine, job)
+    assert prefill_jit._cache_size() == size
+
+
+def _serve_on(engine, job):
+    assert engine.submit(job)
+    engine.start()
+    try:
+        assert job.done.wait(120), "the job did not finish"
+    finally:
+        engine.close()
+    assert job.error is None, job.error
 
 
 def test_max_batch_past_the_largest_bucket_is_refused(tok):

@@ -36,7 +36,8 @@ class ServeConfig:
         thread at start, so the first requests do not wait for compiles; `/health` answers
         503 `warming up` meanwhile, and requests wait in the queue. Off by default (tests);
         on by default at the command line.
-      warm_up_prompt_tokens: the longest prompt bucket the warm-up compiles.
+      warm_up_prompt_tokens: the warm-up compiles every prompt bucket up to the one that holds
+        this many tokens.
       poll_s: how often a request waiting for its choices checks that its client is still there
         (a client that went away cancels its choices).
     """

@@ -15,7 +15,10 @@ join a running cohort when its shape allows: its `index` is at least their promp
 its slots left hold their `max_tokens`; the cohort grows to the next batch bucket when it has no
 free row (up to `max_batch` live rows). From the next step on they share its decode steps.
 Otherwise they start a cohort of their own. A row whose job finished is free for the next joiner;
-a cohort whose live rows fit a batch bucket four times smaller is compacted to it.
+a cohort whose live rows fit a batch bucket four times smaller is compacted to it. A model whose
+RoPE switches with the sequence length (longrope) takes none of this: a forward's factors follow
+its longest row, so rows are batched only in one prefill whose cohort cannot pass the original
+length, and each cohort is served as prefilled (`Engine._shares`).
 Log-probs come back to the host once per call ([B, V] float32), where each job chooses its token
 (its own temperature, top-p, seed, stop strings) and reports progress to the event loop.
 
@@ -143,6 +146,13 @@ def splice_rows(cache: KVCache, new: KVCache, rows_J: jax.Array, at: jax.Array) 
         dst = a if buf.shape[1] == S else jnp.mod(a, buf.shape[1])
         return buf.at[xrows[:, None], dst[None, :]].set(nb.astype(buf.dtype), mode="drop")
 
+    if cache.tokens is not None or new.tokens is not None:
+        # each row's keys were computed in its own forward's RoPE regime (`rope_long`): one
+        # cache of rows joined at different lengths holds no single regime to recompute from
+        raise ValueError(
+            "splice_rows cannot join rows into a cache whose RoPE switches with the sequence "
+            "length (longrope, ModelConfig.rope_switches): serve such a model without joins"
+        )
     valid_JS = jax.lax.dynamic_update_slice(jnp.zeros((J, S), bool), new.valid, (0, at - P))
     return KVCache(
         k=tuple(put(b, n) for b, n in zip(cache.k, new.k, strict=True)),
@@ -174,6 +184,8 @@ def resize_rows(state: DecodeState, rows: int, keep_R: jax.Array | None = None) 
         valid=jnp.take(cache.valid, keep_R, axis=0, mode="fill", fill_value=False),
         index=cache.index,
         pos=take(cache.pos, keep_R),
+        tokens=None if cache.tokens is None else take(cache.tokens, keep_R),
+        rope_long=cache.rope_long,
     )
     return dataclasses.replace(state, cache=cache, token=take(state.token, keep_R),
                                out=take(state.out, keep_R),
@@ -184,9 +196,10 @@ def resize_rows(state: DecodeState, rows: int, keep_R: jax.Array | None = None) 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WarmUp:
     """The shapes `Engine.warm_up` compiles before the first request: for every batch bucket up
-    to `max_batch` and every prompt bucket up to `max_prompt` tokens, a cohort's prefill and
-    decode step with the headroom of `max_tokens` new tokens, one row joining it, and its growth
-    from the batch bucket below. Other shapes (longer prompts or answers, prompt log-probs,
+    to `max_batch` and every prompt bucket up to the one that holds `max_prompt` tokens, a
+    cohort's prefill and decode step with the headroom of `max_tokens` new tokens, one row
+    joining it, and its growth from the batch bucket below (no joins or growth for a longrope
+    model: `Engine._shares`). Other shapes (longer prompts or answers, prompt log-probs,
     several rows joining at once) compile on first use."""
 
     max_prompt: int = 128
@@ -230,6 +243,10 @@ class Engine:
         self.params, self.cfg, self.lora = unstack_layers(params), cfg, lora
         self.context = int(cfg.max_position_embeddings)
         self.buckets = prompt_buckets(self.context)
+        # longrope: a forward's RoPE factors follow its longest row (`ModelConfig.rope_switches`),
+        # so rows share a cohort only when none of its slots can pass the original length
+        self._short_len = cfg.rope_scaling.original_max_position_embeddings if (
+            cfg.rope_switches) else None  # fmt: skip
         self.max_batch, self.max_queue, self.pad_id = max_batch, max_queue, pad_id
         self._queue: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
@@ -303,7 +320,9 @@ class Engine:
         headroom = bucket_length(max(spec.max_tokens - 1, 1), HEADROOM_BUCKETS)
         batches = [b for b in BATCH_BUCKETS if b < self.max_batch]
         batches.append(bucket_length(self.max_batch, BATCH_BUCKETS))
-        for P in (b for b in self.buckets if b <= max(spec.max_prompt, self.buckets[0])):
+        # up to the bucket that holds `max_prompt` tokens (the whole context past it)
+        top = bucket_length(min(spec.max_prompt, self.context), self.buckets)
+        for P in (b for b in self.buckets if b <= top):
             below = None
             joiner = None
             for B in batches:
@@ -314,16 +333,16 @@ class Engine:
                                             max_new_tokens=headroom, key=self._key,
                                             lora=self.lora)  # fmt: skip
                 _log_softmax(logits)
-                if joiner is None:
+                if joiner is None and self._short_len is None:
                     joiner, _ = prefill_jit(self.params, tokens[:1], mask[:1], cfg=self.cfg,
                                             max_new_tokens=0, key=self._key,
                                             lora=self.lora)  # fmt: skip
-                rows = jnp.full((1,), B, jnp.int32)  # a dropped row: the shapes are what count
-                state = dataclasses.replace(
-                    state, cache=splice_rows(state.cache, joiner.cache, rows, state.cache.index)
-                )
-                if below is not None:
-                    resize_rows(below, B)
+                if self._short_len is None:  # longrope: no joins, growth or compaction
+                    rows = jnp.full((1,), B, jnp.int32)  # a dropped row: only shapes count
+                    cache = splice_rows(state.cache, joiner.cache, rows, state.cache.index)
+                    state = dataclasses.replace(state, cache=cache)
+                    if below is not None:
+                        resize_rows(below, B)
                 # `advance_jit` donates the state it is given: keep the one it returns
                 below, logits = advance_jit(self.params, state, cfg=self.cfg, lora=self.lora)
                 jax.block_until_ready(_log_softmax(logits))
@@ -338,13 +357,27 @@ class Engine:
         bucket = bucket_length(len(self._queue[0].prompt), self.buckets)
         take, keep = [], collections.deque()
         for job in self._queue:
-            fits = len(take) < self.max_batch
+            fits = len(take) < self.max_batch and (not take or self._shares(take[0], job))
             if fits and bucket_length(len(job.prompt), self.buckets) == bucket:
                 take.append(job)
             else:
                 keep.append(job)
         self._queue = keep
         return take
+
+    def _shares(self, first: Job, job: Job) -> bool:
+        """Whether `job` may share a cohort with `first` (same prompt bucket). Always, unless the
+        model's RoPE switches regime with the sequence length (longrope): every forward of a
+        cohort uses the factors of its longest row, so both must fit a cohort whose slots
+        (prompt bucket + headroom) stay within `original_max_position_embeddings`, where every
+        row keeps the short factors it gets served alone."""
+        if self._short_len is None:
+            return True
+        P = bucket_length(len(first.prompt), self.buckets)
+        return all(
+            P + bucket_length(max(j.max_tokens - 1, 1), HEADROOM_BUCKETS) <= self._short_len
+            for j in (first, job)
+        )
 
     def _admit(self, jobs: list[Job]) -> None:
         """Jobs of one prompt bucket: into a running cohort that can hold them (the fullest
@@ -355,7 +388,10 @@ class Engine:
         fits = [
             c
             for c in self._cohorts
-            if c.index >= P and c.slots - c.index >= need and c.live < self.max_batch
+            if c.index >= P
+            and c.slots - c.index >= need
+            and c.live < self.max_batch
+            and self._short_len is None  # longrope: no joins (`_shares`, `splice_rows`)
         ]
         if fits:
             c = max(fits, key=lambda c: c.live)
@@ -462,7 +498,7 @@ class Engine:
         bucket (fewer rows computed each step for the rows still decoding)."""
         B = len(c.jobs)
         small = bucket_length(max(c.live, 1), BATCH_BUCKETS)
-        if 4 * small > B:
+        if 4 * small > B or self._short_len is not None:  # longrope: served as prefilled
             return
         keep = [b for b, j in enumerate(c.jobs) if j is not None]
         keep_R = np.full(small, B, np.int32)  # past the old rows: empty rows
