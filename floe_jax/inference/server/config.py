@@ -32,10 +32,10 @@ class ServeConfig:
       send_timeout_s: a streamed row not taken by the client by then ends the stream (a client
         that stops reading cannot hold its connection).
       warm_up: compile the engine's padded shapes (every batch bucket up to `max_batch`, every
-        prompt bucket up to `warm_up_prompt_tokens`, answers of `default_max_tokens`) on its
-        thread at start, so the first requests do not wait for compiles; `/health` answers
-        503 `warming up` meanwhile, and requests wait in the queue. Off by default (tests);
-        on by default at the command line.
+        prompt bucket up to the one holding `warm_up_prompt_tokens`, answers of
+        `default_max_tokens`) on its thread at start, so the first requests do not wait for
+        compiles; `/health` answers 503 `warming up` meanwhile, and requests wait in the
+        queue. Off by default (tests); on by default at the command line.
       warm_up_prompt_tokens: the warm-up compiles every prompt bucket up to the one that holds
         this many tokens.
       poll_s: how often a request waiting for its choices checks that its client is still there
