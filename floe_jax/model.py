@@ -43,6 +43,7 @@ from floe_jax.kv_cache import KVCache, ring_mask, ring_window, write_cache
 from floe_jax.kv_cache import init_cache as init_cache  # its old home: `from floe_jax.model`
 from floe_jax.lora import LoRA, lora_delta
 from floe_jax.quant import concat_outputs, is_quantized, linear, linear_t, split_outputs, take_rows
+from floe_jax.rope import apply_rope, layer_inv_freq, longrope_inv_freq, rope_attention_scaling
 from kernels.decode_attention import NEG, decode_attention
 
 # Stacks of at most this many layers are unrolled inside the layer scan: each layer's saved
@@ -173,74 +174,6 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float, *, unit_offset: bool = Fals
 
 def _norm(cfg: ModelConfig, x: jax.Array, w: jax.Array) -> jax.Array:
     return rms_norm(x, w, cfg.rms_norm_eps, unit_offset=cfg.norm_unit_offset)
-
-
-def _inv_freq(k: int, theta: float, sc, long: bool = False) -> np.ndarray:
-    """Inverse frequencies [k/2] of RoPE over k rotated dims with scaling `sc` (`long`: a
-    `longrope` scaling's long factors, else its short ones)."""
-    inv = 1.0 / (theta ** (np.arange(0, k, 2, dtype=np.float64) / k))
-    if sc is None or sc.rope_type == "default":
-        return inv.astype(np.float32)
-    if sc.rope_type == "linear":
-        return (inv / sc.factor).astype(np.float32)
-    if sc.rope_type == "longrope":
-        ext = np.asarray(sc.long_factor if long else sc.short_factor, np.float64)
-        return (inv / ext).astype(np.float32)
-    # llama3: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
-    old = sc.original_max_position_embeddings
-    low_wl, high_wl = old / sc.low_freq_factor, old / sc.high_freq_factor
-    wavelen = 2 * math.pi / inv
-    scaled = np.where(wavelen > low_wl, inv / sc.factor, inv)
-    smooth = (old / wavelen - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
-    smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
-    medium = (wavelen >= high_wl) & (wavelen <= low_wl)
-    return np.where(medium, smoothed, scaled).astype(np.float32)
-
-
-def rope_inv_freq(cfg: ModelConfig, *, long: bool = False) -> np.ndarray:
-    """Inverse frequencies [rotary_dim/2] of full-attention layers, with the configured scaling
-    (computed on the host; `long`: `longrope`'s long factors)."""
-    return _inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling, long)
-
-
-def layer_inv_freq(cfg: ModelConfig, *, long: bool = False) -> tuple[np.ndarray | None, ...]:
-    """Per layer, its RoPE inverse frequencies [rotary_dim/2], or None for a layer without RoPE
-    (`nope_layers`). Sliding layers use `rope_local_theta`, unscaled, when it is set."""
-    full = rope_inv_freq(cfg, long=long)
-    local = None
-    if cfg.rope_local_theta is not None:
-        local = _inv_freq(cfg.rotary_dim, cfg.rope_local_theta, None)
-    return tuple(
-        None if i in cfg.nope_layers else (local if w is not None and local is not None else full)
-        for i, w in enumerate(cfg.layer_windows)
-    )
-
-
-def rope_attention_scaling(cfg: ModelConfig) -> float:
-    """The factor RoPE multiplies cos and sin by (1 except for `longrope`)."""
-    return 1.0 if cfg.rope_scaling is None else cfg.rope_scaling.attention_scaling
-
-
-def apply_rope(
-    x_BTHK: jax.Array, pos_BT: jax.Array, inv_freq: jax.Array, scaling: float = 1.0
-) -> jax.Array:
-    """Rotary embedding, half-split convention (Hugging Face's `rotate_half`), of the first
-    `2 * len(inv_freq)` dims of each head (all of them unless RoPE is partial); the rotated dims
-    are multiplied by `scaling` (`rope_attention_scaling`), the others pass unchanged."""
-    R = 2 * inv_freq.shape[-1]
-    ang_BTk = pos_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
-    ang = jnp.concatenate([ang_BTk, ang_BTk], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(ang), jnp.sin(ang)
-    if scaling != 1.0:
-        cos, sin = cos * scaling, sin * scaling
-    x32 = x_BTHK.astype(jnp.float32)
-    x_rot, x_pass = x32[..., :R], x32[..., R:]
-    x1, x2 = jnp.split(x_rot, 2, axis=-1)
-    rot = jnp.concatenate([-x2, x1], axis=-1)
-    out = x_rot * cos + rot * sin
-    if R < x32.shape[-1]:
-        out = jnp.concatenate([out, x_pass], axis=-1)
-    return out.astype(x_BTHK.dtype)
 
 
 def attention(
@@ -420,16 +353,7 @@ def hidden_states(
     inv_freqs = layer_inv_freq(cfg)  # host constants
     rope_freqs = inv_freqs  # what each layer rotates by in this forward
     if cfg.rope_switches:  # longrope: short or long factors by this forward's length
-        orig = cfg.rope_scaling.original_max_position_embeddings
-        if _rope_long is None:
-            use_long = jnp.max(pos_BT) + 1 > orig
-        else:
-            use_long = jnp.asarray(_rope_long)
-        long_freqs = layer_inv_freq(cfg, long=True)
-        rope_freqs = tuple(
-            None if f is None else jnp.where(use_long, lf, f)
-            for f, lf in zip(inv_freqs, long_freqs, strict=True)
-        )
+        rope_freqs, use_long = longrope_inv_freq(cfg, pos_BT, _rope_long)
         if cache is not None and _rope_long is None:
             if cache.tokens is None:
                 raise ValueError(

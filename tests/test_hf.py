@@ -13,7 +13,8 @@ import torch
 from transformers.models.llama import modeling_llama
 
 import floe_jax.hf as hf
-from floe_jax.model import apply_rope, attention, block, rms_norm, rope_inv_freq
+from floe_jax.model import attention, block, rms_norm
+from floe_jax.rope import apply_rope, rope_inv_freq
 from tests import _hf_utils as U
 
 ATOL, forward, _tokens = U.ATOL, U.forward, U.random_tokens
