@@ -188,3 +188,31 @@ def test_proposal_rows_reads_a_chat_answer_and_names_what_is_missing():
         proposal_rows(b'{"choices": [{"logprobs": null}]}')
     with pytest.raises(ConfigError, match="propose"):
         FusedDecodeConfig(max_new_tokens=4, propose=True)
+
+
+def test_a_proposed_token_maps_to_the_edge_by_exact_match_only():
+    """Cross-tokenizer: the cloud proposes " theory", " a" to an edge whose vocabulary is
+    {" the", " a", "x"}. The rows' top-k still map with the fallback (" theory" counts as " the"
+    in the distribution), but the proposed token " theory" is no edge token: its id is -1 (the
+    edge cannot emit it and go on), not " the"'s 0; " a" is exact. Through a `VocabMap` a
+    `token_id:N` key is kept only where the cloud id maps exactly."""
+    from floe_jax.inference.align import StringMapper, build_map, vocab_of
+    from floe_jax.inference.http_cloud.propose import read_proposal
+
+    edge = vocab_of({" the": 0, " a": 1, "x": 2}, style="plain")
+    e = lambda t, lp: {"token": t, "logprob": lp, "bytes": list(t.encode())}
+    body = {"choices": [{"logprobs": {"content": [
+        {**e(" theory", -0.1), "top_logprobs": [e(" theory", -0.1), e(" a", -2.5)]},
+        {**e(" a", -0.2), "top_logprobs": [e(" a", -0.2), e("x", -1.9)]},
+    ]}}]}  # fmt: skip
+    rows = proposal_rows(json.dumps(body).encode())
+    cloud = HTTPCloud("http://127.0.0.1:9", api="chat", mapper=StringMapper(edge))
+    got = read_proposal(cloud, rows, 3)
+    assert got.ids.tolist() == [-1, 1, -1]
+    assert got.dist.ok.tolist() == [True, True, False]
+    assert got.dist.top_ids[0, :2].tolist() == [0, 1]  # the distribution keeps the fallback
+    assert got.text() == " theory a"
+    vm = build_map(vocab_of({" theory": 0, " a": 1}, style="plain"), edge)
+    ids = HTTPCloud("http://127.0.0.1:9", api="chat", mapper=StringMapper(edge, vocab_map=vm))
+    assert ids._ids(["token_id:0", "token_id:1"], fallback=False) == [-1, 1]
+    assert ids._ids(["token_id:0", "token_id:1"]) == [0, 1]

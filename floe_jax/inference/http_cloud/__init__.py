@@ -316,13 +316,13 @@ class HTTPCloud:
                       f"for {cap} from now on (server: {msg})", stacklevel=2)  # fmt: skip
 
     # -------------------------------------------------------------- a batch
-    def _ids(self, toks: list[str]) -> list[int]:
+    def _ids(self, toks: list[str], *, fallback: bool = True) -> list[int]:
         out = []
         for t in toks:
             m = TOKEN_ID.match(t)
             cid = int(m.group(1)) if m else None
             if self.mapper is not None:
-                out.append(self.mapper(t, cid) if cid is not None else self.mapper(t))
+                out.append(self.mapper(t, cid, fallback=fallback))
             else:  # token_ids=True without tokenizers: a vocabulary shared with the edge
                 out.append(-1 if cid is None or cid < 0 else cid)
         return out

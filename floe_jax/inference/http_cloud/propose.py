@@ -105,13 +105,21 @@ def propose(cloud, prefix: Prefix, k: int) -> Proposal:
         content = cloud.request(prefix, propose=k)
     except CloudError as e:
         return Proposal.missing(k, cloud._failed(e))
+    return read_proposal(cloud, content, k)
+
+
+def read_proposal(cloud, content, k: int) -> Proposal:
+    """The `Proposal` of `proposal_rows(answer)`: each position's top-k mapped as any cloud row
+    (`HTTPCloud._row`), each proposed token mapped by exact match only: a token the edge has
+    only a fallback for (" theory" -> " the") is -1, since the edge would emit another token
+    and go on conditioned on the wrong text; the edge cannot follow the proposal past it."""
     results, ids, pieces = [], np.full(k, -1, np.int32), []
     for j, (key, piece, top) in enumerate(content[:k]):
         try:
             results.append((cloud._row(top), None))
         except CloudError as e:
             results.append((None, cloud._failed(e)))
-        ids[j] = cloud._ids([key])[0]
+        ids[j] = cloud._ids([key], fallback=False)[0]
         pieces.append(piece)
     results += [(None, "short")] * (k - len(results))  # the answer ended (a stop token)
     return Proposal(cloud._rows(results), ids, pieces)
