@@ -148,6 +148,20 @@ def test_the_guard_cuts_a_proposal_where_token_by_token_holds_back():
     may become an email), so the proposal's distributions stop before the position whose prefix
     ends in `@`; a withheld prefix sends nothing."""
     pieces = [b" bob", b"@", b"example", b".", b"com"]
+    Proposer = _proposer(pieces)
+    backend = Proposer()
+    got = GuardedCloud(backend, PrivacyDetector()).propose(Prefix(text="mail", stream="s"), 5)
+    assert backend.sent == ["mail"]
+    assert got.dist.ok.tolist() == [True, True, False, False, False]  # "mail bob@" is held
+    assert got.dist.errors[2:] == ["held"] * 3 and got.ids.tolist() == [0, 1, -1, -1, -1]
+    strict = GuardedCloud(Proposer(), PrivacyDetector(PrivacyPolicy(action="edge_only")))
+    got = strict.propose(Prefix(text="mail bob@example.com", stream="t"), 3)
+    assert not got.dist.ok.any() and got.dist.errors == ["privacy"] * 3
+
+
+def _proposer(pieces):
+    """A back end whose proposal is always `pieces` (ids 0..k-1, every row ok); it records the
+    prefixes it was sent."""
 
     class Proposer:
         kind = "sparse"
@@ -165,14 +179,24 @@ def test_the_guard_cuts_a_proposal_where_token_by_token_holds_back():
                                      errors=[None] * k)  # fmt: skip
             return Proposal(dist, np.arange(k, dtype=np.int32), pieces[:k])
 
-    backend = Proposer()
-    got = GuardedCloud(backend, PrivacyDetector()).propose(Prefix(text="mail", stream="s"), 5)
-    assert backend.sent == ["mail"]
-    assert got.dist.ok.tolist() == [True, True, False, False, False]  # "mail bob@" is held
-    assert got.dist.errors[2:] == ["held"] * 3 and got.ids.tolist() == [0, 1, -1, -1, -1]
-    strict = GuardedCloud(Proposer(), PrivacyDetector(PrivacyPolicy(action="edge_only")))
-    got = strict.propose(Prefix(text="mail bob@example.com", stream="t"), 3)
-    assert not got.dist.ok.any() and got.dist.errors == ["privacy"] * 3
+    return Proposer
+
+
+def test_the_guard_screens_a_proposal_after_the_original_prefix_not_the_redacted_one():
+    """ "Mail bob@example.co" is sent as "Mail [EMAIL]"; the cloud proposes "m", " and". Token by
+    token, the prefix after "m" is "Mail bob@example.com", sent as "Mail [EMAIL]" (not
+    "Mail [EMAIL]m"): the cloud would not have seen the proposal's text there, so the proposal
+    stops after its first token (row 1 `held`)."""
+    backend = _proposer([b"m", b" and"])()
+    got = GuardedCloud(backend, PrivacyDetector()).propose(
+        Prefix(text="Mail bob@example.co", stream="s"), 2
+    )
+    assert backend.sent == ["Mail [EMAIL]"]
+    assert got.dist.ok.tolist() == [True, False] and got.dist.errors[1] == "held"
+    assert got.ids.tolist() == [0, -1] and got.pieces == [b"m"]
+    backend = _proposer([b" to", b" you"])()  # nothing to redact: the whole proposal
+    got = GuardedCloud(backend, PrivacyDetector()).propose(Prefix(text="Mail", stream="s"), 2)
+    assert got.dist.ok.all() and got.ids.tolist() == [0, 1]
 
 
 def test_proposal_rows_reads_a_chat_answer_and_names_what_is_missing():

@@ -7,8 +7,8 @@ conditioned on the tokens the cloud generated before it. The edge then scores th
 one batched step and keeps the fused choice while it agrees with the cloud's token
 (`floe_jax.inference.speculative.propose_round`).
 
-`proposal_rows` reads the answer; `propose` asks (an `HTTPCloud(api="chat")` method); the guard
-screens the request's prefix like any prefix, and `screened_proposal` cuts a proposal at the
+`proposal_rows` reads the answer; `propose` asks (an `HTTPCloud(api="chat")` method). The guard
+(`GuardedCloud.propose`) screens the request's prefix like any prefix and cuts a proposal at the
 first position whose text token-by-token decoding would not send unchanged (a span held back or
 redacted), so the cloud's distribution is used exactly where token-by-token decoding would have
 used it.
@@ -123,33 +123,3 @@ def read_proposal(cloud, content, k: int) -> Proposal:
         pieces.append(piece)
     results += [(None, "short")] * (k - len(results))  # the answer ended (a stop token)
     return Proposal(cloud._rows(results), ids, pieces)
-
-
-def screened_proposal(guard, backend, prefix: Prefix, k: int) -> Proposal:
-    """`GuardedCloud.propose`: the prefix is screened as `next_token` screens it (withheld: the
-    whole proposal is missing, `privacy`); the answer is cut at the first position j whose
-    prefix (the screened prefix and the cloud's first j tokens) screening would not send as it
-    is (`held`): token by token, the cloud would not have been asked there."""
-    sent, _ = guard.screen(prefix)
-    if sent is None:
-        return Proposal.missing(k, "privacy")
-    if getattr(backend, "propose", None) is None:
-        raise CloudError(f"{type(backend).__name__} cannot propose (a chat HTTPCloud can)")
-    got = backend.propose(sent, k)
-    cut = len(got.pieces)
-    if sent.text is not None:
-        for j in range(1, len(got.pieces)):
-            text = sent.text + got.text(j)
-            again, _ = guard.screen(Prefix(text=text, stream=None))
-            if again is None or again.text != text:
-                cut = j
-                break
-    if cut < len(got.pieces):
-        d = got.dist
-        head = CloudDistribution(
-            **{f.name: None if getattr(d, f.name) is None else getattr(d, f.name)[:cut]
-               for f in dataclasses.fields(d)}
-        )  # fmt: skip
-        ids = np.where(np.arange(k) < cut, got.ids, -1).astype(np.int32)
-        got = Proposal(head.scatter_rows(range(cut), k, reason="held"), ids, got.pieces[:cut])
-    return got
