@@ -66,6 +66,33 @@ def test_drafting_ahead_during_the_wait_keeps_the_output(tiny_cfg, tiny_params, 
     assert got.speculation["ahead"] > 0, got.speculation
 
 
+def test_the_edge_step_estimate_leaves_out_the_wait(tiny_cfg, tiny_params, cloud_params):
+    """Under `RealClock` with a 300 ms cloud, the edge drafts ahead until it has drafted all it
+    may and then waits: the draft length's estimate of one edge step (`edge_step_s`) counts the
+    steps, not the rest of the wait, so it stays near the estimate with no wait at all (SimClock,
+    no network; a loose 5x for a shared machine) and far under the wait per step."""
+    from floe_jax.inference.deadline import RealClock
+
+    fusion = FusionConfig(gate="fixed", fixed_w=0.9)
+    kw = dict(fusion=fusion, speculate=3, adapt_k=False)
+    _run(tiny_params, tiny_cfg, cloud_params, PROMPTS[:1], **kw)  # compiled
+    alone = _run(tiny_params, tiny_cfg, cloud_params, PROMPTS[:1], **kw).speculation
+    cloud = GuardedCloud(LocalCloud(cloud_params, tiny_cfg), PrivacyDetector(ALLOW))
+    config = FusedDecodeConfig(max_new_tokens=N, deadline_s=1e9, **kw)
+    real = generate_fused(
+        tiny_params,
+        tiny_cfg,
+        PROMPTS[:1],
+        cloud=cloud,
+        config=config,
+        clock=RealClock(),
+        network=SimulatedNetwork(rtt_ms=300.0, sigma=0.0),
+    )
+    got = real.speculation
+    assert got["edge_step_s"] < 5 * alone["edge_step_s"] + 2e-3, (got, alone)
+    assert got["edge_step_s"] < 0.3 / (2 * 3 + 1), got  # the wait spread over a round's steps
+
+
 def test_greedy_speculation_across_tokenizers():
     """Edge byte-level BPE, cloud Metaspace BPE reading text: the cloud scores each drafted
     position where its tokens line up, and the output is the token-by-token one."""

@@ -249,6 +249,7 @@ class SpecLog:
     stopped: int = 0  # drafts stopped early (a position the cloud could not score)
     ahead: int = 0  # tokens drafted during a wait and kept
     ks: list[int] = dataclasses.field(default_factory=list)
+    edge_step_s: float | None = None  # the draft length's estimate of one edge step
 
     def summary(self) -> dict:
         return {
@@ -259,6 +260,7 @@ class SpecLog:
             "mean_k": float(np.mean(self.ks)) if self.ks else 0.0,
             "stopped": self.stopped,
             "ahead": self.ahead,
+            "edge_step_s": self.edge_step_s,
         }
 
 
@@ -373,13 +375,14 @@ def decode_round(run, r: int, edge, log, spec: SpecLog, length: DraftLength, at:
         a0 = time.perf_counter()  # then the edge, measured alone, for as long as the wait
         state = _draft(run, state, logits, toks, key, upto,
                        stop=lambda: time.perf_counter() - a0 >= wait_s)  # fmt: skip
+        ahead_s = time.perf_counter() - a0
     else:
         a0 = time.perf_counter()
         state = _draft(run, state, logits, toks, key, upto,
                        stop=lambda: all(f.done() for f in futures.values()))  # fmt: skip
+        ahead_s = time.perf_counter() - a0  # the edge's steps only, not the rest of the wait
         got, _ = collect_real(futures, t_send, c.deadline_s, clock)
         wait_s = clock.now() - t_send
-    ahead_s = time.perf_counter() - a0
     K = len(toks)
     rtt = wait_s if futures else None  # capped by the deadline, as every wait is
     spec.calls += len(futures)
@@ -492,6 +495,7 @@ def speculate(run, edge, log) -> SpecLog:
         else:
             edge = decode_round(run, r, edge, log, spec, length, at)
         r += 1
+    spec.edge_step_s = length.edge_s
     return spec
 
 
