@@ -240,3 +240,17 @@ def test_a_proposed_token_maps_to_the_edge_by_exact_match_only():
     ids = HTTPCloud("http://127.0.0.1:9", api="chat", mapper=StringMapper(edge, vocab_map=vm))
     assert ids._ids(["token_id:0", "token_id:1"], fallback=False) == [-1, 1]
     assert ids._ids(["token_id:0", "token_id:1"]) == [0, 1]
+
+
+def test_propose_against_a_cloud_that_cannot_propose_is_refused(tiny_cfg, tiny_params):
+    """`propose=True` with a back end that only scores or answers next-token questions (a
+    `LocalCloud`, a completions `HTTPCloud`) would decode edge-only, every call failing: refused
+    up front, naming the back end."""
+    config = FusedDecodeConfig(max_new_tokens=4, speculate=2, propose=True)
+    completions = HTTPCloud("http://127.0.0.1:9", api="completions", token_ids=True)
+    for cloud, name in ((LocalCloud(tiny_params, tiny_cfg), "LocalCloud"),
+                        (completions, "api='completions'")):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"propose.*{name}.*cannot"):
+            generate_fused(tiny_params, tiny_cfg, [[5, 6]], cloud=cloud, config=config,
+                           clock=SimClock())  # fmt: skip
+    completions.close()

@@ -429,6 +429,9 @@ def generate_fused(
     guard = cloud
     if cloud is not None and not isinstance(cloud, GuardedCloud):
         guard = GuardedCloud(cloud, PrivacyDetector(), decode=decode)
+    if c.propose and guard is not None and not guard.can_propose:
+        raise ConfigError(f"propose=True needs a cloud that proposes tokens (a chat HTTPCloud); "
+                          f"{guard.backend_name} cannot")  # fmt: skip
     n = len(prompts)
     B = _batch_bucket(n, c.batch_buckets)
     rows = [list(map(int, p)) for p in prompts] + [[c.pad_id]] * (B - n)

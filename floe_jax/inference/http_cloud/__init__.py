@@ -418,6 +418,11 @@ class HTTPCloud:
                 results.append((None, self._failed(e)))
         return self._rows(results)
 
+    @property
+    def can_propose(self) -> bool:
+        """A chat server proposes (`propose`); a completions server scores drafts."""
+        return self.api == "chat"
+
     def propose(self, prefix: Prefix, k: int):
         """Chat: the cloud's next k tokens and its top-k before each (`propose.Proposal`)."""
         return propose_tokens(self, prefix, k)

@@ -61,6 +61,20 @@ class GuardedCloud:
             return self.decode(list(prefix.ids))
         return prefix.text
 
+    @property
+    def can_propose(self) -> bool:
+        """Whether the back end generates proposals (`propose`): it has `propose` and does not
+        say otherwise (`can_propose`: a completions `HTTPCloud` scores drafts instead)."""
+        b = self._backend
+        return getattr(b, "propose", None) is not None and getattr(b, "can_propose", True)
+
+    @property
+    def backend_name(self) -> str:
+        """The back end, for messages: its class, and its API when it has one."""
+        b = self._backend
+        api = getattr(b, "api", None)
+        return f"{type(b).__name__}(api={api!r})" if api else type(b).__name__
+
     def screen(self, prefix):
         """(prefix to send or None, decision)."""
         text = self._text(prefix)
