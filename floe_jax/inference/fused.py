@@ -210,12 +210,15 @@ class FusedRun:
 
     @property
     def cache_slots(self) -> int:
-        """Edge cache slots past the prompt: a round drafts up to 2k more (k sent, k ahead);
-        rows of a batch that keep different numbers of drafted tokens leave gaps."""
+        """Edge cache slots past the prompt. Speculating, a round moves every row's cache
+        position by the most tokens any row emitted in it (rows that keep fewer leave gaps), at
+        most the sum over the n rows, so N tokens per row take at most n * N slots (rows taking
+        turns keeping k tokens come close: about n N (k + 1) / (k + n)); a round drafts up to
+        2k + 1 more (k sent, k ahead)."""
         c = self.config
         if not c.speculate:
             return c.max_new_tokens
-        return (1 if self.batch == 1 else 2) * c.max_new_tokens + 2 * c.speculate + 1
+        return max(1, self.n) * c.max_new_tokens + 2 * c.speculate + 1
 
     @property
     def cloud_size(self) -> int:

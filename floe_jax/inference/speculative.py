@@ -344,6 +344,7 @@ def decode_round(run, r: int, edge, log, spec: SpecLog, length: DraftLength, at:
     if at.logits:  # carried over: position 0 is fed already
         state, logits, toks = edge.state, list(at.logits), list(at.toks)
     else:
+        _check_room(at, at.feed)
         edge = edge_half(run, r, edge)
         at.base += at.feed
         state, logits, toks = edge.state, [edge.logits], []
@@ -476,6 +477,14 @@ def decode_round(run, r: int, edge, log, spec: SpecLog, length: DraftLength, at:
     log.edge_s += [edge_s] + [0.0] * (most - 1)
     log.cloud_s += [wait_s] + [0.0] * (most - 1)
     return edge
+
+
+def _check_room(at: Ahead, feed: int) -> None:
+    """Raises before a write past the edge cache (`dynamic_update_slice` would clamp it onto
+    valid slots): `FusedRun.cache_slots` bounds what a run needs, so this is a bug."""
+    if at.base + feed > at.end:
+        raise RuntimeError(f"speculate: the edge cache is full (slot {at.base} of {at.end}); "
+                           "FusedRun.cache_slots is too small for this run")  # fmt: skip
 
 
 def speculate(run, edge, log) -> SpecLog:
@@ -616,6 +625,7 @@ def propose_round(run, r: int, edge, log, spec: SpecLog, at: Ahead):
             futures, delays, c.deadline_s, c.real_timeout_s, server_s
         )
     e0 = time.perf_counter()
+    _check_room(at, at.feed)
     edge = edge_half(run, r, edge)
     at.base += at.feed
     jax.block_until_ready(edge.logits)
@@ -643,6 +653,8 @@ def propose_round(run, r: int, edge, log, spec: SpecLog, at: Ahead):
     T = P - 1  # one shape: the proposal fed with padding masked
     state, logits = edge.state, [edge.logits[:, None]]
     fed = min(int(usable.max()) - 1, T)
+    if at.base + T > at.end:  # the padded block would not fit: this round is token by token
+        fed = 0
     if fed > 0:
         toks = np.where(proposed[:, :T] >= 0, proposed[:, :T], c.pad_id)
         mask = (np.arange(T)[None] < np.minimum(usable - 1, fed)[:, None]).astype(np.int32)
