@@ -20,10 +20,10 @@ from floe_jax.inference.fused import FusedDecodeConfig, generate_fused
 from floe_jax.inference.http_cloud import HTTPCloud
 from floe_jax.inference.http_cloud.propose import proposal_rows
 from floe_jax.inference.privacy import GuardedCloud, PrivacyDetector, PrivacyPolicy
+from floe_jax.inference.propose_decode import agree_jit
 from floe_jax.inference.replies import CloudInput
 from floe_jax.inference.router import FusionConfig
 from floe_jax.inference.server import serve_cloud
-from floe_jax.inference.speculative import agree_jit
 
 ALLOW = PrivacyPolicy(action="allow")
 
@@ -221,7 +221,6 @@ def test_a_proposed_token_maps_to_the_edge_by_exact_match_only():
     edge cannot emit it and go on), not " the"'s 0; " a" is exact. Through a `VocabMap` a
     `token_id:N` key is kept only where the cloud id maps exactly."""
     from floe_jax.inference.align import StringMapper, build_map, vocab_of
-    from floe_jax.inference.http_cloud.propose import read_proposal
 
     edge = vocab_of({" the": 0, " a": 1, "x": 2}, style="plain")
     e = lambda t, lp: {"token": t, "logprob": lp, "bytes": list(t.encode())}
@@ -231,7 +230,7 @@ def test_a_proposed_token_maps_to_the_edge_by_exact_match_only():
     ]}}]}  # fmt: skip
     rows = proposal_rows(json.dumps(body).encode())
     cloud = HTTPCloud("http://127.0.0.1:9", api="chat", mapper=StringMapper(edge))
-    got = read_proposal(cloud, rows, 3)
+    got = cloud.read_proposal(rows, 3)
     assert got.ids.tolist() == [-1, 1, -1]
     assert got.dist.ok.tolist() == [True, True, False]
     assert got.dist.top_ids[0, :2].tolist() == [0, 1]  # the distribution keeps the fallback

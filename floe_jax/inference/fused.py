@@ -80,7 +80,7 @@ class FusedDecodeConfig:
         rate, round trip and edge step (False: always `speculate`).
       propose: with `speculate=k`, for chat-only clouds (no prompt log-probs): the cloud proposes
         its next k tokens in one chat call and the edge verifies them in one forward
-        (`speculative.propose_round`) instead of the edge drafting and the cloud scoring.
+        (`propose_decode.propose_round`) instead of the edge drafting and the cloud scoring.
     """
 
     max_new_tokens: int
