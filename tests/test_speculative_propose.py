@@ -20,10 +20,10 @@ from floe_jax.inference.fused import FusedDecodeConfig, generate_fused
 from floe_jax.inference.http_cloud import HTTPCloud
 from floe_jax.inference.http_cloud.propose import proposal_rows
 from floe_jax.inference.privacy import GuardedCloud, PrivacyDetector, PrivacyPolicy
+from floe_jax.inference.propose_decode import agree_jit
 from floe_jax.inference.replies import CloudInput
 from floe_jax.inference.router import FusionConfig
 from floe_jax.inference.server import serve_cloud
-from floe_jax.inference.speculative import agree_jit
 
 ALLOW = PrivacyPolicy(action="allow")
 
@@ -148,6 +148,20 @@ def test_the_guard_cuts_a_proposal_where_token_by_token_holds_back():
     may become an email), so the proposal's distributions stop before the position whose prefix
     ends in `@`; a withheld prefix sends nothing."""
     pieces = [b" bob", b"@", b"example", b".", b"com"]
+    Proposer = _proposer(pieces)
+    backend = Proposer()
+    got = GuardedCloud(backend, PrivacyDetector()).propose(Prefix(text="mail", stream="s"), 5)
+    assert backend.sent == ["mail"]
+    assert got.dist.ok.tolist() == [True, True, False, False, False]  # "mail bob@" is held
+    assert got.dist.errors[2:] == ["held"] * 3 and got.ids.tolist() == [0, 1, -1, -1, -1]
+    strict = GuardedCloud(Proposer(), PrivacyDetector(PrivacyPolicy(action="edge_only")))
+    got = strict.propose(Prefix(text="mail bob@example.com", stream="t"), 3)
+    assert not got.dist.ok.any() and got.dist.errors == ["privacy"] * 3
+
+
+def _proposer(pieces):
+    """A back end whose proposal is always `pieces` (ids 0..k-1, every row ok); it records the
+    prefixes it was sent."""
 
     class Proposer:
         kind = "sparse"
@@ -165,14 +179,24 @@ def test_the_guard_cuts_a_proposal_where_token_by_token_holds_back():
                                      errors=[None] * k)  # fmt: skip
             return Proposal(dist, np.arange(k, dtype=np.int32), pieces[:k])
 
-    backend = Proposer()
-    got = GuardedCloud(backend, PrivacyDetector()).propose(Prefix(text="mail", stream="s"), 5)
-    assert backend.sent == ["mail"]
-    assert got.dist.ok.tolist() == [True, True, False, False, False]  # "mail bob@" is held
-    assert got.dist.errors[2:] == ["held"] * 3 and got.ids.tolist() == [0, 1, -1, -1, -1]
-    strict = GuardedCloud(Proposer(), PrivacyDetector(PrivacyPolicy(action="edge_only")))
-    got = strict.propose(Prefix(text="mail bob@example.com", stream="t"), 3)
-    assert not got.dist.ok.any() and got.dist.errors == ["privacy"] * 3
+    return Proposer
+
+
+def test_the_guard_screens_a_proposal_after_the_original_prefix_not_the_redacted_one():
+    """ "Mail bob@example.co" is sent as "Mail [EMAIL]"; the cloud proposes "m", " and". Token by
+    token, the prefix after "m" is "Mail bob@example.com", sent as "Mail [EMAIL]" (not
+    "Mail [EMAIL]m"): the cloud would not have seen the proposal's text there, so the proposal
+    stops after its first token (row 1 `held`)."""
+    backend = _proposer([b"m", b" and"])()
+    got = GuardedCloud(backend, PrivacyDetector()).propose(
+        Prefix(text="Mail bob@example.co", stream="s"), 2
+    )
+    assert backend.sent == ["Mail [EMAIL]"]
+    assert got.dist.ok.tolist() == [True, False] and got.dist.errors[1] == "held"
+    assert got.ids.tolist() == [0, -1] and got.pieces == [b"m"]
+    backend = _proposer([b" to", b" you"])()  # nothing to redact: the whole proposal
+    got = GuardedCloud(backend, PrivacyDetector()).propose(Prefix(text="Mail", stream="s"), 2)
+    assert got.dist.ok.all() and got.ids.tolist() == [0, 1]
 
 
 def test_proposal_rows_reads_a_chat_answer_and_names_what_is_missing():
@@ -188,3 +212,44 @@ def test_proposal_rows_reads_a_chat_answer_and_names_what_is_missing():
         proposal_rows(b'{"choices": [{"logprobs": null}]}')
     with pytest.raises(ConfigError, match="propose"):
         FusedDecodeConfig(max_new_tokens=4, propose=True)
+
+
+def test_a_proposed_token_maps_to_the_edge_by_exact_match_only():
+    """Cross-tokenizer: the cloud proposes " theory", " a" to an edge whose vocabulary is
+    {" the", " a", "x"}. The rows' top-k still map with the fallback (" theory" counts as " the"
+    in the distribution), but the proposed token " theory" is no edge token: its id is -1 (the
+    edge cannot emit it and go on), not " the"'s 0; " a" is exact. Through a `VocabMap` a
+    `token_id:N` key is kept only where the cloud id maps exactly."""
+    from floe_jax.inference.align import StringMapper, build_map, vocab_of
+
+    edge = vocab_of({" the": 0, " a": 1, "x": 2}, style="plain")
+    e = lambda t, lp: {"token": t, "logprob": lp, "bytes": list(t.encode())}
+    body = {"choices": [{"logprobs": {"content": [
+        {**e(" theory", -0.1), "top_logprobs": [e(" theory", -0.1), e(" a", -2.5)]},
+        {**e(" a", -0.2), "top_logprobs": [e(" a", -0.2), e("x", -1.9)]},
+    ]}}]}  # fmt: skip
+    rows = proposal_rows(json.dumps(body).encode())
+    cloud = HTTPCloud("http://127.0.0.1:9", api="chat", mapper=StringMapper(edge))
+    got = cloud.read_proposal(rows, 3)
+    assert got.ids.tolist() == [-1, 1, -1]
+    assert got.dist.ok.tolist() == [True, True, False]
+    assert got.dist.top_ids[0, :2].tolist() == [0, 1]  # the distribution keeps the fallback
+    assert got.text() == " theory a"
+    vm = build_map(vocab_of({" theory": 0, " a": 1}, style="plain"), edge)
+    ids = HTTPCloud("http://127.0.0.1:9", api="chat", mapper=StringMapper(edge, vocab_map=vm))
+    assert ids._ids(["token_id:0", "token_id:1"], fallback=False) == [-1, 1]
+    assert ids._ids(["token_id:0", "token_id:1"]) == [0, 1]
+
+
+def test_propose_against_a_cloud_that_cannot_propose_is_refused(tiny_cfg, tiny_params):
+    """`propose=True` with a back end that only scores or answers next-token questions (a
+    `LocalCloud`, a completions `HTTPCloud`) would decode edge-only, every call failing: refused
+    up front, naming the back end."""
+    config = FusedDecodeConfig(max_new_tokens=4, speculate=2, propose=True)
+    completions = HTTPCloud("http://127.0.0.1:9", api="completions", token_ids=True)
+    for cloud, name in ((LocalCloud(tiny_params, tiny_cfg), "LocalCloud"),
+                        (completions, "api='completions'")):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"propose.*{name}.*cannot"):
+            generate_fused(tiny_params, tiny_cfg, [[5, 6]], cloud=cloud, config=config,
+                           clock=SimClock())  # fmt: skip
+    completions.close()

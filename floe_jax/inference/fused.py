@@ -80,7 +80,7 @@ class FusedDecodeConfig:
         rate, round trip and edge step (False: always `speculate`).
       propose: with `speculate=k`, for chat-only clouds (no prompt log-probs): the cloud proposes
         its next k tokens in one chat call and the edge verifies them in one forward
-        (`speculative.propose_round`) instead of the edge drafting and the cloud scoring.
+        (`propose_decode.propose_round`) instead of the edge drafting and the cloud scoring.
     """
 
     max_new_tokens: int
@@ -210,12 +210,15 @@ class FusedRun:
 
     @property
     def cache_slots(self) -> int:
-        """Edge cache slots past the prompt: a round drafts up to 2k more (k sent, k ahead);
-        rows of a batch that keep different numbers of drafted tokens leave gaps."""
+        """Edge cache slots past the prompt. Speculating, a round moves every row's cache
+        position by the most tokens any row emitted in it (rows that keep fewer leave gaps), at
+        most the sum over the n rows, so N tokens per row take at most n * N slots (rows taking
+        turns keeping k tokens come close: about n N (k + 1) / (k + n)); a round drafts up to
+        2k + 1 more (k sent, k ahead)."""
         c = self.config
         if not c.speculate:
             return c.max_new_tokens
-        return (1 if self.batch == 1 else 2) * c.max_new_tokens + 2 * c.speculate + 1
+        return max(1, self.n) * c.max_new_tokens + 2 * c.speculate + 1
 
     @property
     def cloud_size(self) -> int:
@@ -429,6 +432,9 @@ def generate_fused(
     guard = cloud
     if cloud is not None and not isinstance(cloud, GuardedCloud):
         guard = GuardedCloud(cloud, PrivacyDetector(), decode=decode)
+    if c.propose and guard is not None and not guard.can_propose:
+        raise ConfigError(f"propose=True needs a cloud that proposes tokens (a chat HTTPCloud); "
+                          f"{guard.backend_name} cannot")  # fmt: skip
     n = len(prompts)
     B = _batch_bucket(n, c.batch_buckets)
     rows = [list(map(int, p)) for p in prompts] + [[c.pad_id]] * (B - n)

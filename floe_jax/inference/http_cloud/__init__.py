@@ -56,8 +56,7 @@ from floe_jax.inference.http_cloud.parse import (
     logprobs_cap,
     retry_after,
 )
-from floe_jax.inference.http_cloud.propose import proposal_rows
-from floe_jax.inference.http_cloud.propose import propose as propose_tokens
+from floe_jax.inference.http_cloud.propose import Proposal, proposal_rows
 from floe_jax.inference.http_cloud.transport import Cancelled, Transport
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -316,13 +315,13 @@ class HTTPCloud:
                       f"for {cap} from now on (server: {msg})", stacklevel=2)  # fmt: skip
 
     # -------------------------------------------------------------- a batch
-    def _ids(self, toks: list[str]) -> list[int]:
+    def _ids(self, toks: list[str], *, fallback: bool = True) -> list[int]:
         out = []
         for t in toks:
             m = TOKEN_ID.match(t)
             cid = int(m.group(1)) if m else None
             if self.mapper is not None:
-                out.append(self.mapper(t, cid) if cid is not None else self.mapper(t))
+                out.append(self.mapper(t, cid, fallback=fallback))
             else:  # token_ids=True without tokenizers: a vocabulary shared with the edge
                 out.append(-1 if cid is None or cid < 0 else cid)
         return out
@@ -418,9 +417,41 @@ class HTTPCloud:
                 results.append((None, self._failed(e)))
         return self._rows(results)
 
-    def propose(self, prefix: Prefix, k: int):
-        """Chat: the cloud's next k tokens and its top-k before each (`propose.Proposal`)."""
-        return propose_tokens(self, prefix, k)
+    @property
+    def can_propose(self) -> bool:
+        """A chat server proposes (`propose`); a completions server scores drafts."""
+        return self.api == "chat"
+
+    def propose(self, prefix: Prefix, k: int) -> Proposal:
+        """Chat: one request for the cloud's next `k` tokens after `prefix` and its top-k before
+        each (`propose.Proposal`): the same conversation as `next_token` sends, `max_tokens=k`,
+        greedy. Never raises: a failed request comes back missing with its reason."""
+        if self.api != "chat":
+            raise ValueError("propose is for chat clouds; a completions server scores a draft")
+        with self._lock:
+            self.requests += 1
+        try:
+            content = self.request(prefix, propose=k)
+        except CloudError as e:
+            return Proposal.missing(k, self._failed(e))
+        return self.read_proposal(content, k)
+
+    def read_proposal(self, content, k: int) -> Proposal:
+        """The `Proposal` of `proposal_rows(answer)`: each position's top-k mapped as any row
+        (`_row`, with the fallback), each proposed token by exact match only: a token the edge
+        has only a fallback for (" theory" -> " the") is -1, since the edge would emit another
+        token and go on conditioned on the wrong text; the edge cannot follow the proposal past
+        it."""
+        results, ids, pieces = [], np.full(k, -1, np.int32), []
+        for j, (key, piece, top) in enumerate(content[:k]):
+            try:
+                results.append((self._row(top), None))
+            except CloudError as e:
+                results.append((None, self._failed(e)))
+            ids[j] = self._ids([key], fallback=False)[0]
+            pieces.append(piece)
+        results += [(None, "short")] * (k - len(results))  # the answer ended (a stop token)
+        return Proposal(self._rows(results), ids, pieces)
 
     def next_token(self, prefixes: Sequence[Prefix]) -> CloudDistribution:
         return self._rows(list(self._pool.map(self._one, prefixes)))

@@ -5,10 +5,11 @@ generate: one chat request with `max_tokens=k`, `logprobs=true` and `top_logprob
 cloud's k next tokens (greedy, `temperature=0`) with its top-k at every position, each position
 conditioned on the tokens the cloud generated before it. The edge then scores those positions in
 one batched step and keeps the fused choice while it agrees with the cloud's token
-(`floe_jax.inference.speculative.propose_round`).
+(`floe_jax.inference.propose_decode.propose_round`).
 
-`proposal_rows` reads the answer; `propose` asks (an `HTTPCloud(api="chat")` method); the guard
-screens the request's prefix like any prefix, and `screened_proposal` cuts a proposal at the
+`HTTPCloud.propose` asks, `proposal_rows` reads the answer and `HTTPCloud.read_proposal` maps it
+to the edge. The guard
+(`GuardedCloud.propose`) screens the request's prefix like any prefix and cuts a proposal at the
 first position whose text token-by-token decoding would not send unchanged (a span held back or
 redacted), so the cloud's distribution is used exactly where token-by-token decoding would have
 used it.
@@ -20,7 +21,7 @@ import dataclasses
 
 import numpy as np
 
-from floe_jax.inference.cloud import CloudDistribution, CloudError, Prefix
+from floe_jax.inference.cloud import CloudDistribution, CloudError
 from floe_jax.inference.http_cloud.parse import TOKEN_ID, _checked, _json
 
 
@@ -91,57 +92,3 @@ def proposal_rows(raw: bytes) -> list[tuple[str, bytes, list[tuple[str, float]]]
         key, piece = _spelled(e)
         out.append((key, piece, rows))
     return out
-
-
-def propose(cloud, prefix: Prefix, k: int) -> Proposal:
-    """One chat request for the cloud's next `k` tokens after `prefix` (`HTTPCloud.propose`):
-    the same conversation as `next_token` sends, `max_tokens=k`, greedy. Never raises: a failed
-    request comes back missing with its reason."""
-    if cloud.api != "chat":
-        raise ValueError("propose is for chat clouds; a completions server scores a draft")
-    with cloud._lock:
-        cloud.requests += 1
-    try:
-        content = cloud.request(prefix, propose=k)
-    except CloudError as e:
-        return Proposal.missing(k, cloud._failed(e))
-    results, ids, pieces = [], np.full(k, -1, np.int32), []
-    for j, (key, piece, top) in enumerate(content[:k]):
-        try:
-            results.append((cloud._row(top), None))
-        except CloudError as e:
-            results.append((None, cloud._failed(e)))
-        ids[j] = cloud._ids([key])[0]
-        pieces.append(piece)
-    results += [(None, "short")] * (k - len(results))  # the answer ended (a stop token)
-    return Proposal(cloud._rows(results), ids, pieces)
-
-
-def screened_proposal(guard, backend, prefix: Prefix, k: int) -> Proposal:
-    """`GuardedCloud.propose`: the prefix is screened as `next_token` screens it (withheld: the
-    whole proposal is missing, `privacy`); the answer is cut at the first position j whose
-    prefix (the screened prefix and the cloud's first j tokens) screening would not send as it
-    is (`held`): token by token, the cloud would not have been asked there."""
-    sent, _ = guard.screen(prefix)
-    if sent is None:
-        return Proposal.missing(k, "privacy")
-    if getattr(backend, "propose", None) is None:
-        raise CloudError(f"{type(backend).__name__} cannot propose (a chat HTTPCloud can)")
-    got = backend.propose(sent, k)
-    cut = len(got.pieces)
-    if sent.text is not None:
-        for j in range(1, len(got.pieces)):
-            text = sent.text + got.text(j)
-            again, _ = guard.screen(Prefix(text=text, stream=None))
-            if again is None or again.text != text:
-                cut = j
-                break
-    if cut < len(got.pieces):
-        d = got.dist
-        head = CloudDistribution(
-            **{f.name: None if getattr(d, f.name) is None else getattr(d, f.name)[:cut]
-               for f in dataclasses.fields(d)}
-        )  # fmt: skip
-        ids = np.where(np.arange(k) < cut, got.ids, -1).astype(np.int32)
-        got = Proposal(head.scatter_rows(range(cut), k, reason="held"), ids, got.pieces[:cut])
-    return got
