@@ -53,6 +53,7 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
         qkv_bias=True,
         tie_word_embeddings=True,
         rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
         dtype="bfloat16",
     ),
 }

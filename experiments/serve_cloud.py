@@ -75,6 +75,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout-s", type=float, default=120.0)
     p.add_argument("--max-connections", type=int, default=1024)
     p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument(
+        "--no-warm-up",
+        dest="warm_up",
+        action="store_false",
+        help="skip compiling the batch and prompt buckets at start",
+    )
+    p.add_argument(
+        "--warm-up-prompt-tokens",
+        type=int,
+        default=128,
+        help="the longest prompt bucket the warm-up compiles",
+    )
     p.add_argument("--hidden", type=int, default=256, help="--random: width")
     p.add_argument("--layers", type=int, default=4, help="--random: depth")
     p.add_argument("--seed", type=int, default=0)
@@ -95,6 +107,8 @@ def config_from(args):
         request_timeout_s=args.request_timeout_s,
         max_connections=args.max_connections,
         max_batch=args.max_batch,
+        warm_up=args.warm_up,
+        warm_up_prompt_tokens=args.warm_up_prompt_tokens,
     )
 
 

@@ -13,13 +13,19 @@ import re
 from typing import Literal
 
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "phi3", "smollm3")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("reference", "pallas")  # kernels.decode_attention.IMPLS
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_TARGET_ALIASES = {t.removesuffix("_proj"): t for t in LORA_TARGETS}
+_TARGET_ALIASES = {t.removesuffix("_proj"): (t,) for t in LORA_TARGETS}
+# PEFT's names for the modules Phi-3 fuses (`target_modules=["qkv_proj", "gate_up_proj"]`): each
+# adapts the projections it concatenates.
+FUSED_TARGETS = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
 
 
 class ConfigError(ValueError):
@@ -47,7 +53,10 @@ class RopeScaling:
     """RoPE frequency scaling as Hugging Face writes it under `rope_parameters`.
 
     `linear` divides every frequency by `factor`; `llama3` (Llama 3.1/3.2) rescales only the low
-    frequencies, smoothly between `low_freq_factor` and `high_freq_factor`.
+    frequencies, smoothly between `low_freq_factor` and `high_freq_factor`. `longrope` (Phi-3.5,
+    Phi-4-mini; Ding et al., 2024, "LongRoPE") divides frequency i by `short_factor[i]` while a
+    forward's sequence (its largest position + 1) is at most `original_max_position_embeddings`
+    and by `long_factor[i]` beyond, and scales cos and sin by `attention_scaling`.
     """
 
     rope_type: str = "default"
@@ -55,6 +64,9 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float | None = None
 
     def __post_init__(self):
         _require(
@@ -68,6 +80,50 @@ class RopeScaling:
             high_freq_factor=self.high_freq_factor,
         )
         _require(self.factor > 0, f"rope factor must be > 0, got {self.factor}")
+        object.__setattr__(self, "short_factor", tuple(float(x) for x in self.short_factor))
+        object.__setattr__(self, "long_factor", tuple(float(x) for x in self.long_factor))
+        require_finite("RopeScaling", attention_factor=self.attention_factor)
+        for name in ("short_factor", "long_factor"):
+            require_finite(
+                "RopeScaling", **{f"{name}[{i}]": x for i, x in enumerate(getattr(self, name))}
+            )
+        if self.rope_type == "longrope":
+            n = len(self.short_factor)
+            _require(
+                n > 0 and len(self.long_factor) == n,
+                f"longrope needs short_factor and long_factor of one length, got {n} and "
+                f"{len(self.long_factor)}",
+            )
+            _require(
+                min(self.short_factor + self.long_factor) > 0,
+                "longrope short_factor and long_factor must be > 0",
+            )
+            _require(
+                self.original_max_position_embeddings > 0,
+                "original_max_position_embeddings must be > 0, got "
+                f"{self.original_max_position_embeddings}",
+            )
+        else:
+            _require(
+                not self.short_factor and not self.long_factor and self.attention_factor is None,
+                f"short_factor, long_factor and attention_factor are longrope's; rope_type="
+                f"{self.rope_type!r} takes none",
+            )
+
+    @property
+    def attention_scaling(self) -> float:
+        """What cos and sin are multiplied by: 1, or for `longrope` `attention_factor`, else
+        `sqrt(1 + ln(factor) / ln(original_max_position_embeddings))` when `factor` > 1, as
+        transformers' `_compute_longrope_parameters` sets it."""
+        if self.rope_type != "longrope":
+            return 1.0
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.factor <= 1.0:
+            return 1.0
+        return math.sqrt(
+            1 + math.log(self.factor) / math.log(self.original_max_position_embeddings)
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -78,8 +134,9 @@ class ModelConfig:
     always has q/k/v bias and no o bias), Qwen3 (`"qwen3"`: `qk_norm`), Mistral (`"mistral"`:
     `sliding_window` on every layer), Gemma 3 text models (`"gemma3_text"`: `qk_norm`,
     `norm_unit_offset`, `sandwich_norms`, `query_pre_attn_scalar`, `scale_embeddings`, GeGLU,
-    interleaved `layer_types` with `rope_local_theta` on the sliding layers), Phi-3 (`"phi3"`:
-    the checkpoint fuses q/k/v and gate/up, split at load) and SmolLM3 (`"smollm3"`:
+    interleaved `layer_types` with `rope_local_theta` on the sliding layers), Phi-3 and Phi-4-mini
+    (`"phi3"`: the checkpoint fuses q/k/v and gate/up, split at load; `partial_rotary_factor` and
+    `longrope` scaling) and SmolLM3 (`"smollm3"`:
     `nope_layers`). The fields' defaults are Llama's, so a feature costs nothing where unused.
 
     Family fields:
@@ -97,6 +154,8 @@ class ModelConfig:
       rope_local_theta: the RoPE base of sliding layers (None: `rope_theta`); `rope_scaling`
         then applies to full-attention layers only, as Gemma 3 does.
       nope_layers: indices of layers that use no rotary embedding at all (SmolLM3's NoPE).
+      partial_rotary_factor: RoPE rotates the first `rotary_dim = int(head_dim * factor)` dims
+        of each query and key head and passes the rest (Phi-4-mini: 0.75).
 
     `attention_impl` picks a decode step's attention (`kernels.decode_attention`): `"reference"`
     (plain jnp) or `"pallas"` (the kernel wherever its shapes and backend allow, the reference
@@ -137,6 +196,7 @@ class ModelConfig:
     layer_types: tuple[str, ...] | None = None
     rope_local_theta: float | None = None
     nope_layers: tuple[int, ...] = ()
+    partial_rotary_factor: float = 1.0
 
     def __post_init__(self):
         _require(
@@ -194,6 +254,28 @@ class ModelConfig:
         object.__setattr__(self, "nope_layers", tuple(sorted({int(i) for i in self.nope_layers})))
         bad = [i for i in self.nope_layers if not 0 <= i < self.num_layers]
         _require(not bad, f"nope_layers names layer {bad[:1]}, outside [0, {self.num_layers})")
+        self._check_rotary()
+
+    def _check_rotary(self):
+        prf = self.partial_rotary_factor
+        require_finite("ModelConfig", partial_rotary_factor=prf)
+        _require(0 < prf <= 1, f"partial_rotary_factor must be in (0, 1], got {prf}")
+        _require(
+            self.rotary_dim >= 2 and self.rotary_dim % 2 == 0,
+            f"partial_rotary_factor={prf} gives rotary_dim={self.rotary_dim} of head_dim="
+            f"{self.dim_head}; it must be even and >= 2",
+        )
+        sc = self.rope_scaling
+        if sc is not None and sc.rope_type == "longrope":
+            _require(
+                len(sc.short_factor) == self.rotary_dim // 2,
+                f"longrope short_factor has {len(sc.short_factor)} entries; rotary_dim="
+                f"{self.rotary_dim} needs {self.rotary_dim // 2}",
+            )
+            _require(
+                self.rope_local_theta is None and not self.nope_layers,
+                "longrope scaling with rope_local_theta or nope_layers is not supported",
+            )
 
     @property
     def kv_heads(self) -> int:
@@ -202,6 +284,19 @@ class ModelConfig:
     @property
     def dim_head(self) -> int:
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """The dims of each head that RoPE rotates (the first ones; see `partial_rotary_factor`)."""
+        return int(self.dim_head * self.partial_rotary_factor)
+
+    @property
+    def rope_switches(self) -> bool:
+        """Whether the RoPE frequencies depend on the sequence length (`longrope`): short factors
+        while a forward's largest position + 1 is at most `original_max_position_embeddings`,
+        long ones beyond, for every position of that forward (transformers'
+        `dynamic_rope_update`)."""
+        return self.rope_scaling is not None and self.rope_scaling.rope_type == "longrope"
 
     @property
     def layer_windows(self) -> tuple[int | None, ...]:
@@ -251,16 +346,23 @@ class ModelConfig:
 
 
 def normalize_targets(targets) -> tuple[str, ...]:
-    """Maps `("q", "v")` or `("q_proj", "v_proj")` or `"all"` to canonical, ordered names."""
+    """Maps `("q", "v")` or `("q_proj", "v_proj")` or `"all"` to canonical, ordered names.
+
+    PEFT's names of fused modules (`FUSED_TARGETS`: Phi-3's `qkv_proj`, `gate_up_proj`) stand
+    for the projections they fuse.
+    """
     if targets == "all" or targets == "all-linear":
         return LORA_TARGETS
     if isinstance(targets, str):
         targets = (targets,)
     out = []
     for t in targets:
-        name = _TARGET_ALIASES.get(t, t)
-        _require(name in LORA_TARGETS, f"LoRA target {t!r} is not one of {LORA_TARGETS}")
-        out.append(name)
+        names = _TARGET_ALIASES.get(t) or FUSED_TARGETS.get(t) or (t,)
+        _require(
+            all(n in LORA_TARGETS for n in names),
+            f"LoRA target {t!r} is not one of {LORA_TARGETS} nor {tuple(FUSED_TARGETS)}",
+        )
+        out.extend(names)
     _require(len(out) > 0, "LoRA targets must not be empty")
     return tuple(t for t in LORA_TARGETS if t in out)
 
@@ -273,7 +375,8 @@ class LoRAConfig:
       rank: the client's true rank r.
       alpha: scale numerator; the update is `x @ a @ b * alpha / r` (or `alpha / sqrt(r)`).
       rslora: use `alpha / sqrt(r)`.
-      targets: projections to adapt, among q/k/v/o/gate/up/down (`_proj` suffix optional).
+      targets: projections to adapt, among q/k/v/o/gate/up/down (`_proj` suffix optional), or
+        PEFT's fused-module names `qkv_proj` / `gate_up_proj` for the projections they hold.
       layers: indices of adapted layers; None means all.
       max_rank: padded rank R >= rank so clients of different ranks stack; None means `rank`.
       init: `"kaiming"` (PEFT's default: `a ~ U(-1/sqrt(d_in), 1/sqrt(d_in))`) or `"gaussian"`

@@ -31,6 +31,10 @@ class KVCache:
       valid: [B, S] bool, slot holds a real (non-padding) token.
       index: [] int32, next slot to write (the same for every row: rows are left-padded).
       pos: [B] int32, position id of each row's next real token.
+      tokens: [B, S] int32, the token at each slot, and rope_long: [] bool, whether the keys
+        were computed with `longrope`'s long factors; kept only for a config whose RoPE depends
+        on the sequence length (`ModelConfig.rope_switches`), whose cache is recomputed from its
+        tokens when a forward changes regime. None otherwise.
     """
 
     k: tuple[jax.Array, ...]
@@ -38,6 +42,8 @@ class KVCache:
     valid: jax.Array
     index: jax.Array
     pos: jax.Array
+    tokens: jax.Array | None = None
+    rope_long: jax.Array | None = None
 
     @property
     def max_len(self) -> int:
@@ -64,12 +70,15 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCach
             for w in cfg.layer_windows
         )
 
+    switches = cfg.rope_switches
     return KVCache(
         k=buffers(),
         v=buffers(),
         valid=jnp.zeros((batch, max_len), bool),
         index=jnp.zeros((), jnp.int32),
         pos=jnp.zeros((batch,), jnp.int32),
+        tokens=jnp.zeros((batch, max_len), jnp.int32) if switches else None,
+        rope_long=jnp.zeros((), bool) if switches else None,
     )
 
 

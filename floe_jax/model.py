@@ -31,6 +31,7 @@ a ring buffer of W slots when the cache is longer than that (see `KVCache`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -42,6 +43,7 @@ from floe_jax.kv_cache import KVCache, ring_mask, ring_window, write_cache
 from floe_jax.kv_cache import init_cache as init_cache  # its old home: `from floe_jax.model`
 from floe_jax.lora import LoRA, lora_delta
 from floe_jax.quant import concat_outputs, is_quantized, linear, linear_t, split_outputs, take_rows
+from floe_jax.rope import apply_rope, layer_inv_freq, longrope_inv_freq, rope_attention_scaling
 from kernels.decode_attention import NEG, decode_attention
 
 # Stacks of at most this many layers are unrolled inside the layer scan: each layer's saved
@@ -174,53 +176,6 @@ def _norm(cfg: ModelConfig, x: jax.Array, w: jax.Array) -> jax.Array:
     return rms_norm(x, w, cfg.rms_norm_eps, unit_offset=cfg.norm_unit_offset)
 
 
-def _inv_freq(k: int, theta: float, sc) -> np.ndarray:
-    inv = 1.0 / (theta ** (np.arange(0, k, 2, dtype=np.float64) / k))
-    if sc is None or sc.rope_type == "default":
-        return inv.astype(np.float32)
-    if sc.rope_type == "linear":
-        return (inv / sc.factor).astype(np.float32)
-    # llama3: low frequencies divided by `factor`, high ones kept, a smooth ramp between.
-    old = sc.original_max_position_embeddings
-    low_wl, high_wl = old / sc.low_freq_factor, old / sc.high_freq_factor
-    wavelen = 2 * math.pi / inv
-    scaled = np.where(wavelen > low_wl, inv / sc.factor, inv)
-    smooth = (old / wavelen - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
-    smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
-    medium = (wavelen >= high_wl) & (wavelen <= low_wl)
-    return np.where(medium, smoothed, scaled).astype(np.float32)
-
-
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [K/2] of full-attention layers, with the configured scaling (computed
-    on the host)."""
-    return _inv_freq(cfg.dim_head, cfg.rope_theta, cfg.rope_scaling)
-
-
-def layer_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray | None, ...]:
-    """Per layer, its RoPE inverse frequencies [K/2], or None for a layer without RoPE
-    (`nope_layers`). Sliding layers use `rope_local_theta`, unscaled, when it is set."""
-    full = rope_inv_freq(cfg)
-    local = None
-    if cfg.rope_local_theta is not None:
-        local = _inv_freq(cfg.dim_head, cfg.rope_local_theta, None)
-    return tuple(
-        None if i in cfg.nope_layers else (local if w is not None and local is not None else full)
-        for i, w in enumerate(cfg.layer_windows)
-    )
-
-
-def apply_rope(x_BTHK: jax.Array, pos_BT: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotary embedding, half-split convention (Hugging Face's `rotate_half`)."""
-    ang_BTk = pos_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
-    ang = jnp.concatenate([ang_BTk, ang_BTk], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(ang), jnp.sin(ang)
-    x32 = x_BTHK.astype(jnp.float32)
-    x1, x2 = jnp.split(x32, 2, axis=-1)
-    rot = jnp.concatenate([-x2, x1], axis=-1)
-    return (x32 * cos + rot * sin).astype(x_BTHK.dtype)
-
-
 def attention(
     q_BTHK, k_XSK, v_XSK, mask_BTS, n_keys=None, *, impl="reference", scale=None, window=None
 ) -> jax.Array:
@@ -301,7 +256,8 @@ def block(cfg, inv_freq, x_BTD, lp, lora_l, pos_BT, mask_BTS, cache_kv):
         if cfg.qk_norm:
             q, k = _norm(cfg, q, lp["q_norm"]), _norm(cfg, k, lp["k_norm"])
         if inv_freq is not None:
-            q, k = apply_rope(q, pos_BT, inv_freq), apply_rope(k, pos_BT, inv_freq)
+            rs = rope_attention_scaling(cfg)
+            q, k = apply_rope(q, pos_BT, inv_freq, rs), apply_rope(k, pos_BT, inv_freq, rs)
         # [B·N, T, K]: batch and KV heads merged into one dot batch axis (see `KVCache`).
         k = k.transpose(0, 2, 1, 3).reshape(B * N, T, K)
         v = v.transpose(0, 2, 1, 3).reshape(B * N, T, K)
@@ -347,6 +303,7 @@ def hidden_states(
     lora: LoRA | None = None,
     cache: KVCache | None = None,
     mask: jax.Array | None = None,
+    _rope_long: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache | None]:
     """Final-norm hidden states [B, T, D] (and the updated cache when one is given).
 
@@ -357,6 +314,12 @@ def hidden_states(
     loop (stacked params are unstacked first), each on its own cache buffer. Under the scan,
     what differs between layers (RoPE frequencies, sliding or not) is scanned over with the
     weights; a config whose layers agree on them scans constants, as before.
+
+    With `longrope` (`ModelConfig.rope_switches`) every position of a forward uses the short or
+    the long factors by the forward's length, as in transformers; a cache whose keys were
+    computed in the other regime is recomputed from its tokens first (`_recompute_cache`), as
+    transformers' Phi-3 drops its cache there, so cached decode gives the logits of the full forward
+    of each prefix. `_rope_long` forces the regime (that recomputation's own prefill).
     """
     B, T = tokens.shape
     dtype = jnp.dtype(cfg.dtype)
@@ -387,7 +350,22 @@ def hidden_states(
             masks[w] = mask_BTS  # a cache this short never reaches the window
         else:
             masks[w] = ring_mask(valid_BS, cache.index, T, w)
-    inv_freqs = layer_inv_freq(cfg)
+    inv_freqs = layer_inv_freq(cfg)  # host constants
+    rope_freqs = inv_freqs  # what each layer rotates by in this forward
+    if cfg.rope_switches:  # longrope: short or long factors by this forward's length
+        rope_freqs, use_long = longrope_inv_freq(cfg, pos_BT, _rope_long)
+        if cache is not None and _rope_long is None:
+            if cache.tokens is None:
+                raise ValueError(
+                    "this config's RoPE (longrope) needs a cache that keeps its tokens: build "
+                    "it with init_cache for this config"
+                )
+            cache = jax.lax.cond(
+                use_long == cache.rope_long,
+                lambda c: c,
+                lambda c: _recompute_cache(params, c, cfg, lora, use_long),
+                cache,
+            )
 
     layer_lora = _layer_lora(lora)
     scale = None if lora is None else lora.scale
@@ -400,15 +378,15 @@ def hidden_states(
     if cache is None and not isinstance(layers, tuple | list):
         per_layer = {}
         if any(f is None or not np.array_equal(f, inv_freqs[0]) for f in inv_freqs):
-            zero = np.zeros(cfg.dim_head // 2, np.float32)  # no RoPE: angle 0 rotates nothing
-            per_layer["inv_freq"] = np.stack([zero if f is None else f for f in inv_freqs])
+            zero = np.zeros(cfg.rotary_dim // 2, np.float32)  # no RoPE: angle 0 rotates nothing
+            per_layer["inv_freq"] = jnp.stack([zero if f is None else f for f in rope_freqs])
         if len(set(windows)) > 1:
             per_layer["sliding"] = np.asarray([w is not None for w in windows])
             w_slide = next(w for w in windows if w is not None)
 
         def body(x, xs):
             lp, ll, pl = xs
-            inv_freq = pl.get("inv_freq", inv_freqs[0])
+            inv_freq = pl.get("inv_freq", rope_freqs[0])
             mask_l = masks[windows[0]]
             if "sliding" in pl:
                 mask_l = jnp.where(pl["sliding"], masks[w_slide], masks[None])
@@ -431,7 +409,7 @@ def hidden_states(
                         "build the cache with init_cache for this config"
                     )
                 cache_kv = (cache.k[i], cache.v[i], write_at, rings[i])
-            x, k, v = layer(x, lp, ll, cache_kv, inv_freqs[i], masks[windows[i]])
+            x, k, v = layer(x, lp, ll, cache_kv, rope_freqs[i], masks[windows[i]])
             k_new.append(k)
             v_new.append(v)
     x = _norm(cfg, x, params["norm"])
@@ -444,7 +422,35 @@ def hidden_states(
         index=cache.index + T,
         pos=cache.pos + mask_BT.sum(1),
     )
+    if cfg.rope_switches:
+        new_cache = dataclasses.replace(
+            new_cache,
+            tokens=jax.lax.dynamic_update_slice(
+                cache.tokens, tokens.astype(jnp.int32), (0, cache.index)
+            ),
+            rope_long=use_long,
+        )
     return x, new_cache
+
+
+def _recompute_cache(params, cache: KVCache, cfg: ModelConfig, lora, rope_long) -> KVCache:
+    """`cache` with every layer's keys and values recomputed from its tokens in the RoPE regime
+    `rope_long` (`ModelConfig.rope_switches`): one prefill of all S slots, right-aligned so
+    that it ends at `cache.index` (as a left-padded prompt: position ids count valid slots, so
+    they are the ones the tokens had) and a ring buffer receives the last W slots, then each
+    buffer rolled back so that slot s is where `cache` keeps it."""
+    B, S = cache.valid.shape
+    shift = S - cache.index
+    src = jnp.arange(S) - shift  # the cache slot at each prefill slot
+    ok = src >= 0
+    tokens = jnp.where(ok, jnp.take(cache.tokens, jnp.maximum(src, 0), axis=1), 0)
+    mask = ok & jnp.take(cache.valid, jnp.maximum(src, 0), axis=1)
+    fresh = init_cache(cfg, B, S, dtype=cache.k[0].dtype)
+    _, fresh = hidden_states(
+        params, tokens, cfg, lora=lora, cache=fresh, mask=mask, _rope_long=rope_long
+    )
+    roll = lambda bufs: tuple(jnp.roll(b, -shift, axis=1) for b in bufs)
+    return dataclasses.replace(cache, k=roll(fresh.k), v=roll(fresh.v), rope_long=rope_long)
 
 
 def lm_head(params: dict, x_BTD: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -7,9 +7,21 @@ logits is a meaningful test, unlike with Hugging Face's N(0, 0.02) init.
 
 from __future__ import annotations
 
+import chex
+import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+
+import floe_jax.hf as hf
+from floe_jax.model import forward as _forward
+from floe_jax.model import unstack_layers
+
+# Logits parity tolerance, float32 at highest matmul precision (tests/conftest.py).
+ATOL = 1e-4
+# jitted once per (config, shapes): eager calls would recompile the layer scan on every call
+forward = jax.jit(_forward, static_argnames="cfg")
 
 # Parity cases: (id, model_type, HF config kwargs). Each names what it exercises.
 BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
@@ -107,6 +119,29 @@ FAMILY_CASES = {
         "phi3",
         dict(num_attention_heads=4, num_key_value_heads=2, sliding_window=6, pad_token_id=0),
     ),
+    # Phi-4-mini's RoPE: 3/4 of each head rotated, longrope factors that switch from short to
+    # long once a forward's sequence passes original_max_position_embeddings=8 (factor 64/8:
+    # cos and sin scaled by sqrt(2)); tied embeddings, GQA.
+    "phi4mini-partial-longrope": (
+        "phi3",
+        dict(
+            hidden_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            partial_rotary_factor=0.75,  # head_dim 16: 12 dims rotated, 6 factors
+            max_position_embeddings=64,
+            original_max_position_embeddings=8,
+            rope_parameters={
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0, 1.05, 1.3, 1.8, 2.5, 3.0],
+                "long_factor": [1.0, 1.6, 3.5, 9.0, 20.0, 41.0],
+            },
+            sliding_window=6,
+            tie_word_embeddings=True,
+            pad_token_id=0,
+        ),
+    ),
     "smollm3-nope-window4": (
         "smollm3",
         dict(
@@ -186,9 +221,6 @@ def hf_logits(model, tokens: np.ndarray, mask: np.ndarray | None = None) -> np.n
 def random_params(cfg, seed: int = 0) -> dict:
     """floe params for `cfg` drawn with numpy at the same O(1) scales as `randomize_` (biases
     and norms included); no JAX compilation, unlike `init_params`."""
-    import jax
-    import jax.numpy as jnp
-
     from floe_jax.model import param_shapes
 
     rng = np.random.default_rng(seed)
@@ -207,3 +239,46 @@ def random_params(cfg, seed: int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(
         draw, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple)
     )
+
+
+def random_tokens(cfg_or_vocab, b: int = 2, t: int = 11, seed: int = 0) -> np.ndarray:
+    """int32 [b, t] uniform over the vocabulary (of a `ModelConfig`, or a size)."""
+    v = cfg_or_vocab if isinstance(cfg_or_vocab, int) else cfg_or_vocab.vocab_size
+    return np.random.default_rng(seed).integers(0, v, (b, t)).astype(np.int32)
+
+
+def load_hf_model(folder) -> transformers.PreTrainedModel:
+    """`AutoModelForCausalLM` from a local folder, eager attention, eval mode."""
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        folder, attn_implementation="eager"
+    ).eval()
+
+
+def assert_logits_match_hf(params, cfg, model, tokens, mask=None, *, lora=None) -> np.ndarray:
+    """floe's logits equal the PyTorch model's within `ATOL` (with a left-padding `mask`: at
+    real tokens). The reference must reach |logit| > 1, so the tolerance means something.
+    Returns floe's logits."""
+    want = hf_logits(model, tokens, mask)
+    assert np.abs(want).max() > 1.0
+    m = None if mask is None else jnp.asarray(mask)
+    got = np.asarray(forward(params, jnp.asarray(tokens), cfg, lora=lora, mask=m))
+    real = np.ones(tokens.shape, bool) if mask is None else np.asarray(mask) > 0
+    np.testing.assert_allclose(got[real], want[real], atol=ATOL, rtol=0)
+    return got
+
+
+def assert_save_hf_loads_in_transformers(case: str, path, seed: int = 5):
+    """floe params (random, biases included) of `case` -> `save_hf` -> `AutoModelForCausalLM`:
+    the same logits; `load_hf` gives the config and params back; the decode layout
+    (`unstack_layers`: per-layer, q/k/v and gate/up fused) saves the same checkpoint."""
+    cfg = hf.config_from_hf(hf_config(case).to_dict())
+    params = random_params(cfg, seed=seed)
+    hf.save_hf(cfg, params, path)
+    model = load_hf_model(path)
+    assert model.dtype == torch.float32
+    assert_logits_match_hf(params, cfg, model, random_tokens(cfg, seed=seed + 1))
+    cfg2, params2 = hf.load_hf(path)
+    assert cfg2 == cfg
+    chex.assert_trees_all_equal(params2, params)
+    hf.save_hf(cfg, unstack_layers(params), path / "decode")
+    chex.assert_trees_all_equal(hf.load_hf(path / "decode")[1], params)

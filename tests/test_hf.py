@@ -10,23 +10,15 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-import transformers
 from transformers.models.llama import modeling_llama
 
 import floe_jax.hf as hf
-from floe_jax.model import apply_rope, attention, block, rms_norm, rope_inv_freq, unstack_layers
-from floe_jax.model import forward as _forward
+from floe_jax.model import attention, block, rms_norm
+from floe_jax.rope import apply_rope, rope_inv_freq
 from tests import _hf_utils as U
 
-ATOL = 1e-4
-# jitted once per (config, shapes): eager calls would recompile the layer scan on every call
-forward = jax.jit(_forward, static_argnames="cfg")
+ATOL, forward, _tokens = U.ATOL, U.forward, U.random_tokens
 CASES = sorted(U.CASES)
-
-
-def _tokens(cfg_or_vocab, b=2, t=11, seed=0):
-    v = cfg_or_vocab if isinstance(cfg_or_vocab, int) else cfg_or_vocab.vocab_size
-    return np.random.default_rng(seed).integers(0, v, (b, t)).astype(np.int32)
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +136,7 @@ def test_decoder_layer_matches_hf(case, checkpoints):
 def test_logits_match_hf(case, checkpoints):
     folder, model = checkpoints[case]
     cfg, params = hf.load_hf(folder)
-    tokens = _tokens(cfg)
-    got = forward(params, jnp.asarray(tokens), cfg)
-    want = U.hf_logits(model, tokens)
-    assert np.abs(want).max() > 1.0  # weights at O(1) scale: the tolerance means something
-    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    U.assert_logits_match_hf(params, cfg, model, _tokens(cfg))
 
 
 @pytest.mark.parametrize("case", ["llama-gqa", "qwen2-mqa-tied-theta", "llama-rope-llama3"])
@@ -159,32 +147,12 @@ def test_left_padded_batch_matches_hf_attention_mask(case, checkpoints):
     mask = np.ones_like(tokens)
     mask[0, :4] = 0
     mask[2, :7] = 0
-    got = np.asarray(forward(params, jnp.asarray(tokens), cfg, mask=jnp.asarray(mask)))
-    want = U.hf_logits(model, tokens, mask)
-    real = mask.astype(bool)
-    np.testing.assert_allclose(got[real], want[real], atol=ATOL, rtol=0)
+    U.assert_logits_match_hf(params, cfg, model, tokens, mask)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_save_hf_loads_in_transformers(case, tmp_path):
-    """floe params (random, biases included) -> save_hf -> AutoModelForCausalLM: same logits."""
-    cfg = hf.config_from_hf(U.hf_config(case).to_dict())
-    params = U.random_params(cfg, seed=5)
-    hf.save_hf(cfg, params, tmp_path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path, attn_implementation="eager"
-    ).eval()
-    assert model.dtype == torch.float32
-    tokens = _tokens(cfg, seed=6)
-    np.testing.assert_allclose(
-        forward(params, jnp.asarray(tokens), cfg), U.hf_logits(model, tokens), atol=ATOL, rtol=0
-    )
-    cfg2, params2 = hf.load_hf(tmp_path)
-    assert cfg2 == cfg
-    chex.assert_trees_all_equal(params2, params)
-    # the decode layout (per-layer, q/k/v and gate/up fused) saves the same checkpoint
-    hf.save_hf(cfg, unstack_layers(params), tmp_path / "decode")
-    chex.assert_trees_all_equal(hf.load_hf(tmp_path / "decode")[1], params)
+    U.assert_save_hf_loads_in_transformers(case, tmp_path)
 
 
 def test_save_hf_sharded_loads_in_transformers_and_back(checkpoints, tmp_path):
@@ -195,11 +163,7 @@ def test_save_hf_sharded_loads_in_transformers_and_back(checkpoints, tmp_path):
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2 and all((tmp_path / s).is_file() for s in shards)
     assert not (tmp_path / hf.WEIGHTS_FILE).exists()
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    tokens = _tokens(cfg, seed=7)
-    np.testing.assert_allclose(
-        forward(params, jnp.asarray(tokens), cfg), U.hf_logits(model, tokens), atol=ATOL, rtol=0
-    )
+    U.assert_logits_match_hf(params, cfg, U.load_hf_model(tmp_path), _tokens(cfg, seed=7))
     cfg2, params2 = hf.load_hf(tmp_path)
     assert cfg2 == cfg
     chex.assert_trees_all_equal(params2, params)

@@ -7,7 +7,7 @@ from transformers.models.llama import modeling_llama
 
 import floe_jax.hf as hf
 from floe_jax.config import ModelConfig, RopeScaling
-from floe_jax.model import rope_inv_freq
+from floe_jax.rope import rope_inv_freq
 from tests import _hf_utils as U
 
 

@@ -265,7 +265,10 @@ def test_a_logprobs_cap_is_learned_from_the_400(fake):
 
 
 def test_chat_only_server_and_error_bodies_in_reasons(fake):
+    seen = []
+
     def chat_only(h, path, body):
+        seen.append((h.headers.get("X-Org"), h.headers.get("Authorization")))
         if path != "/v1/chat/completions":
             return send(h, 404, {"error": {"message": f"no route {path}"}})
         top = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in TOP.items()]
@@ -295,6 +298,7 @@ def test_chat_only_server_and_error_bodies_in_reasons(fake):
     path, body = srv.bodies[-1]
     assert body["messages"][0] == {"role": "system", "content": "be brief"}
     assert body["logprobs"] is True and body["top_logprobs"] == 3
+    assert seen[-1] == ("floe", "Bearer k")  # the extra header and the key were sent
 
 
 def test_retry_after_is_honoured_within_the_deadline(fake, monkeypatch):
@@ -441,3 +445,74 @@ def test_chat_never_fuses_a_new_turn_as_the_reply(fake, monkeypatch):
     assert [r.ok[0] for r in rows] == [True, True, False, True, False]
     assert rows[2].errors[0].startswith("position") and rows[4].errors[0].startswith("position")
     assert chat.failures["position"] == 2 and len(srv.bodies) == 1 + 3
+
+
+@pytest.mark.parametrize("threshold, fails", [(0.5, True), (0.2, False)])
+def test_an_answer_mostly_off_the_edge_vocabulary_is_a_reported_failure(fake, threshold, fails):
+    """Top-3 mass split 25 / 75 between an edge token and tokens no edge token matches: under
+    the default `min_mapped_share` (0.5) the row fails (`unmapped`, the share and the lost
+    tokens in the reason) and generation fuses nothing; a threshold of 0.2 accepts it."""
+    import jax
+
+    from floe_jax.config import ModelConfig
+    from floe_jax.model import init_params
+
+    top = {" the": -1.0, "zzz": -0.5, "qqq": -0.7}  # e^-1 / (e^-1 + e^-.5 + e^-.7) = 0.25
+    srv = fake(lambda h, p, b: send(h, 200, completion(top)))
+    kw = {} if threshold == 0.5 else {"min_mapped_share": threshold}
+    client = HTTPCloud(srv.url, top_k=3, mapper=StringMapper(vocab_of(VOCAB),
+                       AlignConfig(fallback="none")), **kw)  # fmt: skip
+    row = client.next_token([Prefix(text="hi")])
+    assert row.ok[0] is not fails
+    if fails:
+        assert row.errors[0].startswith("unmapped: 25.0%") and "zzz" in row.errors[0]
+    cfg = ModelConfig(vocab_size=3, hidden_size=16, intermediate_size=32, num_layers=1,
+                      num_heads=2, num_kv_heads=1)  # fmt: skip
+    params = init_params(cfg, key=jax.random.key(0))
+    res = generate_fused(params, cfg, [[0, 1]], cloud=GuardedCloud(client, PrivacyDetector(ALLOW)),
+                         decode=lambda ids: "x" * len(ids), clock=SimClock(),
+                         config=FusedDecodeConfig(max_new_tokens=2, fusion=CLOUD_TOPK,
+                                                  deadline_s=1e9))  # fmt: skip
+    client.close()
+    if fails:
+        assert res.share_fused == 0.0 and res.failures["unmapped"] == 2
+    else:  # the cloud's answer is used: cloud-only fusion follows its one mapped token
+        assert res.share_fused == 1.0 and res.tokens == [[0, 0]]
+    with pytest.raises(ValueError, match="min_mapped_share"):
+        HTTPCloud(srv.url, top_k=3, edge_tokenizer=VOCAB, min_mapped_share=1.5)
+
+
+def test_a_server_that_never_reads_the_body_ends_within_the_deadline():
+    """A server that accepts the connection and never reads (a small receive buffer): a 16 MB
+    body fills the socket buffers and the send blocks; the request still ends at its deadline,
+    since the send is under the same deadline as the reads."""
+    import socket
+
+    lsock = socket.socket()
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited by accepted ones
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(8)
+    held, stop = [], threading.Event()
+
+    def accept():
+        lsock.settimeout(0.05)
+        while not stop.is_set():
+            try:
+                held.append(lsock.accept()[0])  # kept open, never read
+            except OSError:
+                pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    url = f"http://127.0.0.1:{lsock.getsockname()[1]}"
+    client = HTTPCloud(url, top_k=3, timeout_s=0.5, retries=0, deadline_s=0.5,
+                       edge_tokenizer=VOCAB)  # fmt: skip
+    try:
+        out, took = _timed(client, [Prefix(text="x" * (16 << 20))])
+    finally:
+        client.close()
+        stop.set()
+        for s in held:
+            s.close()
+        lsock.close()
+    assert len(held) == 1 and not out.ok[0] and took < 1.5, (took, out.errors)
+    assert out.errors[0].startswith(("deadline", "timeout")), out.errors

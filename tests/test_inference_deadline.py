@@ -209,3 +209,46 @@ def test_real_clock_paths(tiny_cfg, tiny_params, cloud_params):
         server.close()
     assert res.share_fused == 0.0 and res.failures["deadline"] == 3
     assert res.tokens == [_ref(tiny_params, tiny_cfg, p)[0][:3]]
+
+
+def test_infinite_deadlines_under_the_wall_clock(tiny_cfg, tiny_params):
+    """`deadline_s=inf` is no deadline, not an overflow: under `RealClock` the loop waits for
+    every reply (each token fused), an `HTTPCloud` with infinite `timeout_s` and `deadline_s`
+    answers, and `close()` still ends a request to a server that never answers."""
+    import math
+    import threading
+    import time
+
+    from _inference_util import RECORDED_VOCAB, RecordingServer
+
+    from floe_jax.inference.deadline import RealClock
+    from floe_jax.inference.http_cloud import HTTPCloud
+
+    decode = lambda ids: " ".join(f"w{i}" for i in ids)
+    server = RecordingServer("ok")
+    client = HTTPCloud(server.url, top_k=3, timeout_s=math.inf, deadline_s=math.inf,
+                       edge_tokenizer=RECORDED_VOCAB)  # fmt: skip
+    try:
+        res = generate_fused(tiny_params, tiny_cfg, [PROMPTS[1]], decode=decode,
+                             cloud=GuardedCloud(client, decode=decode), clock=RealClock(),
+                             config=FusedDecodeConfig(max_new_tokens=3, fusion=CLOUD_ONLY,
+                                                      deadline_s=math.inf))  # fmt: skip
+    finally:
+        client.close()
+        server.close()
+    # the server's top-1 is " the", edge id 0: cloud-only decoding follows it every token
+    assert res.share_fused == 1.0 and not res.failures and res.tokens == [[0, 0, 0]]
+    hang = RecordingServer("hang")
+    client = HTTPCloud(hang.url, top_k=3, timeout_s=math.inf, deadline_s=math.inf,
+                       edge_tokenizer=RECORDED_VOCAB)  # fmt: skip
+    from floe_jax.inference.cloud import Prefix
+
+    got = {}
+    t = threading.Thread(target=lambda: got.update(out=client.next_token([Prefix(text="hi")])))
+    t.start()
+    while not hang.bodies:
+        time.sleep(0.01)
+    client.close()
+    t.join(5)
+    hang.close()
+    assert not t.is_alive() and got["out"].errors[0].startswith("closed")

@@ -9,10 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
-import transformers
 
 import floe_jax.hf as hf
-from floe_jax.config import LoRAConfig
+from floe_jax.config import ConfigError, LoRAConfig
 from floe_jax.lora import (
     LoRA,
     freeze_padding,
@@ -23,12 +22,9 @@ from floe_jax.lora import (
     true_rank,
     unstack_loras,
 )
-from floe_jax.model import forward as _forward
 from tests import _hf_utils as U
 
-ATOL = 1e-4
-# jitted once per (config, shapes): eager calls would recompile the layer scan on every call
-forward = jax.jit(_forward, static_argnames="cfg")
+ATOL, forward, _hf_model = U.ATOL, U.forward, U.load_hf_model
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +126,17 @@ def test_stack_unstack_round_trip(tiny_cfg):
         chex.assert_trees_all_equal(got, want)
 
 
+def test_lora_targets_take_peft_names_of_fused_modules():
+    """PEFT names Phi-3's adapted modules `qkv_proj` and `gate_up_proj`; each stands for the
+    projections it fuses, beside the short and canonical names."""
+    assert LoRAConfig(targets=("qkv_proj",)).targets == ("q_proj", "k_proj", "v_proj")
+    assert LoRAConfig(targets=("gate_up_proj", "o")).targets == ("o_proj", "gate_proj", "up_proj")
+    both = LoRAConfig(targets=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]).targets
+    assert both == LoRAConfig(targets="all").targets
+    with pytest.raises(ConfigError, match="'qkvo_proj'.*qkv_proj"):
+        LoRAConfig(targets=("qkvo_proj",))
+
+
 def test_heterogeneous_targets_share_a_structure(tiny_cfg, base_params):
     union = ("q", "v", "o", "down")
     c1 = LoRAConfig(rank=2, alpha=4, targets=("q", "v"), max_rank=4)
@@ -186,12 +193,6 @@ def bases(tmp_path_factory):
         U.save_hf_model(case, root / case, seed=10 + i)
         out[case] = (root / case, *hf.load_hf(root / case))
     return out
-
-
-def _hf_model(folder):
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        folder, attn_implementation="eager"
-    ).eval()
 
 
 @pytest.mark.parametrize("name", sorted(PEFT_CASES))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from floe_jax.config import LoRAConfig
+from floe_jax.config import LoRAConfig, RopeScaling
 from floe_jax.decode import SamplingConfig, generate, pad_prompts, prefill_jit
 from floe_jax.federated import (
     AggregationConfig,
@@ -167,6 +167,27 @@ def test_generate_with_sliding_layers_lowers(monkeypatch, kernel_cfg, platform):
     assert "func.func public @main" in text
     if platform == "cuda":  # the ring (16 slots) and the full cache (32) both take the kernel
         assert text.count("__gpu$xla.gpu.triton") >= 2
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_generate_with_phi4_mini_rope_lowers(monkeypatch, kernel_cfg, platform):
+    """Partial rotary and longrope: the decode step holds the cache's recomputation (a
+    `lax.cond` over a prefill of every slot) for when the text passes the switch."""
+    cfg = dataclasses.replace(
+        kernel_cfg, model_type="phi3", partial_rotary_factor=0.75, sliding_window=16,
+        rope_scaling=RopeScaling(
+            rope_type="longrope", factor=8.0, original_max_position_embeddings=8,
+            short_factor=(1.0,) * 6, long_factor=(1.0, 2.0, 4.0, 8.0, 16.0, 32.0),
+        ),
+        attention_impl="pallas" if platform == "cuda" else "reference",
+    )  # fmt: skip
+    params = jax.eval_shape(lambda: init_params(cfg, key=jax.random.key(0)))
+    tokens, mask = pad_prompts([[5, 9, 11], [3]])
+    text = _lowered_text(
+        monkeypatch, platform, generate, params, tokens, mask, cfg,
+        max_new_tokens=32 - tokens.shape[1], key=jax.random.key(0),
+    )  # fmt: skip
+    assert "func.func public @main" in text
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)

@@ -261,6 +261,9 @@ def test_cli_validates_and_loads_local_files_only(tmp_path, monkeypatch):
     assert args.random and args.port == 0 and args.model_name == "floe-cloud"
     monkeypatch.setenv("FLOE_API_KEY", "k")
     assert config_from(args).api_key == "k"
+    assert config_from(args).warm_up  # on by default at the command line, off-able
+    off = parser().parse_args(["--random", "--tokenizer", "t.json", "--no-warm-up"])
+    assert not config_from(off).warm_up
     with pytest.raises(SystemExit):
         main(["--random"])  # a random model still needs a tokenizer
     with pytest.raises(SystemExit, match="local files only"):

@@ -53,6 +53,46 @@ def test_greedy_speculation_gives_the_token_by_token_output(tiny_cfg, tiny_param
         assert s["tokens_per_call"] > 1.0
 
 
+def test_drafting_ahead_during_the_wait_keeps_the_output(tiny_cfg, tiny_params, cloud_params):
+    """A 100 ms wait: the edge drafts ahead meanwhile; where the first token ahead is kept (the
+    edge leads at w = 0.9, so most are), the rest start the next round's draft. The output is
+    still the token-by-token one."""
+    fusion = FusionConfig(gate="fixed", fixed_w=0.9)
+    want = _run(tiny_params, tiny_cfg, cloud_params, PROMPTS[:1], fusion=fusion)
+    net = SimulatedNetwork(rtt_ms=100.0, sigma=0.0)
+    got = _run(tiny_params, tiny_cfg, cloud_params, PROMPTS[:1], fusion=fusion, speculate=3,
+               net=net)  # fmt: skip
+    assert got.tokens == want.tokens and got.share_fused == 1.0
+    assert got.speculation["ahead"] > 0, got.speculation
+
+
+def test_the_edge_step_estimate_leaves_out_the_wait(tiny_cfg, tiny_params, cloud_params):
+    """Under `RealClock` with a 300 ms cloud, the edge drafts ahead until it has drafted all it
+    may and then waits: the draft length's estimate of one edge step (`edge_step_s`) counts the
+    steps, not the rest of the wait, so it stays near the estimate with no wait at all (SimClock,
+    no network; a loose 5x for a shared machine) and far under the wait per step."""
+    from floe_jax.inference.deadline import RealClock
+
+    fusion = FusionConfig(gate="fixed", fixed_w=0.9)
+    kw = dict(fusion=fusion, speculate=3, adapt_k=False)
+    _run(tiny_params, tiny_cfg, cloud_params, PROMPTS[:1], **kw)  # compiled
+    alone = _run(tiny_params, tiny_cfg, cloud_params, PROMPTS[:1], **kw).speculation
+    cloud = GuardedCloud(LocalCloud(cloud_params, tiny_cfg), PrivacyDetector(ALLOW))
+    config = FusedDecodeConfig(max_new_tokens=N, deadline_s=1e9, **kw)
+    real = generate_fused(
+        tiny_params,
+        tiny_cfg,
+        PROMPTS[:1],
+        cloud=cloud,
+        config=config,
+        clock=RealClock(),
+        network=SimulatedNetwork(rtt_ms=300.0, sigma=0.0),
+    )
+    got = real.speculation
+    assert got["edge_step_s"] < 5 * alone["edge_step_s"] + 2e-3, (got, alone)
+    assert got["edge_step_s"] < 0.3 / (2 * 3 + 1), got  # the wait spread over a round's steps
+
+
 def test_greedy_speculation_across_tokenizers():
     """Edge byte-level BPE, cloud Metaspace BPE reading text: the cloud scores each drafted
     position where its tokens line up, and the output is the token-by-token one."""
@@ -195,13 +235,30 @@ def test_draft_length_follows_acceptance_and_rtt():
     fast = DraftLength(k_max=8, deadline_s=1.0)
     assert fast.choose(cap=8) == 8  # nothing measured yet
     for _ in range(10):
-        fast.update(accepted=2, tested=10, rtt_s=0.002, edge_s=0.001)
+        fast.update([(0, 1), (1, 2)], rtt_s=0.002, edge_s=0.001)
     slow = DraftLength(k_max=8, deadline_s=1.0)
     for _ in range(10):
-        slow.update(accepted=19, tested=20, rtt_s=0.15, edge_s=0.001)
+        slow.update([(8, 8), (4, 5)], rtt_s=0.15, edge_s=0.001)
     assert fast.choose(cap=8) <= 2 < slow.choose(cap=8)
     assert slow.choose(cap=3) == 3
     assert DraftLength(k_max=5, deadline_s=1.0, adapt=False).choose(cap=8) == 5
+
+
+def test_draft_length_reads_run_lengths_not_a_pooled_rate():
+    """Runs that either stop at once or go long (a fused output alternates between stretches the
+    edge predicts and tokens it does not): the survival past position i is estimated per
+    position (here 1/2, then 1 for every later position judged), not the pooled rate's
+    geometric decay, so a long draft pays off at a long round trip. Drafts cut at k are
+    censored: a run of 8 kept out of 8 says nothing about position 9."""
+    d = DraftLength(k_max=8, deadline_s=1.0, decay=1.0, prior=0.0)
+    for _ in range(5):
+        d.update([(0, 1), (8, 8)], rtt_s=0.15, edge_s=0.001)
+    s = d.survival()
+    np.testing.assert_allclose(s[1:9], 0.5)
+    assert d.alpha == pytest.approx((40 + 1) / (45 + 2))
+    np.testing.assert_allclose(d.expected_tokens(8), 1 + 8 * 0.5)
+    assert d.choose(cap=8) == 8
+    assert d.choose(cap=8, ahead=8) == 8
 
 
 @pytest.mark.parametrize("field,value", [("speculate", -1)])
@@ -239,3 +296,31 @@ def test_http_cloud_scores_a_draft_in_one_request():
             requests.append(client.requests)
     assert out[1].tokens == out[0].tokens and out[1].share_fused == 1.0 and not out[1].failures
     assert out[1].speculation["tokens_per_call"] > 1.0 and requests[1] < requests[0]
+
+
+def _turns(n: int, N: int, k: int) -> int:
+    """Cache slots a speculative run moves through when its n rows take turns keeping k drafted
+    tokens (one row emits k + 1 a round, the others 1): each round moves every row by the most
+    any row emitted."""
+    outs, slots, r = [0] * n, 0, 0
+    while min(outs) < N:
+        emitted = [min(k + 1 if b == r % n else 1, N - o) for b, o in enumerate(outs)]
+        outs = [o + e for o, e in zip(outs, emitted, strict=True)]
+        slots += max(emitted)
+        r += 1
+    return slots
+
+
+@pytest.mark.parametrize("n,N,k", [(1, 64, 8), (2, 64, 8), (3, 64, 8), (3, 12, 4), (8, 16, 8)])
+def test_the_speculative_cache_holds_rows_taking_turns(n, N, k):
+    """`FusedRun.cache_slots` against the worst schedule by hand: a batch of 3 rows taking turns
+    keeping 8 drafted tokens moves through 3 N (k + 1) / (k + 3) ~ 157 slots for N = 64, more
+    than 2N + 2k + 1 = 145; the cache must hold it (the draft room of the last round besides)."""
+    import types
+
+    from floe_jax.inference.fused import FusedRun
+
+    run = types.SimpleNamespace(config=FusedDecodeConfig(max_new_tokens=N, speculate=k), n=n,
+                                batch=n)  # fmt: skip
+    slots = FusedRun.cache_slots.fget(run)
+    assert _turns(n, N, k) <= slots - (2 * k + 1), (slots, _turns(n, N, k))

@@ -21,22 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchmarks._util import machine, print_table, timeit_alternating
+from experiments.profile import MODEL_PRESETS
 from floe_jax.config import ModelConfig
 
-# Qwen/Qwen2.5-0.5B's config.json shapes.
-QWEN25_05B = ModelConfig(
-    model_type="qwen2",
-    vocab_size=151936,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_layers=24,
-    num_heads=14,
-    num_kv_heads=2,
-    qkv_bias=True,
-    tie_word_embeddings=True,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-6,
-)
+# Qwen/Qwen2.5-0.5B's config.json shapes (`experiments.profile.MODEL_PRESETS`), in float32: the
+# reference format, cast to each of `FORMATS` by the benchmark.
+QWEN25_05B = dataclasses.replace(MODEL_PRESETS["qwen2.5-0.5b"], dtype="float32")
 FORMATS = ("float32", "bf16", "int8", "int4")
 
 

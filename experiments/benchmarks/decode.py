@@ -9,8 +9,10 @@ the two agree (a check that the comparison is like for like).
 Then one row per other family (batch 1), FJ-REF's sizes with that family's features: Qwen3
 (qk-norm), Mistral and Phi-3 (a sliding window of 64 on every layer; Phi-3's checkpoint fuses
 q/k/v and gate/up), Gemma 3 (three sliding layers of window 64 to one global, qk-norm, sandwich
-norms, GeGLU, scaled and tied embeddings) and SmolLM3 (no RoPE in the last layer). The windows
-are shorter than the 128 tokens decoded, so the ring-buffer caches wrap.
+norms, GeGLU, scaled and tied embeddings), SmolLM3 (no RoPE in the last layer) and Phi-4-mini's
+RoPE (3/4 of each head rotated, longrope factors switching from short to long once the text
+passes 40 tokens: both sides recompute their cache there). The windows are shorter than the 128
+tokens decoded, so the ring-buffer caches wrap.
 
 Then the real-scale rows (`_decode_scale`): Qwen2.5-0.5B shapes, batch 1 and 8, float32, bf16,
 int8 and int4 weights beside transformers float32 and bfloat16 and the bandwidth bound.
@@ -34,6 +36,7 @@ from experiments.benchmarks._util import (
     print_table,
     timeit_alternating,
 )
+from floe_jax.config import RopeScaling
 
 
 def _hf_model(path: str, family: str = "llama"):
@@ -54,6 +57,7 @@ def _hf_model(path: str, family: str = "llama"):
 
 
 _WINDOW = 64
+_LONGROPE_SWITCH = 40  # shorter than the prompt + new tokens, quick or not
 FAMILIES = {
     "qwen3": dataclasses.replace(FJ_REF, model_type="qwen3", qk_norm=True),
     "mistral": dataclasses.replace(FJ_REF, model_type="mistral", sliding_window=_WINDOW),
@@ -72,6 +76,20 @@ FAMILIES = {
         tie_word_embeddings=True,
     ),  # fmt: skip
     "phi3": dataclasses.replace(FJ_REF, model_type="phi3", sliding_window=_WINDOW),
+    "phi3 (Phi-4-mini RoPE)": dataclasses.replace(
+        FJ_REF,
+        model_type="phi3",
+        tie_word_embeddings=True,
+        partial_rotary_factor=0.75,  # 24 of 32 dims rotated
+        max_position_embeddings=4096,
+        rope_scaling=RopeScaling(
+            rope_type="longrope",
+            factor=4096 / _LONGROPE_SWITCH,
+            original_max_position_embeddings=_LONGROPE_SWITCH,
+            short_factor=tuple(1.0 + 0.1 * i for i in range(12)),
+            long_factor=tuple(1.0 + 2.0 * i for i in range(12)),
+        ),
+    ),
     "smollm3": dataclasses.replace(
         FJ_REF, model_type="smollm3", nope_layers=(3,), tie_word_embeddings=True
     ),

@@ -287,6 +287,7 @@ def mode_latency_rows(quick: bool = False, repeats: int | None = None) -> list[d
                 acceptance=s.get("acceptance", float("nan")),
                 tokens_per_call=s.get("tokens_per_call", 1.0 if "only" not in name
                                       or name == "cloud-only" else 0.0),
+                mean_k=s.get("mean_k", float("nan")), ahead=s.get("ahead", float("nan")),
                 greedy_agreement=float(agree) if "fused" in name else float("nan"),
             ))  # fmt: skip
     return rows
@@ -309,13 +310,21 @@ class _IdTokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return [int(x) for x in re.findall(r"<(\d+)>", text)]
 
+    chat_template = "the messages' contents, concatenated"
+
+    def apply_chat_template(self, messages, *, tokenize=False, add_generation_prompt=True,
+                            continue_final_message=False) -> str:  # fmt: skip
+        """No markup: a chat request reads the same ids as a completions prompt of its text."""
+        return "".join(m["content"] for m in messages)
+
 
 LOOPBACK_RTTS_MS = (0.0, 20.0, 150.0)
 
 
 def loopback_rows(quick: bool = False, repeats: int | None = None) -> list[dict]:
     """Token-by-token and speculative fused decoding against the real `serve_cloud` over
-    loopback (`HTTPCloud`, token ids; a draft scored with `echo`), in wall time (`RealClock`):
+    loopback (`HTTPCloud`, token ids; a draft scored with `echo`; a chat cloud's proposal with
+    one chat call of k tokens), in wall time (`RealClock`):
     the RTT on top of loopback is slept by the request's worker (0: bare loopback). Greedy, no
     deadline; modes interleaved, medians of the repeats."""
     from floe_jax.inference.deadline import RealClock
@@ -330,17 +339,23 @@ def loopback_rows(quick: bool = False, repeats: int | None = None) -> list[dict]
     repeats = repeats or (1 if quick else 3)
     prompts = [list(range(3, 40))]
     allow = PrivacyDetector(PrivacyPolicy(action="allow"))
-    modes = {"fused, token by token (loopback)": 0, f"fused, speculative k<={k} (loopback)": k}
-    with serve_cloud(cloud_params, cloud_cfg, _IdTokenizer(cloud_cfg.vocab_size)) as srv:
+    modes = {"fused, token by token (loopback)": 0, f"fused, speculative k<={k} (loopback)": k,
+             f"fused, chat cloud proposes k={k} (loopback)": -k}  # fmt: skip
+    tok = _IdTokenizer(cloud_cfg.vocab_size)
+    with serve_cloud(cloud_params, cloud_cfg, tok) as srv:
 
         def once(rtt, spec):
-            client = HTTPCloud(srv.url, top_k=20, prompt="ids", token_ids=True, timeout_s=60)
-            config = FusedDecodeConfig(max_new_tokens=N, fusion=FusionConfig(),
-                                       deadline_s=1e6, speculate=spec)  # fmt: skip
+            if spec < 0:  # chat: text in, the cloud proposes
+                client = HTTPCloud(srv.url, api="chat", top_k=20, token_ids=True, timeout_s=60)
+            else:
+                client = HTTPCloud(srv.url, top_k=20, prompt="ids", token_ids=True, timeout_s=60)
+            config = FusedDecodeConfig(max_new_tokens=N, fusion=FusionConfig(), deadline_s=1e6,
+                                       speculate=abs(spec), propose=spec < 0)  # fmt: skip
             net = SimulatedNetwork(rtt_ms=rtt, sigma=0.25 if rtt else 0.0, seed=0)
             try:
                 return generate_fused(edge, edge_cfg, prompts, config=config, clock=RealClock(),
-                                      cloud=GuardedCloud(client, allow), network=net)  # fmt: skip
+                                      cloud=GuardedCloud(client, allow), network=net,
+                                      decode=tok.decode if spec < 0 else None)  # fmt: skip
             finally:
                 client.close()
 

@@ -111,7 +111,9 @@ def format_report(result: dict) -> str:
         "(`serve_cloud`'s `on_prompt` hook; the http cloud only). "
         "Latency: queries decoded one at a time "
         "under a simulated network "
-        "(lognormal RTT), measured compute; token 0 (prefill) excluded. Ranks: device memory "
+        "(lognormal RTT), measured compute; token 0 (prefill) excluded; token by token "
+        "(`speculate=0`): speculative fused decoding (README, `bench latency`) is not measured "
+        "on the demo's models, so these rows do not use it. Ranks: device memory "
         "budgets scaled into the tiny demo model's range (see `experiments/demo/setup.py`).",
     ]
     rows = result["rows"]

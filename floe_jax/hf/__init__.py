@@ -1,6 +1,7 @@
 """Hugging Face interop from local folders, without torch and without a hub.
 
-- `floe_jax.hf.config`: `config.json` to `ModelConfig` and back (Llama, Qwen2).
+- `floe_jax.hf.config`: `config.json` to `ModelConfig` and back (Llama, Qwen2, Qwen3, Mistral,
+  Gemma 3 text and multimodal, Phi-3 / Phi-4-mini, SmolLM3).
 - `floe_jax.hf.checkpoint`: `load_hf` / `save_hf`, safetensors checkpoints (sharded or not).
 - `floe_jax.hf.peft`: `load_peft` / `save_peft`, PEFT LoRA adapters.
 

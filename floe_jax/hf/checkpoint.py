@@ -33,6 +33,7 @@ from floe_jax.config import LORA_TARGETS, ConfigError, ModelConfig
 from floe_jax.hf.config import (
     CONFIG_FILE,
     FUSED_TENSORS,
+    MULTIMODAL_GEMMA3,
     CheckpointError,
     config_from_hf,
     config_to_hf,
@@ -191,6 +192,32 @@ _DERIVED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
+# Where a Gemma 3 multimodal checkpoint keeps its language model: (the text model's `model.`,
+# its `lm_head.`) as transformers 5 saves it, and as the published checkpoints hold it (which
+# transformers renames at load, `conversion_mapping.py`'s "llava" rules).
+_MULTIMODAL_TEXT = (
+    ("model.language_model.", "lm_head."),
+    ("language_model.model.", "language_model.lm_head."),
+)
+# ... and the parts floe_jax does not run: the vision tower and its projector into the text model.
+_MULTIMODAL_VISION = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector)\.")
+
+
+def _text_model_names(names: dict[str, str], weight_map: dict, source: str) -> dict[str, str]:
+    """`hf_tensor_names` as a Gemma 3 multimodal checkpoint names its language model."""
+    for body, head in _MULTIMODAL_TEXT:
+        if any(n.startswith(body) for n in weight_map):
+            return {
+                k: body + v.removeprefix("model.") if v.startswith("model.") else
+                head + v.removeprefix("lm_head.")
+                for k, v in names.items()
+            }  # fmt: skip
+    raise CheckpointError(
+        f"{source}: model_type='gemma3', but the checkpoint holds no language model tensor "
+        f"({' or '.join(b + '*' for b, _ in _MULTIMODAL_TEXT)})"
+    )
+
+
 def _unaccounted(name: str, file: str, cfg: ModelConfig, source: str) -> CheckpointError:
     """The error for a checkpoint tensor that `cfg` has no place for: loading it would drop it
     silently, and with it whatever it computes."""
@@ -226,7 +253,11 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[Model
 
     Args:
       path: folder with `config.json` and `model.safetensors` (or shards plus
-        `model.safetensors.index.json`).
+        `model.safetensors.index.json`). A Gemma 3 multimodal checkpoint
+        (`Gemma3ForConditionalGeneration`) loads as its text model: the language model's
+        tensors (`model.language_model.*`, or `language_model.model.*` as the published
+        checkpoints name them) and its head; the vision tower and projector are not loaded.
+        `save_hf` then writes a text-only `Gemma3ForCausalLM`.
       dtype: `"float32"` or `"bfloat16"` to cast every param to; defaults to the checkpoint's
         `dtype` (float16 checkpoints load as float32).
 
@@ -243,7 +274,9 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[Model
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.is_file():
         raise CheckpointError(f"{cfg_path} is missing")
-    cfg = config_from_hf(read_json(cfg_path), source=str(cfg_path))
+    raw = read_json(cfg_path)
+    cfg = config_from_hf(raw, source=str(cfg_path))
+    multimodal = raw.get("model_type") == MULTIMODAL_GEMMA3
     if dtype is not None:
         try:
             cfg = dataclasses.replace(cfg, dtype=dtype)
@@ -254,6 +287,8 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[Model
     flat = {}
     with contextlib.ExitStack() as stack:
         read, weight_map = _tensor_reader(folder, stack)
+        if multimodal:
+            names = _text_model_names(names, weight_map, str(cfg_path))
         used = set()
         for path, shape in _param_shapes(cfg):
             name = names[path]
@@ -267,7 +302,7 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[Model
                 used.add(name)
             flat[path] = jnp.asarray(arr.astype(np_dtype))
         for name in sorted(set(weight_map) - used):
-            if _DERIVED.match(name):
+            if _DERIVED.match(name) or (multimodal and _MULTIMODAL_VISION.match(name)):
                 continue
             if name == names["lm_head"] and cfg.tie_word_embeddings:
                 _check_tied_head(read, name, names["embed"], str(cfg_path))

@@ -1,5 +1,5 @@
 """Hugging Face `config.json` to `ModelConfig` and back, for Llama, Qwen2, Qwen3, Mistral,
-Gemma 3 (text), Phi-3 and SmolLM3.
+Gemma 3 (text; a multimodal config gives its text model), Phi-3 / Phi-4-mini and SmolLM3.
 
 Each family is one `ModelConfig` with its fields set (`FAMILY_FIELDS`): what a family fixes is
 set on the way in and checked on the way out, so a config no `config.json` can express is an
@@ -17,7 +17,14 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from floe_jax.config import ACTIVATIONS, ROPE_TYPES, ConfigError, ModelConfig, RopeScaling
+from floe_jax.config import (
+    ACTIVATIONS,
+    FUSED_TARGETS,
+    ROPE_TYPES,
+    ConfigError,
+    ModelConfig,
+    RopeScaling,
+)
 
 CONFIG_FILE = "config.json"
 
@@ -31,6 +38,7 @@ _ARCHITECTURES = {
     "smollm3": "SmolLM3ForCausalLM",
 }
 _PLAIN = dict(
+    partial_rotary_factor=1.0,
     qk_norm=False,
     norm_unit_offset=False,
     sandwich_norms=False,
@@ -46,8 +54,11 @@ FAMILY_FIELDS = {
     "qwen2": dict(_PLAIN, sliding_window=None, qkv_bias=True, o_bias=False, mlp_bias=False),
     "qwen3": dict(_PLAIN, qk_norm=True, mlp_bias=False),
     "mistral": dict(_PLAIN, qkv_bias=False, o_bias=False, mlp_bias=False),
-    "gemma3_text": dict(nope_layers=(), mlp_bias=False, **_GEMMA),
-    "phi3": dict(_PLAIN, qkv_bias=False, o_bias=False, mlp_bias=False, head_dim=None),
+    "gemma3_text": dict(nope_layers=(), mlp_bias=False, partial_rotary_factor=1.0, **_GEMMA),
+    "phi3": {
+        **{k: v for k, v in _PLAIN.items() if k != "partial_rotary_factor"},
+        **dict(qkv_bias=False, o_bias=False, mlp_bias=False, head_dim=None),
+    },
     "smollm3": {**{k: v for k, v in _PLAIN.items() if k != "nope_layers"}, "head_dim": None},
 }
 # Families whose `config.json` keys differ from the defaults `config_from_hf` assumes.
@@ -56,10 +67,25 @@ _HEAD_DIM_DEFAULT = {"qwen3": 128, "gemma3_text": 256}
 _WINDOW_DEFAULT = {"mistral": 4096, "gemma3_text": 4096, "qwen3": 4096}
 _KV_HEADS_DEFAULT = {"gemma3_text": 4}
 _TIED_DEFAULT = {"gemma3_text": True, "smollm3": True}
+_MAX_POS_DEFAULT = {"phi3": 4096}
+# Gemma3TextConfig's defaults (transformers 5.23) for the keys whose defaults differ from those
+# `config_from_hf` assumes; the multimodal checkpoints' `text_config` leaves most keys out.
+_GEMMA3_TEXT_DEFAULTS = dict(
+    vocab_size=262_208,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=26,
+    num_attention_heads=8,
+    max_position_embeddings=131_072,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
+# A Gemma 3 multimodal checkpoint (`Gemma3ForConditionalGeneration`): its text model loads.
+MULTIMODAL_GEMMA3 = "gemma3"
+_PHI3_ORIGINAL_MAX = 4096  # Phi3Config.original_max_position_embeddings
 # Families whose checkpoints fuse projections: {fused tensor: the projections it concatenates}.
-FUSED_TENSORS = {
-    "phi3": {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-}
+FUSED_TENSORS = {"phi3": FUSED_TARGETS}
 # the submodule of a decoder layer that holds each projection
 PROJ_SUBMODULE = {
     "q_proj": "self_attn",
@@ -113,8 +139,11 @@ def hf_module(cfg: ModelConfig, target: str) -> str:
     return target
 
 
-def _rope_from_hf(d: Mapping, source: str) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, scaling) from transformers 5 `rope_parameters` or older keys."""
+def _rope_from_hf(
+    d: Mapping, source: str, model_type: str = "llama"
+) -> tuple[float, RopeScaling | None, float]:
+    """(rope_theta, scaling, partial_rotary_factor) from transformers 5 `rope_parameters` or
+    older keys. Only Phi-3 (Phi-4-mini) takes a partial rotary factor and `longrope`."""
     if d.get("rope_parameters") is not None:
         field, rp = "rope_parameters", dict(d["rope_parameters"])
     elif d.get("rope_scaling") is not None:
@@ -123,15 +152,24 @@ def _rope_from_hf(d: Mapping, source: str) -> tuple[float, RopeScaling | None]:
         field, rp = "rope_parameters", {}
     theta = float(rp.get("rope_theta", d.get("rope_theta", 10000.0)))
     rope_type = rp.get("rope_type", rp.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
+    if model_type == "phi3" and rope_type in ("su", "yarn"):  # Phi3Config's old names
+        rope_type = "longrope"
+    if rope_type not in ROPE_TYPES or (rope_type == "longrope" and model_type != "phi3"):
+        supported = ROPE_TYPES if model_type == "phi3" else ROPE_TYPES[:-1]
         raise CheckpointError(
-            f"{source}: {field}.rope_type={rope_type!r} is not supported; supported: {ROPE_TYPES}"
+            f"{source}: {field}.rope_type={rope_type!r} is not supported for {model_type}; "
+            f"supported: {supported}"
         )
     prf = rp.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
-    if prf not in (None, 1, 1.0):
-        raise CheckpointError(f"{source}: partial_rotary_factor={prf} is not supported (only 1.0)")
+    prf = 1.0 if prf is None else prf
+    if prf != 1.0 and model_type != "phi3":
+        raise CheckpointError(
+            f"{source}: partial_rotary_factor={prf} is not supported for {model_type} (only 1.0)"
+        )
     if rope_type == "default":
-        return theta, None
+        return theta, None, float(prf)
+    if rope_type == "longrope":
+        return theta, _longrope_from_hf(d, rp, field, source), float(prf)
     if "factor" not in rp:
         raise CheckpointError(f"{source}: {field}.factor is missing for rope_type={rope_type!r}")
     kw = {"rope_type": rope_type, "factor": float(rp["factor"])}
@@ -142,7 +180,43 @@ def _rope_from_hf(d: Mapping, source: str) -> tuple[float, RopeScaling | None]:
         kw["low_freq_factor"] = float(rp["low_freq_factor"])
         kw["high_freq_factor"] = float(rp["high_freq_factor"])
         kw["original_max_position_embeddings"] = int(rp["original_max_position_embeddings"])
-    return theta, RopeScaling(**kw)
+    return theta, RopeScaling(**kw), float(prf)
+
+
+def _longrope_from_hf(d: Mapping, rp: dict, field: str, source: str) -> RopeScaling:
+    """Phi-3's `longrope` scaling as transformers resolves it (`Phi3Config`,
+    `_compute_longrope_parameters`): the switch point is the top-level
+    `original_max_position_embeddings` (Phi3Config's default 4096), `factor` defaults to
+    `max_position_embeddings / original_max_position_embeddings`, `attention_factor` to a
+    function of it (`RopeScaling.attention_scaling`)."""
+    for key in ("short_factor", "long_factor"):
+        v = rp.get(key)
+        if not isinstance(v, list | tuple) or not all(
+            isinstance(x, int | float) and not isinstance(x, bool) for x in v
+        ):
+            raise CheckpointError(f"{source}: {field}.{key}={v!r} must be a list of numbers")
+    orig = int(d.get("original_max_position_embeddings", _PHI3_ORIGINAL_MAX))
+    if rp.get("original_max_position_embeddings", orig) != orig:
+        raise CheckpointError(
+            f"{source}: {field}.original_max_position_embeddings="
+            f"{rp['original_max_position_embeddings']} disagrees with "
+            f"original_max_position_embeddings={orig} (transformers' Phi-3 uses the latter)"
+        )
+    factor = rp.get("factor")
+    if factor is None:
+        factor = int(d.get("max_position_embeddings", _MAX_POS_DEFAULT["phi3"])) / orig
+    attention = rp.get("attention_factor")
+    try:
+        return RopeScaling(
+            rope_type="longrope",
+            factor=float(factor),
+            short_factor=tuple(rp["short_factor"]),
+            long_factor=tuple(rp["long_factor"]),
+            original_max_position_embeddings=orig,
+            attention_factor=None if attention is None else float(attention),
+        )
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {field}: {e}") from e
 
 
 def _first_id(x):
@@ -203,12 +277,38 @@ def _gemma_rope(d: Mapping, source: str) -> tuple[float, RopeScaling | None, flo
     else:
         full = {"rope_theta": 1_000_000.0, **d}
         local_theta = float(d.get("rope_local_base_freq", 10000.0))
-    theta, scaling = _rope_from_hf(full, source)
+    theta, scaling, _ = _rope_from_hf(full, source, "gemma3_text")
     return theta, scaling, local_theta
+
+
+def _gemma3_text_config(d: Mapping, source: str) -> dict:
+    """The text model's `config.json` of a Gemma 3 multimodal one (`MULTIMODAL_GEMMA3`): its
+    `text_config`, with the head tied or not as the top level says (transformers ties
+    `Gemma3ForConditionalGeneration`'s `lm_head` by the top-level `tie_word_embeddings`)."""
+    text = d.get("text_config")
+    if not isinstance(text, Mapping):
+        raise CheckpointError(
+            f"{source}: model_type='gemma3' needs a text_config object (its language model); "
+            f"got text_config={text!r}"
+        )
+    if text.get("model_type", "gemma3_text") != "gemma3_text":
+        raise CheckpointError(
+            f"{source}: text_config.model_type={text['model_type']!r} is not 'gemma3_text'"
+        )
+    dtype = text.get("dtype", text.get("torch_dtype")) or d.get("dtype", d.get("torch_dtype"))
+    return {
+        **text,
+        "model_type": "gemma3_text",
+        "tie_word_embeddings": d.get("tie_word_embeddings", True),
+        "dtype": dtype,
+    }
 
 
 def config_from_hf(d: Mapping, *, source: str = CONFIG_FILE) -> ModelConfig:
     """A `ModelConfig` from a Hugging Face `config.json` dict (a family of `FAMILY_FIELDS`).
+
+    A Gemma 3 multimodal config (`model_type="gemma3"`, `Gemma3ForConditionalGeneration`)
+    gives its text model, a `gemma3_text` config from `text_config` (see `load_hf`).
 
     Args:
       d: the parsed `config.json`.
@@ -218,12 +318,16 @@ def config_from_hf(d: Mapping, *, source: str = CONFIG_FILE) -> ModelConfig:
       CheckpointError: naming the field and `source` for anything floe_jax cannot run exactly.
     """
     model_type = d.get("model_type")
+    if model_type == MULTIMODAL_GEMMA3:
+        d, source = _gemma3_text_config(d, source), f"{source} text_config"
+        model_type = "gemma3_text"
     if model_type not in _ARCHITECTURES:
-        hint = " (Gemma 3's multimodal checkpoints: use a text-only one)" * (model_type == "gemma3")
         raise CheckpointError(
-            f"{source}: model_type={model_type!r} is not supported; "
-            f"supported: {tuple(_ARCHITECTURES)}{hint}"
+            f"{source}: model_type={model_type!r} is not supported; supported: "
+            f"{(*_ARCHITECTURES, MULTIMODAL_GEMMA3)}"
         )
+    if model_type == "gemma3_text":
+        d = {**_GEMMA3_TEXT_DEFAULTS, **d}
     act_key = "hidden_activation" if model_type == "gemma3_text" else "hidden_act"
     act = d.get(act_key, "gelu_pytorch_tanh" if model_type == "gemma3_text" else "silu")
     if act not in ACTIVATIONS:
@@ -246,7 +350,7 @@ def config_from_hf(d: Mapping, *, source: str = CONFIG_FILE) -> ModelConfig:
         theta, scaling, family["rope_local_theta"] = _gemma_rope(d, source)
         family["query_pre_attn_scalar"] = float(d.get("query_pre_attn_scalar", 256))
     else:
-        theta, scaling = _rope_from_hf(d, source)
+        theta, scaling, family["partial_rotary_factor"] = _rope_from_hf(d, source, model_type)
     if model_type == "smollm3":
         family["nope_layers"] = _nope_layers(d, n)
     window = d.get("sliding_window", _WINDOW_DEFAULT.get(model_type))
@@ -285,7 +389,9 @@ def config_from_hf(d: Mapping, *, source: str = CONFIG_FILE) -> ModelConfig:
             rope_scaling=scaling,
             hidden_act=act,
             tie_word_embeddings=bool(tied),
-            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            max_position_embeddings=int(
+                d.get("max_position_embeddings", _MAX_POS_DEFAULT.get(model_type, 2048))
+            ),
             dtype=_HF_DTYPES.get(str(dtype), "float32"),
             bos_token_id=_first_id(d.get("bos_token_id")),
             eos_token_id=_first_id(d.get("eos_token_id")),
@@ -318,6 +424,9 @@ def _check_family(cfg: ModelConfig) -> None:
         raise CheckpointError(
             f"{cfg.model_type} slides every layer or none; layer_types={cfg.layer_types} mixes them"
         )
+    if cfg.model_type != "phi3" and cfg.rope_scaling is not None:
+        if cfg.rope_scaling.rope_type == "longrope":
+            raise CheckpointError(f"{cfg.model_type} checkpoints have no rope_type='longrope'")
     if cfg.model_type == "gemma3_text":
         for field in ("query_pre_attn_scalar", "rope_local_theta"):
             if getattr(cfg, field) is None:
@@ -333,6 +442,14 @@ def _rope_to_hf(theta: float, sc: RopeScaling | None) -> dict:
     rope = {"rope_type": "default", "rope_theta": theta}
     if sc is not None and sc.rope_type != "default":
         rope.update(rope_type=sc.rope_type, factor=sc.factor)
+        if sc.rope_type == "longrope":
+            rope.update(
+                short_factor=list(sc.short_factor),
+                long_factor=list(sc.long_factor),
+                original_max_position_embeddings=sc.original_max_position_embeddings,
+            )
+            if sc.attention_factor is not None:
+                rope["attention_factor"] = sc.attention_factor
         if sc.rope_type == "llama3":
             rope.update(
                 low_freq_factor=sc.low_freq_factor,
@@ -390,8 +507,12 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     if m in ("mistral", "phi3"):
         d["sliding_window"] = window
     if m == "phi3":
-        d["rope_parameters"]["partial_rotary_factor"] = 1.0
-        d["original_max_position_embeddings"] = cfg.max_position_embeddings
+        d["rope_parameters"]["partial_rotary_factor"] = cfg.partial_rotary_factor
+        sc = cfg.rope_scaling
+        longrope = sc is not None and sc.rope_type == "longrope"
+        d["original_max_position_embeddings"] = (
+            sc.original_max_position_embeddings if longrope else cfg.max_position_embeddings
+        )
         del d["head_dim"]
     if m == "smollm3":
         d["no_rope_layers"] = [int(i not in cfg.nope_layers) for i in range(cfg.num_layers)]

@@ -320,13 +320,17 @@ class StringMapper:
     def __init__(self, edge: Vocab, config: AlignConfig = AlignConfig(), vocab_map=None):
         self.edge, self.fb, self.vocab_map = edge, _Fallback(edge, config.fallback), vocab_map
 
-    def __call__(self, token: str, token_id: int | None = None) -> int:
+    def __call__(self, token: str, token_id: int | None = None, *, fallback: bool = True) -> int:
+        """The edge id of one cloud token; `fallback=False`: exact matches only (-1 otherwise),
+        for a token the edge must emit as it is (a proposed token, `http_cloud.propose`)."""
         m = _TOKEN_ID.match(token) if token_id is None else None
         if m:
             token_id = int(m.group(1))
         if token_id is not None:  # an id, never a string to match: mapped, or the edge's own
             if self.vocab_map is not None:
-                if 0 <= token_id < self.vocab_map.cloud_size:
+                if 0 <= token_id < self.vocab_map.cloud_size and (
+                    fallback or self.vocab_map.exact[token_id]
+                ):
                     return int(self.vocab_map.cloud_to_edge[token_id])
                 return -1
             return token_id if 0 <= token_id < self.edge.size else -1
@@ -338,7 +342,7 @@ class StringMapper:
             # never a piece of its spelling
             role = special_role(token)
             return self.edge.special.get(role, -1) if role is not None else -1
-        return i if i >= 0 else self.fb(token)
+        return i if i >= 0 or not fallback else self.fb(token)
 
 
 # ----------------------------------------------------------------------------- on the device

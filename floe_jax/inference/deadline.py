@@ -141,12 +141,15 @@ def collect_simulated(futures, delays, deadline_s, real_timeout_s, server_s=None
 
 def collect_real(futures, t_start, deadline_s, clock):
     """Gathers replies in wall time until `t_start + deadline_s`; rows not back by then are
-    missing (`deadline`). Returns ({row: distribution}, slowest cloud compute seconds)."""
+    missing (`deadline`); an infinite deadline waits for every reply. Returns ({row:
+    distribution}, slowest cloud compute seconds)."""
     got, slowest = {}, 0.0
     for b, fut in futures.items():
         left = t_start + deadline_s - clock.now()
+        # `result(timeout=inf)` overflows the platform's timer: no deadline is no timeout
+        wait = None if left >= threading.TIMEOUT_MAX else max(left, 0.0)
         try:
-            d, c_s = fut.result(timeout=max(left, 0.0))
+            d, c_s = fut.result(timeout=wait)
             slowest = max(slowest, c_s)
         except cf.TimeoutError:
             d = CloudDistribution.missing(1, "deadline")

@@ -47,7 +47,6 @@ from floe_jax.inference.deadline import (
     collect_real,
     collect_simulated,
 )
-from floe_jax.inference.extend import rewindable
 from floe_jax.inference.privacy import GuardedCloud, PrivacyDetector
 from floe_jax.inference.replies import cloud_input, merge_rows, reason, unmapped_rows
 from floe_jax.inference.router import FusionConfig
@@ -79,6 +78,9 @@ class FusedDecodeConfig:
         the same distribution when sampling, fewer round trips.
       adapt_k: choose each round's draft length in [1, speculate] from the measured acceptance
         rate, round trip and edge step (False: always `speculate`).
+      propose: with `speculate=k`, for chat-only clouds (no prompt log-probs): the cloud proposes
+        its next k tokens in one chat call and the edge verifies them in one forward
+        (`propose_decode.propose_round`) instead of the edge drafting and the cloud scoring.
     """
 
     max_new_tokens: int
@@ -95,6 +97,7 @@ class FusedDecodeConfig:
     real_timeout_s: float = 30.0
     speculate: int = 0
     adapt_k: bool = True
+    propose: bool = False
 
     def __post_init__(self):
         for name in ("buckets", "batch_buckets"):
@@ -114,6 +117,8 @@ class FusedDecodeConfig:
             raise ConfigError(f"real_timeout_s must be > 0, got {self.real_timeout_s}")
         if self.speculate < 0:
             raise ConfigError(f"speculate must be >= 0, got {self.speculate}")
+        if self.propose and not self.speculate:
+            raise ConfigError("propose needs speculate=k > 0 (the tokens a chat call proposes)")
         if self.speculate and self.fusion.gate == "proxy":
             raise ConfigError('speculate needs a mixture gate: gate="proxy" is token by token')
 
@@ -131,7 +136,8 @@ class FusedResult:
       failures: reasons rows had no cloud distribution (`deadline`, `privacy`, `lost`, errors...).
       privacy: the detector's counters (spans by type, requests by decision).
       speculation: with `speculate`: cloud calls, calls answered in time, acceptance rate of
-        drafted tokens, tokens per call, mean draft length, drafts stopped early.
+        drafted (or proposed) tokens, tokens per call, mean draft length, drafts stopped early,
+        tokens drafted ahead during a wait and kept.
 
     Under speculation a round's tokens arrive together: `latency_s` holds the round's time at its
     first token and 0 at the others (the mean is still the time per token).
@@ -204,12 +210,15 @@ class FusedRun:
 
     @property
     def cache_slots(self) -> int:
-        """Edge cache slots past the prompt: a draft needs k more; rows of a batch that keep
-        different numbers of drafted tokens leave gaps."""
+        """Edge cache slots past the prompt. Speculating, a round moves every row's cache
+        position by the most tokens any row emitted in it (rows that keep fewer leave gaps), at
+        most the sum over the n rows, so N tokens per row take at most n * N slots (rows taking
+        turns keeping k tokens come close: about n N (k + 1) / (k + n)); a round drafts up to
+        2k + 1 more (k sent, k ahead)."""
         c = self.config
         if not c.speculate:
             return c.max_new_tokens
-        return (1 if self.batch == 1 else 2) * c.max_new_tokens + c.speculate + 1
+        return max(1, self.n) * c.max_new_tokens + 2 * c.speculate + 1
 
     @property
     def cloud_size(self) -> int:
@@ -423,6 +432,9 @@ def generate_fused(
     guard = cloud
     if cloud is not None and not isinstance(cloud, GuardedCloud):
         guard = GuardedCloud(cloud, PrivacyDetector(), decode=decode)
+    if c.propose and guard is not None and not guard.can_propose:
+        raise ConfigError(f"propose=True needs a cloud that proposes tokens (a chat HTTPCloud); "
+                          f"{guard.backend_name} cannot")  # fmt: skip
     n = len(prompts)
     B = _batch_bucket(n, c.batch_buckets)
     rows = [list(map(int, p)) for p in prompts] + [[c.pad_id]] * (B - n)
@@ -468,19 +480,7 @@ def generate_fused(
 
 
 def _speculate(run: FusedRun, edge: EdgeCarry, log: FusedLog):
-    """The speculative loop: rounds until every row stopped (`floe_jax.inference.speculative`)."""
+    """The speculative loop (`floe_jax.inference.speculative`)."""
     from floe_jax.inference import speculative  # it builds on this module's run and carry
 
-    c = run.config
-    prompt = run.tokens.shape[1]
-    if not rewindable(run.cfg, prompt + run.cache_slots):
-        raise ValueError("speculate needs a cache it can rewind: this model has sliding-window "
-                         "layers whose ring buffer is shorter than the cache")  # fmt: skip
-    spec = speculative.SpecLog()
-    length = speculative.DraftLength(k_max=c.speculate, deadline_s=c.deadline_s, adapt=c.adapt_k)
-    slots = [prompt, prompt + run.cache_slots]
-    r = 0
-    while not log.done[: run.n].all():
-        edge = speculative.decode_round(run, r, edge, log, spec, length, slots)
-        r += 1
-    return spec
+    return speculative.speculate(run, edge, log)

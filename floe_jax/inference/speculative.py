@@ -1,6 +1,7 @@
 """Speculative fused decoding: one cloud call per k tokens.
 
-Shapes: B batch, P = k_max + 1 positions of a round, K = k_max drafted tokens, V edge vocab.
+Shapes: B batch, P = 2 k_max + 1 positions of a round, K drafted tokens (k sent, the rest
+drafted ahead), V edge vocab.
 
 Token-by-token fusion pays a round trip per token. Here (Leviathan et al., ICML 2023; Chen et al.,
 2023, speculative sampling) each round the edge drafts k tokens with its adapter (`draft_step`,
@@ -12,15 +13,26 @@ With `q` the edge's (draft) distribution, drafted token x is kept with probabili
 a draft kept whole earns a bonus token from `p` at position k. The output follows `p` exactly;
 under greedy decoding (`p`, `q` one-hot) it is the token-by-token fused output itself.
 
+While the cloud's reply is out the edge keeps drafting (up to k_max more tokens, no longer than
+the wait): the first token drafted ahead is judged at position k, the last one the cloud scored,
+in place of the bonus token (the same rule, one more drafted token), and when it is kept the
+rest start the next round's draft, drafted for free.
+
 Two things stop a draft early, and neither changes the output: a position the cloud could not
 score from the one request (the guard holds a span back there, or the cloud's tokenizer splits
 the text across it) ends the round at the last scored position; a reply later than the deadline
 (or lost, failed, withheld) leaves the whole round to the edge (`w = 1` at every position: all
-k drafted tokens are kept, plus the bonus from the edge), as a missed token is today.
+drafted tokens are kept, plus the bonus from the edge), as a missed token is today.
 
 k adapts (`DraftLength`): after each round it is the k in `[1, k_max]` that minimises the expected
-time per token, `(e (k + 1) + min(rtt, tau)) / E(k)` with `E(k) = (1 - a^{k+1}) / (1 - a)`,
-from the measured acceptance rate `a`, round trip `rtt` and edge step `e` (decayed averages).
+time per token, `(e (k - ahead) + min(rtt, tau)) / E(k)`, with `E(k) = 1 + S(1) + ... + S(k)`
+from the measured per-position survival `S` of drafts (censored run lengths), round trip `rtt`
+and edge step `e` (decayed counts and averages).
+
+Chat-only clouds cannot score a draft; with `propose` the cloud drafts instead
+(`floe_jax.inference.propose_decode`): one chat call returns its next k tokens with its top-k
+at each, the edge scores them in one forward (`extend`), and `agree` keeps the fused choice while
+it is the cloud's token, then the fused token where they part.
 
 The edge's cache is shared by the rows of a batch (one write index); rows that keep different
 numbers of drafted tokens drop the rest by marking their slots invalid (`rewind`).
@@ -39,7 +51,7 @@ from floe_jax.config import ModelConfig
 from floe_jax.decode import DecodeState, SamplingConfig, advance, greedy, sample_logits
 from floe_jax.inference.cloud import CloudDistribution, Draft
 from floe_jax.inference.deadline import call_cloud, collect_real, collect_simulated
-from floe_jax.inference.extend import rewind_jit
+from floe_jax.inference.extend import rewind_jit, rewindable
 from floe_jax.inference.replies import CloudInput, cloud_input, merge_rows, reason, unmapped_rows
 from floe_jax.inference.router import FusionConfig
 from floe_jax.inference.step import fused_logp
@@ -151,48 +163,77 @@ accept_jit = jax.jit(accept, static_argnames=("fusion", "sampling"))
 
 @dataclasses.dataclass
 class DraftLength:
-    """Chooses k each round from the measured acceptance rate, round trip and edge step.
+    """Chooses k each round from the measured run lengths of accepted drafts, round trip and
+    edge step.
+
+    Acceptance is not a coin tossed afresh at every position: a fused output alternates between
+    stretches the edge predicts and tokens it does not, so a draft that survived position i is
+    more likely to survive i + 1 than the pooled rate says. `survival(i)` is therefore estimated
+    per position (Kaplan-Meier over rounds: of the drafts judged at position i, the share that
+    passed it; a draft stopped before i is censored, not failed), shrunk towards the pooled rate
+    where few rounds reached i. A round of k drafted tokens then emits on average
+    `E(k) = 1 + S(1) + ... + S(k)` and costs `e * (k - ahead) + min(rtt, tau)` (tokens drafted
+    during the last wait, `ahead`, are free); k minimises the cost per token.
 
     Attributes:
-      k_max: the longest draft; `adapt=False` always drafts `k_max`.
+      k_max: the longest draft sent; `adapt=False` always drafts `k_max`.
       deadline_s: tau (a wait never lasts longer).
-      decay: weight of the past in the running averages.
+      decay: weight of the past in the running counts and averages.
+      prior: pseudo-rounds pulling each position's rate towards the pooled rate.
     """
 
     k_max: int
     deadline_s: float
     adapt: bool = True
-    decay: float = 0.7
-    accepted: float = 1.0  # a prior of one accepted token in two judged
-    tested: float = 2.0
+    decay: float = 0.9
+    prior: float = 2.0
     rtt_s: float | None = None
     edge_s: float | None = None
 
+    def __post_init__(self):
+        self.passed = np.zeros(2 * self.k_max + 2)  # [i]: drafts that passed position i (1-based)
+        self.judged = np.zeros(2 * self.k_max + 2)  # [i]: drafts judged at position i
+
     @property
     def alpha(self) -> float:
-        return self.accepted / self.tested if self.tested > 0 else 0.5
+        """The pooled acceptance rate (1/2 before anything was judged)."""
+        return float((self.passed.sum() + 1) / (self.judged.sum() + 2))
 
-    def update(self, accepted: int, tested: int, rtt_s: float | None, edge_s: float) -> None:
+    def update(self, rows, rtt_s: float | None, edge_s: float | None) -> None:
+        """rows: (drafted tokens kept, drafted tokens judged) of each answered row this round."""
         d = self.decay
-        if tested:
-            self.accepted, self.tested = d * self.accepted + accepted, d * self.tested + tested
+        self.passed *= d
+        self.judged *= d
+        for kept, judged in rows:
+            self.judged[1 : judged + 1] += 1
+            self.passed[1 : kept + 1] += 1
         if rtt_s is not None:
             self.rtt_s = rtt_s if self.rtt_s is None else d * self.rtt_s + (1 - d) * rtt_s
-        self.edge_s = edge_s if self.edge_s is None else d * self.edge_s + (1 - d) * edge_s
+        if edge_s is not None:
+            self.edge_s = edge_s if self.edge_s is None else d * self.edge_s + (1 - d) * edge_s
+
+    def survival(self) -> np.ndarray:
+        """S(i), i = 0..2 k_max + 1: the chance a draft's first i tokens are all accepted."""
+        a = self.alpha
+        n = self.judged + self.prior
+        rate = np.where(n > 0, (self.passed + self.prior * a) / np.maximum(n, 1e-12), a)
+        rate[0] = 1.0
+        return np.cumprod(rate)
 
     def expected_tokens(self, k: int) -> float:
-        """E(k) = 1 + a + ... + a^k: tokens a round of k drafted tokens emits on average."""
-        return float(sum(self.alpha**i for i in range(k + 1)))
+        """E(k): tokens a round of k drafted tokens emits on average."""
+        return float(self.survival()[: k + 1].sum())
 
-    def choose(self, cap: int) -> int:
-        """k for the next round, at most `cap` (cache slots or tokens left), at least 1."""
+    def choose(self, cap: int, ahead: int = 0) -> int:
+        """k for the next round, at most `cap` (cache slots or tokens left), at least 1;
+        `ahead` tokens are drafted already."""
         hi = max(1, min(self.k_max, cap))
         if not self.adapt or self.rtt_s is None or self.edge_s is None:
             return hi
         wait = min(self.rtt_s, self.deadline_s)
-        cost = {
-            k: (self.edge_s * (k + 1) + wait) / self.expected_tokens(k) for k in range(1, hi + 1)
-        }
+        s = self.survival()
+        cost = {k: (self.edge_s * max(k - ahead, 0) + wait) / s[: k + 1].sum()
+                for k in range(1, hi + 1)}  # fmt: skip
         return min(cost, key=cost.get)
 
 
@@ -206,7 +247,9 @@ class SpecLog:
     accepted: int = 0
     tokens: int = 0
     stopped: int = 0  # drafts stopped early (a position the cloud could not score)
+    ahead: int = 0  # tokens drafted during a wait and kept
     ks: list[int] = dataclasses.field(default_factory=list)
+    edge_step_s: float | None = None  # the draft length's estimate of one edge step
 
     def summary(self) -> dict:
         return {
@@ -216,7 +259,28 @@ class SpecLog:
             "tokens_per_call": self.tokens / self.calls if self.calls else 0.0,
             "mean_k": float(np.mean(self.ks)) if self.ks else 0.0,
             "stopped": self.stopped,
+            "ahead": self.ahead,
+            "edge_step_s": self.edge_step_s,
         }
+
+
+@dataclasses.dataclass
+class Ahead:
+    """Between rounds, on the host: where the edge's cache stands and what is drafted already.
+
+    Attributes:
+      base: cache slot of the round's position 0 (after the last emitted token is fed).
+      end: cache slots.
+      feed: the edge's `state.token` is an emitted token still to be fed (0 after a carry).
+      logits: edge logits [B, V] after each drafted token carried over (the first: position 0).
+      toks: drafted tokens [B] carried over (fed already; one fewer than `logits`).
+    """
+
+    base: int
+    end: int
+    feed: int = 0
+    logits: list = dataclasses.field(default_factory=list)
+    toks: list = dataclasses.field(default_factory=list)
 
 
 def _draft_of(run, b: int, base: list[int], drafted: list[int]) -> Draft:
@@ -230,12 +294,13 @@ def _draft_of(run, b: int, base: list[int], drafted: list[int]) -> Draft:
     return Draft(ids=ids, text=text, stream=(run.stream, b), id_ends=ends, text_ends=text_ends)
 
 
-def _flat(got: dict, k: int, P: int) -> tuple[dict, dict]:
-    """({b * P + j: one-row distribution}, {b: positions that may emit})."""
+def _flat(got: dict, k: int, P: int, K: int) -> tuple[dict, dict]:
+    """({b * P + j: one-row distribution}, {b: positions that may emit}). A row the cloud
+    answered may emit at its scored positions; a late one at all K + 1 (the edge's round)."""
     flat, limit = {}, {}
     for b, d in got.items():
         if d.batch != k + 1 or not d.ok[0]:  # late, lost, failed or withheld: the edge's round
-            limit[b] = k + 1
+            limit[b] = K + 1
             continue
         m = int(np.argmin(d.ok)) if not d.ok.all() else d.batch
         limit[b] = m
@@ -244,33 +309,51 @@ def _flat(got: dict, k: int, P: int) -> tuple[dict, dict]:
     return flat, limit
 
 
-def decode_round(run, r: int, edge, log, spec: SpecLog, length: DraftLength, slots: list[int]):
+def _draft(run, state, logits, toks, key, upto: int, stop=None):
+    """Drafts until `upto` tokens are drafted (or `stop()`); appends to `logits` and `toks`."""
+    while len(toks) < upto and not (stop is not None and stop()):
+        state, lg, tok = draft_step_jit(
+            run.params, state, logits[-1], jax.random.fold_in(key, len(toks)), cfg=run.cfg,
+            sampling=run.config.sampling, lora=run.lora,
+        )  # fmt: skip
+        if stop is not None:
+            jax.block_until_ready(lg)
+        logits.append(lg)
+        toks.append(tok)
+    return state
+
+
+def decode_round(run, r: int, edge, log, spec: SpecLog, length: DraftLength, at: Ahead):
     """One speculative round of every active row: feed the last token, draft k, one cloud call
-    per row, accept. Appends the tokens to `log`; returns the edge carry for the next round.
-    `slots`: [next cache slot, cache slots] of the edge, kept on the host."""
+    per row; while it is out, draft ahead (up to k_max more tokens, no longer than the wait);
+    accept. The first token drafted ahead is judged at position k, the cloud's last scored
+    position, in place of the bonus token; when every row keeps it, the rest carry over as the
+    start of the next round's draft, drafted for free. Appends the tokens to `log`; returns the
+    edge carry for the next round."""
     from floe_jax.inference.fused import edge_half, request_budget  # fused.py dispatches here
 
     c, clock = run.config, run.clock
     sim = getattr(clock, "simulated", False)
-    B, P, N = run.batch, c.speculate + 1, c.max_new_tokens
+    B, P, N = run.batch, 2 * c.speculate + 1, c.max_new_tokens
     active = [b for b in range(run.n) if not log.done[b]]
     left = max(N - len(log.outs[b]) for b in active)
-    feed = 0 if r == 0 else 1
-    k = length.choose(min(left - 1, slots[1] - slots[0] - feed))
-    k = max(0, min(k, left - 1, slots[1] - slots[0] - feed))
+    key = jax.random.fold_in(run.key, r)
     t_start = clock.now()
     e0 = time.perf_counter()
-    edge = edge_half(run, r, edge)
-    key = jax.random.fold_in(run.key, r)
-    logits, toks, state = [edge.logits], [], edge.state
-    for j in range(k):
-        state, lg, tok = draft_step_jit(
-            run.params, state, logits[-1], jax.random.fold_in(key, j), cfg=run.cfg,
-            sampling=c.sampling, lora=run.lora,
-        )  # fmt: skip
-        logits.append(lg)
-        toks.append(tok)
-    drafted = np.stack([np.asarray(t) for t in toks], 1) if k else np.zeros((B, 0), np.int32)
+    carried_in, at_feed = len(at.toks), at.feed
+    if at.logits:  # carried over: position 0 is fed already
+        state, logits, toks = edge.state, list(at.logits), list(at.toks)
+    else:
+        check_room(at, at.feed)
+        edge = edge_half(run, r, edge)
+        at.base += at.feed
+        state, logits, toks = edge.state, [edge.logits], []
+    room = at.end - at.base  # drafted tokens that fit the cache
+    k = length.choose(min(left - 1, room), ahead=len(toks))
+    k = max(0, min(k, left - 1, room))
+    state = _draft(run, state, logits, toks, key, k)
+    k = min(k, len(toks))
+    drafted = np.stack([np.asarray(t) for t in toks[:k]], 1) if k else np.zeros((B, 0), np.int32)
     edge_s = time.perf_counter() - e0
     # --- one cloud call per row, through the guard
     futures, delays = {}, {}
@@ -282,6 +365,7 @@ def decode_round(run, r: int, edge, log, spec: SpecLog, length: DraftLength, slo
             draft = dataclasses.replace(draft, budget_s=request_budget(run, delays[b]))
             futures[b] = run.pool.submit(call_cloud, run.guard, draft, delays[b], sleep)
     t_send = clock.now()
+    upto = max(len(toks), min(k + c.speculate, left - 1, room))  # draft ahead while waiting
     if sim:
         server_s = None
         if run.network is not None and run.network.server_ms is not None:
@@ -289,9 +373,18 @@ def decode_round(run, r: int, edge, log, spec: SpecLog, length: DraftLength, slo
         got, wait_s, _ = collect_simulated(
             futures, delays, c.deadline_s, c.real_timeout_s, server_s
         )
+        a0 = time.perf_counter()  # then the edge, measured alone, for as long as the wait
+        state = _draft(run, state, logits, toks, key, upto,
+                       stop=lambda: time.perf_counter() - a0 >= wait_s)  # fmt: skip
+        ahead_s = time.perf_counter() - a0
     else:
+        a0 = time.perf_counter()
+        state = _draft(run, state, logits, toks, key, upto,
+                       stop=lambda: all(f.done() for f in futures.values()))  # fmt: skip
+        ahead_s = time.perf_counter() - a0  # the edge's steps only, not the rest of the wait
         got, _ = collect_real(futures, t_send, c.deadline_s, clock)
         wait_s = clock.now() - t_send
+    K = len(toks)
     rtt = wait_s if futures else None  # capped by the deadline, as every wait is
     spec.calls += len(futures)
     for d in got.values():
@@ -299,7 +392,7 @@ def decode_round(run, r: int, edge, log, spec: SpecLog, length: DraftLength, slo
             spec.answered += 1
         else:
             log.failures[reason(d.errors[0] if d.errors else None)] += 1
-    flat, limit = _flat(got, k, P)
+    flat, limit = _flat(got, k, P, K)
     spec.stopped += sum(1 for m in limit.values() if m < k + 1)
     f0 = time.perf_counter()
     kind = run.kind
@@ -311,20 +404,19 @@ def decode_round(run, r: int, edge, log, spec: SpecLog, length: DraftLength, slo
     if unmapped := unmapped_rows(dist, ci):
         log.failures["unmapped"] += len(unmapped)
     V = run.cfg.vocab_size
-    pad = [jnp.zeros((B, V), logits[0].dtype)] * (P - len(logits))
+    pad = [jnp.zeros((B, V), logits[0].dtype)] * (P - K - 1)
     draft_BK = np.zeros((B, P - 1), np.int32)
-    draft_BK[:, :k] = drafted
-    lim = np.array([limit.get(b, k + 1) for b in range(B)], np.int32)
+    if K:
+        draft_BK[:, :K] = np.stack([np.asarray(t) for t in toks], 1)
+    lim = np.array([limit.get(b, K + 1) for b in range(B)], np.int32)
     out = accept_jit(
-        jnp.stack(logits + pad, 1), ci, jnp.asarray(draft_BK), jnp.asarray(k, jnp.int32),
+        jnp.stack(logits[: K + 1] + pad, 1), ci, jnp.asarray(draft_BK), jnp.asarray(K, jnp.int32),
         jnp.asarray(lim), jax.random.fold_in(key, 1 << 20), fusion=c.fusion, sampling=c.sampling,
     )  # fmt: skip
     out = jax.device_get(out)
     fuse_s = time.perf_counter() - f0
-    # --- emit, then keep the drafted slots each row kept
+    # --- emit
     ok = np.asarray(ci.ok).reshape(B, P)
-    keep = np.zeros(B, np.int32)
-    nxt = np.full(B, c.pad_id, np.int32)
     most = 0
     for b in active:
         n = int(out["n"][b])
@@ -340,25 +432,43 @@ def decode_round(run, r: int, edge, log, spec: SpecLog, length: DraftLength, slo
                 log.done[b] = True
                 break
         most = max(most, emitted)
-        keep[b], nxt[b] = n - 1, int(out["tokens"][b, n - 1])
         if b in got and got[b].ok[0]:
             spec.accepted += int(out["accepted"][b])
             spec.tested += int(out["tested"][b])
         spec.tokens += emitted
     spec.ks.append(k)
-    state = rewind_jit(state, jnp.asarray(keep), jnp.asarray(k, jnp.int32))
-    edge.state = dataclasses.replace(state, token=jnp.asarray(nxt))
-    slots[0] += feed + int(keep.max())
-    answered = [b for b in active if b in got and got[b].ok[0]]
-    length.update(
-        sum(int(out["accepted"][b]) for b in answered),
-        sum(int(out["tested"][b]) for b in answered),
-        rtt,
-        edge_s / (k + feed) if k + feed else edge_s,
+    # --- the cache: carry the tokens drafted ahead when every live row kept the first of them
+    live = [b for b in active if not log.done[b]]
+    carry = (
+        bool(live)
+        and K > k
+        and all(limit[b] == k + 1 and int(out["accepted"][b]) == k + 1 for b in live)
     )
-    # --- time: the draft, then the wait for the cloud, then the acceptance
+    if carry:
+        spec.ahead += K - k - 1
+        at.logits, at.toks, at.feed = logits[k + 1 :], toks[k + 1 :], 0
+        at.base += k + 1
+        edge.state = state
+    else:
+        keep = np.zeros(B, np.int32)
+        nxt = np.full(B, c.pad_id, np.int32)
+        for b in active:
+            n = int(out["n"][b])
+            keep[b], nxt[b] = n - 1, int(out["tokens"][b, n - 1])
+        state = rewind_jit(state, jnp.asarray(keep), jnp.asarray(K, jnp.int32))
+        edge.state = dataclasses.replace(state, token=jnp.asarray(nxt))
+        at.logits, at.toks, at.feed = [], [], 1
+        at.base += int(keep.max())
+    answered = [b for b in active if b in got and got[b].ok[0]]
+    steps = K - carried_in + (0 if carried_in else at_feed)  # edge steps run this round
+    length.update(
+        [(int(out["accepted"][b]), int(out["tested"][b])) for b in answered],
+        rtt,
+        (edge_s + ahead_s) / steps if steps else None,
+    )
+    # --- time: the draft, then the wait for the cloud (drafting ahead meanwhile), acceptance
     if sim:
-        step_s = edge_s + wait_s + fuse_s
+        step_s = edge_s + max(wait_s, ahead_s) + fuse_s
         clock.advance(step_s)
     else:
         step_s = clock.now() - t_start
@@ -367,3 +477,34 @@ def decode_round(run, r: int, edge, log, spec: SpecLog, length: DraftLength, slo
     log.edge_s += [edge_s] + [0.0] * (most - 1)
     log.cloud_s += [wait_s] + [0.0] * (most - 1)
     return edge
+
+
+def check_room(at: Ahead, feed: int) -> None:
+    """Raises before a write past the edge cache (`dynamic_update_slice` would clamp it onto
+    valid slots): `FusedRun.cache_slots` bounds what a run needs, so this is a bug."""
+    if at.base + feed > at.end:
+        raise RuntimeError(f"speculate: the edge cache is full (slot {at.base} of {at.end}); "
+                           "FusedRun.cache_slots is too small for this run")  # fmt: skip
+
+
+def speculate(run, edge, log) -> SpecLog:
+    """The speculative loop of `generate_fused`: rounds until every row stopped."""
+    c = run.config
+    prompt = run.tokens.shape[1]
+    if not rewindable(run.cfg, prompt + run.cache_slots):
+        raise ValueError("speculate needs a cache it can rewind: this model has sliding-window "
+                         "layers whose ring buffer is shorter than the cache")  # fmt: skip
+    spec = SpecLog()
+    length = DraftLength(k_max=c.speculate, deadline_s=c.deadline_s, adapt=c.adapt_k)
+    at = Ahead(base=prompt, end=prompt + run.cache_slots)
+    r = 0
+    while not log.done[: run.n].all():
+        if c.propose:
+            from floe_jax.inference.propose_decode import propose_round  # it imports this module
+
+            edge = propose_round(run, r, edge, log, spec, at)
+        else:
+            edge = decode_round(run, r, edge, log, spec, length, at)
+        r += 1
+    spec.edge_step_s = length.edge_s
+    return spec

@@ -15,8 +15,10 @@ Token keys are strings (the decoded token text), or `token_id:N` (vLLM's
 mapped here, through `floe_jax.inference.align` (`StringMapper` over `vocab_of(edge_tokenizer)`;
 `token_id:N` through `build_map` when the cloud's tokenizer is given too): the distribution comes
 back in edge ids, and `generate_fused` is called with neither `vocab_map` nor `mapper`. A client
-with string keys and no way to map them is refused at construction. A row none of whose tokens
-maps onto the edge vocabulary is a failure (`unmapped`), never a fused token.
+with string keys and no way to map them is refused at construction. A row whose top-k mass
+mostly misses the edge vocabulary (the share of it that maps below `min_mapped_share`, none at
+all included) is a failure (`unmapped`), never a fused token: what is left of it would be fused
+as if it were the cloud's answer.
 
 Each attempt has a time limit (`timeout_s`, connect to last byte: a server that drip-feeds
 its answer cannot stretch it) and each request one total deadline (`deadline_s`, covering
@@ -54,6 +56,7 @@ from floe_jax.inference.http_cloud.parse import (
     logprobs_cap,
     retry_after,
 )
+from floe_jax.inference.http_cloud.propose import Proposal, proposal_rows
 from floe_jax.inference.http_cloud.transport import Cancelled, Transport
 
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
@@ -92,6 +95,10 @@ class HTTPCloud:
       cloud_tokenizer: the cloud's, to map `token_id:N` keys across vocabularies.
       mapper: a ready `StringMapper` (instead of `edge_tokenizer`).
       align: the alignment's fallback rule.
+      min_mapped_share: the least share of an answer's top-k probability mass (sum of
+        `exp(logprob)` over its tokens) that must map onto edge tokens; an answer below it is a
+        failure (`unmapped`). 0.5 by default: at least half of what the cloud said must survive
+        the mapping for the fused token to be called the cloud's.
       system: chat only: a system message put first.
       continue_final: chat only: send `continue_final_message` / `add_generation_prompt=false`
         with a partial reply (False for a server that refuses those fields: the reply so far is
@@ -121,6 +128,7 @@ class HTTPCloud:
         cloud_tokenizer=None,
         mapper: StringMapper | None = None,
         align: AlignConfig | None = None,
+        min_mapped_share: float = 0.5,
         system: str | None = None,
         continue_final: bool = True,
         sleep: Callable[[float], None] = time.sleep,
@@ -141,6 +149,11 @@ class HTTPCloud:
         if not timeout_s > 0 or retries < 0 or backoff_s < 0 or max_workers < 1:
             raise ValueError("HTTPCloud: timeout_s > 0, retries >= 0, backoff_s >= 0 and "
                              "max_workers >= 1 are needed")  # fmt: skip
+        if not 0.0 <= min_mapped_share <= 1.0:
+            raise ValueError(
+                f"HTTPCloud min_mapped_share must be in [0, 1], got {min_mapped_share}"
+            )
+        self.min_mapped_share = min_mapped_share
         align = align or AlignConfig()
         if mapper is None and edge_tokenizer is not None:
             vm = None
@@ -236,10 +249,10 @@ class HTTPCloud:
         return body
 
     # -------------------------------------------------------------- one request
-    def request(self, p: Prefix, *, echo: bool = False):
+    def request(self, p: Prefix, *, echo: bool = False, propose: int = 0):
         """One prefix -> [(token, log-prob)] best first, within `deadline_s` and the prefix's
         `budget_s` (retries and waits included); raises `CloudError` with the reason, the
-        server's message in it."""
+        server's message in it. `propose=k` (chat): k generated tokens, `propose.proposal_rows`."""
         start = time.monotonic()
         limit = self.deadline_s if p.budget_s is None else min(self.deadline_s, p.budget_s)
         waited = 0.0  # time spent in `sleep` (virtual under a fake sleep)
@@ -249,6 +262,8 @@ class HTTPCloud:
             body = self._body(p, k)
             if echo:
                 body["echo"] = True
+            if propose:  # issue 20, chat speculation: see propose.py
+                body["max_tokens"] = propose
             data = json.dumps(body).encode()
             end = start + limit - waited  # the request's (waits in `sleep` count)
             deadline = min(time.monotonic() + self.timeout_s, end)
@@ -268,6 +283,8 @@ class HTTPCloud:
                 if resp.status == 200:
                     if echo:
                         return echo_rows(resp.body)
+                    if propose:
+                        return proposal_rows(resp.body)
                     return chat_top(resp.body) if self.api == "chat" else completion_top(resp.body)
                 msg = error_message(resp.body)
                 last = f"HTTP {resp.status}: {msg} ({self.url})"
@@ -298,13 +315,13 @@ class HTTPCloud:
                       f"for {cap} from now on (server: {msg})", stacklevel=2)  # fmt: skip
 
     # -------------------------------------------------------------- a batch
-    def _ids(self, toks: list[str]) -> list[int]:
+    def _ids(self, toks: list[str], *, fallback: bool = True) -> list[int]:
         out = []
         for t in toks:
             m = TOKEN_ID.match(t)
             cid = int(m.group(1)) if m else None
             if self.mapper is not None:
-                out.append(self.mapper(t, cid) if cid is not None else self.mapper(t))
+                out.append(self.mapper(t, cid, fallback=fallback))
             else:  # token_ids=True without tokenizers: a vocabulary shared with the edge
                 out.append(-1 if cid is None or cid < 0 else cid)
         return out
@@ -312,10 +329,18 @@ class HTTPCloud:
     def _row(self, top: list[tuple[str, float]]):
         toks = [t for t, _ in top]
         ids = self._ids(toks)
+        lps = [lp for _, lp in top]
         if all(i < 0 for i in ids):
             raise CloudError(f"unmapped: none of the cloud's {len(toks)} tokens maps to the "
                              f"edge vocabulary (first: {toks[:3]!r})")  # fmt: skip
-        return toks, ids, [lp for _, lp in top]
+        p = np.exp(np.asarray(lps, np.float64))
+        share = float(p[np.asarray(ids) >= 0].sum() / p.sum()) if p.sum() > 0 else 0.0
+        if share < self.min_mapped_share:
+            lost = [t for t, i in zip(toks, ids, strict=True) if i < 0]
+            raise CloudError(f"unmapped: {share:.1%} of the top-{len(toks)} mass maps to the edge "
+                             f"vocabulary, under min_mapped_share={self.min_mapped_share} "
+                             f"(unmapped: {lost[:3]!r})")  # fmt: skip
+        return toks, ids, lps
 
     def _failed(self, e: CloudError) -> str:
         reason = str(e)
@@ -391,6 +416,42 @@ class HTTPCloud:
             except CloudError as e:
                 results.append((None, self._failed(e)))
         return self._rows(results)
+
+    @property
+    def can_propose(self) -> bool:
+        """A chat server proposes (`propose`); a completions server scores drafts."""
+        return self.api == "chat"
+
+    def propose(self, prefix: Prefix, k: int) -> Proposal:
+        """Chat: one request for the cloud's next `k` tokens after `prefix` and its top-k before
+        each (`propose.Proposal`): the same conversation as `next_token` sends, `max_tokens=k`,
+        greedy. Never raises: a failed request comes back missing with its reason."""
+        if self.api != "chat":
+            raise ValueError("propose is for chat clouds; a completions server scores a draft")
+        with self._lock:
+            self.requests += 1
+        try:
+            content = self.request(prefix, propose=k)
+        except CloudError as e:
+            return Proposal.missing(k, self._failed(e))
+        return self.read_proposal(content, k)
+
+    def read_proposal(self, content, k: int) -> Proposal:
+        """The `Proposal` of `proposal_rows(answer)`: each position's top-k mapped as any row
+        (`_row`, with the fallback), each proposed token by exact match only: a token the edge
+        has only a fallback for (" theory" -> " the") is -1, since the edge would emit another
+        token and go on conditioned on the wrong text; the edge cannot follow the proposal past
+        it."""
+        results, ids, pieces = [], np.full(k, -1, np.int32), []
+        for j, (key, piece, top) in enumerate(content[:k]):
+            try:
+                results.append((self._row(top), None))
+            except CloudError as e:
+                results.append((None, self._failed(e)))
+            ids[j] = self._ids([key], fallback=False)[0]
+            pieces.append(piece)
+        results += [(None, "short")] * (k - len(results))  # the answer ended (a stop token)
+        return Proposal(self._rows(results), ids, pieces)
 
     def next_token(self, prefixes: Sequence[Prefix]) -> CloudDistribution:
         return self._rows(list(self._pool.map(self._one, prefixes)))

@@ -5,16 +5,27 @@ requests). A request registers its socket with a `Reaper` thread, which shuts th
 when the request's deadline passes or when `cancel_all()` is called (`HTTPCloud.close()`): a
 server that hangs, or drip-feeds its answer a byte at a time, cannot hold a request (or the
 process, at exit) past its deadline. Socket timeouts are set to the time left as well, so a
-connect or a read never waits past it either.
+connect or a read never waits past it either. An infinite deadline (`math.inf`) is no limit:
+no socket timeout, and only `cancel_all()` ends the request.
 """
 
 from __future__ import annotations
 
 import http.client
+import math
 import socket
 import threading
 import time
 import urllib.parse
+
+
+def socket_timeout(left: float) -> float | None:
+    """A socket timeout for `left` seconds: None (block) when `left` is infinite or past what
+    the platform's timers hold (`settimeout(math.inf)` is an OverflowError), else at least 1 ms
+    (0 would make the socket non-blocking)."""
+    if not math.isfinite(left) or left >= threading.TIMEOUT_MAX:
+        return None
+    return max(left, 0.001)
 
 
 class Cancelled(Exception):
@@ -69,8 +80,8 @@ class Reaper:
                     if dl <= now:
                         del self._live[tok]
                         _shutdown(sock)
-                nxt = min((dl for dl, _ in self._live.values()), default=None)
-                self._cv.wait(None if nxt is None else max(nxt - now, 0.001))
+                nxt = min((dl for dl, _ in self._live.values()), default=math.inf)
+                self._cv.wait(socket_timeout(nxt - now))  # inf: until a change
 
 
 def _shutdown(sock: socket.socket) -> None:
@@ -136,13 +147,13 @@ class Transport:
         left = deadline - time.monotonic()
         if left <= 0:
             raise Cancelled("deadline passed before the request was sent")
-        conn = self._conn(left)
+        conn = self._conn(socket_timeout(left))
         token = None
         try:
             if conn.sock is None:
-                conn.timeout = left
+                conn.timeout = socket_timeout(left)
                 conn.connect()
-            conn.sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            conn.sock.settimeout(socket_timeout(deadline - time.monotonic()))
             token = self.reaper.add(deadline, conn.sock)
             conn.request("POST", self.base_path + path, body=data, headers=self.headers)
             resp = conn.getresponse()

@@ -5,13 +5,16 @@ it (so a span that arrives token by token is held back until it is decided; see 
 counts what it withheld. The fused generation loop only talks to a `GuardedCloud` (it wraps a
 bare back end itself). A speculative draft (`score`) is screened at every position, as token by
 token decoding would screen each prefix: the draft stops where what would be sent stops extending
-what came before (a held-back or redacted span, or a withheld prefix).
+what came before (a held-back or redacted span, or a withheld prefix). A chat cloud's proposal
+(`propose`) is cut by the same rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+
+import numpy as np
 
 from floe_jax.inference.privacy.detector import Decision, PrivacyDetector
 
@@ -52,11 +55,29 @@ class GuardedCloud:
     def vocab_size(self):
         return getattr(self._backend, "vocab_size", None)
 
+    def _text(self, prefix) -> str | None:
+        """The prefix's own text: `prefix.text`, or its ids decoded (None: neither)."""
+        if prefix.text is None and self.decode is not None and prefix.ids is not None:
+            return self.decode(list(prefix.ids))
+        return prefix.text
+
+    @property
+    def can_propose(self) -> bool:
+        """Whether the back end generates proposals (`propose`): it has `propose` and does not
+        say otherwise (`can_propose`: a completions `HTTPCloud` scores drafts instead)."""
+        b = self._backend
+        return getattr(b, "propose", None) is not None and getattr(b, "can_propose", True)
+
+    @property
+    def backend_name(self) -> str:
+        """The back end, for messages: its class, and its API when it has one."""
+        b = self._backend
+        api = getattr(b, "api", None)
+        return f"{type(b).__name__}(api={api!r})" if api else type(b).__name__
+
     def screen(self, prefix):
         """(prefix to send or None, decision)."""
-        text = prefix.text
-        if text is None and self.decode is not None and prefix.ids is not None:
-            text = self.decode(list(prefix.ids))
+        text = self._text(prefix)
         if text is None and self.detector.policy.action == "allow":
             self.detector.count("allow")
             return prefix, Decision("allow", None, ())
@@ -118,6 +139,44 @@ class GuardedCloud:
                 got = got.scatter_rows(range(1, got.batch), got.batch, reason="unscorable")
                 got = _put_row(got, first, 0)
         return got.scatter_rows(range(got.batch), P, reason="held")
+
+    def propose(self, prefix, k: int):
+        """A chat cloud's next k tokens after the screened prefix (`http_cloud.propose`),
+        screened as token by token decoding screens each prefix (the rule of `score`): the
+        prefix is screened as `next_token` screens it (withheld: the whole proposal is missing,
+        `privacy`); the answer is cut at the first position j where screening the ORIGINAL
+        prefix's text with the cloud's first j tokens would not send the sent text with those
+        tokens (a span held back or redacted; `held`): token by token, the cloud would not have
+        been asked that prefix there."""
+        from floe_jax.inference.cloud import CloudDistribution, CloudError, Prefix
+        from floe_jax.inference.http_cloud.propose import Proposal
+
+        sent, _ = self.screen(prefix)
+        if sent is None:
+            return Proposal.missing(k, "privacy")
+        if getattr(self._backend, "propose", None) is None:
+            raise CloudError(
+                f"{type(self._backend).__name__} cannot propose (a chat HTTPCloud can)"
+            )
+        got = self._backend.propose(sent, k)
+        cut, text = len(got.pieces), self._text(prefix)
+        if text is not None and sent.text is not None:
+            last = Prefix(text=sent.text, stream=None)
+            for j in range(1, len(got.pieces)):
+                p, _ = self.screen(Prefix(text=text + got.text(j), stream=None))
+                if p is None or not _extends(last, p) or p.text != sent.text + got.text(j):
+                    cut = j
+                    break
+                last = p
+        if cut < len(got.pieces):
+            d = got.dist
+            head = CloudDistribution(
+                **{f.name: None if getattr(d, f.name) is None else getattr(d, f.name)[:cut]
+                   for f in dataclasses.fields(d)}
+            )  # fmt: skip
+            ids = np.where(np.arange(k) < cut, got.ids, -1).astype(np.int32)
+            got = Proposal(head.scatter_rows(range(cut), k, reason="held"), ids, got.pieces[:cut])
+        return got
 
     def close(self):
         close = getattr(self._backend, "close", None)

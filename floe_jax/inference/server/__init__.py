@@ -3,7 +3,8 @@
 The server speaks the OpenAI schema (`floe_jax.inference.server.app`): completions and chat
 completions with log-probs, server-sent-event streaming, `stop`, `n`, `top_p`, `seed`, `usage`,
 `finish_reason`; requests it cannot serve faithfully are refused with a 400 naming the field
-(`schema`). Concurrent requests are batched onto the model (`engine`). Limits protect it from
+(`schema`). Concurrent requests are batched onto the model, joining the running batch between
+decode steps (`engine`); `warm_up=True` compiles its shapes at start. Limits protect it from
 bad traffic: a body size limit (413), header, body and request time limits (connection closed,
 408), a connection limit (503), a listen backlog, and an optional API key (401).
 
@@ -27,7 +28,7 @@ from floe_jax.config import ModelConfig
 from floe_jax.inference.server.app import CloudApp, build_app
 from floe_jax.inference.server.choice import Tokens
 from floe_jax.inference.server.config import ServeConfig
-from floe_jax.inference.server.engine import Engine
+from floe_jax.inference.server.engine import Engine, WarmUp
 from floe_jax.lora import LoRA
 
 __all__ = ["ServeConfig", "ServerHandle", "serve_cloud"]
@@ -142,8 +143,12 @@ def serve_cloud(
     if eos_ids is None:
         eos_ids = (cfg.eos_token_id, getattr(tokenizer, "eos_token_id", None))
     tokens = Tokens(tokenizer, cfg.vocab_size, eos_ids)
+    warm_up = None
+    if config.warm_up:
+        warm_up = WarmUp(max_prompt=config.warm_up_prompt_tokens,
+                         max_tokens=config.default_max_tokens)  # fmt: skip
     engine = Engine(params, cfg, lora=lora, max_batch=config.max_batch,
-                    max_queue=config.max_queue)  # fmt: skip
+                    max_queue=config.max_queue, warm_up=warm_up)  # fmt: skip
     cloud = CloudApp(engine, tokens, config, on_prompt=on_prompt)
     uv = uvicorn.Config(
         build_app(cloud), http=_protocol(config.header_timeout_s), loop="auto",

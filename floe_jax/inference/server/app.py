@@ -417,6 +417,10 @@ class CloudApp(AnswerRows):
     async def health(self, request: Request) -> Response:
         if not self.engine.running:
             return _json({"status": "engine stopped"}, 503)
+        if self.engine.warming:  # not ready: requests wait for the warm-up's compiles
+            shapes = self.engine.stats["warm_up_shapes"]
+            return _json({"status": "warming up", "compiled_shapes": shapes}, 503,
+                         headers={"Retry-After": "1"})  # fmt: skip
         return _json({"status": "ok"})
 
 

@@ -24,12 +24,20 @@ class ServeConfig:
       keep_alive_s: idle keep-alive connections are closed after this.
       max_connections: concurrent connections and requests (more get a 503).
       backlog: the listen backlog.
-      max_batch: rows the engine prefills or decodes in one call.
+      max_batch: live rows the engine prefills or decodes in one call (a batch that requests
+        join between decode steps, `engine`).
       max_queue: requests waiting for the engine before new ones get a 503.
       max_choices: prompts x n of one request (more is a 400).
       max_client_choices: choices of one client (host) in flight at once (more is a 429).
       send_timeout_s: a streamed row not taken by the client by then ends the stream (a client
         that stops reading cannot hold its connection).
+      warm_up: compile the engine's padded shapes (every batch bucket up to `max_batch`, every
+        prompt bucket up to the one holding `warm_up_prompt_tokens`, answers of
+        `default_max_tokens`) on its thread at start, so the first requests do not wait for
+        compiles; `/health` answers 503 `warming up` meanwhile, and requests wait in the
+        queue. Off by default (tests); on by default at the command line.
+      warm_up_prompt_tokens: the warm-up compiles every prompt bucket up to the one that holds
+        this many tokens.
       poll_s: how often a request waiting for its choices checks that its client is still there
         (a client that went away cancels its choices).
     """
@@ -52,6 +60,8 @@ class ServeConfig:
     max_client_choices: int = 256
     send_timeout_s: float = 10.0
     poll_s: float = 0.25
+    warm_up: bool = False
+    warm_up_prompt_tokens: int = 128
 
     def __post_init__(self):
         for name in ("max_logprobs",):
@@ -59,7 +69,7 @@ class ServeConfig:
                 raise ConfigError(f"ServeConfig.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_tokens_limit", "default_max_tokens", "max_body_bytes",
                      "max_connections", "backlog", "max_batch", "max_queue", "max_choices",
-                     "max_client_choices"):  # fmt: skip
+                     "max_client_choices", "warm_up_prompt_tokens"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"ServeConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("header_timeout_s", "body_timeout_s", "request_timeout_s", "keep_alive_s",

@@ -1,27 +1,38 @@
-"""Continuous batching of completion requests onto one floe_jax model, on one host thread.
+"""Continuous (iteration-level) batching of completion requests onto one floe_jax model, on one
+host thread (Yu et al., 2022, "Orca": requests join and leave the running batch between decode
+steps, instead of waiting for the batch to drain).
 
-Shapes: B rows of a cohort (padded to a batch bucket), P prompt bucket, N cache headroom,
-V vocab.
+Shapes: B rows of a cohort (padded to a batch bucket), P prompt bucket, S cache slots (P + the
+headroom bucket its first jobs asked for), J joining rows, V vocab.
 
 Requests arrive from the HTTP event loop as `Job`s. The engine thread loops: it admits at most one
 prefill's worth of queued jobs (the oldest and those of its prompt bucket, up to `max_batch`
-rows, its cache sized for the longest of them), then advances every live cohort by one token
-(one `advance` call per cohort), so new requests never hold up the streams already running. Jobs
-that arrive together share their decode steps; a long job never blocks the admission of new ones,
-which start their own cohort. Cohorts are not merged: requests that arrive one at a time decode
-as cohorts of one row each.
+rows), then advances every live cohort by one token (one `advance` call per cohort), so new
+requests never hold up the streams already running. A cohort is a batch decoding together on
+one KV cache whose write slot `index` all its rows share (`floe_jax.kv_cache`). Admitted jobs
+join a running cohort when its shape allows: its `index` is at least their prompt bucket P
+(their prefilled keys go in the slots [index - P, index), the row's earlier slots masked out) and
+its slots left hold their `max_tokens`; the cohort grows to the next batch bucket when it has no
+free row (up to `max_batch` live rows). From the next step on they share its decode steps.
+Otherwise they start a cohort of their own. A row whose job finished is free for the next joiner;
+a cohort whose live rows fit a batch bucket four times smaller is compacted to it. A model whose
+RoPE switches with the sequence length (longrope) takes none of this: a forward's factors follow
+its longest row, so rows are batched only in one prefill whose cohort cannot pass the original
+length, and each cohort is served as prefilled (`Engine._shares`).
 Log-probs come back to the host once per call ([B, V] float32), where each job chooses its token
 (its own temperature, top-p, seed, stop strings) and reports progress to the event loop.
 
 `prefill`/`advance` are the decode loop's own (`floe_jax.decode`); compiles are per (batch bucket,
-prompt bucket, headroom bucket), so a served model compiles a handful of programs, not one per
-request.
+prompt bucket, headroom bucket) and for joins per (cohort shape, joining rows, prompt bucket), so
+a served model compiles a bounded set of programs, not one per request; `warm_up` compiles the
+common ones before the first request.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import threading
 from collections.abc import Sequence
 from typing import Protocol
@@ -39,6 +50,7 @@ from floe_jax.decode import (
     pad_prompts,
     prefill_jit,
 )
+from floe_jax.kv_cache import KVCache
 from floe_jax.lora import LoRA
 from floe_jax.model import forward, init_cache, unstack_layers
 
@@ -92,11 +104,110 @@ prefill_scored_jit = jax.jit(prefill_scored, static_argnames=("cfg", "max_new_to
 
 @dataclasses.dataclass(eq=False)
 class _Cohort:
-    """Jobs prefilled together and decoded together until the last one finishes."""
+    """Jobs decoded together on one cache; rows join and leave between steps."""
 
     state: DecodeState
-    jobs: list[Job | None]  # None: finished, or batch padding
+    jobs: list[Job | None]  # None: a free row (finished, or batch padding)
     tokens: np.ndarray  # [B] int32 fed at the next step
+    index: int  # the cache's next write slot (the host's copy of `state.cache.index`)
+
+    @property
+    def slots(self) -> int:
+        return self.state.cache.max_len
+
+    @property
+    def live(self) -> int:
+        return sum(j is not None for j in self.jobs)
+
+
+def _row_slots(rows_J: jax.Array, N: int) -> jax.Array:
+    """Cache rows [J * N] of batch rows `rows_J` (row b's KV heads are b * N .. b * N + N - 1)."""
+    return (rows_J[:, None] * N + jnp.arange(N)).reshape(-1)
+
+
+@jax.jit
+def splice_rows(cache: KVCache, new: KVCache, rows_J: jax.Array, at: jax.Array) -> KVCache:
+    """Puts the J freshly prefilled rows of `new` (P slots: a prompt bucket) into rows `rows_J`
+    of a running cohort's cache whose next write slot is `at` (>= P): sequence slot a of `new`
+    goes to slot `at - P + a`, so the row's next token is written at `at` with the cohort's.
+    Its slots before `at - P` are marked invalid (masked out), its position id is `new`'s.
+    A ring buffer (sliding-window layer, `floe_jax.kv_cache`) on either side maps slots modulo
+    its size. Rows equal to B (batch padding of the joiners) are dropped."""
+    B, S = cache.valid.shape
+    J, P = new.valid.shape
+    N = cache.k[0].shape[0] // B
+    xrows = _row_slots(rows_J, N)
+
+    def put(buf, nb):
+        r = jnp.arange(nb.shape[1])
+        # the sequence slot of `new` each of its buffer slots holds (the last W of P in a ring)
+        a_new = r if nb.shape[1] == P else (P - 1) - jnp.mod(P - 1 - r, nb.shape[1])
+        a = a_new + at - P
+        dst = a if buf.shape[1] == S else jnp.mod(a, buf.shape[1])
+        return buf.at[xrows[:, None], dst[None, :]].set(nb.astype(buf.dtype), mode="drop")
+
+    if cache.tokens is not None or new.tokens is not None:
+        # each row's keys were computed in its own forward's RoPE regime (`rope_long`): one
+        # cache of rows joined at different lengths holds no single regime to recompute from
+        raise ValueError(
+            "splice_rows cannot join rows into a cache whose RoPE switches with the sequence "
+            "length (longrope, ModelConfig.rope_switches): serve such a model without joins"
+        )
+    valid_JS = jax.lax.dynamic_update_slice(jnp.zeros((J, S), bool), new.valid, (0, at - P))
+    return KVCache(
+        k=tuple(put(b, n) for b, n in zip(cache.k, new.k, strict=True)),
+        v=tuple(put(b, n) for b, n in zip(cache.v, new.v, strict=True)),
+        valid=cache.valid.at[rows_J].set(valid_JS, mode="drop"),
+        index=cache.index,
+        pos=cache.pos.at[rows_J].set(new.pos, mode="drop"),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("rows",))
+def resize_rows(state: DecodeState, rows: int, keep_R: jax.Array | None = None) -> DecodeState:
+    """A cohort's state with `rows` batch rows: the rows `keep_R` ([rows] indices; padding
+    indices past the old B give empty rows) or, when None, the old rows first and empty rows
+    after them (growth). Empty rows hold no valid slot."""
+    B = state.cache.valid.shape[0]
+    N = state.cache.k[0].shape[0] // B
+    if keep_R is None:
+        keep_R = jnp.arange(rows)
+    xrows = _row_slots(keep_R, N)
+
+    def take(x, idx):
+        return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
+
+    cache = state.cache
+    cache = KVCache(
+        k=tuple(take(b, xrows) for b in cache.k),
+        v=tuple(take(b, xrows) for b in cache.v),
+        valid=jnp.take(cache.valid, keep_R, axis=0, mode="fill", fill_value=False),
+        index=cache.index,
+        pos=take(cache.pos, keep_R),
+        tokens=None if cache.tokens is None else take(cache.tokens, keep_R),
+        rope_long=cache.rope_long,
+    )
+    return dataclasses.replace(state, cache=cache, token=take(state.token, keep_R),
+                               out=take(state.out, keep_R),
+                               done=jnp.take(state.done, keep_R, axis=0, mode="fill",
+                                             fill_value=True))  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WarmUp:
+    """The shapes `Engine.warm_up` compiles before the first request: for every batch bucket up
+    to `max_batch` and every prompt bucket up to the one that holds `max_prompt` tokens, a
+    cohort's prefill and decode step with the headroom of `max_tokens` new tokens, one row
+    joining it, and its growth from the batch bucket below (no joins or growth for a longrope
+    model: `Engine._shares`). Other shapes (longer prompts or answers, prompt log-probs,
+    several rows joining at once) compile on first use."""
+
+    max_prompt: int = 128
+    max_tokens: int = 16
+
+    def __post_init__(self):
+        if self.max_prompt < 1 or self.max_tokens < 1:
+            raise ValueError(f"WarmUp needs max_prompt and max_tokens >= 1 ({self})")
 
 
 class Engine:
@@ -104,9 +215,11 @@ class Engine:
 
     Args:
       params, cfg, lora: the served model (adapters optional).
-      max_batch: rows of one prefill or cohort.
+      max_batch: live rows of one cohort (and of one prefill).
       max_queue: jobs waiting for admission before `submit` refuses (the server answers 503).
-      pad_id: filler id for padded prompt slots and finished rows.
+      pad_id: filler id for padded prompt slots and free rows.
+      warm_up: compile these shapes on the thread before serving (jobs submitted meanwhile wait
+        in the queue); None compiles on first use.
       start: start the thread now (else call `start()`).
     """
 
@@ -119,13 +232,21 @@ class Engine:
         max_batch: int = 32,
         max_queue: int = 4096,
         pad_id: int = 0,
+        warm_up: WarmUp | None = None,
         start: bool = True,
     ):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1 ({max_batch}, {max_queue})")
+        if max_batch > BATCH_BUCKETS[-1]:
+            raise ValueError(f"max_batch {max_batch} is past the largest batch bucket "
+                             f"{BATCH_BUCKETS[-1]}")  # fmt: skip
         self.params, self.cfg, self.lora = unstack_layers(params), cfg, lora
         self.context = int(cfg.max_position_embeddings)
         self.buckets = prompt_buckets(self.context)
+        # longrope: a forward's RoPE factors follow its longest row (`ModelConfig.rope_switches`),
+        # so rows share a cohort only when none of its slots can pass the original length
+        self._short_len = cfg.rope_scaling.original_max_position_embeddings if (
+            cfg.rope_switches) else None  # fmt: skip
         self.max_batch, self.max_queue, self.pad_id = max_batch, max_queue, pad_id
         self._queue: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
@@ -133,6 +254,9 @@ class Engine:
         self._stop = False
         self._key = jax.random.key(0)  # the decode state's; jobs sample on the host
         self.stats = collections.Counter()
+        self._warm_up = warm_up
+        self.warm_up_error: str | None = None
+        self.warming = warm_up is not None  # True until `warm_up` has compiled its shapes
         self._thread = threading.Thread(target=self._run, name="floe-serve-engine", daemon=True)
         if start:
             self.start()
@@ -152,7 +276,8 @@ class Engine:
         return True
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Stops the thread (jobs still queued or running get an error), bounded in time."""
+        """Stops the thread (jobs still queued or running get an error), bounded in time (a
+        warm-up stops after the compile in progress)."""
         with self._cv:
             self._stop = True
             self._cv.notify()
@@ -164,6 +289,13 @@ class Engine:
 
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:
+        if self._warm_up is not None:
+            try:
+                self.warm_up(self._warm_up)
+            except Exception as e:  # noqa: BLE001  (the shapes then compile on first use)
+                self.stats["warm_up_errors"] += 1
+                self.warm_up_error = f"{type(e).__name__}: {e}"
+            self.warming = False
         while True:
             with self._cv:
                 while not self._stop and not self._queue and not self._cohorts:
@@ -182,6 +314,40 @@ class Engine:
         for job in pending:
             job.on_error("the server is shutting down")
 
+    def warm_up(self, spec: WarmUp) -> None:
+        """Compiles `spec`'s shapes (see `WarmUp`) by running them on a padding prompt; counts
+        them in `stats["warm_up_shapes"]`. Runs on the engine thread before it serves."""
+        headroom = bucket_length(max(spec.max_tokens - 1, 1), HEADROOM_BUCKETS)
+        batches = [b for b in BATCH_BUCKETS if b < self.max_batch]
+        batches.append(bucket_length(self.max_batch, BATCH_BUCKETS))
+        # up to the bucket that holds `max_prompt` tokens (the whole context past it)
+        top = bucket_length(min(spec.max_prompt, self.context), self.buckets)
+        for P in (b for b in self.buckets if b <= top):
+            below = None
+            joiner = None
+            for B in batches:
+                if self._stop:
+                    return
+                tokens, mask = np.full((B, P), self.pad_id, np.int32), np.ones((B, P), np.int32)
+                state, logits = prefill_jit(self.params, tokens, mask, cfg=self.cfg,
+                                            max_new_tokens=headroom, key=self._key,
+                                            lora=self.lora)  # fmt: skip
+                _log_softmax(logits)
+                if joiner is None and self._short_len is None:
+                    joiner, _ = prefill_jit(self.params, tokens[:1], mask[:1], cfg=self.cfg,
+                                            max_new_tokens=0, key=self._key,
+                                            lora=self.lora)  # fmt: skip
+                if self._short_len is None:  # longrope: no joins, growth or compaction
+                    rows = jnp.full((1,), B, jnp.int32)  # a dropped row: only shapes count
+                    cache = splice_rows(state.cache, joiner.cache, rows, state.cache.index)
+                    state = dataclasses.replace(state, cache=cache)
+                    if below is not None:
+                        resize_rows(below, B)
+                # `advance_jit` donates the state it is given: keep the one it returns
+                below, logits = advance_jit(self.params, state, cfg=self.cfg, lora=self.lora)
+                jax.block_until_ready(_log_softmax(logits))
+                self.stats["warm_up_shapes"] += 1
+
     def _next_prefill(self) -> list[Job]:
         """The jobs of one prefill, taken off the queue (under the lock): the oldest job and
         the queued jobs of its prompt bucket, up to `max_batch`. One prefill per iteration, so
@@ -191,7 +357,7 @@ class Engine:
         bucket = bucket_length(len(self._queue[0].prompt), self.buckets)
         take, keep = [], collections.deque()
         for job in self._queue:
-            fits = len(take) < self.max_batch
+            fits = len(take) < self.max_batch and (not take or self._shares(take[0], job))
             if fits and bucket_length(len(job.prompt), self.buckets) == bucket:
                 take.append(job)
             else:
@@ -199,51 +365,125 @@ class Engine:
         self._queue = keep
         return take
 
-    def _admit(self, jobs: list[Job]) -> None:
-        groups: dict[int, list[Job]] = collections.defaultdict(list)
-        for job in jobs:
-            groups[bucket_length(len(job.prompt), self.buckets)].append(job)
-        for group in groups.values():
-            for i in range(0, len(group), self.max_batch):
-                part = group[i : i + self.max_batch]
-                longest = max(j.max_tokens for j in part)
-                self._prefill(part, bucket_length(max(longest - 1, 1), HEADROOM_BUCKETS))
+    def _shares(self, first: Job, job: Job) -> bool:
+        """Whether `job` may share a cohort with `first` (same prompt bucket). Always, unless the
+        model's RoPE switches regime with the sequence length (longrope): every forward of a
+        cohort uses the factors of its longest row, so both must fit a cohort whose slots
+        (prompt bucket + headroom) stay within `original_max_position_embeddings`, where every
+        row keeps the short factors it gets served alone."""
+        if self._short_len is None:
+            return True
+        P = bucket_length(len(first.prompt), self.buckets)
+        return all(
+            P + bucket_length(max(j.max_tokens - 1, 1), HEADROOM_BUCKETS) <= self._short_len
+            for j in (first, job)
+        )
 
-    def _prefill(self, jobs: list[Job], headroom: int) -> None:
+    def _admit(self, jobs: list[Job]) -> None:
+        """Jobs of one prompt bucket: into a running cohort that can hold them (the fullest
+        one, so batches grow rather than multiply), else into a cohort of their own. Jobs
+        past the cohort's free rows go back to the front of the queue."""
+        P = bucket_length(len(jobs[0].prompt), self.buckets)
+        need = max(j.max_tokens for j in jobs) - 1  # steps after the prefill's token
+        fits = [
+            c
+            for c in self._cohorts
+            if c.index >= P
+            and c.slots - c.index >= need
+            and c.live < self.max_batch
+            and self._short_len is None  # longrope: no joins (`_shares`, `splice_rows`)
+        ]
+        if fits:
+            c = max(fits, key=lambda c: c.live)
+            room = self.max_batch - c.live
+            if room < len(jobs):
+                with self._cv:
+                    self._queue.extendleft(reversed(jobs[room:]))
+                jobs = jobs[:room]
+            self._join(c, jobs, P)
+            return
+        self._prefill(jobs, bucket_length(max(need, 1), HEADROOM_BUCKETS))
+
+    def _prefill_rows(self, jobs: list[Job], headroom: int):
+        """One prefill of `jobs` padded to a batch bucket: (state, log-probs [B, V] of each
+        row's first new token); prompt log-probs go to the jobs that want them."""
         B = bucket_length(len(jobs), BATCH_BUCKETS)
         rows = [list(j.prompt) for j in jobs] + [[self.pad_id]] * (B - len(jobs))
+        tokens, mask = pad_prompts(
+            rows, pad_id=self.pad_id, buckets=self.buckets, vocab_size=self.cfg.vocab_size
+        )
+        scored = any(getattr(j, "wants_prompt", False) for j in jobs)
+        fn = prefill_scored_jit if scored else prefill_jit
+        state, out = fn(self.params, tokens, mask, cfg=self.cfg, max_new_tokens=headroom,
+                        key=self._key, lora=self.lora)  # fmt: skip
+        if not scored:
+            return state, np.asarray(_log_softmax(out))
+        lp_BPV = np.asarray(out)
+        for b, j in enumerate(jobs):
+            if getattr(j, "wants_prompt", False):
+                j.on_prompt_logprobs(lp_BPV[b, tokens.shape[1] - len(j.prompt) :])
+        return state, lp_BPV[:, -1]
+
+    def _prefill(self, jobs: list[Job], headroom: int) -> None:
         try:
-            tokens, mask = pad_prompts(
-                rows, pad_id=self.pad_id, buckets=self.buckets, vocab_size=self.cfg.vocab_size
-            )
-            scored = any(getattr(j, "wants_prompt", False) for j in jobs)
-            fn = prefill_scored_jit if scored else prefill_jit
-            state, out = fn(self.params, tokens, mask, cfg=self.cfg, max_new_tokens=headroom,
-                            key=self._key, lora=self.lora)  # fmt: skip
-            if scored:
-                lp_BPV = np.asarray(out)
-                lp = lp_BPV[:, -1]
-                for b, j in enumerate(jobs):
-                    if getattr(j, "wants_prompt", False):
-                        j.on_prompt_logprobs(lp_BPV[b, tokens.shape[1] - len(j.prompt) :])
-            else:
-                lp = np.asarray(_log_softmax(out))
+            state, lp = self._prefill_rows(jobs, headroom)
         except Exception as e:  # noqa: BLE001  (a failed call fails its jobs, not the server)
             for j in jobs:
                 j.on_error(f"{type(e).__name__}: {e}")
             return
         self.stats["prefills"] += 1
         self.stats["prefill_rows"] += len(jobs)
-        cohort = _Cohort(state, [*jobs, *[None] * (B - len(jobs))], np.full(B, self.pad_id))
-        self._feed(cohort, lp)
+        self.stats["cohorts"] += 1
+        B = state.token.shape[0]
+        cohort = _Cohort(state, [*jobs, *[None] * (B - len(jobs))], np.full(B, self.pad_id),
+                         index=int(state.cache.max_len - headroom))  # fmt: skip
+        self._feed(cohort, lp, range(len(jobs)))
+        if cohort.live:
+            self._cohorts.append(cohort)
 
-    def _feed(self, cohort: _Cohort, lp_BV: np.ndarray) -> None:
-        live = False
-        for b, job in enumerate(cohort.jobs):
+    def _join(self, c: _Cohort, jobs: list[Job], P: int) -> None:
+        """Prefills `jobs` (prompt bucket P, no headroom) and splices them into free rows of
+        cohort `c` (grown to the next batch bucket when it has too few)."""
+        try:
+            new, lp = self._prefill_rows(jobs, 0)
+            free = [b for b, j in enumerate(c.jobs) if j is None]
+            if len(free) < len(jobs):
+                B = bucket_length(c.live + len(jobs), BATCH_BUCKETS)
+                grown = resize_rows(c.state, B)
+                c.state = grown
+                c.jobs += [None] * (B - len(c.jobs))
+                c.tokens = np.concatenate([c.tokens, np.full(B - len(c.tokens), self.pad_id)])
+                free = [b for b, j in enumerate(c.jobs) if j is None]
+                self.stats["grown"] += 1
+            rows = free[: len(jobs)]
+            J = new.token.shape[0]
+            rows_J = np.full(J, len(c.jobs), np.int32)  # padding rows: dropped
+            rows_J[: len(jobs)] = rows
+            cache = splice_rows(c.state.cache, new.cache, jnp.asarray(rows_J), c.state.cache.index)
+            c.state = dataclasses.replace(c.state, cache=cache)
+        except Exception as e:  # noqa: BLE001
+            for j in jobs:
+                j.on_error(f"{type(e).__name__}: {e}")
+            return
+        self.stats["prefills"] += 1
+        self.stats["prefill_rows"] += len(jobs)
+        self.stats["joins"] += 1
+        self.stats["joined_rows"] += len(jobs)
+        for b, j in zip(rows, jobs, strict=True):
+            c.jobs[b] = j
+        self._feed(c, lp, range(len(jobs)), rows)
+
+    def _feed(self, cohort: _Cohort, lp_XV: np.ndarray, lp_rows, rows=None) -> None:
+        """Gives each job its log-probs row (`lp_XV[lp_rows[i]]` for cohort row `rows[i]`,
+        default the same index) and records the token it feeds next; a finished job frees
+        its row."""
+        rows = lp_rows if rows is None else rows
+        for x, b in zip(lp_rows, rows, strict=True):
+            job = cohort.jobs[b]
             if job is None:
                 continue
             try:
-                nxt = job.on_logprobs(lp_BV[b])
+                nxt = job.on_logprobs(lp_XV[x])
             except Exception as e:  # noqa: BLE001
                 job.on_error(f"{type(e).__name__}: {e}")
                 nxt = None
@@ -252,13 +492,27 @@ class Engine:
                 cohort.tokens[b] = self.pad_id
             else:
                 cohort.tokens[b] = nxt
-                live = True
-        if live:
-            self._cohorts.append(cohort)
+
+    def _compact(self, c: _Cohort) -> None:
+        """Shrinks a cohort whose live rows fit a batch bucket four times smaller to that
+        bucket (fewer rows computed each step for the rows still decoding)."""
+        B = len(c.jobs)
+        small = bucket_length(max(c.live, 1), BATCH_BUCKETS)
+        if 4 * small > B or self._short_len is not None:  # longrope: served as prefilled
+            return
+        keep = [b for b, j in enumerate(c.jobs) if j is not None]
+        keep_R = np.full(small, B, np.int32)  # past the old rows: empty rows
+        keep_R[: len(keep)] = keep
+        c.state = resize_rows(c.state, small, jnp.asarray(keep_R))
+        c.jobs = [c.jobs[b] for b in keep] + [None] * (small - len(keep))
+        c.tokens = np.concatenate([c.tokens[keep], np.full(small - len(keep), self.pad_id)])
+        self.stats["compacted"] += 1
 
     def _advance(self) -> None:
         cohorts, self._cohorts = self._cohorts, []
         for c in cohorts:
+            if not c.live:
+                continue
             state = dataclasses.replace(c.state, token=jnp.asarray(c.tokens, jnp.int32))
             try:
                 c.state, logits = advance_jit(self.params, state, cfg=self.cfg, lora=self.lora)
@@ -268,5 +522,10 @@ class Engine:
                     if j is not None:
                         j.on_error(f"{type(e).__name__}: {e}")
                 continue
+            c.index += 1
             self.stats["steps"] += 1
-            self._feed(c, lp)
+            self.stats["step_rows"] += c.live
+            self._feed(c, lp, range(len(c.jobs)))
+            if c.live:
+                self._compact(c)
+                self._cohorts.append(c)
