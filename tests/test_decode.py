@@ -21,14 +21,20 @@ from floe_jax.decode import (
 from floe_jax.lora import init_lora, merge_lora
 from floe_jax.model import forward, init_params, stack_layers, unstack_layers
 
+_forward_jit = jax.jit(forward, static_argnames="cfg")
+
 
 def _greedy_reference(params, prompt, cfg, n, lora=None):
-    """Greedy decoding by re-running the full forward on the growing sequence (no cache)."""
-    seq = jnp.asarray(prompt, jnp.int32)[None]
-    for _ in range(n):
-        nxt = forward(params, seq, cfg, lora=lora)[:, -1].argmax(-1).astype(jnp.int32)
-        seq = jnp.concatenate([seq, nxt[:, None]], axis=1)
-    return np.asarray(seq[0, len(prompt) :])
+    """Greedy decoding by re-running the full forward (no cache) on the growing sequence, kept in
+    one right-padded buffer: causal attention hides the padding from every position read, and
+    one buffer length is one compile."""
+    L = len(prompt)
+    seq = np.zeros((1, L + n), np.int32)
+    seq[0, :L] = prompt
+    for t in range(L, L + n):
+        logits = _forward_jit(params, jnp.asarray(seq), cfg, lora=lora)
+        seq[0, t] = int(logits[0, t - 1].argmax())
+    return seq[0, L:]
 
 
 def _prompts(vocab, lengths, seed=0):

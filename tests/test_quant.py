@@ -210,7 +210,7 @@ def test_chunked_vocabulary_matmul_equals_whole(monkeypatch):
         s, n = token_loss(qp, lo, toks, ones, ones, cfg=cfg)
         return s / n
 
-    whole = jax.value_and_grad(loss)(lora)
+    whole = jax.jit(jax.value_and_grad(loss))(lora)  # CHUNK_BYTES is read when traced
     monkeypatch.setattr(quant, "CHUNK_BYTES", 16 * cfg.hidden_size * 4)  # 6 chunks of 16 rows
-    chunked = jax.value_and_grad(loss)(lora)
+    chunked = jax.jit(jax.value_and_grad(loss))(lora)
     chex.assert_trees_all_close(chunked, whole, atol=1e-6)

@@ -6,7 +6,7 @@ head dim 64), LoRA on all seven projections, 64 clients with ranks cycling 4/8/1
 R = 32, random factors with nonzero B (~4.5 GB float32). The NumPy competitor does what public
 FlexLoRA code does: loop over layers and modules, form each full ΔW = Σ p_k s_k A_k B_k from the
 true-rank factors, take the dense `np.linalg.svd`, and slice each client's rank out of it.
-`quick=True` runs 2 layers and 8 clients.
+`quick=True` runs 1 layer and 4 clients (one per rank).
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def train_step_seconds(cfg: ModelConfig, *, rank: int = 8, seq: int = 64) -> flo
 
 
 def run(quick: bool = False) -> list[dict]:
-    layers, clients = (2, 8) if quick else (24, 64)
+    layers, clients = (1, 4) if quick else (24, 64)
     cfg = qwen_shapes(num_layers=layers, vocab_size=4096 if quick else 151936)
     R = max(RANK_CYCLE)
     ranks = np.array([RANK_CYCLE[k % len(RANK_CYCLE)] for k in range(clients)], np.int32)
