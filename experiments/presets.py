@@ -381,8 +381,10 @@ class RealPreset:
     Attributes:
       name: the preset's name.
       edge_path, cloud_path: local HF folders (config.json + safetensors) of the edge SLM and the
-        cloud LLM; both must share the tokenizer and vocabulary (one model family).
-      tokenizer_path: the tokenizer folder ("" = `edge_path`).
+        cloud LLM, of any two supported families: their vocabularies are aligned by token strings
+        (`floe_jax.inference.align`), as for a Gemma 3 edge beside a Qwen3 cloud.
+      tokenizer_path: the edge's tokenizer folder ("" = `edge_path`).
+      cloud_tokenizer_path: the cloud's tokenizer folder ("" = `cloud_path`).
       dataset: a local json/jsonl/csv/parquet file or a `datasets` hub id (already cached).
       prompt_column, response_column, task_column, input_column: its columns ("" = none).
       prompt_format: how an example's prompt is shown to the models (`{prompt}` is replaced).
@@ -397,6 +399,7 @@ class RealPreset:
     edge_path: str
     cloud_path: str
     tokenizer_path: str = ""
+    cloud_tokenizer_path: str = ""
     dataset: str
     prompt_column: str = "instruction"
     response_column: str = "response"

@@ -168,10 +168,13 @@ _CONFIG_CLASSES = {
 }
 
 
-def hf_config(case: str) -> transformers.PreTrainedConfig:
+def hf_config(case: str, overrides: dict | None = None) -> transformers.PreTrainedConfig:
+    """The case's config; `overrides` replace its fields (a tokenizer's vocab_size, say)."""
     model_type, kw = CASES[case] if case in CASES else FAMILY_CASES[case]
     cls = getattr(transformers, _CONFIG_CLASSES[model_type])
-    return cls(**{**BASE, **kw}, rms_norm_eps=1e-5, attn_implementation="eager")
+    return cls(
+        **{**BASE, **kw, **(overrides or {})}, rms_norm_eps=1e-5, attn_implementation="eager"
+    )
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -191,17 +194,21 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def make_hf_model(case: str, seed: int = 0) -> transformers.PreTrainedModel:
+def make_hf_model(
+    case: str, seed: int = 0, overrides: dict | None = None
+) -> transformers.PreTrainedModel:
     """A random float32 `*ForCausalLM` in eval mode with eager attention."""
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(
-        hf_config(case), attn_implementation="eager", dtype=torch.float32
+        hf_config(case, overrides), attn_implementation="eager", dtype=torch.float32
     )
     return randomize_(model, seed).eval()
 
 
-def save_hf_model(case: str, path, seed: int = 0, **save_kw) -> transformers.PreTrainedModel:
-    model = make_hf_model(case, seed)
+def save_hf_model(
+    case: str, path, seed: int = 0, overrides: dict | None = None, **save_kw
+) -> transformers.PreTrainedModel:
+    model = make_hf_model(case, seed, overrides)
     model.save_pretrained(path, **save_kw)
     return model
 

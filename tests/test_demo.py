@@ -274,15 +274,13 @@ def test_client_ranks_differ_on_default_devices():
 
 
 def _tiny_real_preset(root):
-    """The `qwen` preset's code path on tiny local stand-ins: random HF checkpoints written by
-    `save_hf`, a tiny local tokenizer and a tiny jsonl instruction dataset with task labels."""
-    import jax
+    """The `qwen` preset's code path on tiny local stand-ins of two families: a random Gemma 3
+    edge and a random Qwen3 cloud written by transformers, each with its own tiny tokenizer (300
+    and 260 tokens: other merges, other ids), and a tiny jsonl instruction dataset with task
+    labels."""
+    from _hf_utils import save_hf_model
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from floe_jax.config import ModelConfig
-    from floe_jax.hf import save_hf
-    from floe_jax.model import init_params
 
     rows = []
     for i in range(24):
@@ -290,21 +288,22 @@ def _tiny_real_preset(root):
         rows.append({"instruction": f"spell {i}", "response": f"n{i}", "category": "words"})
     data = root / "data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
-    tok.train_from_iterator([r["instruction"] + " " + r["response"] for r in rows], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
-    V = len(fast)
-    for name, layers, seed in (("edge", 1, 0), ("cloud", 2, 1)):
-        cfg = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=layers,
-                          num_heads=2, num_kv_heads=1, eos_token_id=1, pad_token_id=0)  # fmt: skip
-        save_hf(cfg, init_params(cfg, key=jax.random.key(seed)), root / name)
-    fast.save_pretrained(str(root / "edge"))  # no bos token, like Qwen's
+    for name, case, vocab, seed in (
+        ("edge", "gemma3-interleaved", 300, 0),
+        ("cloud", "qwen3-window-headdim16", 260, 1),
+    ):
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab, special_tokens=["<pad>", "<eos>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        )  # fmt: skip
+        tok.train_from_iterator([r["instruction"] + " " + r["response"] for r in rows], trainer)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+        ids = dict(vocab_size=len(fast), eos_token_id=1, pad_token_id=0, bos_token_id=None)
+        save_hf_model(case, root / name, seed=seed, overrides=ids)
+        fast.save_pretrained(str(root / name))  # no bos token, like Qwen's
     smoke = PRESETS["smoke"]  # two task families, so Floe's K (known_k) is 2
     return dataclasses.replace(
         REAL_PRESETS["qwen"], edge_path=str(root / "edge"), cloud_path=str(root / "cloud"),
@@ -322,7 +321,11 @@ def _tiny_real_preset(root):
 
 
 def test_real_model_preset_on_tiny_stand_ins(tmp_path):
+    """A Gemma 3 edge with a Qwen3 cloud of another vocabulary: the whole demo runs."""
     preset = _tiny_real_preset(tmp_path)
+    setup = demo.setup_real(preset)
+    assert setup.edge_cfg.vocab_size != setup.cloud_cfg.vocab_size
+    assert setup.tokenizer.get_vocab() != setup.cloud_tokenizer.get_vocab()
     result = demo.run_demo(preset, str(tmp_path / "run"), progress=False)
     assert (tmp_path / "run" / "report.md").is_file()
     rows = {r["id"]: r for r in result["rows"]}

@@ -47,21 +47,25 @@ def setup(preset: DemoPreset | RealPreset, *, progress: bool = True) -> Setup:
 
 
 def setup_real(preset: RealPreset) -> Setup:
-    """Loads both HF checkpoints, the tokenizer and the dataset; one task per client (clients
-    cycle over the tasks), `examples_per_client` training examples and `test_per_client` held-out
-    test queries each (type `general`: instruction data has no personal/both split)."""
+    """Loads both HF checkpoints, each one's tokenizer and the dataset; one task per client
+    (clients cycle over the tasks), `examples_per_client` training examples and `test_per_client`
+    held-out test queries each (type `general`: instruction data has no personal/both split). The
+    two models may be of different families and vocabularies: fused decoding aligns them by
+    token strings, as it does the embedded benchmark's edge and cloud."""
     from floe_jax.data.hf_datasets import load_instruction_dataset
     from floe_jax.hf import load_hf
 
     t0 = time.perf_counter()
     edge_cfg, edge_params = load_hf(preset.edge_path, dtype=preset.dtype)
     cloud_cfg, cloud_params = load_hf(preset.cloud_path, dtype=preset.dtype)
-    if cloud_cfg.vocab_size != edge_cfg.vocab_size:
-        raise ValueError(
-            f"edge vocab {edge_cfg.vocab_size} != cloud vocab {cloud_cfg.vocab_size}: the demo "
-            "needs two checkpoints of one family with the same vocabulary"
-        )
     tok = load_tokenizer(preset.tokenizer_path or preset.edge_path)
+    cloud_tok = load_tokenizer(preset.cloud_tokenizer_path or preset.cloud_path)
+    for side, t, cfg in (("edge", tok, edge_cfg), ("cloud", cloud_tok, cloud_cfg)):
+        if len(t) > cfg.vocab_size:
+            raise ValueError(
+                f"the {side} tokenizer ({t.name_or_path}) has {len(t)} tokens, more than its "
+                f"model's vocab_size {cfg.vocab_size}"
+            )
     data = load_instruction_dataset(
         preset.dataset, prompt_column=preset.prompt_column,
         response_column=preset.response_column, task_column=preset.task_column or None,
@@ -95,7 +99,7 @@ def setup_real(preset: RealPreset) -> Setup:
         client_examples=tuple(examples), queries=tuple(queries), format_docs=(),
     )  # fmt: skip
     times = {"load checkpoints + data": time.perf_counter() - t0}
-    return Setup(bench, tok, tok, edge_cfg, edge_params, cloud_cfg, cloud_params, times)
+    return Setup(bench, tok, cloud_tok, edge_cfg, edge_params, cloud_cfg, cloud_params, times)
 
 
 def client_ranks(
