@@ -201,6 +201,47 @@ def _evaluate(argv: list[str], impl: str) -> int:
     return 0
 
 
+def _flower(argv: list[str], impl: str) -> int:
+    from experiments import flower
+
+    p = _run_parser(
+        "flower",
+        "The demo's federated part as a Flower app in Flower's simulation engine (Ray): one "
+        "virtual SuperNode per client running floe_jax's local update, Floe's server "
+        "(clustering, the aggregation rule) on the replies. Writes <out>/fed/<run>/ as "
+        "`federate` does. Deployed on real hosts: experiments/floe-flower and README 'Flower'.",
+        restart=True,
+    )
+    next(
+        a for a in p._actions if a.dest == "out"
+    ).help = "run folder (default runs/flower-<preset>)"
+    p.add_argument("--run", default="floe", help="which run of the preset (default floe)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=flower.DEFAULT_TIMEOUT,
+        help="seconds a round waits for its clients; later ones are left out (0: no limit)",
+    )
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="CPUs Ray may use: clients trained at once (default: all)")  # fmt: skip
+    args = p.parse_intermixed_args(argv)
+    if "=" in args.preset:
+        args.overrides, args.preset = [args.preset, *args.overrides], "default"
+    from experiments.presets import get_preset
+
+    preset = with_attention_impl(get_preset(args.preset, args.overrides), impl)
+    out = args.out or f"runs/flower-{preset.name}"
+    check_out_dir(out)
+    state = flower.simulate(preset, out, name=args.run, timeout=args.timeout or None,
+                            restart=args.restart, num_cpus=args.num_cpus)  # fmt: skip
+    import numpy as np
+
+    print(f"{args.run}: clusters {np.asarray(state.assignment).tolist()}, "
+          f"ranks {np.asarray(state.ranks).tolist()}, rounds {int(state.round)}")  # fmt: skip
+    print(f"run folder: {os.path.join(out, 'fed', args.run)}")
+    return 0
+
+
 def _seeds(argv: list[str], impl: str) -> int:
     from experiments import seeds
 
@@ -212,6 +253,7 @@ COMMANDS: dict[str, tuple[str, object]] = {
     "seeds": ("the whole demo over several seeds, mean ± sd per method", _seeds),
     "federate": ("pretrain + federated LoRA rounds of every compared method", _federate),
     "evaluate": ("evaluate a run folder's adapters: accuracy, privacy, latency", _evaluate),
+    "flower": ("the federated rounds as a Flower app (simulation; deployment: README)", _flower),
     "bench": ("benchmarks against PyTorch / transformers / NumPy, side by side", _bench),
     "serve-cloud": (
         "serve a floe_jax model as an OpenAI-compatible cloud (/v1/completions)",

@@ -319,16 +319,32 @@ def cluster_by_updates(
       (assignment [N] int32, info: `similarity` [N, N], `silhouette` per K tried).
     """
     N = data.num_clients
+    start, data_keys, train_keys = clustering_plan(cfg, fed, ranks)
+    batches = sample_batches(data, jnp.arange(N), data_keys, fed.local_steps, fed.batch_size)
+    trained, _ = _local_updates(params, start, batches, train_keys, cfg=cfg, fed=fed)
+    return labels_from_updates(trained, fed)
+
+
+def clustering_plan(cfg: ModelConfig, fed: FedConfig, ranks) -> tuple[LoRA, jax.Array, jax.Array]:
+    """What `cluster_by_updates` hands its N clients: `(start [N], data_keys [N], train_keys
+    [N])`, one shared fresh adapter on each client's rank slots and each client's keys. The
+    Flower app (`floe_jax.flower`) sends the same to each device, so its clusters are the
+    loop's."""
     ranks = jnp.asarray(np.asarray(ranks, np.int32))
+    N = ranks.shape[0]
     key = jax.random.fold_in(jax.random.PRNGKey(fed.seed), 0x5EED)  # apart from every round's
     k_data, k_train = jax.random.split(key)
     start = client_start(init_global_loras(cfg, fed), jnp.zeros((N,), jnp.int32), ranks, fed)
-    batches = sample_batches(
-        data, jnp.arange(N), jax.random.split(k_data, N), fed.local_steps, fed.batch_size
-    )
-    trained, _ = _local_updates(
-        params, start, batches, jax.random.split(k_train, N), cfg=cfg, fed=fed
-    )
+    return start, jax.random.split(k_data, N), jax.random.split(k_train, N)
+
+
+def labels_from_updates(trained: LoRA, fed: FedConfig) -> tuple[np.ndarray, dict]:
+    """The server's half of `cluster_by_updates`: clusters the clients' trained adapters [N]
+    (`cluster_clients` with `fed.num_clusters` and `fed.cluster_method`).
+
+    Returns:
+      (assignment [N] int32, info: `similarity` [N, N] as lists, `silhouette` per K tried).
+    """
     labels, info = cluster_clients(
         trained, num_clusters=fed.num_clusters, method=fed.cluster_method
     )
@@ -365,6 +381,8 @@ __all__ = [
     "cluster_aggregate",
     "cluster_by_updates",
     "cluster_clients",
+    "clustering_plan",
+    "labels_from_updates",
     "cosine_similarity",
     "kmeans",
     "pairwise_inner",

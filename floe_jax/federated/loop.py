@@ -249,6 +249,15 @@ def _host_metrics(m: dict, names: list[str], fed: FedConfig, seconds: float) -> 
     return out
 
 
+def round_row(m: dict, names: list[str], fed: FedConfig, seconds: float, *, num_clients: int):
+    """A round's metrics.jsonl row from its host-fetched metrics (`_host_metrics`, with the
+    privacy spent when `fed.dp` is enabled)."""
+    row = _host_metrics(m, names, fed, seconds)
+    row.update(dp_host_metrics(m, fed.dp, num_clients=num_clients,
+                               clients_per_round=fed.clients_per_round))  # fmt: skip
+    return row
+
+
 def _rewrite_jsonl(path: str, upto_round: int) -> set[int]:
     """Keeps the lines of rounds < `upto_round` (a resumed run rewrites the rest); returns the
     rounds kept."""
@@ -262,9 +271,13 @@ def _rewrite_jsonl(path: str, upto_round: int) -> set[int]:
     return {r["round"] for r in rows}
 
 
-def _resolve_clusters(params, data, *, cfg, fed, ranks, assignment, num_clusters, run_dir):
+def _resolve_clusters(
+    params, data, *, cfg, fed, ranks, assignment, num_clusters, run_dir, updates=None
+):
     """The (assignment, K) this run uses; `"updates"` clustering is computed once and stored in
-    `run_dir/clusters.json`, so a resumed run keeps the same clusters."""
+    `run_dir/clusters.json`, so a resumed run keeps the same clusters. `updates`, when given,
+    is a `() -> (labels, info)` that computes the clustering instead of `cluster_by_updates`
+    (the Flower server gathers the clients' updates over the network)."""
     if fed.clustering != "updates":
         return assignment, num_clusters
     path = os.path.join(run_dir, "clusters.json")
@@ -272,7 +285,10 @@ def _resolve_clusters(params, data, *, cfg, fed, ranks, assignment, num_clusters
         with open(path) as f:
             saved = json.load(f)
     else:
-        labels, info = cluster_by_updates(params, data, cfg=cfg, fed=fed, ranks=ranks)
+        if updates is None:
+            labels, info = cluster_by_updates(params, data, cfg=cfg, fed=fed, ranks=ranks)
+        else:
+            labels, info = updates()
         saved = {"assignment": [int(x) for x in labels], "num_clusters": int(labels.max()) + 1}
         saved.update(info)
         with open(path, "w") as f:
@@ -312,6 +328,48 @@ def _initial_state(params, data, *, cfg, fed, ranks, assignment, num_clusters, r
     return init_server_state(
         cfg, fed, ranks=ranks, assignment=assignment, num_clusters=num_clusters
     )
+
+
+def resume_or_start(run_dir: str, state: ServerState, digest: str, fed: FedConfig) -> ServerState:
+    """The state a claimed run folder continues from: its newest intact checkpoint (later ones
+    deleted, metrics lines past it dropped, a metrics line lost between checkpoint and write
+    restored), or, for a new run, `state` itself with `fed_config.json` written and the metrics
+    file emptied."""
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if checkpoint.latest_step(ckpt_dir) is None:
+        _rewrite_jsonl(metrics_path, 0)
+        with open(os.path.join(run_dir, "fed_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(fed), f, indent=1)
+        return state
+    state, meta = _restore_run(run_dir, state, digest, fed)
+    rnd = int(state.round)
+    checkpoint.delete_steps_after(ckpt_dir, rnd)  # damaged ones skipped by the restore
+    log.info("resumed %s at round %d", run_dir, rnd)
+    done = _rewrite_jsonl(metrics_path, rnd)
+    last = meta.get("last_metrics")
+    if last is not None and last["round"] not in done:
+        with open(metrics_path, "a") as f:  # killed between checkpoint and metrics line
+            f.write(json.dumps(last) + "\n")
+    return state
+
+
+def save_round(
+    run_dir: str, rounds_done: int, state: ServerState, fed: FedConfig, digest: str, row: dict
+) -> None:
+    """Checkpoints `state` after `rounds_done` rounds with its metrics `row` in the metadata
+    (saved before the row is appended to metrics.jsonl: a kill in between is repaired on
+    resume)."""
+    meta = {
+        "round": rounds_done,
+        "fed": dataclasses.asdict(fed),
+        "fingerprint": digest,
+        "last_metrics": row,
+    }
+    checkpoint.save(
+        os.path.join(run_dir, "checkpoints"), rounds_done, state, meta,
+        max_to_keep=fed.max_to_keep,
+    )  # fmt: skip
 
 
 def train_federated(
@@ -367,22 +425,8 @@ def train_federated(
         params, data, cfg=cfg, fed=fed, ranks=ranks, assignment=assignment,
         num_clusters=num_clusters, run_dir=run_dir,
     )  # fmt: skip
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    state = resume_or_start(run_dir, state, digest, fed)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    if checkpoint.latest_step(ckpt_dir) is not None:
-        state, meta = _restore_run(run_dir, state, digest, fed)
-        rnd = int(state.round)
-        checkpoint.delete_steps_after(ckpt_dir, rnd)  # damaged ones skipped by the restore
-        log.info("resumed %s at round %d", run_dir, rnd)
-        done = _rewrite_jsonl(metrics_path, rnd)
-        last = meta.get("last_metrics")
-        if last is not None and last["round"] not in done:
-            with open(metrics_path, "a") as f:  # killed between checkpoint and metrics line
-                f.write(json.dumps(last) + "\n")
-    else:
-        _rewrite_jsonl(metrics_path, 0)
-        with open(os.path.join(run_dir, "fed_config.json"), "w") as f:
-            json.dump(dataclasses.asdict(fed), f, indent=1)
     check_round(fed, data, state, cfg=cfg, eval_data=eval_data)
     names = tensor_names(state.global_loras)
     first = int(state.round)
@@ -392,9 +436,7 @@ def train_federated(
 
     def emit(m, t0, extra_save=None):
         m = jax.device_get(m)  # blocks until that round is done
-        row = _host_metrics(m, names, fed, time.perf_counter() - t0)
-        row.update(dp_host_metrics(m, fed.dp, num_clients=data.num_clients,
-                                   clients_per_round=fed.clients_per_round))  # fmt: skip
+        row = round_row(m, names, fed, time.perf_counter() - t0, num_clients=data.num_clients)
         if extra_save is not None:
             extra_save(row)
         with open(metrics_path, "a") as f:
@@ -413,13 +455,7 @@ def train_federated(
         if (r + 1) % fed.checkpoint_every == 0 or r + 1 == last_round:
             # Saved before the metrics line: a kill in between is repaired on resume.
             def save(row, r=r, state=state):
-                meta = {
-                    "round": r + 1,
-                    "fed": dataclasses.asdict(fed),
-                    "fingerprint": digest,
-                    "last_metrics": row,
-                }
-                checkpoint.save(ckpt_dir, r + 1, state, meta, max_to_keep=fed.max_to_keep)
+                save_round(run_dir, r + 1, state, fed, digest, row)
 
             emit(m, t0, save)
         else:

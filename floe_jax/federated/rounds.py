@@ -227,30 +227,131 @@ def round_step(
       [C, tensors], `update_norm`, `examples`, `client_loss_sum`, `client_tokens`), and
       `global_finite`; with `fed.dp` enabled also `dp_clipped` (`dp.private_step`).
     """
-    N, C, K = data.num_clients, fed.clients_per_round, state.num_clusters
+    plan = plan_round(state, fed, data.num_clients)
+    trained, cm = train_sampled(
+        effective_params(params, state.base_delta), plan.start, data, plan.ids_C,
+        plan.data_keys, plan.train_keys, cfg=cfg, fed=fed, frozen=fed.agg.rule().frozen,
+    )  # fmt: skip
+    return finish_round(state, plan, trained, cm, params, eval_data, cfg=cfg, fed=fed)
+
+
+@struct.dataclass
+class RoundPlan:
+    """What the server decides before a round's clients train (`plan_round`): the sampled
+    clients, their clusters, ranks and starting adapters, and the keys each client trains with.
+    The fused round and the Flower app (`floe_jax.flower`) both start from it, so a client that
+    trains elsewhere trains exactly what it would have trained inside `round_step`.
+
+    Attributes:
+      k_round: the round's key, `fold_in(state.key, state.round)`.
+      k_agg: the aggregation rules' key.
+      ids_C, cluster_C, rank_C: int32 [C] the sampled clients, their clusters and true ranks.
+      start: [C] each sampled client's starting adapter (`client_start`).
+      data_keys, train_keys: [C] each client's batch-sampling and training key.
+    """
+
+    k_round: jax.Array
+    k_agg: jax.Array
+    ids_C: jax.Array
+    cluster_C: jax.Array
+    rank_C: jax.Array
+    start: LoRA
+    data_keys: jax.Array
+    train_keys: jax.Array
+
+    def take(self, rows) -> RoundPlan:
+        """The plan of only the sampled clients at positions `rows` (those that replied)."""
+        rows = jnp.asarray(rows, jnp.int32)
+        keep = lambda x: x[rows]
+        return dataclasses.replace(
+            self,
+            ids_C=keep(self.ids_C),
+            cluster_C=keep(self.cluster_C),
+            rank_C=keep(self.rank_C),
+            start=jax.tree.map(keep, self.start),
+            data_keys=keep(self.data_keys),
+            train_keys=keep(self.train_keys),
+        )
+
+
+def plan_round(state: ServerState, fed: FedConfig, num_clients: int) -> RoundPlan:
+    """Samples the round's C clients and builds their starting adapters and keys (traceable)."""
+    C, K = fed.clients_per_round, state.num_clusters
     _check_shared_base(fed, K)
-    rule = fed.agg.rule()
     k_round = jax.random.fold_in(state.key, state.round)
     k_sample, k_data, k_train = jax.random.split(k_round, 3)
     k_agg = jax.random.fold_in(k_round, 0xA66)  # apart from the split above
-    ids_C = jax.random.choice(k_sample, N, (C,), replace=False)
+    ids_C = jax.random.choice(k_sample, num_clients, (C,), replace=False)
     cluster_C, rank_C = state.assignment[ids_C], state.ranks[ids_C]
-
-    # Train every sampled client from its slots of its cluster's adapter.
     start = client_start(state.global_loras, cluster_C, rank_C, fed, state.personal, ids_C)
-    batches = sample_batches(
-        data, ids_C, jax.random.split(k_data, C), fed.local_steps, fed.batch_size
+    return RoundPlan(
+        k_round=k_round,
+        k_agg=k_agg,
+        ids_C=ids_C,
+        cluster_C=cluster_C,
+        rank_C=rank_C,
+        start=start,
+        data_keys=jax.random.split(k_data, C),
+        train_keys=jax.random.split(k_train, C),
     )
-    trained, cm = local_update_clients(
-        effective_params(params, state.base_delta),
-        start,
-        batches,
-        cfg=cfg,
-        opt=fed.opt,
-        keys=jax.random.split(k_train, C),
-        client_chunk=fed.client_chunk,
-        frozen=rule.frozen,
-    )
+
+
+def train_sampled(
+    params: dict,
+    start: LoRA,
+    data: ClientData,
+    ids_C,
+    data_keys,
+    train_keys,
+    *,
+    cfg: ModelConfig,
+    fed: FedConfig,
+    frozen: tuple[str, ...] = (),
+) -> tuple[LoRA, dict]:
+    """The clients' side of a round (traceable): each of clients `ids_C` of `data` draws its
+    `fed.local_steps` x `fed.batch_size` rows with its data key (`sample_batches`) and trains
+    its starting adapter on them (`local_update_clients`). A device holding only its own
+    examples calls it with its one-client `data` and `ids_C = [0]`.
+
+    Returns:
+      `(trained [C], metrics)`: as `local_update_clients`.
+    """
+    batches = sample_batches(data, ids_C, data_keys, fed.local_steps, fed.batch_size)
+    return local_update_clients(
+        params, start, batches, cfg=cfg, opt=fed.opt, keys=train_keys,
+        client_chunk=fed.client_chunk, frozen=frozen,
+    )  # fmt: skip
+
+
+def finish_round(
+    state: ServerState,
+    plan: RoundPlan,
+    trained: LoRA,
+    cm: dict,
+    params: dict | None = None,
+    eval_data: ClientData | None = None,
+    *,
+    cfg: ModelConfig,
+    fed: FedConfig,
+) -> tuple[ServerState, dict]:
+    """The server's side of a round (traceable): screens the clients' trained adapters,
+    aggregates each cluster with the rule, updates the state and reports the round's metrics.
+
+    Args:
+      state: the server state the round was planned from.
+      plan: `plan_round`'s plan, or `plan.take(rows)` for the clients that replied.
+      trained, cm: the clients' trained adapters [C] and their `local_update` metrics [C], in
+        the plan's order.
+      params: the frozen base, needed only to evaluate (`eval_data`).
+      eval_data: every client's eval examples, or None to skip evaluation.
+
+    Returns:
+      `(state, metrics)`: as `round_step`.
+    """
+    K = state.num_clusters
+    rule = fed.agg.rule()
+    k_round, k_agg, ids_C = plan.k_round, plan.k_agg, plan.ids_C
+    cluster_C, rank_C, start = plan.cluster_C, plan.rank_C, plan.start
 
     # Screen, then aggregate each cluster's clients.
     finite_CX, norm_C = _update_stats(start, trained)
@@ -270,8 +371,8 @@ def round_step(
     if fed.dp.enabled:  # DP-FedAvg: clipped, noised sums replace the rule's average
         global_loras, dp_metrics = private_step(
             state.global_loras, start, trained, included_C, cluster_C,
-            expected_clients(state.assignment, C, K), dp=fed.dp, frozen=rule.frozen,
-            key=jax.random.fold_in(k_round, NOISE_SALT),
+            expected_clients(state.assignment, fed.clients_per_round, K), dp=fed.dp,
+            frozen=rule.frozen, key=jax.random.fold_in(k_round, NOISE_SALT),
         )  # fmt: skip
     else:
         global_loras = jax.tree.map(
