@@ -2,20 +2,23 @@
 
 import dataclasses
 import os
-import tempfile
 
 # The suite compiles thousands of tiny programs that then run for microseconds, so XLA's compile
 # time is its run time (~0.1 s per cold compile on a 2-core CPU). Two settings, read when jax is
 # imported, so they reach both xdist workers and every subprocess a test starts:
-# - a persistent compilation cache shared by the workers: a program one worker (or an earlier
-#   test's fresh closure) compiled is loaded, not rebuilt;
+# - a persistent compilation cache in this checkout's .pytest_cache/xla, shared by the workers: a
+#   program one worker (or an earlier test's fresh closure) compiled is loaded, not rebuilt (a
+#   fresh clone starts cold, as CI does);
 # - LLVM's cheap pipeline and XLA's older elemental fusion emitter: the programs are too small
 #   for the optimisations to pay back (together they cut a cold compile about 3x here).
 # Neither changes a result: the cache is keyed on the HLO, the flags and the versions, and XLA's
 # CPU backend keeps IEEE semantics at every optimisation level. Values already in the
 # environment win.
 os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "floe_jax-tests-xla-cache")
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "xla"
+    ),
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
