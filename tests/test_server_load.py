@@ -21,9 +21,24 @@ from floe_jax.inference.server import serve_cloud
 def server():
     tok = chat_tokenizer()
     cfg, params = chat_model(tok)
+    # warmed up, as a deployed server is (`serve-cloud` warms up by default), and loaded only
+    # once /health says so: otherwise the first requests' compiles stall the event loop
     with serve_cloud(params, cfg, tok, model_name="tiny", header_timeout_s=1.0,
-                     body_timeout_s=1.0, max_body_bytes=1 << 20) as srv:  # fmt: skip
+                     body_timeout_s=1.0, max_body_bytes=1 << 20, warm_up=True,
+                     warm_up_prompt_tokens=16) as srv:  # fmt: skip
+        deadline = time.monotonic() + 300
+        while _health_status(srv) != 200:
+            assert time.monotonic() < deadline, "serve_cloud did not finish warming up in 300 s"
+            time.sleep(0.2)
         yield srv
+
+
+def _health_status(srv) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", _port(srv), timeout=10)
+    conn.request("GET", "/health")
+    status = conn.getresponse().status
+    conn.close()
+    return status
 
 
 def _port(srv):
