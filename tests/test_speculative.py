@@ -12,10 +12,10 @@ from floe_jax.decode import SamplingConfig
 from floe_jax.inference.align import build_map, vocab_of
 from floe_jax.inference.cloud import Draft, LocalCloud
 from floe_jax.inference.deadline import SimClock, SimulatedNetwork
+from floe_jax.inference.draft_length import DraftLength
 from floe_jax.inference.fused import FusedDecodeConfig, generate_fused
 from floe_jax.inference.privacy import GuardedCloud, PrivacyDetector, PrivacyPolicy
 from floe_jax.inference.router import FusionConfig
-from floe_jax.inference.speculative import DraftLength
 from floe_jax.model import init_params
 
 N = 12

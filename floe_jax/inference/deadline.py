@@ -81,6 +81,11 @@ class SimulatedNetwork:
         self._rng = np.random.default_rng(self.seed)
         self._lock = threading.Lock()
 
+    @property
+    def server_s(self) -> float | None:
+        """`server_ms` in seconds (None: the cloud's compute is measured)."""
+        return None if self.server_ms is None else self.server_ms / 1e3
+
     def sample(self, payload_bytes: int = 0) -> float | None:
         """Delay in seconds of one request, or None when it is lost."""
         with self._lock:

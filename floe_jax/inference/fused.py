@@ -316,9 +316,7 @@ def decode_token(run: FusedRun, t: int, edge: EdgeCarry, log: FusedLog) -> EdgeC
     active = [b for b in range(run.n) if not log.done[b]]
     futures, delays = _send(run, active, log)
     if sim:  # measure the cloud alone first: no CPU contention with the edge step
-        server_s = None
-        if run.network is not None and run.network.server_ms is not None:
-            server_s = run.network.server_ms / 1e3
+        server_s = None if run.network is None else run.network.server_s
         got, wait_s, slowest = collect_simulated(
             futures, delays, c.deadline_s, c.real_timeout_s, server_s
         )

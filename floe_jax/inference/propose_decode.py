@@ -7,8 +7,8 @@ A chat API has no prompt log-probs, so it cannot score an edge draft; it can gen
 its top-k before each. Each round (`propose_round`) every active row asks for its proposal while
 the edge takes in the last emitted token; the edge then scores the proposed tokens in one forward
 (`extend`), and `agree` keeps the fused choice while it is the cloud's token, then the fused token
-where they part. The cache, the round log and the draft-length bookkeeping are those of
-`floe_jax.inference.speculative`.
+where they part. The cache and the round log are those of `floe_jax.inference.speculative`;
+k is fixed.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from floe_jax.inference.deadline import collect_real, collect_simulated
 from floe_jax.inference.extend import extend_jit, rewind_jit
 from floe_jax.inference.replies import CloudInput, cloud_input, merge_rows, reason, unmapped_rows
 from floe_jax.inference.router import FusionConfig
-from floe_jax.inference.speculative import Ahead, SpecLog, check_room
+from floe_jax.inference.speculative import Ahead, SpecLog, check_room, emit
 from floe_jax.inference.step import fused_logp
 
 
@@ -137,9 +137,7 @@ def propose_round(run, r: int, edge, log, spec: SpecLog, at: Ahead):
             fut = run.pool.submit(_call_propose, run.guard, prefix, k, delays[b], not sim)
             futures[b] = _Unpack(fut, props, b)
     if sim:  # the cloud measured alone first, as token by token
-        server_s = None
-        if run.network is not None and run.network.server_ms is not None:
-            server_s = run.network.server_ms / 1e3
+        server_s = None if run.network is None else run.network.server_s
         got, wait_s, _ = collect_simulated(
             futures, delays, c.deadline_s, c.real_timeout_s, server_s
         )
@@ -202,18 +200,7 @@ def propose_round(run, r: int, edge, log, spec: SpecLog, at: Ahead):
     nxt = np.full(B, c.pad_id, np.int32)
     most = 0
     for b in active:
-        n = int(out["n"][b])
-        emitted = 0
-        for j in range(n):
-            t = len(log.outs[b])
-            tok = int(out["tokens"][b, j])
-            log.outs[b].append(tok)
-            log.w[t, b] = out["w"][b, j]
-            log.fused[t, b] = bool(ok[b, j])
-            emitted += 1
-            if (c.eos_id is not None and tok == c.eos_id) or t + 1 >= N:
-                log.done[b] = True
-                break
+        emitted = emit(log, out, ok, b, eos_id=c.eos_id, max_new=N)
         most = max(most, emitted)
         keep[b], nxt[b] = emitted - 1, int(out["tokens"][b, emitted - 1])
         if b in got and got[b].ok[0]:  # kept proposed tokens; judged: those and a parting one

@@ -24,10 +24,10 @@ the text across it) ends the round at the last scored position; a reply later th
 (or lost, failed, withheld) leaves the whole round to the edge (`w = 1` at every position: all
 drafted tokens are kept, plus the bonus from the edge), as a missed token is today.
 
-k adapts (`DraftLength`): after each round it is the k in `[1, k_max]` that minimises the expected
-time per token, `(e (k - ahead) + min(rtt, tau)) / E(k)`, with `E(k) = 1 + S(1) + ... + S(k)`
-from the measured per-position survival `S` of drafts (censored run lengths), round trip `rtt`
-and edge step `e` (decayed counts and averages).
+k adapts (`floe_jax.inference.draft_length.DraftLength`): after each round it is the k in
+`[1, k_max]` that minimises the expected time per token, `(e (k - ahead) + min(rtt, tau)) /
+E(k)`, with `E(k) = 1 + S(1) + ... + S(k)` from the measured per-position survival `S` of drafts
+(censored run lengths), round trip `rtt` and edge step `e` (decayed counts and averages).
 
 Chat-only clouds cannot score a draft; with `propose` the cloud drafts instead
 (`floe_jax.inference.propose_decode`): one chat call returns its next k tokens with its top-k
@@ -51,6 +51,7 @@ from floe_jax.config import ModelConfig
 from floe_jax.decode import DecodeState, SamplingConfig, advance, greedy, sample_logits
 from floe_jax.inference.cloud import CloudDistribution, Draft
 from floe_jax.inference.deadline import call_cloud, collect_real, collect_simulated
+from floe_jax.inference.draft_length import DraftLength
 from floe_jax.inference.extend import rewind_jit, rewindable
 from floe_jax.inference.replies import CloudInput, cloud_input, merge_rows, reason, unmapped_rows
 from floe_jax.inference.router import FusionConfig
@@ -162,82 +163,6 @@ accept_jit = jax.jit(accept, static_argnames=("fusion", "sampling"))
 
 
 @dataclasses.dataclass
-class DraftLength:
-    """Chooses k each round from the measured run lengths of accepted drafts, round trip and
-    edge step.
-
-    Acceptance is not a coin tossed afresh at every position: a fused output alternates between
-    stretches the edge predicts and tokens it does not, so a draft that survived position i is
-    more likely to survive i + 1 than the pooled rate says. `survival(i)` is therefore estimated
-    per position (Kaplan-Meier over rounds: of the drafts judged at position i, the share that
-    passed it; a draft stopped before i is censored, not failed), shrunk towards the pooled rate
-    where few rounds reached i. A round of k drafted tokens then emits on average
-    `E(k) = 1 + S(1) + ... + S(k)` and costs `e * (k - ahead) + min(rtt, tau)` (tokens drafted
-    during the last wait, `ahead`, are free); k minimises the cost per token.
-
-    Attributes:
-      k_max: the longest draft sent; `adapt=False` always drafts `k_max`.
-      deadline_s: tau (a wait never lasts longer).
-      decay: weight of the past in the running counts and averages.
-      prior: pseudo-rounds pulling each position's rate towards the pooled rate.
-    """
-
-    k_max: int
-    deadline_s: float
-    adapt: bool = True
-    decay: float = 0.9
-    prior: float = 2.0
-    rtt_s: float | None = None
-    edge_s: float | None = None
-
-    def __post_init__(self):
-        self.passed = np.zeros(2 * self.k_max + 2)  # [i]: drafts that passed position i (1-based)
-        self.judged = np.zeros(2 * self.k_max + 2)  # [i]: drafts judged at position i
-
-    @property
-    def alpha(self) -> float:
-        """The pooled acceptance rate (1/2 before anything was judged)."""
-        return float((self.passed.sum() + 1) / (self.judged.sum() + 2))
-
-    def update(self, rows, rtt_s: float | None, edge_s: float | None) -> None:
-        """rows: (drafted tokens kept, drafted tokens judged) of each answered row this round."""
-        d = self.decay
-        self.passed *= d
-        self.judged *= d
-        for kept, judged in rows:
-            self.judged[1 : judged + 1] += 1
-            self.passed[1 : kept + 1] += 1
-        if rtt_s is not None:
-            self.rtt_s = rtt_s if self.rtt_s is None else d * self.rtt_s + (1 - d) * rtt_s
-        if edge_s is not None:
-            self.edge_s = edge_s if self.edge_s is None else d * self.edge_s + (1 - d) * edge_s
-
-    def survival(self) -> np.ndarray:
-        """S(i), i = 0..2 k_max + 1: the chance a draft's first i tokens are all accepted."""
-        a = self.alpha
-        n = self.judged + self.prior
-        rate = np.where(n > 0, (self.passed + self.prior * a) / np.maximum(n, 1e-12), a)
-        rate[0] = 1.0
-        return np.cumprod(rate)
-
-    def expected_tokens(self, k: int) -> float:
-        """E(k): tokens a round of k drafted tokens emits on average."""
-        return float(self.survival()[: k + 1].sum())
-
-    def choose(self, cap: int, ahead: int = 0) -> int:
-        """k for the next round, at most `cap` (cache slots or tokens left), at least 1;
-        `ahead` tokens are drafted already."""
-        hi = max(1, min(self.k_max, cap))
-        if not self.adapt or self.rtt_s is None or self.edge_s is None:
-            return hi
-        wait = min(self.rtt_s, self.deadline_s)
-        s = self.survival()
-        cost = {k: (self.edge_s * max(k - ahead, 0) + wait) / s[: k + 1].sum()
-                for k in range(1, hi + 1)}  # fmt: skip
-        return min(cost, key=cost.get)
-
-
-@dataclasses.dataclass
 class SpecLog:
     """What speculation did: cloud calls, drafted tokens judged and kept, tokens per call."""
 
@@ -323,6 +248,24 @@ def _draft(run, state, logits, toks, key, upto: int, stop=None):
     return state
 
 
+def emit(log, out: dict, ok: np.ndarray, b: int, *, eos_id: int | None, max_new: int) -> int:
+    """Appends row b's `out["n"][b]` decided tokens (`out["tokens"]`, with their edge weights
+    `out["w"]` and `ok` saying whether the cloud was fused) to the decode log, stopping at EOS or
+    `max_new` tokens (the row is then done); returns how many it appended."""
+    emitted = 0
+    for j in range(int(out["n"][b])):
+        t = len(log.outs[b])
+        tok = int(out["tokens"][b, j])
+        log.outs[b].append(tok)
+        log.w[t, b] = out["w"][b, j]
+        log.fused[t, b] = bool(ok[b, j])
+        emitted += 1
+        if (eos_id is not None and tok == eos_id) or t + 1 >= max_new:
+            log.done[b] = True
+            break
+    return emitted
+
+
 def decode_round(run, r: int, edge, log, spec: SpecLog, length: DraftLength, at: Ahead):
     """One speculative round of every active row: feed the last token, draft k, one cloud call
     per row; while it is out, draft ahead (up to k_max more tokens, no longer than the wait);
@@ -367,9 +310,7 @@ def decode_round(run, r: int, edge, log, spec: SpecLog, length: DraftLength, at:
     t_send = clock.now()
     upto = max(len(toks), min(k + c.speculate, left - 1, room))  # draft ahead while waiting
     if sim:
-        server_s = None
-        if run.network is not None and run.network.server_ms is not None:
-            server_s = run.network.server_ms / 1e3
+        server_s = None if run.network is None else run.network.server_s
         got, wait_s, _ = collect_simulated(
             futures, delays, c.deadline_s, c.real_timeout_s, server_s
         )
@@ -419,18 +360,7 @@ def decode_round(run, r: int, edge, log, spec: SpecLog, length: DraftLength, at:
     ok = np.asarray(ci.ok).reshape(B, P)
     most = 0
     for b in active:
-        n = int(out["n"][b])
-        emitted = 0
-        for j in range(n):
-            t = len(log.outs[b])
-            tok = int(out["tokens"][b, j])
-            log.outs[b].append(tok)
-            log.w[t, b] = out["w"][b, j]
-            log.fused[t, b] = bool(ok[b, j])
-            emitted += 1
-            if (c.eos_id is not None and tok == c.eos_id) or t + 1 >= N:
-                log.done[b] = True
-                break
+        emitted = emit(log, out, ok, b, eos_id=c.eos_id, max_new=N)
         most = max(most, emitted)
         if b in got and got[b].ok[0]:
             spec.accepted += int(out["accepted"][b])

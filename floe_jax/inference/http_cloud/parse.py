@@ -14,14 +14,17 @@ from floe_jax.inference.cloud import CloudError
 TOKEN_ID = re.compile(r"^token_id:(-?\d+)$")
 
 
-def _json(raw: bytes):
+def parse_json(raw: bytes):
+    """A response body as JSON; a body that is not JSON is a `CloudError` quoting it."""
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise CloudError(f"bad response: not JSON: {raw[:80]!r}") from None
 
 
-def _checked(tok: str, lp) -> float:
+def checked_logprob(tok: str, lp) -> float:
+    """A server's log-prob for `tok` as a float; a non-number, NaN or positive one is a
+    `CloudError` naming the token."""
     if not isinstance(lp, int | float) or isinstance(lp, bool):
         raise CloudError(f"bad response: log-prob of {tok!r} is not a number: {lp!r}")
     if math.isnan(lp) or lp > 1e-4:
@@ -31,21 +34,21 @@ def _checked(tok: str, lp) -> float:
 
 def completion_top(raw: bytes) -> list[tuple[str, float]]:
     """`choices[0].logprobs.top_logprobs[0]` of a completions answer: [(token, log-prob)]."""
-    obj = _json(raw)
+    obj = parse_json(raw)
     try:
         top = obj["choices"][0]["logprobs"]["top_logprobs"][0]
     except (KeyError, IndexError, TypeError):
         raise CloudError("bad response: no choices[0].logprobs.top_logprobs[0]") from None
     if not isinstance(top, dict) or not top:
         raise CloudError("bad response: top_logprobs[0] is not a non-empty dict token -> logprob")
-    return [(str(t), _checked(t, lp)) for t, lp in top.items()]
+    return [(str(t), checked_logprob(t, lp)) for t, lp in top.items()]
 
 
 def echo_rows(raw: bytes) -> tuple[list[list[tuple[str, float]] | None], list[int]]:
     """The prompt's and the completion's top log-probs of an `echo` answer (OpenAI legacy): per
     token position, [(token, log-prob)] (None for the first, which has no context), and each
     token's `text_offset`."""
-    obj = _json(raw)
+    obj = parse_json(raw)
     try:
         lp = obj["choices"][0]["logprobs"]
         tops, offsets = lp["top_logprobs"], lp.get("text_offset") or []
@@ -56,7 +59,7 @@ def echo_rows(raw: bytes) -> tuple[list[list[tuple[str, float]] | None], list[in
     rows: list[list[tuple[str, float]] | None] = []
     for top in tops:
         ok = isinstance(top, dict) and top
-        rows.append([(str(t), _checked(t, v)) for t, v in top.items()] if ok else None)
+        rows.append([(str(t), checked_logprob(t, v)) for t, v in top.items()] if ok else None)
     return rows, [int(o) for o in offsets]
 
 
@@ -64,7 +67,7 @@ def chat_top(raw: bytes, position: int = 0) -> list[tuple[str, float]]:
     """`choices[0].logprobs.content[position].top_logprobs` of a chat answer: [(token, log-prob)],
     the token spelled by its `bytes` when given (decoded as UTF-8, an undecodable fragment kept
     as `\\xNN` escapes as the aligner spells it), else by `token`."""
-    obj = _json(raw)
+    obj = parse_json(raw)
     try:
         top = obj["choices"][0]["logprobs"]["content"][position]["top_logprobs"]
     except (KeyError, IndexError, TypeError):
@@ -84,7 +87,7 @@ def chat_top(raw: bytes, position: int = 0) -> list[tuple[str, float]]:
                 tok = bytes(b).decode("utf-8", errors="backslashreplace")
             except (ValueError, TypeError):
                 pass
-        out.append((tok, _checked(tok, e["logprob"])))
+        out.append((tok, checked_logprob(tok, e["logprob"])))
     return out
 
 

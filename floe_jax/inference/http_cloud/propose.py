@@ -22,7 +22,7 @@ import dataclasses
 import numpy as np
 
 from floe_jax.inference.cloud import CloudDistribution, CloudError
-from floe_jax.inference.http_cloud.parse import TOKEN_ID, _checked, _json
+from floe_jax.inference.http_cloud.parse import TOKEN_ID, checked_logprob, parse_json
 
 
 @dataclasses.dataclass
@@ -71,7 +71,7 @@ def _spelled(e: dict) -> tuple[str, bytes]:
 def proposal_rows(raw: bytes) -> list[tuple[str, bytes, list[tuple[str, float]]]]:
     """`choices[0].logprobs.content` of a chat answer: per generated token (its key, its bytes,
     its position's [(token, log-prob)] best first)."""
-    obj = _json(raw)
+    obj = parse_json(raw)
     try:
         content = obj["choices"][0]["logprobs"]["content"]
     except (KeyError, IndexError, TypeError):
@@ -88,7 +88,7 @@ def proposal_rows(raw: bytes) -> list[tuple[str, bytes, list[tuple[str, float]]]
             if not isinstance(t, dict) or "logprob" not in t:
                 raise CloudError(f"bad response: top_logprobs entry {t!r:.80}")
             key, _ = _spelled(t)
-            rows.append((key, _checked(key, t["logprob"])))
+            rows.append((key, checked_logprob(key, t["logprob"])))
         key, piece = _spelled(e)
         out.append((key, piece, rows))
     return out
