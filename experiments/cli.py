@@ -16,7 +16,7 @@ import os
 import sys
 
 from floe_jax.config import ATTENTION_IMPLS, ConfigError, ModelConfig
-from floe_jax.federated.loop import NothingTrainedError, RunMismatchError
+from floe_jax.federated.run_folder import NothingTrainedError, RunMismatchError
 
 KERNELS_ENV = "FLOE_KERNELS"
 

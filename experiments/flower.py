@@ -24,7 +24,7 @@ from experiments.demo.setup import Setup, client_ranks, private_data, setup
 from experiments.presets import CENTRAL, FLOE, LOCAL, DemoPreset, RealPreset, get_preset
 from floe_jax.config import ConfigError
 from floe_jax.federated.config import FedConfig
-from floe_jax.federated.loop import run_fingerprint
+from floe_jax.federated.run_folder import run_fingerprint
 from floe_jax.federated.types import ClientData
 from floe_jax.flower import FloeClient, FloeServer, client_app, server_app
 

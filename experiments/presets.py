@@ -1,7 +1,7 @@
 """Named presets of the embedded demo: frozen dataclasses in code, `key=value` overrides.
 
 `get_preset("default", ["cloud.num_layers=6", "bench.seed=3"])` returns the preset with the
-overrides applied by `floe_jax.config.apply_overrides` (dotted keys reach nested configs; an
+overrides applied by `floe_jax.overrides.apply_overrides` (dotted keys reach nested configs; an
 unknown key or a value of the wrong type raises `ConfigError` naming it).
 
 Sizes of `default` are chosen so the whole demo fits in about 10 minutes on a 2-core CPU, its
@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from floe_jax.config import ConfigError, LoRAConfig, ModelConfig, apply_overrides, require_finite
+from floe_jax.config import ConfigError, LoRAConfig, ModelConfig, require_finite
 from floe_jax.data.benchmark import BenchmarkConfig
 from floe_jax.federated.config import DP_METHODS, AggregationConfig, DPConfig, FedConfig
 from floe_jax.inference.fused import FusedDecodeConfig
 from floe_jax.inference.privacy import PrivacyPolicy
 from floe_jax.inference.router import FusionConfig
+from floe_jax.overrides import apply_overrides
 from floe_jax.pretrain import PretrainConfig
 
 VOCAB_SIZE = 768  # the edge tokenizer's

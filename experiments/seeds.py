@@ -33,7 +33,7 @@ METRICS = ("general", "personal", "both", "overall", "slot_format", "slot_person
 
 def seeded(preset, seed: int):
     """`preset` with every seed of the pipeline set to `seed`."""
-    from floe_jax.config import apply_overrides
+    from floe_jax.overrides import apply_overrides
 
     return apply_overrides(
         preset,

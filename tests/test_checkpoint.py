@@ -1,4 +1,4 @@
-"""Tests of floe_jax/checkpoint.py and of exact resume in floe_jax/federated/loop.py."""
+"""Tests of floe_jax/checkpoint.py and of exact resume (federated/loop.py, run_folder.py)."""
 
 import dataclasses
 import json

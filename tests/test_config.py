@@ -4,7 +4,8 @@ import dataclasses
 
 import pytest
 
-from floe_jax.config import ConfigError, LoRAConfig, ModelConfig, RopeScaling, apply_overrides
+from floe_jax.config import ConfigError, LoRAConfig, ModelConfig, RopeScaling
+from floe_jax.overrides import apply_overrides
 
 BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4)
 

@@ -10,13 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from floe_jax.config import ConfigError, LoRAConfig, apply_overrides
+from floe_jax.config import ConfigError, LoRAConfig
 from floe_jax.federated import dp
 from floe_jax.federated.config import AggregationConfig, DPConfig, FedConfig
 from floe_jax.federated.loop import train_federated
 from floe_jax.federated.rounds import init_server_state, round_step
 from floe_jax.federated.types import client_data
 from floe_jax.lora import LoRA
+from floe_jax.overrides import apply_overrides
 
 T, R = 12, 4
 TARGETS = ("q", "v")

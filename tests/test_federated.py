@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from floe_jax.config import LoRAConfig, ModelConfig, apply_overrides
+from floe_jax.config import LoRAConfig, ModelConfig
 from floe_jax.federated import rounds
 from floe_jax.federated.aggregate import (
     Aggregated,
@@ -18,6 +18,7 @@ from floe_jax.federated.aggregate import (
     register_rule,
     unregister_rule,
 )
+from floe_jax.federated.checks import check_round, drop_reasons
 from floe_jax.federated.client import (
     default_client_chunk,
     local_update,
@@ -27,16 +28,11 @@ from floe_jax.federated.client import (
 )
 from floe_jax.federated.config import AggregationConfig, ConfigError, FedConfig
 from floe_jax.federated.loop import train_federated
-from floe_jax.federated.rounds import (
-    check_round,
-    drop_reasons,
-    init_server_state,
-    round_step,
-    tensor_names,
-)
+from floe_jax.federated.rounds import init_server_state, round_step, tensor_names
 from floe_jax.federated.types import client_data
 from floe_jax.lora import init_lora, stack_loras
 from floe_jax.model import forward, init_params
+from floe_jax.overrides import apply_overrides
 
 S, B, T, R = 2, 2, 12, 8
 OPT = make_optimizer("adamw", lr=1e-2, weight_decay=0.01)

@@ -17,8 +17,9 @@ from flwr.simulation import run_simulation  # noqa: E402
 from floe_jax.config import LoRAConfig, ModelConfig  # noqa: E402
 from floe_jax.federated.aggregate import aggregate  # noqa: E402
 from floe_jax.federated.config import FedConfig  # noqa: E402
-from floe_jax.federated.loop import load_trained, run_fingerprint, train_federated  # noqa: E402
+from floe_jax.federated.loop import load_trained, train_federated  # noqa: E402
 from floe_jax.federated.rounds import init_server_state, plan_round, train_sampled  # noqa: E402
+from floe_jax.federated.run_folder import run_fingerprint  # noqa: E402
 from floe_jax.federated.types import client_data  # noqa: E402
 from floe_jax.flower import FloeClient, FloeServer, client_app, server_app  # noqa: E402
 from floe_jax.model import init_params  # noqa: E402

@@ -1,5 +1,5 @@
-"""Tests of floe_jax/federated/loop.py: run folders that cannot be confused (fingerprints,
-restart) and runs that train nothing. Exact resume is tested in tests/test_checkpoint.py."""
+"""Tests of floe_jax/federated/loop.py and run_folder.py: run folders that cannot be confused
+(fingerprints, restart) and runs that train nothing. Exact resume: tests/test_checkpoint.py."""
 
 import dataclasses
 import json
@@ -12,14 +12,13 @@ import pytest
 
 from floe_jax.config import LoRAConfig
 from floe_jax.federated.config import FedConfig
-from floe_jax.federated.loop import (
+from floe_jax.federated.loop import load_trained, train_federated
+from floe_jax.federated.run_folder import (
     FINGERPRINT_FILE,
     NothingTrainedError,
     RunMismatchError,
     UntrainedRunError,
-    load_trained,
     run_fingerprint,
-    train_federated,
 )
 from floe_jax.federated.types import client_data
 from floe_jax.model import init_params

@@ -63,15 +63,21 @@ def test_load_and_bad_traffic(server, tmp_path):
     poller = _traffic("health", port, stopfile)
     time.sleep(1.0)  # the poller's interpreter is up before the load starts
     load = _traffic("clients", port)
-    big = json.dumps({"model": "tiny", "prompt": "x" * (10 << 20), "max_tokens": 1})
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.request("POST", "/v1/completions", big, {"Content-Type": "application/json"})
-    r = conn.getresponse()
-    assert r.status == 413 and "over" in json.loads(r.read())["error"]["message"]
-    conn.close()
-    clients = _result(load)
-    stopfile.touch()
-    health = _result(poller)
+    try:
+        big = json.dumps({"model": "tiny", "prompt": "x" * (10 << 20), "max_tokens": 1})
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/v1/completions", big, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 413 and "over" in json.loads(r.read())["error"]["message"]
+        conn.close()
+        clients = _result(load)
+    finally:
+        stopfile.touch()  # the poller stops on its own; a child left running is killed
+        load.kill()
+    try:
+        health = _result(poller)
+    finally:
+        poller.kill()
     assert clients["errors"] == [] and health["errors"] == []
     lat = sorted(health["latencies"])
     assert len(lat) >= 20, lat

@@ -15,15 +15,17 @@ import pytest
 import safetensors.numpy
 
 import floe_jax.hf as hf
-from floe_jax.config import ConfigError, LoRAConfig, ModelConfig, RopeScaling, apply_overrides
+from floe_jax.config import ConfigError, LoRAConfig, ModelConfig, RopeScaling
 from floe_jax.decode import SamplingConfig, pad_prompts
 from floe_jax.federated import aggregate as ag
+from floe_jax.federated.checks import check_round
 from floe_jax.federated.config import AggregationConfig, FedConfig
-from floe_jax.federated.rounds import check_round, init_server_state
+from floe_jax.federated.rounds import init_server_state
 from floe_jax.federated.types import client_data
 from floe_jax.inference.fused import FusedDecodeConfig
 from floe_jax.inference.router import FusionConfig
 from floe_jax.lora import init_lora
+from floe_jax.overrides import apply_overrides
 
 NONFINITE = ("nan", "inf", "-inf")
 

@@ -33,7 +33,7 @@ from floe_jax.data.benchmark import SLOT_KINDS, score, score_slots
 from floe_jax.data.tokenizer import encode_prompt
 from floe_jax.devices import decode_energy_j_per_token, decode_ms_per_token, get_device
 from floe_jax.federated.extraction import extraction_rate
-from floe_jax.federated.loop import FINGERPRINT_FILE, UntrainedRunError
+from floe_jax.federated.run_folder import FINGERPRINT_FILE, UntrainedRunError
 from floe_jax.inference import (
     GuardedCloud,
     PrivacyDetector,

@@ -4,12 +4,12 @@ and the round loop with checkpoints."""
 
 from floe_jax.federated import rules  # noqa: F401  (registers the built-in aggregation rules)
 from floe_jax.federated.aggregate import Aggregated, Rule, register_rule
+from floe_jax.federated.checks import drop_reasons
 from floe_jax.federated.client import local_update, local_update_clients, make_optimizer, token_loss
 from floe_jax.federated.config import AggregationConfig, DPConfig, FedConfig
 from floe_jax.federated.loop import train_federated
 from floe_jax.federated.rounds import (
     ServerState,
-    drop_reasons,
     init_server_state,
     round_step,
     run_round,

@@ -4,7 +4,7 @@ aggregation rule with its options (`AggregationConfig`) and client-level differe
 
 The nested configs are reachable by dotted overrides (`fed.agg.method=hetlora`,
 `fed.agg.prune_threshold=0.1`, `fed.lora.rank=16`, `fed.dp.enabled=true`;
-`floe_jax.config.apply_overrides`).
+`floe_jax.overrides.apply_overrides`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ I / O widths, R padded rank.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -26,16 +25,16 @@ from flax import struct
 
 from floe_jax.config import ConfigError, ModelConfig
 from floe_jax.federated.aggregate import (
-    REASONS,
     aggregate_clusters,
     init_states,
     pick_clients,
     screen,
 )
+from floe_jax.federated.checks import check_shared_base
 from floe_jax.federated.client import local_update_clients, token_loss
 from floe_jax.federated.config import FedConfig
 from floe_jax.federated.dp import NOISE_SALT, expected_clients, private_step
-from floe_jax.federated.types import ClientData, check_token_ids, eval_rows, sample_batches
+from floe_jax.federated.types import ClientData, eval_rows, sample_batches
 from floe_jax.lora import LoRA, init_lora, rank_mask
 
 
@@ -277,7 +276,7 @@ class RoundPlan:
 def plan_round(state: ServerState, fed: FedConfig, num_clients: int) -> RoundPlan:
     """Samples the round's C clients and builds their starting adapters and keys (traceable)."""
     C, K = fed.clients_per_round, state.num_clusters
-    _check_shared_base(fed, K)
+    check_shared_base(fed, K)
     k_round = jax.random.fold_in(state.key, state.round)
     k_sample, k_data, k_train = jax.random.split(k_round, 3)
     k_agg = jax.random.fold_in(k_round, 0xA66)  # apart from the split above
@@ -417,7 +416,7 @@ def finish_round(
 
 
 def _fold_base(base_delta, round_delta, any_in, fed: FedConfig):
-    """The server's base delta plus this round's (K = 1, `_check_shared_base`)."""
+    """The server's base delta plus this round's (K = 1, `check_shared_base`)."""
     if round_delta is None:
         return base_delta
     if base_delta is None:
@@ -460,98 +459,3 @@ def _evaluate(state: ServerState, params, eval_data, ids_C, rank_C, cfg, fed) ->
 run_round = jax.jit(round_step, static_argnames=("cfg", "fed"), donate_argnames=("state",))
 run_round.__doc__ = """`round_step` compiled once per (cfg, fed, shapes); donates `state`, so never
 touch the state passed in after the call."""
-
-
-def _check_shared_base(fed: FedConfig, num_clusters: int) -> None:
-    if fed.agg.rule().init_base is not None and num_clusters > 1:
-        raise ConfigError(
-            f"FedConfig.agg.method={fed.agg.method!r} folds updates into the base weights, which "
-            "the clients of all clusters share; use it with one cluster"
-        )
-
-
-def check_data(
-    fed: FedConfig,
-    data: ClientData,
-    *,
-    cfg: ModelConfig | None = None,
-    eval_data: ClientData | None = None,
-) -> None:
-    """Host-side checks of a run's client data against its settings, before anything trains
-    (update-based clustering trains every client before the first round).
-
-    Args:
-      fed, data: the run's config and training data.
-      cfg: the base model; when given, every token id of `data` (and `eval_data`) must lie in
-        `[0, cfg.vocab_size)` (`types.check_token_ids`), so an out-of-vocabulary id is reported
-        as such rather than as a client's non-finite update.
-      eval_data: the run's eval examples, checked like `data`.
-    """
-    vocab = None if cfg is None else cfg.vocab_size
-    for what, d in (("client data", data), ("eval data", eval_data)):
-        if d is None:
-            continue
-        try:
-            check_token_ids(d.tokens, vocab)
-        except ValueError as e:
-            raise ValueError(f"{what}: {e}") from None
-    if fed.seq_len is not None and data.seq_len != fed.seq_len:
-        raise ConfigError(
-            f"client data has sequence length {data.seq_len}, FedConfig.seq_len={fed.seq_len}"
-        )
-    if fed.clients_per_round > data.num_clients:
-        raise ConfigError(
-            f"FedConfig.clients_per_round={fed.clients_per_round} exceeds the "
-            f"{data.num_clients} clients"
-        )
-
-
-def check_round(
-    fed: FedConfig,
-    data: ClientData,
-    state: ServerState,
-    *,
-    cfg: ModelConfig | None = None,
-    eval_data: ClientData | None = None,
-) -> None:
-    """Host-side checks that name the field, client or row, before a round is traced: the data
-    (`check_data`, with the same arguments) and the server state against the settings."""
-    _check_shared_base(fed, state.num_clusters)
-    check_data(fed, data, cfg=cfg, eval_data=eval_data)
-    if data.num_clients != state.assignment.shape[0]:
-        raise ValueError(
-            f"client data has {data.num_clients} clients, the server state "
-            f"{state.assignment.shape[0]}"
-        )
-    if state.global_loras.max_rank != fed.max_rank:
-        raise ConfigError(
-            f"server adapters have rank {state.global_loras.max_rank}, the padded rank of "
-            f"FedConfig.lora is {fed.max_rank}"
-        )
-
-
-def drop_reasons(metrics: dict, names: list[str], fed: FedConfig) -> dict[int, str]:
-    """`{client id: reason}` for every sampled client left out of the aggregate (host side)."""
-    out = {}
-    ids, inc = np.asarray(metrics["client_ids"]), np.asarray(metrics["included"])
-    fin, norm = np.asarray(metrics["finite"]), np.asarray(metrics["update_norm"])
-    ex = np.asarray(metrics["examples"])
-    codes = metrics.get("reason")
-    for c, cid in enumerate(ids):
-        if inc[c]:
-            continue
-        bad = [names[j] for j in np.flatnonzero(~fin[c])]
-        if bad:
-            why = "non-finite update in " + ", ".join(bad)
-        elif not math.isfinite(float(norm[c])):
-            why = "non-finite update norm"
-        elif ex[c] <= 0:
-            why = "no training examples"
-        elif fed.max_update_norm is not None and norm[c] > fed.max_update_norm:
-            why = f"update norm {float(norm[c]):.4g} > max_update_norm={fed.max_update_norm}"
-        elif codes is not None:
-            why = REASONS.get(int(np.asarray(codes)[c]), "excluded by the aggregation rule")
-        else:
-            why = "excluded by the aggregation rule"
-        out[int(cid)] = why
-    return out

@@ -17,15 +17,23 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from floe_jax.config import ModelConfig
 from floe_jax.federated.config import FedConfig
-from floe_jax.federated.loop import tree_digest
 from floe_jax.federated.rounds import train_sampled
+from floe_jax.federated.run_folder import tree_digest
 from floe_jax.federated.types import ClientData
-from floe_jax.flower.wire import WireError, client_template, from_live, live_factors
+from floe_jax.flower.wire import (
+    WireError,
+    array_record,
+    client_template,
+    from_live,
+    live_factors,
+    message_arrays,
+    message_config,
+)
 
 PHASE_HELLO = "hello"  # query: who are you (client id, rank, examples)
 PHASE_CLUSTER = "cluster"  # train: Floe's clustering update (`cluster.clustering_plan`)
@@ -115,20 +123,6 @@ class FloeClient:
         self.final = self._adapter(arrays, int(config["rank"]))
 
 
-def _arrays(msg: Message) -> dict[str, np.ndarray]:
-    rec = msg.content.array_records.get("arrays")
-    return {} if rec is None else {k: v.numpy() for k, v in rec.items()}
-
-
-def _config(msg: Message) -> dict:
-    rec = msg.content.config_records.get("config")
-    return {} if rec is None else dict(rec)
-
-
-def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-
-
 _CLIENTS: dict[tuple, FloeClient] = {}  # per process: the simulation pickles the app per message
 _CLIENTS_LOCK = threading.Lock()
 
@@ -163,19 +157,19 @@ def client_app(load: Callable[[Context], FloeClient], name: str | None = None) -
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         client = get(context)
-        config = _config(msg)
+        config = message_config(msg)
         phase = config.get("phase")
         if phase == PHASE_HELLO:
             return Message(RecordDict({"config": ConfigRecord(client.hello())}), reply_to=msg)
         if phase == PHASE_FINAL:
-            client.keep_final(_arrays(msg), config)
+            client.keep_final(message_arrays(msg), config)
             return Message(RecordDict({"config": ConfigRecord({"kept": 1})}), reply_to=msg)
         raise WireError(f"client {client.client_id}: unknown query phase {phase!r}")
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         client = get(context)
-        trained, metrics = client.train(_arrays(msg), _config(msg))
+        trained, metrics = client.train(message_arrays(msg), message_config(msg))
         content = RecordDict(
             {
                 "arrays": array_record(trained),

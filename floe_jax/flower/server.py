@@ -12,7 +12,7 @@ and rule the adapters equal the loop's (tests/test_flower.py).
 A client that fails or does not answer within `timeout` seconds is left out of that round: the
 round aggregates the clients that replied (the aggregate over the remaining clients) and its
 metrics row names the missing one under `dropped`. The run folder is the loop's
-(`floe_jax.federated.loop`): `fingerprint.json`, `fed_config.json`, `clusters.json`,
+(`floe_jax.federated.run_folder`): `fingerprint.json`, `fed_config.json`, `clusters.json`,
 `metrics.jsonl` and orbax checkpoints of the `ServerState`; a run resumes from it.
 """
 
@@ -33,7 +33,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from floe_jax.config import ConfigError, ModelConfig
-from floe_jax.federated import loop
+from floe_jax.federated import loop, run_folder
 from floe_jax.federated.cluster import clustering_plan, labels_from_updates
 from floe_jax.federated.config import FedConfig
 from floe_jax.federated.rounds import (
@@ -49,11 +49,15 @@ from floe_jax.flower.client import (
     PHASE_FINAL,
     PHASE_HELLO,
     PHASE_ROUND,
-    _arrays,
-    _config,
-    array_record,
 )
-from floe_jax.flower.wire import from_live, live_factors, nbytes
+from floe_jax.flower.wire import (
+    array_record,
+    from_live,
+    live_factors,
+    message_arrays,
+    message_config,
+    nbytes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +97,7 @@ class FloeServer:
       cfg, fed: the base model and the run's config (`fed.agg`, `fed.clustering`, rounds...).
       run_dir: the run folder (the loop's format; resumed when it holds this run).
       num_clients: N, the clients the run expects (SuperNodes with `partition-id` 0..N-1).
-      fingerprint: the run's settings (`loop.run_fingerprint`), written to and checked against
+      fingerprint: the run's settings (`run_folder.run_fingerprint`), written to and checked against
         `run_dir/fingerprint.json`; its `ranks` are replaced by the ranks the devices report.
       ranks: [N] ranks the devices must report (an error names a client that reports another);
         None takes the devices' ranks as they report them (a device may set its own).
@@ -169,7 +173,7 @@ class FloeServer:
         got, failed = self._exchange(grid, sends, MessageType.QUERY, "hello", self.connect_timeout)
         node_of, rank = {}, {}
         for n, rep in got.items():
-            info = _config(rep)
+            info = message_config(rep)
             cid = int(info["client_id"])
             if not 0 <= cid < self.num_clients:
                 raise ConfigError(
@@ -217,7 +221,7 @@ class FloeServer:
                 + "; ".join(f"client {c}: {why}" for c, why in sorted(failed.items()))
             )
         trained = _concat(
-            [from_live(_arrays(got[c]), _row(start, c), who=f"client {c}")
+            [from_live(message_arrays(got[c]), _row(start, c), who=f"client {c}")
              for c in range(self.num_clients)]
         )  # fmt: skip
         return labels_from_updates(trained, self.fed)
@@ -247,7 +251,7 @@ class FloeServer:
             row = {"round": rnd, "loss": None, "tokens": 0.0, "included": 0,
                    "bytes_up": 0.0, "bytes_down": 0.0}  # fmt: skip
         else:
-            received = [_arrays(got[int(ids[c])]) for c in rows]
+            received = [message_arrays(got[int(ids[c])]) for c in rows]
             trained = _concat(
                 [from_live(a, _row(plan.start, c), who=f"client {int(ids[c])}")
                  for a, c in zip(received, rows, strict=True)]
@@ -290,16 +294,16 @@ class FloeServer:
         fed = self.fed
         node_of, ranks = self._connect(grid)
         fingerprint = {**self.fingerprint, "ranks": ranks.tolist()}  # the ranks the run trains
-        loop._claim_run_dir(self.run_dir, fingerprint, restart=self.restart)
-        digest = loop.fingerprint_digest(fingerprint)
-        assignment, K = loop._resolve_clusters(
+        run_folder.claim_run_dir(self.run_dir, fingerprint, restart=self.restart)
+        digest = run_folder.fingerprint_digest(fingerprint)
+        assignment, K = loop.resolve_clusters(
             None, None, cfg=self.cfg, fed=fed, ranks=ranks, assignment=self.assignment,
             num_clusters=self.num_clusters, run_dir=self.run_dir,
             updates=lambda: self._cluster(grid, node_of, ranks),
         )  # fmt: skip
         state = init_server_state(self.cfg, fed, ranks=ranks, assignment=assignment,
                                   num_clusters=K)  # fmt: skip
-        state = loop.resume_or_start(self.run_dir, state, digest, fed)
+        state = run_folder.resume_or_start(self.run_dir, state, digest, fed)
         self.names = tensor_names(state.global_loras)
         first = int(state.round)
         last = fed.num_rounds
@@ -311,11 +315,11 @@ class FloeServer:
             log.info("round %d: loss %s, %d included, dropped %s", r, row["loss"],
                      row["included"], row["dropped"])  # fmt: skip
             if (r + 1) % fed.checkpoint_every == 0 or r + 1 == last:
-                loop.save_round(self.run_dir, r + 1, state, fed, digest, row)
+                run_folder.save_round(self.run_dir, r + 1, state, fed, digest, row)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         if int(state.round) == fed.num_rounds:
-            loop._check_trained(self.run_dir)
+            run_folder.check_trained(self.run_dir)
             self._final(grid, state, node_of)
         return state
 

@@ -7,6 +7,9 @@ client's first r slots. On the wire it is `a.<module>` [L_live, I, r] and `b.<mo
 [L_live, r, O] for each module with a live layer; both ends rebuild the padded adapter from the
 mask of the client's rank (`client_template`), so the payload holds exactly the parameters
 floe_jax counts as communicated (`rules._count`: live slots x (I + O), 4 bytes each).
+
+`array_record`, `message_arrays` and `message_config` put those arrays and a round's settings
+into Flower messages and take them out (so this module needs `flwr`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flwr.app import Array, ArrayRecord, Message
 
 from floe_jax.config import ModelConfig
 from floe_jax.federated.config import FedConfig
@@ -111,3 +115,20 @@ def client_template(cfg: ModelConfig, fed: FedConfig, rank: int) -> LoRA:
 def nbytes(arrays: dict[str, np.ndarray]) -> int:
     """Bytes of a payload's tensors (the factors' data, not Flower's framing)."""
     return int(sum(np.asarray(x).nbytes for x in arrays.values()))
+
+
+def message_arrays(msg: Message) -> dict[str, np.ndarray]:
+    """The named arrays a Flower message carries in its "arrays" record ({} without one)."""
+    rec = msg.content.array_records.get("arrays")
+    return {} if rec is None else {k: v.numpy() for k, v in rec.items()}
+
+
+def message_config(msg: Message) -> dict:
+    """The settings a Flower message carries in its "config" record ({} without one)."""
+    rec = msg.content.config_records.get("config")
+    return {} if rec is None else dict(rec)
+
+
+def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """Named numpy arrays as the record a Flower message carries."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})

@@ -30,16 +30,8 @@ import safetensors.numpy
 from flax import traverse_util
 
 from floe_jax.config import LORA_TARGETS, ConfigError, ModelConfig
-from floe_jax.hf.config import (
-    CONFIG_FILE,
-    FUSED_TENSORS,
-    MULTIMODAL_GEMMA3,
-    CheckpointError,
-    config_from_hf,
-    config_to_hf,
-    module_name,
-    read_json,
-)
+from floe_jax.hf.config import CONFIG_FILE, MULTIMODAL_GEMMA3, config_from_hf, config_to_hf
+from floe_jax.hf.layout import FUSED_TENSORS, CheckpointError, module_name, read_json
 from floe_jax.model import param_shapes, stack_layers
 
 WEIGHTS_FILE = "model.safetensors"

@@ -27,7 +27,7 @@ import numpy as np
 
 from floe_jax.config import LORA_TARGETS, ModelConfig, normalize_targets
 from floe_jax.hf.checkpoint import get_tensor, open_safetensors, write_safetensors
-from floe_jax.hf.config import (
+from floe_jax.hf.layout import (
     FUSED_TENSORS,
     PROJ_SUBMODULE,
     CheckpointError,
