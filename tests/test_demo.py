@@ -335,6 +335,13 @@ def test_real_model_preset_on_tiny_stand_ins(tmp_path):
     assert result["clients"]["client_tasks"] in (["math", "words"], ["words", "math"])
 
 
+def test_real_model_preset_refuses_a_tokenizer_past_its_models_vocabulary(tmp_path):
+    preset = _tiny_real_preset(tmp_path)  # edge tokenizer 300 tokens, cloud model vocab 260
+    bad = dataclasses.replace(preset, cloud_tokenizer_path=preset.edge_path)
+    with pytest.raises(ValueError, match=r"the cloud tokenizer .* 300 tokens, more than .* 260"):
+        demo.setup_real(bad)
+
+
 def test_qwen_preset_parses_with_paths():
     p = get_preset("qwen", ["edge_path=/m/edge", "cloud_path=/m/cloud", "fed.rounds.num_rounds=2"])
     assert p.edge_path == "/m/edge" and p.fed.rounds.num_rounds == 2
