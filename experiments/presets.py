@@ -224,6 +224,9 @@ class DemoEval:
         `allow`.
       latency_queries: queries decoded one at a time (batch 1) for the per-token latency, the
         same number of each query type.
+      speculate: Floe's latency queries are also decoded with speculative fused decoding, one
+        cloud call per draft of up to this many edge tokens (`FusedDecodeConfig.speculate`; 0:
+        not measured). The accuracy rows decode token by token.
       ablations: also run Floe without the deadline.
       oracle: also run the token oracle (the ceiling of any token-level mixer).
       cloud: `http` (default: the run starts `serve-cloud` on a loopback port and reaches it with
@@ -241,6 +244,7 @@ class DemoEval:
     sigma: float = 0.25
     policy: PrivacyPolicy = PrivacyPolicy(action="redact")
     latency_queries: int = 9
+    speculate: int = 8
     ablations: bool = True
     oracle: bool = True
     extraction: bool = True
@@ -262,6 +266,8 @@ class DemoEval:
                 f"eval.policy.action must be redact or edge_only (the guarded methods' guard), "
                 f"got {self.policy.action!r}"
             )
+        if self.speculate < 0:
+            raise ConfigError(f"eval.speculate must be >= 0, got {self.speculate}")
         if self.latency_queries < 0:
             raise ConfigError(f"eval.latency_queries must be >= 0, got {self.latency_queries}")
 

@@ -181,6 +181,7 @@ def test_smoke_demo_writes_run_folder(smoke_run):
     report = (run_dir / "report.md").read_text()
     for plot in ("accuracy.png", "router.png", "latency.png", "rounds.png"):
         assert f"]({plot})" in report  # embedded
+    assert "## Speculative fused decoding" in report
     saved = json.loads((run_dir / "results.json").read_text())
     assert saved["eval"]["policy"]["action"] == "redact"  # the eval settings travel with it
     ids = [r["id"] for r in saved["rows"]]
@@ -259,6 +260,10 @@ def test_smoke_demo_latency_and_ranks(smoke_run):
         assert rows[name]["latency_ms_mean"] > 0
     # the cloud-only request waits for the simulated round trip on every token
     assert rows["cloud-redacted"]["latency_ms_mean"] > 50
+    # Floe's latency queries also run speculatively: whole rounds of drafted tokens per call
+    spec = rows["floe"]["speculative"]
+    assert spec["queries"] == 1 and spec["latency_ms_mean"] > 0
+    assert spec["tokens_per_call"] >= 1 and 0 <= spec["same_output"] <= 1
     ranks = result["clients"]["ranks"]
     assert len(set(ranks)) > 1 and max(ranks) <= get_preset("smoke").fed.rounds.max_rank
 

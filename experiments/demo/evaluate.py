@@ -202,14 +202,37 @@ def _accuracy(bench, preds) -> tuple[dict, dict]:
     return acc, per_task
 
 
-def _latency(ctx: _Ctx, m: Method, lat_idx) -> list[float]:
-    lat = []
+def _latency(ctx: _Ctx, m: Method, lat_idx) -> tuple[list[float], list]:
+    """Per-token ms of `m` over the queries `lat_idx`, one at a time, and each query's result."""
+    lat, results = [], []
     for i in lat_idx:  # one query at a time: per-token latency of one request
         rec = SpanRecorder(ctx.cloud.backend, ctx.decode)
         for _ in range(2):  # the first run compiles this prompt bucket; keep the second
             r1 = _run_fused(ctx, m, [i], rec, net_seed=int(i))
         lat += list(r1.latency_s[1:] * 1e3)  # token 0 includes the prefill
-    return lat
+        results.append(r1)
+    return lat, results
+
+
+def _speculative_latency(ctx: _Ctx, m: Method, lat_idx, token_by_token: list) -> dict:
+    """Floe's latency queries decoded again with speculative fused decoding
+    (`speculate=eval.speculate`, k adapted): ms per token, and how its output compares with the
+    token-by-token results `token_by_token` of the same queries (the same greedy tokens unless a
+    reply missed the deadline in one mode and not the other)."""
+    spec = dataclasses.replace(
+        m, decode=dataclasses.replace(m.decode, speculate=ctx.preset.eval.speculate)
+    )
+    lat, results = _latency(ctx, spec, lat_idx)
+    stats = [r.speculation for r in results]
+    same = [a.tokens == b.tokens for a, b in zip(results, token_by_token, strict=True)]
+    return dict(
+        speculate=ctx.preset.eval.speculate,
+        latency_ms_mean=float(np.mean(lat)),
+        tokens_per_call=float(np.mean([s["tokens_per_call"] for s in stats])),
+        acceptance=float(np.mean([s["acceptance"] for s in stats])),
+        same_output=int(sum(same)),
+        queries=len(same),
+    )
 
 
 def latency_queries(bench, n: int) -> list[int]:
@@ -277,9 +300,11 @@ def evaluate(preset: DemoPreset | RealPreset, prep: Setup, fed: dict, run_dir: s
                 row["spans_at_server"] = cloud.server_recorder.spans - at_server
             row["accuracy"], row["per_task"] = _accuracy(bench, preds)
             if m.id in LATENCY_METHODS and lat_idx:
-                lat = _latency(ctx, m, lat_idx)
+                lat, results = _latency(ctx, m, lat_idx)
                 row |= dict(latency_ms=lat, latency_ms_mean=float(np.mean(lat)),
                             latency_ms_p95=float(np.percentile(lat, 95)))  # fmt: skip
+                if m.id == FLOE and preset.eval.speculate:
+                    row["speculative"] = _speculative_latency(ctx, m, lat_idx, results)
             row["seconds"] = time.perf_counter() - t0
             rows.append(row)
             eval_lines.append({k: v for k, v in row.items() if k != "latency_ms"} | {
