@@ -264,6 +264,7 @@ def test_smoke_demo_latency_and_ranks(smoke_run):
     spec = rows["floe"]["speculative"]
     assert spec["queries"] == 1 and spec["latency_ms_mean"] > 0
     assert spec["tokens_per_call"] >= 1 and 0 <= spec["same_output"] <= 1
+    assert spec["differ_in_time"] == 0  # greedy: the token-by-token output, replies in time
     ranks = result["clients"]["ranks"]
     assert len(set(ranks)) > 1 and max(ranks) <= get_preset("smoke").fed.rounds.max_rank
 

@@ -217,14 +217,17 @@ def _latency(ctx: _Ctx, m: Method, lat_idx) -> tuple[list[float], list]:
 def _speculative_latency(ctx: _Ctx, m: Method, lat_idx, token_by_token: list) -> dict:
     """Floe's latency queries decoded again with speculative fused decoding
     (`speculate=eval.speculate`, k adapted): ms per token, and how its output compares with the
-    token-by-token results `token_by_token` of the same queries (the same greedy tokens unless a
-    reply missed the deadline in one mode and not the other)."""
+    token-by-token results `token_by_token` of the same queries: the same greedy tokens unless a
+    reply missed the deadline in one mode (the two modes ask at different times);
+    `differ_in_time` counts queries that differ with every reply in time in both."""
     spec = dataclasses.replace(
         m, decode=dataclasses.replace(m.decode, speculate=ctx.preset.eval.speculate)
     )
     lat, results = _latency(ctx, spec, lat_idx)
     stats = [r.speculation for r in results]
-    same = [a.tokens == b.tokens for a, b in zip(results, token_by_token, strict=True)]
+    pairs = list(zip(results, token_by_token, strict=True))
+    same = [a.tokens == b.tokens for a, b in pairs]
+    late = [a.failures["deadline"] + b.failures["deadline"] > 0 for a, b in pairs]
     return dict(
         speculate=ctx.preset.eval.speculate,
         latency_ms_mean=float(np.mean(lat)),
@@ -232,6 +235,8 @@ def _speculative_latency(ctx: _Ctx, m: Method, lat_idx, token_by_token: list) ->
         acceptance=float(np.mean([s["acceptance"] for s in stats])),
         same_output=int(sum(same)),
         queries=len(same),
+        # greedy speculation is token by token unless a reply came too late in either mode
+        differ_in_time=int(sum(not s and not t for s, t in zip(same, late, strict=True))),
     )
 
 
