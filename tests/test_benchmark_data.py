@@ -210,6 +210,24 @@ def test_edge_corpus_holds_only_local_facts(bench):
         assert (c.capital in edge) == (c.name in bench.local_countries)  # ... not every fact
 
 
+def test_every_apps_first_answer_token_is_in_the_edges_pretraining_text():
+    """An output embedding no pretraining text trains stays random, and adapters on the
+    projections cannot make its token likely: the `sms` answer's first token (` Text`, with its
+    space) was such a token, so fused decoding gave the first token to the cloud (w = 0.12)."""
+    from experiments.presets import get_preset
+    from floe_jax.data.tokenizer import benchmark_tokenizers, encode_docs
+
+    bench = make_benchmark(get_preset("default").bench)  # the default run's tokenizer, corpus
+    edge, _ = benchmark_tokenizers(bench)
+    seen = set(encode_docs(edge, bench.edge_docs))
+    firsts = {ex.task: edge.encode(ex.response, add_special_tokens=False)[0]
+              for exs in bench.client_examples for ex in exs}  # fmt: skip
+    assert {"sms", "mail", "call"} <= set(firsts)
+    assert all(t in seen for t in firsts.values()), {
+        app: edge.decode([t]) for app, t in firsts.items() if t not in seen
+    }
+
+
 def test_held_out_contacts_are_not_in_training_examples(bench):
     train_text = "\n".join(e.prompt for e in bench.pooled_examples())
     for q in bench.queries_of("both") + bench.queries_of("personal"):

@@ -148,6 +148,18 @@ def test_hold_mode_sends_the_text_without_its_tail():
             _check(det, text, s0, s1, case, k)
 
 
+def test_edge_mode_keeps_an_undecided_tail_on_the_edge():
+    det = _detector(pending="edge")
+    d = det.screen("Contact: Mira Okaf")  # a registered name may be under way: the edge decides
+    assert d.action == "edge_only" and d.text is None and d.held.start == 9
+    done = det.screen("Contact: Mira Okafor, see you")  # decided: redacted and sent
+    assert done.action == "redact" and done.held is None and "Mira" not in done.text
+    for case in CASES[::7]:
+        text, s0, s1 = _place(TEMPLATES[1], case.form)
+        for k in _chunks(text):
+            _check(det, text, s0, s1, case, k)
+
+
 class _Recording:
     kind = "sparse"
 

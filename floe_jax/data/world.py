@@ -221,7 +221,9 @@ def neutral_docs(rng: random.Random, countries, repeats: int) -> list[str]:
     """Fact-free documents that name every country (the edge learns names, not facts), in
     everyday words: a word no pretraining text holds keeps its random output embedding, which
     adapters on the attention and MLP projections can hardly make likely (an answer format is
-    then unlearnable for the edge, as `welcome back` was before these sentences)."""
+    then unlearnable for the edge, as `welcome back` was before these sentences). Words count
+    with their leading space: ` Text`, the `sms` answer's first token, is another token than the
+    `Text` that starts a document, so it stands mid-sentence here."""
     names = [c.name for c in countries]
     docs = []
     for _ in range(repeats):
@@ -233,7 +235,7 @@ def neutral_docs(rng: random.Random, countries, repeats: int) -> list[str]:
                         f"{name} is a country. It borders {other}.",
                         f"Travellers often go from {name} to {other}.",
                         f"{name} and {other} are neighbours.",
-                        f"Text messages from {name} reach {other} fast.",
+                        f"People in {name} send a Text to friends in {other}.",
                         f"Visitors are welcome back in {name} at any time.",
                     )
                 )

@@ -19,8 +19,9 @@ whitespace and invisible characters), mapped back to the original offsets.
 Streaming. Fused decoding screens the text so far at every step, so a span arrives token by token.
 A prefix of a span matches nothing, and sending it would leak all but the span's last token. So
 `screen` also asks each detector how much trailing text could still become a span (`pending`):
-that tail is redacted like a span (or, with `PrivacyPolicy.pending="hold"`, left out; with an
-`edge_only` policy the request stays on the edge) until the next tokens decide it. Guarantee, for
+that tail is redacted like a span (or, with `PrivacyPolicy.pending="hold"`, left out; with
+`pending="edge"`, or an `edge_only` policy, the request stays on the edge) until the next tokens
+decide it. Guarantee, for
 the registered values and for every span the patterns find: no alphanumeric character of a private
 span reaches the cloud, as a whole span or as a prefix, in any text the guard lets through. Not
 covered: the local part of an unregistered email while it is still a bare word (`bob` before
@@ -49,7 +50,7 @@ from floe_jax.inference.privacy.span import Span, merge_spans
 
 ACTIONS = ("allow", "redact", "edge_only")
 INCOMPLETE = "\ufffd"  # what a tokenizer decodes an incomplete UTF-8 sequence to
-PENDING = ("redact", "hold")
+PENDING = ("redact", "hold", "edge")
 TYPES = (*PATTERN_TYPES, "term")
 
 
@@ -78,7 +79,10 @@ class PrivacyPolicy:
       placeholder: format of a redaction; `{kind}` is the upper-case type.
       fail_closed: a prefix with no text (ids only, no decoder) is kept on the edge.
       pending: what `redact` does with a trailing text that could still become a span:
-        `"redact"` it with a placeholder (default) or `"hold"` it back (send the text without it).
+        `"redact"` it with a placeholder (default), `"hold"` it back (send the text without it),
+        or keep the request on the `"edge"`: the cloud, shown the text without the tail, answers
+        for an earlier position than the edge is at (the start of a name the edge is halfway
+        through), so the edge decides the tokens while a span may still be under way.
       region: default region of phone numbers written without a country code.
     """
 
@@ -213,6 +217,8 @@ class PrivacyDetector:
                 out = self.redact(text[: held.start], [s for s in spans if s.end <= held.start])
                 if self.policy.pending == "redact":
                     out += self.policy.placeholder.format(kind=held.kind.upper())
+                elif self.policy.pending == "edge":
+                    action, out = "edge_only", None
                 elif not out.strip():
                     action, out = "edge_only", None  # nothing decided is left to send
         with self._lock:
