@@ -449,7 +449,7 @@ class RealPreset:
     fed: DemoFed = DemoFed(
         rounds=dataclasses.replace(DEMO_ROUNDS, num_rounds=10, checkpoint_every=10, seq_len=512)
     )
-    eval: DemoEval = DemoEval()
+    eval: DemoEval = DemoEval(oracle=False)  # the token oracle decodes every query again
     seed: int = 0
 
     def __post_init__(self):
