@@ -79,6 +79,16 @@ def test_generation_stops_on_any_of_the_eos_ids():
     np.testing.assert_array_equal(np.asarray(out)[0, : first_at + 1], free[: first_at + 1])
 
 
+def test_fused_decoding_takes_a_list_of_eos_ids():
+    from floe_jax.inference.fused import FusedDecodeConfig
+
+    c = FusedDecodeConfig(max_new_tokens=4, eos_id=[151645, 151643])
+    assert c.eos_id == (151645, 151643) and hash(c)  # a static argument
+    assert FusedDecodeConfig(max_new_tokens=4, eos_id=7).eos_id == 7
+    with pytest.raises(ConfigError, match="eos_id"):
+        FusedDecodeConfig(max_new_tokens=4, eos_id=[])
+
+
 def test_budgets_and_preset_checks():
     p = get_preset("qwen", ["max_new_tokens=100", "max_new_tokens_by_task=classification=8"])
     assert p.budget("classification") == 8 and p.budget("open_qa") == 100

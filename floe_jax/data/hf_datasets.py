@@ -2,8 +2,10 @@
 
 Column names are configurable, so Alpaca-style (`instruction` / `input` / `output`), Dolly-style
 (`instruction` / `context` / `response` / `category`) and plain `prompt` / `response` / `task`
-files all load without conversion. Tests use local files only; a hub id is for real runs (it
-downloads unless the dataset is already in the `datasets` cache).
+files all load without conversion; a list of files of one task each loads as a multi-task mix
+with the tasks named by file (`task_from_file`, FedIT's mix of instruction sets). Tests use local
+files only; a hub id is for real runs (it downloads unless the dataset is already in the
+`datasets` cache).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@
   client few tasks; large alpha approaches an IID split. Draws are repeated (from the same seeded
   generator) until every client holds at least `min_size` examples.
 
-Both return C sorted int64 index arrays that together cover each used example exactly once.
+Both return C sorted int64 index arrays that together cover each used example exactly once. The
+real-model preset (`experiments.demo.setup.setup_real`) splits its clients with them.
 """
 
 from __future__ import annotations
