@@ -16,7 +16,7 @@ from experiments.presets import REAL_PRESETS, get_preset
 from experiments.standins import dolly_jsonl, dolly_rows, standin_tokenizer, write_standin
 from floe_jax.config import ConfigError, ModelConfig
 from floe_jax.data.hf_datasets import load_instruction_dataset
-from floe_jax.data.tokenizer import encode_example, encode_examples, long_examples
+from floe_jax.data.tokenizer import encode_example, encode_examples, encode_prompt, long_examples
 from floe_jax.decode import generate
 from floe_jax.inference.align import StringMapper, build_map, vocab_of
 from floe_jax.model import init_params
@@ -61,6 +61,23 @@ def test_two_families_map_end_of_turn_to_the_edges_declared_eos(toks):
     if len(word) == 1:  # a whole word in both: the same text
         assert edge.decode([int(vm.cloud_to_edge[word[0]])]) == " river"
     assert vm.coverage()["exact"] > 0.5  # one byte alphabet, overlapping merges
+
+
+def test_a_chat_template_that_writes_bos_gets_one_bos(toks):
+    """Llama 3's template starts with <|begin_of_text|>: the prompt's ids hold it once; Qwen's
+    has no bos; the template's special tokens encode as their ids, not as text."""
+    from experiments.demo.setup import chat_prompt
+
+    llama, qwen = toks["llama3"], toks["qwen2"]
+    ids = encode_prompt(llama, chat_prompt(llama, "hello"))
+    assert ids[0] == llama.bos_token_id and ids.count(llama.bos_token_id) == 1
+    assert llama.convert_tokens_to_ids("<|start_header_id|>") in ids
+    ids = encode_prompt(qwen, chat_prompt(qwen, "hello", system="Be brief."))
+    assert qwen.bos_token_id is None and ids[0] == qwen.convert_tokens_to_ids("<|im_start|>")
+    assert qwen.decode(ids) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
 
 
 def test_generation_stops_on_any_of_the_eos_ids():
