@@ -204,3 +204,24 @@ def test_long_examples_are_cut_or_dropped_and_counted(tmp_path, toks, how):
     kept = {p for (p, _), drop in zip(pairs, dropped, strict=True) if not drop}
     assert {q.prompt for q in got.bench.queries} <= kept
     assert all(e.prompt in kept for ex in got.bench.client_examples for e in ex)
+
+
+def test_the_cloud_is_sent_its_own_template_and_the_answer_so_far(toks):
+    """`CloudPrompts`: ids that start with a query's edge-templated prompt become the query's
+    cloud-templated prompt plus the edge's answer so far; other ids decode as they are."""
+    from experiments.demo.evaluate import CloudPrompts
+    from experiments.demo.setup import chat_prompt
+
+    edge, cloud = toks["llama3"], toks["qwen2"]
+    questions = ["what about the river?", "name a stone"]
+    prompts = [encode_prompt(edge, chat_prompt(edge, q)) for q in questions]
+    texts = [chat_prompt(cloud, q) for q in questions]
+
+    def decode(ids):
+        return edge.decode(ids, skip_special_tokens=True)
+
+    to_cloud = CloudPrompts(decode, prompts, texts)
+    answer = edge.encode(" The river", add_special_tokens=False)
+    assert to_cloud(prompts[1] + answer) == texts[1] + " The river"
+    assert to_cloud(prompts[0]) == texts[0]
+    assert to_cloud(answer) == " The river"
