@@ -96,17 +96,24 @@ class CloudPrompts:
       cloud_texts: each query's prompt in the cloud's template.
     """
 
+    _TAIL = 8  # prompts are looked up by (length, last ids), then compared whole
+
     def __init__(self, decode, prompts, cloud_texts):
         self.decode = decode
-        self.table = {tuple(p): t for p, t in zip(prompts, cloud_texts, strict=True)}
+        self.by_tail: dict[tuple, list[tuple[list[int], str]]] = {}
+        for p, t in zip(prompts, cloud_texts, strict=True):
+            key = (len(p), tuple(p[-self._TAIL :]))
+            self.by_tail.setdefault(key, []).append((list(p), t))
         self.lengths = sorted({len(p) for p in prompts}, reverse=True)
 
     def __call__(self, ids) -> str:
         ids = list(ids)
-        for n in self.lengths:
-            text = self.table.get(tuple(ids[:n])) if len(ids) >= n else None
-            if text is not None:
-                return text + self.decode(ids[n:])
+        for n in self.lengths:  # the longest prompt that starts `ids`
+            if n > len(ids):
+                continue
+            for p, text in self.by_tail.get((n, tuple(ids[max(n - self._TAIL, 0) : n])), ()):
+                if ids[:n] == p:
+                    return text + self.decode(ids[n:])
         return self.decode(ids)
 
 
