@@ -278,7 +278,8 @@ def _tiny_real_preset(root):
     Llama edge and a random Qwen2 cloud written by transformers, each with its family's
     tokenizer layout (special tokens, chat template, a list of stop ids in
     `generation_config.json`) trained locally at its own size (340 and 300 tokens: other merges,
-    other ids), and a Dolly-shaped jsonl of three categories split Dirichlet over six clients."""
+    other ids), and a Dolly-shaped jsonl of three categories split Dirichlet over six clients,
+    some of its examples past `seq_len`."""
     from _hf_utils import save_hf_model
 
     from experiments.standins import dolly_jsonl, standin_tokenizer, write_standin
@@ -305,7 +306,7 @@ def _tiny_real_preset(root):
         max_new_tokens_by_task="classification=2", closed_tasks=("classification",),
         fed=dataclasses.replace(
             smoke.fed, rounds=dataclasses.replace(smoke.fed.rounds, clients_per_round=3,
-                                                  seq_len=96),
+                                                  seq_len=56),
             baselines=(), local=False, centralized=False,
             devices=("jetson-orin-nano-8gb", "raspberry-pi-5-8gb"),
         ),
@@ -343,6 +344,10 @@ def test_real_model_preset_on_tiny_stand_ins(tmp_path):
     assert len(data["clients"]) == 6 and all(c["test"] == 1 and c["train"] >= 1
                                              for c in data["clients"])  # fmt: skip
     assert data["rows"] == 48 and data["used"] == 48 - data["dropped"]
+    # seq_len=56 cuts some examples (trained on their head) and drops the ones whose prompt fills it
+    assert (
+        data["truncated"] > 0 and data["longer_than_seq_len"] == data["truncated"] + data["dropped"]
+    )
     assert max(len(c["tasks"]) for c in data["clients"]) > 1  # a mix, not one task each
     assert setup.real.budgets == tuple(2 if q.task == "classification" else 3
                                        for q in setup.bench.queries)  # fmt: skip
