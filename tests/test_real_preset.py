@@ -225,3 +225,21 @@ def test_the_cloud_is_sent_its_own_template_and_the_answer_so_far(toks):
     assert to_cloud(prompts[1] + answer) == texts[1] + " The river"
     assert to_cloud(prompts[0]) == texts[0]
     assert to_cloud(answer) == " The river"
+
+
+def test_eos_ids_read_every_stop_of_generation_config(tmp_path, toks):
+    from experiments.demo.setup import eos_ids
+
+    tok = toks["qwen2"]
+    cfg = ModelConfig(vocab_size=320, hidden_size=8, intermediate_size=16, num_layers=1,
+                      num_heads=2, num_kv_heads=1, eos_token_id=5)  # fmt: skip
+    gen = tmp_path / "generation_config.json"
+    gen.write_text(json.dumps({"eos_token_id": [tok.eos_token_id, 7]}))
+    assert eos_ids(str(tmp_path), tok, cfg) == (tok.eos_token_id, 7, 5)  # no repeats
+    gen.write_text(json.dumps({"eos_token_id": 9}))
+    assert eos_ids(str(tmp_path), tok, cfg) == (9, 5, tok.eos_token_id)
+    gen.write_text(json.dumps({"eos_token_id": "<|im_end|>"}))
+    with pytest.raises(ValueError, match="generation_config.json: eos_token_id"):
+        eos_ids(str(tmp_path), tok, cfg)
+    gen.unlink()  # no generation config: the config's and the tokenizer's
+    assert eos_ids(str(tmp_path), tok, cfg) == (5, tok.eos_token_id)
