@@ -185,6 +185,26 @@ def advance(
     return dataclasses.replace(state, cache=cache), logits[:, 0]
 
 
+EosIds = int | tuple[int, ...] | None
+"""A stop id, or several (instruct models list more than one in `generation_config.json`: Qwen2.5
+ends a chat turn with `<|im_end|>` and a document with `<|endoftext|>`); None: never stop."""
+
+
+def eos_tuple(eos_id: EosIds) -> tuple[int, ...]:
+    """`eos_id` as a tuple of ids (empty for None)."""
+    if eos_id is None:
+        return ()
+    return (int(eos_id),) if isinstance(eos_id, int | np.integer) else tuple(int(i) for i in eos_id)
+
+
+def is_eos(tokens: jax.Array, eos_id: EosIds) -> jax.Array:
+    """Bool mask of `tokens` equal to any of the stop ids (`eos_id` static)."""
+    ids = eos_tuple(eos_id)
+    if not ids:
+        return jnp.zeros(jnp.shape(tokens), bool)
+    return jnp.isin(tokens, jnp.asarray(ids, jnp.int32))
+
+
 def append_token(
     state: DecodeState,
     logits_BV: jax.Array,
@@ -194,11 +214,11 @@ def append_token(
     pad_id: int = 0,
 ) -> DecodeState:
     """Samples token `state.step` from `logits_BV` with `fold_in(state.key, step)` and appends
-    it: `pad_id` for rows already done, a row is done once it emits `eos_id`. The tail of every
-    decode step, plain or fused."""
+    it: `pad_id` for rows already done, a row is done once it emits `eos_id` (one id or a tuple
+    of them). The tail of every decode step, plain or fused."""
     nxt = sample_logits(logits_BV, jax.random.fold_in(state.key, state.step), sampling)
     nxt = jnp.where(state.done, pad_id, nxt)
-    done = state.done if eos_id is None else state.done | (nxt == eos_id)
+    done = state.done if eos_id is None else state.done | is_eos(nxt, eos_id)
     out = jax.lax.dynamic_update_slice(state.out, nxt[:, None], (0, state.step))
     return dataclasses.replace(state, token=nxt, out=out, step=state.step + 1, done=done)
 
@@ -266,7 +286,8 @@ def generate(
       key: PRNG key (unused when greedy).
       sampling: temperature / top-p (static).
       lora: adapters applied unmerged, or None.
-      eos_id: stop a row after it emits this id (static); None runs N steps.
+      eos_id: stop a row after it emits this id, or any of a tuple of ids (static); None runs N
+        steps.
       pad_id: written after a row stops.
 
     Returns:
@@ -291,9 +312,9 @@ def generate(
     if eos_id is None:
         lengths = jnp.full((tokens.shape[0],), state.step, jnp.int32)
     else:
-        is_eos = (state.out == eos_id) & (jnp.arange(max_new_tokens) < state.step)
-        first = jnp.argmax(is_eos, axis=1)
-        lengths = jnp.where(is_eos.any(1), first + 1, state.step).astype(jnp.int32)
+        stop = is_eos(state.out, eos_id) & (jnp.arange(max_new_tokens) < state.step)
+        first = jnp.argmax(stop, axis=1)
+        lengths = jnp.where(stop.any(1), first + 1, state.step).astype(jnp.int32)
     return state.out, lengths
 
 

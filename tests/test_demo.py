@@ -280,71 +280,111 @@ def test_client_ranks_differ_on_default_devices():
 
 
 def _tiny_real_preset(root):
-    """The `qwen` preset's code path on tiny local stand-ins of two families: a random Gemma 3
-    edge and a random Qwen3 cloud written by transformers, each with its own tiny tokenizer (300
-    and 260 tokens: other merges, other ids), and a tiny jsonl instruction dataset with task
-    labels."""
+    """The `qwen` preset's code path on tiny local stand-ins (`experiments.standins`): a random
+    Llama edge and a random Qwen2 cloud written by transformers, each with its family's
+    tokenizer layout (special tokens, chat template, a list of stop ids in
+    `generation_config.json`) trained locally at its own size (340 and 300 tokens: other merges,
+    other ids), and a Dolly-shaped jsonl of three categories split Dirichlet over six clients,
+    some of its examples past `seq_len`."""
     from _hf_utils import save_hf_model
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    rows = []
-    for i in range(24):
-        rows.append({"instruction": f"add {i} and one", "response": f"{i + 1}", "category": "math"})
-        rows.append({"instruction": f"spell {i}", "response": f"n{i}", "category": "words"})
-    data = root / "data.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    for name, case, vocab, seed in (
-        ("edge", "gemma3-interleaved", 300, 0),
-        ("cloud", "qwen3-window-headdim16", 260, 1),
+    from experiments.standins import dolly_jsonl, standin_tokenizer, write_standin
+
+    cats = ("classification", "closed_qa", "open_qa")
+    rows = dolly_jsonl(root / "dolly.jsonl", 48, categories=cats)
+    texts = [f"{r['instruction']} {r['context']} {r['response']}" for r in rows]
+    for name, family, case, vocab, seed in (
+        ("edge", "llama3", "llama-gqa", 340, 0),
+        ("cloud", "qwen2", "qwen2-gqa", 300, 1),
     ):
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab, special_tokens=["<pad>", "<eos>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-        )  # fmt: skip
-        tok.train_from_iterator([r["instruction"] + " " + r["response"] for r in rows], trainer)
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
-        ids = dict(vocab_size=len(fast), eos_token_id=1, pad_token_id=0, bos_token_id=None)
+        tok = standin_tokenizer(family, vocab, texts, seed=seed)
+        ids = dict(vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                   pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)  # fmt: skip
         save_hf_model(case, root / name, seed=seed, overrides=ids)
-        fast.save_pretrained(str(root / name))  # no bos token, like Qwen's
-    smoke = PRESETS["smoke"]  # two task families, so Floe's K (known_k) is 2
+        write_standin(
+            root / name, family, tok, json.loads((root / name / "config.json").read_text())
+        )
+    smoke = PRESETS["smoke"]
     return dataclasses.replace(
         REAL_PRESETS["qwen"], edge_path=str(root / "edge"), cloud_path=str(root / "cloud"),
-        dataset=str(data), input_column="", num_clients=2, examples_per_client=8,
-        test_per_client=2, dtype="float32",
+        dataset=str(root / "dolly.jsonl"), num_clients=6, dirichlet_alpha=1.0, test_per_client=1,
+        max_train_per_client=4, dtype="float32", max_new_tokens=3,
+        max_new_tokens_by_task="classification=2", closed_tasks=("classification",),
         fed=dataclasses.replace(
-            smoke.fed, rounds=dataclasses.replace(smoke.fed.rounds, clients_per_round=2),
+            smoke.fed, rounds=dataclasses.replace(smoke.fed.rounds, clients_per_round=3,
+                                                  seq_len=56),
             baselines=(), local=False, centralized=False,
+            devices=("jetson-orin-nano-8gb", "raspberry-pi-5-8gb"),
         ),
         eval=dataclasses.replace(
-            smoke.eval, decode=dataclasses.replace(smoke.eval.decode, max_new_tokens=3),
-            latency_queries=1, oracle=False,
+            smoke.eval, latency_queries=1, oracle=False, cloud="http",
         ),
     )  # fmt: skip
 
 
 def test_real_model_preset_on_tiny_stand_ins(tmp_path):
-    """A Gemma 3 edge with a Qwen3 cloud of another vocabulary: the whole demo runs."""
+    """A Llama edge with a Qwen2 cloud of another family and vocabulary, both chat-templated,
+    on Dolly-shaped data split over more clients than tasks: the whole demo runs and reports
+    ROUGE-L per category (exact match on the closed one) in report.md and results.json."""
     preset = _tiny_real_preset(tmp_path)
     setup = demo.setup_real(preset)
-    assert setup.edge_cfg.vocab_size != setup.cloud_cfg.vocab_size
-    assert setup.tokenizer.get_vocab() != setup.cloud_tokenizer.get_vocab()
+    assert setup.edge_cfg.vocab_size == 340 and setup.cloud_cfg.vocab_size == 300
+    edge_tok, cloud_tok = setup.tokenizer, setup.cloud_tokenizer
+    # every stop id of generation_config.json, on each side
+    assert setup.real.eos_ids == tuple(
+        edge_tok.convert_tokens_to_ids(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
+    )
+    stops = {cloud_tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+    assert set(setup.real.cloud_eos_ids) == stops
+    # each side's prompt in its own chat template, the same question inside
+    q, cloud_prompt = setup.bench.queries[0], setup.real.cloud_prompts[0]
+    assert q.prompt.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>")
+    assert q.prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert cloud_prompt.startswith("<|im_start|>system\n") and cloud_prompt.endswith(
+        "<|im_start|>assistant\n"
+    )
+    question = q.prompt.split("<|end_header_id|>\n\n")[1].split("<|eot_id|>")[0]
+    assert f"<|im_start|>user\n{question}<|im_end|>" in cloud_prompt
+    # Dirichlet: six clients over three categories, each with a test query and training data
+    data = setup.real.data
+    assert len(data["clients"]) == 6 and all(c["test"] == 1 and c["train"] >= 1
+                                             for c in data["clients"])  # fmt: skip
+    assert data["rows"] == 48 and data["used"] == 48 - data["dropped"]
+    # seq_len=56 cuts some examples (trained on their head) and drops the ones whose prompt fills it
+    assert (
+        data["truncated"] > 0 and data["longer_than_seq_len"] == data["truncated"] + data["dropped"]
+    )
+    assert max(len(c["tasks"]) for c in data["clients"]) > 1  # a mix, not one task each
+    assert setup.real.budgets == tuple(2 if q.task == "classification" else 3
+                                       for q in setup.bench.queries)  # fmt: skip
+
     result = demo.run_demo(preset, str(tmp_path / "run"), progress=False)
-    assert (tmp_path / "run" / "report.md").is_file()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Answer quality (ROUGE-L F; exact match on closed tasks)" in report
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["data"] == json.loads(json.dumps(data))
     rows = {r["id"]: r for r in result["rows"]}
-    assert set(rows["floe"]["per_task"]) == {"math", "words"}
-    assert rows["floe"]["accuracy"]["n_overall"] == 4
+    for r in saved["rows"]:
+        sc = r["scores"]
+        assert sc["overall"]["n"] == 6 and set(sc["per_task"]) <= set(
+            ("classification", "closed_qa", "open_qa")
+        )
+        assert ("exact_match" in sc["per_task"].get("classification", {"exact_match": 0})
+                and "exact_match" not in sc["per_task"].get("open_qa", {}))  # fmt: skip
+    # the scores are those of the predictions written to eval.jsonl (rouge-score on them)
+    from floe_jax.data.metrics import rouge_l
+
+    lines = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    floe = next(x for x in lines if x["id"] == "floe")
+    want = np.mean([rouge_l(p["pred"], p["answer"]) for p in floe["predictions"]])
+    assert rows["floe"]["scores"]["overall"]["rouge_l"] == pytest.approx(want)
     assert all(r["private_spans_to_cloud"] == 0 for r in rows.values() if r["guarded"])
-    assert result["clients"]["client_tasks"] in (["math", "words"], ["words", "math"])
 
 
 def test_real_model_preset_refuses_a_tokenizer_past_its_models_vocabulary(tmp_path):
-    preset = _tiny_real_preset(tmp_path)  # edge tokenizer 300 tokens, cloud model vocab 260
+    preset = _tiny_real_preset(tmp_path)  # edge tokenizer 340 tokens, cloud model vocab 300
     bad = dataclasses.replace(preset, cloud_tokenizer_path=preset.edge_path)
-    with pytest.raises(ValueError, match=r"the cloud tokenizer .* 300 tokens, more than .* 260"):
+    with pytest.raises(ValueError, match=r"the cloud tokenizer .* 340 tokens, more than .* 300"):
         demo.setup_real(bad)
 
 

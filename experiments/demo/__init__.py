@@ -5,8 +5,9 @@ per stage (the package re-exports their public names, but not the functions name
 modules: `experiments.demo.setup` is the module, `experiments.demo.setup.setup` its function):
 
 - `setup`: tokenizer + pretrained base models (cached, `calibrate.prepare`) or a real-model
-  preset's checkpoints and data; one device profile per client (cycling `fed.devices`) and its
-  LoRA rank from `floe_jax.devices.assign_ranks`; each client's private examples as `ClientData`.
+  preset's checkpoints, chat-templated prompts, stop ids and Dirichlet-split data (`setup_real`);
+  one device profile per client (cycling `fed.devices`) and its LoRA rank from
+  `floe_jax.devices.assign_ranks`; each client's private examples as `ClientData`.
 - `federate`: federated rounds for Floe (`fed.rounds`: clustered by client updates) and for each
   unclustered baseline in `fed.baselines`; each run writes `run_dir/fed/<name>/`.
 - `methods`: the compared methods and their stable ids.

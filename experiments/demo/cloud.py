@@ -94,10 +94,11 @@ class CloudEndpoint:
         onto the edge vocabulary itself) or `local` (in-process; `mapper` maps them).
       top_k: log-probs per token the cloud returns (hosted APIs give at most 20).
       private_values: what the server-side recorder (`ServerRecorder`, http only) looks for.
+      eos_ids: the cloud's stop ids (http: `serve_cloud`'s; None: the config's and tokenizer's).
     """
 
     def __init__(self, params, cfg, tokenizer, *, edge_tokenizer, how: str = "http",
-                 top_k: int = 20, private_values=()):  # fmt: skip
+                 top_k: int = 20, private_values=(), eos_ids=None):  # fmt: skip
         self.how, self.top_k = how, top_k
         self.mapper = None  # HTTPCloud maps the strings itself (it is given both tokenizers)
         self._server = self.server_recorder = None
@@ -105,7 +106,8 @@ class CloudEndpoint:
             self.server_recorder = ServerRecorder(private_values)
             self._server = serve_cloud(params, cfg, tokenizer, port=0, block=False,
                                        model_name="floe-cloud", max_logprobs=top_k,
-                                       on_prompt=self.server_recorder)  # fmt: skip
+                                       on_prompt=self.server_recorder,
+                                       eos_ids=eos_ids)  # fmt: skip
             self.backend = HTTPCloud(
                 self._server.url,
                 model="floe-cloud",

@@ -30,6 +30,7 @@ from experiments.demo.setup import Setup, setup
 from experiments.presets import FLOE, DemoPreset, RealPreset
 from floe_jax.config import LoRAConfig
 from floe_jax.data.benchmark import SLOT_KINDS, score, score_slots
+from floe_jax.data.metrics import task_scores
 from floe_jax.data.tokenizer import encode_prompt
 from floe_jax.devices import decode_energy_j_per_token, decode_ms_per_token, get_device
 from floe_jax.federated.extraction import extraction_rate
@@ -82,11 +83,50 @@ def _guard(ctx: _Ctx, client: int, action: str, recorder: SpanRecorder) -> Guard
                         decode=ctx.decode)  # fmt: skip
 
 
+class CloudPrompts:
+    """Edge ids -> the text a request to the cloud carries: a real-model query's prompt in the
+    cloud's own chat template (`RealSetup.cloud_prompts`) where the ids start with that query's
+    prompt in the edge's, then the answer so far (the edge's tokens decoded); other ids are
+    decoded as they are (`decode`). So each side reads its own template, and the privacy guard
+    screens the text the cloud is sent.
+
+    Args:
+      decode: edge ids -> text (special tokens skipped).
+      prompts: each query's prompt ids (the edge's template).
+      cloud_texts: each query's prompt in the cloud's template.
+    """
+
+    _TAIL = 8  # prompts are looked up by (length, last ids), then compared whole
+
+    def __init__(self, decode, prompts, cloud_texts):
+        self.decode = decode
+        self.by_tail: dict[tuple, list[tuple[list[int], str]]] = {}
+        for p, t in zip(prompts, cloud_texts, strict=True):
+            key = (len(p), tuple(p[-self._TAIL :]))
+            self.by_tail.setdefault(key, []).append((list(p), t))
+        self.lengths = sorted({len(p) for p in prompts}, reverse=True)
+
+    def __call__(self, ids) -> str:
+        ids = list(ids)
+        for n in self.lengths:  # the longest prompt that starts `ids`
+            if n > len(ids):
+                continue
+            for p, text in self.by_tail.get((n, tuple(ids[max(n - self._TAIL, 0) : n])), ()):
+                if ids[:n] == p:
+                    return text + self.decode(ids[n:])
+        return self.decode(ids)
+
+
+def _eos(ctx: _Ctx) -> tuple[int, ...]:
+    """The edge's stop ids: every one a real checkpoint lists, else the tokenizer's."""
+    return ctx.prep.real.eos_ids if ctx.prep.real else (ctx.prep.tokenizer.eos_token_id,)
+
+
 def _answers(ctx: _Ctx, tokens) -> list[str]:
-    tok = ctx.prep.tokenizer
+    tok, eos = ctx.prep.tokenizer, _eos(ctx)
     out = []
     for ids in tokens:
-        ids = [t for t in ids if t != tok.eos_token_id]
+        ids = [t for t in ids if t not in eos]
         out.append(tok.decode(ids, skip_special_tokens=True).strip())
     return out
 
@@ -99,7 +139,11 @@ def _run_fused(ctx: _Ctx, m: Method, idx, recorder, *, net_seed: int):
     if m.cloud is not None:
         recorder.rows = [ctx.prep.bench.queries[i].private_spans for i in idx]
         guard = _guard(ctx, client, m.cloud, recorder)
-    config = dataclasses.replace(m.decode, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    config = dataclasses.replace(m.decode, eos_id=_eos(ctx), pad_id=tok.pad_token_id)
+    if ctx.prep.real:  # the largest answer budget of these queries' tasks
+        config = dataclasses.replace(
+            config, max_new_tokens=max(ctx.prep.real.budgets[i] for i in idx)
+        )
     return generate_fused(
         ctx.prep.edge_params, ctx.prep.edge_cfg, [ctx.prompts[i] for i in idx], cloud=guard,
         config=config, lora=ctx.lora_rows(m.run, idx), clock=SimClock(),
@@ -134,8 +178,12 @@ def _fused_rows(ctx: _Ctx, m: Method):
     preds = [""] * len(bench.queries)
     w_kind = {k: [] for k in SLOT_KINDS}
     fused, failures, privacy = [], {}, {}
-    for client in ctx.clients():
-        idx = ctx.queries_of(client)
+    batches = [(c, ctx.queries_of(c)) for c in ctx.clients()]
+    if ctx.prep.real:  # one batch per answer budget: a short task's answers stop at its own
+        budgets = ctx.prep.real.budgets
+        batches = [(c, [i for i in idx if budgets[i] == n]) for c, idx in batches
+                   for n in sorted({budgets[i] for i in idx})]  # fmt: skip
+    for client, idx in batches:
         res = _run_fused(ctx, m, idx, rec, net_seed=client)
         for j, (i, answer) in enumerate(zip(idx, _answers(ctx, res.tokens), strict=True)):
             preds[i] = answer
@@ -194,6 +242,7 @@ def _oracle(ctx: _Ctx, m: Method) -> list[bool]:
 
 
 def _accuracy(bench, preds) -> tuple[dict, dict]:
+    """Exact match per query type and overall, and per task (`floe_jax.data.benchmark.score`)."""
     acc = score(preds, bench.queries)
     per_task = {}
     for task in sorted({q.task for q in bench.queries}):
@@ -269,9 +318,11 @@ def evaluate(preset: DemoPreset | RealPreset, prep: Setup, fed: dict, run_dir: s
     with CloudEndpoint(prep.cloud_params, prep.cloud_cfg, prep.cloud_tokenizer,
                        edge_tokenizer=tok, how=preset.eval.cloud, top_k=preset.eval.decode.top_k,
                        private_values=[s for q in bench.queries for s in q.private_spans],
+                       eos_ids=prep.real.cloud_eos_ids if prep.real else None,
                        ) as cloud:  # fmt: skip
-        ctx = _Ctx(preset, prep, cloud, fed, [encode_prompt(tok, q.prompt) for q in bench.queries],
-                   decode)  # fmt: skip
+        prompts = [encode_prompt(tok, q.prompt) for q in bench.queries]
+        to_cloud = CloudPrompts(decode, prompts, prep.real.cloud_prompts) if prep.real else decode
+        ctx = _Ctx(preset, prep, cloud, fed, prompts, to_cloud)
         bar = tqdm(methods(preset, set(fed)), desc="evaluate", disable=not progress)
         for m in bar:
             bar.set_postfix_str(m.id)
@@ -304,6 +355,10 @@ def evaluate(preset: DemoPreset | RealPreset, prep: Setup, fed: dict, run_dir: s
             if at_server is not None and m.kind != "router":
                 row["spans_at_server"] = cloud.server_recorder.spans - at_server
             row["accuracy"], row["per_task"] = _accuracy(bench, preds)
+            if isinstance(preset, RealPreset):  # ROUGE-L, and exact match on closed tasks
+                row["scores"] = task_scores(preds, [q.answer for q in bench.queries],
+                                            [q.task for q in bench.queries],
+                                            closed_tasks=preset.closed_tasks)  # fmt: skip
             if m.id in LATENCY_METHODS and lat_idx:
                 lat, results = _latency(ctx, m, lat_idx)
                 row |= dict(latency_ms=lat, latency_ms_mean=float(np.mean(lat)),
@@ -369,6 +424,7 @@ def run_evaluate(preset: DemoPreset | RealPreset, run_dir: str, *, progress: boo
         clusters={m: info["assignment"] for m, (_, info) in fed.items()},
         final_ranks={m: info["ranks"] for m, (_, info) in fed.items()},
         energy=energy_table(prep, clients["devices"], clients["ranks"]),
+        data=prep.real.data if prep.real else None,
         eval_seconds=time.perf_counter() - t0,
     )  # fmt: skip
     with open(os.path.join(run_dir, "results.json"), "w") as f:

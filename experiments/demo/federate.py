@@ -43,7 +43,8 @@ def federate(
       it ends the run with) and `{"assignment", "ranks", "seconds"}`.
     """
     bench, tok, fed = prep.bench, prep.tokenizer, preset.fed
-    data = private_data(fed, bench, tok, prep.edge_cfg.vocab_size)
+    truncate = isinstance(preset, RealPreset) and preset.long_examples == "truncate"
+    data = private_data(fed, bench, tok, prep.edge_cfg.vocab_size, truncate=truncate)
     N = bench.num_clients
     devices, ranks = client_ranks(fed, N, prep.edge_cfg, seq_len=data.seq_len)
     out = {}

@@ -70,6 +70,39 @@ def _speculative_section(rows: list[dict]) -> list[str]:
     ]  # fmt: skip
 
 
+def _scores_section(result: dict) -> list[str]:
+    """A real-model run's answer quality: ROUGE-L per method, overall and per task, and exact
+    match over the closed tasks (`floe_jax.data.metrics.task_scores`); then the data's counts."""
+    rows = [r for r in result["rows"] if r.get("scores")]
+    if not rows:
+        return []
+    tasks = list(rows[0]["scores"]["per_task"])
+    closed = "exact_match" in rows[0]["scores"]["overall"]
+    lines = ["", "## Answer quality (ROUGE-L F; exact match on closed tasks)", "",
+             "| id | ROUGE-L | " + ("exact match | " if closed else "")
+             + " | ".join(f"{t} (n={rows[0]['scores']['per_task'][t]['n']})" for t in tasks)
+             + " |", "|---" * (2 + closed + len(tasks)) + "|"]  # fmt: skip
+    for r in rows:
+        sc, per = r["scores"]["overall"], r["scores"]["per_task"]
+        cells = []
+        for t in tasks:
+            em = per[t].get("exact_match")
+            cells.append(f"{per[t]['rouge_l']:.3f}" + ("" if em is None else f" / EM {em:.2f}"))
+        lines.append(f"| `{r['id']}` | **{sc['rouge_l']:.3f}** | "
+                     + (f"{sc['exact_match']:.2f} | " if closed else "")
+                     + " | ".join(cells) + " |")  # fmt: skip
+    d = result.get("data")
+    if d:
+        trains = [c["train"] for c in d["clients"]]
+        lines += ["", f"Data: {d['rows']} examples read, {d['longer_than_seq_len']} longer than "
+                  f"seq_len={d['seq_len']} ({d['long_examples']}: {d['truncated']} cut, "
+                  f"{d['dropped']} dropped), {d['used']} used over {len(trains)} clients; "
+                  f"training examples per client {min(trains)}–{max(trains)} "
+                  f"(median {int(np.median(trains))}); tasks: "
+                  + ", ".join(f"{k} {v}" for k, v in d["tasks"].items()) + "."]  # fmt: skip
+    return lines
+
+
 def format_report(result: dict) -> str:
     """The Markdown report of a `run_evaluate` result."""
     lines = [f"# Floe demo — preset `{result['preset']}`", ""]
@@ -97,6 +130,7 @@ def format_report(result: dict) -> str:
             f"{_fmt(r.get('latency_ms_p95'), '.1f')} | {r['fused_share']:.2f} |"
         )
     lines += _speculative_section(result["rows"])
+    lines += _scores_section(result)
     lines += ["", "## The router's edge weight by answer token kind", "",
               "Mean w (1 = the edge decides, 0 = the cloud) over the generated tokens that follow "
               "the gold answer, split by what the gold answer has there: format, a value copied "

@@ -2,8 +2,10 @@
 
 Column names are configurable, so Alpaca-style (`instruction` / `input` / `output`), Dolly-style
 (`instruction` / `context` / `response` / `category`) and plain `prompt` / `response` / `task`
-files all load without conversion. Tests use local files only; a hub id is for real runs (it
-downloads unless the dataset is already in the `datasets` cache).
+files all load without conversion; a list of files of one task each loads as a multi-task mix
+with the tasks named by file (`task_from_file`, FedIT's mix of instruction sets). Tests use local
+files only; a hub id is for real runs (it downloads unless the dataset is already in the
+`datasets` cache).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def load_instruction_dataset(
     data_format: str | None = None,
     limit: int | None = None,
     cache_dir: str | None = None,
+    task_from_file: bool = False,
 ) -> InstructionData:
     """Loads instruction examples.
 
@@ -81,6 +84,9 @@ def load_instruction_dataset(
       data_format: `json`, `csv` or `parquet`, when the file name does not say.
       limit: keep the first `limit` examples.
       cache_dir: the `datasets` cache folder.
+      task_from_file: a multi-task mix of local files (FedIT's mix of instruction sets), each
+        file one task named by its file name without extensions (`closed_qa.jsonl` is task
+        `closed_qa`); `task_column` must then be None. `limit` applies to each file.
 
     Raises:
       FileNotFoundError: a local-looking path does not exist.
@@ -89,6 +95,12 @@ def load_instruction_dataset(
     """
     import datasets
 
+    if task_from_file:
+        return _task_mix(
+            source, task_column=task_column, prompt_column=prompt_column,
+            response_column=response_column, input_column=input_column,
+            data_format=data_format, limit=limit, cache_dir=cache_dir,
+        )  # fmt: skip
     files = [os.fspath(s) for s in source] if isinstance(source, list | tuple) else None
     src = os.fspath(source) if files is None else files[0]
     label = src if files is None or len(files) == 1 else f"{src} (+{len(files) - 1} files)"
@@ -148,4 +160,27 @@ def load_instruction_dataset(
         task_ids=task_ids,
         task_names=names,
         source=label,
+    )
+
+
+def _task_mix(source, *, task_column, **kwargs) -> InstructionData:
+    """`load_instruction_dataset` of each file, labelled by its file name (`task_from_file`)."""
+    if task_column is not None:
+        raise ValueError("task_from_file names tasks by file: task_column must be None")
+    files = [os.fspath(s) for s in source] if isinstance(source, list | tuple) else [source]
+    parts, names = [], []
+    for f in files:
+        name = os.path.basename(f).split(".")[0]
+        if not name or name in names:
+            raise ValueError(f"task_from_file: {f!r} gives task name {name!r} twice or empty")
+        parts.append(load_instruction_dataset(f, **kwargs))
+        names.append(name)
+    order = sorted(range(len(names)), key=names.__getitem__)
+    rank = {i: r for r, i in enumerate(order)}
+    return InstructionData(
+        prompts=tuple(p for d in parts for p in d.prompts),
+        responses=tuple(r for d in parts for r in d.responses),
+        task_ids=np.concatenate([np.full(len(d), rank[i], np.int32) for i, d in enumerate(parts)]),
+        task_names=tuple(names[i] for i in order),
+        source=f"{files[0]} (+{len(files) - 1} files)" if len(files) > 1 else files[0],
     )

@@ -89,8 +89,14 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    """`<bos>` (when the tokenizer has one) + the tokens of `text`: what a prompt is fed as."""
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    """`<bos>` (when the tokenizer has one) + the tokens of `text`: what a prompt is fed as.
+
+    A text that already starts with the bos token's spelling (a chat template that writes it,
+    as Llama 3's `<|begin_of_text|>`) gets no second one; special tokens spelt in the text (the
+    template's `<|im_start|>`...) encode as their ids."""
+    bos_tok = getattr(tokenizer, "bos_token", None)
+    has_bos = tokenizer.bos_token_id is not None and not (bos_tok and text.startswith(bos_tok))
+    bos = [tokenizer.bos_token_id] if has_bos else []
     return [*bos, *tokenizer.encode(text, add_special_tokens=False)]
 
 
@@ -106,7 +112,12 @@ def encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], li
 
 
 def encode_examples(
-    tokenizer, pairs: Sequence[tuple[str, str]], *, seq_len: int | None = None, multiple: int = 16
+    tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    seq_len: int | None = None,
+    multiple: int = 16,
+    truncate: bool = False,
 ) -> dict[str, np.ndarray]:
     """`encode_example` of each (prompt, response), right-padded to one shape.
 
@@ -116,16 +127,25 @@ def encode_examples(
       seq_len: T; default the longest example rounded up to `multiple` (few distinct shapes, so
         few compiles).
       multiple: see `seq_len`.
+      truncate: cut an example longer than `seq_len` to its first `seq_len` tokens (the end of
+        its response, and its eos, are then not trained on; `long_examples` counts them first).
 
     Returns:
       `tokens` int32, `mask` (1 on real tokens) and `loss_mask` (1 on response + eos), [N, T].
 
     Raises:
-      ValueError: an example is longer than `seq_len`.
+      ValueError: an example is longer than `seq_len` (without `truncate`), or truncation leaves
+        an example no response token.
     """
     enc = [encode_example(tokenizer, p, r) for p, r in pairs]
     longest = max(len(t) for t, _ in enc)
     T = -(-longest // multiple) * multiple if seq_len is None else seq_len
+    if truncate and longest > T:
+        enc = [(t[:T], m[:T]) for t, m in enc]
+        for i, (_, m) in enumerate(enc):
+            if not any(m):
+                raise ValueError(f"example {i}'s prompt fills seq_len={T}: no response is left")
+        longest = T
     if longest > T:
         raise ValueError(f"an example has {longest} tokens > seq_len={T}")
     tokens = np.full((len(enc), T), tokenizer.pad_token_id, np.int32)
@@ -134,6 +154,20 @@ def encode_examples(
     for i, (t, m) in enumerate(enc):
         tokens[i, : len(t)], mask[i, : len(t)], loss_mask[i, : len(m)] = t, 1, m
     return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
+
+
+def long_examples(
+    tokenizer, pairs: Sequence[tuple[str, str]], seq_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Which examples `encode_examples(..., seq_len=seq_len)` must cut: ([N] bool longer than
+    `seq_len`, [N] bool whose prompt alone reaches it, so that no response token would be left).
+    The encoding is `encode_example`'s."""
+    n = np.zeros(len(pairs), np.int64)
+    p = np.zeros(len(pairs), np.int64)
+    for i, (prompt, response) in enumerate(pairs):
+        tokens, mask = encode_example(tokenizer, prompt, response)
+        n[i], p[i] = len(tokens), len(mask) - sum(mask)
+    return n > seq_len, p >= seq_len
 
 
 def encode_docs(tokenizer, docs: Sequence[str]) -> list[int]:

@@ -7,8 +7,11 @@ from token strings (FuseLLM, Wan et al., 2024; PackLLM, Mavromatis et al., 2024)
 
 1. Every token string is normalised to its *surface* text: byte-level BPE symbols (`Ġ` space,
    `Ċ` newline, the whole GPT-2 byte alphabet) are decoded to bytes, sentencepiece `▁` becomes a
-   space and `<0xNN>` byte-fallback pieces become that byte. Special tokens are matched by role
-   (bos/eos/unk/pad), never by spelling.
+   space and `<0xNN>` byte-fallback pieces become that byte. A special token maps to the edge's
+   special token of the same spelling (one family's `<|im_start|>` on both sides), else to the
+   edge's special token of the same role (bos/eos/unk/pad: the one the tokenizer declares, so a
+   Qwen cloud's `<|im_end|>` lands on a Llama 3 edge's declared end of turn `<|eot_id|>`); it is
+   never matched as text.
 2. Exact match of surface strings first.
 3. Fallback (`AlignConfig.fallback`): `"prefix"` (default) maps to the edge token whose surface is
    the longest prefix of the cloud surface, i.e. the first piece the edge would emit on the way to
@@ -133,7 +136,8 @@ class Vocab:
       tokens: token string of each id (`""` for holes).
       style: `"bytelevel"`, `"metaspace"` or `"plain"`.
       special: role (`bos`/`eos`/`unk`/`pad`) -> id, for special tokens; other added/special
-        tokens are in `special_ids` and never matched by spelling.
+        tokens are in `special_ids` and never matched as text (only by their whole spelling,
+        `by_special`).
     """
 
     tokens: tuple[str, ...]
@@ -157,6 +161,24 @@ class Vocab:
             if i not in self.special_ids and s and s not in out:
                 out[s] = i
         return out
+
+    @functools.cached_property
+    def by_special(self) -> dict[str, int]:
+        """Spelling -> smallest id, of the special tokens."""
+        out: dict[str, int] = {}
+        for i in sorted(self.special_ids):
+            if i < self.size and self.tokens[i]:
+                out.setdefault(self.tokens[i], i)
+        return out
+
+    def special_id(self, token: str) -> int:
+        """The edge id for a special token of the other side: the same spelling, else the same
+        role (`special_role`); -1 if neither."""
+        i = self.by_special.get(token, -1)
+        if i < 0:
+            role = special_role(token)
+            i = self.special.get(role, -1) if role is not None else -1
+        return i
 
     def lookup(self, token: str, *, is_surface: bool = False) -> int:
         """Id of a token string (raw form, or already-decoded surface text); -1 if absent."""
@@ -203,6 +225,10 @@ def vocab_of(tokenizer, *, size: int | None = None, style: str | None = None) ->
             tokens[i] = t
     special_ids = {int(i) for i, t in added.items() if getattr(t, "special", True)}
     special: dict[str, int] = {}
+    for role in _ROLES:  # the tokenizer's own declaration first (Llama 3's eos is <|eot_id|>)
+        i = getattr(tokenizer, f"{role}_token_id", None)
+        if isinstance(i, int) and i in special_ids:
+            special[role] = i
     for i in sorted(special_ids):
         role = special_role(tokens[i])
         if role is not None and role not in special:
@@ -297,7 +323,9 @@ def build_map(cloud: Vocab, edge: Vocab, config: AlignConfig = AlignConfig()) ->
     roles = {i: r for r, i in cloud.special.items()}
     for i, s in enumerate(cloud.surfaces):
         if i in cloud.special_ids:
-            j = edge.special.get(roles.get(i, ""), -1)
+            j = edge.by_special.get(cloud.tokens[i], -1)
+            if j < 0:
+                j = edge.special.get(roles.get(i, ""), -1)
             c2e[i], exact[i] = j, j >= 0
             continue
         j = edge.by_surface.get(s, -1) if s else -1
@@ -338,10 +366,9 @@ class StringMapper:
         if i < 0:
             i = self.edge.lookup(token)  # or the raw vocab spelling
         if i < 0 and token.startswith("<") and token.endswith(">"):
-            # a special token (`</s>`, `<|im_end|>`, ...): the edge's token of the same role,
-            # never a piece of its spelling
-            role = special_role(token)
-            return self.edge.special.get(role, -1) if role is not None else -1
+            # a special token (`</s>`, `<|im_end|>`, ...): the edge's of the same spelling or
+            # role, never a piece of its spelling
+            return self.edge.special_id(token)
         return i if i >= 0 or not fallback else self.fb(token)
 
 

@@ -35,6 +35,7 @@ from floe_jax.decode import (
     DecodeState,
     SamplingConfig,
     advance_jit,
+    eos_tuple,
     pad_prompts,
     prefill_jit,
 )
@@ -67,7 +68,7 @@ class FusedDecodeConfig:
       fusion: the router, fusion and alignment (`FusionConfig`).
       sampling: how a token is chosen from the fused distribution.
       top_k: columns of the sparse cloud input.
-      eos_id, pad_id: stop id and filler.
+      eos_id, pad_id: stop id (or a tuple of them: any one stops a row) and filler.
       buckets, batch_buckets: prompt-length and batch buckets (compiles are per bucket).
       overlap: dispatch the edge half before waiting for the cloud (real clock); False runs the
         single `fused_step` program after the wait.
@@ -88,7 +89,7 @@ class FusedDecodeConfig:
     fusion: FusionConfig = FusionConfig()
     sampling: SamplingConfig = SamplingConfig()
     top_k: int = 20
-    eos_id: int | None = None
+    eos_id: int | tuple[int, ...] | None = None
     pad_id: int = 0
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
     batch_buckets: tuple[int, ...] = BATCH_BUCKETS
@@ -100,6 +101,11 @@ class FusedDecodeConfig:
     propose: bool = False
 
     def __post_init__(self):
+        if self.eos_id is not None and not isinstance(self.eos_id, int):
+            ids = eos_tuple(self.eos_id)
+            if not ids:
+                raise ConfigError("eos_id must be an id, a non-empty tuple of ids, or None")
+            object.__setattr__(self, "eos_id", ids)  # hashable: a static argument
         for name in ("buckets", "batch_buckets"):
             v = tuple(int(b) for b in getattr(self, name))
             if not v or any(b < 1 for b in v) or list(v) != sorted(v):
@@ -362,7 +368,7 @@ def decode_token(run: FusedRun, t: int, edge: EdgeCarry, log: FusedLog) -> EdgeC
         log.outs[b].append(int(tok[b]))
         log.w[t, b] = w[b]
         log.fused[t, b] = bool(ci.ok[b])
-        if c.eos_id is not None and tok[b] == c.eos_id:
+        if int(tok[b]) in eos_tuple(c.eos_id):
             log.done[b] = True
     if sim:
         step_s = max(edge_s, wait_s) + fuse_s

@@ -48,7 +48,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from floe_jax.config import ModelConfig
-from floe_jax.decode import DecodeState, SamplingConfig, advance, greedy, sample_logits
+from floe_jax.decode import (
+    DecodeState,
+    SamplingConfig,
+    advance,
+    eos_tuple,
+    greedy,
+    sample_logits,
+)
 from floe_jax.inference.cloud import CloudDistribution, Draft
 from floe_jax.inference.deadline import call_cloud, collect_real, collect_simulated
 from floe_jax.inference.draft_length import DraftLength
@@ -248,7 +255,7 @@ def _draft(run, state, logits, toks, key, upto: int, stop=None):
     return state
 
 
-def emit(log, out: dict, ok: np.ndarray, b: int, *, eos_id: int | None, max_new: int) -> int:
+def emit(log, out: dict, ok: np.ndarray, b: int, *, eos_id, max_new: int) -> int:
     """Appends row b's `out["n"][b]` decided tokens (`out["tokens"]`, with their edge weights
     `out["w"]` and `ok` saying whether the cloud was fused) to the decode log, stopping at EOS or
     `max_new` tokens (the row is then done); returns how many it appended."""
@@ -260,7 +267,7 @@ def emit(log, out: dict, ok: np.ndarray, b: int, *, eos_id: int | None, max_new:
         log.w[t, b] = out["w"][b, j]
         log.fused[t, b] = bool(ok[b, j])
         emitted += 1
-        if (eos_id is not None and tok == eos_id) or t + 1 >= max_new:
+        if tok in eos_tuple(eos_id) or t + 1 >= max_new:
             log.done[b] = True
             break
     return emitted
