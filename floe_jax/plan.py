@@ -46,7 +46,7 @@ class Plan:
     def report(self) -> str:
         """A few lines for a terminal."""
         m, c = self.memory, self.cfg
-        gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+        gib = lambda n: f"{n / 2**30:.2f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.2f} MiB"  # noqa: E731
         return "\n".join(
             [
                 f"model: {c.model_type} V={c.vocab_size} D={c.hidden_size} L={c.num_layers} "
@@ -56,7 +56,7 @@ class Plan:
                 f"{self.batch} x seq {self.seq_len}, {self.local_steps} local steps, adamw",
                 f"  base (shared) {gib(m.base_bytes)}; fixed {gib(m.fixed_bytes)}; "
                 f"per client {gib(m.per_client_bytes)}",
-                f"  budget {gib(self.budget_bytes)} ({self.budget_bytes / 1e9:.0f} GB): "
+                f"  budget {gib(self.budget_bytes)} ({self.budget_bytes / 1e9:g} GB): "
                 f"{self.clients_at_once} clients at once",
             ]
         )
