@@ -50,10 +50,10 @@ def _loss_and_grads(cfg, params, lora, batch):
     return jax.value_and_grad(mean, argnums=(0, 1))(params, lora.trainable())
 
 
-@pytest.mark.parametrize("chunk", [1, 5, 16, 10_000])
+@pytest.mark.parametrize("chunk", [1, 5, 10_000])
 def test_chunked_loss_equals_plain(chunk):
-    """Value and gradients (adapter and base) of the chunked loss equal the plain loss's: chunks
-    that divide B·(T-1) = 36 tokens or not, one token, and one chunk bigger than the batch."""
+    """Value and gradients (adapter and base) of the chunked loss equal the plain loss's: one
+    token per chunk, chunks that do not divide B·(T-1) = 36 tokens, one chunk bigger than it."""
     params = init_params(TINY, key=jax.random.key(0))
     lora, batch = _lora(TINY), _batch(TINY)
     want, (gp_want, gl_want) = _loss_and_grads(TINY, params, lora, batch)
@@ -103,7 +103,7 @@ def test_remat_gradients_equal_plain(num_layers):
     )
 
 
-@pytest.mark.parametrize("case", ["qwen2-gqa", "llama-gqa", "qwen2-mqa-tied-theta"])
+@pytest.mark.parametrize("case", ["qwen2-gqa", "llama-mqa-tied"])
 def test_bf16_forward_matches_transformers_bf16(case, tmp_path):
     """A bfloat16 checkpoint runs in bfloat16 (weights and activations) and its logits agree with
     transformers' bfloat16 model within bfloat16 tolerance: at most 2^-5 of the largest logit
