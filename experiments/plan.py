@@ -39,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _config(path: str, flag: str):
+    try:
+        return model_config(path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{flag}: {e}") from None
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     batch, seq_len, steps, lora = 8, 512, 1, DEFAULT_LORA
@@ -48,14 +55,16 @@ def main(argv: list[str]) -> int:
         if args.preset not in REAL_PRESETS:
             raise ConfigError(f"--preset {args.preset!r} is not one of {sorted(REAL_PRESETS)}")
         pre = REAL_PRESETS[args.preset]
-        cfg = dataclasses.replace(model_config(pre.edge_path), dtype=pre.dtype)
+        cfg = dataclasses.replace(
+            _config(pre.edge_path, f"--preset {args.preset}"), dtype=pre.dtype
+        )
         r = pre.fed.rounds
         batch, steps, lora = r.batch_size, r.local_steps, r.lora
         seq_len = r.seq_len or seq_len
     elif args.model in MODEL_PRESETS:
         cfg = MODEL_PRESETS[args.model]
     else:
-        cfg = model_config(args.model)
+        cfg = _config(args.model, "--model")
     try:
         budgets = [float(x) for x in args.budget_gb.split(",") if x.strip()]
     except ValueError:

@@ -306,3 +306,7 @@ def test_plan_command(tmp_path, capsys):
         assert f"({gb:g} GB): {n} clients at once" in out
     assert "model: qwen2 V=97" in out and "per client" in out
     assert main(["plan", "--model", str(tmp_path), "--budget-gb", "-1"]) == 2
+    assert main(["plan", "--preset", "qwen"]) == 2  # its edge folder is not downloaded here
+    assert (
+        "--preset qwen: no model config at models/Qwen2.5-0.5B-Instruct" in capsys.readouterr().err
+    )
