@@ -163,8 +163,8 @@ class ModelConfig:
 
     Training memory (not recorded by checkpoints either; variants by `dataclasses.replace`):
       remat: rematerialise each layer's activations in the backward pass (`jax.checkpoint`
-        around the layer-scan body): the backward keeps one [B, T, D] residual per layer and
-        recomputes the rest, for one more forward pass of compute.
+        around each layer, see `model.hidden_states`): the backward keeps one [B, T, D] input
+        per layer and recomputes the rest, for one more forward pass of compute.
       loss_chunk: tokens per chunk of the next-token loss (`floe_jax.loss.token_loss`); 0
         projects every position to the vocabulary at once (float32 [B, T, V] logits), k > 0
         projects k tokens at a time under a checkpointed scan, so neither pass holds more than

@@ -314,7 +314,8 @@ def hidden_states(
     loop (stacked params are unstacked first), each on its own cache buffer. Under the scan,
     what differs between layers (RoPE frequencies, sliding or not) is scanned over with the
     weights; a config whose layers agree on them scans constants, as before. With `cfg.remat`
-    the scan body is `jax.checkpoint`ed (per-layer activation rematerialisation).
+    each layer is `jax.checkpoint`ed (the scan body, or each layer of the unstacked loop when
+    there is no cache): per-layer activation rematerialisation.
 
     With `longrope` (`ModelConfig.rope_switches`) every position of a forward uses the short or
     the long factors by the forward's length, as in transformers; a cache whose keys were
@@ -403,6 +404,7 @@ def hidden_states(
         if not isinstance(layers, tuple | list):  # the cache is one buffer per layer
             layers = unstack_layers(params, fuse=False)["layers"]
         k_new, v_new = [], []
+        step = jax.checkpoint(layer) if cfg.remat and cache is None else layer  # as the scan's
         for i, lp in enumerate(layers):
             ll = None if layer_lora is None else jax.tree.map(lambda t, i=i: t[i], layer_lora)
             cache_kv = None
@@ -414,7 +416,7 @@ def hidden_states(
                         "build the cache with init_cache for this config"
                     )
                 cache_kv = (cache.k[i], cache.v[i], write_at, rings[i])
-            x, k, v = layer(x, lp, ll, cache_kv, rope_freqs[i], masks[windows[i]])
+            x, k, v = step(x, lp, ll, cache_kv, rope_freqs[i], masks[windows[i]])
             k_new.append(k)
             v_new.append(v)
     x = _norm(cfg, x, params["norm"])

@@ -84,11 +84,17 @@ def test_chunked_loss_untied_head():
     np.testing.assert_allclose(gp_got["lm_head"], gp_want["lm_head"], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("num_layers", [3, 12])  # unrolled layer scan, and a rolled one
-def test_remat_gradients_equal_plain(num_layers):
+@pytest.mark.parametrize(
+    "num_layers, unstacked", [(3, False), (12, False), (3, True)]
+)  # an unrolled layer scan, a rolled one, and the per-layer loop of `unstack_layers`
+def test_remat_gradients_equal_plain(num_layers, unstacked):
     """`remat=True` changes what the backward pass stores, not what it computes."""
+    from floe_jax.model import unstack_layers
+
     cfg = dataclasses.replace(TINY, num_layers=num_layers)
     params = init_params(cfg, key=jax.random.key(0))
+    if unstacked:
+        params = unstack_layers(params, fuse=False)
     lora, batch = _lora(cfg), _batch(cfg)
     want, (gp_want, gl_want) = _loss_and_grads(cfg, params, lora, batch)
     got, (gp_got, gl_got) = _loss_and_grads(
