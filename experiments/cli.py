@@ -85,6 +85,12 @@ def _profile(argv: list[str], impl: str) -> int:
     return 0
 
 
+def _plan(argv: list[str], impl: str) -> int:
+    from experiments import plan
+
+    return plan.main(argv)
+
+
 def _serve_cloud(argv: list[str], impl: str) -> int:
     from experiments import serve_cloud
 
@@ -263,6 +269,7 @@ COMMANDS: dict[str, tuple[str, object]] = {
         "measure a LoRA cost table (decode ms/token, training memory) on this machine",
         _profile,
     ),
+    "plan": ("how many clients of a round fit a device memory budget (no allocation)", _plan),
     "pretrain": (
         "tokenizer + cloud and edge base models of the embedded benchmark (cached)",
         _pretrain,

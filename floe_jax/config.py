@@ -160,6 +160,15 @@ class ModelConfig:
     (plain jnp) or `"pallas"` (the kernel wherever its shapes and backend allow, the reference
     elsewhere). It is part of the config, so a jitted step compiles once per choice; checkpoints
     do not record it (loading one gives the default).
+
+    Training memory (not recorded by checkpoints either; variants by `dataclasses.replace`):
+      remat: rematerialise each layer's activations in the backward pass (`jax.checkpoint`
+        around each layer, see `model.hidden_states`): the backward keeps one [B, T, D] input
+        per layer and recomputes the rest, for one more forward pass of compute.
+      loss_chunk: tokens per chunk of the next-token loss (`floe_jax.loss.token_loss`); 0
+        projects every position to the vocabulary at once (float32 [B, T, V] logits), k > 0
+        projects k tokens at a time under a checkpointed scan, so neither pass holds more than
+        [k, V] of logits.
     """
 
     model_type: Literal["llama", "qwen2", "qwen3", "mistral", "gemma3_text", "phi3", "smollm3"] = (
@@ -196,6 +205,8 @@ class ModelConfig:
     rope_local_theta: float | None = None
     nope_layers: tuple[int, ...] = ()
     partial_rotary_factor: float = 1.0
+    remat: bool = False
+    loss_chunk: int = 0
 
     def __post_init__(self):
         _require(
@@ -223,6 +234,7 @@ class ModelConfig:
             self.attention_impl in ATTENTION_IMPLS,
             f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}",
         )
+        _require(self.loss_chunk >= 0, f"loss_chunk must be >= 0, got {self.loss_chunk}")
         self._check_family_fields()
 
     def _check_family_fields(self):

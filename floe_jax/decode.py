@@ -29,7 +29,9 @@ from floe_jax.config import ConfigError, ModelConfig, require_finite
 from floe_jax.lora import LoRA
 from floe_jax.model import KVCache, forward, init_cache, unstack_layers
 
-DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+# Prompt lengths are padded up to one of these (one compile per bucket used), past 2,048 tokens
+# too: long-context evaluation (Qwen2.5's 32k context) gets buckets rather than an error.
+DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

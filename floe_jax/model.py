@@ -313,7 +313,9 @@ def hidden_states(
     the bytes a memory-bound decode step moves). With a cache the layers always run in a Python
     loop (stacked params are unstacked first), each on its own cache buffer. Under the scan,
     what differs between layers (RoPE frequencies, sliding or not) is scanned over with the
-    weights; a config whose layers agree on them scans constants, as before.
+    weights; a config whose layers agree on them scans constants, as before. With `cfg.remat`
+    each layer is `jax.checkpoint`ed (the scan body, or each layer of the unstacked loop when
+    there is no cache): per-layer activation rematerialisation.
 
     With `longrope` (`ModelConfig.rope_switches`) every position of a forward uses the short or
     the long factors by the forward's length, as in transformers; a cache whose keys were
@@ -393,11 +395,16 @@ def hidden_states(
             return layer(x, lp, ll, None, inv_freq, mask_l)[0], None
 
         unroll = cfg.num_layers <= UNROLL_MAX_LAYERS
+        if cfg.remat:  # the backward keeps each layer's input x only and recomputes the rest
+            # A rolled scan keeps XLA from merging the recomputation into the forward; unrolled
+            # layers are straight-line code and need `prevent_cse`.
+            body = jax.checkpoint(body, prevent_cse=unroll)
         x, _ = jax.lax.scan(body, x, (layers, layer_lora, per_layer), unroll=unroll)
     else:
         if not isinstance(layers, tuple | list):  # the cache is one buffer per layer
             layers = unstack_layers(params, fuse=False)["layers"]
         k_new, v_new = [], []
+        step = jax.checkpoint(layer) if cfg.remat and cache is None else layer  # as the scan's
         for i, lp in enumerate(layers):
             ll = None if layer_lora is None else jax.tree.map(lambda t, i=i: t[i], layer_lora)
             cache_kv = None
@@ -409,7 +416,7 @@ def hidden_states(
                         "build the cache with init_cache for this config"
                     )
                 cache_kv = (cache.k[i], cache.v[i], write_at, rings[i])
-            x, k, v = layer(x, lp, ll, cache_kv, rope_freqs[i], masks[windows[i]])
+            x, k, v = step(x, lp, ll, cache_kv, rope_freqs[i], masks[windows[i]])
             k_new.append(k)
             v_new.append(v)
     x = _norm(cfg, x, params["norm"])

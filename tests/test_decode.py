@@ -167,8 +167,10 @@ def test_bad_inputs():
         SamplingConfig(top_p=0.0)
     with pytest.raises(ConfigError, match="temperature"):
         SamplingConfig(temperature=-1.0)
-    with pytest.raises(ValueError, match="largest bucket"):
-        bucket_length(5000)
+    with pytest.raises(ValueError, match="largest bucket 32768"):
+        bucket_length(32769)
+    with pytest.raises(ValueError, match="largest bucket 64"):
+        bucket_length(65, (16, 64))
     with pytest.raises(ValueError, match="at least one token"):
         pad_prompts([[1, 2], []])
 
@@ -180,3 +182,16 @@ def test_last_only_logits_are_the_last_row(tiny_cfg, tiny_params):
     last = forward(tiny_params, tokens, tiny_cfg, mask=mask, last_only=True)
     assert last.shape == (2, 1, tiny_cfg.vocab_size)
     np.testing.assert_allclose(last, full[:, -1:], atol=1e-6)
+
+
+def test_prompt_past_2048_tokens(tiny_cfg, tiny_params):
+    """A 2,100-token prompt pads to the 4,096 bucket and decodes as the full forward does."""
+    assert bucket_length(2049) == 4096
+    (prompt,) = _prompts(tiny_cfg.vocab_size, [2100], seed=5)
+    tokens, mask = pad_prompts([prompt])
+    assert tokens.shape == (1, 4096) and int(mask.sum()) == 2100
+    cfg = dataclasses.replace(tiny_cfg, max_position_embeddings=8192)
+    out, _ = generate(tiny_params, tokens, mask, cfg, max_new_tokens=2, key=jax.random.key(0))
+    np.testing.assert_array_equal(
+        np.asarray(out[0]), _greedy_reference(tiny_params, prompt, cfg, 2)
+    )

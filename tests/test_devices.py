@@ -26,6 +26,7 @@ from floe_jax.devices import (
     default_candidates,
     get_device,
     lora_param_count,
+    toy_budgets,
     train_memory_breakdown,
     train_memory_bytes,
 )
@@ -320,3 +321,44 @@ def test_measure_cost_table_default_args(tiny_cfg, tiny_params):
     assert e.layers == (0,) and e.decode_batch == 2 and table.device == "local"
     flops, bw = measure_bandwidth_and_flops(n=64, mib=1, repeats=1)
     assert flops > 0 and bw > 0 and local_memory_bytes() > 0
+
+
+def test_train_memory_follows_remat_and_loss_chunk():
+    """The analytic memory model prices the model's memory options by hand: `loss_chunk = k`
+    keeps k tokens' logits terms instead of every token's; `remat` keeps one layer's activation
+    set and every layer's input instead of every layer's set."""
+    kw = dict(batch=8, seq_len=512)
+    tokens, a = 8 * 512, 2  # bf16 activations
+    plain = train_memory_breakdown(QWEN, None, **kw)["activations"]
+    chunked = train_memory_breakdown(dataclasses.replace(QWEN, loss_chunk=128), None, **kw)
+    assert plain - chunked["activations"] == (tokens - 128) * 3 * QWEN.vocab_size * 4
+    remat = train_memory_breakdown(dataclasses.replace(QWEN, remat=True), None, **kw)
+    c = QWEN
+    per_tok_layer = (
+        4 * c.hidden_size + 2 * c.q_size + 2 * c.kv_size + c.num_heads * 512
+        + 3 * c.intermediate_size
+    )  # fmt: skip
+    L, D = c.num_layers, c.hidden_size
+    assert plain - remat["activations"] == tokens * a * ((L - 1) * per_tok_layer - L * D)
+
+
+def test_real_scale_ranks_use_real_budgets():
+    """A Qwen2.5-0.5B edge (batch 8 x 512) on the catalog's real budgets: without the memory
+    options not even the 6 GiB of a Jetson Orin Nano holds the smallest adapter (the error
+    names it); with `remat` and a chunked loss every device gets a rank from its real budget.
+    `toy_budgets` (stand-in models only) maps budgets into a toy model's span instead."""
+    devices = [get_device("jetson-orin-nano-8gb"), get_device("rtx-4090")]
+    cands = [LoRAConfig(rank=r) for r in (2, 8, 64)]
+    kw = dict(batch=8, seq_len=512, deadline_ms=1e9, candidates=cands)
+    with pytest.raises(RankAssignmentError, match="jetson-orin-nano-8gb.*6.00 GiB"):
+        assign_ranks(QWEN, devices, **kw)
+    fits = dataclasses.replace(QWEN, remat=True, loss_chunk=128)
+    assert [c.rank for c in assign_ranks(fits, devices, **kw)] == [64, 64]
+    need64 = train_memory_bytes(fits, cands[-1], batch=8, seq_len=512)
+    assert need64 < devices[0].memory_bytes  # real bytes against a real budget
+    tiny = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2,
+                       num_heads=2)  # fmt: skip
+    toy = toy_budgets(tiny, devices, cands, batch=8, seq_len=512)
+    assert [c.rank for c in assign_ranks(tiny, devices, **kw)] == [64, 64]
+    got = [c.rank for c in assign_ranks(tiny, toy, **kw)]
+    assert got[0] < got[1] == 64

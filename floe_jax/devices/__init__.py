@@ -18,6 +18,7 @@ from floe_jax.devices.assignment import (
     candidate_costs,
     candidate_order_key,
     default_candidates,
+    toy_budgets,
 )
 from floe_jax.devices.cost_model import (
     LORA_STATE_BYTES,
@@ -54,5 +55,6 @@ __all__ = [
     "local_device",
     "lora_param_count",
     "train_memory_breakdown",
+    "toy_budgets",
     "train_memory_bytes",
 ]

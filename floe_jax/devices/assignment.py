@@ -210,3 +210,30 @@ def assign_ranks(
         r_max = max(c.rank for c in chosen)
         chosen = [dataclasses.replace(c, max_rank=r_max) for c in chosen]
     return chosen
+
+
+def toy_budgets(
+    model_cfg: ModelConfig,
+    devices: Sequence[DeviceProfile],
+    candidates: Sequence[LoRAConfig],
+    *,
+    batch: int,
+    seq_len: int,
+) -> list[DeviceProfile]:
+    """`devices` with their memory budgets mapped into the span a *toy* model's candidates need,
+    for stand-in models only: a model of a few MB fits the largest rank on every real device, so
+    its ranks would all be equal. Each budget becomes `need(no LoRA) + (memory / largest memory)
+    x (need(largest candidate) - need(no LoRA))` (+1 byte), so ranks follow the devices' real
+    memory ratios. A real-scale model takes `devices` as they are (`assign_ranks(model_cfg,
+    devices, ...)`): its needs are real bytes, and so are the budgets.
+    """
+    if not candidates:
+        raise ValueError("toy_budgets needs at least one candidate")
+    kw = dict(batch=batch, seq_len=seq_len)
+    base = train_memory_bytes(model_cfg, None, **kw)
+    top = max(train_memory_bytes(model_cfg, c, **kw) for c in candidates)
+    biggest = max(d.memory_bytes for d in devices)
+    return [
+        dataclasses.replace(d, memory_bytes=int(base + d.memory_bytes / biggest * (top - base)) + 1)
+        for d in devices
+    ]

@@ -67,6 +67,9 @@ def train_memory_breakdown(
     attention output (Q), softmax probabilities (H * seq_len, no flash attention), gate, up and
     their product (3F), the LoRA bottlenecks (r per adapted target); plus float32 logits, their
     log-softmax and its gradient (3V per token; with a large vocabulary this term dominates).
+    The model's memory options change both terms: with `remat` every layer keeps only its input
+    (D per token) and one layer's full set is live at a time; with `loss_chunk = k` the logits
+    term is that of k tokens (`floe_jax.loss`), not of every token.
     `lora_state`: value, gradient and two Adam moments in float32.
 
     It slightly underestimates a compiled step, which also holds XLA's fusion temporaries;
@@ -83,10 +86,16 @@ def train_memory_breakdown(
         + 3 * c.intermediate_size
     )
     tokens = batch * seq_len
-    act = tokens * c.num_layers * per_tok_layer * a_bytes + tokens * 3 * c.vocab_size * 4
+    kept_layers = 1 if c.remat else c.num_layers  # layers whose full activation set is kept
+    act = tokens * kept_layers * per_tok_layer * a_bytes
+    if c.remat:
+        act += tokens * c.num_layers * c.hidden_size * a_bytes  # each layer's saved input
+    logit_rows = min(c.loss_chunk, tokens) if c.loss_chunk > 0 else tokens
+    act += logit_rows * 3 * c.vocab_size * 4
     p_lora = lora_param_count(c, lora_cfg)
     if lora_cfg is not None:
-        act += tokens * adapted_layers(c, lora_cfg) * len(lora_cfg.targets) * lora_cfg.rank * 4
+        lora_layers = 1 if c.remat else adapted_layers(c, lora_cfg)
+        act += tokens * lora_layers * len(lora_cfg.targets) * lora_cfg.rank * 4
     out = {
         "base": int(c.num_params * w_bytes),
         "activations": int(act),

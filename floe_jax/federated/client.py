@@ -15,10 +15,12 @@ measurement run too; its loss is `floe_jax.loss.token_loss`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from floe_jax.config import ModelConfig
@@ -184,7 +186,8 @@ def default_client_chunk() -> int:
     """`local_update_clients`' chunk when none is given: 1 (one client at a time) on a CPU, 0
     (every client vmapped at once) on a GPU or TPU. Vmapping holds every sampled client's
     activations at once; when they do not fit in device memory (large models, many clients per
-    round), give a chunk k > 0 instead."""
+    round), give a chunk k > 0, or `"auto"` (`auto_client_chunk`) to have it chosen from the
+    compiled program's memory."""
     return 1 if jax.default_backend() == "cpu" else 0
 
 
@@ -196,7 +199,7 @@ def local_update_clients(
     cfg: ModelConfig,
     opt: optax.GradientTransformation,
     keys: jax.Array,
-    client_chunk: int | None = None,
+    client_chunk: int | str | None = None,
     frozen: tuple[str, ...] = (),
 ) -> tuple[LoRA, dict]:
     """`local_update` over C clients; the base is broadcast, never copied per client.
@@ -212,7 +215,9 @@ def local_update_clients(
         (`default_client_chunk`): 1 on a CPU, 0 on an accelerator. On a CPU, vmapping every
         client at once is slower (the activations of all clients no longer fit in cache); a few
         clients per chunk can help workloads with little work per client (`bench round` has the
-        measurements). On an accelerator the client axis is what fills the device.
+        measurements). On an accelerator the client axis is what fills the device. `"auto"`:
+        the largest chunk whose compiled program fits the device's free memory
+        (`auto_client_chunk`; 0 when all C fit), resolved at trace time from the shapes.
 
     Returns:
       `(loras [C], metrics)`, each metric [C].
@@ -223,6 +228,10 @@ def local_update_clients(
 
     if client_chunk is None:
         client_chunk = default_client_chunk()
+    elif client_chunk == "auto":
+        client_chunk = auto_client_chunk(params, loras, batches, cfg=cfg, opt=opt, frozen=frozen)
+    elif not isinstance(client_chunk, int):
+        raise ValueError(f"client_chunk={client_chunk!r}: give an int >= 0, 'auto' or None")
     if client_chunk <= 0:
         return jax.vmap(one, in_axes=(None, 0, 0, 0))(params, loras, batches, keys)
     return jax.lax.map(lambda x: one(params, *x), (loras, batches, keys), batch_size=client_chunk)
@@ -257,3 +266,147 @@ def client_memory_bytes(
     }
     out["total"] = sum(out.values())
     return out
+
+
+def _abstract(tree):
+    """`tree` as `jax.ShapeDtypeStruct`s (arrays or tracers alike): shapes only."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x)), tree)
+
+
+def _nbytes(tree) -> int:
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientsMemory:
+    """The compiled memory of k clients' `local_update`s vmapped at once, as a line in k.
+
+    `need(k) = fixed_bytes + k * per_client_bytes`, fitted through XLA's compiled memory analysis
+    (`client_memory_bytes`' totals: arguments, temporaries, outputs) of the vmapped program at
+    k = 1 and k = 2, from shapes alone (nothing allocated or run). `fixed_bytes` holds the
+    frozen base (`base_bytes`, an argument every client shares) and whatever else does not grow
+    with k; `io_bytes` is one client's adapter, batches and trained adapter, which
+    `local_update_clients` holds for every client of the round even when it trains k at a time.
+    """
+
+    base_bytes: int
+    fixed_bytes: int
+    per_client_bytes: int
+    io_bytes: int
+
+    def need(self, k: int, clients: int | None = None) -> int:
+        """Bytes to train k clients at once, of `clients` (default k) in the round."""
+        clients = k if clients is None else clients
+        return self.fixed_bytes + k * self.per_client_bytes + (clients - k) * self.io_bytes
+
+    def max_clients(self, budget_bytes: int, clients: int | None = None) -> int:
+        """The largest k with `need(k, clients) <= budget_bytes`, at most `clients` when given
+        (without it, clients trained alone: `need(k)`); 0 when not even one fits."""
+        if clients is None:
+            return max(0, (budget_bytes - self.fixed_bytes) // self.per_client_bytes)
+        room = budget_bytes - self.fixed_bytes - clients * self.io_bytes
+        step = self.per_client_bytes - self.io_bytes
+        if room < step:
+            return 0
+        return clients if step <= 0 else int(min(clients, room // step))
+
+
+_CLIENTS_MEMORY: dict = {}
+
+
+def clients_memory(
+    params, lora: LoRA, batches: dict, *, cfg: ModelConfig, opt, frozen: tuple[str, ...] = ()
+) -> ClientsMemory:
+    """`ClientsMemory` of one client's shapes: `lora` and `batches` without a client axis
+    (arrays, tracers or `jax.ShapeDtypeStruct`s; two compiles, cached by shape)."""
+    params, lora, batches = _abstract(params), _abstract(lora), _abstract(batches)
+    cache_key = (jax.tree.structure((params, lora, batches)), tuple(
+        (x.shape, str(x.dtype)) for x in jax.tree.leaves((params, lora, batches))
+    ), cfg, opt, frozen)  # fmt: skip
+    if cache_key in _CLIENTS_MEMORY:
+        return _CLIENTS_MEMORY[cache_key]
+
+    def total(k):
+        stack = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct((k, *x.shape), x.dtype), t)
+        keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), k))
+
+        def run(p, lo, b, ks):
+            return local_update_clients(
+                p, lo, b, cfg=cfg, opt=opt, keys=ks, client_chunk=0, frozen=frozen
+            )
+
+        m = jax.jit(run).lower(params, stack(lora), stack(batches), keys).compile()
+        m = m.memory_analysis()
+        return int(
+            m.argument_size_in_bytes + m.temp_size_in_bytes
+            + m.output_size_in_bytes - m.alias_size_in_bytes
+        )  # fmt: skip
+
+    one, two = total(1), total(2)
+    base = _nbytes(params)
+    per_client = two - one
+    if per_client <= 0:  # XLA reused a buffer across the two: price a client as all but the base
+        per_client = one - base
+    out = ClientsMemory(
+        base_bytes=base,
+        fixed_bytes=one - per_client,
+        per_client_bytes=per_client,
+        io_bytes=2 * _nbytes(lora.trainable()) + _nbytes(batches),
+    )
+    _CLIENTS_MEMORY[cache_key] = out
+    return out
+
+
+def free_device_memory() -> int:
+    """Bytes a round may still use on the default device: an accelerator's `bytes_limit` less
+    its `bytes_in_use` (`Device.memory_stats()`); on a CPU, which reports no stats, the host's
+    available RAM (`MemAvailable` of /proc/meminfo, via `cost_table.local_memory_bytes`)."""
+    from floe_jax.cost_table import local_memory_bytes
+
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - backends differ in what they implement
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return local_memory_bytes()
+
+
+def auto_client_chunk(
+    params,
+    loras: LoRA,
+    batches: dict,
+    *,
+    cfg: ModelConfig,
+    opt,
+    frozen: tuple[str, ...] = (),
+    budget_bytes: int | None = None,
+) -> int:
+    """`client_chunk="auto"`: the most clients trained at once whose compiled program fits.
+
+    `loras` and `batches` carry the round's C clients on a leading axis. The budget is
+    `budget_bytes`, else `free_device_memory()` plus the base's bytes (the base is already
+    resident, and the compiled program counts it as an argument). Returns 0 (vmap all C) when
+    all fit, else k < C (`lax.map` k at a time, `ClientsMemory.need(k, C)` within the budget).
+
+    Raises:
+      ValueError: not even one client fits; names both sizes and what to change.
+    """
+    C = jax.tree.leaves(batches)[0].shape[0]
+    one = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), t)
+    mem = clients_memory(params, one(_abstract(loras)), one(_abstract(batches)), cfg=cfg, opt=opt,
+                         frozen=frozen)  # fmt: skip
+    budget = free_device_memory() + mem.base_bytes if budget_bytes is None else budget_bytes
+    if mem.need(C) <= budget:
+        return 0
+    k = mem.max_clients(budget, C)
+    if k < 1:
+        mib = lambda n: f"{n / 2**20:,.1f} MiB"
+        raise ValueError(
+            f"client_chunk='auto': not even one client fits: one client's local update needs "
+            f"{mib(mem.need(1, C))} ({mib(mem.base_bytes)} base, {mib(mem.per_client_bytes)} "
+            f"per client, round of {C} clients) against a budget of {mib(budget)}; lower "
+            "batch_size or seq_len, or set the model's remat=True / loss_chunk, or quantize "
+            "the base"
+        )
+    return k

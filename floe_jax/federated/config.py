@@ -156,7 +156,8 @@ class FedConfig:
         targets and layers as in `LoRAConfig` (each client's scale uses its true rank).
       agg: the aggregation rule and its options.
       client_chunk: 0 vmaps all sampled clients; k > 0 trains k at a time (`lax.map`); None
-        picks by backend: 1 on a CPU, 0 on a GPU or TPU (`client.default_client_chunk`).
+        picks by backend: 1 on a CPU, 0 on a GPU or TPU (`client.default_client_chunk`);
+        `"auto"` picks from the compiled program's memory (`client.auto_client_chunk`).
       seed: seeds the server key: every random choice derives from it and the round index.
       checkpoint_every: save the server state every this many rounds (and at the end).
       max_update_norm: screening: drop a client whose adapter moved more than this (Frobenius
@@ -183,7 +184,7 @@ class FedConfig:
     max_grad_norm: float | None = None
     lora: LoRAConfig = LoRAConfig(rank=32, alpha=16.0)
     agg: AggregationConfig = AggregationConfig()
-    client_chunk: int | None = None  # by backend; see local_update_clients
+    client_chunk: int | str | None = None  # by backend, or "auto"; see local_update_clients
     seed: int = 0
     checkpoint_every: int = 1
     max_update_norm: float | None = None
@@ -214,8 +215,15 @@ class FedConfig:
             )
         if self.num_clusters is not None and self.num_clusters < 1:
             raise ConfigError(f"FedConfig.num_clusters must be >= 1, got {self.num_clusters}")
-        if self.client_chunk is not None and self.client_chunk < 0:
-            raise ConfigError(f"FedConfig.client_chunk must be >= 0, got {self.client_chunk}")
+        if (
+            self.client_chunk is not None
+            and self.client_chunk != "auto"
+            and (not isinstance(self.client_chunk, int) or self.client_chunk < 0)
+        ):
+            raise ConfigError(
+                f"FedConfig.client_chunk must be an int >= 0, 'auto' or None, got "
+                f"{self.client_chunk!r}"
+            )
         require_finite(
             "FedConfig",
             lr=self.lr,

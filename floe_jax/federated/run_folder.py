@@ -70,14 +70,16 @@ def run_fingerprint(
 ) -> dict:
     """The settings that shape a federated run's numbers, flat and JSON-ready: `fed.*` (less
     `UNFINGERPRINTED_FIELDS`), `model.*` (less `attention_impl`, which picks a decode kernel that
-    training never runs), the clients' ranks, the given assignment and cluster count, and digests
-    of the base params, the client data and the eval data (`tree_digest`).
+    training never runs, and `remat` and `loss_chunk`, which trade memory for compute), the
+    clients' ranks, the given assignment and cluster count, and digests of the base params, the
+    client data and the eval data (`tree_digest`).
 
     Hashing reads every base weight once per call, a host pass over the weights that is small
     beside the rounds a run trains."""
     fed_d = {k: v for k, v in dataclasses.asdict(fed).items() if k not in UNFINGERPRINTED_FIELDS}
     model = dataclasses.asdict(cfg)
-    model.pop("attention_impl", None)
+    for k in ("attention_impl", "remat", "loss_chunk"):
+        model.pop(k, None)
     out = {
         "version": FINGERPRINT_VERSION,
         "fed": fed_d,
