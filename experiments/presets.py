@@ -424,6 +424,9 @@ class RealPreset:
       max_new_tokens_by_task: per-task budgets, `task=n,task=n` (others: `max_new_tokens`).
       closed_tasks: tasks with a closed answer, scored by exact match too.
       dtype: parameter dtype of both models.
+      remat, loss_chunk: the edge's training memory options (`ModelConfig.remat`, `loss_chunk`;
+        `python -m experiments plan` prices them): on by default, since a real edge's round
+        does not fit without them (the values and gradients are the plain step's).
       fed, eval: as in `DemoPreset` (`eval.decode.max_new_tokens` is replaced per task).
       seed: seeds the split.
     """
@@ -452,6 +455,8 @@ class RealPreset:
     max_new_tokens_by_task: str = ""
     closed_tasks: tuple[str, ...] = ()
     dtype: str = "bfloat16"
+    remat: bool = True
+    loss_chunk: int = 128
     fed: DemoFed = DemoFed(
         rounds=dataclasses.replace(DEMO_ROUNDS, num_rounds=10, checkpoint_every=10, seq_len=512)
     )

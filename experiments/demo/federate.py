@@ -46,7 +46,9 @@ def federate(
     truncate = isinstance(preset, RealPreset) and preset.long_examples == "truncate"
     data = private_data(fed, bench, tok, prep.edge_cfg.vocab_size, truncate=truncate)
     N = bench.num_clients
-    devices, ranks = client_ranks(fed, N, prep.edge_cfg, seq_len=data.seq_len)
+    devices, ranks = client_ranks(
+        fed, N, prep.edge_cfg, seq_len=data.seq_len, toy=not isinstance(preset, RealPreset)
+    )
     out = {}
     for name, rounds in fed.runs(len(set(bench.client_tasks)), N).items():
         t0 = time.perf_counter()

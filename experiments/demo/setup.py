@@ -3,7 +3,8 @@
 Ranks on the tiny demo model: its training memory is a few tens of MB, so every catalog device fits
 the largest rank. `client_ranks` therefore scales each device's memory budget into the range the
 demo model spans: budget = base need + (device memory / largest device memory) x (need at the
-largest rank - base need). Ranks then follow the devices' real memory ratios.
+largest rank - base need). Ranks then follow the devices' real memory ratios. A real-model preset
+takes the devices' real budgets, with its edge's `remat` and `loss_chunk` priced in.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from floe_jax.data.benchmark import Benchmark, Example, Query
 from floe_jax.data.hf_datasets import InstructionData, load_instruction_dataset
 from floe_jax.data.splits import split_by_task, split_dirichlet
 from floe_jax.data.tokenizer import encode_examples, load_tokenizer, long_examples
-from floe_jax.devices import assign_ranks, get_device, train_memory_bytes
+from floe_jax.devices import assign_ranks, get_device, toy_budgets
 from floe_jax.federated.types import ClientData, client_data
 from floe_jax.hf import load_hf
 from floe_jax.hf.config import CONFIG_FILE, config_from_hf
@@ -159,6 +160,7 @@ def setup_real(preset: RealPreset, *, shapes_only: bool = False) -> Setup:
     """
     t0 = time.perf_counter()
     edge_cfg, edge_params = _load_model(preset.edge_path, preset.dtype, shapes_only)
+    edge_cfg = dataclasses.replace(edge_cfg, remat=preset.remat, loss_chunk=preset.loss_chunk)
     cloud_cfg, cloud_params = _load_model(preset.cloud_path, preset.dtype, shapes_only)
     tok = load_tokenizer(preset.tokenizer_path or preset.edge_path)
     cloud_tok = load_tokenizer(preset.cloud_tokenizer_path or preset.cloud_path)
@@ -243,22 +245,17 @@ def setup_real(preset: RealPreset, *, shapes_only: bool = False) -> Setup:
 
 
 def client_ranks(
-    fed: DemoFed, num_clients: int, edge_cfg: ModelConfig, *, seq_len: int
+    fed: DemoFed, num_clients: int, edge_cfg: ModelConfig, *, seq_len: int, toy: bool = True
 ) -> tuple[list[str], list[int]]:
-    """(device name, LoRA rank) per client: devices cycle through `fed.devices`; memory budgets
-    are scaled into the demo model's range (module docstring) so ranks really differ."""
-    cfg, n = edge_cfg, num_clients
-    devices = [get_device(fed.devices[i % len(fed.devices)]) for i in range(n)]
+    """(device name, LoRA rank) per client: devices cycle through `fed.devices`. For the embedded
+    benchmark's tiny models (`toy`) memory budgets are scaled into the model's range
+    (`floe_jax.devices.toy_budgets`; module docstring) so ranks really differ; a real model is
+    assigned from the devices' real budgets."""
+    devices = [get_device(fed.devices[i % len(fed.devices)]) for i in range(num_clients)]
     kw = dict(batch=fed.rounds.batch_size, seq_len=seq_len)
-    base = train_memory_bytes(cfg, None, **kw)
-    top = train_memory_bytes(cfg, LoRAConfig(rank=max(fed.rank_candidates)), **kw)
-    biggest = max(d.memory_bytes for d in devices)
-    scaled = [
-        dataclasses.replace(d, memory_bytes=int(base + d.memory_bytes / biggest * (top - base)) + 1)
-        for d in devices
-    ]
     cands = [LoRAConfig(rank=r) for r in sorted(fed.rank_candidates)]
-    got = assign_ranks(cfg, scaled, deadline_ms=fed.deadline_ms, candidates=cands, **kw)
+    budgets = toy_budgets(edge_cfg, devices, cands, **kw) if toy else devices
+    got = assign_ranks(edge_cfg, budgets, deadline_ms=fed.deadline_ms, candidates=cands, **kw)
     return [d.name for d in devices], [c.rank for c in got]
 
 
