@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from floe_jax import sharding
 from floe_jax.config import ModelConfig
 from floe_jax.lora import LoRA, freeze_padding
 from floe_jax.loss import token_loss
@@ -212,7 +213,9 @@ def local_update_clients(
         (`default_client_chunk`): 1 on a CPU, 0 on an accelerator. On a CPU, vmapping every
         client at once is slower (the activations of all clients no longer fit in cache); a few
         clients per chunk can help workloads with little work per client (`bench round` has the
-        measurements). On an accelerator the client axis is what fills the device.
+        measurements). On an accelerator the client axis is what fills the device. Under a
+        mesh with a `clients` axis of D devices (`floe_jax.sharding`), the C clients are split
+        into D blocks, one per device, and the chunk applies within each block.
 
     Returns:
       `(loras [C], metrics)`, each metric [C].
@@ -223,9 +226,19 @@ def local_update_clients(
 
     if client_chunk is None:
         client_chunk = default_client_chunk()
-    if client_chunk <= 0:
-        return jax.vmap(one, in_axes=(None, 0, 0, 0))(params, loras, batches, keys)
-    return jax.lax.map(lambda x: one(params, *x), (loras, batches, keys), batch_size=client_chunk)
+
+    def clients(loras, batches, keys):
+        if client_chunk <= 0:
+            return jax.vmap(one, in_axes=(None, 0, 0, 0))(params, loras, batches, keys)
+        xs = (loras, batches, keys)
+        return jax.lax.map(lambda x: one(params, *x), xs, batch_size=client_chunk)
+
+    D = sharding.client_blocks()  # devices on the traced mesh's clients axis, 1 without one
+    if D == 1:
+        return clients(loras, batches, keys)
+    # One block of C / D clients per device, each chunked as on one device.
+    blocks = sharding.split_clients((loras, batches, keys), D)
+    return sharding.merge_clients(jax.vmap(clients)(*blocks))
 
 
 def client_memory_bytes(
