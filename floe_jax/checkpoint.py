@@ -50,15 +50,14 @@ def _manager(
     one (`save`) is called by every process together and orbax writes the checkpoint once,
     with its barriers; any other (listing, reading, deleting) belongs to the calling process
     alone, so no process waits on another that does not call it."""
-    me = jax.process_index()
+    me, shared = jax.process_index(), collective or jax.process_count() == 1
     mp = ocp.options.MultiprocessingOptions(
-        **({} if collective or jax.process_count() == 1
-           else {"primary_host": me, "active_processes": {me}})
-    )  # fmt: skip
+        **({} if shared else {"primary_host": me, "active_processes": {me}})
+    )
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         enable_async_checkpointing=False,  # the state is donated to the next round right after
-        create=True,
+        create=shared,  # one process's own manager reads a folder that exists (`all_steps`)
         multiprocessing_options=mp,
     )
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)

@@ -97,6 +97,17 @@ def make_mesh(spec: str | dict[str, int], devices=None) -> Mesh:
     return jax.make_mesh(tuple(axes.values()), tuple(axes), auto, devices=devices)
 
 
+def abstract_mesh(spec: str | dict[str, int]) -> jax.sharding.AbstractMesh:
+    """A mesh of the spec's shape without devices (every size given): for lowering the sharded
+    programs for another platform (`jax.sharding.use_abstract_mesh`), e.g. a TPU pod's from
+    this host."""
+    axes = parse_mesh_spec(spec) if isinstance(spec, str) else dict(spec)
+    if -1 in axes.values():
+        raise ConfigError(f"mesh {spec!r}: an abstract mesh needs every axis size")
+    auto = (jax.sharding.AxisType.Auto,) * len(axes)
+    return jax.sharding.AbstractMesh(tuple(axes.values()), tuple(axes), auto)
+
+
 def axis_size(mesh, name: str) -> int:
     """The size of axis `name` of a mesh (concrete or abstract), 1 when it has no such axis."""
     if mesh is None or getattr(mesh, "empty", False):
@@ -246,6 +257,23 @@ def place(tree, shardings):
     return jax.tree.map(put, tree, shardings)
 
 
+def shard_cloud(mesh: Mesh | str, params):
+    """A cloud model's params placed tensor-parallel over `mesh`'s `model` axis
+    (`cloud_sharding`). A spec string (`"model=2"`) takes the first devices it counts, so the
+    cloud can share a host with the edge (pick others with the mesh itself, or
+    `CUDA_VISIBLE_DEVICES`). Every program the cloud then runs (prefill, decode steps,
+    `LocalCloud`, `serve-cloud`'s engine) follows these shardings: XLA splits the heads and MLP
+    width and inserts the reductions, the KV cache split likewise."""
+    if isinstance(mesh, str):
+        axes = parse_mesh_spec(mesh)
+        n = int(np.prod([max(k, 1) for k in axes.values()]))
+        devices = jax.devices()
+        mesh = make_mesh(axes, devices[:n] if -1 not in axes.values() else devices)
+    if MODEL not in mesh.axis_names:
+        raise ConfigError(f"a cloud mesh needs a {MODEL!r} axis (e.g. 'model=2'); got {mesh.shape}")
+    return place(params, cloud_sharding(mesh, params))
+
+
 def process_clients(mesh: Mesh, num_clients: int) -> np.ndarray:
     """The client ids whose data this process holds under `client_data_sharding` (ascending):
     the union of its devices' row ranges. On one process, all N."""
@@ -354,6 +382,27 @@ def sync(name: str) -> None:
 # ----------------------------------------------------------------------------- memory
 
 
+def shaped(tree, shardings):
+    """`tree`'s leaves as `jax.ShapeDtypeStruct`s carrying `shardings` (one for all leaves, or a
+    matching tree): a program's arguments for lowering or memory analysis, nothing allocated."""
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), tree, shardings
+    )
+
+
+def round_input_shapes(mesh, state, params, data, eval_data=None):
+    """`place_round_inputs`' placement as `ShapeDtypeStruct`s (`shaped`): for lowering the
+    sharded round, also over an `abstract_mesh`."""
+    return (
+        shaped(state, replicated(mesh)),
+        shaped(params, base_sharding(mesh, params)),
+        shaped(data, client_data_sharding(mesh)),
+        None if eval_data is None else shaped(eval_data, client_data_sharding(mesh)),
+    )
+
+
 def round_bytes_per_device(
     mesh: Mesh, state, params, data, eval_data=None, *, cfg, fed
 ) -> dict[str, int]:
@@ -364,19 +413,7 @@ def round_bytes_per_device(
     state, base and data), `temporaries`, `outputs`, `total`."""
     from floe_jax.federated.rounds import round_step
 
-    def spec(tree, shardings):
-        if isinstance(shardings, jax.sharding.Sharding):
-            shardings = jax.tree.map(lambda _: shardings, tree)
-        return jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-        )
-
-    args = (
-        spec(state, replicated(mesh)),
-        spec(params, base_sharding(mesh, params)),
-        spec(data, client_data_sharding(mesh)),
-        None if eval_data is None else spec(eval_data, client_data_sharding(mesh)),
-    )
+    args = round_input_shapes(mesh, state, params, data, eval_data)
     fn = jax.jit(lambda s, p, d, e: round_step(s, p, d, e, cfg=cfg, fed=fed))
     with jax.set_mesh(mesh):
         m = fn.lower(*args).compile().memory_analysis()
@@ -391,6 +428,7 @@ def round_bytes_per_device(
 
 __all__ = [
     "AXES",
+    "abstract_mesh",
     "CLIENTS",
     "FSDP",
     "MODEL",
@@ -410,7 +448,10 @@ __all__ = [
     "process_clients",
     "replicated",
     "round_bytes_per_device",
+    "round_input_shapes",
     "round_program",
+    "shard_cloud",
+    "shaped",
     "split_clients",
     "sync",
 ]
