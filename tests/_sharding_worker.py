@@ -86,6 +86,17 @@ def run(args) -> None:
 
     if args.cloud:
         cloud_logprobs(args, cfg, params)
+    if args.memory:  # one device's round memory under each mesh, and the bytes it holds
+        data = client_data(examples, min_examples=5)
+        nbytes = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))
+        mem = {"state": nbytes(state), "params": nbytes(params), "data": nbytes(data)}
+        for spec in ("clients=1", "clients=8", "clients=4,fsdp=2"):
+            n = int(np.prod(list(sharding.parse_mesh_spec(spec).values())))
+            mesh = sharding.make_mesh(spec, jax.devices()[:n])
+            got = sharding.round_bytes_per_device(mesh, state, params, data, cfg=cfg, fed=fed)
+            mem[spec] = got
+        with open(os.path.join(args.out, "memory.json"), "w") as f:
+            json.dump(mem, f)
 
 
 def cloud_logprobs(args, cfg, params) -> None:
@@ -115,6 +126,7 @@ if __name__ == "__main__":
     p.add_argument("--stop-after", type=int)
     p.add_argument("--then-wait", action="store_true")
     p.add_argument("--cloud", action="store_true")
+    p.add_argument("--memory", action="store_true")
     p.add_argument("--agg", default="fedavg")
     p.add_argument("--coordinator")
     p.add_argument("--num-processes", type=int)

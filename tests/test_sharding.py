@@ -85,13 +85,17 @@ def eight_devices(tmp_path_factory):
     log = str(tmp / "log.txt")
     specs = ["none", "clients=8", "clients=4,fsdp=2"]
     with open(log, "w") as f:
-        p = _start([str(tmp), str(tmp / "runs"), "--mesh", ";".join(specs), "--cloud"], 8, f)
+        p = _start(
+            [str(tmp), str(tmp / "runs"), "--mesh", ";".join(specs), "--cloud", "--memory"], 8, f
+        )
     try:
         _wait([p], [log], time.monotonic() + TIMEOUT_S)
     finally:
         _stop([p])
     runs = [_load(str(tmp / f"{i}.npz")) for i in range(len(specs))]
-    return runs, dict(np.load(str(tmp / "cloud.npz")))
+    with open(tmp / "memory.json") as f:
+        memory = json.load(f)
+    return runs, dict(np.load(str(tmp / "cloud.npz"))), memory
 
 
 @pytest.mark.slow
@@ -111,6 +115,20 @@ def test_a_cloud_split_over_two_devices_serves_the_same_logprobs(eight_devices):
     assert cloud["model2_devices"] == 2 and cloud["model2_split"]  # q/k/v really split
     # A prefill and two decode steps extending its stream, whole and tensor-parallel.
     np.testing.assert_allclose(cloud["model2"], cloud["whole"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_round_bytes_per_device_counts_each_devices_shards(eight_devices):
+    mem = eight_devices[2]
+    state, params, data = mem["state"], mem["params"], mem["data"]
+    # One device holds everything; a clients axis of 8 splits only the data eight ways.
+    assert mem["clients=1"]["arguments"] == state + params + data
+    assert mem["clients=8"]["arguments"] == state + params + data // 8
+    # fsdp=2 halves the base's matrices (vectors stay whole): less than `clients=8`'s.
+    fsdp = mem["clients=4,fsdp=2"]["arguments"]
+    assert state + params // 2 + data // 4 <= fsdp < state + params + data // 4
+    for m in (mem["clients=1"], mem["clients=8"]):
+        assert m["total"] == m["arguments"] + m["temporaries"] + m["outputs"] > m["arguments"]
 
 
 def _free_port() -> int:
@@ -223,3 +241,14 @@ def test_base_and_cloud_rules_split_the_axes_they_name(tiny_cfg):
     # An axis that divides nothing leaves the leaf whole.
     odd = sharding.cloud_sharding(_abstract_mesh(model=7), params)
     assert spec(odd["layers"]["q_proj"]["w"]) == ()
+
+
+def test_federate_command_line_refuses_a_bad_mesh_or_half_a_cluster(capsys):
+    from experiments.cli import main
+
+    n = len(jax.devices())
+    assert main(["federate", "--mesh", f"clients={n + 1}", "--out", "unused"]) == 2
+    assert f"{n + 1} devices, but {n} are present" in capsys.readouterr().err
+    assert main(["federate", "--coordinator", "127.0.0.1:1", "--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert "--coordinator, --num-processes and --process-id" in err
