@@ -235,21 +235,17 @@ def round_program(mesh: Mesh):
 # ----------------------------------------------------------------------------- placement
 
 
-def _host_value(x) -> np.ndarray:
-    return np.asarray(x)
-
-
 def place(tree, shardings):
     """Every leaf of `tree` (the same full value on every process) as a global array with its
     sharding: each process builds only the shards its devices hold (`make_array_from_callback`),
     so this works on one host and on many."""
 
     def put(x, s):
-        if isinstance(x, jax.Array) and x.is_fully_addressable is False:
-            return jax.device_put(x, s)  # already global (loaded per process)
-        if isinstance(x, jax.Array) and jax.process_count() == 1:
+        if isinstance(x, jax.Array) and (
+            not x.is_fully_addressable or jax.process_count() == 1
+        ):  # already global (loaded per process), or one process: a plain transfer
             return jax.device_put(x, s)
-        h = _host_value(x)
+        h = np.asarray(x)
         return jax.make_array_from_callback(h.shape, s, lambda idx: h[idx])
 
     if isinstance(shardings, jax.sharding.Sharding):

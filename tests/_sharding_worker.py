@@ -40,7 +40,7 @@ def run(args) -> None:
     fed = FedConfig(
         num_rounds=args.rounds, clients_per_round=8, local_steps=2, batch_size=2, seq_len=12,
         lora=LoRAConfig(rank=4, targets=("q", "v")), agg=AggregationConfig(method=args.agg),
-        checkpoint_every=1, client_chunk=1,
+        checkpoint_every=1, client_chunk=1, clustering=args.clustering,
     )  # fmt: skip
     N = 16
     rng = np.random.default_rng(0)
@@ -128,6 +128,7 @@ if __name__ == "__main__":
     p.add_argument("--cloud", action="store_true")
     p.add_argument("--memory", action="store_true")
     p.add_argument("--agg", default="fedavg")
+    p.add_argument("--clustering", default="updates")
     p.add_argument("--coordinator")
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)

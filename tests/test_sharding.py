@@ -95,7 +95,7 @@ def eight_devices(tmp_path_factory):
     runs = [_load(str(tmp / f"{i}.npz")) for i in range(len(specs))]
     with open(tmp / "memory.json") as f:
         memory = json.load(f)
-    return runs, dict(np.load(str(tmp / "cloud.npz"))), memory
+    return runs, dict(np.load(str(tmp / "cloud.npz"))), memory, tmp / "runs"
 
 
 @pytest.mark.slow
@@ -186,6 +186,13 @@ def test_two_processes_equal_one_device_and_resume_after_a_kill(eight_devices, t
         _assert_same_run(run, {**one, "rows": one["rows"][1:]})
     with open(tmp_path / "runs" / "0" / "metrics.jsonl") as f:
         assert [json.loads(x)["round"] for x in f] == [0, 1]  # written once, by process 0
+    # Floe's update clustering, computed before round 0 from every process's clients.
+    with open(tmp_path / "runs" / "0" / "clusters.json") as f:
+        got = json.load(f)
+    with open(eight_devices[3] / "0" / "clusters.json") as f:
+        want = json.load(f)
+    assert got["assignment"] == want["assignment"]
+    np.testing.assert_allclose(got["similarity"], want["similarity"], rtol=0, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- rules

@@ -25,11 +25,12 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from floe_jax import checkpoint, sharding
-from floe_jax.config import ConfigError, ModelConfig
+from floe_jax.config import ModelConfig
 from floe_jax.federated.checks import check_data, check_round, drop_reasons
 from floe_jax.federated.cluster import cluster_by_updates
 from floe_jax.federated.config import FedConfig
@@ -105,20 +106,34 @@ def resolve_clusters(
     if fed.clustering != "updates":
         return assignment, num_clusters
     path = os.path.join(run_dir, "clusters.json")
-    if os.path.exists(path):
+    exists = os.path.exists(path)
+    sharding.sync("floe_jax:clusters_checked")  # before process 0 may write it
+    if exists:
         with open(path) as f:
             saved = json.load(f)
     else:
         if updates is None:
-            labels, info = cluster_by_updates(params, data, cfg=cfg, fed=fed, ranks=ranks)
+            labels, info = cluster_by_updates(params, _whole(data), cfg=cfg, fed=fed, ranks=ranks)
         else:
             labels, info = updates()
         saved = {"assignment": [int(x) for x in labels], "num_clusters": int(labels.max()) + 1}
         saved.update(info)
-        with open(path, "w") as f:
-            json.dump(saved, f)
+        if sharding.is_primary():
+            with open(path, "w") as f:
+                json.dump(saved, f)
         log.info("clustered %d clients into %d clusters", len(labels), saved["num_clusters"])
     return np.asarray(saved["assignment"], np.int32), saved["num_clusters"]
+
+
+def _whole(data: ClientData) -> ClientData:
+    """`data` whole on this process: a multi-host run's client data (each process holding its
+    share) gathered from every process, for the one-time update clustering that every process
+    then computes alike on its own devices."""
+    if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(data)):
+        return data
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(jnp.asarray, multihost_utils.process_allgather(data, tiled=True))
 
 
 def _initial_state(params, data, *, cfg, fed, ranks, assignment, num_clusters, run_dir):
@@ -191,11 +206,6 @@ def train_federated(
     if sharding.is_primary():
         claim_run_dir(run_dir, fingerprint, restart=restart)
     sharding.sync("floe_jax:claim_run_dir")
-    if jax.process_count() > 1 and fed.clustering == "updates":
-        raise ConfigError(
-            "FedConfig.clustering='updates' is not supported in a multi-host run yet; cluster "
-            "on one host (clusters.json) and pass its assignment"
-        )
     digest = fingerprint_digest(fingerprint)
     state = _initial_state(
         params, data, cfg=cfg, fed=fed, ranks=ranks, assignment=assignment,
