@@ -179,17 +179,46 @@ def _demo(argv: list[str], impl: str) -> int:
     return 0
 
 
+def _cluster_args(argv: list[str]) -> tuple[list[str], object]:
+    """Takes `--mesh SPEC` and the `jax.distributed` options out of `argv`, joins the cluster
+    (before anything touches a device) and returns `(the other arguments, the mesh or None)`."""
+    import argparse
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--mesh", default=None)
+    p.add_argument("--coordinator", default=None)
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    p.add_argument("--distributed", action="store_true")
+    args, rest = p.parse_known_args(argv)
+    from floe_jax import sharding
+
+    named = (args.coordinator, args.num_processes, args.process_id)
+    if args.distributed or any(x is not None for x in named):
+        sharding.initialize_distributed(*named)
+    return rest, None if args.mesh is None else sharding.make_mesh(args.mesh)
+
+
+CLUSTER_HELP = (
+    "Devices and hosts: --mesh clients=8 (or clients=4,fsdp=2) runs the rounds over the "
+    "devices of every process; --coordinator HOST:PORT --num-processes N --process-id I join a "
+    "jax.distributed cluster (every process runs the same command with its own id), "
+    "--distributed joins one the cluster describes itself (TPU pods, SLURM)."
+)
+
+
 def _federate(argv: list[str], impl: str) -> int:
     from experiments import demo
 
+    argv, mesh = _cluster_args(argv)
     preset, out, progress, restart = _run_args(
         argv, impl, "federate",
         "Pretraining (cached) and the federated LoRA rounds of every compared method only "
-        "(resumes from the run folder's checkpoints). `evaluate` then scores them.",
-        restart=True,
+        "(resumes from the run folder's checkpoints). `evaluate` then scores them. "
+        + CLUSTER_HELP, restart=True,
     )  # fmt: skip
-    for method, info in demo.run_federate(preset, out, progress=progress,
-                                          restart=restart).items():  # fmt: skip
+    for method, info in demo.run_federate(preset, out, progress=progress, restart=restart,
+                                          mesh=mesh).items():  # fmt: skip
         print(f"{method}: clusters {info['assignment']} ({info['seconds']:.1f}s)")
     print(f"run folder: {out}")
     return 0

@@ -69,6 +69,10 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help=f"require `Authorization: Bearer KEY` (default: ${API_KEY_ENV})",
     )
+    p.add_argument(
+        "--mesh", default=None, metavar="model=N",
+        help="split the model tensor-parallel over N devices (attention heads, MLP width)",
+    )  # fmt: skip
     p.add_argument("--max-logprobs", type=int, default=20)
     p.add_argument("--max-tokens-limit", type=int, default=1024)
     p.add_argument("--max-body-bytes", type=int, default=4 << 20)
@@ -132,6 +136,10 @@ def main(argv: list[str] | None = None, *, attention_impl: str = "reference") ->
     if cfg.vocab_size < vocab:
         raise SystemExit(f"model vocab {cfg.vocab_size} is smaller than the tokenizer's {vocab}")
 
+    if args.mesh:  # tensor parallel over this host's devices
+        from floe_jax.sharding import shard_cloud
+
+        params = shard_cloud(args.mesh, params)
     from floe_jax.inference.server import serve_cloud
 
     auth = " (API key required)" if config.api_key else ""

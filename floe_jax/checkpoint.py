@@ -43,18 +43,32 @@ def _spec(x) -> str:
     return f"{list(np.shape(x))} {np.dtype(x.dtype).name}"
 
 
-def _manager(directory: str, max_to_keep: int | None = None) -> ocp.CheckpointManager:
+def _manager(
+    directory: str, max_to_keep: int | None = None, *, collective: bool = False
+) -> ocp.CheckpointManager:
+    """An orbax manager of `directory`. In a multi-host (`jax.distributed`) run, a `collective`
+    one (`save`) is called by every process together and orbax writes the checkpoint once,
+    with its barriers; any other (listing, reading, deleting) belongs to the calling process
+    alone, so no process waits on another that does not call it."""
+    me, shared = jax.process_index(), collective or jax.process_count() == 1
+    mp = ocp.options.MultiprocessingOptions(
+        **({} if shared else {"primary_host": me, "active_processes": {me}})
+    )
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         enable_async_checkpointing=False,  # the state is donated to the next round right after
-        create=True,
+        create=shared,  # one process's own manager reads a folder that exists (`all_steps`)
+        multiprocessing_options=mp,
     )
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
 def save(directory: str, step: int, state, metadata: dict | None = None, *, max_to_keep=None):
     """Saves `state` (a pytree of arrays) and JSON-serialisable `metadata` as checkpoint `step`,
-    with each leaf's shape, dtype and SHA-256 in the checkpoint's metadata."""
+    with each leaf's shape, dtype and SHA-256 in the checkpoint's metadata.
+
+    In a multi-host run every process calls it with the same (replicated) state; orbax writes
+    the step once (process 0) and returns on every process when it is complete."""
     leaves = [np.asarray(x) for x in jax.tree.leaves(state)]
     flat = {_key(i): x for i, x in enumerate(leaves)}
     meta = {
@@ -64,7 +78,7 @@ def save(directory: str, step: int, state, metadata: dict | None = None, *, max_
         ],
         "user": metadata or {},
     }
-    mngr = _manager(directory, max_to_keep)
+    mngr = _manager(directory, max_to_keep, collective=True)
     mngr.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(flat), meta=ocp.args.JsonSave(meta)),
@@ -144,7 +158,9 @@ def _restore_step(mngr, directory: str, step: int, like):
         raise CorruptCheckpointError("its metadata has no list of leaf paths")
     _check_template(directory, step, meta, like)
     leaves, treedef = jax.tree.flatten(like)
-    abstract = {_key(i): jax.ShapeDtypeStruct(np.shape(x), x.dtype) for i, x in enumerate(leaves)}
+    # In a multi-host run each process reads the whole (replicated) state as host arrays.
+    like_leaf = jax.ShapeDtypeStruct if jax.process_count() == 1 else np.empty
+    abstract = {_key(i): like_leaf(np.shape(x), x.dtype) for i, x in enumerate(leaves)}
     try:
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
         flat = mngr.restore(step, args=args)["state"]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from floe_jax import sharding
 from floe_jax.config import LoRAConfig, RopeScaling
 from floe_jax.decode import SamplingConfig, generate, pad_prompts, prefill_jit
 from floe_jax.federated import (
@@ -230,3 +231,43 @@ def test_qlora_clients_lower(monkeypatch, kernel_cfg, kernel_params, platform):
     keys = jax.random.split(jax.random.key(0), 2)
     text = _lowered_text(monkeypatch, platform, fn, qp, loras, batches, keys)
     assert "func.func public @main" in text
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("spec", ["clients=8", "clients=4,fsdp=2"])
+def test_sharded_federated_round_lowers(monkeypatch, kernel_cfg, kernel_params, platform, spec):
+    """The round over a mesh of 8 devices of the platform (`floe_jax.sharding`), lowered from
+    this one-CPU host through an abstract mesh."""
+    rng = np.random.default_rng(0)
+    ex = [
+        (rng.integers(0, kernel_cfg.vocab_size, (3, 12)).astype(np.int32), np.ones((3, 12)),
+         np.ones((3, 12)))
+        for _ in range(8)
+    ]  # fmt: skip
+    fed = FedConfig(
+        num_rounds=1, clients_per_round=8, local_steps=2, batch_size=2, seq_len=12,
+        lora=LoRAConfig(rank=4, targets=("q", "v", "down")), client_chunk=1,
+    )  # fmt: skip
+    state = init_server_state(kernel_cfg, fed, ranks=[1, 2, 3, 4] * 2)
+    mesh = sharding.abstract_mesh(spec)
+    args = sharding.round_input_shapes(mesh, state, kernel_params, client_data(ex))[:3]
+    fn = jax.jit(lambda s, p, d: round_step(s, p, d, cfg=kernel_cfg, fed=fed))
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = _lowered_text(monkeypatch, platform, fn, *args)
+    assert "mhlo.num_partitions = 8" in text
+    assert "sharding_constraint" in text  # the sampled clients' per-device blocks
+    for axis in mesh.axis_names:  # the data, the clients' blocks and the base carry the axes
+        assert f'"{axis}"' in text
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_tensor_parallel_cloud_generate_lowers(monkeypatch, kernel_cfg, kernel_params, platform):
+    mesh = sharding.abstract_mesh("model=2")
+    params = sharding.shaped(kernel_params, sharding.cloud_sharding(mesh, kernel_params))
+    tokens, mask = pad_prompts([[5, 9, 11], [3]])
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = _lowered_text(
+            monkeypatch, platform, generate, params, tokens, mask, kernel_cfg,
+            max_new_tokens=4, key=jax.random.key(0),
+        )  # fmt: skip
+    assert "mhlo.num_partitions = 2" in text and '"model"' in text

@@ -34,8 +34,11 @@ measure the drift. The README holds the latest figures and the machine they came
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +52,7 @@ from experiments.benchmarks._util import (
     print_table,
     timeit_alternating,
 )
+from floe_jax import sharding
 from floe_jax.config import LORA_TARGETS, LoRAConfig, ModelConfig
 from floe_jax.federated.client import default_client_chunk
 from floe_jax.federated.config import FedConfig
@@ -136,8 +140,10 @@ def _tokens(w: Workload, seed: int = 0) -> np.ndarray:
 # ----------------------------------------------------------------------------- floe_jax
 
 
-def _jax_round(w: Workload, tokens: np.ndarray):
-    """Builds floe_jax's round; returns `one()`, which runs (and blocks on) one round."""
+def _jax_round(w: Workload, tokens: np.ndarray, mesh=None):
+    """Builds floe_jax's round; returns `one()`, which runs (and blocks on) one round and
+    returns its state. With a `mesh`, the round's clients are split over its devices
+    (`floe_jax.sharding`)."""
     fed = FedConfig(
         num_rounds=1,
         clients_per_round=w.clients,
@@ -159,11 +165,18 @@ def _jax_round(w: Workload, tokens: np.ndarray):
         loss_mask=ones,
         num_examples=jnp.full((w.clients,), tokens.shape[1], jnp.int32),
     )
-    box = [init_server_state(FJ_REF, fed, ranks=ranks)]
+    state = init_server_state(FJ_REF, fed, ranks=ranks)
+    step, in_mesh = run_round, contextlib.nullcontext
+    if mesh is not None:
+        state, params, data, _ = sharding.place_round_inputs(mesh, state, params, data)
+        step, in_mesh = sharding.round_program(mesh), functools.partial(jax.set_mesh, mesh)
+    box = [state]
 
     def one():
-        box[0], m = run_round(box[0], params, data, cfg=FJ_REF, fed=fed)
+        with in_mesh():
+            box[0], m = step(box[0], params, data, cfg=FJ_REF, fed=fed)
         jax.block_until_ready((box[0], m))
+        return box[0]
 
     return one
 
@@ -247,6 +260,57 @@ def _torch_round(w: Workload, tokens: np.ndarray, threads: int):
     return one
 
 
+# ----------------------------------------------------------------------------- devices
+
+
+def devices_rows(quick: bool = False, repeats: int = 2) -> list[dict]:
+    """Clients per second of the `xdev` round against the number of devices (1, 2, 4, 8 where
+    present), the round's clients split over a `clients` mesh axis, at a fixed number of
+    clients per device (64 on an accelerator: weak scaling), and the scaling efficiency
+    `clients/s(n) / (n * clients/s(1))`. On a CPU each row also gives the largest difference
+    of the round's global adapters from the same round on one device.
+
+    On a CPU the devices are virtual (`--xla_force_host_platform_device_count`) and share the
+    host's cores: the rows check the sharded path, they do not measure scaling (the table
+    says so)."""
+    accelerator = jax.default_backend() != "cpu"
+    per_device = 64 if accelerator else (2 if quick else 4)
+    counts = [n for n in (1, 2, 4, 8) if n <= len(jax.devices())]
+    rows, first = [], None
+    for n in counts:
+        w = Workload(f"xdev-{n}dev", per_device * n, 2, 2, 16 if quick else 64,
+                     client_chunk=default_client_chunk(), target=None)  # fmt: skip
+        toks = _tokens(w)
+        one = _jax_round(w, toks, sharding.make_mesh({"clients": n}, jax.devices()[:n]))
+        got = [np.asarray(x) for x in jax.tree.leaves(one().global_loras)]  # compiles
+        sec = float(np.median([timeit(one) for _ in range(repeats)]))
+        first = w.clients / sec if first is None else first
+        row = {"devices": n, "clients": w.clients, "round s": sec, "clients/s": w.clients / sec,
+               "efficiency": w.clients / sec / (n * first)}  # fmt: skip
+        if not accelerator and n > 1:  # the same round on one device
+            want = jax.tree.leaves(_jax_round(w, toks)().global_loras)
+            row["max abs diff vs 1 device"] = max(
+                float(np.max(np.abs(x - np.asarray(y)))) for x, y in zip(got, want, strict=True)
+            )
+        rows.append(row)
+        print(row, flush=True)
+    what = (
+        f"{len(jax.devices())} x {jax.devices()[0].device_kind}"
+        if accelerator
+        else "CPU virtual devices: the sharded path's correctness only, not a scaling "
+        "measurement (the devices share this host's cores)"
+    )
+    print_table(rows, title=f"federated round vs devices, xdev shape, {per_device} clients per "
+                f"device, {what}")  # fmt: skip
+    return rows
+
+
+def timeit(one) -> float:
+    t0 = time.perf_counter()
+    one()
+    return time.perf_counter() - t0
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -311,7 +375,7 @@ def run(
         rows,
         title=f"federated round, FJ-REF, {machine()}, matmul {peak / 1e9:.1f} GFLOP/s{where}",
     )
-    return rows
+    return rows + devices_rows(quick, repeats)
 
 
 if __name__ == "__main__":

@@ -34,9 +34,12 @@ def federate(
     progress: bool,
     train: bool = True,
     restart: bool = False,
+    mesh=None,
 ):
     """Trains (or resumes) every run's adapters and writes `run_dir/clients.json`; with
-    `train=False` only loads finished runs (an unfinished or missing one is an error).
+    `train=False` only loads finished runs (an unfinished or missing one is an error). With a
+    `mesh` (`floe_jax.sharding.make_mesh`) every run's rounds run over it, except the
+    centralized baseline's: its one client cannot be split, so it runs on one device (printed).
 
     Returns:
       `{run name: (client LoRAs [N], info)}`: each client's adapter (its cluster's, at the rank
@@ -63,9 +66,13 @@ def federate(
             run_data = pooled(data)
             where["ranks"] = np.asarray([max(fed.rank_candidates)], np.int32)
         if train:
+            run_mesh = None if name == CENTRAL else mesh
+            if mesh is not None and run_mesh is None:
+                print(f"federated rounds: {name} has one client: on one device, not the mesh")
             state, _ = train_federated(
-                prep.edge_params, run_data, **where, progress=progress, restart=restart
-            )
+                prep.edge_params, run_data, **where, progress=progress, restart=restart,
+                mesh=run_mesh,
+            )  # fmt: skip
         else:
             state = load_trained(prep.edge_params, run_data, **where)
         # a client ends the run at its own rank, which HetLoRA's self-pruning may have lowered
@@ -80,8 +87,9 @@ def federate(
                              "seconds": time.perf_counter() - t0,
                              "dp": _dp_summary(rounds, where["run_dir"])})  # fmt: skip
     info = {"devices": devices, "ranks": ranks, "client_tasks": list(bench.client_tasks)}
-    with open(os.path.join(run_dir, "clients.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    if jax.process_index() == 0:  # a multi-host run's files are process 0's
+        with open(os.path.join(run_dir, "clients.json"), "w") as f:
+            json.dump(info, f, indent=1)
     return out
 
 
@@ -113,14 +121,21 @@ def write_config(preset: DemoPreset | RealPreset, run_dir: str) -> None:
 
 
 def run_federate(
-    preset: DemoPreset | RealPreset, run_dir: str, *, progress: bool = True, restart: bool = False
+    preset: DemoPreset | RealPreset,
+    run_dir: str,
+    *,
+    progress: bool = True,
+    restart: bool = False,
+    mesh=None,
 ) -> dict:
     """Pretraining (cached) and the federated rounds of every run; writes the run folder, its
     `config.json` once every run has been accepted and trained (a refused run leaves the folder's
-    record as it was). `restart` clears runs trained with other settings. Returns
-    `{run name: info}` (see `federate`)."""
+    record as it was). `restart` clears runs trained with other settings; `mesh` as `federate`'s
+    (in a multi-host run every process calls this; process 0 writes the folder's files).
+    Returns `{run name: info}` (see `federate`)."""
     os.makedirs(run_dir, exist_ok=True)
     prep = setup(preset, progress=progress)
-    out = federate(preset, prep, run_dir, progress=progress, restart=restart)
-    write_config(preset, run_dir)
+    out = federate(preset, prep, run_dir, progress=progress, restart=restart, mesh=mesh)
+    if jax.process_index() == 0:
+        write_config(preset, run_dir)
     return {name: info for name, (_, info) in out.items()}

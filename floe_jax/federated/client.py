@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from floe_jax import sharding
 from floe_jax.config import ModelConfig
 from floe_jax.lora import LoRA, freeze_padding
 from floe_jax.loss import token_loss
@@ -217,7 +218,10 @@ def local_update_clients(
         clients per chunk can help workloads with little work per client (`bench round` has the
         measurements). On an accelerator the client axis is what fills the device. `"auto"`:
         the largest chunk whose compiled program fits the device's free memory
-        (`auto_client_chunk`; 0 when all C fit), resolved at trace time from the shapes.
+        (`auto_client_chunk`; 0 when all fit), resolved at trace time from the shapes. Under a
+        mesh with a `clients` axis of D devices (`floe_jax.sharding`), the C clients are split
+        into D blocks, one per device, and the chunk (`"auto"`: of the block) applies within
+        each block.
 
     Returns:
       `(loras [C], metrics)`, each metric [C].
@@ -228,13 +232,24 @@ def local_update_clients(
 
     if client_chunk is None:
         client_chunk = default_client_chunk()
-    elif client_chunk == "auto":
-        client_chunk = auto_client_chunk(params, loras, batches, cfg=cfg, opt=opt, frozen=frozen)
-    elif not isinstance(client_chunk, int):
+    elif client_chunk != "auto" and not isinstance(client_chunk, int):
         raise ValueError(f"client_chunk={client_chunk!r}: give an int >= 0, 'auto' or None")
-    if client_chunk <= 0:
-        return jax.vmap(one, in_axes=(None, 0, 0, 0))(params, loras, batches, keys)
-    return jax.lax.map(lambda x: one(params, *x), (loras, batches, keys), batch_size=client_chunk)
+
+    def clients(loras, batches, keys):
+        chunk = client_chunk
+        if chunk == "auto":  # the clients this device trains: the block under a mesh
+            chunk = auto_client_chunk(params, loras, batches, cfg=cfg, opt=opt, frozen=frozen)
+        if chunk <= 0:
+            return jax.vmap(one, in_axes=(None, 0, 0, 0))(params, loras, batches, keys)
+        xs = (loras, batches, keys)
+        return jax.lax.map(lambda x: one(params, *x), xs, batch_size=chunk)
+
+    D = sharding.client_blocks()  # devices on the traced mesh's clients axis, 1 without one
+    if D == 1:
+        return clients(loras, batches, keys)
+    # One block of C / D clients per device, each chunked as on one device.
+    blocks = sharding.split_clients((loras, batches, keys), D)
+    return sharding.merge_clients(jax.vmap(clients)(*blocks))
 
 
 def client_memory_bytes(

@@ -17,16 +17,19 @@ run's adapters and never trains. A damaged newest checkpoint falls back to the p
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from floe_jax import checkpoint
+from floe_jax import checkpoint, sharding
 from floe_jax.config import ModelConfig
 from floe_jax.federated.checks import check_data, check_round, drop_reasons
 from floe_jax.federated.cluster import cluster_by_updates
@@ -103,20 +106,34 @@ def resolve_clusters(
     if fed.clustering != "updates":
         return assignment, num_clusters
     path = os.path.join(run_dir, "clusters.json")
-    if os.path.exists(path):
+    exists = os.path.exists(path)
+    sharding.sync("floe_jax:clusters_checked")  # before process 0 may write it
+    if exists:
         with open(path) as f:
             saved = json.load(f)
     else:
         if updates is None:
-            labels, info = cluster_by_updates(params, data, cfg=cfg, fed=fed, ranks=ranks)
+            labels, info = cluster_by_updates(params, _whole(data), cfg=cfg, fed=fed, ranks=ranks)
         else:
             labels, info = updates()
         saved = {"assignment": [int(x) for x in labels], "num_clusters": int(labels.max()) + 1}
         saved.update(info)
-        with open(path, "w") as f:
-            json.dump(saved, f)
+        if sharding.is_primary():
+            with open(path, "w") as f:
+                json.dump(saved, f)
         log.info("clustered %d clients into %d clusters", len(labels), saved["num_clusters"])
     return np.asarray(saved["assignment"], np.int32), saved["num_clusters"]
+
+
+def _whole(data: ClientData) -> ClientData:
+    """`data` whole on this process: a multi-host run's client data (each process holding its
+    share) gathered from every process, for the one-time update clustering that every process
+    then computes alike on its own devices."""
+    if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(data)):
+        return data
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(jnp.asarray, multihost_utils.process_allgather(data, tiled=True))
 
 
 def _initial_state(params, data, *, cfg, fed, ranks, assignment, num_clusters, run_dir):
@@ -145,6 +162,7 @@ def train_federated(
     stop_after: int | None = None,
     progress: bool = True,
     restart: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[ServerState, list[dict]]:
     """Runs (or resumes) `fed.num_rounds` rounds, writing `run_dir/checkpoints/`,
     `run_dir/metrics.jsonl` and `run_dir/fingerprint.json`.
@@ -163,6 +181,13 @@ def train_federated(
       restart: when `run_dir` holds another run (or one of unknown settings), clear it
         (checkpoints, metrics, clusters, fingerprint) and start over instead of refusing it; a
         folder holding this run resumes either way.
+      mesh: run every round over this `jax.sharding.Mesh` (`floe_jax.sharding.make_mesh`):
+        the sampled clients split over its `clients` axis, the base over its `fsdp` axis.
+        The same round program; its numbers equal one device's up to float summation order.
+        In a multi-host run (`floe_jax.sharding.initialize_distributed`) every process calls
+        this with the mesh over all devices and `data` either whole or as the global arrays of
+        `sharding.place_client_data(mesh, load=...)` (each process holding its share);
+        process 0 writes the folder's files, every process the checkpoints (orbax).
 
     Returns:
       `(state, rows)`: the final server state and the metric rows written by this call.
@@ -178,13 +203,22 @@ def train_federated(
         params, data, cfg=cfg, fed=fed, ranks=ranks, assignment=assignment,
         num_clusters=num_clusters, eval_data=eval_data,
     )  # fmt: skip
-    claim_run_dir(run_dir, fingerprint, restart=restart)
+    if sharding.is_primary():
+        claim_run_dir(run_dir, fingerprint, restart=restart)
+    sharding.sync("floe_jax:claim_run_dir")
     digest = fingerprint_digest(fingerprint)
     state = _initial_state(
         params, data, cfg=cfg, fed=fed, ranks=ranks, assignment=assignment,
         num_clusters=num_clusters, run_dir=run_dir,
     )  # fmt: skip
     state = resume_or_start(run_dir, state, digest, fed)
+    sharding.sync("floe_jax:resume_or_start")
+    step, in_mesh = run_round, contextlib.nullcontext
+    if mesh is not None:
+        state, params, data, eval_data = sharding.place_round_inputs(
+            mesh, state, params, data, eval_data
+        )
+        step, in_mesh = sharding.round_program(mesh), functools.partial(jax.set_mesh, mesh)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     check_round(fed, data, state, cfg=cfg, eval_data=eval_data)
     names = tensor_names(state.global_loras)
@@ -198,8 +232,9 @@ def train_federated(
         row = round_row(m, names, fed, time.perf_counter() - t0, num_clients=data.num_clients)
         if extra_save is not None:
             extra_save(row)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if sharding.is_primary():
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         rows.append(row)
         bar.set_postfix(loss=row["loss"], dropped=len(row["dropped"]))
 
@@ -207,7 +242,8 @@ def train_federated(
     pending = None  # (device metrics, start time) of the previous round, fetched one round late
     for r in bar:
         t0 = time.perf_counter()
-        state, m = run_round(state, params, data, eval_data, cfg=cfg, fed=fed)
+        with in_mesh():
+            state, m = step(state, params, data, eval_data, cfg=cfg, fed=fed)
         if pending is not None:
             emit(*pending)
             pending = None
@@ -223,6 +259,7 @@ def train_federated(
     if fed.dp.enabled and rows:
         log.info("DP: ε = %s at δ = %g after %d rounds", rows[-1]["dp_epsilon"], fed.dp.delta,
                  rows[-1]["round"] + 1)  # fmt: skip
+    sharding.sync("floe_jax:metrics_written")
     if int(state.round) == fed.num_rounds:
         check_trained(run_dir)
     return state, rows

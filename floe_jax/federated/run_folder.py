@@ -59,10 +59,35 @@ def tree_digest(tree) -> str:
     """A short SHA-256 of a pytree of arrays: every leaf's path, shape, dtype and bytes."""
     h = hashlib.sha256()
     for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            h.update(f"{jax.tree_util.keystr(path)}:{x.shape}:{x.dtype.name};".encode())
+            h.update(_global_digest(x))
+            continue
         x = np.ascontiguousarray(np.asarray(x))
         h.update(f"{jax.tree_util.keystr(path)}:{x.shape}:{x.dtype.name};".encode())
         h.update(x.tobytes())
     return h.hexdigest()[:16]
+
+
+def _global_digest(x: jax.Array) -> bytes:
+    """SHA-256 of an array spread over processes (a multi-host run's client data): each
+    process hashes the shards it holds, and every process combines all of them in index order.
+    (Not the digest of the same values on one host: a run folder resumes with its process
+    layout.)"""
+    from jax.experimental import multihost_utils
+
+    mine = sorted(
+        (tuple((i.start or 0) for i in sh.index), hashlib.sha256(np.asarray(sh.data).tobytes()))
+        for sh in x.addressable_shards
+        if sh.replica_id == 0
+    )
+    local = np.zeros((len(x.sharding.device_set), x.ndim + 32), np.int64)
+    for k, (start, d) in enumerate(mine):
+        local[k, : x.ndim] = start
+        local[k, x.ndim :] = np.frombuffer(d.digest(), np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, x.ndim + 32)
+    rows = sorted({tuple(r) for r in rows.tolist() if any(r[x.ndim :])})
+    return hashlib.sha256(np.asarray(rows, np.int64).tobytes()).digest()
 
 
 def run_fingerprint(
@@ -242,16 +267,21 @@ def resume_or_start(run_dir: str, state: ServerState, digest: str, fed: FedConfi
     """The state a claimed run folder continues from: its newest intact checkpoint (later ones
     deleted, metrics lines past it dropped, a metrics line lost between checkpoint and write
     restored), or, for a new run, `state` itself with `fed_config.json` written and the metrics
-    file emptied."""
+    file emptied. In a multi-host run every process calls it and restores the checkpoint;
+    process 0 alone rewrites the folder's files (the caller syncs the processes after)."""
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    primary = jax.process_index() == 0  # a multi-host run: process 0 writes the folder's files
     if checkpoint.latest_step(ckpt_dir) is None:
-        _rewrite_jsonl(metrics_path, 0)
-        with open(os.path.join(run_dir, "fed_config.json"), "w") as f:
-            json.dump(dataclasses.asdict(fed), f, indent=1)
+        if primary:
+            _rewrite_jsonl(metrics_path, 0)
+            with open(os.path.join(run_dir, "fed_config.json"), "w") as f:
+                json.dump(dataclasses.asdict(fed), f, indent=1)
         return state
-    state, meta = restore_run(run_dir, state, digest, fed)
+    state, meta = restore_run(run_dir, state, digest, fed)  # every process restores
     rnd = int(state.round)
+    if not primary:
+        return state
     checkpoint.delete_steps_after(ckpt_dir, rnd)  # damaged ones skipped by the restore
     log.info("resumed %s at round %d", run_dir, rnd)
     done = _rewrite_jsonl(metrics_path, rnd)
@@ -267,7 +297,8 @@ def save_round(
 ) -> None:
     """Checkpoints `state` after `rounds_done` rounds with its metrics `row` in the metadata
     (saved before the row is appended to metrics.jsonl: a kill in between is repaired on
-    resume)."""
+    resume). In a multi-host run every process calls it: orbax writes the checkpoint once,
+    coordinating the processes."""
     meta = {
         "round": rounds_done,
         "fed": dataclasses.asdict(fed),

@@ -52,14 +52,25 @@ def check_token_ids(tokens_NET, vocab_size: int | None = None) -> None:
       tokens_NET: int [N, E, T] every client's examples (host or device array).
       vocab_size: V of the model the tokens are for, or None when it is not known.
     """
-    tok = np.asarray(tokens_NET)
+    if isinstance(tokens_NET, jax.Array) and not tokens_NET.is_fully_addressable:
+        # A multi-host run's data: each process checks the clients it holds.
+        for sh in tokens_NET.addressable_shards:
+            if sh.replica_id == 0:
+                _check_rows(np.asarray(sh.data), vocab_size, sh.index[0].start or 0)
+        return
+    _check_rows(np.asarray(tokens_NET), vocab_size, 0)
+
+
+def _check_rows(tok: np.ndarray, vocab_size: int | None, first: int) -> None:
+    """`check_token_ids` of clients `first, first + 1, ...`."""
     bad = tok < 0 if vocab_size is None else (tok < 0) | (tok >= vocab_size)
     if not bad.any():
         return
     i, row, pos = (int(x) for x in np.argwhere(bad)[0])
     bound = "ids must be >= 0" if vocab_size is None else f"outside [0, vocab_size={vocab_size})"
     raise ValueError(
-        f"client {i}: row {row} has token id {int(tok[i, row, pos])} at position {pos}, {bound} "
+        f"client {first + i}: row {row} has token id {int(tok[i, row, pos])} at position {pos}, "
+        f"{bound} "
         f"({int(bad.sum())} such ids in all)"
     )
 

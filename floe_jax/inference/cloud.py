@@ -44,6 +44,7 @@ from floe_jax.decode import (
 from floe_jax.inference.extend import extend_jit, rewind_jit
 from floe_jax.lora import LoRA
 from floe_jax.model import unstack_layers
+from floe_jax.sharding import shard_cloud
 
 EXTEND_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -258,6 +259,9 @@ class LocalCloud:
         prefix text with `tokenizer`). Default: `"text"` when a tokenizer is given.
       headroom: cache slots beyond the prompt bucket before a stream is re-prefilled.
       max_streams: streams kept (least recently used are dropped).
+      mesh: a `jax.sharding.Mesh` (or spec, e.g. `"model=2"`) with a `model` axis: the params
+        are split tensor-parallel over it (`floe_jax.sharding.shard_cloud`), so a cloud too
+        large for one device serves from several.
     """
 
     def __init__(
@@ -273,8 +277,9 @@ class LocalCloud:
         buckets: Sequence[int] = DEFAULT_BUCKETS,
         max_streams: int = 256,
         pad_id: int = 0,
+        mesh=None,
     ):
-        self.params = unstack_layers(params)
+        self.params = unstack_layers(params if mesh is None else shard_cloud(mesh, params))
         self.cfg, self.lora, self.tokenizer = cfg, lora, tokenizer
         self.top_k = top_k
         self.inputs = inputs or ("text" if tokenizer is not None else "ids")
