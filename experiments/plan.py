@@ -34,8 +34,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="tokens per row (default 512)")
     p.add_argument("--local-steps", type=int, help="local steps per round (default 1)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: the model's")
-    p.add_argument("--remat", action="store_true", help="rematerialise each layer (backward)")
-    p.add_argument("--loss-chunk", type=int, default=0, help="tokens per loss chunk (0: off)")
+    p.add_argument(
+        "--remat",
+        action=argparse.BooleanOptionalAction,
+        help="rematerialise each layer (backward); default: the preset's, else off",
+    )
+    p.add_argument(
+        "--loss-chunk",
+        type=int,
+        help="tokens per loss chunk (0: off); default: the preset's, else 0",
+    )
+    p.add_argument("--devices", type=int, default=1,
+                   help="devices on a `clients` mesh axis (figures per device, and the "
+                        "total)")  # fmt: skip
     return p
 
 
@@ -56,8 +67,9 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"--preset {args.preset!r} is not one of {sorted(REAL_PRESETS)}")
         pre = REAL_PRESETS[args.preset]
         cfg = dataclasses.replace(
-            _config(pre.edge_path, f"--preset {args.preset}"), dtype=pre.dtype
-        )
+            _config(pre.edge_path, f"--preset {args.preset}"), dtype=pre.dtype,
+            remat=pre.remat, loss_chunk=pre.loss_chunk,
+        )  # fmt: skip
         r = pre.fed.rounds
         batch, steps, lora = r.batch_size, r.local_steps, r.lora
         seq_len = r.seq_len or seq_len
@@ -72,16 +84,20 @@ def main(argv: list[str]) -> int:
     if not budgets or min(budgets) <= 0:
         raise ConfigError(f"--budget-gb {args.budget_gb!r}: give positive numbers")
     cfg = dataclasses.replace(
-        cfg, dtype=args.dtype or cfg.dtype, remat=args.remat, loss_chunk=args.loss_chunk
+        cfg,
+        dtype=args.dtype or cfg.dtype,
+        remat=cfg.remat if args.remat is None else args.remat,
+        loss_chunk=cfg.loss_chunk if args.loss_chunk is None else args.loss_chunk,
     )
     if args.rank is not None:
         lora = LoRAConfig(rank=args.rank, alpha=lora.alpha, targets=lora.targets)
     batch, seq_len = args.batch or batch, args.seq_len or seq_len
     steps = args.local_steps or steps
     first = plan(cfg, budget_bytes=int(budgets[0] * 1e9), lora=lora, batch=batch,
-                 seq_len=seq_len, local_steps=steps)  # fmt: skip
+                 seq_len=seq_len, local_steps=steps, devices=args.devices)  # fmt: skip
     print(first.report())
     for gb in budgets[1:]:
         n = first.memory.max_clients(int(gb * 1e9))
-        print(f"  budget {gb * 1e9 / 2**30:.2f} GiB ({gb:g} GB): {n} clients at once")
+        print(f"  budget {gb * 1e9 / 2**30:.2f} GiB ({gb:g} GB): {n} clients at once"
+              + first.over_devices(n))  # fmt: skip
     return 0

@@ -42,6 +42,7 @@ class Plan:
     memory: ClientsMemory
     budget_bytes: int
     clients_at_once: int
+    devices: int = 1
 
     def report(self) -> str:
         """A few lines for a terminal."""
@@ -57,9 +58,15 @@ class Plan:
                 f"  base (shared) {gib(m.base_bytes)}; fixed {gib(m.fixed_bytes)}; "
                 f"per client {gib(m.per_client_bytes)}",
                 f"  budget {gib(self.budget_bytes)} ({self.budget_bytes / 1e9:g} GB): "
-                f"{self.clients_at_once} clients at once",
+                f"{self.clients_at_once} clients at once{self.over_devices()}",
             ]
         )
+
+    def over_devices(self, clients_at_once: int | None = None) -> str:
+        """What a `clients` mesh axis of `devices` trains at once: each device holds the base
+        and trains its own block of clients, so D devices train D times one device's clients."""
+        k = self.clients_at_once if clients_at_once is None else clients_at_once
+        return "" if self.devices == 1 else f" per device, {k * self.devices} over {self.devices}"
 
 
 def model_config(spec: str | os.PathLike) -> ModelConfig:
@@ -84,6 +91,7 @@ def plan(
     seq_len: int = 512,
     local_steps: int = 1,
     optimizer: str = "adamw",
+    devices: int = 1,
 ) -> Plan:
     """The memory of a round's local updates of `cfg` (at its dtype, `remat` and `loss_chunk`)
     and how many clients `budget_bytes` trains at once; nothing is allocated.
@@ -95,8 +103,13 @@ def plan(
       batch, seq_len, local_steps: each client's batches (int32 tokens [S, B, T], float32
         masks, as `federated.types.sample_batches` gives them).
       optimizer: the client optimizer (`make_optimizer`); its state is per client.
+      devices: devices on a `clients` mesh axis (`floe_jax.sharding`): the figures are one
+        device's (its block of clients and its copy of the base), the report adds the total.
+        An `fsdp` axis is not planned here: `sharding.round_bytes_per_device` compiles the
+        sharded round on the devices themselves.
     """
-    for name, v in (("batch", batch), ("seq_len", seq_len), ("local_steps", local_steps)):
+    for name, v in (("batch", batch), ("seq_len", seq_len), ("local_steps", local_steps),
+                    ("devices", devices)):  # fmt: skip
         if v < 1:
             raise ValueError(f"plan: {name} must be >= 1, got {v}")
     params = jax.eval_shape(lambda: init_params(cfg, key=jax.random.key(0)))
@@ -118,4 +131,5 @@ def plan(
         memory=mem,
         budget_bytes=int(budget_bytes),
         clients_at_once=mem.max_clients(int(budget_bytes)),
+        devices=devices,
     )

@@ -311,6 +311,11 @@ def test_plan_command(tmp_path, capsys):
         assert m.need(n) <= gb * 1e9 < m.need(n + 1)
         assert f"({gb:g} GB): {n} clients at once" in out
     assert "model: qwen2 V=97" in out and "per client" in out
+    # a clients mesh axis of 4 devices: each trains its block, 4 times one device's clients
+    assert main(["plan", "--model", str(tmp_path), "--budget-gb", "0.02", "--batch", "2",
+                 "--seq-len", "16", "--rank", "4", "--devices", "4"]) == 0  # fmt: skip
+    n = m.max_clients(int(0.02e9))
+    assert f"{n} clients at once per device, {4 * n} over 4" in capsys.readouterr().out
     assert main(["plan", "--model", str(tmp_path), "--budget-gb", "-1"]) == 2
     assert main(["plan", "--preset", "qwen"]) == 2  # its edge folder is not downloaded here
     assert (
