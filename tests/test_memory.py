@@ -278,6 +278,24 @@ def test_client_chunk_auto_inside_a_jitted_round(round_inputs):
         run("two")
 
 
+def test_client_chunk_auto_under_a_clients_mesh(round_inputs):
+    """`client_chunk="auto"` in a round traced under a mesh whose `clients` axis splits the four
+    clients into two blocks: the memory probe prices one device's block on its own (before the
+    fix it split its single probe client over the axis and refused the round)."""
+    from floe_jax.federated.client import local_update_clients
+
+    params, loras, batches, opt, _ = round_inputs
+    keys = jax.random.split(jax.random.key(2), 4)
+    mesh = jax.sharding.AbstractMesh((2,), ("clients",), (jax.sharding.AxisType.Auto,))
+    with jax.sharding.use_abstract_mesh(mesh):
+        got = jax.eval_shape(
+            lambda: local_update_clients(
+                params, loras, batches, cfg=TINY, opt=opt, keys=keys, client_chunk="auto"
+            )
+        )
+    assert got[0].b["q_proj"].shape[0] == 4 and got[1]["loss_sum"].shape == (4,)
+
+
 def test_fed_config_client_chunk_auto():
     from floe_jax.config import ConfigError
     from floe_jax.federated.config import FedConfig

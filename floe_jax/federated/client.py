@@ -350,7 +350,11 @@ def clients_memory(
                 p, lo, b, cfg=cfg, opt=opt, keys=ks, client_chunk=0, frozen=frozen
             )
 
-        m = jax.jit(run).lower(params, stack(lora), stack(batches), keys).compile()
+        # One device's program: without a mesh, even when called while a round is traced under
+        # one (`client_chunk="auto"` in a mesh round prices one device's block of clients), so
+        # `local_update_clients` does not split k probe clients over the `clients` axis.
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
+            m = jax.jit(run).lower(params, stack(lora), stack(batches), keys).compile()
         m = m.memory_analysis()
         return int(
             m.argument_size_in_bytes + m.temp_size_in_bytes
