@@ -296,6 +296,20 @@ def test_client_chunk_auto_under_a_clients_mesh(round_inputs):
     assert got[0].b["q_proj"].shape[0] == 4 and got[1]["loss_sum"].shape == (4,)
 
 
+def test_client_chunk_auto_refused_across_processes(round_inputs, monkeypatch):
+    """In a multi-process run each process would size "auto" from its own free memory, so the
+    processes could compile different round programs: refused, naming the fix."""
+    from floe_jax.federated.client import local_update_clients
+
+    params, loras, batches, opt, _ = round_inputs
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="'auto' in a run of 2 jax.distributed.*an int"):
+        keys = jax.random.split(jax.random.key(2), 4)
+        local_update_clients(
+            params, loras, batches, cfg=TINY, opt=opt, keys=keys, client_chunk="auto"
+        )
+
+
 def test_fed_config_client_chunk_auto():
     from floe_jax.config import ConfigError
     from floe_jax.federated.config import FedConfig

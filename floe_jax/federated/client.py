@@ -234,6 +234,13 @@ def local_update_clients(
         client_chunk = default_client_chunk()
     elif client_chunk != "auto" and not isinstance(client_chunk, int):
         raise ValueError(f"client_chunk={client_chunk!r}: give an int >= 0, 'auto' or None")
+    elif client_chunk == "auto" and jax.process_count() > 1:
+        raise ValueError(
+            f"client_chunk='auto' in a run of {jax.process_count()} jax.distributed processes: "
+            "each process would size the chunk from its own free memory and could compile "
+            "another round program than the others; give FedConfig.client_chunk an int "
+            "(`python -m experiments plan --devices D` gives clients per device)"
+        )
 
     def clients(loras, batches, keys):
         chunk = client_chunk
@@ -377,13 +384,15 @@ def clients_memory(
 
 
 def free_device_memory() -> int:
-    """Bytes a round may still use on the default device: an accelerator's `bytes_limit` less
-    its `bytes_in_use` (`Device.memory_stats()`); on a CPU, which reports no stats, the host's
-    available RAM (`MemAvailable` of /proc/meminfo, via `cost_table.local_memory_bytes`)."""
+    """Bytes a round may still use on this process's first device: an accelerator's
+    `bytes_limit` less its `bytes_in_use` (`Device.memory_stats()`); on a CPU, which reports no
+    stats, the host's available RAM (`MemAvailable` of /proc/meminfo, via
+    `cost_table.local_memory_bytes`)."""
     from floe_jax.cost_table import local_memory_bytes
 
     try:
-        stats = jax.devices()[0].memory_stats()
+        # this process's first device: in a multi-host run `jax.devices()[0]` is process 0's
+        stats = jax.local_devices()[0].memory_stats()
     except Exception:  # noqa: BLE001 - backends differ in what they implement
         stats = None
     if stats and stats.get("bytes_limit"):
