@@ -17,7 +17,7 @@ import argparse
 import dataclasses
 
 from experiments.profile import MODEL_PRESETS
-from floe_jax.config import ConfigError, LoRAConfig
+from floe_jax.config import ConfigError
 from floe_jax.plan import DEFAULT_LORA, model_config, plan
 
 
@@ -59,6 +59,10 @@ def _config(path: str, flag: str):
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    for flag, v in (("--batch", args.batch), ("--seq-len", args.seq_len), ("--rank", args.rank),
+                    ("--local-steps", args.local_steps), ("--devices", args.devices)):  # fmt: skip
+        if v is not None and v < 1:  # 0 is not "the default"
+            raise ConfigError(f"{flag} must be >= 1, got {v}")
     batch, seq_len, steps, lora = 8, 512, 1, DEFAULT_LORA
     if args.preset is not None:
         from experiments.presets import REAL_PRESETS
@@ -89,10 +93,11 @@ def main(argv: list[str]) -> int:
         remat=cfg.remat if args.remat is None else args.remat,
         loss_chunk=cfg.loss_chunk if args.loss_chunk is None else args.loss_chunk,
     )
-    if args.rank is not None:
-        lora = LoRAConfig(rank=args.rank, alpha=lora.alpha, targets=lora.targets)
-    batch, seq_len = args.batch or batch, args.seq_len or seq_len
-    steps = args.local_steps or steps
+    if args.rank is not None:  # the preset's other adapter settings (targets, layers...) kept
+        lora = dataclasses.replace(lora, rank=args.rank, max_rank=None)
+    batch = batch if args.batch is None else args.batch
+    seq_len = seq_len if args.seq_len is None else args.seq_len
+    steps = steps if args.local_steps is None else args.local_steps
     first = plan(cfg, budget_bytes=int(budgets[0] * 1e9), lora=lora, batch=batch,
                  seq_len=seq_len, local_steps=steps, devices=args.devices)  # fmt: skip
     print(first.report())

@@ -349,6 +349,8 @@ def test_plan_command(tmp_path, capsys):
     n = m.max_clients(int(0.02e9))
     assert f"{n} clients at once per device, {4 * n} over 4" in capsys.readouterr().out
     assert main(["plan", "--model", str(tmp_path), "--budget-gb", "-1"]) == 2
+    assert main(["plan", "--model", str(tmp_path), "--batch", "0"]) == 2  # not the default 8
+    assert "--batch must be >= 1, got 0" in capsys.readouterr().err
     assert main(["plan", "--preset", "qwen"]) == 2  # its edge folder is not downloaded here
     assert (
         "--preset qwen: no model config at models/Qwen2.5-0.5B-Instruct" in capsys.readouterr().err
