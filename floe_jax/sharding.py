@@ -407,19 +407,13 @@ def round_bytes_per_device(
     `jax.ShapeDtypeStruct`s: nothing is allocated or run. Keys as
     `floe_jax.federated.client.client_memory_bytes`: `arguments` (this device's shards of the
     state, base and data), `temporaries`, `outputs`, `total`."""
+    from floe_jax.federated.client import compiled_memory
     from floe_jax.federated.rounds import round_step
 
     args = round_input_shapes(mesh, state, params, data, eval_data)
     fn = jax.jit(lambda s, p, d, e: round_step(s, p, d, e, cfg=cfg, fed=fed))
     with jax.set_mesh(mesh):
-        m = fn.lower(*args).compile().memory_analysis()
-    out = {
-        "arguments": int(m.argument_size_in_bytes),
-        "temporaries": int(m.temp_size_in_bytes),
-        "outputs": int(m.output_size_in_bytes - m.alias_size_in_bytes),
-    }
-    out["total"] = sum(out.values())
-    return out
+        return compiled_memory(fn.lower(*args).compile())
 
 
 __all__ = [

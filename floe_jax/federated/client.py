@@ -280,7 +280,13 @@ def client_memory_bytes(
     def one(params, lora, batches):
         return local_update(params, lora, batches, cfg=cfg, opt=opt, frozen=frozen)
 
-    m = jax.jit(one).lower(params, lora, batches).compile().memory_analysis()
+    return compiled_memory(jax.jit(one).lower(params, lora, batches).compile())
+
+
+def compiled_memory(compiled) -> dict[str, int]:
+    """A compiled program's memory from XLA's analysis, in bytes: `arguments`, `temporaries`,
+    `outputs` (less those aliased to donated arguments) and their `total`."""
+    m = compiled.memory_analysis()
     out = {
         "arguments": int(m.argument_size_in_bytes),
         "temporaries": int(m.temp_size_in_bytes),
@@ -361,12 +367,8 @@ def clients_memory(
         # one (`client_chunk="auto"` in a mesh round prices one device's block of clients), so
         # `local_update_clients` does not split k probe clients over the `clients` axis.
         with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), ())):
-            m = jax.jit(run).lower(params, stack(lora), stack(batches), keys).compile()
-        m = m.memory_analysis()
-        return int(
-            m.argument_size_in_bytes + m.temp_size_in_bytes
-            + m.output_size_in_bytes - m.alias_size_in_bytes
-        )  # fmt: skip
+            compiled = jax.jit(run).lower(params, stack(lora), stack(batches), keys).compile()
+        return compiled_memory(compiled)["total"]
 
     one, two = total(1), total(2)
     base = _nbytes(params)
