@@ -171,6 +171,18 @@ def _shapes_only_preset(root, toks, **kw):
     )  # fmt: skip
 
 
+def test_budgets_and_closed_tasks_must_name_the_datas_tasks(tmp_path, toks):
+    """A task name the data does not have (a typo) is an error naming the field and the data's
+    tasks, not a budget or an exact-match score silently left out."""
+    preset = _shapes_only_preset(tmp_path, toks, max_new_tokens_by_task="clasification=8")
+    with pytest.raises(ValueError, match=r"max_new_tokens_by_task names tasks \['clasification'\]"
+                       r".*its tasks: \['brainstorming'"):  # fmt: skip
+        setup_real(preset, shapes_only=True)
+    preset = dataclasses.replace(preset, max_new_tokens_by_task="", closed_tasks=("closed-qa",))
+    with pytest.raises(ValueError, match=r"closed_tasks names tasks \['closed-qa'\]"):
+        setup_real(preset, shapes_only=True)
+
+
 @pytest.mark.parametrize("how", ["truncate", "filter"])
 def test_long_examples_are_cut_or_dropped_and_counted(tmp_path, toks, how):
     """setup_real (abstract shapes, no weights) against the edge's own encoding of every

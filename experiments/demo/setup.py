@@ -181,6 +181,14 @@ def setup_real(preset: RealPreset, *, shapes_only: bool = False) -> Setup:
     )  # fmt: skip
     if data.task_ids is None:
         raise ValueError(f"{preset.dataset}: the real-model demo needs a task column")
+    for field, named in (("max_new_tokens_by_task", preset.task_budgets()),
+                         ("closed_tasks", preset.closed_tasks)):  # fmt: skip
+        unknown = sorted(set(named) - set(data.task_names))
+        if unknown:  # a misspelt task would silently get the default budget, or no exact match
+            raise ValueError(
+                f"RealPreset.{field} names tasks {unknown} that {data.source} does not have "
+                f"(its tasks: {list(data.task_names)})"
+            )
 
     def edge_text(p: str) -> str:
         if preset.chat_template:
