@@ -210,7 +210,8 @@ def test_plan_estimate_matches_measured_cpu_allocation():
     once; the peak's growth is the program's working memory beyond its resident inputs. The
     two agree within 20% (measured on the shared EPYC CPU: ~6% over, from the runtime's own
     allocations)."""
-    env = {**os.environ, "PYTHONPATH": os.getcwd(), "JAX_PLATFORMS": "cpu"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's floe_jax
+    env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", _MEASURE], env=env, capture_output=True,
                          text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
