@@ -419,7 +419,8 @@ class RealPreset:
       long_examples: an example longer than `fed.rounds.seq_len` tokens (the edge's encoding,
         prompt + response + eos) is cut to it (`truncate`; one whose prompt alone fills it is
         dropped) or dropped (`filter`); the counts are in `clients.json` and the report.
-      max_examples: read only the first `max_examples` rows (0: all).
+      max_examples: read only the first `max_examples` rows (0: all); of each file in a
+        multi-task mix named by file.
       max_new_tokens: the answer budget of a query.
       max_new_tokens_by_task: per-task budgets, `task=n,task=n` (others: `max_new_tokens`).
       closed_tasks: tasks with a closed answer, scored by exact match too.
