@@ -393,3 +393,19 @@ def test_qwen_preset_parses_with_paths():
     assert p.edge_path == "/m/edge" and p.fed.rounds.num_rounds == 2
     with pytest.raises(ConfigError, match="dtype"):
         get_preset("qwen", ["dtype=float16"])
+
+
+def test_multi_host_demo_setup_runs_on_process_0_first(monkeypatch):
+    """In a multi-host `federate`, process 0 sets up (pretrains into the cache) before the
+    others, which then load its weights; no two processes write the cache at once."""
+    from experiments.demo import federate as fed_mod
+
+    calls = []
+    monkeypatch.setattr(fed_mod, "setup", lambda preset, progress: calls.append("setup") or "prep")
+    monkeypatch.setattr(fed_mod.sharding, "sync", lambda name: calls.append("sync"))
+    monkeypatch.setattr(fed_mod.jax, "process_count", lambda: 2)
+    for index, want in ((0, ["setup", "sync"]), (1, ["sync", "setup"])):
+        calls.clear()
+        monkeypatch.setattr(fed_mod.jax, "process_index", lambda index=index: index)
+        assert fed_mod._setup_in_turn(PRESETS["smoke"], False) == "prep"
+        assert calls == want, index

@@ -20,6 +20,7 @@ import numpy as np
 
 from experiments.demo.setup import Setup, client_ranks, private_data, setup
 from experiments.presets import CENTRAL, LOCAL, DemoPreset, RealPreset
+from floe_jax import sharding
 from floe_jax.federated import train_federated
 from floe_jax.federated.loop import load_trained
 from floe_jax.federated.rounds import client_start
@@ -134,8 +135,20 @@ def run_federate(
     (in a multi-host run every process calls this; process 0 writes the folder's files).
     Returns `{run name: info}` (see `federate`)."""
     os.makedirs(run_dir, exist_ok=True)
-    prep = setup(preset, progress=progress)
+    prep = _setup_in_turn(preset, progress)
     out = federate(preset, prep, run_dir, progress=progress, restart=restart, mesh=mesh)
     if jax.process_index() == 0:
         write_config(preset, run_dir)
     return {name: info for name, (_, info) in out.items()}
+
+
+def _setup_in_turn(preset: DemoPreset | RealPreset, progress: bool) -> Setup:
+    """`setup`, in a multi-host run by process 0 first: a cold pretraining cache is then
+    pretrained and written once (processes writing the same cache folder at once collide), and
+    every other process loads the very base weights process 0 trained, so the replicated base
+    is the same on every process (pretraining independently need not be, on an accelerator)."""
+    if jax.process_count() == 1 or not isinstance(preset, DemoPreset):
+        return setup(preset, progress=progress)
+    prep = setup(preset, progress=progress) if jax.process_index() == 0 else None
+    sharding.sync("floe_jax:demo_setup")  # process 0 has written the pretraining cache
+    return prep if prep is not None else setup(preset, progress=progress)
