@@ -194,6 +194,15 @@ def lora_sq_norms(lora: LoRA) -> jax.Array:
     return total * lora.scale**2
 
 
+def factors_finite(lora: LoRA) -> jax.Array:
+    """[C] whether every entry of each client's factors (padded slots too) is finite: one read
+    of the factors (`Σ 0·x` is 0 when every x is finite, NaN otherwise, and never overflows)."""
+    ok = True
+    for x in jax.tree.leaves((lora.a, lora.b)):
+        ok = ok & jnp.isfinite(jnp.sum(x * 0.0, axis=tuple(range(1, x.ndim))))
+    return ok
+
+
 # ----------------------------------------------------------------------------- screening
 
 
@@ -221,11 +230,13 @@ def screen(
       sum cannot overflow (huge example counts would otherwise sum to inf and normalise to
       NaN), and every rule, which divides by the sum, gets bit for bit the same proportions.
     """
-    sq = lora_sq_norms(client_loras)
-    finite = jnp.isfinite(sq) & jnp.isfinite(client_loras.scale)
+    finite = factors_finite(client_loras) & jnp.isfinite(client_loras.scale)
     if update_norm is not None:
         finite = finite & jnp.isfinite(update_norm)
-    small = jnp.ones_like(finite) if max_norm is None else sq <= max_norm**2
+    # ‖ΔW_k‖² costs Gram matrices (2 C L R² (I + O) flops): computed only when a limit needs it.
+    small = (
+        jnp.ones_like(finite) if max_norm is None else lora_sq_norms(client_loras) <= max_norm**2
+    )
     near = jnp.ones_like(finite)
     if update_norm is not None and max_update_norm is not None:
         near = update_norm <= max_update_norm
