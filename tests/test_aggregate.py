@@ -387,3 +387,18 @@ def test_screen_flags_nonfinite_factors_without_norms(tiny_cfg):
     w, reason = ag.screen(bad, np.ones(3))
     np.testing.assert_array_equal(reason, [ag.REASON_OK, ag.REASON_NONFINITE, ag.REASON_OK])
     assert float(w[1]) == 0.0 and float(w[0]) > 0
+
+
+def test_donating_program_matches_and_consumes_the_clients(tiny_cfg):
+    """`aggregate_jit_donating` gives `aggregate_jit`'s result bit for bit and takes the
+    clients' buffers (a caller must not use them again)."""
+    ranks = np.array([2, 4, 8], np.int32)
+    lora = make_clients(tiny_cfg, ranks, seed=4)
+    w, r = ag.validate(lora, [1.0, 2.0, 3.0], ranks)
+    args = (np.zeros(3, np.int32), jax.random.key(0))
+    for method in ("fedit", "fedsa", "flexlora"):
+        want = ag.aggregate_jit(method, (), None, 1, ((),), lora, w, r, *args)
+        given = jax.tree.map(jnp.copy, lora)
+        got = ag.aggregate_jit_donating(method, (), None, 1, ((),), given, w, r, *args)
+        chex.assert_trees_all_equal(got, want)
+        assert given.a["q_proj"].is_deleted()
