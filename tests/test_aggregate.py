@@ -331,3 +331,74 @@ def test_no_recompile_across_rank_mixes_and_jit_equals_nojit(tiny_cfg):
             product(out.client_loras, m), product(ref.client_loras, m), atol=1e-4
         )
     assert isinstance(out.global_lora, LoRA)
+
+
+def test_masked_sums_and_stacked_products_match_dense_numpy(tiny_cfg):
+    """The one-pass masked weighted sums (FedIT, FFA) and the per-layer stacked products
+    (FLoRA's `Σ p_k s_k A_k B_k`, FedEx's residual) against plain NumPy: garbage in the padded
+    slots of an included client and NaN in a zero-weight client change nothing."""
+    ranks = np.array([2, 4, 8])
+    lora = make_clients(tiny_cfg, ranks, seed=5)
+    a, b = dict(lora.a), dict(lora.b)
+    for m in a:  # client 0 (rank 2): large finite values in its dead slots; client 2: NaN
+        a[m] = a[m].at[0, :, :, 2:].set(1e3).at[2].set(jnp.nan)
+        b[m] = b[m].at[0, :, 2:, :].set(-1e3)
+    dirty = dataclasses.replace(lora, a=a, b=b)
+    w = np.array([1.0, 3.0, 0.0])
+    p = np.array([0.25, 0.75, 0.0])
+    live = (np.arange(R)[None] < ranks[:, None]).astype(np.float64)  # [C, R]
+    clean = {
+        m: (
+            np.nan_to_num(np.asarray(lora.a[m], np.float64)) * live[:, None, None, :],
+            np.nan_to_num(np.asarray(lora.b[m], np.float64)) * live[:, None, :, None],
+        )
+        for m in lora.a
+    }
+    s = np.asarray(lora.scale, np.float64)
+    g_scale = float(np.sum(p * s))
+    fedit = ag.aggregate("fedit", dirty, weights=w, ranks=ranks)
+    ffa = ag.aggregate("ffa", dirty, weights=w, ranks=ranks)
+    flora = ag.aggregate("flora", dirty, weights=w, ranks=ranks)
+    fedex = ag.aggregate("fedex", dirty, weights=w, ranks=ranks)
+    for m, (a_np, b_np) in clean.items():
+        g_a, g_b = np.tensordot(p, a_np, 1), np.tensordot(p, b_np, 1)
+        np.testing.assert_allclose(fedit.global_lora.a[m], g_a, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(fedit.global_lora.b[m], g_b, rtol=1e-5, atol=1e-6)
+        slot_w = p[:, None] * live  # FFA's A: per-slot average over the clients holding it
+        ffa_a = np.einsum("cr,clir->lir", slot_w, a_np) / np.maximum(slot_w.sum(0), 1e-30)
+        np.testing.assert_allclose(ffa.global_lora.a[m], ffa_a, rtol=1e-5, atol=1e-6)
+        ffa_b = np.tensordot(p * s / g_scale, b_np, 1)
+        np.testing.assert_allclose(ffa.global_lora.b[m], ffa_b, rtol=1e-5, atol=1e-6)
+        exact = np.einsum("c,clir,clro->lio", p * s, a_np, b_np)
+        np.testing.assert_allclose(flora.base_delta[m], exact, rtol=1e-5, atol=1e-6)
+        resid = exact - g_scale * np.einsum("lir,lro->lio", g_a, g_b)
+        np.testing.assert_allclose(fedex.base_delta[m], resid, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(fedit.included, [True, True, False])
+
+
+def test_screen_flags_nonfinite_factors_without_norms(tiny_cfg):
+    """Without max_norm, screening reads the factors once for NaN/Inf (padded slots too)."""
+    lora = make_clients(tiny_cfg, [2, 4, 8], seed=2)
+    a = dict(lora.a)
+    a["q_proj"] = a["q_proj"].at[1, 0, 0, 7].set(jnp.inf)  # a dead slot of client 1 (rank 4)
+    np.testing.assert_array_equal(ag.factors_finite(lora), [True, True, True])
+    bad = dataclasses.replace(lora, a=a)
+    np.testing.assert_array_equal(ag.factors_finite(bad), [True, False, True])
+    w, reason = ag.screen(bad, np.ones(3))
+    np.testing.assert_array_equal(reason, [ag.REASON_OK, ag.REASON_NONFINITE, ag.REASON_OK])
+    assert float(w[1]) == 0.0 and float(w[0]) > 0
+
+
+def test_donating_program_matches_and_consumes_the_clients(tiny_cfg):
+    """`aggregate_jit_donating` gives `aggregate_jit`'s result bit for bit and takes the
+    clients' buffers (a caller must not use them again)."""
+    ranks = np.array([2, 4, 8], np.int32)
+    lora = make_clients(tiny_cfg, ranks, seed=4)
+    w, r = ag.validate(lora, [1.0, 2.0, 3.0], ranks)
+    args = (np.zeros(3, np.int32), jax.random.key(0))
+    for method in ("fedit", "fedsa", "flexlora"):
+        want = ag.aggregate_jit(method, (), None, 1, ((),), lora, w, r, *args)
+        given = jax.tree.map(jnp.copy, lora)
+        got = ag.aggregate_jit_donating(method, (), None, 1, ((),), given, w, r, *args)
+        chex.assert_trees_all_equal(got, want)
+        assert given.a["q_proj"].is_deleted()

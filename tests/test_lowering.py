@@ -26,6 +26,7 @@ from floe_jax.federated import (
     init_server_state,
     round_step,
 )
+from floe_jax.federated import aggregate as agg
 from floe_jax.federated.aggregate import available_rules
 from floe_jax.federated.client import local_update_clients
 from floe_jax.federated.client import make_optimizer as client_optimizer
@@ -80,6 +81,35 @@ def test_federated_round_lowers(monkeypatch, kernel_cfg, kernel_params, platform
     assert "func.func public @main" in _lowered_text(
         monkeypatch, platform, fn, state, kernel_params, data
     )
+
+
+AGGREGATE_PROGRAMS = [(rule, ()) for rule in available_rules()] + [
+    ("flexlora", (("total_rank", 16),)),  # live slots gathered first
+    ("flexlora", (("path", "dense"),)),
+]
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize(("method", "options"), AGGREGATE_PROGRAMS)
+def test_aggregate_program_lowers(monkeypatch, kernel_cfg, platform, method, options):
+    """`aggregate_jit`, the program `bench aggregate` times, lowers for the accelerator with no
+    host callback left in it (on CPU its eigenproblems go to LAPACK on the host)."""
+    ranks = np.array([2, 4, 8, 2], np.int32)
+    lora_cfg = LoRAConfig(rank=8, max_rank=8, targets=("q", "v", "down"))
+    loras = [
+        init_lora(kernel_cfg, dataclasses.replace(lora_cfg, rank=int(r)), key=jax.random.key(k))
+        for k, r in enumerate(ranks)
+    ]
+    stacked = stack_loras(loras)
+    w, r = agg.validate(stacked, np.ones(4), ranks, total_rank=dict(options).get("total_rank"))
+    first = jax.tree.map(lambda x: x[0], stacked)
+    states = agg.init_states(
+        agg.make_rule(method, **dict(options)), first, 1, key=jax.random.key(0)
+    )
+    args = (method, options, None, 1, states, stacked, w, r, np.zeros(4, np.int32))
+    text = _lowered_text(monkeypatch, platform, agg.aggregate_jit, *args, jax.random.key(0))
+    assert "func.func public @main" in text
+    assert "callback" not in text
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)

@@ -1,5 +1,5 @@
-"""Aggregation benchmark: every rule's jitted round, FlexLoRA against a NumPy loop, and one local
-training step of the same model for scale.
+"""Aggregation benchmark: every rule's jitted call against its hardware bound, FedIT and FlexLoRA
+beside NumPy references (interleaved in time), and the share of a round each rule takes.
 
 Setup: Qwen2.5-0.5B's shapes (hidden 896, 24 layers, intermediate 4864, 14 heads, 2 KV heads,
 head dim 64), LoRA on all seven projections, 64 clients with ranks cycling 4/8/16/32 padded to
@@ -7,21 +7,33 @@ R = 32, random factors with nonzero B (~4.5 GB float32). The NumPy competitor do
 FlexLoRA code does: loop over layers and modules, form each full ΔW = Σ p_k s_k A_k B_k from the
 true-rank factors, take the dense `np.linalg.svd`, and slice each client's rank out of it.
 `quick=True` runs 1 layer and 4 clients (one per rank).
+
+Bounds, measured in the same run on the same machine: a rule must read the clients' factors
+(`bytes_read`) and write its result (`bytes_written`, every leaf of the jitted call's output);
+the bandwidth bound prices the read at a jitted full-array sum's rate and the write at what an
+in-place (donated) `x * c` adds on top of its read. A factored rule also pays the FLOPs of its
+factorizations (`flops`: the stacked products, Gram matrices, tridiagonal reductions of the
+eigenproblems, counted on the program's static shapes, padding included), priced at a jitted
+2048² matmul's rate. `bound_s` is the larger of the two, `pct_of_bound` = bound_s / measured.
+`fresh_bound_s` prices the write instead at a copy into a newly allocated array, which is what
+XLA:CPU pays for each output it allocates (one page fault per 4 KiB page on first touch).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.benchmarks._util import block, machine, print_table, timeit
+from experiments.benchmarks._util import block, machine, print_table, timeit, timeit_alternating
 from floe_jax.config import LORA_TARGETS, LoRAConfig, ModelConfig
 from floe_jax.federated import aggregate as agg
 from floe_jax.federated.client import make_optimizer, optimized_factors, train_step
+from floe_jax.federated.linalg import lapack_threads
 from floe_jax.lora import LoRA, delta_weight, init_lora
 from floe_jax.model import init_params
 
@@ -66,6 +78,19 @@ def random_clients(cfg: ModelConfig, ranks: np.ndarray, max_rank: int, *, key) -
     return block(build(jnp.asarray(ranks, jnp.int32), key))
 
 
+def numpy_fedit(lora: LoRA, weights: np.ndarray, ranks: np.ndarray) -> dict:
+    """FedIT in NumPy: masked weighted average of A and B, sent back in each client's slots."""
+    p = weights / weights.sum()
+    live = (np.arange(lora.max_rank)[None] < ranks[:, None]).astype(np.float32)  # [C, R]
+    out = {}
+    for m in lora.a:
+        a, b = np.asarray(lora.a[m]), np.asarray(lora.b[m])
+        g_a = np.tensordot(p, a * live[:, None, None, :], axes=1)
+        g_b = np.tensordot(p, b * live[:, None, :, None], axes=1)
+        out[m] = (g_a[None] * live[:, None, None, :], g_b[None] * live[:, None, :, None])
+    return out
+
+
 def numpy_flexlora(lora: LoRA, weights: np.ndarray, ranks: np.ndarray) -> dict:
     """FlexLoRA as public code does it: per layer and module, dense ΔW and full `np.linalg.svd`."""
     p = weights / weights.sum()
@@ -101,54 +126,180 @@ def train_step_seconds(cfg: ModelConfig, *, rank: int = 8, seq: int = 64) -> flo
     return timeit(lambda: block(step(params, lora, opt_state, batch)), repeats=5)
 
 
+def hardware_rates(nbytes: int, n_matmul: int) -> dict:
+    """This machine's rates, measured now: memory bandwidth from an in-place (donated) `x * c`
+    (reads and writes nbytes each), a jitted sum's read rate and a copy into a fresh array for
+    comparison, and the float32 matmul rate of an `n_matmul`² product."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    block(total(x))
+    t_read = timeit(lambda: block(total(x)), repeats=5)
+    fresh = jax.jit(lambda v: v * 1.0001)
+    block(fresh(x))
+    t_fresh = timeit(lambda: block(fresh(x)), repeats=5)
+    inplace = jax.jit(lambda v: v * 1.0001, donate_argnums=0)
+    box = [block(x * 1.0)]
+
+    def step():
+        box[0] = block(inplace(box[0]))
+
+    step()
+    t_inplace = timeit(step, repeats=5)
+
+    a = jnp.ones((n_matmul, n_matmul), jnp.float32)
+    mm = jax.jit(lambda v: v @ v)
+    block(mm(a))
+    t_mm = timeit(lambda: block(mm(a)), repeats=5)
+    per_byte = t_inplace / (2 * nbytes)  # the in-place copy moves 2 nbytes
+    return {
+        "bandwidth_GBps": 1e-9 / per_byte,
+        "sum_read_GBps": nbytes / t_read / 1e9,
+        "fresh_copy_GBps": 2e-9 * nbytes / t_fresh,
+        "matmul_GFLOPs": 2 * n_matmul**3 / t_mm / 1e9,
+        "s_per_byte": per_byte,
+        "fresh_write_s_per_byte": max(t_fresh / nbytes - per_byte, per_byte),
+    }
+
+
+def _eigh_flops(n: int, r: int) -> float:
+    """Tridiagonal reduction (4/3 n³) plus back-transformation of r eigenvectors (2 n² r)."""
+    return 4 / 3 * n**3 + 2 * n * n * r
+
+
+def rule_flops(method: str, lora: LoRA, total_rank: int | None = None) -> float:
+    """FLOPs of a rule's products and factorizations on the program's shapes (padding included):
+    FLoRA's stacked product `P Q` (K = C R), FedEx's with its R extra residual columns,
+    FlexLoRA's dense path (`P Q`, the Gram of ΔW's shorter side, its top-R eigenpairs, ΔWᵀ U)
+    or factored path (K x K Gram and eigenproblems, `floe_jax.federated.linalg`). 0 for the
+    averaging rules (memory-bound)."""
+    C, R = lora.scale.shape[0], lora.max_rank
+    total = 0.0
+    for m in lora.a:
+        _, L, I, _ = lora.a[m].shape
+        O = lora.b[m].shape[-1]
+        K = C * R if total_rank is None else min(total_rank, C * R)
+        if method == "flora":
+            total += L * 2 * I * K * O
+        elif method == "fedex":
+            total += L * 2 * I * (K + R) * O
+        elif method == "flexlora":
+            r = min(R, K, I, O)
+            if K < min(I, O):  # top_svd_factored
+                per = 2 * I * K * K + _eigh_flops(K, K) + 2 * K * K * O  # pᵀp, eigh, Eᵀq
+                per += 2 * K * K * O + _eigh_flops(K, r) + 2 * K * O * r  # M Mᵀ, top eigh, v
+                per += 2 * I * K * K + 2 * I * K * r  # p E, then U_core
+            else:  # top_svd_dense
+                n, N = min(I, O), max(I, O)
+                per = 2 * I * K * O + 2 * n * n * N + _eigh_flops(n, r) + 2 * n * N * r
+            total += L * per
+    return total
+
+
 def run(quick: bool = False) -> list[dict]:
     layers, clients = (1, 4) if quick else (24, 64)
+    cmp_layers = 1 if quick else 4  # layers of the side-by-side FlexLoRA comparison
     cfg = qwen_shapes(num_layers=layers, vocab_size=4096 if quick else 151936)
     R = max(RANK_CYCLE)
     ranks = np.array([RANK_CYCLE[k % len(RANK_CYCLE)] for k in range(clients)], np.int32)
     weights = np.random.default_rng(0).integers(50, 500, clients).astype(np.float32)
+    load = lambda: "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
         f"# aggregate: {machine()}; {clients} clients, ranks {RANK_CYCLE} padded to {R}, "
-        f"{layers} layers, LoRA on {len(LORA_TARGETS)} projections",
+        f"{layers} layers, LoRA on {len(LORA_TARGETS)} projections; {load()}",
         flush=True,
     )
+    rates = hardware_rates(2**26 if quick else 2**30, 512 if quick else 2048)
+    print("# rates: " + ", ".join(f"{k} {v:.4g}" for k, v in rates.items()), flush=True)
     t0 = time.perf_counter()
     lora = random_clients(cfg, ranks, R, key=jax.random.key(0))
-    gib = sum(x.nbytes for x in jax.tree.leaves(lora)) / 2**30
-    print(f"# built clients: {gib:.2f} GiB in {time.perf_counter() - t0:.1f}s", flush=True)
+    factor_bytes = sum(x.nbytes for x in jax.tree.leaves((lora.a, lora.b)))
+    print(f"# built clients: {factor_bytes / 2**30:.2f} GiB of factors in "
+          f"{time.perf_counter() - t0:.1f}s", flush=True)  # fmt: skip
     w, r = agg.validate(lora, weights, ranks)
-    rows = []
     reps = 3 if quick else 2
-
     labels, key = np.zeros(r.shape, np.int32), jax.random.key(0)
 
-    def jitted(method, **options):
+    def program(method, client_loras, **options):
         opts = tuple(sorted(options.items()))
-        first = jax.tree.map(lambda x: x[0], lora)
+        first = jax.tree.map(lambda x: x[0], client_loras)
         state = agg.init_states(agg.make_rule(method, **options), first, 1, key=key)
-        fn = lambda: block(agg.aggregate_jit(method, opts, None, 1, state, lora, w, r, labels, key))
+        args = (method, opts, None, 1, state, client_loras, w, r, labels, key)
+        written = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
+            jax.eval_shape(agg.aggregate_jit, *args)))  # fmt: skip
+        return (lambda: block(agg.aggregate_jit(*args))), written
+
+    step_s = train_step_seconds(qwen_shapes(num_layers=layers, vocab_size=cfg.vocab_size))
+    round_s = clients * step_s  # one local step per client, clients trained one after another
+    rows = []
+    cases = [(m, m, {}) for m in ("fedit", "hetlora", "ffa", "fedsa", "flora", "fedex")]
+    cases += [("flexlora", "flexlora", {}),
+              ("flexlora total_rank", "flexlora", {"total_rank": int(ranks.sum())})]  # fmt: skip
+    for name, method, options in cases:
+        fn, written = program(method, lora, **options)
         t = time.perf_counter()
         fn()
-        compile_s = time.perf_counter() - t
-        return timeit(fn, repeats=reps, warmup=0), compile_s
-
-    for method in ("fedit", "hetlora", "ffa", "fedsa", "flora", "fedex"):
-        sec, comp = jitted(method)
-        rows.append({"rule": method, "floe_jax_s": sec, "first_call_s": comp})
+        first_s = time.perf_counter() - t
+        sec = timeit(fn, repeats=reps, warmup=0)
+        flops = rule_flops(method, lora, options.get("total_rank"))
+        byte_s = (factor_bytes + written) * rates["s_per_byte"]
+        fresh_s = factor_bytes * rates["s_per_byte"] + written * rates["fresh_write_s_per_byte"]
+        bound = max(byte_s, flops / (rates["matmul_GFLOPs"] * 1e9))
+        rows.append({
+            "rule": name, "floe_jax_s": sec, "first_call_s": first_s,
+            "GiB_read": factor_bytes / 2**30, "GiB_written": written / 2**30,
+            "TFLOP": flops / 1e12, "bound_s": bound, "pct_of_bound": 100 * bound / sec,
+            "fresh_bound_s": max(fresh_s, flops / (rates["matmul_GFLOPs"] * 1e9)),
+            "round_share_pct": 100 * sec / (round_s + sec),
+        })  # fmt: skip
         print(rows[-1], flush=True)
-    flex = {}
-    for name, opts in (("flexlora", {}), ("flexlora total_rank", {"total_rank": int(ranks.sum())})):
-        flex[name], comp = jitted("flexlora", **opts)
-        rows.append({"rule": name, "floe_jax_s": flex[name], "first_call_s": comp})
+
+    # The averaging rules with the clients' factors donated (`aggregate_jit_donating`): outputs
+    # go into the clients' buffers instead of new ones. Each call gets a fresh copy, made (and
+    # its pages touched) outside the timed region.
+    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t))
+    for method in ("fedit", "fedsa"):
+        state = agg.init_states(
+            agg.make_rule(method), jax.tree.map(lambda x: x[0], lora), 1, key=key
+        )
+        times = []
+        for _ in range(reps + 1):  # the first call compiles
+            given = block(copy(lora))
+            t = time.perf_counter()
+            block(agg.aggregate_jit_donating(method, (), None, 1, state, given, w, r, labels, key))
+            times.append(time.perf_counter() - t)
+            del given
+        sec = float(np.median(times[1:]))
+        bound = next(row["bound_s"] for row in rows if row["rule"] == method)
+        rows.append({"rule": f"{method}, factors donated", "floe_jax_s": sec,
+                     "first_call_s": times[0], "bound_s": bound, "pct_of_bound": 100 * bound / sec,
+                     "round_share_pct": 100 * sec / (round_s + sec)})  # fmt: skip
         print(rows[-1], flush=True)
 
-    t = time.perf_counter()
-    ref = numpy_flexlora(lora, weights, ranks)
-    numpy_s = time.perf_counter() - t
-    # agreement: each client's s_k A_k B_k, layer 0, every module (singular vectors may flip sign)
-    out = agg.aggregate_jit("flexlora", (), None, 1, ((),), lora, w, r, labels, key)
+    # Side by side, interleaved (alternating calls, medians): FedIT against NumPy at full size,
+    # FlexLoRA against the NumPy SVD loop on the first `cmp_layers` layers of the same clients.
+    # NumPy runs with OpenBLAS at one thread, as floe_jax's own LAPACK calls do (`lapack_threads`).
+    fedit_fn, _ = program("fedit", lora)
+    with lapack_threads(1):
+        t_jax, t_np = timeit_alternating(
+            fedit_fn, lambda: numpy_fedit(lora, weights, ranks), repeats=reps, warmup=0
+        )
+    rows.append({"rule": "fedit, interleaved", "floe_jax_s": t_jax, "numpy_s": t_np,
+                 "speedup": t_np / t_jax})  # fmt: skip
+    print(rows[-1], flush=True)
+    sub = jax.tree.map(lambda x: x[:, :cmp_layers] if x.ndim > 2 else x, lora)
+    sub = block(jax.tree.map(jnp.copy, sub))
+    flex_fn, _ = program("flexlora", sub)
+    flex_fn()
+    ref = {}
+    np_flex = lambda: ref.update(numpy_flexlora(sub, weights, ranks))
+    with lapack_threads(1):
+        t_jax, t_np = timeit_alternating(flex_fn, np_flex, repeats=1 if quick else reps, warmup=0)
+    rows.append({"rule": f"flexlora ({cmp_layers} layers), interleaved", "floe_jax_s": t_jax,
+                 "numpy_s": t_np, "speedup": t_np / t_jax})  # fmt: skip
+    print(rows[-1], flush=True)
+    out = agg.aggregate_jit("flexlora", (), None, 1, ((),), sub, w, r, labels, key)
     ours = out[0].client_loras
-    err = 0.0
+    err = 0.0  # each client's s_k A_k B_k, layer 0, every module (singular vectors may flip sign)
     for m in LORA_TARGETS:
         for k in range(min(4, clients)):
             one = jax.tree.map(lambda x, k=k: x[k, :1] if x.ndim > 1 else x[k], ours)
@@ -156,17 +307,11 @@ def run(quick: bool = False) -> list[dict]:
             a_np, b_np = ref[m][0][k, :1], ref[m][1][k, :1]
             want = np.einsum("lir,lro->lio", a_np, b_np) * float(lora.scale[k])
             err = max(err, float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)))
-    del ours, ref
-    rows.append({"rule": "flexlora numpy loop", "floe_jax_s": numpy_s})
-    for name, sec in flex.items():
-        rows.append({"rule": f"{name} speed-up vs numpy", "ratio": numpy_s / sec})
-    rows.append({"rule": "flexlora vs numpy max rel. diff (layer 0)", "ratio": err})
-    train_cfg = qwen_shapes(num_layers=layers, vocab_size=4096 if quick else 151936)
-    rows.append(
-        {
-            "rule": "one local train step (1x64 tok, rank 8)",
-            "floe_jax_s": train_step_seconds(train_cfg),
-        }
-    )
+    del ours
+    ref.clear()
+    rows.append({"rule": "flexlora vs numpy max rel. diff (layer 0)", "speedup": err})
+    rows.append({"rule": f"one local train step (1x64 tok, rank 8); round = {clients} of them",
+                 "floe_jax_s": step_s, "round_s": round_s})  # fmt: skip
+    print(f"# {load()}", flush=True)
     print_table(rows, title=f"Aggregation, {clients} clients ({machine()})")
     return rows

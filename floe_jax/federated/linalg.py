@@ -2,14 +2,78 @@
 
 FlexLoRA needs the best rank-r approximation of `ΔW = Σ p_k s_k A_k B_k` (`top_svd_factored`
 when the stacked rank K is below min(I, O), else `top_svd_dense`); Floe's spectral clustering
-needs `eigh`. On CPU both go to LAPACK on the host (see `eigh` for why).
+needs `eigh`. On CPU both go to LAPACK on the host (see `eigh` for why), one OpenBLAS thread
+at a time (`lapack_threads`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+_BLAS_LOCK = threading.Lock()
+_BLAS_STATE = {"depth": 0, "saved": []}
+
+
+@functools.cache
+def _openblas_threads() -> tuple:
+    """`(get, set)` thread-count functions of every OpenBLAS loaded in this process (NumPy's
+    and SciPy's each bring their own; jaxlib's CPU LAPACK kernels are SciPy's)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
+    except OSError:
+        return ()
+    found = []
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for stem in ("scipy_openblas", "openblas"):
+            for tail in ("64_", ""):
+                get = getattr(lib, f"{stem}_get_num_threads{tail}", None)
+                put = getattr(lib, f"{stem}_set_num_threads{tail}", None)
+                if get is not None and put is not None:
+                    found.append((get, put))
+                    break
+            else:
+                continue
+            break
+    return tuple(found)
+
+
+@contextlib.contextmanager
+def lapack_threads(n: int = 1):
+    """Runs the block with every loaded OpenBLAS limited to `n` threads, then restores them.
+
+    While a jitted program runs, XLA:CPU's own thread pool already has every core; OpenBLAS's
+    pool on top spin-waits against it (and against any other process), and small LAPACK calls
+    slow down by an order of magnitude: on the shared 2-core machine this was written on,
+    SciPy's top-32 `syevr` of a 128 x 128 matrix took 64 ms with OpenBLAS's default threads
+    and 1.3 ms with one. Nested and concurrent uses share one setting (a depth count).
+    """
+    libs = _openblas_threads()
+    with _BLAS_LOCK:
+        if _BLAS_STATE["depth"] == 0:
+            _BLAS_STATE["saved"] = [get() for get, _ in libs]
+            for _, put in libs:
+                put(n)
+        _BLAS_STATE["depth"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_STATE["depth"] -= 1
+            if _BLAS_STATE["depth"] == 0:
+                for (_, put), k in zip(libs, _BLAS_STATE["saved"], strict=True):
+                    put(k)
 
 
 def eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -23,7 +87,11 @@ def eigh(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     if jax.default_backend() != "cpu":
         return jnp.linalg.eigh(x)
     out = (jax.ShapeDtypeStruct(x.shape[:-1], x.dtype), jax.ShapeDtypeStruct(x.shape, x.dtype))
-    host = lambda a: tuple(np.linalg.eigh(np.asarray(a)))
+
+    def host(a):
+        with lapack_threads(1):
+            return tuple(np.linalg.eigh(np.asarray(a)))
+
     return jax.pure_callback(host, out, x, vmap_method="broadcast_all")
 
 
@@ -63,9 +131,10 @@ def top_eigh(x: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
         flat = a.reshape(-1, K, K)
         w = np.empty(flat.shape[:1] + (r,), a.dtype)
         v = np.empty(flat.shape[:1] + (K, r), a.dtype)
-        for i, m in enumerate(flat):
-            wi, vi = scipy.linalg.eigh(m, subset_by_index=[K - r, K - 1], driver="evr")
-            w[i], v[i] = wi[::-1], vi[:, ::-1]
+        with lapack_threads(1):
+            for i, m in enumerate(flat):
+                wi, vi = scipy.linalg.eigh(m, subset_by_index=[K - r, K - 1], driver="evr")
+                w[i], v[i] = wi[::-1], vi[:, ::-1]
         return w.reshape(a.shape[:-2] + (r,)), v.reshape(a.shape[:-2] + (K, r))
 
     out = (

@@ -70,7 +70,8 @@ from floe_jax.lora import LoRA
 
 
 class _Prep(NamedTuple):
-    lora: LoRA  # live slots only, clients of zero weight zeroed
+    lora: LoRA  # live slots only, clients of zero weight zeroed (materialised only where used)
+    raw: LoRA  # the clients' factors as given (the big rules mask them where they read them)
     live: dict  # {m: [C, L, R]} float32 live mask
     adapted: dict  # {m: [C, L]} float32: client adapts (m, l)
     p: jax.Array  # [C] normalised weights over included clients
@@ -99,12 +100,61 @@ def _prepare(lora: LoRA, weights, ranks) -> _Prep:
         scale=jnp.where(included, lora.scale, 0.0),
     )
     s = jnp.sum(p * clean.scale)
-    return _Prep(clean, live, adapted, p, included, jnp.where(s > 0, s, 1.0))
+    return _Prep(clean, lora, live, adapted, p, included, jnp.where(s > 0, s, 1.0))
 
 
-def _wsum(x, p):
-    """Σ_k p_k x_k over the leading client axis."""
-    return jnp.tensordot(p, x, axes=1)
+def _slot_wsums(terms):
+    """`Σ_k w_k ⊙ x_k` over the client axis for each `(x, w_CLR, side)` in `terms`.
+
+    `x` is a factor `[C, L, I, R]` (side "a") or `[C, L, R, O]` (side "b") as the clients sent it,
+    `w_CLR` a weight per client, layer and slot; a slot of weight 0 contributes exactly 0 (a
+    `where`, so a left-out client's NaN never reaches the sum). One scan over the clients adds
+    every term at once: each factor is read once, masking and weighting are fused into the read,
+    and nothing of the stacked size is written (a `tensordot` would need the masked copy first).
+    """
+
+    def add(acc, xs):
+        new = []
+        for s_x, (x_k, w_LR), (_, _, side) in zip(acc, xs, terms, strict=True):
+            w = w_LR[:, None, :] if side == "a" else w_LR[:, :, None]
+            new.append(s_x + jnp.where(w > 0, x_k * w, 0.0))
+        return tuple(new), None
+
+    init = tuple(jnp.zeros(x.shape[1:], x.dtype) for x, _, _ in terms)
+    out, _ = jax.lax.scan(add, init, tuple((x, w) for x, w, _ in terms))
+    return list(out)
+
+
+def _weighted_factors(prep: _Prep, weights_C, part: str = "ab") -> tuple[dict, dict]:
+    """`{m: Σ_k weights_k A_k}` and `{m: Σ_k weights_k B_k}` on live slots (`part` picks which)."""
+    mods = list(prep.raw.a)
+    terms, keys = [], []
+    for m in mods:
+        w = weights_C[:, None, None] * prep.live[m] * prep.included[:, None, None]
+        if "a" in part:
+            terms.append((prep.raw.a[m], w, "a"))
+            keys.append(("a", m))
+        if "b" in part:
+            terms.append((prep.raw.b[m], w, "b"))
+            keys.append(("b", m))
+    sums = dict(zip(keys, _slot_wsums(terms), strict=True))
+    a = {m: sums[("a", m)] for m in mods if ("a", m) in sums}
+    b = {m: sums[("b", m)] for m in mods if ("b", m) in sums}
+    return a, b
+
+
+def _layer_stacks(prep: _Prep, m: str, l, weight_C):
+    """Layer `l` of module m as the stacked factors `P [I, C R]`, `Q [C R, O]` with
+    `P Q = Σ_k weight_k A_k B_k` over live slots, and the live mask `[C R]` of the columns.
+    Built per layer (inside a loop over layers) so that no stacked copy of every layer exists."""
+    a_l = jax.lax.dynamic_index_in_dim(prep.raw.a[m], l, axis=1, keepdims=False)  # [C, I, R]
+    b_l = jax.lax.dynamic_index_in_dim(prep.raw.b[m], l, axis=1, keepdims=False)  # [C, R, O]
+    live = jax.lax.dynamic_index_in_dim(prep.live[m], l, axis=1, keepdims=False)  # [C, R]
+    keep = (live > 0) & prep.included[:, None]
+    C, I, R = a_l.shape
+    p = jnp.where(keep[:, None, :], a_l * weight_C[:, None, None], 0.0)
+    q = jnp.where(keep[:, :, None], b_l, 0.0)
+    return p.transpose(1, 0, 2).reshape(I, C * R), q.reshape(C * R, -1), keep.reshape(C * R)
 
 
 def _out_mask(prep: _Prep, ranks) -> dict:
@@ -141,13 +191,27 @@ def _count(mask: dict, dims: dict, part: str) -> jax.Array:
     return total * BYTES_PER_PARAM
 
 
-def _dense_sum(prep: _Prep) -> dict:
-    """`Σ_k p_k s_k A_k B_k` per module: {m: [L, I, O]}."""
+def _dense_sum(prep: _Prep, minus: LoRA | None = None) -> dict:
+    """`Σ_k p_k s_k A_k B_k` per module, minus `s A B` of the adapter `minus` when given:
+    {m: [L, I, O]}. One layer at a time, each layer one matmul of the stacked factors (with
+    `minus`'s factors appended as R more columns), so the only thing of full size written is
+    the result."""
     ps = prep.p * prep.lora.scale
-    return {
-        m: jnp.einsum("clir,clro->lio", prep.lora.a[m] * ps[:, None, None, None], prep.lora.b[m])
-        for m in prep.lora.a
-    }
+    out = {}
+    for m in prep.raw.a:
+
+        def layer(l, m=m):
+            p_IK, q_KO, _ = _layer_stacks(prep, m, l, ps)
+            if minus is not None:
+                g_a = jax.lax.dynamic_index_in_dim(minus.a[m], l, axis=0, keepdims=False)
+                g_b = jax.lax.dynamic_index_in_dim(minus.b[m], l, axis=0, keepdims=False)
+                p_IK = jnp.concatenate([p_IK, -minus.scale * g_a], axis=1)
+                q_KO = jnp.concatenate([q_KO, g_b], axis=0)
+            return p_IK @ q_KO
+
+        with jax.named_scope(f"dense_sum_{m}"):
+            out[m] = jax.lax.map(layer, jnp.arange(prep.raw.a[m].shape[1]))
+    return out
 
 
 def _result(prep, ranks, g_a, g_b, g_mask, c_a, c_b, c_mask, c_scale, up, down, base=None):
@@ -195,8 +259,7 @@ def _fedit_apply(state, client_loras, weights, ranks, *, key, norm_weighting, pr
         p = w / jnp.where(w.sum() > 0, w.sum(), 1.0)
         prep = prep._replace(p=jnp.where(w.sum() > 0, p, prep.p))
         prep = prep._replace(scale=jnp.where(w.sum() > 0, jnp.sum(prep.p * prep.lora.scale), 1.0))
-    g_a = {m: _wsum(v, prep.p) for m, v in prep.lora.a.items()}
-    g_b = {m: _wsum(v, prep.p) for m, v in prep.lora.b.items()}
+    g_a, g_b = _weighted_factors(prep, prep.p)
     c_mask = _out_mask(prep, ranks)
     c_a, c_b = _to_clients(g_a, g_b, c_mask)
     down = _count(c_mask, _dims(client_loras), "ab")
@@ -235,13 +298,9 @@ def _flexlora_apply(state, client_loras, weights, ranks, *, key, path, total_ran
     C, R = ranks.shape[0], client_loras.max_rank
     root = jnp.sqrt(prep.p * prep.lora.scale)  # [C]
     g_a, g_b = {}, {}
-    for m in prep.lora.a:
-        a, b = prep.lora.a[m], prep.lora.b[m]  # [C, L, I, R], [C, L, R, O]
-        _, L, I, _ = a.shape
-        O = b.shape[-1]
-        p_LIK = jnp.moveaxis(a * root[:, None, None, None], 0, 2).reshape(L, I, C * R)
-        q_LKO = (b * root[:, None, None, None]).transpose(1, 0, 2, 3).reshape(L, C * R, O)
-        live_LK = jnp.moveaxis(prep.live[m], 0, 1).reshape(L, C * R)
+    for m in prep.raw.a:
+        _, L, I, _ = prep.raw.a[m].shape
+        O = prep.raw.b[m].shape[-1]
         k = C * R if total_rank is None else min(total_rank, C * R)
         factored = {"auto": k < min(I, O), "factored": True, "dense": False}[path]
         if factored and k > min(I, O):
@@ -250,7 +309,10 @@ def _flexlora_apply(state, client_loras, weights, ranks, *, key, path, total_ran
             )
         r = min(R, k, I, O)
 
-        def one_layer(p_IK, q_KO, live_K, k=k, r=r, factored=factored):
+        def one_layer(l, m=m, k=k, r=r, factored=factored):
+            # √(p_k s_k) on both factors: P Q = Σ_k p_k s_k A_k B_k.
+            p_IK, q_KO, live_K = _layer_stacks(prep, m, l, root)
+            q_KO = q_KO * jnp.repeat(root, R)[:, None]
             if k < p_IK.shape[1]:
                 p_IK, q_KO = _compact(p_IK, q_KO, live_K, k)
             top = top_svd_factored if factored else top_svd_dense
@@ -258,7 +320,8 @@ def _flexlora_apply(state, client_loras, weights, ranks, *, key, path, total_ran
             return u * jnp.sqrt(s)[None], jnp.sqrt(s)[:, None] * v.T
 
         with jax.named_scope(f"flexlora_{m}"):
-            a_LIr, b_LrO = jax.vmap(one_layer)(p_LIK, q_LKO, live_LK)
+            # one layer at a time: no stacked copy of every layer's factors is ever written
+            a_LIr, b_LrO = jax.lax.map(one_layer, jnp.arange(L))
         pad = R - r
         g_a[m] = jnp.pad(a_LIr, ((0, 0), (0, 0), (0, pad)))
         g_b[m] = jnp.pad(b_LrO, ((0, 0), (0, pad), (0, 0)))
@@ -339,8 +402,7 @@ def _fedsa_apply(state, client_loras, weights, ranks, *, key):
     del key  # deterministic
     ranks = ranks.astype(jnp.int32)
     prep = _prepare(client_loras, weights, ranks)
-    g_a = {m: _wsum(v, prep.p) for m, v in prep.lora.a.items()}
-    g_b = {m: _wsum(v, prep.p) for m, v in prep.lora.b.items()}  # evaluation only, never sent
+    g_a, g_b = _weighted_factors(prep, prep.p)  # g_b: for evaluation only, never sent
     c_mask = _out_mask(prep, ranks)
     c_a, _ = _to_clients(g_a, g_b, c_mask)
     dims = _dims(client_loras)
@@ -371,17 +433,12 @@ def _ffa_apply(state, client_loras, weights, ranks, *, key):
     del key  # deterministic
     ranks = ranks.astype(jnp.int32)
     prep = _prepare(client_loras, weights, ranks)
-    g_a, g_b = {}, {}
-    for m in prep.lora.a:
-        # A is shared: per-slot average over the clients holding the slot (exact when equal).
-        w = prep.p[:, None, None] * prep.live[m]  # [C, L, R]
-        tot = w.sum(0)
-        g_a[m] = (
-            jnp.einsum("clr,clir->lir", w, prep.lora.a[m])
-            / jnp.where(tot > 0, tot, 1.0)[:, None, :]
-        )
-        ps = prep.p * prep.lora.scale / prep.scale
-        g_b[m] = _wsum(prep.lora.b[m], ps)
+    # A is shared: per-slot average over the clients holding the slot (exact when equal).
+    g_a, _ = _weighted_factors(prep, prep.p, "a")
+    for m in g_a:
+        tot = jnp.sum(prep.p[:, None, None] * prep.live[m] * prep.included[:, None, None], 0)
+        g_a[m] = g_a[m] / jnp.where(tot > 0, tot, 1.0)[:, None, :]
+    _, g_b = _weighted_factors(prep, prep.p * prep.lora.scale / prep.scale, "b")
     c_mask = _out_mask(prep, ranks)
     ratio = prep.scale / jnp.where(client_loras.scale > 0, client_loras.scale, 1.0)
     c_b = {m: g_b[m][None] * c_mask[m][..., None] * ratio[:, None, None, None] for m in g_b}
@@ -407,9 +464,8 @@ def _fedex_apply(state, client_loras, weights, ranks, *, key):
     out, state = _fedit_apply(
         state, client_loras, weights, ranks, key=key, norm_weighting=False, prune=None
     )
-    exact = _dense_sum(_prepare(client_loras, weights, ranks.astype(jnp.int32)))
     g = out.global_lora
-    base = {m: exact[m] - jnp.einsum("lir,lro->lio", g.a[m], g.b[m]) * g.scale for m in exact}
+    base = _dense_sum(_prepare(client_loras, weights, ranks.astype(jnp.int32)), minus=g)
     dims = _dims(client_loras)
     adapted = {m: (v.sum(-1) > 0) for m, v in g.mask.items()}  # [L]
     dense = sum(adapted[m].sum() * dims[m][0] * dims[m][1] for m in adapted) * BYTES_PER_PARAM
