@@ -116,6 +116,44 @@ def test_greedy_speculation_across_tokenizers():
     assert 0 < got.speculation["acceptance"] < 1, got.speculation
 
 
+class _EveryThird:
+    """A stand-in NER detector: a span may be under way wherever the text's length is a multiple
+    of 3, so under `pending="edge"` some prefixes are withheld and others sent."""
+
+    def find(self, text):
+        return []
+
+    def pending(self, text):
+        return 1 if len(text) % 3 == 0 else 0
+
+
+def test_greedy_speculation_with_withheld_prefixes_gives_the_token_by_token_output():
+    """A withheld prefix leaves the edge only the positions up to the first one the guard would
+    send again (`sendable`); there token by token decoding asks the cloud, and so does the next
+    round (keeping the whole draft, as for a late reply, gave other tokens)."""
+    bl, ms = bytelevel_tokenizer(), metaspace_tokenizer()
+    ecfg, eparams = tiny_model(bl.get_vocab_size(), 0)
+    eparams = {**eparams, "norm": eparams["norm"] * 30}
+    ccfg, cparams = tiny_model(ms.get_vocab_size(), 1)
+    vm = build_map(vocab_of(ms), vocab_of(bl))
+    prompts = [bl.encode("the dog sat on").ids, bl.encode("the cloud").ids]
+
+    def run(k):
+        det = PrivacyDetector(PrivacyPolicy(pending="edge"), detectors=[_EveryThird()])
+        guard = GuardedCloud(LocalCloud(cparams, ccfg, tokenizer=ms), det)
+        config = FusedDecodeConfig(max_new_tokens=16, deadline_s=1e9, speculate=k, adapt_k=False,
+                                   fusion=FusionConfig(gate="fixed", fixed_w=0.3))  # fmt: skip
+        return generate_fused(eparams, ecfg, prompts, cloud=guard, decode=bl.decode, vocab_map=vm,
+                              clock=SimClock(), config=config)  # fmt: skip
+
+    want = run(0)
+    assert 0 < want.failures["privacy"] < sum(map(len, want.tokens))  # some withheld, some sent
+    for k in (2, 4):
+        got = run(k)
+        assert got.tokens == want.tokens, k
+        assert got.failures["privacy"] > 0 and got.speculation["answered"] > 0
+
+
 def test_late_replies_leave_the_draft_to_the_edge(tiny_cfg, tiny_params, cloud_params):
     edge_only = _run(tiny_params, tiny_cfg, cloud_params, fusion=FusionConfig(gate="fixed",
                      fixed_w=1.0))  # fmt: skip
@@ -173,6 +211,17 @@ def test_the_guard_stops_a_draft_at_a_held_span():
     strict = GuardedCloud(_Recording(), PrivacyDetector(PrivacyPolicy(action="edge_only")))
     got = strict.score(Draft(text="mail bob@example.com now", text_ends=(20, 24), stream="t"))
     assert not got.ok.any() and got.errors == ["privacy", "privacy"]
+    # pending="edge": withheld while a name may be under way, sent again once it is decided
+    det = PrivacyDetector(PrivacyPolicy(pending="edge"), terms=["Mira Okafor"])
+    pieces = ["Call Mi", "ra", " Okafor", ",", " now", " ok"]
+    ends = np.cumsum([len(p) for p in pieces]).tolist()
+    got = GuardedCloud(backend := _Recording(), det).score(
+        Draft(text="".join(pieces), text_ends=ends, stream="u")
+    )
+    m = got.errors.index("sendable")
+    assert not got.ok.any() and got.errors[:m] == ["privacy"] * m and m >= 1
+    assert det.screen("".join(pieces)[: ends[m]]).action == "redact"  # what would be sent there
+    assert not backend.drafts and not backend.prefixes  # nothing left the device
 
 
 def test_accept_follows_the_fused_distribution():

@@ -22,7 +22,8 @@ Two things stop a draft early, and neither changes the output: a position the cl
 score from the one request (the guard holds a span back there, or the cloud's tokenizer splits
 the text across it) ends the round at the last scored position; a reply later than the deadline
 (or lost, failed, withheld) leaves the whole round to the edge (`w = 1` at every position: all
-drafted tokens are kept, plus the bonus from the edge), as a missed token is today.
+drafted tokens are kept, plus the bonus from the edge), as a missed token is today; a withheld
+prefix keeps the drafted tokens up to the first position the guard would send again.
 
 k adapts (`floe_jax.inference.draft_length.DraftLength`): after each round it is the k in
 `[1, k_max]` that minimises the expected time per token, `(e (k - ahead) + min(rtt, tau)) /
@@ -228,10 +229,15 @@ def _draft_of(run, b: int, base: list[int], drafted: list[int]) -> Draft:
 
 def _flat(got: dict, k: int, P: int, K: int) -> tuple[dict, dict]:
     """({b * P + j: one-row distribution}, {b: positions that may emit}). A row the cloud
-    answered may emit at its scored positions; a late one at all K + 1 (the edge's round)."""
+    answered may emit at its scored positions; a late one at all K + 1 (the edge's round); a
+    withheld one up to the first position the guard would send (`sendable`: token by token,
+    the cloud is asked again there), or all k + 1 screened positions."""
     flat, limit = {}, {}
     for b, d in got.items():
-        if d.batch != k + 1 or not d.ok[0]:  # late, lost, failed or withheld: the edge's round
+        if d.batch == k + 1 and not d.ok[0] and d.errors and d.errors[0] == "privacy":
+            limit[b] = d.errors.index("sendable") if "sendable" in d.errors else k + 1
+            continue
+        if d.batch != k + 1 or not d.ok[0]:  # late, lost or failed: the edge's round
             limit[b] = K + 1
             continue
         m = int(np.argmin(d.ok)) if not d.ok.all() else d.batch

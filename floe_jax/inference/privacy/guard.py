@@ -104,7 +104,9 @@ class GuardedCloud:
         """Screens each position of a `Draft` and asks the back end to score the longest run of
         positions whose screened texts extend one another (so the cloud sees exactly what token by
         token decoding would send at each of them); later positions come back missing (`held`).
-        A back end without `score` is asked for position 0 alone."""
+        A back end without `score` is asked for position 0 alone. A withheld position 0 sends
+        nothing: every position is missing (`privacy`) but the first one token by token decoding
+        would send again, which is `sendable` (the edge decides the positions before it)."""
         from floe_jax.inference.cloud import CloudDistribution, Draft
 
         P, sent = draft.positions, []
@@ -116,7 +118,12 @@ class GuardedCloud:
                 break
             sent.append(p)
         if not sent:
-            return CloudDistribution.missing(P, reason="privacy")
+            out = CloudDistribution.missing(P, reason="privacy")
+            for j in range(1, P):
+                if self.screen(draft.prefix(j))[0] is not None:
+                    out.errors[j] = "sendable"
+                    break
+            return out
         score = getattr(self._backend, "score", None)
         if score is None or len(sent) == 1:
             got = self._backend.next_token(sent[:1])
