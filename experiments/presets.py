@@ -219,9 +219,11 @@ class DemoEval:
       policy: the privacy guard of every method that reaches the cloud (`PrivacyPolicy`): its
         `action` on a request with private spans is `redact` (send it with placeholders) or
         `edge_only` (send nothing: the edge decodes that request alone); `placeholder`,
-        `pending` and `region` as the library's. The cloud-only rows take the policy with
-        action `redact` (theirs must reach the cloud) and, for the privacy-violating reference,
-        `allow`.
+        `pending` and `region` as the library's. `pending="edge"` (default): while a private
+        span may still be under way the edge decides the token (the cloud, shown the text
+        without that tail, would answer for an earlier position). The cloud-only rows take the
+        policy with action `redact` and `pending="redact"` (theirs must reach the cloud) and,
+        for the privacy-violating reference, `allow`.
       latency_queries: queries decoded one at a time (batch 1) for the per-token latency, the
         same number of each query type.
       speculate: Floe's latency queries are also decoded with speculative fused decoding, one
@@ -242,7 +244,7 @@ class DemoEval:
     decode: FusedDecodeConfig = DEMO_DECODE
     rtt_ms: float = 150.0
     sigma: float = 0.25
-    policy: PrivacyPolicy = PrivacyPolicy(action="redact")
+    policy: PrivacyPolicy = PrivacyPolicy(action="redact", pending="edge")
     latency_queries: int = 9
     speculate: int = 8
     ablations: bool = True

@@ -69,18 +69,26 @@ class _Ctx:
         return jax.tree.map(lambda x: x[rows], self.fed[run][0])
 
 
-def detector(preset, bench, client: int, action: str) -> PrivacyDetector:
+def detector(preset, bench, client: int, action: str, *, cloud_decides: bool = False
+             ) -> PrivacyDetector:  # fmt: skip
     """Client `client`'s privacy detector: the preset's policy with `action`, and the client's
     own private strings registered (its contacts' names, phones and emails: names no pattern can
-    find; phones and emails are matched even where their pattern would not be)."""
-    det = PrivacyDetector(dataclasses.replace(preset.eval.policy, action=action))
+    find; phones and emails are matched even where their pattern would not be). For a method
+    where the cloud decides every token (`cloud_decides`: w = 0), a span under way is redacted,
+    not left to the edge (`pending="edge"` would hand those tokens to the edge)."""
+    policy = dataclasses.replace(preset.eval.policy, action=action)
+    if cloud_decides and policy.pending == "edge":
+        policy = dataclasses.replace(policy, pending="redact")
+    det = PrivacyDetector(policy)
     det.register_terms(bench.private_terms(client))
     return det
 
 
-def _guard(ctx: _Ctx, client: int, action: str, recorder: SpanRecorder) -> GuardedCloud:
-    return GuardedCloud(recorder, detector(ctx.preset, ctx.prep.bench, client, action),
-                        decode=ctx.decode)  # fmt: skip
+def _guard(ctx: _Ctx, client: int, m: Method, recorder: SpanRecorder) -> GuardedCloud:
+    f = m.decode.fusion
+    det = detector(ctx.preset, ctx.prep.bench, client, m.cloud,
+                   cloud_decides=f.gate == "fixed" and f.fixed_w == 0.0)  # fmt: skip
+    return GuardedCloud(recorder, det, decode=ctx.decode)
 
 
 class CloudPrompts:
@@ -138,7 +146,7 @@ def _run_fused(ctx: _Ctx, m: Method, idx, recorder, *, net_seed: int):
     guard = None
     if m.cloud is not None:
         recorder.rows = [ctx.prep.bench.queries[i].private_spans for i in idx]
-        guard = _guard(ctx, client, m.cloud, recorder)
+        guard = _guard(ctx, client, m, recorder)
     config = dataclasses.replace(m.decode, eos_id=_eos(ctx), pad_id=tok.pad_token_id)
     if ctx.prep.real:  # the largest answer budget of these queries' tasks
         config = dataclasses.replace(
@@ -233,7 +241,7 @@ def _oracle(ctx: _Ctx, m: Method) -> list[bool]:
         rec.rows = [bench.queries[i].private_spans for i in idx]
         got = oracle_answers(
             ctx.prep.edge_params, ctx.prep.edge_cfg, ctx.prep.tokenizer,
-            [bench.queries[i] for i in idx], guard=_guard(ctx, client, m.cloud, rec),
+            [bench.queries[i] for i in idx], guard=_guard(ctx, client, m, rec),
             mapper=ctx.cloud.mapper, lora=ctx.lora_rows(m.run, idx),
         )  # fmt: skip
         for i, g in zip(idx, got, strict=True):
