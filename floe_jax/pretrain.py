@@ -31,6 +31,7 @@ import optax
 
 import floe_jax.loss
 import floe_jax.model
+import floe_jax.params
 import kernels.decode_attention
 from floe_jax.config import ConfigError, ModelConfig
 from floe_jax.hf import load_hf, save_hf
@@ -210,12 +211,13 @@ def pretrain(
 @functools.cache
 def code_fingerprint() -> str:
     """A hash of what decides the numbers pretraining produces beyond its inputs: the source of
-    the model (`floe_jax.model` and the attention code it takes from `kernels.decode_attention`),
-    of the loss (`floe_jax.loss`) and of this module, and the jax, jaxlib and optax versions. Any
-    edit to those files (comments included) is a new cache entry: the cost is one re-pretraining,
-    the gain is that a warm cache and a fresh clone give the same models."""
+    the model (`floe_jax.model`, its parameter init in `floe_jax.params`, and the attention code
+    it takes from `kernels.decode_attention`), of the loss (`floe_jax.loss`) and of this module,
+    and the jax, jaxlib and optax versions. Any edit to those files (comments included) is a new
+    cache entry: the cost is one re-pretraining, the gain is that a warm cache and a fresh clone
+    give the same models."""
     h = hashlib.sha256()
-    sources = (floe_jax.model, kernels.decode_attention, floe_jax.loss)
+    sources = (floe_jax.model, floe_jax.params, kernels.decode_attention, floe_jax.loss)
     for source in (*(m.__file__ for m in sources), __file__):
         h.update(Path(source).read_bytes())
     for pkg in ("jax", "jaxlib", "optax"):
