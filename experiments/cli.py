@@ -112,7 +112,8 @@ def _calibrate(argv: list[str], impl: str) -> int:
 def _run_parser(command: str, description: str, *, restart: bool = False):
     import argparse
 
-    from experiments.presets import PRESETS, REAL_PRESETS
+    from experiments.presets import PRESETS
+    from experiments.real_presets import REAL_PRESETS
 
     names = ", ".join([*PRESETS, *REAL_PRESETS])
     p = argparse.ArgumentParser(prog=f"python -m experiments {command}", description=description)

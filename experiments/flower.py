@@ -21,7 +21,8 @@ import jax
 import numpy as np
 
 from experiments.demo.setup import Setup, client_ranks, private_data, setup
-from experiments.presets import CENTRAL, FLOE, LOCAL, DemoPreset, RealPreset, get_preset
+from experiments.presets import CENTRAL, FLOE, LOCAL, DemoPreset, get_preset
+from experiments.real_presets import RealPreset
 from floe_jax.config import ConfigError
 from floe_jax.federated.config import FedConfig
 from floe_jax.federated.run_folder import run_fingerprint

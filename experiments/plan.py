@@ -65,7 +65,7 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"{flag} must be >= 1, got {v}")
     batch, seq_len, steps, lora = 8, 512, 1, DEFAULT_LORA
     if args.preset is not None:
-        from experiments.presets import REAL_PRESETS
+        from experiments.real_presets import REAL_PRESETS
 
         if args.preset not in REAL_PRESETS:
             raise ConfigError(f"--preset {args.preset!r} is not one of {sorted(REAL_PRESETS)}")

@@ -13,11 +13,11 @@ from experiments.presets import (
     FLOE,
     LOCAL,
     PRESETS,
-    REAL_PRESETS,
     DemoEval,
     baseline_name,
     get_preset,
 )
+from experiments.real_presets import REAL_PRESETS
 from floe_jax.config import ConfigError
 from floe_jax.federated.config import AggregationConfig
 

@@ -1,4 +1,4 @@
-"""The real-model preset's parts (`experiments/presets.py` RealPreset, `experiments/demo/setup.py`
+"""The real-model preset's parts (`experiments/real_presets.py`, `experiments/demo/setup.py`
 setup_real, `experiments/standins.py`): vocabularies of one family at two sizes and of two
 families, every stop id, per-task answer budgets, a multi-task file mix, long examples cut or
 dropped with their counts. The whole demo on these stand-ins is `tests/test_demo.py`."""
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from experiments.demo.setup import setup_real
-from experiments.presets import REAL_PRESETS, get_preset
+from experiments.presets import get_preset
+from experiments.real_presets import REAL_PRESETS
 from experiments.standins import dolly_jsonl, dolly_rows, standin_tokenizer, write_standin
 from floe_jax.config import ConfigError, ModelConfig
 from floe_jax.data.hf_datasets import load_instruction_dataset

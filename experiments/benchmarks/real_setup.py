@@ -33,7 +33,7 @@ import numpy as np
 
 from experiments.benchmarks._util import print_table
 from experiments.demo.setup import setup_real
-from experiments.presets import REAL_PRESETS
+from experiments.real_presets import REAL_PRESETS
 from experiments.standins import (
     FAMILY_OF,
     PUBLISHED,

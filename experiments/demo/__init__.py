@@ -29,7 +29,8 @@ from experiments.demo.federate import run_federate, write_config
 from experiments.demo.methods import Method, methods
 from experiments.demo.report import QTYPES, format_report, plots
 from experiments.demo.setup import Setup, client_ranks, private_data, setup_real
-from experiments.presets import FLOE, DemoPreset, RealPreset
+from experiments.presets import FLOE, DemoPreset
+from experiments.real_presets import RealPreset
 
 __all__ = [
     "FLOE",

@@ -27,7 +27,8 @@ from experiments.demo.methods import Method, methods
 from experiments.demo.oracle import oracle_answers
 from experiments.demo.report import format_report, plots
 from experiments.demo.setup import Setup, setup
-from experiments.presets import FLOE, DemoPreset, RealPreset
+from experiments.presets import FLOE, DemoPreset
+from experiments.real_presets import RealPreset
 from floe_jax.config import LoRAConfig
 from floe_jax.data.benchmark import SLOT_KINDS, score, score_slots
 from floe_jax.data.metrics import task_scores

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.demo.setup import Setup, client_ranks, private_data, setup
-from experiments.presets import CENTRAL, LOCAL, DemoPreset, RealPreset
+from experiments.presets import CENTRAL, LOCAL, DemoPreset
+from experiments.real_presets import RealPreset
 from floe_jax import sharding
 from floe_jax.federated import train_federated
 from floe_jax.federated.loop import load_trained

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from experiments.presets import CENTRAL, FLOE, FLOE_DP, LOCAL, DemoPreset, RealPreset
+from experiments.presets import CENTRAL, FLOE, FLOE_DP, LOCAL, DemoPreset
+from experiments.real_presets import RealPreset
 from floe_jax.inference import FusionConfig
 from floe_jax.inference.align import AlignConfig
 from floe_jax.inference.fused import FusedDecodeConfig

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 
 from experiments.calibrate import prepare
-from experiments.presets import DemoFed, DemoPreset, RealPreset
+from experiments.presets import DemoFed, DemoPreset
+from experiments.real_presets import RealPreset
 from floe_jax.config import LoRAConfig, ModelConfig
 from floe_jax.data.benchmark import Benchmark, Example, Query
 from floe_jax.data.hf_datasets import InstructionData, load_instruction_dataset
