@@ -140,12 +140,15 @@ def main(argv: list[str] | None = None, *, attention_impl: str = "reference") ->
         from floe_jax.sharding import shard_cloud
 
         params = shard_cloud(args.mesh, params)
+    from floe_jax.hf.config import eos_ids
     from floe_jax.inference.server import serve_cloud
 
+    # A checkpoint's stops include generation_config.json's list (an instruct model's turn end).
+    eos = eos_ids(args.checkpoint, tok, cfg) if args.checkpoint else None
     auth = " (API key required)" if config.api_key else ""
     print(f"serving {args.model_name} on http://{args.host}:{args.port}/v1{auth}", file=sys.stderr)
     serve_cloud(params, cfg, tok, host=args.host, port=args.port, block=True, config=config,
-                log_level="info")  # fmt: skip
+                eos_ids=eos, log_level="info")  # fmt: skip
     return 0
 
 

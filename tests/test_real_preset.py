@@ -241,7 +241,7 @@ def test_the_cloud_is_sent_its_own_template_and_the_answer_so_far(toks):
 
 
 def test_eos_ids_read_every_stop_of_generation_config(tmp_path, toks):
-    from experiments.demo.setup import eos_ids
+    from floe_jax.hf.config import eos_ids
 
     tok = toks["qwen2"]
     cfg = ModelConfig(vocab_size=320, hidden_size=8, intermediate_size=16, num_layers=1,
@@ -256,3 +256,23 @@ def test_eos_ids_read_every_stop_of_generation_config(tmp_path, toks):
         eos_ids(str(tmp_path), tok, cfg)
     gen.unlink()  # no generation config: the config's and the tokenizer's
     assert eos_ids(str(tmp_path), tok, cfg) == (5, tok.eos_token_id)
+
+
+def test_serve_cloud_stops_on_the_checkpoints_generation_config_eos(tmp_path, monkeypatch):
+    """`serve-cloud --checkpoint` hands the server every stop of the folder, generation_config's
+    list included (an instruct model's turn end), not only config.json's eos."""
+    from _serve_util import chat_model, chat_tokenizer
+
+    import floe_jax.inference.server as server
+    from experiments import serve_cloud
+    from floe_jax.hf.checkpoint import save_hf
+
+    tok = chat_tokenizer()
+    cfg, params = chat_model(tok)
+    save_hf(dataclasses.replace(cfg, eos_token_id=3), params, tmp_path)
+    tok.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [3, 11]}))
+    seen = {}
+    monkeypatch.setattr(server, "serve_cloud", lambda *a, **kw: seen.update(kw))
+    assert serve_cloud.main(["--checkpoint", str(tmp_path), "--port", "0"]) == 0
+    assert seen["eos_ids"] == (3, 11, tok.eos_token_id)

@@ -10,7 +10,6 @@ takes the devices' real budgets, with its edge's `remat` and `loss_chunk` priced
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from floe_jax.data.tokenizer import encode_examples, load_tokenizer, long_exampl
 from floe_jax.devices import assign_ranks, get_device, toy_budgets
 from floe_jax.federated.types import ClientData, client_data
 from floe_jax.hf import load_hf
-from floe_jax.hf.config import CONFIG_FILE, config_from_hf
+from floe_jax.hf.config import CONFIG_FILE, config_from_hf, eos_ids
 from floe_jax.hf.layout import read_json
 from floe_jax.model import init_params
 
@@ -81,24 +80,6 @@ def setup(preset: DemoPreset | RealPreset, *, progress: bool = True) -> Setup:
     prep = prepare(preset, progress=progress)
     return Setup(prep.bench, prep.tokenizer, prep.cloud_tokenizer, preset.edge, prep.edge.params,
                  preset.cloud, prep.cloud.params, prep.times)  # fmt: skip
-
-
-def eos_ids(folder: str, tokenizer, cfg: ModelConfig) -> tuple[int, ...]:
-    """Every stop id of a checkpoint: `generation_config.json`'s `eos_token_id` (an id or a
-    list), the config's and the tokenizer's eos, in that order, without repeats."""
-    ids: list[int] = []
-    gen = Path(folder, "generation_config.json")
-    if gen.is_file():
-        listed = json.loads(gen.read_text()).get("eos_token_id")
-        for i in listed if isinstance(listed, list) else [listed]:
-            if i is not None and not isinstance(i, int):
-                raise ValueError(f"{gen}: eos_token_id {listed!r} is not an id or a list of ids")
-            ids.append(i)
-    ids += [cfg.eos_token_id, tokenizer.eos_token_id]
-    out = tuple(dict.fromkeys(int(i) for i in ids if i is not None))
-    if not out:
-        raise ValueError(f"{folder}: no eos id in generation_config.json, config or tokenizer")
-    return out
 
 
 def chat_prompt(tokenizer, text: str, *, system: str = "") -> str:

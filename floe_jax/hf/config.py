@@ -8,7 +8,9 @@ error naming the field, not a checkpoint that computes something else.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 
 from floe_jax.config import (
     ACTIVATIONS,
@@ -474,3 +476,23 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             },
         )
     return d
+
+
+def eos_ids(folder: str, tokenizer, cfg: ModelConfig) -> tuple[int, ...]:
+    """Every stop id of a checkpoint: `generation_config.json`'s `eos_token_id` (an id or a
+    list), the config's and the tokenizer's eos, in that order, without repeats. Instruct
+    checkpoints list their turn end there (Qwen's `<|im_end|>`, Llama 3's `<|eot_id|>`), which
+    the config alone does not name."""
+    ids: list[int] = []
+    gen = Path(folder, "generation_config.json")
+    if gen.is_file():
+        listed = json.loads(gen.read_text()).get("eos_token_id")
+        for i in listed if isinstance(listed, list) else [listed]:
+            if i is not None and not isinstance(i, int):
+                raise ValueError(f"{gen}: eos_token_id {listed!r} is not an id or a list of ids")
+            ids.append(i)
+    ids += [cfg.eos_token_id, getattr(tokenizer, "eos_token_id", None)]
+    out = tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+    if not out:
+        raise ValueError(f"{folder}: no eos id in generation_config.json, config or tokenizer")
+    return out
