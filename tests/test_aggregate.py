@@ -387,6 +387,33 @@ def test_screen_flags_nonfinite_factors_without_norms(tiny_cfg):
     w, reason = ag.screen(bad, np.ones(3))
     np.testing.assert_array_equal(reason, [ag.REASON_OK, ag.REASON_NONFINITE, ag.REASON_OK])
     assert float(w[1]) == 0.0 and float(w[0]) > 0
+    b = dict(lora.b)  # NaN and -Inf in live slots propagate through the product with zeros too
+    b["up_proj"] = b["up_proj"].at[2, 1, 3, 5].set(jnp.nan)
+    b["k_proj"] = b["k_proj"].at[0, 0, 0, 0].set(-jnp.inf)
+    worse = dataclasses.replace(lora, a=a, b=b)
+    np.testing.assert_array_equal(ag.factors_finite(worse), [False, False, False])
+
+
+@pytest.mark.parametrize("method", ["fedit", "hetlora", "ffa", "fedsa", "flexlora", "fedex"])
+def test_round_path_without_downloads_gives_the_same_global(tiny_cfg, method):
+    """`downloads=False` (the program a federated round runs) returns no `client_loras` and
+    the full call's global adapter, base delta and per-client fields bit for bit, with a NaN
+    client and garbage in an included client's padded slots screened the same way."""
+    ranks = np.array([2, 4, 8, 3])
+    lora = make_clients(tiny_cfg, ranks, seed=9)
+    a, b = dict(lora.a), dict(lora.b)
+    a["q_proj"] = a["q_proj"].at[3, 0, 0, 0].set(jnp.nan)  # client 3: excluded (non-finite)
+    b["v_proj"] = b["v_proj"].at[0, :, 5:, :].set(7.0)  # client 0 (rank 2): dead-slot garbage
+    dirty = dataclasses.replace(lora, a=a, b=b)
+    w = [1.0, 2.0, 3.0, 4.0]
+    full = ag.aggregate(method, dirty, weights=w, ranks=ranks)
+    lean = ag.aggregate(method, dirty, weights=w, ranks=ranks, downloads=False)
+    assert lean.client_loras is None and full.client_loras is not None
+    chex.assert_trees_all_equal(
+        dataclasses.replace(full, client_loras=None), dataclasses.replace(lean, client_loras=None)
+    )
+    np.testing.assert_array_equal(lean.included, [True, True, True, False])
+    assert np.isfinite(np.asarray(lean.global_lora.b["v_proj"])).all()
 
 
 def test_donating_program_matches_and_consumes_the_clients(tiny_cfg):

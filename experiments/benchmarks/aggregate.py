@@ -17,6 +17,10 @@ eigenproblems, counted on the program's static shapes, padding included), priced
 2048² matmul's rate. `bound_s` is the larger of the two, `pct_of_bound` = bound_s / measured.
 `fresh_bound_s` prices the write instead at a copy into a newly allocated array, which is what
 XLA:CPU pays for each output it allocates (one page fault per 4 KiB page on first touch).
+
+The `round path` rows time what a federated round runs (`aggregate_jit(..., downloads=False)`):
+no per-client copies of the global adapter, so an averaging rule reads the factors and writes
+1/C of them; FedIT's round path runs interleaved with the same average in NumPy.
 """
 
 from __future__ import annotations
@@ -89,6 +93,19 @@ def numpy_fedit(lora: LoRA, weights: np.ndarray, ranks: np.ndarray) -> dict:
         g_b = np.tensordot(p, b * live[:, None, :, None], axes=1)
         out[m] = (g_a[None] * live[:, None, None, :], g_b[None] * live[:, None, :, None])
     return out
+
+
+def numpy_fedit_global(lora: LoRA, weights: np.ndarray, ranks: np.ndarray) -> dict:
+    """The round's FedIT in NumPy: only the global average of A and B (no per-client copies)."""
+    p = weights / weights.sum()
+    live = (np.arange(lora.max_rank)[None] < ranks[:, None]).astype(np.float32)  # [C, R]
+    return {
+        m: (
+            np.tensordot(p, np.asarray(lora.a[m]) * live[:, None, None, :], axes=1),
+            np.tensordot(p, np.asarray(lora.b[m]) * live[:, None, :, None], axes=1),
+        )
+        for m in lora.a
+    }
 
 
 def numpy_flexlora(lora: LoRA, weights: np.ndarray, ranks: np.ndarray) -> dict:
@@ -195,8 +212,10 @@ def rule_flops(method: str, lora: LoRA, total_rank: int | None = None) -> float:
     return total
 
 
-def run(quick: bool = False) -> list[dict]:
-    layers, clients = (1, 4) if quick else (24, 64)
+def run(quick: bool = False, clients: int | None = None) -> list[dict]:
+    """The table; `clients` overrides the client count (64, or 4 with `quick`), for a machine
+    without memory for 64 clients' factors and the full programs' outputs (about 13 GiB)."""
+    layers, clients = (1, clients or 4) if quick else (24, clients or 64)
     cmp_layers = 1 if quick else 4  # layers of the side-by-side FlexLoRA comparison
     cfg = qwen_shapes(num_layers=layers, vocab_size=4096 if quick else 151936)
     R = max(RANK_CYCLE)
@@ -219,27 +238,33 @@ def run(quick: bool = False) -> list[dict]:
     reps = 3 if quick else 2
     labels, key = np.zeros(r.shape, np.int32), jax.random.key(0)
 
-    def program(method, client_loras, **options):
+    def program(method, client_loras, downloads=True, **options):
         opts = tuple(sorted(options.items()))
         first = jax.tree.map(lambda x: x[0], client_loras)
         state = agg.init_states(agg.make_rule(method, **options), first, 1, key=key)
         args = (method, opts, None, 1, state, client_loras, w, r, labels, key)
+        call = functools.partial(agg.aggregate_jit, downloads=downloads)
         written = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
-            jax.eval_shape(agg.aggregate_jit, *args)))  # fmt: skip
-        return (lambda: block(agg.aggregate_jit(*args))), written
+            agg.aggregate_jit.eval_shape(*args, downloads=downloads)))  # fmt: skip
+        return (lambda: block(call(*args))), written
 
     step_s = train_step_seconds(qwen_shapes(num_layers=layers, vocab_size=cfg.vocab_size))
     round_s = clients * step_s  # one local step per client, clients trained one after another
     rows = []
-    cases = [(m, m, {}) for m in ("fedit", "hetlora", "ffa", "fedsa", "flora", "fedex")]
-    cases += [("flexlora", "flexlora", {}),
-              ("flexlora total_rank", "flexlora", {"total_rank": int(ranks.sum())})]  # fmt: skip
+    averaging = ("fedit", "hetlora", "ffa", "fedsa")
+    cases = [(m, m, {}) for m in (*averaging, "flora", "fedex")]
+    cases += [
+        ("flexlora", "flexlora", {}),
+        ("flexlora total_rank", "flexlora", {"total_rank": int(ranks.sum())}),
+    ]
+    cases += [(f"{m}, round path", m, {"downloads": False}) for m in averaging]  # fmt: skip
     for name, method, options in cases:
         fn, written = program(method, lora, **options)
         t = time.perf_counter()
         fn()
         first_s = time.perf_counter() - t
-        sec = timeit(fn, repeats=reps, warmup=0)
+        # a round path takes about a second: more repeats for a steadier median on a busy host
+        sec = timeit(fn, repeats=reps if options.get("downloads", True) else 5, warmup=0)
         flops = rule_flops(method, lora, options.get("total_rank"))
         byte_s = (factor_bytes + written) * rates["s_per_byte"]
         fresh_s = factor_bytes * rates["s_per_byte"] + written * rates["fresh_write_s_per_byte"]
@@ -278,14 +303,24 @@ def run(quick: bool = False) -> list[dict]:
     # Side by side, interleaved (alternating calls, medians): FedIT against NumPy at full size,
     # FlexLoRA against the NumPy SVD loop on the first `cmp_layers` layers of the same clients.
     # NumPy runs with OpenBLAS at one thread, as floe_jax's own LAPACK calls do (`lapack_threads`).
-    fedit_fn, _ = program("fedit", lora)
-    with lapack_threads(1):
-        t_jax, t_np = timeit_alternating(
-            fedit_fn, lambda: numpy_fedit(lora, weights, ranks), repeats=reps, warmup=0
+    for name, downloads, reference in (
+        ("fedit", True, numpy_fedit),
+        ("fedit, round path", False, numpy_fedit_global),
+    ):
+        fedit_fn, _ = program("fedit", lora, downloads=downloads)
+        with lapack_threads(1):
+            t_jax, t_np = timeit_alternating(
+                fedit_fn, lambda ref=reference: ref(lora, weights, ranks), repeats=reps, warmup=0
+            )
+        rows.append(
+            {
+                "rule": f"{name}, interleaved",
+                "floe_jax_s": t_jax,
+                "numpy_s": t_np,
+                "speedup": t_np / t_jax,
+            }
         )
-    rows.append({"rule": "fedit, interleaved", "floe_jax_s": t_jax, "numpy_s": t_np,
-                 "speedup": t_np / t_jax})  # fmt: skip
-    print(rows[-1], flush=True)
+        print(rows[-1], flush=True)  # fmt: skip
     sub = jax.tree.map(lambda x: x[:, :cmp_layers] if x.ndim > 2 else x, lora)
     sub = block(jax.tree.map(jnp.copy, sub))
     flex_fn, _ = program("flexlora", sub)

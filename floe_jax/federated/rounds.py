@@ -361,9 +361,11 @@ def finish_round(
         update_norm=norm_C,
         max_update_norm=fed.max_update_norm,
     )
+    # downloads=False: clients restart from the global adapter (`client_start`), so the
+    # per-client copies of it are never built (an averaging rule then writes 1/C of what it reads).
     agg, rule_state, any_in = aggregate_clusters(
         rule, state.rule_state, trained, weights_C, rank_C, cluster_C, K, key=k_agg,
-        reason=reason_C,
+        reason=reason_C, downloads=False,
     )  # fmt: skip
     included_C = agg.included
     dp_metrics = {}
@@ -384,7 +386,7 @@ def finish_round(
         state,
         global_loras=global_loras,
         base_delta=_fold_base(state.base_delta, agg.base_delta, any_in, fed),
-        personal=_keep_personal(state.personal, agg.client_loras, included_C, ids_C),
+        personal=_keep_personal(state.personal, trained, included_C, ids_C),
         rule_state=rule_state,
         ranks=state.ranks.at[ids_C].set(ranks_after_C),
         round=state.round + 1,
@@ -429,12 +431,13 @@ def _fold_base(base_delta, round_delta, any_in, fed: FedConfig):
     }
 
 
-def _keep_personal(personal, client_loras: LoRA, included_C, ids_C):
-    """Included clients keep the personal factors they trained; the rest keep theirs."""
+def _keep_personal(personal, trained: LoRA, included_C, ids_C):
+    """Included clients keep the personal factors they trained (`Rule.personal`: they stay on
+    the client, so the rule never changes them); the rest keep their previous ones."""
     if personal is None:
         return None
     old = jax.tree.map(lambda v: v[ids_C], personal)
-    new = pick_clients(included_C, {f: getattr(client_loras, f) for f in personal}, old)
+    new = pick_clients(included_C, {f: getattr(trained, f) for f in personal}, old)
     return jax.tree.map(lambda v, n: v.at[ids_C].set(n), personal, new)
 
 
