@@ -150,8 +150,8 @@ def _decode(q, scale, fmt, dtype):
         # which upcasts every bfloat16 array that is sliced or reshaped (a layer scan's slice,
         # the chunks of `_dequantized_dot`) to float32 whole: a float32 copy of the base in a
         # training step (measured: 2.9 GB of temporaries at Qwen2.5-0.5B shapes, 160% of a
-        # float32 base's step). The price: XLA:CPU runs a matmul over this decode up to ~1.3x
-        # slower than over bfloat16-typed codes (README, "Quantized bases").
+        # float32 base's step). A micro-benchmark ran matmuls over this decode up to ~1.3x
+        # slower than over bfloat16-typed codes; real-scale decode did not (README).
         return jax.lax.bitcast_convert_type(q, jnp.bfloat16).astype(dtype)
     if fmt == "int8":
         v = q.astype(dtype)
