@@ -387,3 +387,31 @@ def test_out_under_a_file_is_a_clear_error(tmp_path, capsys, under):
     assert cli.main(["federate", "smoke", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "--out" in err and str(blocker) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("method", ["flora", "fedex"])
+def test_base_folding_rules_refuse_a_quantized_base(tiny_cfg, tmp_path, method):
+    """FLoRA and FedEx-LoRA add an exact dense update to the base weights each round, which a
+    quantized base cannot take: refused before anything trains, and when a round is traced."""
+    from floe_jax import quant
+    from floe_jax.federated.checks import check_base_format
+    from floe_jax.federated.loop import train_federated
+    from floe_jax.federated.rounds import round_step
+    from floe_jax.model import init_params
+
+    params = init_params(tiny_cfg, key=jax.random.key(0))
+    qp = quant.quantize(params, tiny_cfg, quant.QuantConfig(format="int4", group_size=16))
+    fed = FedConfig(num_rounds=1, clients_per_round=2, seq_len=8, lora=LoRAConfig(rank=2),
+                    agg=AggregationConfig(method=method))  # fmt: skip
+    data = client_data(_data(3, vocab=tiny_cfg.vocab_size))
+    want = rf"agg.method='{method}'.*quantized \(int4.*dequantize_params.*fedit"
+    with pytest.raises(ConfigError, match=want):
+        train_federated(qp, data, cfg=tiny_cfg, fed=fed, run_dir=str(tmp_path))
+    assert not (tmp_path / "metrics.jsonl").exists()
+    state = init_server_state(tiny_cfg, fed, ranks=np.full(3, 2))
+    with pytest.raises(ConfigError, match=want):
+        jax.eval_shape(lambda s, p: round_step(s, p, data, cfg=tiny_cfg, fed=fed), state, qp)
+    check_base_format(fed, params)  # a float base is what these rules fold into
+    fedit = dataclasses.replace(fed, agg=AggregationConfig(method="fedit"))
+    state = init_server_state(tiny_cfg, fedit, ranks=np.full(3, 2))
+    jax.eval_shape(lambda s, p: round_step(s, p, data, cfg=tiny_cfg, fed=fedit), state, qp)

@@ -1,7 +1,8 @@
 """Checks of a federated run, each naming the field, client or row: its data and server state
 against its settings, on the host before a round is traced (`check_data`, `check_round`); a
-base-folding rule with more than one cluster (`check_shared_base`, also when a round is planned);
-and why each sampled client was left out of an aggregate (`drop_reasons`).
+base-folding rule with more than one cluster (`check_shared_base`, also when a round is
+planned) or over a quantized base (`check_base_format`, also when a round is traced); and why
+each sampled client was left out of an aggregate (`drop_reasons`).
 """
 
 from __future__ import annotations
@@ -9,12 +10,14 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import jax
 import numpy as np
 
 from floe_jax.config import ConfigError, ModelConfig
 from floe_jax.federated.aggregate import REASONS
 from floe_jax.federated.config import FedConfig
 from floe_jax.federated.types import ClientData, check_token_ids
+from floe_jax.quant import is_quantized
 
 if TYPE_CHECKING:
     from floe_jax.federated.rounds import ServerState
@@ -26,6 +29,30 @@ def check_shared_base(fed: FedConfig, num_clusters: int) -> None:
         raise ConfigError(
             f"FedConfig.agg.method={fed.agg.method!r} folds updates into the base weights, which "
             "the clients of all clusters share; use it with one cluster"
+        )
+
+
+def check_base_format(fed: FedConfig, params: dict) -> None:
+    """A rule that folds updates into the base weights (FLoRA, FedEx-LoRA) needs a float base.
+
+    Their round's update is an exact dense sum added to the weights. Added to a quantized base
+    (`floe_jax.quant`) it would have to be requantized every round, whose rounding is of the
+    order of the update itself (an int4 step is ~1/7 of a group's largest weight), so neither
+    the exactness those rules exist for nor the update would survive; a dense float residual
+    beside the codes would be a float copy of every adapted weight, the memory QLoRA saves.
+    """
+    if fed.agg.rule().init_base is None:
+        return
+    leaves = jax.tree.leaves(params, is_leaf=is_quantized)
+    formats = sorted({w.format for w in leaves if is_quantized(w)})
+    if formats:
+        raise ConfigError(
+            f"FedConfig.agg.method={fed.agg.method!r} folds each round's update into the base "
+            f"weights, and this base is quantized ({', '.join(formats)}: floe_jax.quant): the "
+            "exact update cannot be added to its codes without requantizing it away. Train "
+            "over a float base (floe_jax.quant.dequantize_params) with this rule, or keep the "
+            "quantized base with a rule that leaves the base frozen (fedit, fedavg, hetlora, "
+            "flexlora, fedsa, ffa)"
         )
 
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from floe_jax import checkpoint, sharding
 from floe_jax.config import ModelConfig
-from floe_jax.federated.checks import check_data, check_round, drop_reasons
+from floe_jax.federated.checks import check_base_format, check_data, check_round, drop_reasons
 from floe_jax.federated.cluster import cluster_by_updates
 from floe_jax.federated.config import FedConfig
 from floe_jax.federated.dp import host_metrics as dp_host_metrics
@@ -199,6 +199,7 @@ def train_federated(
     """
     ranks = np.full((data.num_clients,), fed.lora.rank) if ranks is None else ranks
     check_data(fed, data, cfg=cfg, eval_data=eval_data)
+    check_base_format(fed, params)
     fingerprint = run_fingerprint(
         params, data, cfg=cfg, fed=fed, ranks=ranks, assignment=assignment,
         num_clusters=num_clusters, eval_data=eval_data,

@@ -30,7 +30,7 @@ from floe_jax.federated.aggregate import (
     pick_clients,
     screen,
 )
-from floe_jax.federated.checks import check_shared_base
+from floe_jax.federated.checks import check_base_format, check_shared_base
 from floe_jax.federated.client import local_update_clients, token_loss
 from floe_jax.federated.config import FedConfig
 from floe_jax.federated.dp import NOISE_SALT, expected_clients, private_step
@@ -226,6 +226,7 @@ def round_step(
       [C, tensors], `update_norm`, `examples`, `client_loss_sum`, `client_tokens`), and
       `global_finite`; with `fed.dp` enabled also `dp_clipped` (`dp.private_step`).
     """
+    check_base_format(fed, params)  # at trace time: a quantized base under FLoRA / FedEx-LoRA
     plan = plan_round(state, fed, data.num_clients)
     trained, cm = train_sampled(
         effective_params(params, state.base_delta), plan.start, data, plan.ids_C,
