@@ -17,6 +17,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -138,9 +140,73 @@ inline void tile(const float* x, int64_t K, const uint8_t* q, int64_t ldq, const
     }
 }
 
+// 4-bit formats with groups of a multiple of 32: 16 bytes give 32 codes, the even elements'
+// codes in the low nibbles (the table lookup reads an index's low 4 bits only) and the odd ones
+// in the high nibbles, against x de-interleaved per 32 inputs (`xe`: 16 even, then 16 odd). With
+// one or two rows of x, a group's sum is scaled once at its end instead of every weight.
+template <int F, int S, int MT, int R>
+inline void tile4(const float* xe, int64_t K, const uint8_t* q, int64_t ldq, const float* scale,
+                  int64_t G, float* y, int64_t N, int64_t n0) {
+  constexpr bool partial = S == kGroup && MT <= 2;
+  const __m512 table = _mm512_load_ps(F == kINT4 ? kINT4Table : kNF4Table);
+  __m512 acc[MT][R];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  const int64_t groups = S == kGroup ? G : 1;
+  const int64_t gs = K / groups;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 s[R], part[MT][R];
+    if constexpr (S == kGroup)
+      for (int r = 0; r < R; ++r) s[r] = _mm512_set1_ps(scale[(n0 + r) * G + g]);
+    if constexpr (partial)
+      for (int m = 0; m < MT; ++m)
+        for (int r = 0; r < R; ++r) part[m][r] = _mm512_setzero_ps();
+    for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+      __m512 we[R], wo[R];
+      for (int r = 0; r < R; ++r) {
+        const auto* p = reinterpret_cast<const __m128i*>(q + (n0 + r) * ldq + k / 2);
+        const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(p));
+        we[r] = _mm512_permutexvar_ps(b, table);
+        wo[r] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table);
+        if constexpr (S == kGroup && !partial) {
+          we[r] = _mm512_mul_ps(we[r], s[r]);
+          wo[r] = _mm512_mul_ps(wo[r], s[r]);
+        }
+      }
+      for (int m = 0; m < MT; ++m) {
+        const __m512 xa = _mm512_loadu_ps(xe + m * K + k);
+        const __m512 xb = _mm512_loadu_ps(xe + m * K + k + 16);
+        for (int r = 0; r < R; ++r) {
+          __m512& a = partial ? part[m][r] : acc[m][r];
+          a = _mm512_fmadd_ps(xb, wo[r], _mm512_fmadd_ps(xa, we[r], a));
+        }
+      }
+    }
+    if constexpr (partial)
+      for (int m = 0; m < MT; ++m)
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(part[m][r], s[r], acc[m][r]);
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) {
+      float v = _mm512_reduce_add_ps(acc[m][r]);
+      if constexpr (S == kRow) v *= scale[(n0 + r) * G];
+      y[m * N + n0 + r] = v;
+    }
+}
+
 template <int F, int S, int R>
-inline void tile_m(int mt, const float* x, int64_t K, const uint8_t* q, int64_t ldq,
+inline void tile_m(int mt, bool fast4, const float* x, int64_t K, const uint8_t* q, int64_t ldq,
                    const float* scale, int64_t G, float* y, int64_t N, int64_t n0) {
+  if constexpr (F == kINT4 || F == kNF4) {
+    if (fast4) {
+      switch (mt) {
+        case 1: return tile4<F, S, 1, R>(x, K, q, ldq, scale, G, y, N, n0);
+        case 2: return tile4<F, S, 2, R>(x, K, q, ldq, scale, G, y, N, n0);
+        case 3: return tile4<F, S, 3, R>(x, K, q, ldq, scale, G, y, N, n0);
+        default: return tile4<F, S, 4, R>(x, K, q, ldq, scale, G, y, N, n0);
+      }
+    }
+  }
   switch (mt) {
     case 1: return tile<F, S, 1, R>(x, K, q, ldq, scale, G, y, N, n0);
     case 2: return tile<F, S, 2, R>(x, K, q, ldq, scale, G, y, N, n0);
@@ -151,16 +217,16 @@ inline void tile_m(int mt, const float* x, int64_t K, const uint8_t* q, int64_t 
 
 // Output rows [n0, n1) for every row of x.
 template <int F, int S>
-void rows(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq, const float* scale,
-          int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
+void rows(bool fast4, const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq,
+          const float* scale, int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1;) {
     const bool full = n + kRows <= n1;
     for (int64_t m0 = 0; m0 < M; m0 += kXRows) {
       const int mt = int(std::min<int64_t>(kXRows, M - m0));
       if (full)
-        tile_m<F, S, kRows>(mt, x + m0 * K, K, q, ldq, scale, G, y + m0 * N, N, n);
+        tile_m<F, S, kRows>(mt, fast4, x + m0 * K, K, q, ldq, scale, G, y + m0 * N, N, n);
       else
-        tile_m<F, S, 1>(mt, x + m0 * K, K, q, ldq, scale, G, y + m0 * N, N, n);
+        tile_m<F, S, 1>(mt, fast4, x + m0 * K, K, q, ldq, scale, G, y + m0 * N, N, n);
     }
     n += full ? kRows : 1;
   }
@@ -169,8 +235,8 @@ void rows(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq, c
 #else
 
 template <int F, int S>
-void rows(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq, const float* scale,
-          int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
+void rows(bool, const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq,
+          const float* scale, int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
   scalar_rows<F, S>(x, M, K, q, ldq, scale, G, y, N, n0, n1);
 }
 
@@ -182,10 +248,26 @@ void run(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq, co
   // Chunks of whole tiles, one contiguous range per thread; small products stay on one thread.
   const int64_t tiles = (N + kRows - 1) / kRows;
   const bool parallel = N * K >= (int64_t(1) << 18);
+  bool fast4 = false;
+  std::vector<float> xe;
+#ifdef FLOE_QMV_AVX512
+  if constexpr (F == kINT4 || F == kNF4) {
+    fast4 = K % 32 == 0 && (S != kGroup || (K / G) % 32 == 0);
+    if (fast4) {  // x de-interleaved per 32 inputs: the 16 even ones, then the 16 odd ones
+      xe.resize(M * K);
+      for (int64_t i = 0; i < M * K; i += 32)
+        for (int j = 0; j < 16; ++j) {
+          xe[i + j] = x[i + 2 * j];
+          xe[i + 16 + j] = x[i + 2 * j + 1];
+        }
+      x = xe.data();
+    }
+  }
+#endif
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t n0 = t * kRows, n1 = std::min(N, n0 + kRows);
-    rows<F, S>(x, M, K, q, ldq, scale, G, y, N, n0, n1);
+    rows<F, S>(fast4, x, M, K, q, ldq, scale, G, y, N, n0, n1);
   }
 }
 

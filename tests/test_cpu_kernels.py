@@ -33,6 +33,7 @@ CASES = [
     ("int4", 64, 192),
     ("int4", 34, 204),
     ("int4", None, 202),
+    ("nf4", None, 224),
     ("nf4", 32, 192),
     ("nf4", 64, 192),
 ]
@@ -53,7 +54,7 @@ def _close(got, want, rtol=1e-5):
     np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
 
 
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("m", [1, 3, 6, 16])
 @pytest.mark.parametrize(("fmt", "gs", "k"), CASES)
 def test_kernel_equals_dequantized_reference(fmt, gs, k, m):
     qt = _weight(fmt, gs, k)
@@ -177,3 +178,15 @@ def test_failed_build_warns_and_falls_back_to_xla(tmp_path):
     y_line = next(ln for ln in out.stdout.splitlines() if ln.startswith("Y "))
     got, want = json.loads(y_line[2:])
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_bench_qmatvec_quick_runs_and_agrees():
+    from experiments.benchmarks import qmatvec as bench
+
+    rows = bench.run(quick=True)
+    by = {(r["matrix"], r["format"], r["path"]): r for r in rows}
+    assert len(by) == len(bench.SHAPES) * (1 + 2 * len(bench.FORMATS))
+    for (matrix, fmt, path), r in by.items():
+        if path == "kernel":  # the same products as XLA's multiply-reduce, both against float32
+            other = by[(matrix, fmt, "XLA multiply-reduce")]["rel. diff vs float32"]
+            assert abs(r["rel. diff vs float32"] - other) < 1e-4 and r["ms"] > 0
