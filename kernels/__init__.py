@@ -1,4 +1,4 @@
-"""Pallas kernels for floe_jax's hot paths, each beside its pure-jnp reference and a dispatcher.
+"""Kernels for floe_jax's hot paths, each beside its pure-jnp reference and a dispatcher.
 
 - `decode_attention`: one decode step's attention to a KV cache, reading only its filled blocks.
 - `cpu_qmatvec`: a C++ XLA FFI call (CPU only) contracting few rows of activations with a

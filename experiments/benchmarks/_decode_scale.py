@@ -7,7 +7,9 @@ The bound of a format is the bytes one decode step reads (every weight once: cod
 the tied embedding is the head) over the read bandwidth, measured in the same run as the rate of
 float32 matrix-vector products over 512 MB of MLP-shaped matrices (`_bandwidth_probe`).
 Every side (and the bandwidth probe) runs in one alternating loop, so all see the same machine;
-figures are medians.
+figures are medians. On a CPU the quantized sides run the fused matvec kernel
+(`kernels.cpu_qmatvec`) unless FLOE_JAX_CPU_KERNELS=0; the "(XLA m-r)" sides run XLA's
+multiply-reduce in the same loop, and a `matvec` column says which path each side ran.
 """
 
 from __future__ import annotations

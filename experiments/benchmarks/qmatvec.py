@@ -32,7 +32,7 @@ def _quantize(w, fmt, gs):
 
 def run(quick: bool = False) -> list[dict]:
     rows = []
-    repeats = 3 if quick else 10
+    repeats = 3 if quick else 5
     for name, (n, k, copies) in SHAPES.items():
         if quick:
             n, copies = min(n, 2048), min(copies, 2)
