@@ -50,6 +50,10 @@ NF4_CODES = np.array(
 # kernel `kernels.cpu_qmatvec` (unless FLOE_JAX_CPU_KERNELS=0), elsewhere in a multiply-reduce
 # fusion that reads each code once. Wider inputs (prefill, training) dequantize and run a dot.
 SMALL_ROWS = 16
+# On CPUs the kernel also runs inputs of up to this many rows (a short prompt's prefill): it
+# decodes each weight once per 4 rows from cache, which at 32 rows still beat dequantizing the
+# weight for a dot about twofold (`bench qmatvec`'s shapes, README).
+KERNEL_ROWS = 32
 # The largest float copy of one weight a wide matmul makes at once (see `_dequantized_dot`).
 CHUNK_BYTES = 64 * 2**20
 
@@ -199,7 +203,7 @@ def _contract(x, w: QuantizedTensor, out_dtype=None):
     lead, k = x.shape[:-1], x.shape[-1]
     m = int(np.prod(lead)) if lead else 1
     x2 = x.reshape(m, k)
-    if m <= SMALL_ROWS and cpu_qmatvec.available():
+    if m <= KERNEL_ROWS and cpu_qmatvec.available():
         y = _small_rows(x2.astype(jnp.float32), w.q, w.scale, w.format)
     elif m <= SMALL_ROWS:
         y = _multiply_reduce(x2, w.q, w.scale, w.format)
@@ -223,14 +227,20 @@ def _multiply_reduce(x_MK, q, scale, fmt):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _small_rows(x_MK, q, scale, fmt):
-    """`x . decode(q).T` [M, N] for a decode step: the fused C++ kernel on CPUs
-    (`kernels.cpu_qmatvec`), the multiply-reduce elsewhere (one program lowers for every
-    platform). Its gradient wrt x is the multiply-reduce's; the frozen codes get none."""
+    """`x . decode(q).T` [M, N] for a decode step or a short prefill: the fused C++ kernel on
+    CPUs (`kernels.cpu_qmatvec`), elsewhere what `_contract` runs without it (one program lowers
+    for every platform). Its gradient wrt x is that XLA path's; the frozen codes get none."""
     return jax.lax.platform_dependent(
         x_MK, q, scale,
         cpu=lambda x, q, s: cpu_qmatvec.qmatvec(x, q, s, fmt),
-        default=lambda x, q, s: _multiply_reduce(x, q, s, fmt),
+        default=lambda x, q, s: _xla_product(x, q, s, fmt),
     )  # fmt: skip
+
+
+def _xla_product(x_MK, q, scale, fmt):
+    if x_MK.shape[0] <= SMALL_ROWS:
+        return _multiply_reduce(x_MK, q, scale, fmt)
+    return _dequantized_dot(x_MK, q, scale, fmt)
 
 
 def _small_rows_fwd(x_MK, q, scale, fmt):
@@ -239,7 +249,7 @@ def _small_rows_fwd(x_MK, q, scale, fmt):
 
 def _small_rows_bwd(fmt, res, g_MN):
     x_MK, q, scale = res
-    _, vjp = jax.vjp(lambda x: _multiply_reduce(x, q, scale, fmt), x_MK)
+    _, vjp = jax.vjp(lambda x: _xla_product(x, q, scale, fmt), x_MK)
     return (*vjp(g_MN), None, None)
 
 

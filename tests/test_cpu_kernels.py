@@ -63,6 +63,19 @@ def test_kernel_equals_dequantized_reference(fmt, gs, k, m):
     _close(got, _ref(x, qt))
 
 
+def test_short_prefill_runs_the_kernel_and_its_grad_the_dequantized_dot():
+    qt = _weight("int4", 64, 192)
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2, 12, 192)).astype(np.float32)  # 24 rows: past SMALL_ROWS
+    c = rng.normal(size=(2, 12, N)).astype(np.float32)
+    assert quant.SMALL_ROWS < 24 <= quant.KERNEL_ROWS
+    fn = jax.jit(quant.linear)
+    assert "floe_qmatvec" in fn.lower(x, qt).as_text()
+    _close(fn(x, qt), _ref(x, qt))
+    g = jax.jit(jax.grad(lambda x: jnp.sum(quant.linear(x, qt) * c)))(x)
+    _close(g, c.astype(np.float64) @ np.asarray(qt.dequantize(), np.float64).T)
+
+
 def test_threaded_product_over_many_rows_equals_reference():
     qt = _weight("int4", 64, 256, n=1031)  # N * K past the kernel's threading threshold
     x = np.random.default_rng(1).normal(size=(2, 256)).astype(np.float32)
