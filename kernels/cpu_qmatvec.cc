@@ -1,7 +1,7 @@
 // Fused dequantize-matvec for floe_jax's quantized bases on CPUs, an XLA FFI custom call.
 //
 // y[M, N] (float32) = x[M, K] (float32) . decode(q, scale)[N, K]^T, for the formats of
-// floe_jax.quant: bf16 (q bfloat16 [N, K], scale [N, 0]), int8 (q int8 [N, K]), int4 and nf4
+// floe_jax.quant: bf16 (q bfloat16, or its uint16 bit patterns, [N, K], scale [N, 0]), int8 (q int8 [N, K]), int4 and nf4
 // (q uint8 [N, K/2], element 2j in the low nibble of byte j, 2j+1 in the high one), with one
 // float32 scale per group of K/G inputs (scale [N, G]; G = 1 is one scale per output row).
 // Activations stay float32: each weight is decoded to the float32 value the dequantize-then-float
@@ -293,7 +293,9 @@ ffi::Error QMatvecImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ff
     return ffi::Error::InvalidArgument("floe_qmatvec: unknown format code " + std::to_string(fmt));
   const ffi::DataType want[] = {ffi::DataType::BF16, ffi::DataType::S8, ffi::DataType::U8,
                                 ffi::DataType::U8};
-  if (q.element_type() != want[fmt])
+  // bf16 codes come as bfloat16 or as their uint16 bit patterns (floe_jax.quant stores either).
+  const bool bits16 = fmt == kBF16 && q.element_type() == ffi::DataType::U16;
+  if (q.element_type() != want[fmt] && !bits16)
     return ffi::Error::InvalidArgument("floe_qmatvec: q has the wrong dtype for its format");
   const int64_t M = xd[0], K = xd[1], N = qd[0], G = sd[1];
   const bool packed = fmt == kINT4 || fmt == kNF4;
