@@ -1,9 +1,10 @@
 // Fused dequantize-matvec for floe_jax's quantized bases on CPUs, an XLA FFI custom call.
 //
 // y[M, N] (float32) = x[M, K] (float32) . decode(q, scale)[N, K]^T, for the formats of
-// floe_jax.quant: bf16 (q bfloat16, or its uint16 bit patterns, [N, K], scale [N, 0]), int8 (q int8 [N, K]), int4 and nf4
-// (q uint8 [N, K/2], element 2j in the low nibble of byte j, 2j+1 in the high one), with one
-// float32 scale per group of K/G inputs (scale [N, G]; G = 1 is one scale per output row).
+// floe_jax.quant: bf16 (q bfloat16 or its uint16 bit patterns [N, K], scale [N, 0]), int8 (q int8
+// [N, K]), int4 and nf4 (q uint8 [N, K/2], element 2j in the low nibble of byte j, 2j+1 in the
+// high one), with one float32 scale per group of K/G inputs (scale [N, G]; G = 1 is one scale per
+// output row).
 // Activations stay float32: each weight is decoded to the float32 value the dequantize-then-float
 // reference uses (code * scale) and multiply-added in float32, so results equal that reference up
 // to summation order. Each code is read from memory once, whatever M is: rows of weights are
