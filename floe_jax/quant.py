@@ -30,6 +30,7 @@ import numpy as np
 from flax import struct
 
 from floe_jax.config import ConfigError, ModelConfig
+from kernels import cpu_qmatvec
 
 FORMATS = ("bf16", "int8", "int4", "nf4")
 
@@ -44,10 +45,15 @@ NF4_CODES = np.array(
     np.float32,
 )  # fmt: skip
 
-# Activations with at most this many rows (decode steps) contract the weight in a multiply-reduce
-# fusion that reads the codes once; XLA:CPU turns a dot on a converted operand into a full float
-# copy of the weight first. Wider inputs (prefill, training) dequantize and run a dot.
+# Activations with at most this many rows (decode steps) contract the codes without a float copy
+# of the weight (XLA:CPU turns a dot on a converted operand into one): on CPUs in the fused C++
+# kernel `kernels.cpu_qmatvec` (unless FLOE_JAX_CPU_KERNELS=0), elsewhere in a multiply-reduce
+# fusion that reads each code once. Wider inputs (prefill, training) dequantize and run a dot.
 SMALL_ROWS = 16
+# On CPUs the kernel also runs inputs of up to this many rows (a short prompt's prefill): it
+# decodes each weight once per 4 rows from cache, which at 32 rows still beat dequantizing the
+# weight for a dot about twofold (`bench qmatvec`'s shapes, README).
+KERNEL_ROWS = 32
 # The largest float copy of one weight a wide matmul makes at once (see `_dequantized_dot`).
 CHUNK_BYTES = 64 * 2**20
 
@@ -210,21 +216,57 @@ def _contract(x, w: QuantizedTensor, out_dtype=None):
     lead, k = x.shape[:-1], x.shape[-1]
     m = int(np.prod(lead)) if lead else 1
     x2 = x.reshape(m, k)
-    if m <= SMALL_ROWS:
-        # One multiply-reduce fusion reads each code once. A single row is padded to two: XLA
-        # rewrites a one-row multiply-reduce into a dot on a float copy of the weight.
-        xp = jnp.pad(x2, ((0, 1), (0, 0))) if m == 1 else x2
-        per_row = w.format == "int8" and w.scale.shape[-1] == 1
-        if per_row:  # one scale per output: applied after the sum
-            v = w.q.astype(jnp.float32)
-        else:
-            v = _decode(w.q, w.scale, w.format, jnp.float32)
-        y = jnp.sum(xp.astype(jnp.float32)[:, None, :] * v[None], axis=-1)[:m]
-        if per_row:
-            y = y * w.scale[:, 0]
+    if m <= KERNEL_ROWS and cpu_qmatvec.available():
+        y = _small_rows(x2.astype(jnp.float32), w.q, w.scale, w.format)
+    elif m <= SMALL_ROWS:
+        y = _multiply_reduce(x2, w.q, w.scale, w.format)
     else:
         y = _dequantized_dot(x2, w.q, w.scale, w.format)
     return y.astype(out_dtype or x.dtype).reshape(*lead, y.shape[-1])
+
+
+def _multiply_reduce(x_MK, q, scale, fmt):
+    """`x . decode(q).T` [M, N] in one multiply-reduce fusion that reads each code once (XLA's
+    decode-step path; compute-bound on CPUs, where `kernels.cpu_qmatvec` replaces it)."""
+    m = x_MK.shape[0]
+    # A single row is padded to two: XLA rewrites a one-row multiply-reduce into a dot on a float
+    # copy of the weight.
+    xp = jnp.pad(x_MK, ((0, 1), (0, 0))) if m == 1 else x_MK
+    per_row = fmt == "int8" and scale.shape[-1] == 1
+    v = q.astype(jnp.float32) if per_row else _decode(q, scale, fmt, jnp.float32)
+    y = jnp.sum(xp.astype(jnp.float32)[:, None, :] * v[None], axis=-1)[:m]
+    return y * scale[:, 0] if per_row else y  # per row: one scale per output, after the sum
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _small_rows(x_MK, q, scale, fmt):
+    """`x . decode(q).T` [M, N] for a decode step or a short prefill: the fused C++ kernel on
+    CPUs (`kernels.cpu_qmatvec`), elsewhere what `_contract` runs without it (one program lowers
+    for every platform). Its gradient wrt x is that XLA path's; the frozen codes get none."""
+    return jax.lax.platform_dependent(
+        x_MK, q, scale,
+        cpu=lambda x, q, s: cpu_qmatvec.qmatvec(x, q, s, fmt),
+        default=lambda x, q, s: _xla_product(x, q, s, fmt),
+    )  # fmt: skip
+
+
+def _xla_product(x_MK, q, scale, fmt):
+    if x_MK.shape[0] <= SMALL_ROWS:
+        return _multiply_reduce(x_MK, q, scale, fmt)
+    return _dequantized_dot(x_MK, q, scale, fmt)
+
+
+def _small_rows_fwd(x_MK, q, scale, fmt):
+    return _small_rows(x_MK, q, scale, fmt), (x_MK, q, scale)
+
+
+def _small_rows_bwd(fmt, res, g_MN):
+    x_MK, q, scale = res
+    _, vjp = jax.vjp(lambda x: _xla_product(x, q, scale, fmt), x_MK)
+    return (*vjp(g_MN), None, None)
+
+
+_small_rows.defvjp(_small_rows_fwd, _small_rows_bwd)
 
 
 # Rematerialized under autodiff: the backward pass decodes the weight again instead of keeping

@@ -98,7 +98,7 @@ def test_forward_equals_dequantized_reference(name):
     qp = quant.quantize(params, cfg, QCFGS[name])
     ref = quant.dequantize_params(qp)
     assert all(not quant.is_quantized(x) for x in jax.tree.leaves(ref, is_leaf=quant.is_quantized))
-    for toks in (_tokens(2, 13), _tokens(1, 5)):  # a dot (26 rows), a multiply-reduce (5 rows)
+    for toks in (_tokens(3, 13), _tokens(1, 5)):  # a dot (39 rows), a multiply-reduce (5 rows)
         chex.assert_trees_all_close(forward(qp, toks, cfg), forward(ref, toks, cfg), atol=2e-6)
 
 
@@ -203,7 +203,7 @@ def test_chunked_vocabulary_matmul_equals_whole(monkeypatch):
     qp = quant.quantize(_params(cfg), cfg, QCFGS["int8-g32"])
     lora = init_lora(cfg, LoRAConfig(rank=2, alpha=4), key=jax.random.key(2))
     lora = dataclasses.replace(lora, b=jax.tree.map(lambda x: x + 0.01, lora.b))
-    toks = _tokens(2, 12)
+    toks = _tokens(3, 12)  # 36 rows: past quant.KERNEL_ROWS, the dequantizing (chunked) path
     ones = np.ones(toks.shape, np.float32)
 
     def loss(lo):

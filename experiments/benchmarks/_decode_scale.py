@@ -7,11 +7,14 @@ The bound of a format is the bytes one decode step reads (every weight once: cod
 the tied embedding is the head) over the read bandwidth, measured in the same run as the rate of
 float32 matrix-vector products over 512 MB of MLP-shaped matrices (`_bandwidth_probe`).
 Every side (and the bandwidth probe) runs in one alternating loop, so all see the same machine;
-figures are medians.
+figures are medians. On a CPU the quantized sides run the fused matvec kernel
+(`kernels.cpu_qmatvec`) unless FLOE_JAX_CPU_KERNELS=0; the "(XLA m-r)" sides run XLA's
+multiply-reduce in the same loop, and a `matvec` column says which path each side ran.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -23,6 +26,7 @@ import numpy as np
 from experiments.benchmarks._util import machine, print_table, timeit_alternating
 from experiments.profile import MODEL_PRESETS
 from floe_jax.config import ModelConfig
+from kernels import cpu_qmatvec
 
 # Qwen/Qwen2.5-0.5B's config.json shapes (`experiments.profile.MODEL_PRESETS`), in float32: the
 # reference format, cast to each of `FORMATS` by the benchmark.
@@ -49,9 +53,14 @@ def run(
     prompt_len: int = 32,
     new: int | None = None,
     repeats: int | None = None,
+    xla_formats=("int8", "int4"),
+    hf_bf16: bool = True,
 ) -> list[dict]:
     """Times every format at each batch (`new` tokens, `repeats` alternating calls per side;
-    defaults 32 and 5, or 8 and 2 when `quick`) and returns one row per (batch, side)."""
+    defaults 32 and 5, or 8 and 2 when `quick`) and returns one row per (batch, side). The
+    quantized formats run the CPU matvec kernel when it is available (`kernels.cpu_qmatvec`),
+    and `xla_formats` also with XLA's multiply-reduce ("(XLA m-r)" sides); the `matvec` column
+    says which path each side ran. `hf_bf16=False` leaves out transformers' bfloat16 side."""
     import torch
     import transformers
 
@@ -71,8 +80,9 @@ def run(
     with tempfile.TemporaryDirectory() as tmp:
         hf32.save_pretrained(tmp)
         cfg, params = fj.load_hf(tmp)
-    hf16 = transformers.AutoModelForCausalLM.from_config(hc, dtype=torch.bfloat16).eval()
-    hf16.load_state_dict({k: v.to(torch.bfloat16) for k, v in hf32.state_dict().items()})
+    if hf_bf16:  # optional: 1 GB more resident on a small host
+        hf16 = transformers.AutoModelForCausalLM.from_config(hc, dtype=torch.bfloat16).eval()
+        hf16.load_state_dict({k: v.to(torch.bfloat16) for k, v in hf32.state_dict().items()})
     bases = {"float32": params}
     for fmt in FORMATS[1:]:
         bases[fmt] = quant.quantize(params, cfg, quant.QuantConfig(format=fmt))
@@ -88,8 +98,11 @@ def run(
         tokens, mask = ids.astype(np.int32), np.ones_like(ids, np.int32)
         key = jax.random.key(0)
 
-        def fj_side(p, tokens=tokens, mask=mask, key=key):
-            return lambda: np.asarray(gen(p, tokens, mask, cfg, max_new_tokens=new, key=key)[0])
+        def fj_side(p, kernels=True, tokens=tokens, mask=mask, key=key):
+            # Compiled ahead, with the matvec path chosen while tracing (FLOE_JAX_CPU_KERNELS).
+            with _kernels_env(kernels):
+                comp = gen.lower(p, tokens, mask, cfg=cfg, max_new_tokens=new, key=key).compile()
+            return lambda: np.asarray(comp(p, tokens, mask, key=key)[0])
 
         ids_t = torch.from_numpy(ids)
         kw = dict(
@@ -105,7 +118,10 @@ def run(
             return call
 
         sides = {f"floe_jax {f}": fj_side(p) for f, p in bases.items()}
-        sides |= {"transformers float32": hf_side(hf32), "transformers bf16": hf_side(hf16)}
+        sides |= {f"floe_jax {f} (XLA m-r)": fj_side(bases[f], False) for f in xla_formats}
+        sides["transformers float32"] = hf_side(hf32)
+        if hf_bf16:
+            sides["transformers bf16"] = hf_side(hf16)
         sides["bandwidth probe"] = probe
         times = dict(zip(sides, timeit_alternating(*sides.values(), repeats=repeats), strict=True))
         bw = probe_bytes / times.pop("bandwidth probe")
@@ -114,7 +130,7 @@ def run(
         hf_ms = 1e3 * times["transformers float32"] / new
         ref = out["floe_jax float32"]
         for name, sec in times.items():
-            fmt = name.split()[-1]
+            fmt = name.split()[1] if name.startswith("floe_jax") else name.split()[-1]
             ms = 1e3 * sec / new
             row = {
                 "batch": batch,
@@ -123,6 +139,7 @@ def run(
                 "tok/s": batch * new / sec,
                 "× transformers f32": hf_ms / ms,
                 "greedy = floe_jax f32": float((out[name] == ref).mean()),
+                "matvec": _path(name, fmt),
             }
             if name.startswith("floe_jax"):
                 bound = 1e3 * bytes_read[fmt] / bw
@@ -137,6 +154,31 @@ def run(
         f"{machine()}",
     )
     return rows
+
+
+@contextlib.contextmanager
+def _kernels_env(on: bool):
+    """FLOE_JAX_CPU_KERNELS set while tracing (caches cleared: inner jits keep their traces)."""
+    old = os.environ.get(cpu_qmatvec.ENV)
+    os.environ[cpu_qmatvec.ENV] = "1" if on else "0"
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[cpu_qmatvec.ENV]
+        else:
+            os.environ[cpu_qmatvec.ENV] = old
+        jax.clear_caches()
+
+
+def _path(side: str, fmt: str) -> str:
+    if not side.startswith("floe_jax"):
+        return "torch"
+    if fmt == "float32":
+        return "XLA dot"
+    with _kernels_env("(XLA m-r)" not in side):
+        return cpu_qmatvec.path()
 
 
 def small_config() -> ModelConfig:

@@ -1,0 +1,205 @@
+"""The CPU dequantize-matvec kernel (`kernels/cpu_qmatvec`): every format against the
+dequantize-then-float reference, under jit, vmap (batch folded into rows, weights never
+broadcast) and grad; greedy decode with the kernel equals XLA's multiply-reduce path; decode feeds
+it the weight buffers without copies; a failed build warns and falls back."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from floe_jax import quant
+from floe_jax.config import ModelConfig
+from floe_jax.decode import generate, pad_prompts
+from floe_jax.model import forward, init_cache, init_params, unstack_layers
+from kernels import cpu_qmatvec as cq
+
+pytestmark = pytest.mark.skipif(not cq.available(), reason="the CPU kernel did not build")
+
+# (format, group size, K): odd K where groups allow it (scalar tails), groups whose width is not a
+# multiple of 16 (masked tails inside a group), 4-bit groups of 32 and 64, per-row 4-bit scales.
+CASES = [
+    ("bf16", None, 131),
+    ("int8", None, 131),
+    ("int8", 10, 130),
+    ("int4", 32, 192),
+    ("int4", 64, 192),
+    ("int4", 34, 204),
+    ("int4", None, 202),
+    ("nf4", None, 224),
+    ("nf4", 32, 192),
+    ("nf4", 64, 192),
+]
+N = 37  # not a multiple of the kernel's 4-row tiles
+
+
+def _weight(fmt, gs, k, n=N, seed=0):
+    w = np.random.default_rng(seed).normal(size=(k, n)).astype(np.float32)
+    return quant.quantize_matrix(w, fmt, gs, transposed=True)
+
+
+def _ref(x, qt):
+    """float64 x @ dequantize(): the reference up to float32 rounding."""
+    return np.asarray(x, np.float64) @ np.asarray(qt.dequantize(), np.float64)
+
+
+def _close(got, want, rtol=1e-5):
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+@pytest.mark.parametrize("m", [1, 3, 6, 16])
+@pytest.mark.parametrize(("fmt", "gs", "k"), CASES)
+def test_kernel_equals_dequantized_reference(fmt, gs, k, m):
+    qt = _weight(fmt, gs, k)
+    x = np.random.default_rng(m).normal(size=(m, k)).astype(np.float32)
+    got = jax.jit(quant.linear)(x, qt)
+    _close(got, _ref(x, qt))
+
+
+def test_short_prefill_runs_the_kernel_and_its_grad_the_dequantized_dot():
+    qt = _weight("int4", 64, 192)
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2, 12, 192)).astype(np.float32)  # 24 rows: past SMALL_ROWS
+    c = rng.normal(size=(2, 12, N)).astype(np.float32)
+    assert quant.SMALL_ROWS < 24 <= quant.KERNEL_ROWS
+    fn = jax.jit(quant.linear)
+    assert "floe_qmatvec" in fn.lower(x, qt).as_text()
+    _close(fn(x, qt), _ref(x, qt))
+    g = jax.jit(jax.grad(lambda x: jnp.sum(quant.linear(x, qt) * c)))(x)
+    _close(g, c.astype(np.float64) @ np.asarray(qt.dequantize(), np.float64).T)
+
+
+def test_threaded_product_over_many_rows_equals_reference():
+    qt = _weight("int4", 64, 256, n=1031)  # N * K past the kernel's threading threshold
+    x = np.random.default_rng(1).normal(size=(2, 256)).astype(np.float32)
+    _close(jax.jit(cq.qmatvec, static_argnums=3)(x, qt.q, qt.scale, "int4"), _ref(x, qt))
+
+
+def _custom_calls(text):
+    return re.findall(r"stablehlo\.custom_call @floe_qmatvec\(([^)]*)\).*?:\s*\(([^)]*)\)", text)
+
+
+def test_vmap_folds_clients_into_rows_and_never_broadcasts_the_weight():
+    qt = _weight("int8", None, 131)
+    x = np.random.default_rng(2).normal(size=(3, 2, 131)).astype(np.float32)  # 3 clients, 2 rows
+    fn = jax.jit(jax.vmap(quant.linear, in_axes=(0, None)))
+    _close(fn(x, qt), np.stack([_ref(xi, qt) for xi in x]))
+    text = fn.lower(x, qt).as_text()
+    calls = _custom_calls(text)
+    assert len(calls) == 1 and "tensor<6x131xf32>, tensor<37x131xi8>" in calls[0][1], calls
+    assert "broadcast_in_dim" not in text or "x37x131xi8" not in text
+
+
+def test_vmap_over_separate_weights_equals_a_loop():
+    qts = [_weight("nf4", 32, 192, seed=s) for s in range(2)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *qts)
+    x = np.random.default_rng(3).normal(size=(2, 1, 192)).astype(np.float32)
+    got = jax.jit(jax.vmap(quant.linear))(x, stacked)
+    _close(got, np.stack([_ref(xi, q) for xi, q in zip(x, qts, strict=True)]))
+
+
+@pytest.mark.parametrize(("fmt", "gs", "k"), [CASES[2], CASES[4]])
+def test_grad_wrt_x_is_the_dequantized_transpose(fmt, gs, k):
+    qt = _weight(fmt, gs, k)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3, k)).astype(np.float32)
+    c = rng.normal(size=(3, N)).astype(np.float32)
+    g = jax.jit(jax.grad(lambda x: jnp.sum(quant.linear(x, qt) * c)))(x)
+    _close(g, c.astype(np.float64) @ np.asarray(qt.dequantize(), np.float64).T)
+
+
+CFG = ModelConfig(
+    vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+    num_kv_heads=2, tie_word_embeddings=True, model_type="qwen2", qkv_bias=True,
+)  # fmt: skip
+
+
+def _decode(qp, monkeypatch, env):
+    """(greedy tokens of `generate`, logits of a prefill and 3 cached steps, generate's jitted
+    function and arguments), traced afresh with `FLOE_JAX_CPU_KERNELS=env`."""
+    monkeypatch.setenv(cq.ENV, env)
+    jax.clear_caches()  # the switch is read when tracing; inner jitted functions cache traces
+    tokens, mask = pad_prompts([[5, 9, 11, 2], [3, 7]])
+    gen = jax.jit(lambda p, t, m: generate(p, t, m, CFG, max_new_tokens=6, key=jax.random.key(0)))
+    step = jax.jit(lambda p, t, c: forward(p, t, CFG, cache=c))
+    toks = np.random.default_rng(5).integers(0, CFG.vocab_size, (2, 7)).astype(np.int32)
+    logits, cache = step(qp, toks[:, :4], init_cache(CFG, 2, 7))
+    steps = [logits]
+    for t in range(4, 7):
+        logits, cache = step(qp, toks[:, t : t + 1], cache)
+        steps.append(logits)
+    return gen(qp, tokens, mask)[0], np.concatenate(steps, axis=1), gen, (qp, tokens, mask)
+
+
+def test_greedy_decode_with_the_kernel_equals_the_xla_path(monkeypatch):
+    qcfg = quant.QuantConfig(format="nf4", group_size=32)
+    qp = unstack_layers(quant.quantize(init_params(CFG, key=jax.random.key(0)), CFG, qcfg))
+    toks_k, logits_k, gen_k, args = _decode(qp, monkeypatch, "1")
+    # Decode passes each layer's own weight buffers to the kernel: the compiled program copies
+    # or slices no array of a weight's codes' shape (the prefill's wide matmuls decode codes
+    # inside fusions, which is not a copy).
+    hlo = gen_k.lower(*args).compile().as_text()
+    assert 'custom_call_target="floe_qmatvec"' in hlo
+    shapes = {x.q.shape for x in jax.tree.leaves(qp, is_leaf=quant.is_quantized)
+              if quant.is_quantized(x)}  # fmt: skip
+    ops = {op for dims, op in re.findall(r"= u8\[(\d+,\d+)\]\S* (\S+)\(", hlo)
+           if tuple(map(int, dims.split(","))) in shapes}  # fmt: skip
+    assert "parameter" in ops and not ops & {"copy", "copy-start", "slice", "dynamic-slice"}, ops
+    toks_x, logits_x, gen_x, _ = _decode(qp, monkeypatch, "0")
+    assert "floe_qmatvec" not in gen_x.lower(*args).as_text()
+    np.testing.assert_array_equal(toks_k, toks_x)
+    np.testing.assert_allclose(logits_k, logits_x, atol=1e-5)
+
+
+def test_env_switch_rejects_other_values(monkeypatch):
+    monkeypatch.setenv(cq.ENV, "yes")
+    with pytest.raises(ValueError, match=cq.ENV):
+        cq.enabled()
+
+
+def test_build_failure_names_the_command(tmp_path):
+    with pytest.raises(cq.KernelBuildError, match=r"failed \(exit 1\): /bin/false -O3"):
+        cq.build(cxx="/bin/false", cache_dir=tmp_path)
+    assert not list(tmp_path.iterdir())  # no half-written library left behind
+
+
+def test_failed_build_warns_and_falls_back_to_xla(tmp_path):
+    code = textwrap.dedent("""
+        import json, warnings, numpy as np, jax
+        from floe_jax import quant
+        w = np.arange(12, dtype=np.float32).reshape(4, 3)
+        qt = quant.quantize_matrix(w, "int8", None, transposed=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = quant.linear(np.ones((1, 4), np.float32), qt)
+        print("WARN", *[str(c.message) for c in caught])
+        want = np.ones((1, 4)) @ np.asarray(qt.dequantize())
+        print("Y", json.dumps([np.asarray(y).tolist(), want.tolist()]))
+    """)
+    env = {**os.environ, "CXX": "/bin/false", "FLOE_JAX_KERNEL_CACHE": str(tmp_path),
+           "PYTHONPATH": os.getcwd(), "JAX_PLATFORMS": "cpu"}  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "failed (exit 1): /bin/false -O3" in out.stdout and "falls back" in out.stdout
+    y_line = next(ln for ln in out.stdout.splitlines() if ln.startswith("Y "))
+    got, want = json.loads(y_line[2:])
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_bench_qmatvec_quick_runs_and_agrees():
+    from experiments.benchmarks import qmatvec as bench
+
+    rows = bench.run(quick=True)
+    by = {(r["matrix"], r["format"], r["path"]): r for r in rows}
+    assert len(by) == len(bench.SHAPES) * (1 + 2 * len(bench.FORMATS))
+    for (matrix, fmt, path), r in by.items():
+        if path == "kernel":  # the same products as XLA's multiply-reduce, both against float32
+            other = by[(matrix, fmt, "XLA multiply-reduce")]["rel. diff vs float32"]
+            assert abs(r["rel. diff vs float32"] - other) < 1e-4 and r["ms"] > 0
