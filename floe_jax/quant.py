@@ -216,8 +216,8 @@ def _contract(x, w: QuantizedTensor, out_dtype=None):
     lead, k = x.shape[:-1], x.shape[-1]
     m = int(np.prod(lead)) if lead else 1
     x2 = x.reshape(m, k)
-    if m <= KERNEL_ROWS and cpu_qmatvec.available():
-        y = _small_rows(x2.astype(jnp.float32), w.q, w.scale, w.format)
+    if m <= KERNEL_ROWS and jax.default_backend() == "cpu" and cpu_qmatvec.available():
+        y = _small_rows(x2, w.q, w.scale, w.format)
     elif m <= SMALL_ROWS:
         y = _multiply_reduce(x2, w.q, w.scale, w.format)
     else:
@@ -241,11 +241,12 @@ def _multiply_reduce(x_MK, q, scale, fmt):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _small_rows(x_MK, q, scale, fmt):
     """`x . decode(q).T` [M, N] for a decode step or a short prefill: the fused C++ kernel on
-    CPUs (`kernels.cpu_qmatvec`), elsewhere what `_contract` runs without it (one program lowers
-    for every platform). Its gradient wrt x is that XLA path's; the frozen codes get none."""
+    CPUs (`kernels.cpu_qmatvec`), elsewhere what `_contract` runs without it, on `x` as it is
+    (one program lowers for every platform). Its gradient wrt x is that XLA path's; the frozen
+    codes get none. Reverse mode only: a `custom_vjp` has no forward-mode (`jax.jvp`) rule."""
     return jax.lax.platform_dependent(
         x_MK, q, scale,
-        cpu=lambda x, q, s: cpu_qmatvec.qmatvec(x, q, s, fmt),
+        cpu=lambda x, q, s: cpu_qmatvec.qmatvec(x.astype(jnp.float32), q, s, fmt),
         default=lambda x, q, s: _xla_product(x, q, s, fmt),
     )  # fmt: skip
 

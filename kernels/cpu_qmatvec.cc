@@ -294,7 +294,7 @@ ffi::Error QMatvecImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ff
     return ffi::Error::InvalidArgument("floe_qmatvec: unknown format code " + std::to_string(fmt));
   const ffi::DataType want[] = {ffi::DataType::BF16, ffi::DataType::S8, ffi::DataType::U8,
                                 ffi::DataType::U8};
-  // bf16 codes come as bfloat16 or as their uint16 bit patterns (floe_jax.quant stores either).
+  // bf16 codes come as bfloat16 or as their uint16 bit patterns (floe_jax.quant stores uint16; bfloat16 codes built by hand are taken too).
   const bool bits16 = fmt == kBF16 && q.element_type() == ffi::DataType::U16;
   if (q.element_type() != want[fmt] && !bits16)
     return ffi::Error::InvalidArgument("floe_qmatvec: q has the wrong dtype for its format");

@@ -120,10 +120,21 @@ def _register() -> str | None:
     return None
 
 
+# The kernel's vector path needs these (`cpu_qmatvec.cc`); without them it compiles a scalar loop
+# that is slower than XLA's vectorized multiply-reduce, so it is not used.
+VECTOR_FLAGS = ("avx512f", "avx512bw", "avx512vl")
+
+
+def vectorized() -> bool:
+    """Whether this CPU has the instructions of the kernel's vector path (`VECTOR_FLAGS`)."""
+    return set(VECTOR_FLAGS) <= set(_cpu_flags().split())
+
+
 def available() -> bool:
-    """Whether the kernel is enabled and registered (built at the first call). A failed build
-    warns once, naming the compiler command and its stderr, and leaves XLA's path to run."""
-    if not enabled():
+    """Whether the kernel is enabled, this CPU runs its vector path, and it is registered (built
+    at the first call). A failed build warns once, naming the compiler command and its stderr,
+    and leaves XLA's path to run."""
+    if not enabled() or not vectorized():
         return False
     error = _register()
     if error is not None:
@@ -141,6 +152,8 @@ def path() -> str:
     """The matvec path a decode step on the CPU takes now (benchmarks print it)."""
     if not enabled():
         return f"XLA multiply-reduce ({ENV}=0)"
+    if not vectorized():
+        return f"XLA multiply-reduce (this CPU lacks {'/'.join(VECTOR_FLAGS)})"
     return "floe_qmatvec kernel" if _register() is None else "XLA multiply-reduce (build failed)"
 
 

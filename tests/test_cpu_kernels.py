@@ -21,7 +21,8 @@ from floe_jax.decode import generate, pad_prompts
 from floe_jax.model import forward, init_cache, init_params, unstack_layers
 from kernels import cpu_qmatvec as cq
 
-pytestmark = pytest.mark.skipif(not cq.available(), reason="the CPU kernel did not build")
+# The kernel's own tests; the switch, build-failure and XLA-path tests run without it.
+needs_kernel = pytest.mark.skipif(not cq.available(), reason="the CPU kernel is not available")
 
 # (format, group size, K): odd K where groups allow it (scalar tails), groups whose width is not a
 # multiple of 16 (masked tails inside a group), 4-bit groups of 32 and 64, per-row 4-bit scales.
@@ -54,6 +55,7 @@ def _close(got, want, rtol=1e-5):
     np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
 
 
+@needs_kernel
 @pytest.mark.parametrize("m", [1, 3, 6, 16])
 @pytest.mark.parametrize(("fmt", "gs", "k"), CASES)
 def test_kernel_equals_dequantized_reference(fmt, gs, k, m):
@@ -63,6 +65,7 @@ def test_kernel_equals_dequantized_reference(fmt, gs, k, m):
     _close(got, _ref(x, qt))
 
 
+@needs_kernel
 def test_short_prefill_runs_the_kernel_and_its_grad_the_dequantized_dot():
     qt = _weight("int4", 64, 192)
     rng = np.random.default_rng(6)
@@ -76,6 +79,7 @@ def test_short_prefill_runs_the_kernel_and_its_grad_the_dequantized_dot():
     _close(g, c.astype(np.float64) @ np.asarray(qt.dequantize(), np.float64).T)
 
 
+@needs_kernel
 def test_threaded_product_over_many_rows_equals_reference():
     qt = _weight("int4", 64, 256, n=1031)  # N * K past the kernel's threading threshold
     x = np.random.default_rng(1).normal(size=(2, 256)).astype(np.float32)
@@ -86,6 +90,7 @@ def _custom_calls(text):
     return re.findall(r"stablehlo\.custom_call @floe_qmatvec\(([^)]*)\).*?:\s*\(([^)]*)\)", text)
 
 
+@needs_kernel
 def test_vmap_folds_clients_into_rows_and_never_broadcasts_the_weight():
     qt = _weight("int8", None, 131)
     x = np.random.default_rng(2).normal(size=(3, 2, 131)).astype(np.float32)  # 3 clients, 2 rows
@@ -97,6 +102,7 @@ def test_vmap_folds_clients_into_rows_and_never_broadcasts_the_weight():
     assert "broadcast_in_dim" not in text or "x37x131xi8" not in text
 
 
+@needs_kernel
 def test_vmap_over_separate_weights_equals_a_loop():
     qts = [_weight("nf4", 32, 192, seed=s) for s in range(2)]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *qts)
@@ -105,6 +111,7 @@ def test_vmap_over_separate_weights_equals_a_loop():
     _close(got, np.stack([_ref(xi, q) for xi, q in zip(x, qts, strict=True)]))
 
 
+@needs_kernel
 @pytest.mark.parametrize(("fmt", "gs", "k"), [CASES[2], CASES[4]])
 def test_grad_wrt_x_is_the_dequantized_transpose(fmt, gs, k):
     qt = _weight(fmt, gs, k)
@@ -138,6 +145,7 @@ def _decode(qp, monkeypatch, env):
     return gen(qp, tokens, mask)[0], np.concatenate(steps, axis=1), gen, (qp, tokens, mask)
 
 
+@needs_kernel
 def test_greedy_decode_with_the_kernel_equals_the_xla_path(monkeypatch):
     qcfg = quant.QuantConfig(format="nf4", group_size=32)
     qp = unstack_layers(quant.quantize(init_params(CFG, key=jax.random.key(0)), CFG, qcfg))
@@ -156,6 +164,26 @@ def test_greedy_decode_with_the_kernel_equals_the_xla_path(monkeypatch):
     assert "floe_qmatvec" not in gen_x.lower(*args).as_text()
     np.testing.assert_array_equal(toks_k, toks_x)
     np.testing.assert_allclose(logits_k, logits_x, atol=1e-5)
+
+
+@pytest.mark.parametrize(("fmt", "gs", "k"), CASES)
+def test_xla_multiply_reduce_equals_dequantized_reference(fmt, gs, k):
+    """The path GPUs, TPUs and CPUs without the kernel take for a decode step."""
+    qt = _weight(fmt, gs, k)
+    for m in (1, 5):
+        x = np.random.default_rng(m).normal(size=(m, k)).astype(np.float32)
+        got = jax.jit(quant._multiply_reduce, static_argnums=3)(x, qt.q, qt.scale, fmt)
+        _close(np.asarray(got), _ref(x, qt))
+
+
+def test_a_cpu_without_the_vector_instructions_keeps_xla(monkeypatch):
+    """The kernel's scalar fallback is slower than XLA's vectorized multiply-reduce: a CPU
+    without AVX-512 F/BW/VL never selects it, and `path()` says why."""
+    monkeypatch.setattr(cq, "_cpu_flags", lambda: "flags : fpu sse2 avx avx2 fma avx512f")
+    assert not cq.vectorized() and not cq.available()
+    assert "lacks avx512f/avx512bw/avx512vl" in cq.path()
+    monkeypatch.setattr(cq, "_cpu_flags", lambda: "flags : avx2 avx512f avx512bw avx512vl")
+    assert cq.vectorized()
 
 
 def test_env_switch_rejects_other_values(monkeypatch):
@@ -193,6 +221,7 @@ def test_failed_build_warns_and_falls_back_to_xla(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+@needs_kernel
 def test_bench_qmatvec_quick_runs_and_agrees():
     from experiments.benchmarks import qmatvec as bench
 

@@ -244,6 +244,7 @@ def test_generate_over_a_quantized_base_lowers(monkeypatch, kernel_cfg, kernel_p
         key=jax.random.key(0), lora=lora,
     )  # fmt: skip
     assert "func.func public @main" in text
+    assert "floe_qmatvec" not in text  # the CPU kernel stays out of an accelerator's program
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)

@@ -98,7 +98,8 @@ def test_forward_equals_dequantized_reference(name):
     qp = quant.quantize(params, cfg, QCFGS[name])
     ref = quant.dequantize_params(qp)
     assert all(not quant.is_quantized(x) for x in jax.tree.leaves(ref, is_leaf=quant.is_quantized))
-    for toks in (_tokens(3, 13), _tokens(1, 5)):  # a dot (39 rows), a multiply-reduce (5 rows)
+    for toks in (_tokens(3, 13), _tokens(1, 5)):  # a dot (39 rows); 5 rows: the CPU kernel
+        # where it builds, else a multiply-reduce (test_cpu_kernels checks both against this)
         chex.assert_trees_all_close(forward(qp, toks, cfg), forward(ref, toks, cfg), atol=2e-6)
 
 
@@ -227,9 +228,9 @@ def test_qlora_step_decodes_no_float_copy_of_the_base():
     lora = jax.eval_shape(
         lambda: init_lora(cfg, LoRAConfig(rank=2, alpha=4), key=jax.random.key(0))
     )
-    # 32 rows: above quant.SMALL_ROWS, the matmuls of a training batch (decode's few rows take a
-    # multiply-reduce whose backward is not what this test is about)
-    spec = lambda dt: jax.ShapeDtypeStruct((3, 1, 32), dt)  # noqa: E731
+    # 40 rows: above quant.KERNEL_ROWS, the dequantizing matmuls of a training batch (decode's
+    # few rows take the CPU kernel or a multiply-reduce, not what this test is about)
+    spec = lambda dt: jax.ShapeDtypeStruct((3, 1, 40), dt)  # noqa: E731
     batches = {"tokens": spec(jnp.int32), "mask": spec(jnp.float32), "loss_mask": spec(jnp.float32)}
     opt = make_optimizer("sgd", lr=0.1)
     mem = lambda p: client_memory_bytes(p, lora, batches, cfg=cfg, opt=opt)  # noqa: E731

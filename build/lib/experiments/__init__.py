@@ -1,0 +1,1 @@
+"""`python -m experiments`: presets, runs, benchmarks and reports built on floe_jax."""

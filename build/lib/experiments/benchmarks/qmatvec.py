@@ -1,0 +1,73 @@
+"""`python -m experiments bench qmatvec`: the CPU quantized matvec kernel
+(`kernels/cpu_qmatvec`) against XLA's multiply-reduce (`floe_jax.quant._multiply_reduce`, the
+path with FLOE_JAX_CPU_KERNELS=0) and a float32 product, on Qwen2.5-0.5B's matrix shapes.
+
+One row of x (a decode step at batch 1) against `COPIES` separate [4864, 896] MLP matrices (one
+per layer, so they do not fit the cache, as in a decode step) and against the [151936, 896]
+vocabulary matrix. GB/s is the bytes of codes and scales read over the time; the float32 rate
+of the MLP matrices is the machine's read bandwidth the others compare with. Every side runs in
+one alternating loop; medians.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.benchmarks._util import machine, print_table, timeit_alternating
+from floe_jax import quant
+from kernels import cpu_qmatvec
+
+SHAPES = {"mlp [4864, 896] x24": (4864, 896, 24), "vocab [151936, 896]": (151936, 896, 1)}
+FORMATS = (("bf16", None), ("int8", None), ("int4", 64), ("nf4", 64))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize(w, fmt, gs):
+    return quant.quantize_matrix(w, fmt, gs, transposed=False)  # jitted: NF4's argmin fuses
+
+
+def run(quick: bool = False) -> list[dict]:
+    rows = []
+    repeats = 3 if quick else 5
+    for name, (n, k, copies) in SHAPES.items():
+        if quick:
+            n, copies = min(n, 2048), min(copies, 2)
+        rng = np.random.default_rng(0)
+        ws = [jnp.asarray(rng.normal(size=(n, k)), jnp.float32) for _ in range(copies)]
+        x = jnp.asarray(rng.normal(size=(1, k)), jnp.float32)
+        f32 = jax.jit(lambda x, ws: [jnp.einsum("mk,nk->mn", x, w) for w in ws])
+        sides = {("float32", "XLA dot"): (f32, ws, 4 * n * k * copies)}
+        for fmt, gs in FORMATS:
+            qs = [_quantize(w, fmt, gs) for w in ws]
+            nbytes = sum(q.nbytes for q in qs)
+            ker = jax.jit(lambda x, qs, fmt=fmt: [cpu_qmatvec.qmatvec(x, q.q, q.scale, fmt)
+                                                  for q in qs])  # fmt: skip
+            xla = jax.jit(lambda x, qs, fmt=fmt: [quant._multiply_reduce(x, q.q, q.scale, fmt)
+                                                  for q in qs])  # fmt: skip
+            sides[(fmt, "kernel")] = (ker, qs, nbytes)
+            sides[(fmt, "XLA multiply-reduce")] = (xla, qs, nbytes)
+        del ws
+        calls = [lambda f=f, a=a, x=x: jax.block_until_ready(f(x, a)) for f, a, _ in sides.values()]
+        want = np.asarray(sides[("float32", "XLA dot")][0](x, sides[("float32", "XLA dot")][1])[0])
+        times = timeit_alternating(*calls, repeats=repeats)
+        bw = sides[("float32", "XLA dot")][2] / times[0]
+        for ((fmt, path), (f, a, nbytes)), t in zip(sides.items(), times, strict=True):
+            got = np.asarray(f(x, a)[0])
+            rows.append(
+                {
+                    "matrix": name,
+                    "format": fmt,
+                    "path": path,
+                    "ms": 1e3 * t,
+                    "MB read": nbytes / 1e6,
+                    "GB/s": nbytes / t / 1e9,
+                    "% of float32's GB/s": 100 * nbytes / t / bw,
+                    "rel. diff vs float32": float(np.abs(got - want).max() / np.abs(want).max()),
+                }
+            )
+    print_table(rows, title=f"bench qmatvec: quantized matvec, 1 row — {machine()}")
+    return rows

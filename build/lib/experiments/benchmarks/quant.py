@@ -1,0 +1,147 @@
+"""`python -m experiments bench quant`: what weight-only quantization (`floe_jax.quant`) costs
+in quality, and what it saves in a QLoRA client's memory.
+
+Quality: a small Llama (hidden 256, 4 layers, vocab 768) pretrained here on the embedded
+benchmark's public corpus, its last documents held out. For each format against the float32
+model: the largest and mean absolute logit difference on held-out windows, greedy agreement over
+64-token continuations of held-out prompts (the share of positions where both pick the same
+token; one early flip counts against every later token), the share of held-out positions whose
+argmax equals float32's given the same text (teacher-forced: no cascade), and held-out
+perplexity. int8 is measured per output channel (the default) and in groups of 32 (llama.cpp
+Q8_0's block) and 64 inputs; groups of 128 do not divide this model's FFN width (704).
+
+Memory: one client's `local_update` (LoRA rank 8 on q/v, 2 steps of batch 1 x 128 tokens) at
+Qwen2.5-0.5B's shapes, from XLA's compiled memory analysis (`client_memory_bytes`, nothing
+allocated), for a float32 base and each quantized base (QLoRA), as a share of float32's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.benchmarks._util import machine, print_table
+
+FORMATS = ("bf16", "int8", "int4", "nf4")
+# The quality table's rows: (label, QuantConfig arguments).
+QUALITY_ROWS = (
+    ("bf16", {"format": "bf16"}),
+    ("int8 (per channel)", {"format": "int8"}),
+    ("int8 (groups of 32)", {"format": "int8", "group_size": 32}),
+    ("int8 (groups of 64)", {"format": "int8", "group_size": 64}),
+    ("int4 (groups of 64)", {"format": "int4"}),
+    ("nf4 (groups of 64)", {"format": "nf4"}),
+)
+
+
+def quality_rows(quick: bool = False) -> list[dict]:
+    from floe_jax import quant
+    from floe_jax.config import ModelConfig
+    from floe_jax.data.benchmark import make_benchmark
+    from floe_jax.data.tokenizer import benchmark_tokenizers, encode_docs
+    from floe_jax.decode import generate
+    from floe_jax.loss import token_loss
+    from floe_jax.pretrain import PretrainConfig, pretrain
+
+    bench = make_benchmark()
+    tok = benchmark_tokenizers(bench)[0]  # the edge tokenizer (768 tokens)
+    docs = list(bench.public_docs)
+    held = docs[-64:]
+    cfg = ModelConfig(
+        vocab_size=len(tok), hidden_size=256, intermediate_size=704, num_layers=4, num_heads=8,
+        num_kv_heads=4, tie_word_embeddings=False,
+    )  # fmt: skip
+    stream = np.asarray(encode_docs(tok, docs[:-64]), np.int32)
+    tcfg = PretrainConfig(steps=60 if quick else 300, batch_size=16, seq_len=128)
+    params, _ = pretrain(cfg, stream, tcfg, progress=False)
+
+    held_stream = np.asarray(encode_docs(tok, held), np.int32)
+    T = 128
+    n = min(16, len(held_stream) // (T + 1))
+    win = held_stream[: n * T].reshape(n, T)
+    ones = np.ones_like(win, np.float32)
+    loss = jax.jit(lambda p: token_loss(p, None, win, ones, ones, cfg=cfg))
+    logits = jax.jit(lambda p: jax.nn.log_softmax(_fwd(p, win, cfg)))
+    prompts = held_stream[: 8 * 64].reshape(8, 64)[:, :16]  # 16-token prompts of held-out text
+    gen = jax.jit(generate, static_argnames=("cfg", "max_new_tokens"))
+
+    def cont(p):
+        out = gen(p, prompts, np.ones_like(prompts), cfg, max_new_tokens=64, key=jax.random.key(0))
+        return np.asarray(out[0])
+
+    ref_logits, ref_cont = np.asarray(logits(params)), cont(params)
+    s, c = loss(params)
+    rows = [{"format": "float32", "held-out ppl": float(np.exp(s / c)), "greedy agreement": 1.0,
+             "argmax = f32 (teacher-forced)": 1.0}]  # fmt: skip
+    for label, kw in QUALITY_ROWS:
+        qp = quant.quantize(params, cfg, quant.QuantConfig(**kw))
+        q_logits = np.asarray(logits(qp))
+        d = np.abs(q_logits - ref_logits)
+        s, c = loss(qp)
+        rows.append(
+            {
+                "format": label,
+                "held-out ppl": float(np.exp(s / c)),
+                "greedy agreement": float((cont(qp) == ref_cont).mean()),
+                "argmax = f32 (teacher-forced)": float(
+                    (q_logits.argmax(-1) == ref_logits.argmax(-1)).mean()
+                ),
+                "max |Δ log p|": float(d.max()),
+                "mean |Δ log p|": float(d.mean()),
+                "weights MB": quant.param_bytes(qp) / 1e6,
+            }
+        )
+    rows[0]["weights MB"] = quant.param_bytes(params) / 1e6
+    ppl0 = rows[0]["held-out ppl"]
+    for r in rows:
+        r["Δ ppl %"] = 100 * (r["held-out ppl"] / ppl0 - 1)
+    return rows
+
+
+def _fwd(p, tokens, cfg):
+    from floe_jax.model import forward
+
+    return forward(p, tokens, cfg)
+
+
+def memory_rows(num_layers: int | None = None) -> list[dict]:
+    from experiments.benchmarks._decode_scale import QWEN25_05B
+    from floe_jax import quant
+    from floe_jax.config import LoRAConfig
+    from floe_jax.federated.client import client_memory_bytes, make_optimizer
+    from floe_jax.lora import init_lora
+    from floe_jax.model import init_params
+
+    cfg = QWEN25_05B
+    if num_layers is not None:
+        cfg = dataclasses.replace(cfg, num_layers=num_layers)
+    base = jax.eval_shape(lambda: init_params(cfg, key=jax.random.key(0)))
+    lcfg = LoRAConfig(rank=8, alpha=16, targets=("q_proj", "v_proj"))
+    lora = jax.eval_shape(lambda: init_lora(cfg, lcfg, key=jax.random.key(0)))
+    spec = lambda dt: jax.ShapeDtypeStruct((2, 1, 128), dt)  # noqa: E731
+    batches = {"tokens": spec(jnp.int32), "mask": spec(jnp.float32), "loss_mask": spec(jnp.float32)}
+    opt = make_optimizer("adamw", lr=1e-4)
+    rows = []
+    for fmt in ("float32", *FORMATS):
+        p = base
+        if fmt != "float32":
+            qcfg = quant.QuantConfig(format=fmt)
+            p = jax.eval_shape(lambda b, q=qcfg: quant.quantize(b, cfg, q), base)
+        m = client_memory_bytes(p, lora, batches, cfg=cfg, opt=opt)
+        rows.append({"base": fmt, **{k: v / 2**20 for k, v in m.items()}})
+    for r in rows:
+        r["share of float32 %"] = 100 * r["total"] / rows[0]["total"]
+    return rows
+
+
+def run(quick: bool = False) -> list[dict]:
+    q = quality_rows(quick)
+    print_table(q, title=f"bench quant: quality against float32 (pretrained Llama 256x4) — "
+                f"{machine()}")  # fmt: skip
+    m = memory_rows(num_layers=2 if quick else None)
+    print_table(m, title="bench quant: one QLoRA client's compiled memory (MiB), Qwen2.5-0.5B "
+                "shapes" + (" (2 layers)" if quick else ""))  # fmt: skip
+    return q + m

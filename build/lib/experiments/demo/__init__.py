@@ -1,0 +1,71 @@
+"""The embedded Floe demo end to end: pretrain, federate, evaluate, report.
+
+`run_demo(preset, run_dir)` is `run_federate` then `run_evaluate` on one run folder. One module
+per stage (the package re-exports their public names, but not the functions named like their
+modules: `experiments.demo.setup` is the module, `experiments.demo.setup.setup` its function):
+
+- `setup`: tokenizer + pretrained base models (cached, `calibrate.prepare`) or a real-model
+  preset's checkpoints, chat-templated prompts, stop ids and Dirichlet-split data (`setup_real`);
+  one device profile per client (cycling `fed.devices`) and its LoRA rank from
+  `floe_jax.devices.assign_ranks`; each client's private examples as `ClientData`.
+- `federate`: federated rounds for Floe (`fed.rounds`: clustered by client updates) and for each
+  unclustered baseline in `fed.baselines`; each run writes `run_dir/fed/<name>/`.
+- `methods`: the compared methods and their stable ids.
+- `cloud`: the black-box cloud (serve-cloud over loopback, or in-process) and the span recorder.
+- `evaluate`: every method answers the same test queries, each behind its client's privacy
+  guard, with a recorder in front of the cloud checking every request for private spans;
+  `oracle`: the token oracle.
+- `report`: `report.md` and plots.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from experiments.demo.cloud import CloudEndpoint, SpanRecorder
+from experiments.demo.evaluate import energy_table, run_evaluate
+from experiments.demo.federate import run_federate, write_config
+from experiments.demo.methods import Method, methods
+from experiments.demo.report import QTYPES, format_report, plots
+from experiments.demo.setup import Setup, client_ranks, private_data, setup_real
+from experiments.presets import FLOE, DemoPreset
+from experiments.real_presets import RealPreset
+
+__all__ = [
+    "FLOE",
+    "CloudEndpoint",
+    "Method",
+    "QTYPES",
+    "Setup",
+    "SpanRecorder",
+    "client_ranks",
+    "energy_table",
+    "format_report",
+    "methods",
+    "plots",
+    "private_data",
+    "run_demo",
+    "run_evaluate",
+    "run_federate",
+    "setup_real",
+    "write_config",
+]
+
+
+def run_demo(
+    preset: DemoPreset | RealPreset, run_dir: str, *, progress: bool = True, restart: bool = False
+) -> dict:
+    """The whole demo into `run_dir`: pretraining (cached), federated rounds, evaluation, report.
+    `restart` clears federated runs in `run_dir` that were trained with other settings."""
+    t0 = time.perf_counter()
+    times = {}
+    run_federate(preset, run_dir, progress=progress, restart=restart)
+    times["pretrain + federate"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    result = run_evaluate(preset, run_dir, progress=progress)
+    times["evaluate"] = time.perf_counter() - t1
+    times["total"] = time.perf_counter() - t0
+    result["times"] = times
+    Path(run_dir, "report.md").write_text(format_report(result))
+    return result

@@ -1,0 +1,401 @@
+"""Weight-only quantized bases: bfloat16, int8 and int4 / NF4 weights that `forward`, cached and
+fused decode and LoRA training take in place of float ones.
+
+Formats (`QuantConfig`): `bf16` (a cast); `int8`, symmetric, one scale per output channel (or per
+group of `group_size` inputs); `int4`, symmetric, one scale per group of `group_size` inputs
+(GPTQ / llama.cpp Q4_0-style); `nf4`, QLoRA's 4-bit NormalFloat codes with an absmax scale per
+group (Dettmers et al., 2023, "QLoRA: Efficient Finetuning of Quantized LLMs").
+
+`quantize(params, cfg, qcfg)` replaces every projection weight and the vocabulary matrices
+(`embed`, `lm_head`) by a `QuantizedTensor`, a pytree whose codes are stored `[..., N, K]`, the
+contracted axis K last and grouped (the row-major block layout GGUF and llama.cpp use). Norms
+and biases stay float. The matmuls dequantize inside the compiled step (`linear`, `linear_t`,
+`take_rows`): no float copy of the weights is kept between steps.
+
+Why not a library: qwix rewrites Flax modules by intercepting their calls and aqtp injects
+quantized `dot_general`s through configured Flax layers; floe_jax's model is pure functions over
+a params pytree, and STYLE rules out interception, so the small quantizer lives here.
+
+Shapes: M rows of activations, K contracted width, N outputs, G = K / group_size groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from floe_jax.config import ConfigError, ModelConfig
+from kernels import cpu_qmatvec
+
+FORMATS = ("bf16", "int8", "int4", "nf4")
+
+# QLoRA's NF4 code book: quantiles of N(0, 1) scaled to [-1, 1], with an exact zero.
+NF4_CODES = np.array(
+    [
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    ],
+    np.float32,
+)  # fmt: skip
+
+# Activations with at most this many rows (decode steps) contract the codes without a float copy
+# of the weight (XLA:CPU turns a dot on a converted operand into one): on CPUs in the fused C++
+# kernel `kernels.cpu_qmatvec` (unless FLOE_JAX_CPU_KERNELS=0), elsewhere in a multiply-reduce
+# fusion that reads each code once. Wider inputs (prefill, training) dequantize and run a dot.
+SMALL_ROWS = 16
+# On CPUs the kernel also runs inputs of up to this many rows (a short prompt's prefill): it
+# decodes each weight once per 4 rows from cache, which at 32 rows still beat dequantizing the
+# weight for a dot about twofold (`bench qmatvec`'s shapes, README).
+KERNEL_ROWS = 32
+# The largest float copy of one weight a wide matmul makes at once (see `_dequantized_dot`).
+CHUNK_BYTES = 64 * 2**20
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """How a base is quantized.
+
+    Attributes:
+      format: `"bf16"`, `"int8"`, `"int4"` or `"nf4"`.
+      group_size: inputs sharing one scale (4-bit: required, default 64; int8: None is one
+        scale per output channel).
+      embeddings: also quantize `embed` and `lm_head` (the largest matrices of a small model).
+    """
+
+    format: str = "int8"
+    group_size: int | None = None
+    embeddings: bool = True
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ConfigError(f"QuantConfig.format={self.format!r} is not one of {FORMATS}")
+        if self.group_size is not None and self.group_size <= 0:
+            raise ConfigError(f"QuantConfig.group_size must be positive, got {self.group_size}")
+        if self.group_size is not None and self.group_size % 2:
+            raise ConfigError(f"QuantConfig.group_size must be even, got {self.group_size}")
+        if self.format == "bf16" and self.group_size is not None:
+            raise ConfigError("QuantConfig.group_size does not apply to format='bf16'")
+
+    @property
+    def groups(self) -> int | None:
+        """The effective group size (None: one group per row)."""
+        if self.format in ("int4", "nf4"):
+            return self.group_size or 64
+        return self.group_size
+
+
+@struct.dataclass
+class QuantizedTensor:
+    """A quantized matrix (or a stack of them on leading axes).
+
+    Attributes:
+      q: codes [..., N, K] (`bf16`: uint16, the bit patterns of bfloat16 values; `int8`: int8;
+        `int4`/`nf4`: uint8 holding
+        two 4-bit codes, element 2j in the low nibble and 2j+1 in the high one: [..., N, K/2]).
+      scale: float32 [..., N, G] (`bf16`: [..., N, 0], unused).
+      format: as in `QuantConfig` (static).
+      transposed: the logical matrix is the storage transposed ([..., K, N], a projection's
+        [in, out]) rather than [..., N, K] (an embedding table) (static).
+    """
+
+    q: jax.Array
+    scale: jax.Array
+    format: str = struct.field(pytree_node=False)
+    transposed: bool = struct.field(pytree_node=False)
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        *lead, n, k = self.q.shape
+        return (*lead, n, 2 * k if self.format in ("int4", "nf4") else k)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical (float) shape."""
+        *lead, n, k = self.stored_shape
+        return (*lead, k, n) if self.transposed else (*lead, n, k)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.q.size * self.q.dtype.itemsize + self.scale.size * 4)
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        """The float matrix in its logical layout."""
+        w = _decode(self.q, self.scale, self.format, dtype)
+        return jnp.swapaxes(w, -1, -2) if self.transposed else w
+
+
+def is_quantized(w) -> bool:
+    return isinstance(w, QuantizedTensor)
+
+
+# ----------------------------------------------------------------------------- codes
+
+
+def _unpack4(q):
+    lo, hi = q & 15, q >> 4
+    return jnp.stack([lo, hi], axis=-1).reshape(*q.shape[:-1], 2 * q.shape[-1])
+
+
+def _bf16_bits(w):
+    """uint16 bit patterns of `w` rounded to bfloat16."""
+    return jax.lax.bitcast_convert_type(jnp.asarray(w).astype(jnp.bfloat16), jnp.uint16)
+
+
+def _decode(q, scale, fmt, dtype):
+    """Float values [..., N, K] of codes `q` with `scale` [..., N, G]."""
+    if fmt == "bf16":
+        # The codes are uint16 bit patterns, bitcast to bfloat16 only to be converted. Stored as
+        # bfloat16, they would pass XLA:CPU's float normalization,
+        # which upcasts every bfloat16 array that is sliced or reshaped (a layer scan's slice,
+        # the chunks of `_dequantized_dot`) to float32 whole: a float32 copy of the base in a
+        # training step (measured: 2.9 GB of temporaries at Qwen2.5-0.5B shapes, 160% of a
+        # float32 base's step). A micro-benchmark ran matmuls over this decode up to ~1.3x
+        # slower than over bfloat16-typed codes; real-scale decode did not (README).
+        return jax.lax.bitcast_convert_type(q, jnp.bfloat16).astype(dtype)
+    if fmt == "int8":
+        v = q.astype(dtype)
+    else:
+        c = _unpack4(q)
+        v = (c.astype(jnp.int8) - 8).astype(dtype) if fmt == "int4" else jnp.asarray(NF4_CODES)[c]
+        v = v.astype(dtype)
+    *lead, n, k = v.shape
+    g = scale.shape[-1]
+    v = v.reshape(*lead, n, g, k // g) * scale[..., None].astype(dtype)
+    return v.reshape(*lead, n, k)
+
+
+def quantize_matrix(w: jax.Array, fmt: str, group_size: int | None, *, transposed: bool, name=""):
+    """A `QuantizedTensor` of float `w` (logical [..., K, N] when `transposed`, else [..., N, K]).
+
+    Scales are absmax / qmax per group of `group_size` along K (one group per row when None);
+    codes are round-to-nearest (int8: [-127, 127]; int4: [-8, 7]; nf4: the nearest code).
+    """
+    w = jnp.asarray(w, jnp.float32)
+    if transposed:
+        w = jnp.swapaxes(w, -1, -2)
+    *lead, n, k = w.shape
+    if fmt == "bf16":
+        return QuantizedTensor(
+            q=_bf16_bits(w), scale=jnp.zeros((*lead, n, 0), jnp.float32), format=fmt,
+            transposed=transposed,
+        )  # fmt: skip
+    gs = group_size or k
+    if k % gs:
+        raise ValueError(f"{name or 'weight'}: contracted width {k} is not a multiple of "
+                         f"QuantConfig.group_size={gs}")  # fmt: skip
+    wg = w.reshape(*lead, n, k // gs, gs)
+    amax = jnp.max(jnp.abs(wg), axis=-1)
+    qmax = {"int8": 127.0, "int4": 7.0, "nf4": 1.0}[fmt]
+    scale = jnp.where(amax > 0, amax / qmax, 1.0)
+    x = wg / scale[..., None]
+    if fmt == "int8":
+        q = jnp.clip(jnp.round(x), -127, 127).astype(jnp.int8).reshape(*lead, n, k)
+    else:
+        if fmt == "int4":
+            c = jnp.clip(jnp.round(x), -8, 7).astype(jnp.int32) + 8
+        else:
+            c = jnp.argmin(jnp.abs(x[..., None] - jnp.asarray(NF4_CODES)), axis=-1)
+        c = c.astype(jnp.uint8).reshape(*lead, n, k // 2, 2)
+        q = c[..., 0] | (c[..., 1] << 4)
+    return QuantizedTensor(q=q, scale=scale, format=fmt, transposed=transposed)
+
+
+# ----------------------------------------------------------------------------- matmuls
+
+
+def _contract(x, w: QuantizedTensor, out_dtype=None):
+    """`x [..., K] . storage [N, K]` over K -> [..., N] in `out_dtype` (default x's), float32
+    accumulation."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    m = int(np.prod(lead)) if lead else 1
+    x2 = x.reshape(m, k)
+    if m <= KERNEL_ROWS and jax.default_backend() == "cpu" and cpu_qmatvec.available():
+        y = _small_rows(x2, w.q, w.scale, w.format)
+    elif m <= SMALL_ROWS:
+        y = _multiply_reduce(x2, w.q, w.scale, w.format)
+    else:
+        y = _dequantized_dot(x2, w.q, w.scale, w.format)
+    return y.astype(out_dtype or x.dtype).reshape(*lead, y.shape[-1])
+
+
+def _multiply_reduce(x_MK, q, scale, fmt):
+    """`x . decode(q).T` [M, N] in one multiply-reduce fusion that reads each code once (XLA's
+    decode-step path; compute-bound on CPUs, where `kernels.cpu_qmatvec` replaces it)."""
+    m = x_MK.shape[0]
+    # A single row is padded to two: XLA rewrites a one-row multiply-reduce into a dot on a float
+    # copy of the weight.
+    xp = jnp.pad(x_MK, ((0, 1), (0, 0))) if m == 1 else x_MK
+    per_row = fmt == "int8" and scale.shape[-1] == 1
+    v = q.astype(jnp.float32) if per_row else _decode(q, scale, fmt, jnp.float32)
+    y = jnp.sum(xp.astype(jnp.float32)[:, None, :] * v[None], axis=-1)[:m]
+    return y * scale[:, 0] if per_row else y  # per row: one scale per output, after the sum
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _small_rows(x_MK, q, scale, fmt):
+    """`x . decode(q).T` [M, N] for a decode step or a short prefill: the fused C++ kernel on
+    CPUs (`kernels.cpu_qmatvec`), elsewhere what `_contract` runs without it, on `x` as it is
+    (one program lowers for every platform). Its gradient wrt x is that XLA path's; the frozen
+    codes get none. Reverse mode only: a `custom_vjp` has no forward-mode (`jax.jvp`) rule."""
+    return jax.lax.platform_dependent(
+        x_MK, q, scale,
+        cpu=lambda x, q, s: cpu_qmatvec.qmatvec(x.astype(jnp.float32), q, s, fmt),
+        default=lambda x, q, s: _xla_product(x, q, s, fmt),
+    )  # fmt: skip
+
+
+def _xla_product(x_MK, q, scale, fmt):
+    if x_MK.shape[0] <= SMALL_ROWS:
+        return _multiply_reduce(x_MK, q, scale, fmt)
+    return _dequantized_dot(x_MK, q, scale, fmt)
+
+
+def _small_rows_fwd(x_MK, q, scale, fmt):
+    return _small_rows(x_MK, q, scale, fmt), (x_MK, q, scale)
+
+
+def _small_rows_bwd(fmt, res, g_MN):
+    x_MK, q, scale = res
+    _, vjp = jax.vjp(lambda x: _xla_product(x, q, scale, fmt), x_MK)
+    return (*vjp(g_MN), None, None)
+
+
+_small_rows.defvjp(_small_rows_fwd, _small_rows_bwd)
+
+
+# Rematerialized under autodiff: the backward pass decodes the weight again instead of keeping
+# its float copy as a residual (which, stacked over a layer scan, would be the whole float base).
+@functools.partial(jax.checkpoint, static_argnums=(3,))
+def _dot_decoded(x_MK, q, scale, fmt):
+    v_NK = _decode(q, scale, fmt, x_MK.dtype)
+    return jnp.einsum("mk,nk->mn", x_MK, v_NK, preferred_element_type=jnp.float32)
+
+
+def _dequantized_dot(x_MK, q, scale, fmt):
+    """`x @ decode(q).T` [M, N]. A weight whose float copy would pass `CHUNK_BYTES` (the
+    vocabulary matrix) is decoded CHUNK_BYTES at a time under a `lax.map` over output rows, so
+    its float copy never exists whole, forward or backward."""
+    n = q.shape[-2]
+    chunks = next(
+        (c for c in range(1, n + 1) if n % c == 0 and (n // c) * x_MK.shape[-1] * 4 <= CHUNK_BYTES),
+        n,
+    )
+    if chunks == 1:
+        return _dot_decoded(x_MK, q, scale, fmt)
+    qc = q.reshape(chunks, n // chunks, q.shape[-1])
+    sc = scale.reshape(chunks, n // chunks, scale.shape[-1])
+    y_CMn = jax.lax.map(lambda qs: _dot_decoded(x_MK, *qs, fmt), (qc, sc))
+    return jnp.moveaxis(y_CMn, 0, 1).reshape(x_MK.shape[0], n)
+
+
+def linear(x: jax.Array, w, out_dtype=None) -> jax.Array:
+    """`x [..., I] @ w [I, O]` for a float array or a transposed `QuantizedTensor`, in
+    `out_dtype` (default x's)."""
+    if is_quantized(w):
+        return _contract(x, w, out_dtype)
+    y = jnp.einsum("...i,io->...o", x, w, preferred_element_type=jnp.float32)
+    return y.astype(out_dtype or x.dtype)
+
+
+def linear_t(x: jax.Array, w) -> jax.Array:
+    """`x [..., K] @ w.T` in float32 for `w [N, K]` a float array or an untransposed
+    `QuantizedTensor` (the tied head: logits from the embedding table)."""
+    if is_quantized(w):
+        return _contract(x, w, jnp.float32)
+    return jnp.einsum("...k,nk->...n", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def take_rows(w, ids: jax.Array, dtype) -> jax.Array:
+    """Rows `w[ids]` of an embedding table (float, or an untransposed `QuantizedTensor`),
+    dequantized: only the gathered rows are decoded."""
+    if not is_quantized(w):
+        return jnp.take(w, ids, axis=0).astype(dtype)
+    q = jnp.take(w.q, ids, axis=0)
+    scale = jnp.take(w.scale, ids, axis=0)
+    return _decode(q, scale, w.format, dtype)
+
+
+def concat_outputs(ws: list) -> jax.Array | QuantizedTensor:
+    """Weights (or biases) of projections that read the same input, joined on the output axis."""
+    if not is_quantized(ws[0]):
+        return jnp.concatenate(ws, axis=-1)
+    cat = lambda *xs: jnp.concatenate(xs, axis=-2)  # storage [..., N, K]: N is the output axis
+    return jax.tree.map(cat, *ws)
+
+
+def split_outputs(w, ends) -> list:
+    """Inverse of `concat_outputs` at output offsets `ends`."""
+    if not is_quantized(w):
+        return jnp.split(w, ends, axis=-1)
+    qs, ss = jnp.split(w.q, ends, axis=-2), jnp.split(w.scale, ends, axis=-2)
+    return [dataclasses.replace(w, q=q, scale=s) for q, s in zip(qs, ss, strict=True)]
+
+
+# ----------------------------------------------------------------------------- params
+
+
+def _map_weights(params: dict, fn_w, fn_vocab) -> dict:
+    def proj(p):
+        return {**p, "w": fn_w(p["w"])} if isinstance(p, dict) and "w" in p else p
+
+    def layer(lp):
+        return {k: proj(v) for k, v in lp.items()}
+
+    layers = params["layers"]
+    layers = tuple(map(layer, layers)) if isinstance(layers, tuple | list) else layer(layers)
+    out = {**params, "layers": layers}
+    for name in ("embed", "lm_head"):
+        if name in out:
+            out[name] = fn_vocab(name, out[name])
+    return out
+
+
+def quantize(params: dict, cfg: ModelConfig, qcfg: QuantConfig) -> dict:
+    """`params` (canonical or decode layout) with every projection weight, and with
+    `qcfg.embeddings` the vocabulary matrices, as `QuantizedTensor`s; all else unchanged.
+    Quantizing quantized params is an error (dequantize first)."""
+    del cfg  # the params carry their shapes; kept so callers pass the config they run with
+
+    def w(x, name="projection"):
+        if is_quantized(x):
+            raise ValueError(f"{name} is already quantized; dequantize_params first")
+        return quantize_matrix(x, qcfg.format, qcfg.groups, transposed=True, name=name)
+
+    def vocab(name, x):
+        if not qcfg.embeddings:
+            return x
+        if is_quantized(x):
+            raise ValueError(f"{name} is already quantized; dequantize_params first")
+        # embed [V, D] is stored as is (rows gathered, contracted over D by a tied head);
+        # lm_head [D, V] transposed, like a projection.
+        return quantize_matrix(x, qcfg.format, qcfg.groups, transposed=name == "lm_head",
+                               name=name)  # fmt: skip
+
+    return _map_weights(params, w, vocab)
+
+
+def dequantize_params(params: dict, dtype=jnp.float32) -> dict:
+    """Float params from quantized ones (the reference the quantized matmuls equal up to float
+    rounding); float leaves are returned as they are."""
+    deq = lambda x: x.dequantize(dtype) if is_quantized(x) else x
+    return _map_weights(params, deq, lambda _, x: deq(x))
+
+
+def param_bytes(params) -> int:
+    """Bytes the params occupy (codes and scales for quantized leaves)."""
+    leaves = jax.tree.leaves(params, is_leaf=is_quantized)
+    return sum(x.nbytes if is_quantized(x) else x.size * x.dtype.itemsize for x in leaves)
+
+
+def weight_bytes_per_param(fmt: str, group_size: int | None = None) -> float:
+    """Storage per weight of a format, scales included (float32 scale per group)."""
+    qcfg = QuantConfig(format=fmt, group_size=group_size)
+    base = {"bf16": 2.0, "int8": 1.0, "int4": 0.5, "nf4": 0.5}[fmt]
+    return base + (4.0 / qcfg.groups if qcfg.groups else 0.0)
