@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from floe_jax import sharding
+from floe_jax import quant, sharding
 from floe_jax.config import ModelConfig
 from floe_jax.lora import LoRA, freeze_padding
 from floe_jax.loss import token_loss
@@ -114,8 +114,11 @@ def train_step(
     # depends on the base alone out of the loop and keep it for the whole loop, which for a
     # quantized base is its decoded float copy (a bfloat16 base's float32 copy measured 2.9 GB
     # of temporaries at Qwen2.5-0.5B shapes, above the float32 base's whole round). The barrier
-    # moves no data; the weights are decoded inside each step, as for a single step.
-    params, lora = jax.lax.optimization_barrier((params, lora))
+    # moves no data; the weights are decoded inside each step, as for a single step. A float base
+    # has nothing to decode, so its program is left as it was (the barrier changes XLA's fusions
+    # there, and with them the rounding of a trained adapter).
+    if any(map(quant.is_quantized, jax.tree.leaves(params, is_leaf=quant.is_quantized))):
+        params, lora = jax.lax.optimization_barrier((params, lora))
     train = optimized_factors(lora, frozen)
     fixed = {k: v for k, v in lora.trainable().items() if k in frozen}  # no gradient, no state
     whole = lambda train: lora.with_trainable({**fixed, **train})  # the adapter they make up
