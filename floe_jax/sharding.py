@@ -375,6 +375,41 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+class ProcessFailedError(RuntimeError):
+    """Another process of a multi-host run failed in a step the processes take together
+    (`together`); its own log holds the error."""
+
+
+def together(name: str, fn: Callable, *, primary_only: bool = False):
+    """`fn()` as one step of every process: run on every process (or, `primary_only`, on process
+    0 alone), then the processes agree on the outcome. A process whose `fn` raised re-raises its
+    error; every other process raises `ProcessFailedError` naming the step and the failed
+    processes. So an error on one process (a mismatched run folder found by process 0, a failed
+    write) stops the whole run, instead of leaving the others waiting at the next barrier or
+    collective. The agreement is itself a barrier: no `sync` is needed after it.
+
+    Returns `fn()`'s result (None on the processes that did not run it). One process: `fn()`."""
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    result, error = None, None
+    if not primary_only or is_primary():
+        try:
+            result = fn()
+        except BaseException as e:  # KeyboardInterrupt too: the others must not wait for it
+            error = e
+    failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+    if error is not None:
+        raise error
+    if failed.any():
+        raise ProcessFailedError(
+            f"process(es) {np.flatnonzero(failed).tolist()} failed at {name!r}; "
+            "their logs hold the error"
+        )
+    return result
+
+
 # ----------------------------------------------------------------------------- memory
 
 
@@ -429,6 +464,7 @@ __all__ = [
     "cloud_sharding",
     "initialize_distributed",
     "is_primary",
+    "ProcessFailedError",
     "make_mesh",
     "merge_clients",
     "parse_mesh_spec",
@@ -438,6 +474,7 @@ __all__ = [
     "process_clients",
     "replicated",
     "round_bytes_per_device",
+    "together",
     "round_input_shapes",
     "round_program",
     "shard_cloud",

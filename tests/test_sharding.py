@@ -177,6 +177,16 @@ def test_two_processes_equal_one_device_and_resume_after_a_kill(eight_devices, t
         # Restarted, both resume from the checkpoint and finish the run.
         procs, logs, out = _cluster(tmp_path, "resumed", [])
         _wait(procs, logs, time.monotonic() + TIMEOUT_S)
+
+        # Another rule into the finished run's folder: process 0 alone claims the folder and
+        # finds the mismatch; both processes stop with an error, neither waits at a barrier.
+        bad, bad_logs, _ = _cluster(tmp_path, "mismatch", ["--agg", "fedit"])
+        procs = bad
+        codes = [p.wait(timeout=120) for p in bad]
+        texts = [open(x).read() for x in bad_logs]
+        assert codes[0] != 0 and "RunMismatchError" in texts[0], texts[0][-3000:]
+        assert codes[1] != 0, texts[1][-3000:]
+        assert "ProcessFailedError" in texts[1] and "claim_run_dir" in texts[1], texts[1][-3000:]
     finally:
         _stop(procs)
     runs = [_load(str(out / f"p{i}" / "0.npz")) for i in range(2)]

@@ -150,6 +150,7 @@ def _setup_in_turn(preset: DemoPreset | RealPreset, progress: bool) -> Setup:
     is the same on every process (pretraining independently need not be, on an accelerator)."""
     if jax.process_count() == 1 or not isinstance(preset, DemoPreset):
         return setup(preset, progress=progress)
-    prep = setup(preset, progress=progress) if jax.process_index() == 0 else None
-    sharding.sync("floe_jax:demo_setup")  # process 0 has written the pretraining cache
+    # process 0 writes the pretraining cache; an error there stops every process
+    first = lambda: setup(preset, progress=progress)  # noqa: E731
+    prep = sharding.together("floe_jax:demo_setup", first, primary_only=True)
     return prep if prep is not None else setup(preset, progress=progress)

@@ -118,9 +118,12 @@ def resolve_clusters(
             labels, info = updates()
         saved = {"assignment": [int(x) for x in labels], "num_clusters": int(labels.max()) + 1}
         saved.update(info)
-        if sharding.is_primary():
+
+        def write():
             with open(path, "w") as f:
                 json.dump(saved, f)
+
+        sharding.together("floe_jax:write_clusters", write, primary_only=True)
         log.info("clustered %d clients into %d clusters", len(labels), saved["num_clusters"])
     return np.asarray(saved["assignment"], np.int32), saved["num_clusters"]
 
@@ -204,16 +207,17 @@ def train_federated(
         params, data, cfg=cfg, fed=fed, ranks=ranks, assignment=assignment,
         num_clusters=num_clusters, eval_data=eval_data,
     )  # fmt: skip
-    if sharding.is_primary():
-        claim_run_dir(run_dir, fingerprint, restart=restart)
-    sharding.sync("floe_jax:claim_run_dir")
+    # Process 0 alone checks and claims the folder; a mismatch it finds stops every process.
+    claim = lambda: claim_run_dir(run_dir, fingerprint, restart=restart)  # noqa: E731
+    sharding.together("floe_jax:claim_run_dir", claim, primary_only=True)
     digest = fingerprint_digest(fingerprint)
     state = _initial_state(
         params, data, cfg=cfg, fed=fed, ranks=ranks, assignment=assignment,
         num_clusters=num_clusters, run_dir=run_dir,
     )  # fmt: skip
-    state = resume_or_start(run_dir, state, digest, fed)
-    sharding.sync("floe_jax:resume_or_start")
+    state = sharding.together(
+        "floe_jax:resume_or_start", lambda: resume_or_start(run_dir, state, digest, fed)
+    )
     step, in_mesh = run_round, contextlib.nullcontext
     if mesh is not None:
         state, params, data, eval_data = sharding.place_round_inputs(
@@ -233,9 +237,12 @@ def train_federated(
         row = round_row(m, names, fed, time.perf_counter() - t0, num_clients=data.num_clients)
         if extra_save is not None:
             extra_save(row)
-        if sharding.is_primary():
+
+        def write():
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+
+        sharding.together("floe_jax:metrics_line", write, primary_only=True)
         rows.append(row)
         bar.set_postfix(loss=row["loss"], dropped=len(row["dropped"]))
 
