@@ -394,7 +394,9 @@ def test_screen_flags_nonfinite_factors_without_norms(tiny_cfg):
     np.testing.assert_array_equal(ag.factors_finite(worse), [False, False, False])
 
 
-@pytest.mark.parametrize("method", ["fedit", "hetlora", "ffa", "fedsa", "flexlora", "fedex"])
+@pytest.mark.parametrize(
+    "method", ["fedit", "hetlora", "ffa", "fedsa", "flexlora", "flora", "fedex"]
+)
 def test_round_path_without_downloads_gives_the_same_global(tiny_cfg, method):
     """`downloads=False` (the program a federated round runs) returns no `client_loras` and
     the full call's global adapter, base delta and per-client fields bit for bit, with a NaN

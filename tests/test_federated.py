@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -435,6 +436,22 @@ def test_fedsa_clients_keep_their_own_b_between_rounds(monkeypatch, tiny_cfg, ti
         )
     # The fedavg path is unchanged by this: no personal state.
     assert init_server_state(tiny_cfg, ROUND_FED, ranks=[8] * 4).personal is None
+
+
+def test_fedsa_client_left_out_keeps_its_previous_b(tiny_cfg, tiny_params):
+    """A sampled FedSA client the screening leaves out (here: every client, its adapter moved
+    more than max_update_norm) keeps the personal B it had, not the one it just trained."""
+    fed = dataclasses.replace(ROUND_FED, agg=AggregationConfig(method="fedsa"), clients_per_round=4)
+    data = client_data(_client_examples(tiny_cfg.vocab_size, n_clients=4))
+    state = init_server_state(tiny_cfg, fed, ranks=[8, 4, 8, 2])
+    state, m = round_step(state, tiny_params, data, cfg=tiny_cfg, fed=fed)
+    assert bool(np.all(m["included"]))
+    before = jax.tree.map(np.asarray, state.personal["b"])
+    assert all(np.any(v != 0) for v in before.values())  # trained: no longer LoRA's zero init
+    strict = dataclasses.replace(fed, max_update_norm=1e-12)
+    after, m = round_step(state, tiny_params, data, cfg=tiny_cfg, fed=strict)
+    assert not np.any(np.asarray(m["included"]))
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, after.personal["b"]), before)
 
 
 def test_ffa_round_trains_b_only(monkeypatch, tiny_cfg, tiny_params):
