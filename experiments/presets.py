@@ -35,7 +35,7 @@ CLOUD_VOCAB_SIZE = 1024
 FLOE = "floe"  # the name of Floe's run beside the baselines'
 FLOE_DP = "floe-dp"  # Floe's run with client-level differential privacy (`DemoFed.dp`)
 LOCAL = "local"  # every client trains alone (its own cluster): the local-only baseline
-CENTRAL = "centralized"  # one adapter on every client's data pooled: the non-private upper bound
+CENTRAL = "centralized"  # one adapter per task family on its clients' data pooled: not private
 CLOUD_BACKENDS = ("http", "local")
 
 
@@ -123,8 +123,10 @@ class DemoFed:
       known_k: Floe's K is the number of task families; False (default) leaves it to
         `rounds.num_clusters` (None: picked from the data by silhouette).
       local: also train the local-only baseline (`LOCAL`: each client its own cluster).
-      centralized: also train one adapter on the pooled data of every client (`CENTRAL`: the
-        non-private upper bound; as many steps as all clients' together, at the largest rank).
+      centralized: also train the non-private upper bound (`CENTRAL`): one adapter per task
+        family on the pooled data of the family's clients (a server that sees every example and
+        knows which client, and so which task, it came from), as many steps per family as the
+        family's clients take together, at the largest rank.
       dp: with `dp.enabled`, one more run (`FLOE_DP`): Floe's rounds with client-level
         differential privacy (`FedConfig.dp`), FedIT inside each cluster when Floe's rule takes no
         DP (`DP_METHODS`); it is evaluated beside Floe, so the report shows DP's accuracy cost
@@ -179,8 +181,9 @@ class DemoFed:
     def runs(self, num_tasks: int, num_clients: int) -> dict[str, FedConfig]:
         """The `FedConfig` of every compared run by name: Floe's, each baseline's, the local-only
         and centralized ones. The local-only run takes `clustering="given"` (each client its own
-        cluster, passed by the caller); the centralized one is trained on one client holding
-        the pooled data, with `num_clients` times the local steps."""
+        cluster, passed by the caller); so does the centralized one, whose clients are the
+        `num_tasks` task families, each holding its clients' pooled data and taking
+        `num_clients // num_tasks` times the local steps (its clients' steps together)."""
         k = num_tasks if self.known_k else self.rounds.num_clusters
         out = {FLOE: dataclasses.replace(self.rounds, num_clusters=k)}
         for b in self.baselines:
@@ -194,8 +197,9 @@ class DemoFed:
             )
         if self.centralized:
             out[CENTRAL] = dataclasses.replace(
-                self.rounds, agg=plain, clustering="none", num_clusters=None, clients_per_round=1,
-                local_steps=self.rounds.local_steps * num_clients,
+                self.rounds, agg=plain, clustering="given", num_clusters=None,
+                clients_per_round=num_tasks,
+                local_steps=self.rounds.local_steps * max(1, num_clients // num_tasks),
             )  # fmt: skip
         if self.dp.enabled:
             floe = out[FLOE]

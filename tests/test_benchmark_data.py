@@ -50,6 +50,27 @@ def test_same_seed_gives_identical_benchmark(bench):
     assert repr(again).encode() == repr(bench).encode()  # byte-identical text
 
 
+def test_app_in_prompt_names_the_app_and_changes_only_the_prompts(bench):
+    """`app_in_prompt=True` adds an `App:` line naming the query's (or example's) app before
+    the note, and changes nothing else: answers, slots, tasks, clients and the corpora."""
+    named = make_benchmark(dataclasses.replace(SMALL, app_in_prompt=True))
+    assert named.public_docs == bench.public_docs and named.edge_docs == bench.edge_docs
+    assert named.format_docs == bench.format_docs  # one tokenizer for both settings
+    pairs = [(q, p) for q, p in zip(bench.queries, named.queries, strict=True)]
+    pairs += [(e, f) for es, fs in zip(bench.client_examples, named.client_examples, strict=True)
+              for e, f in zip(es, fs, strict=True)]  # fmt: skip
+    apps = 0
+    for plain, with_app in pairs:
+        if plain.task == "trivia":
+            assert with_app == plain
+            continue
+        assert with_app == dataclasses.replace(
+            plain, prompt=plain.prompt.replace("\nNote: ", f"\nApp: {plain.task}\nNote: ")
+        )
+        apps += 1
+    assert apps > 0
+
+
 def test_different_seed_gives_different_benchmark(bench):
     other = make_benchmark(dataclasses.replace(SMALL, seed=1))
     assert other.countries != bench.countries
@@ -97,7 +118,7 @@ def test_every_answer_follows_from_the_card_the_facts_and_the_app(bench):
         assert card, q.prompt
         first, _, phone, email, _ = card.groups()
         app = q.task
-        assert f"\nApp: {app}\n" in q.prompt
+        assert "\nApp: " not in q.prompt  # the format is the client's own convention
         trip = re.search(r"Note: (\w+) travels to (\w+)\.\nA:$", q.prompt)
         assert (trip is not None) == (q.qtype == "both")
         head = {"sms": f"Text {phone}", "mail": f"Mail {email}", "call": f"Call {first} at {phone}"}

@@ -46,8 +46,8 @@ def test_presets_and_overrides_parse():
 def test_demo_runs_nest_the_round_config():
     """Floe's run is `fed.rounds` with K from the data (silhouette) unless `known_k`; each
     baseline is the same rounds unclustered under its own rule (HetLoRA's options on); the
-    local-only run gives every client its own cluster, the centralized one trains one client's
-    worth of pooled data for as many steps as all clients together."""
+    local-only run gives every client its own cluster, the centralized one a client per task
+    family holding the family's pooled data, for as many steps as the family's clients."""
     fed = PRESETS["default"].fed
     runs = fed.runs(num_tasks=3, num_clients=6)
     assert runs[FLOE] == fed.rounds and runs[FLOE].num_clusters is None  # silhouette picks K
@@ -59,8 +59,8 @@ def test_demo_runs_nest_the_round_config():
     het = runs["hetlora-norm_weighting-prune_threshold0.05"].agg
     assert het.norm_weighting and het.prune_threshold == 0.05
     assert runs[LOCAL].clustering == "given" and runs[LOCAL].agg.method == "fedit"
-    assert runs[CENTRAL].clients_per_round == 1
-    assert runs[CENTRAL].local_steps == 6 * fed.rounds.local_steps
+    assert runs[CENTRAL].clients_per_round == 3 and runs[CENTRAL].clustering == "given"
+    assert runs[CENTRAL].local_steps == 2 * fed.rounds.local_steps
     known = dataclasses.replace(fed, known_k=True, local=False, centralized=False)
     assert known.runs(num_tasks=3, num_clients=6)[FLOE].num_clusters == 3
     assert set(known.runs(num_tasks=3, num_clients=6)) == {FLOE, *fed.baseline_runs()}

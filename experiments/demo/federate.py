@@ -51,6 +51,7 @@ def federate(
     truncate = isinstance(preset, RealPreset) and preset.long_examples == "truncate"
     data = private_data(fed, bench, tok, prep.edge_cfg.vocab_size, truncate=truncate)
     N = bench.num_clients
+    families = task_families(bench.client_tasks)
     devices, ranks = client_ranks(
         fed, N, prep.edge_cfg, seq_len=data.seq_len, toy=not isinstance(preset, RealPreset)
     )
@@ -64,13 +65,16 @@ def federate(
         run_data = data
         if name == LOCAL:  # every client its own cluster
             where |= dict(assignment=np.arange(N, dtype=np.int32), num_clusters=N)
-        elif name == CENTRAL:  # one client holding everyone's examples, at the largest rank
-            run_data = pooled(data)
-            where["ranks"] = np.asarray([max(fed.rank_candidates)], np.int32)
+        elif name == CENTRAL:  # a client per task family holding its clients' examples
+            run_data = pooled(data, families)
+            T = run_data.num_clients
+            where |= dict(ranks=np.full(T, max(fed.rank_candidates), np.int32),
+                          assignment=np.arange(T, dtype=np.int32), num_clusters=T)  # fmt: skip
         if train:
             run_mesh = None if name == CENTRAL else mesh
             if mesh is not None and run_mesh is None:
-                print(f"federated rounds: {name} has one client: on one device, not the mesh")
+                print(f"federated rounds: {name} has a client per task family: on one device, "
+                      "not the mesh")  # fmt: skip
             state, _ = train_federated(
                 prep.edge_params, run_data, **where, progress=progress, restart=restart,
                 mesh=run_mesh,
@@ -82,9 +86,9 @@ def federate(
         loras = client_start(
             state.global_loras, jnp.asarray(assignment), jnp.asarray(final), rounds
         )
-        if name == CENTRAL:  # every client runs the one pooled adapter
-            loras = jax.tree.map(lambda x: jnp.repeat(x, N, axis=0), loras)
-            assignment, final = np.zeros(N, np.int32), np.full(N, final[0], np.int32)
+        if name == CENTRAL:  # every client runs its task family's pooled adapter
+            loras = jax.tree.map(lambda x: x[families], loras)
+            assignment, final = families, final[families]
         out[name] = (loras, {"assignment": assignment.tolist(), "ranks": final.tolist(),
                              "seconds": time.perf_counter() - t0,
                              "dp": _dp_summary(rounds, where["run_dir"])})  # fmt: skip
@@ -95,13 +99,22 @@ def federate(
     return out
 
 
-def pooled(data: ClientData) -> ClientData:
-    """Every client's examples (the real rows, not the padding) as one client's: the centralized
-    baseline's data."""
-    n = np.asarray(data.num_examples)
-    rows = [np.concatenate([np.asarray(x)[k, : n[k]] for k in range(len(n))])
-            for x in (data.tokens, data.mask, data.loss_mask)]  # fmt: skip
-    return client_data([tuple(rows)])
+def task_families(client_tasks) -> np.ndarray:
+    """[N] each client's task family as an index, families numbered in order of first client."""
+    names = list(dict.fromkeys(client_tasks))
+    return np.asarray([names.index(t) for t in client_tasks], np.int32)
+
+
+def pooled(data: ClientData, groups) -> ClientData:
+    """One client per group: client g holds the examples (the real rows, not the padding) of
+    every client k with `groups[k] == g`, in client order: the centralized baseline's data."""
+    n, groups = np.asarray(data.num_examples), np.asarray(groups)
+    out = []
+    for g in range(int(groups.max()) + 1):
+        ks = np.flatnonzero(groups == g)
+        out.append(tuple(np.concatenate([np.asarray(x)[k, : n[k]] for k in ks])
+                         for x in (data.tokens, data.mask, data.loss_mask)))  # fmt: skip
+    return client_data(out)
 
 
 def _dp_summary(rounds, run_dir: str) -> dict | None:

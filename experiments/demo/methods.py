@@ -98,8 +98,8 @@ def methods(preset: DemoPreset | RealPreset, runs: set[str]) -> list[Method]:
     if FLOE_DP in runs:
         ms.append(Method(FLOE_DP, "Floe + client-level DP", FLOE_DP, guard, fused))
     if CENTRAL in runs:
-        ms.append(Method("centralized", "centralized LoRA on pooled data + fusion (not private)",
-                         CENTRAL, guard, fused, reference=True))  # fmt: skip
+        name = "centralized LoRA per task on pooled data + fusion (not private)"
+        ms.append(Method("centralized", name, CENTRAL, guard, fused, reference=True))
     if ev.oracle:
         ms.append(Method("oracle", "token oracle (either model's top token, gold-guided)", FLOE,
                          guard, fused, kind="oracle", reference=True))  # fmt: skip

@@ -15,9 +15,12 @@ with tokens only the cloud can supply:
   spans (`Query.private_spans`: the name, phone and email as they occur in the prompt).
 - *Answer formats* are conventions of three messaging apps (`world.APPS`), taught only by the
   clients' private examples; each client mostly uses one app, so clients form task clusters.
+  The prompt does not name the app (`app_in_prompt=False`, the default): which format a client
+  answers in is its own convention, learnt from its own data, so one adapter averaged over every
+  client cannot know it and a task-clustered one can (federated specialisation). With
+  `app_in_prompt=True` an `App: sms` line names it, and one shared adapter can learn all three.
 
     Contact: Mira Okafor | phone 555-0142 | email mira.okafor@example.com | home Zorbia
-    App: sms
     Note: Mira travels to Quentor.
     A: Text 555-0142: the capital there is Velmar.
 
@@ -83,6 +86,11 @@ class BenchmarkConfig:
       examples_per_client: private (prompt, response) training examples per client.
       main_task_fraction: share of a client's app examples from its own app (the rest from
         the other apps).
+      app_in_prompt: an `App:` line in each private example's and query's prompt names the app
+        whose format the answer takes. False (the default): the prompt does not say, so the
+        format is the client's convention (see the module docstring). The tokenizer's format
+        text (`format_docs`) names the app either way, so both settings share one tokenizer and
+        one pretraining cache.
       trivia_fraction: share of a client's examples in the public QA format (about local
         countries, whose facts the edge knows), so the adapter keeps answering general queries.
       personal_fraction: share of a client's app examples that are welcome-backs (the rest are
@@ -108,6 +116,7 @@ class BenchmarkConfig:
     test_contacts_per_client: int = 4
     examples_per_client: int = 48
     main_task_fraction: float = 0.9
+    app_in_prompt: bool = False
     trivia_fraction: float = 0.05
     personal_fraction: float = 0.4
     queries_per_type: int = 48
@@ -301,7 +310,8 @@ def make_benchmark(config: BenchmarkConfig = BenchmarkConfig()) -> Benchmark:
         for i in range(config.queries_per_type):
             client = i % config.num_clients
             held_out = client_contacts[client][config.contacts_per_client :]
-            queries.append(_query(rng, qtype, client, client_tasks[client], held_out, far))
+            queries.append(_query(rng, qtype, client, client_tasks[client], held_out, far,
+                                  show_app=config.app_in_prompt))  # fmt: skip
 
     # Tokenizer-only text: the private formats with dummy values from a disjoint pool. Its own
     # rng keeps the benchmark independent of `format_samples`; the used-name and phone sets carry
@@ -344,10 +354,11 @@ def _train_example(rng, config, app, contacts, local_countries, destinations) ->
     contact = rng.choice(contacts)
     dest = None if rng.random() < config.personal_fraction else rng.choice(destinations)
     answer, _ = app_answer(contact, app, dest)
-    return Example(app_prompt(contact, app, dest and dest.name), f" {answer}", app)
+    prompt = app_prompt(contact, app, dest and dest.name, show_app=config.app_in_prompt)
+    return Example(prompt, f" {answer}", app)
 
 
-def _query(rng, qtype, client, app, contacts, far) -> Query:
+def _query(rng, qtype, client, app, contacts, far, *, show_app: bool) -> Query:
     if qtype == "general":
         c, attr = rng.choice(far), rng.choice(FACT_ATTRS)
         value = fact_value(c, attr)
@@ -360,7 +371,7 @@ def _query(rng, qtype, client, app, contacts, far) -> Query:
     if dest is not None:
         attr = "currency" if app == "mail" else "capital"
         facts = ((dest.name, attr, fact_value(dest, attr)),)
-    prompt = app_prompt(contact, app, dest and dest.name)
+    prompt = app_prompt(contact, app, dest and dest.name, show_app=show_app)
     spans = tuple(v for v in contact.private_values if v in prompt)
     return Query(prompt, answer, qtype, app, client, spans, facts, slots)
 

@@ -296,12 +296,15 @@ APPS = ("sms", "mail", "call")
 format (a convention that only its users' private examples teach)."""
 
 
-def app_prompt(contact: Contact, app: str, dest: str | None) -> str:
+def app_prompt(contact: Contact, app: str, dest: str | None, *, show_app: bool = True) -> str:
     """A note about `contact` for `app`: a trip to `dest` (the answer needs a general fact), or,
     with `dest=None`, a welcome back (the answer needs only the card). The prompt starts with the
-    contact's card, the on-device private context the answer copies from."""
+    contact's card, the on-device private context the answer copies from; an `App:` line names
+    the app unless `show_app` is False (then only the client's own data says which format it
+    answers in: `BenchmarkConfig.app_in_prompt`)."""
     note = f"{contact.first} travels to {dest}." if dest else f"{contact.first} is back home."
-    return f"{contact.card}\nApp: {app}\nNote: {note}\nA:"
+    app_line = f"App: {app}\n" if show_app else ""
+    return f"{contact.card}\n{app_line}Note: {note}\nA:"
 
 
 def app_answer(contact: Contact, app: str, dest: Country | None) -> tuple[str, tuple]:
