@@ -18,6 +18,7 @@ from experiments.presets import (
     get_preset,
 )
 from experiments.real_presets import REAL_PRESETS
+from floe_jax import sharding
 from floe_jax.config import ConfigError
 from floe_jax.federated.config import AggregationConfig
 
@@ -398,14 +399,31 @@ def test_qwen_preset_parses_with_paths():
 def test_multi_host_demo_setup_runs_on_process_0_first(monkeypatch):
     """In a multi-host `federate`, process 0 sets up (pretrains into the cache) before the
     others, which then load its weights; no two processes write the cache at once."""
+    from jax.experimental import multihost_utils
+
     from experiments.demo import federate as fed_mod
 
-    calls = []
+    calls, failed = [], [0, 0]  # what each process reports to the agreement (process_allgather)
     monkeypatch.setattr(fed_mod, "setup", lambda preset, progress: calls.append("setup") or "prep")
-    monkeypatch.setattr(fed_mod.sharding, "sync", lambda name: calls.append("sync"))
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda flag: calls.append("sync") or np.asarray(failed))  # fmt: skip
     monkeypatch.setattr(fed_mod.jax, "process_count", lambda: 2)
     for index, want in ((0, ["setup", "sync"]), (1, ["sync", "setup"])):
         calls.clear()
         monkeypatch.setattr(fed_mod.jax, "process_index", lambda index=index: index)
         assert fed_mod._setup_in_turn(PRESETS["smoke"], False) == "prep"
         assert calls == want, index
+    # Process 0's setup fails: it raises its own error, process 1 stops instead of waiting.
+    failed[0] = 1
+    with pytest.raises(sharding.ProcessFailedError, match=r"\[0\] failed at 'floe_jax:demo_setup'"):
+        fed_mod._setup_in_turn(PRESETS["smoke"], False)  # as process 1 (the index left above)
+
+    def full_disk(preset, progress):
+        raise OSError("no space left on the cache's disk")
+
+    monkeypatch.setattr(fed_mod, "setup", full_disk)  # as process 0: its own error, after the sync
+    monkeypatch.setattr(fed_mod.jax, "process_index", lambda: 0)
+    calls.clear()
+    with pytest.raises(OSError, match="no space left"):
+        fed_mod._setup_in_turn(PRESETS["smoke"], False)
+    assert calls == ["sync"]
