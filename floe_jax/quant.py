@@ -47,8 +47,9 @@ NF4_CODES = np.array(
 
 # Activations with at most this many rows (decode steps) contract the codes without a float copy
 # of the weight (XLA:CPU turns a dot on a converted operand into one): on CPUs in the fused C++
-# kernel `kernels.cpu_qmatvec` (unless FLOE_JAX_CPU_KERNELS=0), elsewhere in a multiply-reduce
-# fusion that reads each code once. Wider inputs (prefill, training) dequantize and run a dot.
+# kernel `kernels.cpu_qmatvec` (unless `QuantConfig.cpu_kernel` is False), elsewhere in a
+# multiply-reduce fusion that reads each code once. Wider inputs (prefill, training) dequantize
+# and run a dot.
 SMALL_ROWS = 16
 # On CPUs the kernel also runs inputs of up to this many rows (a short prompt's prefill): it
 # decodes each weight once per 4 rows from cache, which at 32 rows still beat dequantizing the
@@ -67,11 +68,18 @@ class QuantConfig:
       group_size: inputs sharing one scale (4-bit: required, default 64; int8: None is one
         scale per output channel).
       embeddings: also quantize `embed` and `lm_head` (the largest matrices of a small model).
+      cpu_kernel: on CPUs, contract decode steps' few rows in the fused C++ kernel
+        (`kernels.cpu_qmatvec`, 3-5x faster than XLA's multiply-reduce at Qwen2.5-0.5B shapes,
+        README) when it builds; False keeps XLA's paths (to compare them, or where no C++
+        compiler should run). Stored on each `QuantizedTensor` as a static field, so jitted
+        functions retrace when it changes. The command line sets it from
+        `FLOE_JAX_CPU_KERNELS` (`experiments.cli`); the library reads no environment.
     """
 
     format: str = "int8"
     group_size: int | None = None
     embeddings: bool = True
+    cpu_kernel: bool = True
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -82,6 +90,8 @@ class QuantConfig:
             raise ConfigError(f"QuantConfig.group_size must be even, got {self.group_size}")
         if self.format == "bf16" and self.group_size is not None:
             raise ConfigError("QuantConfig.group_size does not apply to format='bf16'")
+        if not isinstance(self.cpu_kernel, bool):
+            raise ConfigError(f"QuantConfig.cpu_kernel must be a bool, got {self.cpu_kernel!r}")
 
     @property
     def groups(self) -> int | None:
@@ -103,12 +113,14 @@ class QuantizedTensor:
       format: as in `QuantConfig` (static).
       transposed: the logical matrix is the storage transposed ([..., K, N], a projection's
         [in, out]) rather than [..., N, K] (an embedding table) (static).
+      cpu_kernel: `QuantConfig.cpu_kernel` (static: the jit cache keys on it).
     """
 
     q: jax.Array
     scale: jax.Array
     format: str = struct.field(pytree_node=False)
     transposed: bool = struct.field(pytree_node=False)
+    cpu_kernel: bool = struct.field(pytree_node=False, default=True)
 
     @property
     def stored_shape(self) -> tuple[int, ...]:
@@ -171,8 +183,17 @@ def _decode(q, scale, fmt, dtype):
     return v.reshape(*lead, n, k)
 
 
-def quantize_matrix(w: jax.Array, fmt: str, group_size: int | None, *, transposed: bool, name=""):
-    """A `QuantizedTensor` of float `w` (logical [..., K, N] when `transposed`, else [..., N, K]).
+def quantize_matrix(
+    w: jax.Array,
+    fmt: str,
+    group_size: int | None,
+    *,
+    transposed: bool,
+    name: str = "",
+    cpu_kernel: bool = True,
+) -> QuantizedTensor:
+    """A `QuantizedTensor` of float `w` (logical [..., K, N] when `transposed`, else [..., N, K]);
+    `cpu_kernel` as in `QuantConfig`.
 
     Scales are absmax / qmax per group of `group_size` along K (one group per row when None);
     codes are round-to-nearest (int8: [-127, 127]; int4: [-8, 7]; nf4: the nearest code).
@@ -184,7 +205,7 @@ def quantize_matrix(w: jax.Array, fmt: str, group_size: int | None, *, transpose
     if fmt == "bf16":
         return QuantizedTensor(
             q=_bf16_bits(w), scale=jnp.zeros((*lead, n, 0), jnp.float32), format=fmt,
-            transposed=transposed,
+            transposed=transposed, cpu_kernel=cpu_kernel,
         )  # fmt: skip
     gs = group_size or k
     if k % gs:
@@ -204,7 +225,9 @@ def quantize_matrix(w: jax.Array, fmt: str, group_size: int | None, *, transpose
             c = jnp.argmin(jnp.abs(x[..., None] - jnp.asarray(NF4_CODES)), axis=-1)
         c = c.astype(jnp.uint8).reshape(*lead, n, k // 2, 2)
         q = c[..., 0] | (c[..., 1] << 4)
-    return QuantizedTensor(q=q, scale=scale, format=fmt, transposed=transposed)
+    return QuantizedTensor(
+        q=q, scale=scale, format=fmt, transposed=transposed, cpu_kernel=cpu_kernel
+    )
 
 
 # ----------------------------------------------------------------------------- matmuls
@@ -216,7 +239,8 @@ def _contract(x, w: QuantizedTensor, out_dtype=None):
     lead, k = x.shape[:-1], x.shape[-1]
     m = int(np.prod(lead)) if lead else 1
     x2 = x.reshape(m, k)
-    if m <= KERNEL_ROWS and jax.default_backend() == "cpu" and cpu_qmatvec.available():
+    on_cpu = jax.default_backend() == "cpu"
+    if m <= KERNEL_ROWS and w.cpu_kernel and on_cpu and cpu_qmatvec.available():
         y = _small_rows(x2, w.q, w.scale, w.format)
     elif m <= SMALL_ROWS:
         y = _multiply_reduce(x2, w.q, w.scale, w.format)
@@ -366,7 +390,8 @@ def quantize(params: dict, cfg: ModelConfig, qcfg: QuantConfig) -> dict:
     def w(x, name="projection"):
         if is_quantized(x):
             raise ValueError(f"{name} is already quantized; dequantize_params first")
-        return quantize_matrix(x, qcfg.format, qcfg.groups, transposed=True, name=name)
+        return quantize_matrix(x, qcfg.format, qcfg.groups, transposed=True, name=name,
+                               cpu_kernel=qcfg.cpu_kernel)  # fmt: skip
 
     def vocab(name, x):
         if not qcfg.embeddings:
@@ -376,9 +401,16 @@ def quantize(params: dict, cfg: ModelConfig, qcfg: QuantConfig) -> dict:
         # embed [V, D] is stored as is (rows gathered, contracted over D by a tied head);
         # lm_head [D, V] transposed, like a projection.
         return quantize_matrix(x, qcfg.format, qcfg.groups, transposed=name == "lm_head",
-                               name=name)  # fmt: skip
+                               name=name, cpu_kernel=qcfg.cpu_kernel)  # fmt: skip
 
     return _map_weights(params, w, vocab)
+
+
+def with_options(params, **changes):
+    """`params` with the static options `changes` (e.g. `cpu_kernel=False`) on every
+    `QuantizedTensor` in it; the codes are shared, not copied."""
+    fix = lambda x: dataclasses.replace(x, **changes) if is_quantized(x) else x
+    return jax.tree.map(fix, params, is_leaf=is_quantized)
 
 
 def dequantize_params(params: dict, dtype=jnp.float32) -> dict:

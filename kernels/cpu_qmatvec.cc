@@ -285,25 +285,41 @@ void run_format(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t 
   }
 }
 
+std::string dims(ffi::Span<const int64_t> d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
+const char* kFormatNames[] = {"bf16", "int8", "int4", "nf4"};
+
 ffi::Error QMatvecImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
                        ffi::ResultBuffer<ffi::F32> y, int32_t fmt) {
   auto xd = x.dimensions(), qd = q.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
+  const std::string what = "(x " + dims(xd) + ", q " + dims(qd) + ", scale " + dims(sd) +
+                           ", y " + dims(yd) + ")";
   if (xd.size() != 2 || qd.size() != 2 || sd.size() != 2 || yd.size() != 2)
-    return ffi::Error::InvalidArgument("floe_qmatvec: x, q, scale and y must be rank 2");
+    return ffi::Error::InvalidArgument("floe_qmatvec: x, q, scale and y must be rank 2 " + what);
   if (fmt < kBF16 || fmt > kNF4)
     return ffi::Error::InvalidArgument("floe_qmatvec: unknown format code " + std::to_string(fmt));
   const ffi::DataType want[] = {ffi::DataType::BF16, ffi::DataType::S8, ffi::DataType::U8,
                                 ffi::DataType::U8};
-  // bf16 codes come as bfloat16 or as their uint16 bit patterns (floe_jax.quant stores uint16; bfloat16 codes built by hand are taken too).
+  // bf16 codes come as bfloat16 or as their uint16 bit patterns (floe_jax.quant stores uint16;
+  // bfloat16 codes built by hand are taken too).
   const bool bits16 = fmt == kBF16 && q.element_type() == ffi::DataType::U16;
   if (q.element_type() != want[fmt] && !bits16)
-    return ffi::Error::InvalidArgument("floe_qmatvec: q has the wrong dtype for its format");
+    return ffi::Error::InvalidArgument(
+        std::string("floe_qmatvec: format ") + kFormatNames[fmt] + " needs q of dtype " +
+        (fmt == kBF16 ? "bf16 or u16" : fmt == kINT8 ? "s8" : "u8") + ", got XLA type " +
+        std::to_string(static_cast<int>(q.element_type())) + " " + what);
   const int64_t M = xd[0], K = xd[1], N = qd[0], G = sd[1];
   const bool packed = fmt == kINT4 || fmt == kNF4;
   if ((packed ? 2 * qd[1] : qd[1]) != K || sd[0] != N || yd[0] != M || yd[1] != N)
-    return ffi::Error::InvalidArgument("floe_qmatvec: shapes of x, q, scale and y disagree");
+    return ffi::Error::InvalidArgument(std::string("floe_qmatvec: shapes disagree for format ") +
+                                       kFormatNames[fmt] + " " + what);
   if (fmt == kBF16 ? G != 0 : (G < 1 || K % G != 0 || (packed && (K / G) % 2 != 0)))
-    return ffi::Error::InvalidArgument("floe_qmatvec: scale's group count does not divide K");
+    return ffi::Error::InvalidArgument("floe_qmatvec: scale's group count " + std::to_string(G) +
+                                       " does not split K = " + std::to_string(K) + " " + what);
   if (M == 0 || N == 0) return ffi::Error::Success();
   const float* xp = x.typed_data();
   const auto* qp = static_cast<const uint8_t*>(q.untyped_data());

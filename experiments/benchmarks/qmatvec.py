@@ -1,6 +1,7 @@
 """`python -m experiments bench qmatvec`: the CPU quantized matvec kernel
 (`kernels/cpu_qmatvec`) against XLA's multiply-reduce (`floe_jax.quant._multiply_reduce`, the
-path with FLOE_JAX_CPU_KERNELS=0) and a float32 product, on Qwen2.5-0.5B's matrix shapes.
+path of `QuantConfig(cpu_kernel=False)`) and a float32 product, on Qwen2.5-0.5B's matrix shapes.
+Both paths are called directly, so `FLOE_JAX_CPU_KERNELS` does not apply.
 
 One row of x (a decode step at batch 1) against `COPIES` separate [4864, 896] MLP matrices (one
 per layer, so they do not fit the cache, as in a decode step) and against the [151936, 896]

@@ -37,7 +37,7 @@ QUALITY_ROWS = (
 )
 
 
-def quality_rows(quick: bool = False) -> list[dict]:
+def quality_rows(quick: bool = False, cpu_kernel: bool = True) -> list[dict]:
     from floe_jax import quant
     from floe_jax.config import ModelConfig
     from floe_jax.data.benchmark import make_benchmark
@@ -77,7 +77,7 @@ def quality_rows(quick: bool = False) -> list[dict]:
     rows = [{"format": "float32", "held-out ppl": float(np.exp(s / c)), "greedy agreement": 1.0,
              "argmax = f32 (teacher-forced)": 1.0}]  # fmt: skip
     for label, kw in QUALITY_ROWS:
-        qp = quant.quantize(params, cfg, quant.QuantConfig(**kw))
+        qp = quant.quantize(params, cfg, quant.QuantConfig(**kw, cpu_kernel=cpu_kernel))
         q_logits = np.asarray(logits(qp))
         d = np.abs(q_logits - ref_logits)
         s, c = loss(qp)
@@ -107,7 +107,7 @@ def _fwd(p, tokens, cfg):
     return forward(p, tokens, cfg)
 
 
-def memory_rows(num_layers: int | None = None) -> list[dict]:
+def memory_rows(num_layers: int | None = None, cpu_kernel: bool = True) -> list[dict]:
     from experiments.benchmarks._decode_scale import QWEN25_05B
     from floe_jax import quant
     from floe_jax.config import LoRAConfig
@@ -128,7 +128,7 @@ def memory_rows(num_layers: int | None = None) -> list[dict]:
     for fmt in ("float32", *FORMATS):
         p = base
         if fmt != "float32":
-            qcfg = quant.QuantConfig(format=fmt)
+            qcfg = quant.QuantConfig(format=fmt, cpu_kernel=cpu_kernel)
             p = jax.eval_shape(lambda b, q=qcfg: quant.quantize(b, cfg, q), base)
         m = client_memory_bytes(p, lora, batches, cfg=cfg, opt=opt)
         rows.append({"base": fmt, **{k: v / 2**20 for k, v in m.items()}})
@@ -137,11 +137,13 @@ def memory_rows(num_layers: int | None = None) -> list[dict]:
     return rows
 
 
-def run(quick: bool = False) -> list[dict]:
-    q = quality_rows(quick)
+def run(quick: bool = False, cpu_kernel: bool = True) -> list[dict]:
+    """`cpu_kernel`: `QuantConfig.cpu_kernel` of every quantized base (the command line's
+    `FLOE_JAX_CPU_KERNELS`)."""
+    q = quality_rows(quick, cpu_kernel)
     print_table(q, title=f"bench quant: quality against float32 (pretrained Llama 256x4) — "
                 f"{machine()}")  # fmt: skip
-    m = memory_rows(num_layers=2 if quick else None)
+    m = memory_rows(num_layers=2 if quick else None, cpu_kernel=cpu_kernel)
     print_table(m, title="bench quant: one QLoRA client's compiled memory (MiB), Qwen2.5-0.5B "
                 "shapes" + (" (2 layers)" if quick else ""))  # fmt: skip
     return q + m
