@@ -8,6 +8,11 @@ multiply-adds them into float32 accumulators, each weight read once, output rows
 OpenMP threads: `y [M, N] = x [M, K] . decode(q, scale) [N, K]^T` with float32 activations, equal
 to the dequantize-then-float reference up to summation order.
 
+`activations="int8"` (int8 and int4 weights, CPUs with AVX-512 VNNI) instead quantizes x per
+block of 32 inputs as llama.cpp's Q8_0 does and sums exact integer products with `vpdpbusd`
+(64 codes per instruction instead of 16 float multiply-adds); `quantize_activations` is the
+exact specification, `cpu_qmatvec.cc` ("int8 activations") the kernel.
+
 The library is compiled at first use with a C++ compiler (default `g++`) into a cache folder
 (default `~/.cache/floe_jax/kernels`), under a name keyed by the source, jaxlib's version, the
 compiler, its flags and the host's CPU flags, and registered as the CPU target `floe_qmatvec`; a
@@ -43,6 +48,9 @@ SOURCE = Path(__file__).with_name("cpu_qmatvec.cc")
 TARGET = "floe_qmatvec"
 SYMBOL = "FloeQMatvec"
 FORMAT_CODES = {"bf16": 0, "int8": 1, "int4": 2, "nf4": 3}
+ACTIVATION_CODES = {"float32": 0, "int8": 1}
+INT8_FORMATS = ("int8", "int4")  # the weights int8 activations take (integer codes)
+BLOCK = 32  # inputs per int8 activation block (one float scale each)
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-fopenmp", "-w")
 DEFAULT_CXX = "g++"
 DEFAULT_CACHE_DIR = "~/.cache/floe_jax/kernels"
@@ -210,6 +218,38 @@ def vectorized() -> bool:
     return set(VECTOR_FLAGS) <= set(_cpu_flags().split())
 
 
+# int8 activations need VNNI's integer dot product (vpdpbusd on 512-bit vectors).
+INT8_FLAGS = ("avx512_vnni",)
+
+
+def int8_activations() -> bool:
+    """Whether this CPU runs the kernel's int8-activation path (`INT8_FLAGS`)."""
+    return vectorized() and set(INT8_FLAGS) <= set(_cpu_flags().split())
+
+
+def quantize_activations(x_MK: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's int8 activations, in NumPy: (codes int8 [M, K], scales float32 [M, B]).
+
+    Per row and block b of `BLOCK` inputs (the last block may be shorter): a = max |x| over the
+    block, d = a / 127 in float32, codes = rint(x / d) (float32 division, round half to even)
+    clipped to [-127, 127], 0 where d = 0; a block holding a non-finite value gets d = NaN (so
+    the product is NaN, as on the float path). The kernel then returns
+    y[m, n] = sum_b d[m, b] * s[n, g(b)] * sum_{k in b} codes[m, k] * c[n, k] with the weight's
+    integer codes c (int8 as stored; int4: nibble - 8) and scales s, the inner sums exact."""
+    x = np.asarray(x_MK, np.float32)
+    m, k = x.shape
+    nb = -(-k // BLOCK)
+    xp = np.zeros((m, nb * BLOCK), np.float32)
+    xp[:, :k] = x
+    xb = xp.reshape(m, nb, BLOCK)
+    with np.errstate(invalid="ignore"):
+        a = np.max(np.abs(xb), axis=-1)
+        d = np.where(np.isfinite(a), a / np.float32(127), np.float32(np.nan)).astype(np.float32)
+        safe = np.where(d > 0, d, np.float32(1))[..., None]
+        q = np.where(d[..., None] > 0, np.clip(np.rint(xb / safe), -127, 127), 0)
+    return q.reshape(m, -1)[:, :k].astype(np.int8), d
+
+
 def available() -> bool:
     """Whether this CPU runs the kernel's vector path and the kernel is registered (built at the
     first call). A failed build warns once, naming the compiler command and its stderr, and
@@ -229,30 +269,35 @@ def _warn_once(error: str) -> None:
                   "line, silences this).", stacklevel=3)  # fmt: skip
 
 
-def path(cpu_kernel: bool = True) -> str:
+def path(cpu_kernel: bool = True, activations: str = "float32") -> str:
     """The matvec path a decode step on the CPU takes for weights quantized with
-    `QuantConfig(cpu_kernel=...)` (benchmarks print it)."""
+    `QuantConfig(cpu_kernel=..., activations=...)` (benchmarks print it)."""
     if not cpu_kernel:
         return "XLA multiply-reduce (cpu_kernel=False)"
+    if activations == "int8" and available():
+        if int8_activations():
+            return "floe_qmatvec kernel, int8 activations (VNNI)"
+        return "floe_qmatvec kernel, float32 activations (this CPU lacks avx512_vnni)"
     if not vectorized():
         return f"XLA multiply-reduce (this CPU lacks {'/'.join(VECTOR_FLAGS)})"
     return "floe_qmatvec kernel" if _register() is None else "XLA multiply-reduce (build failed)"
 
 
-def _call(x_MK, q, scale, fmt: str):
+def _call(x_MK, q, scale, fmt: str, act: str):
     m, n = x_MK.shape[0], q.shape[0]
     out = jax.ShapeDtypeStruct((m, n), jnp.float32)
-    return jax.ffi.ffi_call(TARGET, out)(x_MK, q, scale, fmt=np.int32(FORMAT_CODES[fmt]))
+    attrs = dict(fmt=np.int32(FORMAT_CODES[fmt]), act=np.int32(ACTIVATION_CODES[act]))
+    return jax.ffi.ffi_call(TARGET, out)(x_MK, q, scale, **attrs)
 
 
 @functools.cache
-def _batched(fmt: str):
+def _batched(fmt: str, act: str):
     """The call for one format, whose vmap over rows of x (a shared weight) folds the batch
     axis into the rows: the weight is never broadcast."""
 
     @jax.custom_batching.custom_vmap
     def f(x_MK, q, scale):
-        return _call(x_MK, q, scale, fmt)
+        return _call(x_MK, q, scale, fmt, act)
 
     @f.def_vmap
     def _rule(axis_size, in_batched, x, q, scale):
@@ -274,10 +319,13 @@ CODE_DTYPES = {"bf16": ("uint16", "bfloat16"), "int8": ("int8",), "int4": ("uint
                "nf4": ("uint8",)}  # fmt: skip
 
 
-def check_operands(x_MK, q, scale, fmt: str) -> None:
+def check_operands(x_MK, q, scale, fmt: str, activations: str = "float32") -> None:
     """Raises ValueError, naming the shapes and dtypes, if `qmatvec` cannot take its operands."""
     if fmt not in FORMAT_CODES:
         raise ValueError(f"qmatvec: format {fmt!r} is not one of {tuple(FORMAT_CODES)}")
+    if activations not in ACTIVATION_CODES:
+        raise ValueError(f"qmatvec: activations {activations!r} is not one of "
+                         f"{tuple(ACTIVATION_CODES)}")  # fmt: skip
     what = f"x {x_MK.dtype}{list(x_MK.shape)}, q {q.dtype}{list(q.shape)}, scale " \
            f"{scale.dtype}{list(scale.shape)}, format {fmt}"  # fmt: skip
     if x_MK.ndim != 2 or q.ndim != 2 or scale.ndim != 2:
@@ -299,17 +347,31 @@ def check_operands(x_MK, q, scale, fmt: str) -> None:
         raise ValueError(f"qmatvec: scale's {g} groups do not split K={k} into "
                          f"{'no groups (bf16)' if fmt == 'bf16' else 'equal (even) groups'} "
                          f"({what})")  # fmt: skip
+    if activations == "int8":
+        if fmt not in INT8_FORMATS:
+            raise ValueError(f"qmatvec: int8 activations take {' and '.join(INT8_FORMATS)} "
+                             f"weights ({what})")  # fmt: skip
+        if g > 1 and (k // g) % BLOCK:
+            raise ValueError(f"qmatvec: int8 activations need weight groups of a multiple of "
+                             f"{BLOCK} inputs, got {k // g} ({what})")  # fmt: skip
 
 
-def qmatvec(x_MK: jax.Array, q: jax.Array, scale: jax.Array, fmt: str) -> jax.Array:
+def qmatvec(
+    x_MK: jax.Array, q: jax.Array, scale: jax.Array, fmt: str, activations: str = "float32"
+) -> jax.Array:
     """`x [M, K] . decode(q, scale)^T` -> float32 [M, N] on the CPU (`floe_jax.quant`'s codes:
-    q [N, K] or [N, K/2] packed, scale [N, G]), built and registered at the first call.
+    q [N, K] or [N, K/2] packed, scale [N, G]), built and registered at the first call. With
+    `activations="int8"`, x is first quantized per block as `quantize_activations` specifies.
 
     Raises:
-      ValueError: operands the kernel does not take (`check_operands`).
+      ValueError: operands the kernel does not take (`check_operands`), or int8 activations on
+        a CPU without AVX-512 VNNI.
       KernelBuildError: the kernel could not be built (`available()` checks without raising).
     """
-    check_operands(x_MK, q, scale, fmt)
+    check_operands(x_MK, q, scale, fmt, activations)
+    if activations == "int8" and not int8_activations():
+        raise ValueError(f"qmatvec: int8 activations need {'/'.join(INT8_FLAGS)}, which this "
+                         "CPU lacks")  # fmt: skip
     if (error := _register()) is not None:
         raise KernelBuildError(error)
-    return _batched(fmt)(x_MK.astype(jnp.float32), q, scale)
+    return _batched(fmt, activations)(x_MK.astype(jnp.float32), q, scale)

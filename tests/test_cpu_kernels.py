@@ -25,6 +25,9 @@ from kernels import cpu_qmatvec as cq
 
 # The kernel's own tests; the switch, build-failure and XLA-path tests run without it.
 needs_kernel = pytest.mark.skipif(not cq.available(), reason="the CPU kernel is not available")
+needs_vnni = pytest.mark.skipif(
+    not (cq.available() and cq.int8_activations()), reason="no kernel or no AVX-512 VNNI"
+)
 
 # (format, group size, K): odd K where groups allow it (scalar tails), groups whose width is not a
 # multiple of 16 (masked tails inside a group), 4-bit groups of 32 and 64, per-row 4-bit scales.
@@ -317,14 +320,147 @@ def test_failed_build_warns_and_falls_back_to_xla(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+# int8 activations: (format, group size, K): per-row int8 with odd K (a partial last block and a
+# partial last 64-byte vector), int8 groups of 32 and 64, int4 groups of 32, 64 and 128, per-row
+# int4 with K = 202 (a partial block), K past one 128-input vector.
+I8_CASES = [
+    ("int8", None, 131),
+    ("int8", 32, 192),
+    ("int8", 64, 256),
+    ("int4", 32, 192),
+    ("int4", 64, 192),
+    ("int4", 128, 384),
+    ("int4", None, 202),
+]
+
+
+def _codes(qt):
+    """The weight's integer codes c [N, K] (int8 as stored; int4: nibble - 8)."""
+    q = np.asarray(qt.q)
+    if qt.format == "int8":
+        return q.astype(np.int64)
+    return np.stack([q & 15, q >> 4], axis=-1).reshape(q.shape[0], -1).astype(np.int64) - 8
+
+
+def _ref_int8(x, qt):
+    """x quantized per block (`quantize_activations`), exact integer dot products per block,
+    then the block's x scale and the weight's scale, in float64."""
+    xq, d = cq.quantize_activations(x)
+    c, s = _codes(qt), np.asarray(qt.scale, np.float64)
+    k, g = x.shape[1], s.shape[1]
+    y = np.zeros((x.shape[0], c.shape[0]))
+    for b0 in range(0, k, cq.BLOCK):
+        b1 = min(k, b0 + cq.BLOCK)
+        isum = xq[:, b0:b1].astype(np.int64) @ c[:, b0:b1].T  # exact
+        w_scale = 1.0 if g == 1 else s[:, b0 // (k // g)][None]
+        y += d[:, b0 // cq.BLOCK, None].astype(np.float64) * isum * w_scale
+    return y * s[:, 0][None] if g == 1 else y
+
+
+def _weight8(fmt, gs, k, n=N, seed=0):
+    w = np.random.default_rng(seed).normal(size=(k, n)).astype(np.float32)
+    return quant.quantize_matrix(w, fmt, gs, transposed=True, activations="int8")
+
+
+@needs_vnni
+@pytest.mark.parametrize("m", [1, 6])
+@pytest.mark.parametrize(("fmt", "gs", "k"), I8_CASES)
+def test_int8_activations_equal_the_integer_reference(fmt, gs, k, m):
+    qt = _weight8(fmt, gs, k)
+    x = np.random.default_rng(m).normal(size=(m, k)).astype(np.float32)
+    x[0, :5] *= 40  # an outlier block
+    fn = jax.jit(quant.linear)
+    assert "act = 1 : i32" in fn.lower(x, qt).as_text()
+    got = fn(x, qt)
+    _close(got, _ref_int8(x, qt))
+    # Not the float reference: the activations' rounding is visible, and small.
+    diff = np.abs(np.asarray(got) - _ref(x, qt)).max() / np.abs(_ref(x, qt)).max()
+    assert 1e-5 < diff < 3e-2
+
+
+def test_activation_quantization_rule():
+    """`quantize_activations` by hand: d = max|x| / 127 per block of 32; rint (half to even)."""
+    x = np.zeros((1, 70), np.float32)
+    x[0, :4] = [127, -63.5, 0.5, 1.5]  # block 0: d = 1
+    x[0, 64:66] = [-2.54, 1.27]  # block 2 (6 inputs): d = 0.02
+    xq, d = cq.quantize_activations(x)
+    np.testing.assert_array_equal(d[0], np.float32([1, 0, 2.54 / np.float32(127)]))
+    np.testing.assert_array_equal(xq[0, :4], [127, -64, 0, 2])
+    np.testing.assert_array_equal(xq[0, 64:66], [-127, 64])  # 1.27 / 0.02 = 63.5 -> 64
+    assert not xq[0, 4:64].any() and not xq[0, 66:].any()
+    x[0, 40] = np.nan
+    assert np.isnan(cq.quantize_activations(x)[1][0, 1])
+
+
+@needs_vnni
+def test_int8_activations_propagate_nan_and_zero_rows():
+    qt = _weight8("int4", 64, 192)
+    x = np.zeros((3, 192), np.float32)
+    x[1, 0] = 1.0
+    x[2, 70] = np.nan
+    y = np.asarray(jax.jit(quant.linear)(x, qt))
+    assert not y[0].any() and np.isfinite(y[1]).all() and np.isnan(y[2]).all()
+    _close(y[1], _ref_int8(x[1:2], qt)[0])
+
+
+@needs_vnni
+def test_int8_activations_under_vmap_and_grad():
+    """Clients fold into the kernel's rows; the gradient wrt x is the float path's (QLoRA
+    training over such a base trains as with float32 activations)."""
+    qt = _weight8("int8", None, 131)
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(3, 2, 131)).astype(np.float32)
+    fn = jax.jit(jax.vmap(quant.linear, in_axes=(0, None)))
+    _close(fn(x, qt), np.stack([_ref_int8(xi, qt) for xi in x]))
+    assert len(_custom_calls(fn.lower(x, qt).as_text())) == 1
+    c = rng.normal(size=(2, N)).astype(np.float32)
+    g = jax.jit(jax.grad(lambda x: jnp.sum(quant.linear(x, qt) * c)))(x[0])
+    _close(g, c.astype(np.float64) @ np.asarray(qt.dequantize(), np.float64).T)
+
+
+@needs_vnni
+def test_greedy_decode_with_int8_activations_runs_the_vnni_kernel():
+    qcfg = quant.QuantConfig(format="int4", group_size=32, activations="int8")
+    qp = unstack_layers(quant.quantize(init_params(CFG, key=jax.random.key(0)), CFG, qcfg))
+    toks, logits, gen, args = _decode(qp)
+    assert "act = 1 : i32" in gen.lower(*args).as_text()
+    _, logits_f, _, _ = _decode(quant.with_options(qp, activations="float32"))
+    assert np.isfinite(logits).all() and toks.shape == (2, 6)
+    # Activation rounding moves the logits a little, not a lot (random tiny model).
+    np.testing.assert_allclose(logits, logits_f, atol=0.05 * np.abs(logits_f).max())
+
+
+def test_int8_activations_refuse_formats_and_groups_they_do_not_take():
+    for kw, match in [
+        ({"format": "nf4"}, "not format='nf4'"),
+        ({"format": "bf16"}, "not format='bf16'"),
+        ({"format": "int8", "group_size": 48}, "multiple of 32"),
+        ({"format": "int4", "group_size": 16}, "multiple of 32"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            quant.QuantConfig(activations="int8", **kw)
+    with pytest.raises(ConfigError, match="activations='fp8'"):
+        quant.QuantConfig(activations="fp8")
+    with pytest.raises(ValueError, match="gate: activations='int8' needs group_size"):
+        quant.quantize_matrix(np.ones((64, 4)), "int8", 16, transposed=True, name="gate",
+                              activations="int8")  # fmt: skip
+    qt = _weight("nf4", 32, 192)
+    with pytest.raises(ValueError, match=r"int8 activations take int8 and int4 weights"):
+        cq.qmatvec(np.ones((1, 192), np.float32), qt.q, qt.scale, "nf4", "int8")
+
+
 @needs_kernel
 def test_bench_qmatvec_quick_runs_and_agrees():
     from experiments.benchmarks import qmatvec as bench
 
     rows = bench.run(quick=True)
     by = {(r["matrix"], r["format"], r["path"]): r for r in rows}
-    assert len(by) == len(bench.SHAPES) * (1 + 2 * len(bench.FORMATS))
+    int8_act = len(cq.INT8_FORMATS) if cq.int8_activations() else 0
+    assert len(by) == len(bench.SHAPES) * (1 + 2 * len(bench.FORMATS) + int8_act)
     for (matrix, fmt, path), r in by.items():
         if path == "kernel":  # the same products as XLA's multiply-reduce, both against float32
             other = by[(matrix, fmt, "XLA multiply-reduce")]["rel. diff vs float32"]
             assert abs(r["rel. diff vs float32"] - other) < 1e-4 and r["ms"] > 0
+        if path == "kernel, int8 act":  # plus the activations' rounding: small
+            other = by[(matrix, fmt, "kernel")]["rel. diff vs float32"]
+            assert abs(r["rel. diff vs float32"] - other) < 2e-2 and r["ms"] > 0

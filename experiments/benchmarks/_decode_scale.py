@@ -10,7 +10,9 @@ Every side (and the bandwidth probe) runs in one alternating loop, so all see th
 figures are medians. On a CPU the quantized sides run the fused matvec kernel
 (`kernels.cpu_qmatvec`) unless `cpu_kernel` is False (`QuantConfig.cpu_kernel`; the command
 line's FLOE_JAX_CPU_KERNELS=0); the "(XLA m-r)" sides run XLA's multiply-reduce in the same loop
-(their weights carry `cpu_kernel=False`), and a `matvec` column says which path each side ran.
+(their weights carry `cpu_kernel=False`), the "(int8 act)" sides the kernel with int8
+activations (`QuantConfig.activations="int8"`, where the CPU has AVX-512 VNNI), and a `matvec`
+column says which path each side ran.
 """
 
 from __future__ import annotations
@@ -56,13 +58,15 @@ def run(
     xla_formats=("int8", "int4"),
     hf_bf16: bool = True,
     cpu_kernel: bool = True,
+    int8_act_formats=("int8", "int4"),
 ) -> list[dict]:
     """Times every format at each batch (`new` tokens, `repeats` alternating calls per side;
     defaults 32 and 5, or 8 and 2 when `quick`) and returns one row per (batch, side). The
     quantized formats run the CPU matvec kernel when it is available (`kernels.cpu_qmatvec`),
     and `xla_formats` also with XLA's multiply-reduce ("(XLA m-r)" sides); the `matvec` column
     says which path each side ran. `hf_bf16=False` leaves out transformers' bfloat16 side;
-    `cpu_kernel` is the quantized sides' `QuantConfig.cpu_kernel`."""
+    `cpu_kernel` is the quantized sides' `QuantConfig.cpu_kernel`; `int8_act_formats` also run
+    with int8 activations ("(int8 act)" sides) where the kernel and VNNI are there."""
     import torch
     import transformers
 
@@ -122,6 +126,9 @@ def run(
         sides = {f"floe_jax {f}": fj_side(p) for f, p in bases.items()}
         sides |= {f"floe_jax {f} (XLA m-r)": fj_side(quant.with_options(bases[f], cpu_kernel=False))
                   for f in xla_formats}  # fmt: skip
+        if cpu_kernel and cpu_qmatvec.available() and cpu_qmatvec.int8_activations():
+            sides |= {f"floe_jax {f} (int8 act)": fj_side(quant.with_options(bases[f],
+                      activations="int8")) for f in int8_act_formats}  # fmt: skip
         sides["transformers float32"] = hf_side(hf32)
         if hf_bf16:
             sides["transformers bf16"] = hf_side(hf16)
@@ -154,7 +161,7 @@ def run(
         rows,
         title=f"bench decode, {cfg.model_type} {cfg.num_params / 1e6:.0f}M shapes (random "
         f"weights): prompt {prompt_len}, {new} new tokens, medians of {repeats} interleaved — "
-        f"{machine()}",
+        f"{machine()}, load average {os.getloadavg()[0]:.1f}",
     )
     return rows
 
@@ -164,7 +171,8 @@ def _path(side: str, fmt: str, cpu_kernel: bool) -> str:
         return "torch"
     if fmt == "float32":
         return "XLA dot"
-    return cpu_qmatvec.path(cpu_kernel and "(XLA m-r)" not in side)
+    act = "int8" if "(int8 act)" in side else "float32"
+    return cpu_qmatvec.path(cpu_kernel and "(XLA m-r)" not in side, act)
 
 
 def small_config() -> ModelConfig:
