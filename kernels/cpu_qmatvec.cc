@@ -273,9 +273,9 @@ void rows(bool, const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t 
 // bytes by 64 signed ones and adds each 4 products into a 32-bit lane: the weights are the
 // unsigned side (int8: c + 128, the sign bit flipped; int4: the stored nibble, c + 8) and the
 // accumulator starts at -bias * (sum of the lane's xq), so every lane holds an exact sum of
-// c * xq (|lane| <= 8 * 127 * 128 < 2^31: no overflow) before it is converted to float once and
-// scaled by its block's d (and group's s). Blocks must not straddle weight groups: groups are
-// multiples of 32 inputs.
+// c * xq (every partial value below 4 * 255 * 127 + 4 * 128 * 127 < 2^18: no overflow) before
+// it is converted to float once and scaled by its block's d (and group's s). Blocks must not
+// straddle weight groups: groups are multiples of 32 inputs.
 //
 // Lane layout. int8: a vector is 64 consecutive inputs, 32-bit lane l holds inputs 4l..4l+3
 // (block l / 8 of the two). int4: a vector is 64 bytes = 128 inputs; byte p holds inputs 2p (low
