@@ -1,11 +1,15 @@
 """The command line: parse a command, a preset and `key=value` overrides, call one function.
 
 Commands register themselves in `COMMANDS` with a one-line help and a handler taking the
-remaining arguments and the attention implementation. The logic each handler calls lives in
-floe_jax or in an experiments module.
+remaining arguments and the `CommandEnv`. The logic each handler calls lives in floe_jax or in an
+experiments module.
 
-`FLOE_KERNELS` (`reference`, the default, or `pallas`) is read here, once per command, and set as
-`ModelConfig.attention_impl` on the model configs the command builds; the library never reads it.
+The environment is read here, once per command (`CommandEnv.from_environ`), never by the library:
+`FLOE_KERNELS` (`reference`, the default, or `pallas`) is set as `ModelConfig.attention_impl` on
+the model configs the command builds; `FLOE_JAX_CPU_KERNELS` (1, the default, or 0) as
+`QuantConfig.cpu_kernel` on its quantization configs; `CXX` and `FLOE_JAX_KERNEL_CACHE` (the
+compiler and the cache folder of the CPU kernel, `kernels.cpu_qmatvec`) are passed to
+`cpu_qmatvec.configure` before the command runs.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from floe_jax.config import ATTENTION_IMPLS, ConfigError, ModelConfig
 from floe_jax.federated.run_folder import NothingTrainedError, RunMismatchError
 
 KERNELS_ENV = "FLOE_KERNELS"
+CPU_KERNELS_ENV = "FLOE_JAX_CPU_KERNELS"
+KERNEL_CACHE_ENV = "FLOE_JAX_KERNEL_CACHE"
+CXX_ENV = "CXX"
 
 
 def attention_impl_from_env() -> str:
@@ -29,25 +36,72 @@ def attention_impl_from_env() -> str:
     return impl
 
 
-def with_attention_impl(obj, impl: str):
-    """`obj` with `attention_impl=impl` on every `ModelConfig` in it: itself, or a field of a
-    (nested) dataclass such as a preset."""
-    if isinstance(obj, ModelConfig):
-        return dataclasses.replace(obj, attention_impl=impl)
+def cpu_kernel_from_env() -> bool:
+    """`FLOE_JAX_CPU_KERNELS` from the environment (1, the default: the CPU matvec kernel; 0:
+    XLA's paths)."""
+    value = os.environ.get(CPU_KERNELS_ENV, "1")
+    if value not in ("0", "1"):
+        raise ConfigError(f"{CPU_KERNELS_ENV}={value!r}: expected 0 (XLA's multiply-reduce) or 1 "
+                          "(the CPU kernel)")  # fmt: skip
+    return value == "1"
+
+
+def configure_kernel_build_from_env() -> None:
+    """Passes `CXX` and `FLOE_JAX_KERNEL_CACHE` (unset or empty: the defaults) to
+    `kernels.cpu_qmatvec.configure`."""
+    from kernels import cpu_qmatvec
+
+    cpu_qmatvec.configure(cxx=os.environ.get(CXX_ENV) or None,
+                          cache_dir=os.environ.get(KERNEL_CACHE_ENV) or None)  # fmt: skip
+
+
+def _replace_nested(obj, cls: type, **changes):
+    """`obj` with `changes` on every `cls` instance in it: itself, or a field of a (nested)
+    dataclass such as a preset."""
+    if isinstance(obj, cls):
+        return dataclasses.replace(obj, **changes)
     if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
         return obj
-    changes = {}
+    new_fields = {}
     for f in dataclasses.fields(obj):
         if not f.init:
             continue
         v = getattr(obj, f.name)
-        new = with_attention_impl(v, impl)
+        new = _replace_nested(v, cls, **changes)
         if new is not v:
-            changes[f.name] = new
-    return dataclasses.replace(obj, **changes) if changes else obj
+            new_fields[f.name] = new
+    return dataclasses.replace(obj, **new_fields) if new_fields else obj
 
 
-def _bench(argv: list[str], impl: str) -> int:
+def with_attention_impl(obj, impl: str):
+    """`obj` with `attention_impl=impl` on every `ModelConfig` in it."""
+    return _replace_nested(obj, ModelConfig, attention_impl=impl)
+
+
+def with_cpu_kernel(obj, on: bool):
+    """`obj` with `cpu_kernel=on` on every `floe_jax.quant.QuantConfig` in it."""
+    from floe_jax.quant import QuantConfig
+
+    return _replace_nested(obj, QuantConfig, cpu_kernel=on)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CommandEnv:
+    """The settings a command takes from the environment, read once (`from_environ`)."""
+
+    attention_impl: str = "reference"
+    cpu_kernel: bool = True
+
+    @classmethod
+    def from_environ(cls) -> CommandEnv:
+        return cls(attention_impl=attention_impl_from_env(), cpu_kernel=cpu_kernel_from_env())
+
+    def apply(self, obj):
+        """`obj` (a preset, a config) with these settings on the configs in it."""
+        return with_cpu_kernel(with_attention_impl(obj, self.attention_impl), self.cpu_kernel)
+
+
+def _bench(argv: list[str], env: CommandEnv) -> int:
     from experiments import benchmarks
 
     p = argparse.ArgumentParser(
@@ -66,47 +120,49 @@ def _bench(argv: list[str], impl: str) -> int:
     args = p.parse_args(argv)
     for name in args.names or benchmarks.available():
         if args.profile is None:
-            benchmarks.run(name, quick=args.quick, attention_impl=impl)
+            benchmarks.run(name, quick=args.quick, attention_impl=env.attention_impl,
+                           cpu_kernel=env.cpu_kernel)  # fmt: skip
             continue
         from experiments.benchmarks._profile import op_table, traced
         from experiments.benchmarks._util import print_table
 
         out = os.path.join(args.profile, name)
         with traced(out):
-            benchmarks.run(name, quick=args.quick, attention_impl=impl)
+            benchmarks.run(name, quick=args.quick, attention_impl=env.attention_impl,
+                           cpu_kernel=env.cpu_kernel)  # fmt: skip
         print_table(op_table(out), title=f"{name}: XLA time per op (trace in {out})")
     return 0
 
 
-def _profile(argv: list[str], impl: str) -> int:
+def _profile(argv: list[str], env: CommandEnv) -> int:
     from experiments import profile
 
-    profile.main(argv, attention_impl=impl)
+    profile.main(argv, attention_impl=env.attention_impl)
     return 0
 
 
-def _plan(argv: list[str], impl: str) -> int:
+def _plan(argv: list[str], env: CommandEnv) -> int:
     from experiments import plan
 
     return plan.main(argv)
 
 
-def _serve_cloud(argv: list[str], impl: str) -> int:
+def _serve_cloud(argv: list[str], env: CommandEnv) -> int:
     from experiments import serve_cloud
 
-    return serve_cloud.main(argv, attention_impl=impl)
+    return serve_cloud.main(argv, attention_impl=env.attention_impl)
 
 
-def _pretrain(argv: list[str], impl: str) -> int:
+def _pretrain(argv: list[str], env: CommandEnv) -> int:
     from experiments import calibrate
 
-    return calibrate.pretrain_main(argv, attention_impl=impl)
+    return calibrate.pretrain_main(argv, attention_impl=env.attention_impl)
 
 
-def _calibrate(argv: list[str], impl: str) -> int:
+def _calibrate(argv: list[str], env: CommandEnv) -> int:
     from experiments import calibrate
 
-    return calibrate.main(argv, attention_impl=impl)
+    return calibrate.main(argv, attention_impl=env.attention_impl)
 
 
 def _run_parser(command: str, description: str, *, restart: bool = False):
@@ -134,14 +190,14 @@ def _run_parser(command: str, description: str, *, restart: bool = False):
     return p
 
 
-def _run_args(argv: list[str], impl: str, command: str, description: str, *, restart=False):
+def _run_args(argv: list[str], env: CommandEnv, command: str, description: str, *, restart=False):
     """`(preset, run folder, progress, restart)` from a run command's arguments."""
     from experiments.presets import get_preset
 
     args = _run_parser(command, description, restart=restart).parse_intermixed_args(argv)
     if "=" in args.preset:  # `demo key=value` without a preset name
         args.overrides, args.preset = [args.preset, *args.overrides], "default"
-    preset = with_attention_impl(get_preset(args.preset, args.overrides), impl)
+    preset = env.apply(get_preset(args.preset, args.overrides))
     out = args.out or f"runs/demo-{preset.name}"
     check_out_dir(out)
     return preset, out, not args.no_progress, bool(getattr(args, "restart", False))
@@ -163,11 +219,11 @@ def check_out_dir(path: str, flag: str = "--out") -> None:
         raise ConfigError(f"{flag} {path}: {parent} is not writable")
 
 
-def _demo(argv: list[str], impl: str) -> int:
+def _demo(argv: list[str], env: CommandEnv) -> int:
     from experiments import demo
 
     preset, out, progress, restart = _run_args(
-        argv, impl, "demo",
+        argv, env, "demo",
         "The embedded Floe benchmark end to end: tokenizer and pretrained base models (cached), "
         "heterogeneous ranks from device profiles, federated LoRA rounds (Floe clustered, the "
         "fed.baselines rules unclustered), then every method on the same test queries under a "
@@ -208,12 +264,12 @@ CLUSTER_HELP = (
 )
 
 
-def _federate(argv: list[str], impl: str) -> int:
+def _federate(argv: list[str], env: CommandEnv) -> int:
     from experiments import demo
 
     argv, mesh = _cluster_args(argv)
     preset, out, progress, restart = _run_args(
-        argv, impl, "federate",
+        argv, env, "federate",
         "Pretraining (cached) and the federated LoRA rounds of every compared method only "
         "(resumes from the run folder's checkpoints). `evaluate` then scores them. "
         + CLUSTER_HELP, restart=True,
@@ -225,11 +281,11 @@ def _federate(argv: list[str], impl: str) -> int:
     return 0
 
 
-def _evaluate(argv: list[str], impl: str) -> int:
+def _evaluate(argv: list[str], env: CommandEnv) -> int:
     from experiments import demo
 
     preset, out, progress, _ = _run_args(
-        argv, impl, "evaluate",
+        argv, env, "evaluate",
         "Evaluate the adapters of an existing run folder (written by `federate` or `demo` with "
         "the same preset and overrides) and write eval.jsonl, report.md and plots.",
     )  # fmt: skip
@@ -237,7 +293,7 @@ def _evaluate(argv: list[str], impl: str) -> int:
     return 0
 
 
-def _flower(argv: list[str], impl: str) -> int:
+def _flower(argv: list[str], env: CommandEnv) -> int:
     from experiments import flower
 
     p = _run_parser(
@@ -265,7 +321,7 @@ def _flower(argv: list[str], impl: str) -> int:
         args.overrides, args.preset = [args.preset, *args.overrides], "default"
     from experiments.presets import get_preset
 
-    preset = with_attention_impl(get_preset(args.preset, args.overrides), impl)
+    preset = env.apply(get_preset(args.preset, args.overrides))
     out = args.out or f"runs/flower-{preset.name}"
     check_out_dir(out)
     state = flower.simulate(preset, out, name=args.run, timeout=args.timeout or None,
@@ -278,10 +334,10 @@ def _flower(argv: list[str], impl: str) -> int:
     return 0
 
 
-def _seeds(argv: list[str], impl: str) -> int:
+def _seeds(argv: list[str], env: CommandEnv) -> int:
     from experiments import seeds
 
-    return seeds.main(argv, impl)
+    return seeds.main(argv, env.attention_impl)
 
 
 COMMANDS: dict[str, tuple[str, object]] = {
@@ -335,8 +391,9 @@ def main(argv: list[str]) -> int:
     else:
         command, rest = DEFAULT_COMMAND, argv
     try:
-        impl = attention_impl_from_env()
-        return COMMANDS[command][1](rest, impl) or 0
+        env = CommandEnv.from_environ()
+        configure_kernel_build_from_env()
+        return COMMANDS[command][1](rest, env) or 0
     except RunMismatchError as e:
         print(f"error: {e}\n(on the command line: --restart)", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,7 @@ from floe_jax.config import ConfigError, ModelConfig
 from kernels import cpu_qmatvec
 
 FORMATS = ("bf16", "int8", "int4", "nf4")
+ACTIVATIONS = ("float32", "int8")
 
 # QLoRA's NF4 code book: quantiles of N(0, 1) scaled to [-1, 1], with an exact zero.
 NF4_CODES = np.array(
@@ -47,8 +49,9 @@ NF4_CODES = np.array(
 
 # Activations with at most this many rows (decode steps) contract the codes without a float copy
 # of the weight (XLA:CPU turns a dot on a converted operand into one): on CPUs in the fused C++
-# kernel `kernels.cpu_qmatvec` (unless FLOE_JAX_CPU_KERNELS=0), elsewhere in a multiply-reduce
-# fusion that reads each code once. Wider inputs (prefill, training) dequantize and run a dot.
+# kernel `kernels.cpu_qmatvec` (unless `QuantConfig.cpu_kernel` is False), elsewhere in a
+# multiply-reduce fusion that reads each code once. Wider inputs (prefill, training) dequantize
+# and run a dot.
 SMALL_ROWS = 16
 # On CPUs the kernel also runs inputs of up to this many rows (a short prompt's prefill): it
 # decodes each weight once per 4 rows from cache, which at 32 rows still beat dequantizing the
@@ -67,11 +70,29 @@ class QuantConfig:
       group_size: inputs sharing one scale (4-bit: required, default 64; int8: None is one
         scale per output channel).
       embeddings: also quantize `embed` and `lm_head` (the largest matrices of a small model).
+      cpu_kernel: on CPUs, contract decode steps' few rows in the fused C++ kernel
+        (`kernels.cpu_qmatvec`, 3-5x faster than XLA's multiply-reduce at Qwen2.5-0.5B shapes,
+        README) when it builds; False keeps XLA's paths (to compare them, or where no C++
+        compiler should run). Stored on each `QuantizedTensor` as a static field, so jitted
+        functions retrace when it changes. The command line sets it from
+        `FLOE_JAX_CPU_KERNELS` (`experiments.cli`); the library reads no environment.
+      activations: what the CPU kernel multiplies the codes with. `"float32"` (default): x as it
+        is, results equal to the dequantize-then-float reference up to float rounding.
+        `"int8"` (int8 and int4 weights; groups a multiple of 32): x quantized per block of 32
+        inputs (llama.cpp's Q8_0: scale max|x| / 127, round half to even,
+        `kernels.cpu_qmatvec.quantize_activations` is the exact rule) and contracted with exact
+        integer dot products (AVX-512 VNNI), several times fewer instructions per code, at the
+        cost of the activations' rounding (README, "Quantized bases"). It applies where the
+        kernel runs (decode steps and short prefills on CPUs with AVX-512 VNNI; elsewhere, and
+        for gradients, x stays float32). nf4's codes are not integers and bf16 is a float, so
+        they keep float32 activations. Static on each `QuantizedTensor`, like `cpu_kernel`.
     """
 
     format: str = "int8"
     group_size: int | None = None
     embeddings: bool = True
+    cpu_kernel: bool = True
+    activations: str = "float32"
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -82,6 +103,12 @@ class QuantConfig:
             raise ConfigError(f"QuantConfig.group_size must be even, got {self.group_size}")
         if self.format == "bf16" and self.group_size is not None:
             raise ConfigError("QuantConfig.group_size does not apply to format='bf16'")
+        if not isinstance(self.cpu_kernel, bool):
+            raise ConfigError(f"QuantConfig.cpu_kernel must be a bool, got {self.cpu_kernel!r}")
+        try:
+            _check_activations(self.format, self.groups, self.activations)
+        except ValueError as e:
+            raise ConfigError(f"QuantConfig: {e}") from None
 
     @property
     def groups(self) -> int | None:
@@ -103,12 +130,16 @@ class QuantizedTensor:
       format: as in `QuantConfig` (static).
       transposed: the logical matrix is the storage transposed ([..., K, N], a projection's
         [in, out]) rather than [..., N, K] (an embedding table) (static).
+      cpu_kernel: `QuantConfig.cpu_kernel` (static: the jit cache keys on it).
+      activations: `QuantConfig.activations` (static).
     """
 
     q: jax.Array
     scale: jax.Array
     format: str = struct.field(pytree_node=False)
     transposed: bool = struct.field(pytree_node=False)
+    cpu_kernel: bool = struct.field(pytree_node=False, default=True)
+    activations: str = struct.field(pytree_node=False, default="float32")
 
     @property
     def stored_shape(self) -> tuple[int, ...]:
@@ -133,6 +164,22 @@ class QuantizedTensor:
 
 def is_quantized(w) -> bool:
     return isinstance(w, QuantizedTensor)
+
+
+def _check_activations(fmt: str, group_size: int | None, activations: str) -> None:
+    """Raises ValueError unless weights of `fmt` grouped by `group_size` (None: one group per
+    row) take `activations`."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations={activations!r} is not one of {ACTIVATIONS}")
+    if activations == "float32":
+        return
+    if fmt not in cpu_qmatvec.INT8_FORMATS:
+        raise ValueError(f"activations='int8' takes formats {cpu_qmatvec.INT8_FORMATS} (integer "
+                         f"codes), not format={fmt!r}: keep activations='float32'")  # fmt: skip
+    if group_size is not None and group_size % cpu_qmatvec.BLOCK:
+        raise ValueError(f"activations='int8' needs group_size a multiple of "
+                         f"{cpu_qmatvec.BLOCK} (one activation block per weight group), "
+                         f"got {group_size}")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- codes
@@ -171,12 +218,26 @@ def _decode(q, scale, fmt, dtype):
     return v.reshape(*lead, n, k)
 
 
-def quantize_matrix(w: jax.Array, fmt: str, group_size: int | None, *, transposed: bool, name=""):
-    """A `QuantizedTensor` of float `w` (logical [..., K, N] when `transposed`, else [..., N, K]).
+def quantize_matrix(
+    w: jax.Array,
+    fmt: str,
+    group_size: int | None,
+    *,
+    transposed: bool,
+    name: str = "",
+    cpu_kernel: bool = True,
+    activations: str = "float32",
+) -> QuantizedTensor:
+    """A `QuantizedTensor` of float `w` (logical [..., K, N] when `transposed`, else [..., N, K]);
+    `cpu_kernel` and `activations` as in `QuantConfig`.
 
     Scales are absmax / qmax per group of `group_size` along K (one group per row when None);
     codes are round-to-nearest (int8: [-127, 127]; int4: [-8, 7]; nf4: the nearest code).
     """
+    try:
+        _check_activations(fmt, group_size, activations)
+    except ValueError as e:
+        raise ValueError(f"{name or 'weight'}: {e}") from None
     w = jnp.asarray(w, jnp.float32)
     if transposed:
         w = jnp.swapaxes(w, -1, -2)
@@ -184,7 +245,7 @@ def quantize_matrix(w: jax.Array, fmt: str, group_size: int | None, *, transpose
     if fmt == "bf16":
         return QuantizedTensor(
             q=_bf16_bits(w), scale=jnp.zeros((*lead, n, 0), jnp.float32), format=fmt,
-            transposed=transposed,
+            transposed=transposed, cpu_kernel=cpu_kernel, activations=activations,
         )  # fmt: skip
     gs = group_size or k
     if k % gs:
@@ -204,7 +265,10 @@ def quantize_matrix(w: jax.Array, fmt: str, group_size: int | None, *, transpose
             c = jnp.argmin(jnp.abs(x[..., None] - jnp.asarray(NF4_CODES)), axis=-1)
         c = c.astype(jnp.uint8).reshape(*lead, n, k // 2, 2)
         q = c[..., 0] | (c[..., 1] << 4)
-    return QuantizedTensor(q=q, scale=scale, format=fmt, transposed=transposed)
+    return QuantizedTensor(
+        q=q, scale=scale, format=fmt, transposed=transposed, cpu_kernel=cpu_kernel,
+        activations=activations,
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- matmuls
@@ -216,13 +280,28 @@ def _contract(x, w: QuantizedTensor, out_dtype=None):
     lead, k = x.shape[:-1], x.shape[-1]
     m = int(np.prod(lead)) if lead else 1
     x2 = x.reshape(m, k)
-    if m <= KERNEL_ROWS and jax.default_backend() == "cpu" and cpu_qmatvec.available():
-        y = _small_rows(x2, w.q, w.scale, w.format)
+    on_cpu = jax.default_backend() == "cpu"
+    if m <= KERNEL_ROWS and w.cpu_kernel and on_cpu and cpu_qmatvec.available():
+        y = _small_rows(x2, w.q, w.scale, w.format, _kernel_activations(w.activations))
     elif m <= SMALL_ROWS:
         y = _multiply_reduce(x2, w.q, w.scale, w.format)
     else:
         y = _dequantized_dot(x2, w.q, w.scale, w.format)
     return y.astype(out_dtype or x.dtype).reshape(*lead, y.shape[-1])
+
+
+def _kernel_activations(activations: str) -> str:
+    """`activations`, or float32 (with a warning, once) where this CPU lacks int8's VNNI."""
+    if activations == "int8" and not cpu_qmatvec.int8_activations():
+        _warn_no_vnni()
+        return "float32"
+    return activations
+
+
+@functools.cache
+def _warn_no_vnni() -> None:
+    warnings.warn("QuantConfig(activations='int8') needs AVX-512 VNNI, which this CPU lacks: "
+                  "its kernel multiplies float32 activations instead", stacklevel=4)  # fmt: skip
 
 
 def _multiply_reduce(x_MK, q, scale, fmt):
@@ -238,15 +317,16 @@ def _multiply_reduce(x_MK, q, scale, fmt):
     return y * scale[:, 0] if per_row else y  # per row: one scale per output, after the sum
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _small_rows(x_MK, q, scale, fmt):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _small_rows(x_MK, q, scale, fmt, act):
     """`x . decode(q).T` [M, N] for a decode step or a short prefill: the fused C++ kernel on
-    CPUs (`kernels.cpu_qmatvec`), elsewhere what `_contract` runs without it, on `x` as it is
-    (one program lowers for every platform). Its gradient wrt x is that XLA path's; the frozen
-    codes get none. Reverse mode only: a `custom_vjp` has no forward-mode (`jax.jvp`) rule."""
+    CPUs (`kernels.cpu_qmatvec`, with `act` activations), elsewhere what `_contract` runs
+    without it, on `x` as it is (one program lowers for every platform). Its gradient wrt x is
+    that XLA path's (float32 x, whatever `act`); the frozen codes get none. Reverse mode only: a
+    `custom_vjp` has no forward-mode (`jax.jvp`) rule."""
     return jax.lax.platform_dependent(
         x_MK, q, scale,
-        cpu=lambda x, q, s: cpu_qmatvec.qmatvec(x.astype(jnp.float32), q, s, fmt),
+        cpu=lambda x, q, s: cpu_qmatvec.qmatvec(x.astype(jnp.float32), q, s, fmt, act),
         default=lambda x, q, s: _xla_product(x, q, s, fmt),
     )  # fmt: skip
 
@@ -257,11 +337,11 @@ def _xla_product(x_MK, q, scale, fmt):
     return _dequantized_dot(x_MK, q, scale, fmt)
 
 
-def _small_rows_fwd(x_MK, q, scale, fmt):
-    return _small_rows(x_MK, q, scale, fmt), (x_MK, q, scale)
+def _small_rows_fwd(x_MK, q, scale, fmt, act):
+    return _small_rows(x_MK, q, scale, fmt, act), (x_MK, q, scale)
 
 
-def _small_rows_bwd(fmt, res, g_MN):
+def _small_rows_bwd(fmt, act, res, g_MN):
     x_MK, q, scale = res
     _, vjp = jax.vjp(lambda x: _xla_product(x, q, scale, fmt), x_MK)
     return (*vjp(g_MN), None, None)
@@ -366,7 +446,9 @@ def quantize(params: dict, cfg: ModelConfig, qcfg: QuantConfig) -> dict:
     def w(x, name="projection"):
         if is_quantized(x):
             raise ValueError(f"{name} is already quantized; dequantize_params first")
-        return quantize_matrix(x, qcfg.format, qcfg.groups, transposed=True, name=name)
+        return quantize_matrix(x, qcfg.format, qcfg.groups, transposed=True, name=name,
+                               cpu_kernel=qcfg.cpu_kernel,
+                               activations=qcfg.activations)  # fmt: skip
 
     def vocab(name, x):
         if not qcfg.embeddings:
@@ -376,9 +458,17 @@ def quantize(params: dict, cfg: ModelConfig, qcfg: QuantConfig) -> dict:
         # embed [V, D] is stored as is (rows gathered, contracted over D by a tied head);
         # lm_head [D, V] transposed, like a projection.
         return quantize_matrix(x, qcfg.format, qcfg.groups, transposed=name == "lm_head",
-                               name=name)  # fmt: skip
+                               name=name, cpu_kernel=qcfg.cpu_kernel,
+                               activations=qcfg.activations)  # fmt: skip
 
     return _map_weights(params, w, vocab)
+
+
+def with_options(params, **changes):
+    """`params` with the static options `changes` (e.g. `cpu_kernel=False`) on every
+    `QuantizedTensor` in it; the codes are shared, not copied."""
+    fix = lambda x: dataclasses.replace(x, **changes) if is_quantized(x) else x
+    return jax.tree.map(fix, params, is_leaf=is_quantized)
 
 
 def dequantize_params(params: dict, dtype=jnp.float32) -> dict:

@@ -13,11 +13,14 @@
 // weight rows), so every core's share of the memory bandwidth is used.
 //
 // AVX-512 (F, BW, VL) code when the compiler targets it (-march=native on a machine that has it),
-// a scalar loop otherwise.
+// a scalar loop otherwise. Attribute `act` = 1 instead quantizes x to int8 per block of 32 and
+// uses AVX-512 VNNI integer dot products (int8 and int4 weights; see "int8 activations" below).
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -85,6 +88,18 @@ void scalar_rows(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t
 
 #ifdef FLOE_QMV_AVX512
 
+// Tiles read 4 weight rows in interleaved pieces of a few bytes: streams too short for the
+// hardware prefetcher, which left the loads stalled (perf, on the 2-vCPU AMD EPYC this was
+// written on). Each 64-byte line is prefetched this many rows ahead (past the end: a harmless
+// no-op); measured in a C++ harness on a loaded host, one [4864, 896] matrix after another, one
+// thread: int8 5.4-6.3 -> 7.2 GB/s, int4 (groups of 64) 3.9-4.1 -> 7.7 GB/s (8 and 16 rows ahead
+// did about the same).
+constexpr int64_t kFloatPrefetchRows = 8;
+
+inline void prefetch(const uint8_t* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+}
+
 // 16 weights of `row` from element k (k even for 4-bit formats), lanes outside `mask` zero codes.
 template <int F>
 inline __m512 decode16(const uint8_t* row, int64_t k, __mmask16 mask, int valid) {
@@ -124,6 +139,8 @@ inline void tile(const float* x, int64_t K, const uint8_t* q, int64_t ldq, const
       const __mmask16 mask = valid == 16 ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
       __m512 w[R];
       for (int r = 0; r < R; ++r) {
+        const int64_t byte = F == kBF16 ? 2 * k : F == kINT8 ? k : k / 2;
+        if (byte % 64 == 0) prefetch(q + (n0 + r + kFloatPrefetchRows) * ldq + byte);
         w[r] = decode16<F>(q + (n0 + r) * ldq, k, mask, valid);
         if constexpr (S == kGroup) w[r] = _mm512_mul_ps(w[r], s[r]);
       }
@@ -165,6 +182,7 @@ inline void tile4(const float* xe, int64_t K, const uint8_t* q, int64_t ldq, con
     for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
       __m512 we[R], wo[R];
       for (int r = 0; r < R; ++r) {
+        if (k % 128 == 0) prefetch(q + (n0 + r + kFloatPrefetchRows) * ldq + k / 2);
         const auto* p = reinterpret_cast<const __m128i*>(q + (n0 + r) * ldq + k / 2);
         const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(p));
         we[r] = _mm512_permutexvar_ps(b, table);
@@ -243,6 +261,218 @@ void rows(bool, const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t 
 
 #endif
 
+// ----------------------------------------------------------------------------- int8 activations
+//
+// With act = 1 (int8 and int4 weights), x is quantized per block of 32 inputs as llama.cpp's
+// Q8_0 does: for row m and block b = inputs [32b, min(32b + 32, K)), a = max |x|, d = a / 127
+// (float32), xq = rint(x / d) (float32 division, round half to even, clipped to +-127; 0 where
+// d = 0; a non-finite a makes d NaN, so the output is NaN as in the float path). Then
+//   y[m, n] = sum_b d[m, b] * s[n, group(b)] * sum_{k in b} xq[m, k] * c[n, k]
+// (per-row scales: s[n] once after the sum), with c the integer codes (int8: [-127, 127]; int4:
+// code - 8) and the inner sums exact in int32. AVX-512 VNNI's vpdpbusd multiplies 64 unsigned
+// bytes by 64 signed ones and adds each 4 products into a 32-bit lane: the weights are the
+// unsigned side (int8: c + 128, the sign bit flipped; int4: the stored nibble, c + 8) and the
+// accumulator starts at -bias * (sum of the lane's xq), so every lane holds an exact sum of
+// c * xq (every partial value below 4 * 255 * 127 + 4 * 128 * 127 < 2^18: no overflow) before
+// it is converted to float once and scaled by its block's d (and group's s). Blocks must not
+// straddle weight groups: groups are multiples of 32 inputs.
+//
+// Lane layout. int8: a vector is 64 consecutive inputs, 32-bit lane l holds inputs 4l..4l+3
+// (block l / 8 of the two). int4: a vector is 64 bytes = 128 inputs; byte p holds inputs 2p (low
+// nibble) and 2p + 1 (high); the low nibbles are multiplied by xq de-interleaved (byte p: input
+// 2p) and the high ones by the odd inputs, so lane l sums inputs 8l..8l+7 (block l / 4).
+
+#if defined(FLOE_QMV_AVX512) && defined(__AVX512VNNI__)
+#define FLOE_QMV_VNNI 1
+
+// Weight rows per tile and how far ahead (in rows) a tile prefetches its bytes, per format.
+// Measured on the 2-vCPU AMD EPYC (Zen 4) this was written on, one [4864, 896] matrix after
+// another, loaded host: 4-row tiles left the loads stalled (4 interleaved 896-byte streams are too
+// short for the hardware prefetcher) at ~7 GB/s of int8; single rows, prefetched 8 rows ahead,
+// ran 12-15 GB/s. int4 (half the bytes per row, more arithmetic per byte) ran best in pairs of
+// rows prefetched 16 rows ahead.
+template <int F>
+constexpr int64_t kI8Rows = F == kINT8 ? 1 : 2;
+template <int F>
+constexpr int64_t kPrefetchRows = F == kINT8 ? 8 : 16;
+
+// x quantized for one format: per row, `nv` vectors of codes (int8: 64 bytes; int4: 64 even then
+// 64 odd), each with 16 lane scales (d of the lane's block) and 16 lane corrections.
+struct QuantizedX {
+  int64_t nv = 0, vbytes = 0;
+  std::vector<int8_t> q;        // [M, nv, vbytes]
+  std::vector<float> d;         // [M, nv, 16]
+  std::vector<int32_t> corr;    // [M, nv, 16]
+};
+
+template <int F>
+QuantizedX quantize_x(const float* x, int64_t M, int64_t K) {
+  constexpr int64_t span = F == kINT8 ? 64 : 128;  // inputs per vector
+  constexpr int32_t bias = F == kINT8 ? 128 : 8;
+  QuantizedX qx;
+  qx.nv = (K + span - 1) / span;
+  qx.vbytes = F == kINT8 ? 64 : 128;
+  qx.q.assign(M * qx.nv * qx.vbytes, 0);
+  qx.d.assign(M * qx.nv * 16, 0.f);
+  qx.corr.assign(M * qx.nv * 16, 0);
+  const int64_t nb = (K + 31) / 32;
+  std::vector<int8_t> row(qx.nv * span);
+  std::vector<float> dblk(nb);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    std::fill(row.begin(), row.end(), int8_t(0));
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t k0 = 32 * b, k1 = std::min(K, k0 + 32);
+      float a = 0.f;
+      bool finite = true;
+      for (int64_t k = k0; k < k1; ++k) {
+        a = std::max(a, std::fabs(xm[k]));
+        finite &= std::isfinite(xm[k]);
+      }
+      const float d = finite ? a / 127.f : std::numeric_limits<float>::quiet_NaN();
+      dblk[b] = d;
+      if (!(d > 0.f)) continue;  // zero block (codes 0) or non-finite (d NaN)
+      for (int64_t k = k0; k < k1; ++k) {
+        const float v = std::nearbyint(xm[k] / d);
+        row[k] = int8_t(std::max(-127.f, std::min(127.f, v)));
+      }
+    }
+    for (int64_t v = 0; v < qx.nv; ++v) {
+      int8_t* qv = qx.q.data() + (m * qx.nv + v) * qx.vbytes;
+      float* dv = qx.d.data() + (m * qx.nv + v) * 16;
+      int32_t* cv = qx.corr.data() + (m * qx.nv + v) * 16;
+      const int8_t* src = row.data() + v * span;
+      if constexpr (F == kINT8) {
+        std::memcpy(qv, src, 64);
+      } else {
+        for (int p = 0; p < 64; ++p) {
+          qv[p] = src[2 * p];
+          qv[64 + p] = src[2 * p + 1];
+        }
+      }
+      for (int l = 0; l < 16; ++l) {
+        const int64_t per = span / 16;  // inputs per lane: 4 or 8
+        const int64_t b = (v * span + l * per) / 32;
+        dv[l] = b < nb ? dblk[b] : 0.f;
+        int32_t s = 0;
+        for (int64_t i = 0; i < per; ++i) s += src[l * per + i];
+        cv[l] = -bias * s;
+      }
+    }
+  }
+  return qx;
+}
+
+// y[m0:m0+MT, n0:n0+R] with x quantized (`qx` rows from m0).
+template <int F, int S, int MT, int R>
+inline void tile_i8(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* q, int64_t ldq,
+                    const float* scale, int64_t G, float* y, int64_t N, int64_t n0) {
+  __m512 acc[MT][R];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  const int64_t gs = S == kGroup ? K / G : K;
+  const int64_t rowbytes = F == kINT8 ? K : K / 2;
+  const __m512i flip = _mm512_set1_epi8(char(0x80)), low = _mm512_set1_epi8(15);
+  const __m512i quarter = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  for (int64_t v = 0; v < qx.nv; ++v) {
+    const int64_t b0 = 64 * v;  // first byte of the vector in a weight row
+    const int64_t nbytes = std::min<int64_t>(64, rowbytes - b0);
+    const __mmask64 mask = nbytes == 64 ? ~__mmask64(0) : (__mmask64(1) << nbytes) - 1;
+    __m512i w0[R], w1[R];
+    __m512 sw[R];
+    for (int r = 0; r < R; ++r) {
+      // Prefetch the same bytes `kPrefetchRows` rows ahead (past the end: a harmless no-op).
+      prefetch(q + (n0 + r + kPrefetchRows<F>) * ldq + b0);
+      const __m512i b = _mm512_maskz_loadu_epi8(mask, q + (n0 + r) * ldq + b0);
+      if constexpr (F == kINT8) {
+        w0[r] = _mm512_xor_si512(b, flip);  // c + 128 (masked bytes: x is 0 there)
+      } else {
+        w0[r] = _mm512_and_si512(b, low);
+        w1[r] = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+      }
+      if constexpr (S == kGroup) {
+        const float* s = scale + (n0 + r) * G;
+        if constexpr (F == kINT8) {  // lanes 0-7: inputs 64v.., lanes 8-15: 64v + 32..
+          const float s0 = s[(64 * v) / gs], s1 = s[std::min(K - 1, 64 * v + 32) / gs];
+          sw[r] = _mm512_mask_mov_ps(_mm512_set1_ps(s0), 0xFF00, _mm512_set1_ps(s1));
+        } else if (gs % 128 == 0) {
+          sw[r] = _mm512_set1_ps(s[(128 * v) / gs]);
+        } else if (gs % 64 == 0) {  // lanes 0-7: inputs 128v.., lanes 8-15: 128v + 64..
+          const float s0 = s[(128 * v) / gs], s1 = s[std::min(K - 1, 128 * v + 64) / gs];
+          sw[r] = _mm512_mask_mov_ps(_mm512_set1_ps(s0), 0xFF00, _mm512_set1_ps(s1));
+        } else {  // a block past K (a partial last vector) reads the last group: its x is 0
+          auto at = [&](int64_t k) { return s[std::min(k, K - 1) / gs]; };
+          const __m128 s4 = _mm_setr_ps(at(128 * v), at(128 * v + 32), at(128 * v + 64),
+                                        at(128 * v + 96));
+          sw[r] = _mm512_permutexvar_ps(quarter, _mm512_castps128_ps512(s4));
+        }
+      }
+    }
+    for (int m = 0; m < MT; ++m) {
+      const int64_t at = (m0 + m) * qx.nv + v;
+      const int8_t* xq = qx.q.data() + at * qx.vbytes;
+      const __m512i x0 = _mm512_loadu_si512(xq);
+      const __m512i c = _mm512_loadu_si512(qx.corr.data() + at * 16);
+      const __m512 d = _mm512_loadu_ps(qx.d.data() + at * 16);
+      __m512i x1;
+      if constexpr (F != kINT8) x1 = _mm512_loadu_si512(xq + 64);
+      for (int r = 0; r < R; ++r) {
+        __m512i i = _mm512_dpbusd_epi32(c, w0[r], x0);
+        if constexpr (F != kINT8) i = _mm512_dpbusd_epi32(i, w1[r], x1);
+        const __m512 f = _mm512_cvtepi32_ps(i);
+        if constexpr (S == kGroup)
+          acc[m][r] = _mm512_fmadd_ps(_mm512_mul_ps(f, d), sw[r], acc[m][r]);
+        else
+          acc[m][r] = _mm512_fmadd_ps(f, d, acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) {
+      float v = _mm512_reduce_add_ps(acc[m][r]);
+      if constexpr (S == kRow) v *= scale[(n0 + r) * G];
+      y[(m0 + m) * N + n0 + r] = v;
+    }
+}
+
+template <int F, int S, int R>
+inline void tile_i8_m(int mt, const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* q,
+                      int64_t ldq, const float* scale, int64_t G, float* y, int64_t N,
+                      int64_t n0) {
+  switch (mt) {
+    case 1: return tile_i8<F, S, 1, R>(qx, m0, K, q, ldq, scale, G, y, N, n0);
+    case 2: return tile_i8<F, S, 2, R>(qx, m0, K, q, ldq, scale, G, y, N, n0);
+    case 3: return tile_i8<F, S, 3, R>(qx, m0, K, q, ldq, scale, G, y, N, n0);
+    default: return tile_i8<F, S, 4, R>(qx, m0, K, q, ldq, scale, G, y, N, n0);
+  }
+}
+
+template <int F, int S>
+void run_i8(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq,
+            const float* scale, int64_t G, float* y, int64_t N) {
+  const QuantizedX qx = quantize_x<F>(x, M, K);
+  constexpr int64_t RT = kI8Rows<F>;
+  const int64_t tiles = (N + RT - 1) / RT;
+  const bool parallel = N * K >= (int64_t(1) << 18);
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t n0 = t * RT, n1 = std::min(N, n0 + RT);
+    for (int64_t n = n0; n < n1;) {
+      const bool full = n + RT <= n1;
+      for (int64_t m0 = 0; m0 < M; m0 += kXRows) {
+        const int mt = int(std::min<int64_t>(kXRows, M - m0));
+        if (full)
+          tile_i8_m<F, S, RT>(mt, qx, m0, K, q, ldq, scale, G, y, N, n);
+        else
+          tile_i8_m<F, S, 1>(mt, qx, m0, K, q, ldq, scale, G, y, N, n);
+      }
+      n += full ? RT : 1;
+    }
+  }
+}
+
+#endif  // FLOE_QMV_VNNI
+
 template <int F, int S>
 void run(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq, const float* scale,
          int64_t G, float* y, int64_t N) {
@@ -285,25 +515,69 @@ void run_format(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t 
   }
 }
 
+std::string dims(ffi::Span<const int64_t> d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
+const char* kFormatNames[] = {"bf16", "int8", "int4", "nf4"};
+
+template <int F>
+void run_format_i8(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq,
+                   const float* scale, int64_t G, float* y, int64_t N) {
+#ifdef FLOE_QMV_VNNI
+  if (G == 1)
+    run_i8<F, kRow>(x, M, K, q, ldq, scale, G, y, N);
+  else
+    run_i8<F, kGroup>(x, M, K, q, ldq, scale, G, y, N);
+#endif
+}
+
 ffi::Error QMatvecImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
-                       ffi::ResultBuffer<ffi::F32> y, int32_t fmt) {
+                       ffi::ResultBuffer<ffi::F32> y, int32_t fmt, int32_t act) {
   auto xd = x.dimensions(), qd = q.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
+  const std::string what = "(x " + dims(xd) + ", q " + dims(qd) + ", scale " + dims(sd) +
+                           ", y " + dims(yd) + ")";
   if (xd.size() != 2 || qd.size() != 2 || sd.size() != 2 || yd.size() != 2)
-    return ffi::Error::InvalidArgument("floe_qmatvec: x, q, scale and y must be rank 2");
+    return ffi::Error::InvalidArgument("floe_qmatvec: x, q, scale and y must be rank 2 " + what);
   if (fmt < kBF16 || fmt > kNF4)
     return ffi::Error::InvalidArgument("floe_qmatvec: unknown format code " + std::to_string(fmt));
   const ffi::DataType want[] = {ffi::DataType::BF16, ffi::DataType::S8, ffi::DataType::U8,
                                 ffi::DataType::U8};
-  // bf16 codes come as bfloat16 or as their uint16 bit patterns (floe_jax.quant stores uint16; bfloat16 codes built by hand are taken too).
+  // bf16 codes come as bfloat16 or as their uint16 bit patterns (floe_jax.quant stores uint16;
+  // bfloat16 codes built by hand are taken too).
   const bool bits16 = fmt == kBF16 && q.element_type() == ffi::DataType::U16;
   if (q.element_type() != want[fmt] && !bits16)
-    return ffi::Error::InvalidArgument("floe_qmatvec: q has the wrong dtype for its format");
+    return ffi::Error::InvalidArgument(
+        std::string("floe_qmatvec: format ") + kFormatNames[fmt] + " needs q of dtype " +
+        (fmt == kBF16 ? "bf16 or u16" : fmt == kINT8 ? "s8" : "u8") + ", got XLA type " +
+        std::to_string(static_cast<int>(q.element_type())) + " " + what);
   const int64_t M = xd[0], K = xd[1], N = qd[0], G = sd[1];
   const bool packed = fmt == kINT4 || fmt == kNF4;
   if ((packed ? 2 * qd[1] : qd[1]) != K || sd[0] != N || yd[0] != M || yd[1] != N)
-    return ffi::Error::InvalidArgument("floe_qmatvec: shapes of x, q, scale and y disagree");
+    return ffi::Error::InvalidArgument(std::string("floe_qmatvec: shapes disagree for format ") +
+                                       kFormatNames[fmt] + " " + what);
   if (fmt == kBF16 ? G != 0 : (G < 1 || K % G != 0 || (packed && (K / G) % 2 != 0)))
-    return ffi::Error::InvalidArgument("floe_qmatvec: scale's group count does not divide K");
+    return ffi::Error::InvalidArgument("floe_qmatvec: scale's group count " + std::to_string(G) +
+                                       " does not split K = " + std::to_string(K) + " " + what);
+  if (act != 0 && act != 1)
+    return ffi::Error::InvalidArgument("floe_qmatvec: unknown activation code " +
+                                       std::to_string(act));
+  if (act == 1) {
+#ifndef FLOE_QMV_VNNI
+    return ffi::Error::InvalidArgument(
+        "floe_qmatvec: int8 activations need AVX-512 VNNI, which this build lacks");
+#endif
+    if (fmt != kINT8 && fmt != kINT4)
+      return ffi::Error::InvalidArgument(std::string("floe_qmatvec: int8 activations take int8 "
+                                                     "and int4 weights, not ") +
+                                         kFormatNames[fmt]);
+    if (G > 1 && (K / G) % 32 != 0)
+      return ffi::Error::InvalidArgument("floe_qmatvec: int8 activations need weight groups of a "
+                                         "multiple of 32 inputs, got " + std::to_string(K / G) +
+                                         " " + what);
+  }
   if (M == 0 || N == 0) return ffi::Error::Success();
   const float* xp = x.typed_data();
   const auto* qp = static_cast<const uint8_t*>(q.untyped_data());
@@ -314,6 +588,13 @@ ffi::Error QMatvecImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ff
     return ffi::Error::Success();
   }
   const int64_t ldq = fmt == kBF16 ? 2 * K : (packed ? K / 2 : K);  // bytes per weight row
+  if (act == 1) {
+    if (fmt == kINT8)
+      run_format_i8<kINT8>(xp, M, K, qp, ldq, sp, G, yp, N);
+    else
+      run_format_i8<kINT4>(xp, M, K, qp, ldq, sp, G, yp, N);
+    return ffi::Error::Success();
+  }
   switch (fmt) {
     case kBF16: run_format<kBF16>(xp, M, K, qp, ldq, sp, G, yp, N); break;
     case kINT8: run_format<kINT8>(xp, M, K, qp, ldq, sp, G, yp, N); break;
@@ -331,4 +612,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FloeQMatvec, QMatvecImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("fmt"));
+                                  .Attr<int32_t>("fmt")
+                                  .Attr<int32_t>("act"));

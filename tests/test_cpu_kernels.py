@@ -1,8 +1,10 @@
 """The CPU dequantize-matvec kernel (`kernels/cpu_qmatvec`): every format against the
 dequantize-then-float reference, under jit, vmap (batch folded into rows, weights never
 broadcast) and grad; greedy decode with the kernel equals XLA's multiply-reduce path; decode feeds
-it the weight buffers without copies; a failed build warns and falls back."""
+it the weight buffers without copies; a failed build warns and falls back; a corrupt cached
+library is rebuilt; the command line's environment reaches the configs and the build."""
 
+import dataclasses
 import json
 import os
 import re
@@ -16,13 +18,16 @@ import numpy as np
 import pytest
 
 from floe_jax import quant
-from floe_jax.config import ModelConfig
+from floe_jax.config import ConfigError, ModelConfig
 from floe_jax.decode import generate, pad_prompts
 from floe_jax.model import forward, init_cache, init_params, unstack_layers
 from kernels import cpu_qmatvec as cq
 
 # The kernel's own tests; the switch, build-failure and XLA-path tests run without it.
 needs_kernel = pytest.mark.skipif(not cq.available(), reason="the CPU kernel is not available")
+needs_vnni = pytest.mark.skipif(
+    not (cq.available() and cq.int8_activations()), reason="no kernel or no AVX-512 VNNI"
+)
 
 # (format, group size, K): odd K where groups allow it (scalar tails), groups whose width is not a
 # multiple of 16 (masked tails inside a group), 4-bit groups of 32 and 64, per-row 4-bit scales.
@@ -128,11 +133,9 @@ CFG = ModelConfig(
 )  # fmt: skip
 
 
-def _decode(qp, monkeypatch, env):
+def _decode(qp):
     """(greedy tokens of `generate`, logits of a prefill and 3 cached steps, generate's jitted
-    function and arguments), traced afresh with `FLOE_JAX_CPU_KERNELS=env`."""
-    monkeypatch.setenv(cq.ENV, env)
-    jax.clear_caches()  # the switch is read when tracing; inner jitted functions cache traces
+    function and arguments) for params `qp` (whose weights' `cpu_kernel` picks the path)."""
     tokens, mask = pad_prompts([[5, 9, 11, 2], [3, 7]])
     gen = jax.jit(lambda p, t, m: generate(p, t, m, CFG, max_new_tokens=6, key=jax.random.key(0)))
     step = jax.jit(lambda p, t, c: forward(p, t, CFG, cache=c))
@@ -146,10 +149,10 @@ def _decode(qp, monkeypatch, env):
 
 
 @needs_kernel
-def test_greedy_decode_with_the_kernel_equals_the_xla_path(monkeypatch):
+def test_greedy_decode_with_the_kernel_equals_the_xla_path():
     qcfg = quant.QuantConfig(format="nf4", group_size=32)
     qp = unstack_layers(quant.quantize(init_params(CFG, key=jax.random.key(0)), CFG, qcfg))
-    toks_k, logits_k, gen_k, args = _decode(qp, monkeypatch, "1")
+    toks_k, logits_k, gen_k, args = _decode(qp)
     # Decode passes each layer's own weight buffers to the kernel: the compiled program copies
     # or slices no array of a weight's codes' shape (the prefill's wide matmuls decode codes
     # inside fusions, which is not a copy).
@@ -160,10 +163,32 @@ def test_greedy_decode_with_the_kernel_equals_the_xla_path(monkeypatch):
     ops = {op for dims, op in re.findall(r"= u8\[(\d+,\d+)\]\S* (\S+)\(", hlo)
            if tuple(map(int, dims.split(","))) in shapes}  # fmt: skip
     assert "parameter" in ops and not ops & {"copy", "copy-start", "slice", "dynamic-slice"}, ops
-    toks_x, logits_x, gen_x, _ = _decode(qp, monkeypatch, "0")
-    assert "floe_qmatvec" not in gen_x.lower(*args).as_text()
+    # The same codes with `cpu_kernel=False` (as `QuantConfig(cpu_kernel=False)` makes them):
+    # the jitted function retraces (a static field) onto XLA's multiply-reduce.
+    qx = quant.with_options(qp, cpu_kernel=False)
+    toks_x, logits_x, gen_x, args_x = _decode(qx)
+    assert "floe_qmatvec" not in gen_x.lower(*args_x).as_text()
+    assert "floe_qmatvec" in gen_k.lower(*args).as_text()  # the first trace is still cached
     np.testing.assert_array_equal(toks_k, toks_x)
     np.testing.assert_allclose(logits_k, logits_x, atol=1e-5)
+
+
+def test_quant_config_cpu_kernel_reaches_every_weight():
+    params = init_params(CFG, key=jax.random.key(0))
+    qp = quant.quantize(params, CFG, quant.QuantConfig(format="int8", cpu_kernel=False))
+    flags = {w.cpu_kernel for w in jax.tree.leaves(qp, is_leaf=quant.is_quantized)
+             if quant.is_quantized(w)}  # fmt: skip
+    assert flags == {False}
+    w = next(v for v in jax.tree.leaves(qp, is_leaf=quant.is_quantized)
+             if quant.is_quantized(v) and v.transposed)  # fmt: skip
+    w = jax.tree.map(lambda a: a[0], w) if w.q.ndim == 3 else w  # one layer of a stack
+    x = np.ones((1, w.shape[0]), np.float32)
+    assert "floe_qmatvec" not in jax.jit(quant.linear).lower(x, w).as_text()
+    if cq.available():
+        w_on = quant.with_options(w, cpu_kernel=True)
+        assert "floe_qmatvec" in jax.jit(quant.linear).lower(x, w_on).as_text()
+    with pytest.raises(ConfigError, match="cpu_kernel must be a bool"):
+        quant.QuantConfig(cpu_kernel="0")
 
 
 @pytest.mark.parametrize(("fmt", "gs", "k"), CASES)
@@ -186,10 +211,38 @@ def test_a_cpu_without_the_vector_instructions_keeps_xla(monkeypatch):
     assert cq.vectorized()
 
 
-def test_env_switch_rejects_other_values(monkeypatch):
-    monkeypatch.setenv(cq.ENV, "yes")
-    with pytest.raises(ValueError, match=cq.ENV):
-        cq.enabled()
+def test_command_line_reads_the_kernel_environment_once(monkeypatch):
+    """`FLOE_JAX_CPU_KERNELS` becomes `QuantConfig.cpu_kernel` on the configs a command builds
+    (a bad value is an error naming it); `CXX` and `FLOE_JAX_KERNEL_CACHE` go to
+    `cpu_qmatvec.configure`; the library itself reads none of them."""
+    from experiments import cli
+
+    monkeypatch.delenv(cli.CPU_KERNELS_ENV, raising=False)
+    assert cli.CommandEnv.from_environ().cpu_kernel is True
+    monkeypatch.setenv(cli.CPU_KERNELS_ENV, "0")
+    env = cli.CommandEnv.from_environ()
+
+    @dataclasses.dataclass(frozen=True)
+    class Preset:
+        quant: quant.QuantConfig
+        edge: ModelConfig
+        steps: int = 3
+
+    got = env.apply(Preset(quant=quant.QuantConfig(format="int4"), edge=CFG))
+    assert got.quant == quant.QuantConfig(format="int4", cpu_kernel=False) and got.steps == 3
+    monkeypatch.setenv(cli.CPU_KERNELS_ENV, "yes")
+    with pytest.raises(ConfigError, match="FLOE_JAX_CPU_KERNELS='yes'"):
+        cli.CommandEnv.from_environ()
+
+    seen = []
+    monkeypatch.setattr(cq, "configure", lambda **kw: seen.append(kw))
+    monkeypatch.setenv(cli.CXX_ENV, "clang++ -v")
+    monkeypatch.setenv(cli.KERNEL_CACHE_ENV, "/tmp/kc")
+    cli.configure_kernel_build_from_env()
+    monkeypatch.delenv(cli.CXX_ENV)
+    monkeypatch.setenv(cli.KERNEL_CACHE_ENV, "")
+    cli.configure_kernel_build_from_env()
+    assert seen == [{"cxx": "clang++ -v", "cache_dir": "/tmp/kc"}, {"cxx": None, "cache_dir": None}]
 
 
 def test_build_failure_names_the_command(tmp_path):
@@ -198,10 +251,56 @@ def test_build_failure_names_the_command(tmp_path):
     assert not list(tmp_path.iterdir())  # no half-written library left behind
 
 
+def test_a_stuck_compiler_times_out_naming_the_command(tmp_path):
+    stuck = tmp_path / "stuck-cxx"
+    stuck.write_text("#!/bin/sh\nexec sleep 30\n")
+    stuck.chmod(0o755)
+    with pytest.raises(cq.KernelBuildError, match=r"timed out after 0.5 s: .*stuck-cxx"):
+        cq.build(cxx=str(stuck), cache_dir=tmp_path / "cache", timeout=0.5)
+
+
+@needs_kernel
+def test_a_corrupt_cached_library_is_rebuilt(tmp_path):
+    """A truncated or corrupted library in the cache is compiled again, not loaded (here with a
+    stand-in compiler that copies the real library, so the test does not compile)."""
+    real = cq.build(cq._settings[0].cxx, cq._settings[0].cache_dir)
+    fake = tmp_path / "fake-cxx"
+    fake.write_text(
+        textwrap.dedent(f"""\
+        #!/bin/sh
+        [ "$1" = --version ] && {{ echo fake 1.0; exit 0; }}
+        while [ $# -gt 1 ]; do [ "$1" = -o ] && cp {real} "$2"; shift; done
+    """)
+    )
+    fake.chmod(0o755)
+    settings = cq.BuildSettings(cxx=str(fake), cache_dir=str(tmp_path / "cache"))
+    so = cq.build(settings.cxx, settings.cache_dir)
+    good = so.read_bytes()
+    assert good == real.read_bytes() and cq.build(settings.cxx, settings.cache_dir) == so
+    so.write_bytes(good[:1000])  # truncated (loading it could crash the process: not tried)
+    lib = cq.load(settings)
+    assert hasattr(lib, cq.SYMBOL) and so.read_bytes() == good
+    so.write_bytes(good[:500] + bytes(500) + good[1000:])  # same size, bytes zeroed
+    assert cq.build(settings.cxx, settings.cache_dir) == so and so.read_bytes() == good
+
+
+def test_bad_operands_name_shapes_and_dtypes():
+    qt = _weight("int4", 32, 192)
+    x = np.ones((2, 190), np.float32)
+    with pytest.raises(ValueError, match=r"K=190.*x float32\[2, 190\], q uint8\[37, 96\]"):
+        cq.qmatvec(x, qt.q, qt.scale, "int4")
+    with pytest.raises(ValueError, match=r"format int8 needs q of dtype int8.*q uint8\[37, 96\]"):
+        cq.qmatvec(np.ones((2, 192), np.float32), qt.q, qt.scale, "int8")
+
+
 def test_failed_build_warns_and_falls_back_to_xla(tmp_path):
-    code = textwrap.dedent("""
+    """A compiler that fails, passed through `cpu_qmatvec.configure` (as the command line does
+    with `CXX`): the first quantized matmul warns with the command and runs XLA's path."""
+    code = textwrap.dedent(f"""
         import json, warnings, numpy as np, jax
         from floe_jax import quant
+        from kernels import cpu_qmatvec
+        cpu_qmatvec.configure(cxx="/bin/false", cache_dir={str(tmp_path)!r})
         w = np.arange(12, dtype=np.float32).reshape(4, 3)
         qt = quant.quantize_matrix(w, "int8", None, transposed=True)
         with warnings.catch_warnings(record=True) as caught:
@@ -211,8 +310,8 @@ def test_failed_build_warns_and_falls_back_to_xla(tmp_path):
         want = np.ones((1, 4)) @ np.asarray(qt.dequantize())
         print("Y", json.dumps([np.asarray(y).tolist(), want.tolist()]))
     """)
-    env = {**os.environ, "CXX": "/bin/false", "FLOE_JAX_KERNEL_CACHE": str(tmp_path),
-           "PYTHONPATH": os.getcwd(), "JAX_PLATFORMS": "cpu"}  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("CXX", "FLOE_JAX_KERNEL_CACHE")}
+    env |= {"PYTHONPATH": os.getcwd(), "JAX_PLATFORMS": "cpu"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "failed (exit 1): /bin/false -O3" in out.stdout and "falls back" in out.stdout
@@ -221,14 +320,147 @@ def test_failed_build_warns_and_falls_back_to_xla(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+# int8 activations: (format, group size, K): per-row int8 with odd K (a partial last block and a
+# partial last 64-byte vector), int8 groups of 32 and 64, int4 groups of 32, 64 and 128, per-row
+# int4 with K = 202 (a partial block), K past one 128-input vector.
+I8_CASES = [
+    ("int8", None, 131),
+    ("int8", 32, 192),
+    ("int8", 64, 256),
+    ("int4", 32, 192),
+    ("int4", 64, 192),
+    ("int4", 128, 384),
+    ("int4", None, 202),
+]
+
+
+def _codes(qt):
+    """The weight's integer codes c [N, K] (int8 as stored; int4: nibble - 8)."""
+    q = np.asarray(qt.q)
+    if qt.format == "int8":
+        return q.astype(np.int64)
+    return np.stack([q & 15, q >> 4], axis=-1).reshape(q.shape[0], -1).astype(np.int64) - 8
+
+
+def _ref_int8(x, qt):
+    """x quantized per block (`quantize_activations`), exact integer dot products per block,
+    then the block's x scale and the weight's scale, in float64."""
+    xq, d = cq.quantize_activations(x)
+    c, s = _codes(qt), np.asarray(qt.scale, np.float64)
+    k, g = x.shape[1], s.shape[1]
+    y = np.zeros((x.shape[0], c.shape[0]))
+    for b0 in range(0, k, cq.BLOCK):
+        b1 = min(k, b0 + cq.BLOCK)
+        isum = xq[:, b0:b1].astype(np.int64) @ c[:, b0:b1].T  # exact
+        w_scale = 1.0 if g == 1 else s[:, b0 // (k // g)][None]
+        y += d[:, b0 // cq.BLOCK, None].astype(np.float64) * isum * w_scale
+    return y * s[:, 0][None] if g == 1 else y
+
+
+def _weight8(fmt, gs, k, n=N, seed=0):
+    w = np.random.default_rng(seed).normal(size=(k, n)).astype(np.float32)
+    return quant.quantize_matrix(w, fmt, gs, transposed=True, activations="int8")
+
+
+@needs_vnni
+@pytest.mark.parametrize("m", [1, 6])
+@pytest.mark.parametrize(("fmt", "gs", "k"), I8_CASES)
+def test_int8_activations_equal_the_integer_reference(fmt, gs, k, m):
+    qt = _weight8(fmt, gs, k)
+    x = np.random.default_rng(m).normal(size=(m, k)).astype(np.float32)
+    x[0, :5] *= 40  # an outlier block
+    fn = jax.jit(quant.linear)
+    assert "act = 1 : i32" in fn.lower(x, qt).as_text()
+    got = fn(x, qt)
+    _close(got, _ref_int8(x, qt))
+    # Not the float reference: the activations' rounding is visible, and small.
+    diff = np.abs(np.asarray(got) - _ref(x, qt)).max() / np.abs(_ref(x, qt)).max()
+    assert 1e-5 < diff < 3e-2
+
+
+def test_activation_quantization_rule():
+    """`quantize_activations` by hand: d = max|x| / 127 per block of 32; rint (half to even)."""
+    x = np.zeros((1, 70), np.float32)
+    x[0, :4] = [127, -63.5, 0.5, 1.5]  # block 0: d = 1
+    x[0, 64:66] = [-2.54, 1.27]  # block 2 (6 inputs): d = 0.02
+    xq, d = cq.quantize_activations(x)
+    np.testing.assert_array_equal(d[0], np.float32([1, 0, 2.54 / np.float32(127)]))
+    np.testing.assert_array_equal(xq[0, :4], [127, -64, 0, 2])
+    np.testing.assert_array_equal(xq[0, 64:66], [-127, 64])  # 1.27 / 0.02 = 63.5 -> 64
+    assert not xq[0, 4:64].any() and not xq[0, 66:].any()
+    x[0, 40] = np.nan
+    assert np.isnan(cq.quantize_activations(x)[1][0, 1])
+
+
+@needs_vnni
+def test_int8_activations_propagate_nan_and_zero_rows():
+    qt = _weight8("int4", 64, 192)
+    x = np.zeros((3, 192), np.float32)
+    x[1, 0] = 1.0
+    x[2, 70] = np.nan
+    y = np.asarray(jax.jit(quant.linear)(x, qt))
+    assert not y[0].any() and np.isfinite(y[1]).all() and np.isnan(y[2]).all()
+    _close(y[1], _ref_int8(x[1:2], qt)[0])
+
+
+@needs_vnni
+def test_int8_activations_under_vmap_and_grad():
+    """Clients fold into the kernel's rows; the gradient wrt x is the float path's (QLoRA
+    training over such a base trains as with float32 activations)."""
+    qt = _weight8("int8", None, 131)
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(3, 2, 131)).astype(np.float32)
+    fn = jax.jit(jax.vmap(quant.linear, in_axes=(0, None)))
+    _close(fn(x, qt), np.stack([_ref_int8(xi, qt) for xi in x]))
+    assert len(_custom_calls(fn.lower(x, qt).as_text())) == 1
+    c = rng.normal(size=(2, N)).astype(np.float32)
+    g = jax.jit(jax.grad(lambda x: jnp.sum(quant.linear(x, qt) * c)))(x[0])
+    _close(g, c.astype(np.float64) @ np.asarray(qt.dequantize(), np.float64).T)
+
+
+@needs_vnni
+def test_greedy_decode_with_int8_activations_runs_the_vnni_kernel():
+    qcfg = quant.QuantConfig(format="int4", group_size=32, activations="int8")
+    qp = unstack_layers(quant.quantize(init_params(CFG, key=jax.random.key(0)), CFG, qcfg))
+    toks, logits, gen, args = _decode(qp)
+    assert "act = 1 : i32" in gen.lower(*args).as_text()
+    _, logits_f, _, _ = _decode(quant.with_options(qp, activations="float32"))
+    assert np.isfinite(logits).all() and toks.shape == (2, 6)
+    # Activation rounding moves the logits a little, not a lot (random tiny model).
+    np.testing.assert_allclose(logits, logits_f, atol=0.05 * np.abs(logits_f).max())
+
+
+def test_int8_activations_refuse_formats_and_groups_they_do_not_take():
+    for kw, match in [
+        ({"format": "nf4"}, "not format='nf4'"),
+        ({"format": "bf16"}, "not format='bf16'"),
+        ({"format": "int8", "group_size": 48}, "multiple of 32"),
+        ({"format": "int4", "group_size": 16}, "multiple of 32"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            quant.QuantConfig(activations="int8", **kw)
+    with pytest.raises(ConfigError, match="activations='fp8'"):
+        quant.QuantConfig(activations="fp8")
+    with pytest.raises(ValueError, match="gate: activations='int8' needs group_size"):
+        quant.quantize_matrix(np.ones((64, 4)), "int8", 16, transposed=True, name="gate",
+                              activations="int8")  # fmt: skip
+    qt = _weight("nf4", 32, 192)
+    with pytest.raises(ValueError, match=r"int8 activations take int8 and int4 weights"):
+        cq.qmatvec(np.ones((1, 192), np.float32), qt.q, qt.scale, "nf4", "int8")
+
+
 @needs_kernel
 def test_bench_qmatvec_quick_runs_and_agrees():
     from experiments.benchmarks import qmatvec as bench
 
     rows = bench.run(quick=True)
     by = {(r["matrix"], r["format"], r["path"]): r for r in rows}
-    assert len(by) == len(bench.SHAPES) * (1 + 2 * len(bench.FORMATS))
+    int8_act = len(cq.INT8_FORMATS) if cq.int8_activations() else 0
+    assert len(by) == len(bench.SHAPES) * (1 + 2 * len(bench.FORMATS) + int8_act)
     for (matrix, fmt, path), r in by.items():
         if path == "kernel":  # the same products as XLA's multiply-reduce, both against float32
             other = by[(matrix, fmt, "XLA multiply-reduce")]["rel. diff vs float32"]
             assert abs(r["rel. diff vs float32"] - other) < 1e-4 and r["ms"] > 0
+        if path == "kernel, int8 act":  # plus the activations' rounding: small
+            other = by[(matrix, fmt, "kernel")]["rel. diff vs float32"]
+            assert abs(r["rel. diff vs float32"] - other) < 2e-2 and r["ms"] > 0

@@ -8,13 +8,15 @@ the tied embedding is the head) over the read bandwidth, measured in the same ru
 float32 matrix-vector products over 512 MB of MLP-shaped matrices (`_bandwidth_probe`).
 Every side (and the bandwidth probe) runs in one alternating loop, so all see the same machine;
 figures are medians. On a CPU the quantized sides run the fused matvec kernel
-(`kernels.cpu_qmatvec`) unless FLOE_JAX_CPU_KERNELS=0; the "(XLA m-r)" sides run XLA's
-multiply-reduce in the same loop, and a `matvec` column says which path each side ran.
+(`kernels.cpu_qmatvec`) unless `cpu_kernel` is False (`QuantConfig.cpu_kernel`; the command
+line's FLOE_JAX_CPU_KERNELS=0); the "(XLA m-r)" sides run XLA's multiply-reduce in the same loop
+(their weights carry `cpu_kernel=False`), the "(int8 act)" sides the kernel with int8
+activations (`QuantConfig.activations="int8"`, where the CPU has AVX-512 VNNI), and a `matvec`
+column says which path each side ran.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import tempfile
@@ -55,12 +57,16 @@ def run(
     repeats: int | None = None,
     xla_formats=("int8", "int4"),
     hf_bf16: bool = True,
+    cpu_kernel: bool = True,
+    int8_act_formats=("int8", "int4"),
 ) -> list[dict]:
     """Times every format at each batch (`new` tokens, `repeats` alternating calls per side;
     defaults 32 and 5, or 8 and 2 when `quick`) and returns one row per (batch, side). The
     quantized formats run the CPU matvec kernel when it is available (`kernels.cpu_qmatvec`),
     and `xla_formats` also with XLA's multiply-reduce ("(XLA m-r)" sides); the `matvec` column
-    says which path each side ran. `hf_bf16=False` leaves out transformers' bfloat16 side."""
+    says which path each side ran. `hf_bf16=False` leaves out transformers' bfloat16 side;
+    `cpu_kernel` is the quantized sides' `QuantConfig.cpu_kernel`; `int8_act_formats` also run
+    with int8 activations ("(int8 act)" sides) where the kernel and VNNI are there."""
     import torch
     import transformers
 
@@ -85,7 +91,8 @@ def run(
         hf16.load_state_dict({k: v.to(torch.bfloat16) for k, v in hf32.state_dict().items()})
     bases = {"float32": params}
     for fmt in FORMATS[1:]:
-        bases[fmt] = quant.quantize(params, cfg, quant.QuantConfig(format=fmt))
+        qcfg = quant.QuantConfig(format=fmt, cpu_kernel=cpu_kernel)
+        bases[fmt] = quant.quantize(params, cfg, qcfg)
     bytes_read = {f: quant.param_bytes(p) for f, p in bases.items()}
     bases = {f: unstack_layers(p) for f, p in bases.items()}  # the decode layout, once
     del params
@@ -98,10 +105,9 @@ def run(
         tokens, mask = ids.astype(np.int32), np.ones_like(ids, np.int32)
         key = jax.random.key(0)
 
-        def fj_side(p, kernels=True, tokens=tokens, mask=mask, key=key):
-            # Compiled ahead, with the matvec path chosen while tracing (FLOE_JAX_CPU_KERNELS).
-            with _kernels_env(kernels):
-                comp = gen.lower(p, tokens, mask, cfg=cfg, max_new_tokens=new, key=key).compile()
+        def fj_side(p, tokens=tokens, mask=mask, key=key):
+            # Compiled ahead; the matvec path is the weights' static `cpu_kernel` field.
+            comp = gen.lower(p, tokens, mask, cfg=cfg, max_new_tokens=new, key=key).compile()
             return lambda: np.asarray(comp(p, tokens, mask, key=key)[0])
 
         ids_t = torch.from_numpy(ids)
@@ -118,7 +124,11 @@ def run(
             return call
 
         sides = {f"floe_jax {f}": fj_side(p) for f, p in bases.items()}
-        sides |= {f"floe_jax {f} (XLA m-r)": fj_side(bases[f], False) for f in xla_formats}
+        sides |= {f"floe_jax {f} (XLA m-r)": fj_side(quant.with_options(bases[f], cpu_kernel=False))
+                  for f in xla_formats}  # fmt: skip
+        if cpu_kernel and cpu_qmatvec.available() and cpu_qmatvec.int8_activations():
+            sides |= {f"floe_jax {f} (int8 act)": fj_side(quant.with_options(bases[f],
+                      activations="int8")) for f in int8_act_formats}  # fmt: skip
         sides["transformers float32"] = hf_side(hf32)
         if hf_bf16:
             sides["transformers bf16"] = hf_side(hf16)
@@ -139,7 +149,7 @@ def run(
                 "tok/s": batch * new / sec,
                 "× transformers f32": hf_ms / ms,
                 "greedy = floe_jax f32": float((out[name] == ref).mean()),
-                "matvec": _path(name, fmt),
+                "matvec": _path(name, fmt, cpu_kernel),
             }
             if name.startswith("floe_jax"):
                 bound = 1e3 * bytes_read[fmt] / bw
@@ -151,34 +161,18 @@ def run(
         rows,
         title=f"bench decode, {cfg.model_type} {cfg.num_params / 1e6:.0f}M shapes (random "
         f"weights): prompt {prompt_len}, {new} new tokens, medians of {repeats} interleaved — "
-        f"{machine()}",
+        f"{machine()}, load average {os.getloadavg()[0]:.1f}",
     )
     return rows
 
 
-@contextlib.contextmanager
-def _kernels_env(on: bool):
-    """FLOE_JAX_CPU_KERNELS set while tracing (caches cleared: inner jits keep their traces)."""
-    old = os.environ.get(cpu_qmatvec.ENV)
-    os.environ[cpu_qmatvec.ENV] = "1" if on else "0"
-    jax.clear_caches()
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ[cpu_qmatvec.ENV]
-        else:
-            os.environ[cpu_qmatvec.ENV] = old
-        jax.clear_caches()
-
-
-def _path(side: str, fmt: str) -> str:
+def _path(side: str, fmt: str, cpu_kernel: bool) -> str:
     if not side.startswith("floe_jax"):
         return "torch"
     if fmt == "float32":
         return "XLA dot"
-    with _kernels_env("(XLA m-r)" not in side):
-        return cpu_qmatvec.path()
+    act = "int8" if "(int8 act)" in side else "float32"
+    return cpu_qmatvec.path(cpu_kernel and "(XLA m-r)" not in side, act)
 
 
 def small_config() -> ModelConfig:

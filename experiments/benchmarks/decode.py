@@ -96,7 +96,9 @@ FAMILIES = {
 }
 
 
-def run(quick: bool = False, attention_impl: str = "reference") -> list[dict]:
+def run(
+    quick: bool = False, attention_impl: str = "reference", cpu_kernel: bool = True
+) -> list[dict]:
     import torch
 
     import floe_jax as fj
@@ -150,4 +152,4 @@ def run(quick: bool = False, attention_impl: str = "reference") -> list[dict]:
         f"{machine()}",
     )
     print(f"float32 matmul (1024^3 through XLA): {matmul_gflops():.1f} GFLOP/s")
-    return rows + real_scale(quick=quick)
+    return rows + real_scale(quick=quick, cpu_kernel=cpu_kernel)

@@ -1,17 +1,22 @@
 """`python -m experiments bench qmatvec`: the CPU quantized matvec kernel
 (`kernels/cpu_qmatvec`) against XLA's multiply-reduce (`floe_jax.quant._multiply_reduce`, the
-path with FLOE_JAX_CPU_KERNELS=0) and a float32 product, on Qwen2.5-0.5B's matrix shapes.
+path of `QuantConfig(cpu_kernel=False)`) and a float32 product, on Qwen2.5-0.5B's matrix shapes.
+Both paths are called directly, so `FLOE_JAX_CPU_KERNELS` does not apply.
 
 One row of x (a decode step at batch 1) against `COPIES` separate [4864, 896] MLP matrices (one
 per layer, so they do not fit the cache, as in a decode step) and against the [151936, 896]
 vocabulary matrix. GB/s is the bytes of codes and scales read over the time; the float32 rate
-of the MLP matrices is the machine's read bandwidth the others compare with. Every side runs in
-one alternating loop; medians.
+of the MLP matrices is the machine's read bandwidth the others compare with. int8 and int4 also
+run the kernel with int8 activations (`QuantConfig.activations="int8"`, "kernel, int8 act":
+x quantized per block of 32, VNNI integer dot products) where the CPU has AVX-512 VNNI; its
+"rel. diff vs float32" includes the activations' rounding. Every side runs in one alternating
+loop; medians.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +55,10 @@ def run(quick: bool = False) -> list[dict]:
                                                   for q in qs])  # fmt: skip
             sides[(fmt, "kernel")] = (ker, qs, nbytes)
             sides[(fmt, "XLA multiply-reduce")] = (xla, qs, nbytes)
+            if fmt in cpu_qmatvec.INT8_FORMATS and cpu_qmatvec.int8_activations():
+                mv = functools.partial(cpu_qmatvec.qmatvec, fmt=fmt, activations="int8")
+                i8 = jax.jit(lambda x, qs, mv=mv: [mv(x, q.q, q.scale) for q in qs])
+                sides[(fmt, "kernel, int8 act")] = (i8, qs, nbytes)
         del ws
         calls = [lambda f=f, a=a, x=x: jax.block_until_ready(f(x, a)) for f, a, _ in sides.values()]
         want = np.asarray(sides[("float32", "XLA dot")][0](x, sides[("float32", "XLA dot")][1])[0])
@@ -69,5 +78,6 @@ def run(quick: bool = False) -> list[dict]:
                     "rel. diff vs float32": float(np.abs(got - want).max() / np.abs(want).max()),
                 }
             )
-    print_table(rows, title=f"bench qmatvec: quantized matvec, 1 row — {machine()}")
+    print_table(rows, title=f"bench qmatvec: quantized matvec, 1 row — {machine()}, load "
+                f"average {os.getloadavg()[0]:.1f}")  # fmt: skip
     return rows

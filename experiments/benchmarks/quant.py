@@ -8,7 +8,11 @@ model: the largest and mean absolute logit difference on held-out windows, greed
 token; one early flip counts against every later token), the share of held-out positions whose
 argmax equals float32's given the same text (teacher-forced: no cascade), and held-out
 perplexity. int8 is measured per output channel (the default) and in groups of 32 (llama.cpp
-Q8_0's block) and 64 inputs; groups of 128 do not divide this model's FFN width (704).
+Q8_0's block) and 64 inputs; groups of 128 do not divide this model's FFN width (704). The
+"int8 act" rows quantize the activations too (`QuantConfig.activations="int8"`), which only
+the CPU kernel's path does (at most `quant.KERNEL_ROWS` rows): so the teacher-forced logits and
+perplexity of every row are computed one cached decode step at a time (16 windows per step), the
+path decoding takes, and the continuations' steps run it too (their 128-row prefill does not).
 
 Memory: one client's `local_update` (LoRA rank 8 on q/v, 2 steps of batch 1 x 128 tokens) at
 Qwen2.5-0.5B's shapes, from XLA's compiled memory analysis (`client_memory_bytes`, nothing
@@ -34,16 +38,18 @@ QUALITY_ROWS = (
     ("int8 (groups of 64)", {"format": "int8", "group_size": 64}),
     ("int4 (groups of 64)", {"format": "int4"}),
     ("nf4 (groups of 64)", {"format": "nf4"}),
+    ("int8 (per channel), int8 act", {"format": "int8", "activations": "int8"}),
+    ("int8 (groups of 32), int8 act", {"format": "int8", "group_size": 32, "activations": "int8"}),
+    ("int4 (groups of 64), int8 act", {"format": "int4", "activations": "int8"}),
 )
 
 
-def quality_rows(quick: bool = False) -> list[dict]:
+def quality_rows(quick: bool = False, cpu_kernel: bool = True) -> list[dict]:
     from floe_jax import quant
     from floe_jax.config import ModelConfig
     from floe_jax.data.benchmark import make_benchmark
     from floe_jax.data.tokenizer import benchmark_tokenizers, encode_docs
     from floe_jax.decode import generate
-    from floe_jax.loss import token_loss
     from floe_jax.pretrain import PretrainConfig, pretrain
 
     bench = make_benchmark()
@@ -62,9 +68,12 @@ def quality_rows(quick: bool = False) -> list[dict]:
     T = 128
     n = min(16, len(held_stream) // (T + 1))
     win = held_stream[: n * T].reshape(n, T)
-    ones = np.ones_like(win, np.float32)
-    loss = jax.jit(lambda p: token_loss(p, None, win, ones, ones, cfg=cfg))
-    logits = jax.jit(lambda p: jax.nn.log_softmax(_fwd(p, win, cfg)))
+    logits = jax.jit(lambda p: jax.nn.log_softmax(_step_logits(p, win, cfg)))
+
+    def ppl(lp):  # next-token perplexity of the windows from their step log-probs
+        nll = -np.take_along_axis(lp[:, :-1], win[:, 1:, None], axis=-1)
+        return float(np.exp(nll.mean()))
+
     prompts = held_stream[: 8 * 64].reshape(8, 64)[:, :16]  # 16-token prompts of held-out text
     gen = jax.jit(generate, static_argnames=("cfg", "max_new_tokens"))
 
@@ -73,18 +82,16 @@ def quality_rows(quick: bool = False) -> list[dict]:
         return np.asarray(out[0])
 
     ref_logits, ref_cont = np.asarray(logits(params)), cont(params)
-    s, c = loss(params)
-    rows = [{"format": "float32", "held-out ppl": float(np.exp(s / c)), "greedy agreement": 1.0,
+    rows = [{"format": "float32", "held-out ppl": ppl(ref_logits), "greedy agreement": 1.0,
              "argmax = f32 (teacher-forced)": 1.0}]  # fmt: skip
     for label, kw in QUALITY_ROWS:
-        qp = quant.quantize(params, cfg, quant.QuantConfig(**kw))
+        qp = quant.quantize(params, cfg, quant.QuantConfig(**kw, cpu_kernel=cpu_kernel))
         q_logits = np.asarray(logits(qp))
         d = np.abs(q_logits - ref_logits)
-        s, c = loss(qp)
         rows.append(
             {
                 "format": label,
-                "held-out ppl": float(np.exp(s / c)),
+                "held-out ppl": ppl(q_logits),
                 "greedy agreement": float((cont(qp) == ref_cont).mean()),
                 "argmax = f32 (teacher-forced)": float(
                     (q_logits.argmax(-1) == ref_logits.argmax(-1)).mean()
@@ -101,13 +108,22 @@ def quality_rows(quick: bool = False) -> list[dict]:
     return rows
 
 
-def _fwd(p, tokens, cfg):
+def _step_logits(p, tokens_BT, cfg):
+    """Logits [B, T, V] of `tokens` fed one cached decode step at a time (B rows per matmul)."""
+    from floe_jax.kv_cache import init_cache
     from floe_jax.model import forward
 
-    return forward(p, tokens, cfg)
+    b, t = tokens_BT.shape
+
+    def step(cache, tok_B):
+        logits, cache = forward(p, tok_B[:, None], cfg, cache=cache)
+        return cache, logits[:, 0]
+
+    _, logits_TBV = jax.lax.scan(step, init_cache(cfg, b, t), tokens_BT.T)
+    return jnp.swapaxes(logits_TBV, 0, 1)
 
 
-def memory_rows(num_layers: int | None = None) -> list[dict]:
+def memory_rows(num_layers: int | None = None, cpu_kernel: bool = True) -> list[dict]:
     from experiments.benchmarks._decode_scale import QWEN25_05B
     from floe_jax import quant
     from floe_jax.config import LoRAConfig
@@ -128,7 +144,7 @@ def memory_rows(num_layers: int | None = None) -> list[dict]:
     for fmt in ("float32", *FORMATS):
         p = base
         if fmt != "float32":
-            qcfg = quant.QuantConfig(format=fmt)
+            qcfg = quant.QuantConfig(format=fmt, cpu_kernel=cpu_kernel)
             p = jax.eval_shape(lambda b, q=qcfg: quant.quantize(b, cfg, q), base)
         m = client_memory_bytes(p, lora, batches, cfg=cfg, opt=opt)
         rows.append({"base": fmt, **{k: v / 2**20 for k, v in m.items()}})
@@ -137,11 +153,13 @@ def memory_rows(num_layers: int | None = None) -> list[dict]:
     return rows
 
 
-def run(quick: bool = False) -> list[dict]:
-    q = quality_rows(quick)
+def run(quick: bool = False, cpu_kernel: bool = True) -> list[dict]:
+    """`cpu_kernel`: `QuantConfig.cpu_kernel` of every quantized base (the command line's
+    `FLOE_JAX_CPU_KERNELS`)."""
+    q = quality_rows(quick, cpu_kernel)
     print_table(q, title=f"bench quant: quality against float32 (pretrained Llama 256x4) — "
                 f"{machine()}")  # fmt: skip
-    m = memory_rows(num_layers=2 if quick else None)
+    m = memory_rows(num_layers=2 if quick else None, cpu_kernel=cpu_kernel)
     print_table(m, title="bench quant: one QLoRA client's compiled memory (MiB), Qwen2.5-0.5B "
                 "shapes" + (" (2 layers)" if quick else ""))  # fmt: skip
     return q + m
