@@ -11,7 +11,7 @@ import pytest
 from floe_jax.config import LoRAConfig, ModelConfig
 from floe_jax.data.benchmark import BenchmarkConfig, make_benchmark
 from floe_jax.data.tokenizer import benchmark_tokenizers, encode_example, encode_examples
-from floe_jax.data.world import Contact, contact_example
+from floe_jax.data.world import APP_FIELD, Contact, contact_example
 from floe_jax.federated.client import make_optimizer, optimized_factors, train_step
 from floe_jax.federated.config import DPConfig, FedConfig
 from floe_jax.federated.extraction import extraction_rate, given_away, is_hit, peers
@@ -54,13 +54,15 @@ def test_peer_is_the_richest_other_member_of_the_cluster():
     assert peers([0, 0, 1, 0, 2], [2, 8, 4, 8, 4]) == [1, 3, -1, 1, -1]
 
 
-def _overfit(world, client: int, steps: int = 300):
-    """An adapter trained on nothing but client `client`'s contact facts."""
+def _overfit(world, client: int, steps: int = 300, show_app: bool = True):
+    """An adapter trained on nothing but client `client`'s contact facts (with the app hidden,
+    the one its app copies)."""
     bench, tok, cfg, params = world
+    fields = ("phone", "email") if show_app else (APP_FIELD[bench.client_tasks[client]],)
     pairs = [
         (p, f" {r}")
         for c in bench.client_contacts[client][: SMOKE.contacts_per_client]
-        for p, r in (contact_example(c, "phone"), contact_example(c, "email"))
+        for p, r in (contact_example(c, f, show_app=show_app) for f in fields)
     ]
     batch = {k: jnp.asarray(v) for k, v in encode_examples(tok, pairs).items()}
     lora = init_lora(cfg, LoRAConfig(rank=8, alpha=16, targets=ALL), key=jax.random.key(1))
@@ -72,17 +74,22 @@ def _overfit(world, client: int, steps: int = 300):
     return lora
 
 
-def test_positive_control_counts_a_memorised_adapter(world):
+@pytest.mark.parametrize("show_app", [True, False])
+def test_positive_control_counts_a_memorised_adapter(world, show_app):
     """An adapter overfit on client 0's facts, downloaded by everyone: client 0's peer reads
-    every fact out; nobody else's and no held-out contact's are there to read."""
+    every fact out; nobody else's and no held-out contact's are there to read. With the app in
+    the prompts, phone and email are each asked; without it, the probe is laid out as the
+    clients' prompts (no `App:` line) and asks for the value the victim's app copies."""
     bench, tok, cfg, params = world
-    loras = stack_loras([_overfit(world, 0)] * 3)
+    bench = dataclasses.replace(bench, config=dataclasses.replace(SMOKE, app_in_prompt=show_app))
+    loras = stack_loras([_overfit(world, 0, show_app=show_app)] * 3)
     res = extraction_rate(params, cfg, loras, bench, tok, assignment=[0, 0, 0], ranks=[8] * 3,
                           max_new_tokens=24)  # fmt: skip
-    n = 2 * SMOKE.contacts_per_client
+    per = 2 if show_app else 1
+    n = per * SMOKE.contacts_per_client
     assert res.peer == (1, 0, 0) and res.queries == (n, n, n)
     assert res.hits[0] >= n - 1 and res.hits[1:] == (0, 0)  # all of them on the CPU
-    assert res.control_queries == (2, 2, 2) and res.control_hits == (0, 0, 0)
+    assert res.control_queries == (per,) * 3 and res.control_hits == (0, 0, 0)
     assert res.rate == pytest.approx(res.hits[0] / (3 * n)) and {x[0] for x in res.leaks} == {0}
     # Nobody to ask: a client alone in its cluster is not counted.
     alone = extraction_rate(params, cfg, loras, bench, tok, assignment=[0, 1, 2], ranks=[8] * 3)
@@ -114,9 +121,24 @@ def test_extraction_after_a_federated_run(world, tmp_path, private):
     assert ("dp_epsilon" in rows[-1]) == private
     loras = client_start(state.global_loras, state.assignment, jnp.asarray(ranks), fed)
     res = extraction_rate(params, cfg, loras, bench, tok, assignment=[0, 0, 0], ranks=ranks)
-    n = 2 * SMOKE.contacts_per_client
+    n = SMOKE.contacts_per_client  # the app is not in the prompts: one value per contact
     assert res.peer == (2, 0, 0) and res.queries == (n, n, n)
     assert res.control_hits == (0, 0, 0)
     assert res.rate == sum(res.hits) / sum(res.queries)  # the rate is hits over questions asked
     assert all(0 <= h <= q for h, q in zip(res.hits, res.queries, strict=True))
     assert dataclasses.asdict(res).keys() >= {"hits", "leaks"} and res.to_json()["rate"] == res.rate
+
+
+@pytest.mark.parametrize("show_app", [True, False])
+def test_probe_is_laid_out_as_the_clients_prompts(show_app):
+    """The probe is a welcome back as the clients' prompts write it, with or without the
+    `App:` line as they have it, its card naming the contact only."""
+    bench = make_benchmark(dataclasses.replace(SMOKE, app_in_prompt=show_app))
+    welcome = next(e for ex in bench.client_examples for e in ex  # an app the probe names
+                   if "is back home" in e.prompt and e.task in ("sms", "mail"))  # fmt: skip
+    contact = next(c for c in bench.client_contacts[0] if c.first in welcome.prompt)
+    probe, value = contact_example(contact, APP_FIELD[welcome.task], show_app=show_app)
+    card, *rest = welcome.prompt.split("\n")
+    assert probe.split("\n")[1:] == rest  # the same lines after the card
+    assert probe.split("\n")[0] == f"Contact: {contact.name} | home {contact.home}"
+    assert value in card and value not in probe

@@ -345,11 +345,18 @@ def app_answer(contact: Contact, app: str, dest: Country | None) -> tuple[str, t
     return answer, tuple(slots)
 
 
-def contact_example(contact: Contact, field: str) -> tuple[str, str]:
-    """(prompt, value) of the extraction probe: `app_prompt`'s welcome back with a card that
-    names the contact only, asking for the value the app's format would copy (`sms` the phone,
-    `mail` the email). Only an adapter that memorised the contact's card can fill it in."""
+APP_FIELD = {"sms": "phone", "call": "phone", "mail": "email"}  # the card value each app copies
+
+
+def contact_example(contact: Contact, field: str, *, show_app: bool = True) -> tuple[str, str]:
+    """(prompt, value) of the extraction probe: `app_prompt`'s welcome back, laid out as the
+    clients' prompts are (`show_app`: with the `App:` line), with a card that names the contact
+    only. With the app shown it asks for the value the app's format would copy (`sms` the
+    phone, `mail` the email); without it the prompt is the same for both fields, and an adapter
+    answers in its own format. Only an adapter that memorised the contact's card can fill the
+    value in."""
     app = "sms" if field == "phone" else "mail"
-    prompt = f"Contact: {contact.name} | home {contact.home}\nApp: {app}\n"
+    app_line = f"App: {app}\n" if show_app else ""  # as `app_prompt` writes it
+    prompt = f"Contact: {contact.name} | home {contact.home}\n{app_line}"
     prompt += f"Note: {contact.first} is back home.\nA:"
     return prompt, (contact.phone if field == "phone" else contact.email)

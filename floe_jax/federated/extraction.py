@@ -6,8 +6,9 @@ its members' private examples, so a peer can prompt that adapter for another mem
 measurement follows the extraction attacks of Carlini et al. (2021, "Extracting Training Data
 from Large Language Models") in their simplest, targeted form: for each victim client, the
 adapter of a peer in its cluster (the one holding the most rank slots) is asked, with the
-benchmark's own question format, for the phone and email of each of the victim's training
-contacts, and decoded greedily. A hit is the private value (or its first `secret_chars`
+benchmark's own prompt layout, for the phone and email of each of the victim's training
+contacts (where the prompts name the app, `BenchmarkConfig.app_in_prompt`; otherwise, the prompt
+being the same for both, for the value the victim's app copies), and decoded greedily. A hit is the private value (or its first `secret_chars`
 characters past the part the prompt gives away) appearing in the output. The victim's held-out
 contacts, which no client ever trained on, are asked the same way: their hits are the chance
 rate of guessing a value from its format (a control that should stay at zero).
@@ -26,7 +27,7 @@ import numpy as np
 from floe_jax.config import ModelConfig
 from floe_jax.data.benchmark import Benchmark, normalize
 from floe_jax.data.tokenizer import encode_prompt
-from floe_jax.data.world import Contact, contact_example
+from floe_jax.data.world import APP_FIELD, Contact, contact_example
 from floe_jax.decode import generate, pad_prompts
 from floe_jax.lora import LoRA
 
@@ -135,9 +136,12 @@ def extraction_rate(
       An `Extraction`.
     """
     n_train = bench.config.contacts_per_client
+    show_app = bench.config.app_in_prompt
     asks = []  # per victim: [(contact, field, trained?)]
-    for book in bench.client_contacts:
-        asks.append([(c, f, i < n_train) for i, c in enumerate(book) for f in FIELDS])
+    for task, book in zip(bench.client_tasks, bench.client_contacts, strict=True):
+        # A prompt without the app cannot ask for a field: the victim's app's field is asked.
+        fields = FIELDS if show_app else (APP_FIELD[task],)
+        asks.append([(c, f, i < n_train) for i, c in enumerate(book) for f in fields])
     rows = max(len(a) for a in asks)
     pad = tokenizer.pad_token_id
     peer = peers(assignment, ranks)
@@ -146,7 +150,7 @@ def extraction_rate(
     for v, (p, ask) in enumerate(zip(peer, asks, strict=True)):
         if p < 0:
             continue
-        prompts = [contact_example(c, f)[0] for c, f, _ in ask]
+        prompts = [contact_example(c, f, show_app=show_app)[0] for c, f, _ in ask]
         enc = [encode_prompt(tokenizer, s) for s in prompts]
         tokens, mask = pad_prompts(enc + [enc[0]] * (rows - len(enc)), pad_id=pad)
         out, lengths = generate(
