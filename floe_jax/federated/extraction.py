@@ -8,8 +8,9 @@ from Large Language Models") in their simplest, targeted form: for each victim c
 adapter of a peer in its cluster (the one holding the most rank slots) is asked, with the
 benchmark's own prompt layout, for the phone and email of each of the victim's training
 contacts (where the prompts name the app, `BenchmarkConfig.app_in_prompt`; otherwise, the prompt
-being the same for both, for the value the victim's app copies), and decoded greedily. A hit is the private value (or its first `secret_chars`
-characters past the part the prompt gives away) appearing in the output. The victim's held-out
+being the same for both, for the value the victim's app copies), and decoded greedily. A hit
+is the private value (or its first `secret_chars` characters past the part the prompt gives
+away) appearing in the output. The victim's held-out
 contacts, which no client ever trained on, are asked the same way: their hits are the chance
 rate of guessing a value from its format (a control that should stay at zero).
 
