@@ -2,7 +2,9 @@
 
 Checks, on a preset's sizes, that (a) the cloud model answers most `general` queries, (b) the edge
 base model answers fewer, (c) neither base model answers `personal` queries, (d) a centralized
-LoRA fine-tune of the edge model on the pooled private examples makes it good at `personal`.
+LoRA fine-tune of the edge model on the pooled private examples makes it good at `personal` (on
+the benchmark with the app named in the prompts, `app_in_prompt=True`: one adapter for every
+client cannot otherwise know which client's format a prompt wants).
 That makes Floe's claim (fusion beats edge-only and cloud-only) reachable on this benchmark.
 
 `python -m experiments calibrate [preset] [key=value ...]` prints the table and the stage times;
@@ -195,14 +197,17 @@ def run(preset: DemoPreset, *, progress: bool = True) -> dict:
         )
         times[f"evaluate {which}"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    # One adapter for every client picks each client's format only if the prompt names the app:
+    # the same benchmark with the app shown (same corpora, so the same tokenizer and models).
+    named = make_benchmark(dataclasses.replace(preset.bench, app_in_prompt=True))
     lora, ft_losses = finetune_lora(
-        prep.edge.params, preset.edge, prep.tokenizer, list(prep.bench.pooled_examples()),
+        prep.edge.params, preset.edge, prep.tokenizer, list(named.pooled_examples()),
         preset.finetune, progress=progress,
     )  # fmt: skip
     times["LoRA fine-tune edge"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     rows["edge + pooled LoRA"] = evaluate(
-        prep.edge.params, preset.edge, prep.tokenizer, prep.bench, max_new_tokens=n, lora=lora
+        prep.edge.params, preset.edge, prep.tokenizer, named, max_new_tokens=n, lora=lora
     )
     times["evaluate edge + LoRA"] = time.perf_counter() - t0
     return {

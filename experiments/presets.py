@@ -125,8 +125,9 @@ class DemoFed:
       local: also train the local-only baseline (`LOCAL`: each client its own cluster).
       centralized: also train the non-private upper bound (`CENTRAL`): one adapter per task
         family on the pooled data of the family's clients (a server that sees every example and
-        knows which client, and so which task, it came from), as many steps per family as the
-        family's clients take together, at the largest rank.
+        knows which client, and so which task, it came from), at the largest rank, each family
+        taking `num_clients // num_tasks` times the local steps (its clients' steps together
+        when the families are of one size, as the embedded benchmark's are).
       dp: with `dp.enabled`, one more run (`FLOE_DP`): Floe's rounds with client-level
         differential privacy (`FedConfig.dp`), FedIT inside each cluster when Floe's rule takes no
         DP (`DP_METHODS`); it is evaluated beside Floe, so the report shows DP's accuracy cost
@@ -183,7 +184,8 @@ class DemoFed:
         and centralized ones. The local-only run takes `clustering="given"` (each client its own
         cluster, passed by the caller); so does the centralized one, whose clients are the
         `num_tasks` task families, each holding its clients' pooled data and taking
-        `num_clients // num_tasks` times the local steps (its clients' steps together)."""
+        `num_clients // num_tasks` times the local steps (one number for every family: its
+        clients' steps together when the families are of one size)."""
         k = num_tasks if self.known_k else self.rounds.num_clusters
         out = {FLOE: dataclasses.replace(self.rounds, num_clusters=k)}
         for b in self.baselines:

@@ -427,3 +427,25 @@ def test_multi_host_demo_setup_runs_on_process_0_first(monkeypatch):
     with pytest.raises(OSError, match="no space left"):
         fed_mod._setup_in_turn(PRESETS["smoke"], False)
     assert calls == ["sync"]
+
+
+def test_centralized_pools_each_task_family():
+    """`task_families` numbers families by first client; `pooled` gives family g every real row
+    of its clients in client order (no padding rows); indexing by the families maps each
+    family's adapter back to its clients."""
+    from experiments.demo.federate import pooled, task_families
+    from floe_jax.federated.types import client_data
+
+    fam = task_families(["mail", "sms", "mail", "call", "sms"])
+    np.testing.assert_array_equal(fam, [0, 1, 0, 2, 1])
+    rows = [np.full((n, 4), k, np.int32) for k, n in enumerate([2, 1, 3, 1, 2])]
+    data = client_data(
+        [(r, np.ones_like(r, np.float32), np.ones_like(r, np.float32)) for r in rows]
+    )
+    got = pooled(data, fam)
+    assert got.num_clients == 3 and list(np.asarray(got.num_examples)) == [5, 3, 1]
+    np.testing.assert_array_equal(np.asarray(got.tokens)[0, :5, 0], [0, 0, 2, 2, 2])
+    np.testing.assert_array_equal(np.asarray(got.tokens)[1, :3, 0], [1, 4, 4])
+    np.testing.assert_array_equal(np.asarray(got.tokens)[2, :1, 0], [3])
+    adapters = np.asarray([10, 11, 12])
+    np.testing.assert_array_equal(adapters[fam], [10, 11, 10, 12, 11])

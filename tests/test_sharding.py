@@ -208,6 +208,41 @@ def test_two_processes_equal_one_device_and_resume_after_a_kill(eight_devices, t
 # ----------------------------------------------------------------------------- rules
 
 
+def test_together_stops_every_process_when_one_fails(monkeypatch):
+    """`together` as seen from one process of two (the agreement, `process_allgather`, stubbed
+    with what each process reports): the process whose step failed raises its own error, every
+    other one a `ProcessFailedError` naming the step and the failed process; `primary_only`
+    runs the step on process 0 alone."""
+    from jax.experimental import multihost_utils
+
+    reported = []
+    monkeypatch.setattr(sharding.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(
+        multihost_utils, "process_allgather",
+        lambda flag: reported.append(int(flag)) or np.asarray(flags),
+    )  # fmt: skip
+
+    def as_process(i):
+        monkeypatch.setattr(sharding.jax, "process_index", lambda: i)
+
+    flags = [0, 0]
+    as_process(1)
+    assert sharding.together("step", lambda: "done") == "done"  # every process runs it
+    assert sharding.together("step", lambda: "done", primary_only=True) is None
+    flags = [0, 1]  # process 1's step fails: it re-raises its own error after the agreement
+
+    def broken():
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        sharding.together("write", broken)
+    assert reported[-1] == 1
+    as_process(0)  # process 0 ran its step fine and learns of process 1's failure
+    with pytest.raises(sharding.ProcessFailedError, match=r"\[1\] failed at 'write'"):
+        sharding.together("write", lambda: "done")
+    assert reported[-1] == 0
+
+
 def test_mesh_specs_name_what_is_wrong():
     assert sharding.parse_mesh_spec("clients=4,fsdp=2") == {"clients": 4, "fsdp": 2}
     for bad, why in [

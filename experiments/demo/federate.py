@@ -41,7 +41,8 @@ def federate(
     """Trains (or resumes) every run's adapters and writes `run_dir/clients.json`; with
     `train=False` only loads finished runs (an unfinished or missing one is an error). With a
     `mesh` (`floe_jax.sharding.make_mesh`) every run's rounds run over it, except the
-    centralized baseline's: its one client cannot be split, so it runs on one device (printed).
+    centralized baseline's: its clients are the task families, whose number need not divide the
+    mesh's `clients` axis, so it runs on one device (printed).
 
     Returns:
       `{run name: (client LoRAs [N], info)}`: each client's adapter (its cluster's, at the rank
@@ -73,8 +74,8 @@ def federate(
         if train:
             run_mesh = None if name == CENTRAL else mesh
             if mesh is not None and run_mesh is None:
-                print(f"federated rounds: {name} has a client per task family: on one device, "
-                      "not the mesh")  # fmt: skip
+                print(f"federated rounds: {name} has a client per task family, which need not "
+                      "divide the mesh: on one device")  # fmt: skip
             state, _ = train_federated(
                 prep.edge_params, run_data, **where, progress=progress, restart=restart,
                 mesh=run_mesh,

@@ -257,7 +257,8 @@ class Benchmark:
         return tuple(q for q in self.queries if q.qtype == qtype)
 
     def pooled_examples(self) -> tuple[Example, ...]:
-        """Every client's private examples together (for centralized baselines and checks)."""
+        """Every client's private examples together (for centralized checks; the demo's
+        centralized baseline pools them per task family)."""
         return tuple(e for ex in self.client_examples for e in ex)
 
 

@@ -231,18 +231,31 @@ def train_federated(
     last_round = fed.num_rounds if stop_after is None else min(fed.num_rounds, first + stop_after)
 
     rows: list[dict] = []
+    # Process 0's failed metrics write in a multi-host run: the processes agree on it at the next
+    # checkpoint, before saving (no checkpoint past a lost line), not with a sync every round.
+    failed_write: list[OSError] = []
+
+    def write(row):
+        try:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            if jax.process_count() == 1:
+                raise
+            failed_write.append(e)
+
+    def writes_ok():
+        if failed_write:
+            raise failed_write[0]
 
     def emit(m, t0, extra_save=None):
         m = jax.device_get(m)  # blocks until that round is done
         row = round_row(m, names, fed, time.perf_counter() - t0, num_clients=data.num_clients)
         if extra_save is not None:
+            sharding.together("floe_jax:metrics_lines", writes_ok, primary_only=True)
             extra_save(row)
-
-        def write():
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-        sharding.together("floe_jax:metrics_line", write, primary_only=True)
+        if sharding.is_primary() and not failed_write:
+            write(row)
         rows.append(row)
         bar.set_postfix(loss=row["loss"], dropped=len(row["dropped"]))
 
@@ -267,7 +280,7 @@ def train_federated(
     if fed.dp.enabled and rows:
         log.info("DP: ε = %s at δ = %g after %d rounds", rows[-1]["dp_epsilon"], fed.dp.delta,
                  rows[-1]["round"] + 1)  # fmt: skip
-    sharding.sync("floe_jax:metrics_written")
+    sharding.together("floe_jax:metrics_written", writes_ok, primary_only=True)
     if int(state.round) == fed.num_rounds:
         check_trained(run_dir)
     return state, rows
