@@ -465,9 +465,29 @@ def quantize(params: dict, cfg: ModelConfig, qcfg: QuantConfig) -> dict:
 
 
 def with_options(params, **changes):
-    """`params` with the static options `changes` (e.g. `cpu_kernel=False`) on every
-    `QuantizedTensor` in it; the codes are shared, not copied."""
-    fix = lambda x: dataclasses.replace(x, **changes) if is_quantized(x) else x
+    """`params` with the static options `changes` (`cpu_kernel`, `activations`) on every
+    `QuantizedTensor` in it, checked as `QuantConfig` checks them; the codes are shared, not
+    copied."""
+    unknown = sorted(set(changes) - {"cpu_kernel", "activations"})
+    if unknown:
+        raise ValueError(f"with_options: {unknown} are not options of a quantized base "
+                         "(cpu_kernel, activations)")  # fmt: skip
+    if not isinstance(changes.get("cpu_kernel", True), bool):
+        raise ValueError(f"with_options: cpu_kernel must be a bool, got {changes['cpu_kernel']!r}")
+
+    def fix(x):
+        if not is_quantized(x):
+            return x
+        new = dataclasses.replace(x, **changes)
+        groups, k = new.scale.shape[-1], new.stored_shape[-1]
+        try:
+            _check_activations(new.format, k // groups if groups > 1 else None, new.activations)
+        except ValueError as e:
+            raise ValueError(
+                f"with_options: a {new.format} weight of shape {new.shape}: {e}"
+            ) from None
+        return new
+
     return jax.tree.map(fix, params, is_leaf=is_quantized)
 
 

@@ -327,6 +327,7 @@ I8_CASES = [
     ("int8", None, 131),
     ("int8", 32, 192),
     ("int8", 64, 256),
+    ("int8", 32, 160),  # K % 64 == 32: the last 64-byte vector holds one group
     ("int4", 32, 192),
     ("int4", 64, 192),
     ("int4", 128, 384),
@@ -464,3 +465,24 @@ def test_bench_qmatvec_quick_runs_and_agrees():
         if path == "kernel, int8 act":  # plus the activations' rounding: small
             other = by[(matrix, fmt, "kernel")]["rel. diff vs float32"]
             assert abs(r["rel. diff vs float32"] - other) < 2e-2 and r["ms"] > 0
+
+
+def test_with_options_checks_what_quant_config_checks():
+    """Switching a quantized base's options validates them as `QuantConfig` does, naming the
+    weight: int8 activations take neither nf4 codes nor groups that are no multiple of 32."""
+    params = init_params(CFG, key=jax.random.key(0))
+    nf4 = quant.quantize(params, CFG, quant.QuantConfig(format="nf4", group_size=32))
+    with pytest.raises(ValueError, match=r"with_options: a nf4 weight of shape .*formats"):
+        quant.with_options(nf4, activations="int8")
+    int4 = quant.quantize(params, CFG, quant.QuantConfig(format="int4", group_size=16))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quant.with_options(int4, activations="int8")
+    with pytest.raises(ValueError, match="not options"):
+        quant.with_options(int4, group_size=32)
+    with pytest.raises(ValueError, match="cpu_kernel must be a bool"):
+        quant.with_options(int4, cpu_kernel="no")
+    int8 = quant.quantize(params, CFG, quant.QuantConfig(format="int8", group_size=32))
+    fast = quant.with_options(int8, activations="int8")
+    got = {x.activations for x in jax.tree.leaves(fast, is_leaf=quant.is_quantized)
+           if quant.is_quantized(x)}  # fmt: skip
+    assert got == {"int8"}
