@@ -92,7 +92,9 @@ class BenchmarkConfig:
         text (`format_docs`) names the app either way, so both settings share one tokenizer and
         one pretraining cache.
       trivia_fraction: share of a client's examples in the public QA format (about local
-        countries, whose facts the edge knows), so the adapter keeps answering general queries.
+        countries, whose facts the edge knows), so the adapter keeps answering general queries
+        in that format: with the app not in the prompt and 5% of QA, a cluster's adapter wrote
+        its app's format on public questions too (`Text 555-6611: the capital there is ...`).
       personal_fraction: share of a client's app examples that are welcome-backs (the rest are
         trips to local countries).
       queries_per_type: test queries of each type (general, personal, both).
@@ -117,7 +119,7 @@ class BenchmarkConfig:
     examples_per_client: int = 48
     main_task_fraction: float = 0.9
     app_in_prompt: bool = False
-    trivia_fraction: float = 0.05
+    trivia_fraction: float = 0.15
     personal_fraction: float = 0.4
     queries_per_type: int = 48
     directory_docs: int = 1000
