@@ -293,6 +293,8 @@ def test_bad_benchmark_config_names_the_field():
         BenchmarkConfig(num_clients=0)
     with pytest.raises(ConfigError, match="edge_fact_fraction"):
         BenchmarkConfig(edge_fact_fraction=1.5)
+    with pytest.raises(ConfigError, match="app_in_prompt must be true or false"):
+        BenchmarkConfig(app_in_prompt="no")  # a string is truthy: never taken as False
 
 
 def test_no_country_left_for_the_cloud_is_a_clear_error():

@@ -85,7 +85,8 @@ class BenchmarkConfig:
       test_contacts_per_client: held-out contacts used only in test queries.
       examples_per_client: private (prompt, response) training examples per client.
       main_task_fraction: share of a client's app examples from its own app (the rest from
-        the other apps).
+        the other apps). With the app not in the prompt, the rest is label noise: the same
+        kind of prompt answered in another app's format.
       app_in_prompt: an `App:` line in each private example's and query's prompt names the app
         whose format the answer takes. False (the default): the prompt does not say, so the
         format is the client's convention (see the module docstring). The tokenizer's format
@@ -161,6 +162,10 @@ class BenchmarkConfig:
             f"far_train_fraction must be in [0, 1), got {self.far_train_fraction}",
         )
         req(self.format_samples >= 0, f"format_samples must be >= 0, got {self.format_samples}")
+        req(
+            isinstance(self.app_in_prompt, bool),
+            f"app_in_prompt must be true or false, got {self.app_in_prompt!r}",
+        )
 
     @property
     def num_local(self) -> int:
