@@ -34,7 +34,6 @@ from floe_jax.config import ConfigError, ModelConfig
 from kernels import cpu_qmatvec
 
 FORMATS = ("bf16", "int8", "int4", "nf4")
-ACTIVATIONS = ("float32", "int8")
 
 # QLoRA's NF4 code book: quantiles of N(0, 1) scaled to [-1, 1], with an exact zero.
 NF4_CODES = np.array(
@@ -106,7 +105,7 @@ class QuantConfig:
         if not isinstance(self.cpu_kernel, bool):
             raise ConfigError(f"QuantConfig.cpu_kernel must be a bool, got {self.cpu_kernel!r}")
         try:
-            _check_activations(self.format, self.groups, self.activations)
+            cpu_qmatvec.check_activations(self.format, self.groups, self.activations)
         except ValueError as e:
             raise ConfigError(f"QuantConfig: {e}") from None
 
@@ -166,22 +165,6 @@ def is_quantized(w) -> bool:
     return isinstance(w, QuantizedTensor)
 
 
-def _check_activations(fmt: str, group_size: int | None, activations: str) -> None:
-    """Raises ValueError unless weights of `fmt` grouped by `group_size` (None: one group per
-    row) take `activations`."""
-    if activations not in ACTIVATIONS:
-        raise ValueError(f"activations={activations!r} is not one of {ACTIVATIONS}")
-    if activations == "float32":
-        return
-    if fmt not in cpu_qmatvec.INT8_FORMATS:
-        raise ValueError(f"activations='int8' takes formats {cpu_qmatvec.INT8_FORMATS} (integer "
-                         f"codes), not format={fmt!r}: keep activations='float32'")  # fmt: skip
-    if group_size is not None and group_size % cpu_qmatvec.BLOCK:
-        raise ValueError(f"activations='int8' needs group_size a multiple of "
-                         f"{cpu_qmatvec.BLOCK} (one activation block per weight group), "
-                         f"got {group_size}")  # fmt: skip
-
-
 # ----------------------------------------------------------------------------- codes
 
 
@@ -235,7 +218,7 @@ def quantize_matrix(
     codes are round-to-nearest (int8: [-127, 127]; int4: [-8, 7]; nf4: the nearest code).
     """
     try:
-        _check_activations(fmt, group_size, activations)
+        cpu_qmatvec.check_activations(fmt, group_size, activations)
     except ValueError as e:
         raise ValueError(f"{name or 'weight'}: {e}") from None
     w = jnp.asarray(w, jnp.float32)
@@ -481,7 +464,9 @@ def with_options(params, **changes):
         new = dataclasses.replace(x, **changes)
         groups, k = new.scale.shape[-1], new.stored_shape[-1]
         try:
-            _check_activations(new.format, k // groups if groups > 1 else None, new.activations)
+            cpu_qmatvec.check_activations(
+                new.format, k // groups if groups > 1 else None, new.activations
+            )
         except ValueError as e:
             raise ValueError(
                 f"with_options: a {new.format} weight of shape {new.shape}: {e}"

@@ -319,13 +319,26 @@ CODE_DTYPES = {"bf16": ("uint16", "bfloat16"), "int8": ("int8",), "int4": ("uint
                "nf4": ("uint8",)}  # fmt: skip
 
 
+def check_activations(fmt: str, group_size: int | None, activations: str) -> None:
+    """Raises ValueError unless weights of `fmt` grouped by `group_size` inputs (None: one group
+    per row) take `activations`: the one statement of the int8-activation rules
+    (`floe_jax.quant.QuantConfig` and `check_operands` apply it)."""
+    if activations not in ACTIVATION_CODES:
+        raise ValueError(f"activations={activations!r} is not one of {tuple(ACTIVATION_CODES)}")
+    if activations == "float32":
+        return
+    if fmt not in INT8_FORMATS:
+        raise ValueError(f"activations='int8' takes formats {INT8_FORMATS} (integer codes), "
+                         f"not format={fmt!r}: keep activations='float32'")  # fmt: skip
+    if group_size is not None and group_size % BLOCK:
+        raise ValueError(f"activations='int8' needs group_size a multiple of {BLOCK} (one "
+                         f"activation block per weight group), got {group_size}")  # fmt: skip
+
+
 def check_operands(x_MK, q, scale, fmt: str, activations: str = "float32") -> None:
     """Raises ValueError, naming the shapes and dtypes, if `qmatvec` cannot take its operands."""
     if fmt not in FORMAT_CODES:
         raise ValueError(f"qmatvec: format {fmt!r} is not one of {tuple(FORMAT_CODES)}")
-    if activations not in ACTIVATION_CODES:
-        raise ValueError(f"qmatvec: activations {activations!r} is not one of "
-                         f"{tuple(ACTIVATION_CODES)}")  # fmt: skip
     what = f"x {x_MK.dtype}{list(x_MK.shape)}, q {q.dtype}{list(q.shape)}, scale " \
            f"{scale.dtype}{list(scale.shape)}, format {fmt}"  # fmt: skip
     if x_MK.ndim != 2 or q.ndim != 2 or scale.ndim != 2:
@@ -347,13 +360,10 @@ def check_operands(x_MK, q, scale, fmt: str, activations: str = "float32") -> No
         raise ValueError(f"qmatvec: scale's {g} groups do not split K={k} into "
                          f"{'no groups (bf16)' if fmt == 'bf16' else 'equal (even) groups'} "
                          f"({what})")  # fmt: skip
-    if activations == "int8":
-        if fmt not in INT8_FORMATS:
-            raise ValueError(f"qmatvec: int8 activations take {' and '.join(INT8_FORMATS)} "
-                             f"weights ({what})")  # fmt: skip
-        if g > 1 and (k // g) % BLOCK:
-            raise ValueError(f"qmatvec: int8 activations need weight groups of a multiple of "
-                             f"{BLOCK} inputs, got {k // g} ({what})")  # fmt: skip
+    try:
+        check_activations(fmt, k // g if g > 1 else None, activations)
+    except ValueError as e:
+        raise ValueError(f"qmatvec: {e} ({what})") from None
 
 
 def qmatvec(

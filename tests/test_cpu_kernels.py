@@ -446,7 +446,9 @@ def test_int8_activations_refuse_formats_and_groups_they_do_not_take():
         quant.quantize_matrix(np.ones((64, 4)), "int8", 16, transposed=True, name="gate",
                               activations="int8")  # fmt: skip
     qt = _weight("nf4", 32, 192)
-    with pytest.raises(ValueError, match=r"int8 activations take int8 and int4 weights"):
+    with pytest.raises(
+        ValueError, match=r"qmatvec: activations='int8' takes formats .*not format='nf4'"
+    ):
         cq.qmatvec(np.ones((1, 192), np.float32), qt.q, qt.scale, "nf4", "int8")
 
 
