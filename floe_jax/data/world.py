@@ -302,9 +302,14 @@ def app_prompt(contact: Contact, app: str, dest: str | None, *, show_app: bool =
     contact's card, the on-device private context the answer copies from; an `App:` line names
     the app unless `show_app` is False (then only the client's own data says which format it
     answers in: `BenchmarkConfig.app_in_prompt`)."""
-    note = f"{contact.first} travels to {dest}." if dest else f"{contact.first} is back home."
+    return _note_prompt(contact.card, contact.first, app, dest, show_app)
+
+
+def _note_prompt(card: str, first: str, app: str, dest: str | None, show_app: bool) -> str:
+    """The one layout of an app prompt: card, `App:` line (when shown), note, answer cue."""
+    note = f"{first} travels to {dest}." if dest else f"{first} is back home."
     app_line = f"App: {app}\n" if show_app else ""
-    return f"{contact.card}\n{app_line}Note: {note}\nA:"
+    return f"{card}\n{app_line}Note: {note}\nA:"
 
 
 def app_answer(contact: Contact, app: str, dest: Country | None) -> tuple[str, tuple]:
@@ -356,7 +361,6 @@ def contact_example(contact: Contact, field: str, *, show_app: bool = True) -> t
     answers in its own format. Only an adapter that memorised the contact's card can fill the
     value in."""
     app = "sms" if field == "phone" else "mail"
-    app_line = f"App: {app}\n" if show_app else ""  # as `app_prompt` writes it
-    prompt = f"Contact: {contact.name} | home {contact.home}\n{app_line}"
-    prompt += f"Note: {contact.first} is back home.\nA:"
+    card = f"Contact: {contact.name} | home {contact.home}"
+    prompt = _note_prompt(card, contact.first, app, None, show_app)
     return prompt, (contact.phone if field == "phone" else contact.email)
