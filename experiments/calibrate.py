@@ -13,6 +13,7 @@ That makes Floe's claim (fusion beats edge-only and cloud-only) reachable on thi
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -71,26 +72,35 @@ def benchmark_and_tokenizers(preset: DemoPreset) -> tuple[Benchmark, object, obj
 
 
 def prepare(preset: DemoPreset, *, progress: bool = True) -> Prepared:
-    """Benchmark, tokenizer, and both base models pretrained (or loaded from the cache)."""
+    """Benchmark, tokenizer, and both base models pretrained (or loaded from the cache).
+
+    The two models train at the same time, each from its own thread: one tiny model's step
+    leaves part of a CPU's cores idle (the steps of both together finish sooner than one after
+    the other, `bench step`), and the trained weights are the same either way (each thread runs
+    its own jitted steps; `tests/test_pretrain.py`)."""
     times = {}
     t0 = time.perf_counter()
     bench, tok, cloud_tok = benchmark_and_tokenizers(preset)
     times["benchmark+tokenizers"] = time.perf_counter() - t0
-    out = {}
-    for which, docs, tk in (
-        ("cloud", bench.public_docs, cloud_tok),
-        ("edge", bench.edge_docs, tok),
-    ):
+
+    def one(which: str, docs, tk, position: int) -> PretrainResult:
         t0 = time.perf_counter()
-        out[which] = pretrain_cached(
+        result = pretrain_cached(
             getattr(preset, which),
             np.asarray(encode_docs(tk, docs), np.int32),
             getattr(preset, f"{which}_pretrain"),
             cache_dir=preset.cache_dir,
             name=f"{which}",
             progress=progress,
+            position=position,
         )
         times[f"pretrain {which}"] = time.perf_counter() - t0
+        return result
+
+    jobs = (("cloud", bench.public_docs, cloud_tok), ("edge", bench.edge_docs, tok))
+    with concurrent.futures.ThreadPoolExecutor(len(jobs), thread_name_prefix="pretrain") as pool:
+        futures = {job[0]: pool.submit(one, *job, i) for i, job in enumerate(jobs)}
+        out = {which: f.result() for which, f in futures.items()}
     return Prepared(bench, tok, cloud_tok, out["edge"], out["cloud"], times)
 
 

@@ -154,6 +154,7 @@ def pretrain(
     params: dict | None = None,
     progress: bool = True,
     desc: str = "pretrain",
+    position: int | None = None,
 ) -> tuple[dict, list[float]]:
     """Trains all parameters on next-token prediction over a packed token stream.
 
@@ -164,6 +165,7 @@ def pretrain(
       params: start from these (default: a fresh `init_params` from `tcfg.seed`).
       progress: show a tqdm bar with the running loss.
       desc: the bar's label.
+      position: the bar's line (tqdm's `position`), for bars of trainings that run at once.
 
     Returns:
       (params, mean loss of each step).
@@ -186,7 +188,7 @@ def pretrain(
     mask = jnp.ones((tcfg.batch_size, tcfg.seq_len + 1), jnp.int32)
     losses: list[float] = []
     pending = None
-    bar = tqdm(range(tcfg.steps), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(range(tcfg.steps), desc=desc, disable=not progress, leave=False, position=position)
 
     def fetch(sums):
         s, n = (float(x) for x in jax.device_get(sums))
@@ -252,10 +254,12 @@ def pretrain_cached(
     name: str = "model",
     tag: str = "",
     progress: bool = True,
+    position: int | None = None,
 ) -> PretrainResult:
     """`pretrain`, or a load from `cache_dir/<name>-<key>/` when that folder is complete.
 
-    `tag` adds anything else the caller wants in the key (for example the benchmark config).
+    `tag` adds anything else the caller wants in the key (for example the benchmark config);
+    `position` places the progress bar (`pretrain`'s).
     """
     path = Path(cache_dir) / f"{name}-{cache_key(cfg, tcfg, stream, tag)}"
     meta_file = path / "pretrain.json"
@@ -265,7 +269,9 @@ def pretrain_cached(
             raise ValueError(f"{path}: cached config {cached_cfg} differs from {cfg}")
         losses = tuple(json.loads(meta_file.read_text())["losses"])
         return PretrainResult(params, True, path, losses)
-    params, losses = pretrain(cfg, stream, tcfg, progress=progress, desc=f"pretrain {name}")
+    params, losses = pretrain(
+        cfg, stream, tcfg, progress=progress, desc=f"pretrain {name}", position=position
+    )
     tmp = path.with_name(path.name + ".tmp")
     save_hf(cfg, params, tmp)
     (tmp / "pretrain.json").write_text(

@@ -15,6 +15,7 @@ import floe_jax.model
 import floe_jax.pretrain
 import kernels.decode_attention
 from floe_jax.config import ConfigError, ModelConfig
+from floe_jax.data.tokenizer import encode_docs
 from floe_jax.hf import load_hf
 from floe_jax.loss import token_loss
 from floe_jax.model import init_params
@@ -194,3 +195,25 @@ def test_smoke_preset_runs_end_to_end_and_second_run_hits_the_cache(tmp_path):
     assert "| cloud base |" in calibrate.format_report(result)
     again = calibrate.prepare(preset, progress=False)
     assert again.edge.cache_hit and again.cloud.cache_hit
+
+
+def test_prepare_trains_both_models_at_once_as_one_after_the_other(tmp_path):
+    """`prepare` trains the cloud and the edge in two threads at once: each model must come out
+    bit for bit as `pretrain` trains it alone."""
+    from experiments import calibrate
+    from experiments.presets import get_preset
+
+    preset = get_preset("smoke", [f"cache_dir={tmp_path}", "edge_pretrain.steps=8",
+                                  "cloud_pretrain.steps=8"])  # fmt: skip
+    prep = calibrate.prepare(preset, progress=False)
+    for which, docs, tk in (
+        ("cloud", prep.bench.public_docs, prep.cloud_tokenizer),
+        ("edge", prep.bench.edge_docs, prep.tokenizer),
+    ):
+        stream = np.asarray(encode_docs(tk, docs), np.int32)
+        params, losses = pretrain(
+            getattr(preset, which), stream, getattr(preset, f"{which}_pretrain"), progress=False
+        )
+        got = getattr(prep, which)
+        assert not got.cache_hit and got.losses == tuple(losses)
+        jax.tree.map(np.testing.assert_array_equal, got.params, params)

@@ -21,6 +21,7 @@ decided.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from collections.abc import Iterable
@@ -85,9 +86,13 @@ def name_pattern(name: str) -> str:
     return f"{_B}(?:{'|'.join(alts)}){_E}"
 
 
-def phone_pattern(phone: str, region: str = "US") -> str:
-    """The national number's digits in order with any separators, after an optional country
-    code or trunk prefix (`+44 20 7946 0958` also matches `020 7946 0958`, `20 7946 0958`)."""
+# What may precede a phone's national number: a country code or trunk prefix, a bracket.
+_PHONE_PREFIX = r"(?<!\d)(?:\+?\s?\d{1,4}\s?[\-./ ]?\s?)?\(?(?:0\s?)?"
+
+
+def phone_body(phone: str, region: str = "US") -> str:
+    """The national number's digits (read by `phonenumbers`; all the digits when it cannot read
+    them) in order with any separators: the part of `phone_pattern` after `_PHONE_PREFIX`."""
     digits = re.sub(r"\D", "", normalize(phone).text)
     try:
         number = phonenumbers.parse(normalize(phone).text, region)
@@ -95,8 +100,13 @@ def phone_pattern(phone: str, region: str = "US") -> str:
             digits = str(number.national_number)
     except phonenumbers.NumberParseException:
         pass  # not a number phonenumbers can read: all its digits, in order
-    body = _DIGIT_SEP.join(digits)
-    return rf"(?<!\d)(?:\+?\s?\d{{1,4}}\s?[\-./ ]?\s?)?\(?(?:0\s?)?{body}"
+    return _DIGIT_SEP.join(digits)
+
+
+def phone_pattern(phone: str, region: str = "US") -> str:
+    """The national number's digits in order with any separators, after an optional country
+    code or trunk prefix (`+44 20 7946 0958` also matches `020 7946 0958`, `20 7946 0958`)."""
+    return _PHONE_PREFIX + phone_body(phone, region)
 
 
 def email_pattern(email: str) -> str:
@@ -122,6 +132,23 @@ def address_pattern(address: str) -> str:
 _BUILDERS = {"term": name_pattern, "email": email_pattern, "address": address_pattern}
 
 
+@functools.lru_cache(maxsize=4096)
+def _value_pattern(kind: str, value: str, region: str) -> str:
+    """The pattern of one registered value; a phone's without the shared `_PHONE_PREFIX`
+    (cached: building one parses the value, and a client's detector is rebuilt per evaluation)."""
+    return phone_body(value, region) if kind == "phone" else _BUILDERS[kind](value)
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(kind: str, alternatives: tuple[str, ...]) -> regex.Pattern:
+    """One regex for all values of a kind. Phones share their prefix, written once in front of
+    the alternation of their bodies: the same strings match, and the engine tries the optional
+    prefix once per position instead of once per registered number (several times faster on a
+    contact list)."""
+    alt = "|".join(f"(?:{p})" for p in alternatives)
+    return regex.compile(_PHONE_PREFIX + f"(?:{alt})" if kind == "phone" else alt)
+
+
 class RegisteredDetector:
     """Matches client-registered values in their common variants; implements `Detector`."""
 
@@ -145,11 +172,9 @@ class RegisteredDetector:
                     self._values[v] = classify(v)
             by_kind: dict[str, list[str]] = {}
             for v, kind in self._values.items():
-                pattern = phone_pattern(v, self.region) if kind == "phone" else _BUILDERS[kind](v)
-                by_kind.setdefault(kind, []).append(pattern)
+                by_kind.setdefault(kind, []).append(_value_pattern(kind, v, self.region))
             self._patterns = [
-                (kind, regex.compile("|".join(f"(?:{p})" for p in pats)))
-                for kind, pats in by_kind.items()
+                (kind, _compiled(kind, tuple(pats))) for kind, pats in by_kind.items()
             ]
 
     def find(self, text: str) -> list[Span]:
