@@ -17,6 +17,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -83,6 +84,8 @@ def prepare(preset: DemoPreset, *, progress: bool = True) -> Prepared:
     bench, tok, cloud_tok = benchmark_and_tokenizers(preset)
     times["benchmark+tokenizers"] = time.perf_counter() - t0
 
+    stop = threading.Event()  # set: the other training ends at its next step
+
     def one(which: str, docs, tk, position: int) -> PretrainResult:
         t0 = time.perf_counter()
         result = pretrain_cached(
@@ -93,6 +96,7 @@ def prepare(preset: DemoPreset, *, progress: bool = True) -> Prepared:
             name=f"{which}",
             progress=progress,
             position=position,
+            stop=stop,
         )
         times[f"pretrain {which}"] = time.perf_counter() - t0
         return result
@@ -100,7 +104,17 @@ def prepare(preset: DemoPreset, *, progress: bool = True) -> Prepared:
     jobs = (("cloud", bench.public_docs, cloud_tok), ("edge", bench.edge_docs, tok))
     with concurrent.futures.ThreadPoolExecutor(len(jobs), thread_name_prefix="pretrain") as pool:
         futures = {job[0]: pool.submit(one, *job, i) for i, job in enumerate(jobs)}
-        out = {which: f.result() for which, f in futures.items()}
+        try:  # the first error (or Ctrl-C) stops the other training instead of waiting for it
+            done, _ = concurrent.futures.wait(
+                futures.values(), return_when=concurrent.futures.FIRST_EXCEPTION
+            )
+            for f in done:
+                if f.exception() is not None:
+                    raise f.exception()
+            out = {which: f.result() for which, f in futures.items()}
+        except BaseException:
+            stop.set()
+            raise
     return Prepared(bench, tok, cloud_tok, out["edge"], out["cloud"], times)
 
 

@@ -22,6 +22,7 @@ import importlib.metadata
 import json
 import math
 import os
+import threading
 from pathlib import Path
 
 import jax
@@ -75,6 +76,10 @@ class PretrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ConfigError(f"warmup_steps={self.warmup_steps} must be in [0, steps]")
+
+
+class PretrainStopped(Exception):
+    """`pretrain` was asked to stop (its `stop` event) before its last step."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +160,7 @@ def pretrain(
     progress: bool = True,
     desc: str = "pretrain",
     position: int | None = None,
+    stop: threading.Event | None = None,
 ) -> tuple[dict, list[float]]:
     """Trains all parameters on next-token prediction over a packed token stream.
 
@@ -166,6 +172,8 @@ def pretrain(
       progress: show a tqdm bar with the running loss.
       desc: the bar's label.
       position: the bar's line (tqdm's `position`), for bars of trainings that run at once.
+      stop: set from another thread, ends the training at its next step with `PretrainStopped`
+        (how a caller running trainings at once stops the others when one fails).
 
     Returns:
       (params, mean loss of each step).
@@ -198,7 +206,10 @@ def pretrain(
         losses.append(loss)
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
-    for _ in bar:
+    for step in bar:
+        if stop is not None and stop.is_set():
+            bar.close()
+            raise PretrainStopped(f"{desc}: stopped at step {step} of {tcfg.steps}")
         tokens = jnp.asarray(sample_windows(stream, tcfg.batch_size, tcfg.seq_len + 1, rng))
         params, opt_state, sums = train_step(params, opt_state, tokens, mask, cfg=cfg, opt=opt)
         if pending is not None:  # fetch one step late: the host never waits on this step
@@ -255,11 +266,12 @@ def pretrain_cached(
     tag: str = "",
     progress: bool = True,
     position: int | None = None,
+    stop: threading.Event | None = None,
 ) -> PretrainResult:
     """`pretrain`, or a load from `cache_dir/<name>-<key>/` when that folder is complete.
 
     `tag` adds anything else the caller wants in the key (for example the benchmark config);
-    `position` places the progress bar (`pretrain`'s).
+    `position` places the progress bar and `stop` can end the training early (`pretrain`'s).
     """
     path = Path(cache_dir) / f"{name}-{cache_key(cfg, tcfg, stream, tag)}"
     meta_file = path / "pretrain.json"
@@ -270,7 +282,7 @@ def pretrain_cached(
         losses = tuple(json.loads(meta_file.read_text())["losses"])
         return PretrainResult(params, True, path, losses)
     params, losses = pretrain(
-        cfg, stream, tcfg, progress=progress, desc=f"pretrain {name}", position=position
+        cfg, stream, tcfg, progress=progress, desc=f"pretrain {name}", position=position, stop=stop
     )
     tmp = path.with_name(path.name + ".tmp")
     save_hf(cfg, params, tmp)

@@ -96,6 +96,7 @@ def configure(*, cxx: str | None = None, cache_dir: str | os.PathLike | None = N
     _register.cache_clear()  # a failed build with the old settings is retried with the new
 
 
+@functools.cache  # read once: the kernel checks run on every trace
 def _cpu_flags() -> str:
     try:
         text = Path("/proc/cpuinfo").read_text()

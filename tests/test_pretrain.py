@@ -217,3 +217,28 @@ def test_prepare_trains_both_models_at_once_as_one_after_the_other(tmp_path):
         got = getattr(prep, which)
         assert not got.cache_hit and got.losses == tuple(losses)
         jax.tree.map(np.testing.assert_array_equal, got.params, params)
+
+
+def test_prepare_stops_the_other_training_when_one_fails(tmp_path, monkeypatch):
+    """A failing training ends `prepare` with its own error, and the training running beside it
+    stops at its next step (`PretrainStopped`) instead of running to its end."""
+    from experiments import calibrate
+    from experiments.presets import get_preset
+
+    preset = get_preset("smoke", [f"cache_dir={tmp_path}", "cloud_pretrain.steps=100000"])
+    seen = {}
+
+    def cached(cfg, stream, tcfg, *, name, **kw):
+        if name == "edge":
+            raise FloatingPointError("edge: loss is nan at step 3")
+        try:
+            return pretrain_cached(cfg, stream, tcfg, name=name, **kw)
+        except BaseException as e:
+            seen[name] = e
+            raise
+
+    monkeypatch.setattr(calibrate, "pretrain_cached", cached)
+    with pytest.raises(FloatingPointError, match="edge: loss is nan"):
+        calibrate.prepare(preset, progress=False)
+    assert isinstance(seen["cloud"], floe_jax.pretrain.PretrainStopped)
+    assert "of 100000" in str(seen["cloud"])
