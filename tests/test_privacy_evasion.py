@@ -303,3 +303,56 @@ def test_a_registered_foreign_number_in_its_national_forms():
     for form in ("020 7946 0958", "20 7946 0958", "+44 (0) 20 7946 0958", "0044 20 7946 0958"):
         sent = det.screen(f"ring {form} now").text
         assert sent == "ring [PHONE] now", (form, sent)
+
+
+@pytest.mark.parametrize(
+    ("terms", "text", "digits"),
+    [  # registered numbers that overlap: the match can stop inside the longer one
+        (["1234567890", "2345678"], "call:12345678 - 90 now", "1234567890"),
+        (["2345678", "5678901"], "call:1234 5678 - 901 now", "12345678901"),
+    ],
+)
+def test_overlapping_registered_numbers_are_redacted_whole(terms, text, digits):
+    """Registered phones share one regex prefix (`registry._compiled`); where two numbers
+    overlap, the match may end inside a number, and growing it over the adjacent digit groups
+    (up to the three separators a registered number may have between digits) must still take
+    every digit of the number out: the registry alone (the phone pattern would also catch these),
+    and the whole guard."""
+    from floe_jax.inference.privacy.registry import RegisteredDetector
+
+    assert "".join(c for c in text if c.isdigit()) == digits
+    (span,) = RegisteredDetector(terms).find(text)
+    assert "".join(c for c in span.text if c.isdigit()) == digits, span
+    sent = PrivacyDetector(terms=terms).screen(text).text
+    assert not any(c.isdigit() for c in sent), sent
+
+
+def test_shared_phone_prefix_covers_what_one_pattern_per_number_covers():
+    """The shared-prefix pattern against one `phone_pattern` per registered number (the
+    definition): over texts built from numbers contained in one another, written with varied
+    separators and country prefixes, every digit the per-number patterns find is in a span of
+    the detector's."""
+    import random
+
+    import regex
+
+    from floe_jax.inference.privacy.normalize import normalize
+    from floe_jax.inference.privacy.registry import phone_pattern
+
+    rng = random.Random(0)
+    seps = ["", " ", "-", ".", " - ", "/", "()"]
+    for _ in range(300):
+        base = "".join(rng.choice("0123456789") for _ in range(12))
+        terms = sorted({base[i : i + rng.randint(7, 10)] for i in range(rng.randint(1, 4))})
+        digits = base[rng.randint(0, 3) :][: rng.randint(7, 12)]
+        cut = sorted(rng.sample(range(1, len(digits)), 2))
+        written = rng.choice(seps).join([digits[: cut[0]], digits[cut[0] : cut[1]]])
+        written += rng.choice(seps) + digits[cut[1] :]
+        text = f"{rng.choice(['call ', 'ring +1 ', 'n:'])}{written} now"
+        spans = PrivacyDetector(terms=terms).find(text)
+        norm = normalize(text).text
+        for t in terms:
+            for m in regex.finditer(phone_pattern(t), norm):
+                for i in range(m.start(), m.end()):
+                    if norm[i].isdigit():
+                        assert any(s.start <= i < s.end for s in spans), (terms, text, spans)

@@ -136,13 +136,14 @@ def capitalised_street(original: str) -> bool:
     return all(w[0].isupper() for w in re.findall(r"[^\W\d_][\w'-]*", rest))
 
 
-def grow_number(norm: str, start: int, end: int) -> tuple[int, int]:
-    """Extends a number's span over adjacent digit groups (`1-` before, `-99` after), so a
-    redaction never leaves part of a number behind (`1-[PHONE]`)."""
+def grow_number(norm: str, start: int, end: int, max_sep: int = 2) -> tuple[int, int]:
+    """Extends a number's span over adjacent digit groups (`1-` before, `-99` after) across at
+    most `max_sep` separator characters, so a redaction never leaves part of a number behind
+    (`1-[PHONE]`)."""
     sep = " -./()+"
     while True:
         j = start
-        while j > 0 and norm[j - 1] in sep and start - j < 2:
+        while j > 0 and norm[j - 1] in sep and start - j < max_sep:
             j -= 1
         if j > 0 and norm[j - 1].isdigit():
             start = j - 1
@@ -154,7 +155,7 @@ def grow_number(norm: str, start: int, end: int) -> tuple[int, int]:
         break
     while True:
         j = end
-        while j < len(norm) and norm[j] in sep and j - end < 2:
+        while j < len(norm) and norm[j] in sep and j - end < max_sep:
             j += 1
         if j < len(norm) and norm[j].isdigit():
             end = j + 1

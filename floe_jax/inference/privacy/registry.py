@@ -53,7 +53,8 @@ _AT = r"(?:\s?@\s?|\s?[\[({<]\s?at\s?[\])}>]\s?|\s(?:at)\s|\s)"
 _DOT = r"(?:\s?\.\s?|\s?[\[({<]\s?dot\s?[\])}>]\s?|\s(?:dot)\s|\s)"
 _LETTER_SEP = r"[\s\-._'*·]?"
 _NAME_SEP = r"[\s\-._]{0,3}"
-_DIGIT_SEP = r"[\s\-./()]{0,3}"
+_MAX_DIGIT_SEP = 3  # separator characters between two digits of a registered phone
+_DIGIT_SEP = rf"[\s\-./()]{{0,{_MAX_DIGIT_SEP}}}"
 _B = r"(?<![^\W_])"  # at the start of a word
 _E = r"(?![^\W_])"  # at the end of a word
 
@@ -139,12 +140,15 @@ def _value_pattern(kind: str, value: str, region: str) -> str:
     return phone_body(value, region) if kind == "phone" else _BUILDERS[kind](value)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=32)  # a compiled name list is ~45 KB per name: a few clients' lists
 def _compiled(kind: str, alternatives: tuple[str, ...]) -> regex.Pattern:
     """One regex for all values of a kind. Phones share their prefix, written once in front of
-    the alternation of their bodies: the same strings match, and the engine tries the optional
-    prefix once per position instead of once per registered number (several times faster on a
-    contact list)."""
+    the alternation of their bodies: the engine tries the optional prefix once per position
+    instead of once per registered number (several times faster on a contact list). The same
+    strings match as with one `phone_pattern` per number, but where two registered numbers
+    overlap the match can end elsewhere; `find` then grows it over the adjacent digit groups
+    (`grow_number`, as many separators as `_DIGIT_SEP` allows), so a number is redacted whole
+    either way."""
     alt = "|".join(f"(?:{p})" for p in alternatives)
     return regex.compile(_PHONE_PREFIX + f"(?:{alt})" if kind == "phone" else alt)
 
@@ -186,7 +190,7 @@ class RegisteredDetector:
                 if g.strip():  # a span starts and ends with a visible character
                     start, end = m.start() + len(g) - len(g.lstrip()), m.start() + len(g.rstrip())
                     if kind == "phone":  # the whole number, not `0044 [PHONE]`
-                        start, end = grow_number(n.text, start, end)
+                        start, end = grow_number(n.text, start, end, _MAX_DIGIT_SEP)
                     a, b = n.span(start, end)
                     spans.append(Span(a, b, kind, text[a:b]))
         return merge_spans(spans, text)
