@@ -40,7 +40,7 @@ from floe_jax.data.tokenizer import (
 from floe_jax.decode import generate, pad_prompts
 from floe_jax.federated.client import optimized_factors, train_step
 from floe_jax.lora import LoRA, init_lora
-from floe_jax.pretrain import PretrainResult, pretrain_cached
+from floe_jax.pretrain import PretrainResult, PretrainStopped, pretrain_cached
 
 
 @dataclasses.dataclass
@@ -76,9 +76,13 @@ def prepare(preset: DemoPreset, *, progress: bool = True) -> Prepared:
     """Benchmark, tokenizer, and both base models pretrained (or loaded from the cache).
 
     The two models train at the same time, each from its own thread: one tiny model's step
-    leaves part of a CPU's cores idle (the steps of both together finish sooner than one after
-    the other, `bench step`), and the trained weights are the same either way (each thread runs
-    its own jitted steps; `tests/test_pretrain.py`)."""
+    leaves part of a CPU's cores idle, so the two finish sooner together than one after the
+    other (the demo's stage times, REPRODUCTION.md). On CPU the trained weights are the same
+    either way, bit for bit (each thread runs its own jitted steps; `tests/test_pretrain.py`).
+    The first error (or Ctrl-C) stops the other training at its next step; an error the other
+    training hit as well is added to the raised one as a note. JAX's context managers
+    (`jax.set_mesh`, `jax.default_device`, ...) are per thread: one around `prepare` does not
+    reach the trainings."""
     times = {}
     t0 = time.perf_counter()
     bench, tok, cloud_tok = benchmark_and_tokenizers(preset)
@@ -87,8 +91,7 @@ def prepare(preset: DemoPreset, *, progress: bool = True) -> Prepared:
     stop = threading.Event()  # set: the other training ends at its next step
 
     def one(which: str, docs, tk, position: int) -> PretrainResult:
-        t0 = time.perf_counter()
-        result = pretrain_cached(
+        return pretrain_cached(
             getattr(preset, which),
             np.asarray(encode_docs(tk, docs), np.int32),
             getattr(preset, f"{which}_pretrain"),
@@ -98,23 +101,29 @@ def prepare(preset: DemoPreset, *, progress: bool = True) -> Prepared:
             position=position,
             stop=stop,
         )
-        times[f"pretrain {which}"] = time.perf_counter() - t0
-        return result
 
+    t0 = time.perf_counter()
     jobs = (("cloud", bench.public_docs, cloud_tok), ("edge", bench.edge_docs, tok))
-    with concurrent.futures.ThreadPoolExecutor(len(jobs), thread_name_prefix="pretrain") as pool:
-        futures = {job[0]: pool.submit(one, *job, i) for i, job in enumerate(jobs)}
-        try:  # the first error (or Ctrl-C) stops the other training instead of waiting for it
-            done, _ = concurrent.futures.wait(
-                futures.values(), return_when=concurrent.futures.FIRST_EXCEPTION
-            )
-            for f in done:
-                if f.exception() is not None:
-                    raise f.exception()
-            out = {which: f.result() for which, f in futures.items()}
-        except BaseException:
-            stop.set()
-            raise
+    pool = concurrent.futures.ThreadPoolExecutor(len(jobs), thread_name_prefix="pretrain")
+    futures = {job[0]: pool.submit(one, *job, i) for i, job in enumerate(jobs)}
+    try:
+        done, _ = concurrent.futures.wait(
+            futures.values(), return_when=concurrent.futures.FIRST_EXCEPTION
+        )
+        for f in done:
+            if f.exception() is not None:
+                raise f.exception()
+        out = {which: f.result() for which, f in futures.items()}
+    except BaseException as error:
+        stop.set()
+        pool.shutdown(wait=True)  # the other training ends at its next step
+        for which, f in futures.items():
+            other = f.exception()
+            if other is not None and other is not error and not isinstance(other, PretrainStopped):
+                error.add_note(f"pretraining the {which} model failed too: {other!r}")
+        raise
+    pool.shutdown(wait=True)
+    times["pretrain cloud + edge (at once)"] = time.perf_counter() - t0
     return Prepared(bench, tok, cloud_tok, out["edge"], out["cloud"], times)
 
 

@@ -4,8 +4,10 @@
 overrides applied by `floe_jax.overrides.apply_overrides` (dotted keys reach nested configs; an
 unknown key or a value of the wrong type raises `ConfigError` naming it).
 
-Sizes of `default` are chosen so the whole demo fits in about 10 minutes on a 2-core CPU, its
-pretraining part (both models) in about 4; `smoke` runs in seconds for CI. The real-model
+Sizes of `default` are what the benchmark needs: the cloud must learn its facts and the edge to
+copy card values in pretraining (with about half the pretraining steps neither does; the
+measurement and the run time on a 2-core CPU are in REPRODUCTION.md). `smoke` runs in seconds
+for CI. The real-model
 presets (`qwen`) are in `experiments.real_presets`; `get_preset` knows both.
 """
 

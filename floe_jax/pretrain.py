@@ -206,18 +206,19 @@ def pretrain(
         losses.append(loss)
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
-    for step in bar:
-        if stop is not None and stop.is_set():
-            bar.close()
-            raise PretrainStopped(f"{desc}: stopped at step {step} of {tcfg.steps}")
-        tokens = jnp.asarray(sample_windows(stream, tcfg.batch_size, tcfg.seq_len + 1, rng))
-        params, opt_state, sums = train_step(params, opt_state, tokens, mask, cfg=cfg, opt=opt)
-        if pending is not None:  # fetch one step late: the host never waits on this step
+    try:
+        for step in bar:
+            if stop is not None and stop.is_set():
+                raise PretrainStopped(f"{desc}: stopped at step {step} of {tcfg.steps}")
+            tokens = jnp.asarray(sample_windows(stream, tcfg.batch_size, tcfg.seq_len + 1, rng))
+            params, opt_state, sums = train_step(params, opt_state, tokens, mask, cfg=cfg, opt=opt)
+            if pending is not None:  # fetch one step late: the host never waits on this step
+                fetch(pending)
+            pending = sums
+        if pending is not None:
             fetch(pending)
-        pending = sums
-    if pending is not None:
-        fetch(pending)
-    bar.close()
+    finally:  # a failed or stopped training leaves no bar behind
+        bar.close()
     return params, losses
 
 
