@@ -210,6 +210,11 @@ def test_recorder_counts_partial_spans():
     assert count_private_spans("Mirror the example", values).total == 0
     assert count_private_spans("call +1 (555!", values).total == 0  # "!" closes the number
     assert count_private_spans("Contact: Mira ", values).partial == 1  # the space is in the name
+    # every occurrence that starts a word, none inside one ("Samira"), overlapping ones apart
+    got = count_private_spans("Mira met mira; Samira MIRA", ("Mira",))
+    assert (got.complete, got.partial) == (3, 0)
+    assert count_private_spans("55 55 555", ("55 55",)).complete == 2  # "55 55" and "55 555"
+    assert count_private_spans("no tail: Mira Okafor Mira Ok", ("Mira Okafor",)).partial == 1
 
 
 def test_a_plugged_in_detector_is_consulted():

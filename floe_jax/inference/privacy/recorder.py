@@ -12,7 +12,9 @@ does not know a name's other variants (`Okafor, Mira`), only the values it is gi
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 from collections.abc import Iterable
 
 from floe_jax.inference.privacy.normalize import normalize, skeleton
@@ -45,20 +47,21 @@ def count_private_spans(text: str, values: Iterable[str]) -> SpanCount:
         prev_alnum = c.isalnum()
     s = "".join(skel)
     word_starts = [i for i, f in enumerate(starts) if f]
+    at_word = set(word_starts)
     complete, partial, seen = 0, 0, []
     for v in dict.fromkeys(values):
-        k = skeleton(v)
+        k, loose_v = _keys(v)
         if not k:
             continue
-        hits = sum(1 for i in word_starts if s.startswith(k, i))
+        hits, j = 0, s.find(k)
+        while j >= 0:  # every occurrence of the skeleton that starts a word
+            hits += j in at_word
+            j = s.find(k, j + 1)
         # a prefix still open: the text from a word start to its end is the start of the value,
         # separators aside ("Mira Okaf", "+1 (555) 014-"), but not `d@@` for "dara@x.org"
-        loose_v = _loose(normalize(v).text)
         tail = any(
-            len(s) - i < len(k)
-            and k.startswith(s[i:])
-            and loose_v.startswith(_loose(norm[where[i] :]))
-            for i in word_starts
+            k.startswith(s[i:]) and loose_v.startswith(_loose(norm[where[i] :]))
+            for i in word_starts[bisect.bisect_right(word_starts, len(s) - len(k)) :]
         )
         complete += hits
         if hits or tail:
@@ -68,6 +71,13 @@ def count_private_spans(text: str, values: Iterable[str]) -> SpanCount:
 
 
 _SEPARATORS = frozenset(" \t\n-().,/+'_")
+
+
+@functools.lru_cache(maxsize=4096)
+def _keys(value: str) -> tuple[str, str]:
+    """A value's skeleton and its loose spelling (`_loose`), once per value: a recorder checks
+    every request against the same values."""
+    return skeleton(value), _loose(normalize(value).text)
 
 
 def _loose(text: str) -> str:
