@@ -210,7 +210,7 @@ def test_recorder_counts_partial_spans():
     assert count_private_spans("Mirror the example", values).total == 0
     assert count_private_spans("call +1 (555!", values).total == 0  # "!" closes the number
     assert count_private_spans("Contact: Mira ", values).partial == 1  # the space is in the name
-    # every occurrence that starts a word, none inside one ("Samira"), overlapping ones apart
+    # every occurrence that starts a word, none inside one ("Samira"), overlapping ones each
     got = count_private_spans("Mira met mira; Samira MIRA", ("Mira",))
     assert (got.complete, got.partial) == (3, 0)
     assert count_private_spans("55 55 555", ("55 55",)).complete == 2  # "55 55" and "55 555"
