@@ -40,6 +40,40 @@ from floe_jax.config import ModelConfig  # noqa: E402
 from floe_jax.model import init_params  # noqa: E402
 
 
+def _mappings() -> tuple[int, int] | None:
+    """(memory mappings of this process, the kernel's limit), or None where /proc has neither."""
+    try:
+        with open("/proc/self/maps") as f:
+            used = sum(1 for _ in f)
+        with open("/proc/sys/vm/max_map_count") as f:
+            return used, int(f.read())
+    except OSError:
+        return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_executables(request):
+    """Drop jax's compiled programs after each test module.
+
+    Each live XLA:CPU executable maps its code into the process (about six mappings each), and
+    jax's jit caches keep every one alive. A worker that runs half the suite builds thousands, and
+    past Linux's `vm.max_map_count` (65530 by default) the next JIT load or C++ exception dies in
+    native code (a segfault in the unwinder, or LLVM's "Unable to allocate section memory").
+    Clearing the caches unmaps them; a later module that needs a program again loads it from the
+    persistent cache above. If one module alone comes near the limit, fail it by name instead.
+    """
+    yield
+    jax.clear_caches()
+    counts = _mappings()
+    if counts is not None and counts[0] > 0.8 * counts[1]:
+        pytest.fail(
+            f"{request.module.__name__} left {counts[0]} memory mappings of the "
+            f"{counts[1]} vm.max_map_count allows after jax.clear_caches(): something holds "
+            "compiled programs past the module",
+            pytrace=False,
+        )
+
+
 @pytest.fixture(scope="session")
 def tiny_cfg() -> ModelConfig:
     """A tiny Llama with GQA: fast enough for every test."""
