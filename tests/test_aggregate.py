@@ -1,6 +1,7 @@
 """Tests for floe_jax/federated/aggregate.py against hand-computable invariants."""
 
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -416,6 +417,77 @@ def test_round_path_without_downloads_gives_the_same_global(tiny_cfg, method):
     )
     np.testing.assert_array_equal(lean.included, [True, True, True, False])
     assert np.isfinite(np.asarray(lean.global_lora.b["v_proj"])).all()
+
+
+def _nonfinite_cases(lora):
+    """Clean factors, then one non-finite entry in each place the screening must catch it:
+    a live slot of an included client, a padded slot, a zero-weight client, a client of the
+    other cluster. Client 2 (rank 8, weight 0 below) is the zero-weight one."""
+    yield "clean", lora, None
+    for name, (side, m, at, value, who) in {
+        "nan in a live slot": ("a", "q_proj", (0, 1, 3, 1), jnp.nan, 0),
+        "inf in a padded slot": ("b", "down_proj", (1, 0, 6, 2), jnp.inf, 1),
+        "nan in a zero-weight client": ("b", "v_proj", (2, 0, 0, 0), jnp.nan, 2),
+        "-inf in cluster 1": ("a", "up_proj", (3, 1, 0, 2), -jnp.inf, 3),
+    }.items():
+        tree = dict(getattr(lora, side))
+        tree[m] = tree[m].at[at].set(value)
+        yield name, dataclasses.replace(lora, **{side: tree}), who
+
+
+@pytest.mark.parametrize(
+    "method, options, max_norm, K",
+    [
+        ("fedit", (), None, 1),
+        ("fedit", (), 30.0, 2),
+        ("hetlora", (("norm_weighting", True), ("prune_threshold", 0.2)), None, 2),
+        ("ffa", (), None, 1),
+        ("fedsa", (), 30.0, 2),
+    ],
+)
+def test_one_pass_round_path_equals_the_two_pass_one(tiny_cfg, method, options, max_norm, K):
+    """The one-pass program (`screen_aggregate` with `Rule.one_pass`) gives the two-pass
+    program's result bit for bit: on finite factors, and with a NaN/Inf anywhere (where its
+    fallback runs the two-pass program, so the reason codes say non-finite and the global
+    adapters stay finite)."""
+    ranks = np.array([2, 4, 8, 3])
+    lora = make_clients(tiny_cfg, ranks, seed=5)
+    w, r = ag.validate(lora, [1.0, 2.0, 0.0, 4.0], ranks)
+    labels = np.array([0, 0, 1, 1], np.int32) if K == 2 else np.zeros(4, np.int32)
+    rule = ag.make_rule(method, **dict(options))
+    states = ag.init_states(rule, jax.tree.map(lambda x: x[0], lora), K, key=jax.random.key(1))
+    args = (method, options, max_norm, K, states)
+    for name, given, who in _nonfinite_cases(lora):
+        call = functools.partial(ag.aggregate_jit, *args, given, w, r, labels, jax.random.key(2))
+        one, two = call(downloads=False), call(downloads=False, one_pass=False)
+        chex.assert_trees_all_equal(one, two)
+        if who is not None:
+            assert int(one[0].reason[who]) == ag.REASON_NONFINITE, name
+        for x in jax.tree.leaves(one[0].global_lora):
+            assert np.isfinite(np.asarray(x)).all(), name
+    # max_norm = 30 leaves out a client by its norm in these cases (the Gram path is taken)
+    assert (ag.REASON_NORM in np.asarray(one[0].reason)) == (max_norm is not None)
+
+
+@pytest.mark.parametrize("method", ["fedit", "hetlora", "ffa", "fedsa"])
+def test_one_pass_apply_lets_every_nonfinite_entry_through(tiny_cfg, method):
+    """`Rule.one_pass`'s contract: `apply`'s result on finite factors, and a non-finite global
+    adapter when a client of zero weight (which `apply` zeroes) has a NaN."""
+    ranks = np.array([2, 4, 8])
+    lora = make_clients(tiny_cfg, ranks, seed=6)
+    rule = ag.make_rule(method)
+    w, r = jnp.asarray([1.0, 0.0, 2.0]), jnp.asarray(ranks)
+    key = jax.random.key(0)
+    chex.assert_trees_all_equal(
+        rule.one_pass((), lora, w, r, key=key), rule.apply((), lora, w, r, key=key)
+    )
+    b = dict(lora.b)
+    b["o_proj"] = b["o_proj"].at[1, 0, 0, 0].set(jnp.nan)
+    bad = dataclasses.replace(lora, b=b)
+    finite = lambda out: all(np.isfinite(x).all() for x in jax.tree.leaves(out.global_lora))
+    assert finite(rule.apply((), bad, w, r, key=key)[0])
+    assert not finite(rule.one_pass((), bad, w, r, key=key)[0])
+    assert ag.make_rule("flexlora").one_pass is None  # the factored rules keep two passes
 
 
 def test_donating_program_matches_and_consumes_the_clients(tiny_cfg):

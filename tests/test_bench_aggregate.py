@@ -19,3 +19,7 @@ def test_bench_aggregate_quick_runs_every_rule_and_agrees_with_numpy():
     assert rows["flexlora vs numpy max rel. diff (layer 0)"]["speedup"] < 1e-4
     assert rows["flexlora (1 layers), interleaved"]["numpy_s"] > 0
     assert rows["fedit, interleaved"]["numpy_s"] > 0
+    for rule in ("fedit", "hetlora", "ffa", "fedsa"):  # one pass against two, same bound
+        one, two = rows[f"{rule}, round path"], rows[f"{rule}, round path, two-pass"]
+        assert one["bound_s"] == two["bound_s"] < rows[rule]["bound_s"], rule
+        assert one["vs_two_pass"] == two["floe_jax_s"] / one["floe_jax_s"], rule

@@ -20,7 +20,12 @@ XLA:CPU pays for each output it allocates (one page fault per 4 KiB page on firs
 
 The `round path` rows time what a federated round runs (`aggregate_jit(..., downloads=False)`):
 no per-client copies of the global adapter, so an averaging rule reads the factors and writes
-1/C of them; FedIT's round path runs interleaved with the same average in NumPy.
+1/C of them. Their program screens in one pass (`aggregate.screen_aggregate`: the rule's own
+read of the factors finds a NaN/Inf); each runs interleaved with the two-pass program it
+replaced (`one_pass=False`: the screening's read, then the rule's; alternating calls, medians),
+the `round path, two-pass` rows, priced at the same bound, `vs_two_pass` their ratio. FedIT's
+round path also runs interleaved with the same average in NumPy. `round_path_only=True` runs
+the rates and the round-path rows alone (no train step, so no `round_share_pct`).
 """
 
 from __future__ import annotations
@@ -212,9 +217,10 @@ def rule_flops(method: str, lora: LoRA, total_rank: int | None = None) -> float:
     return total
 
 
-def run(quick: bool = False, clients: int | None = None) -> list[dict]:
-    """The table; `clients` overrides the client count (64, or 4 with `quick`), for a machine
-    without memory for 64 clients' factors and the full programs' outputs (about 13 GiB)."""
+def run(quick: bool = False, clients: int | None = None, round_path_only: bool = False):
+    """The table's rows; `clients` overrides the client count (64, or 4 with `quick`), for a
+    machine without memory for 64 clients' factors and the full programs' outputs (about 13
+    GiB); `round_path_only` times the round-path rows alone."""
     layers, clients = (1, clients or 4) if quick else (24, clients or 64)
     cmp_layers = 1 if quick else 4  # layers of the side-by-side FlexLoRA comparison
     cfg = qwen_shapes(num_layers=layers, vocab_size=4096 if quick else 151936)
@@ -238,45 +244,68 @@ def run(quick: bool = False, clients: int | None = None) -> list[dict]:
     reps = 3 if quick else 2
     labels, key = np.zeros(r.shape, np.int32), jax.random.key(0)
 
-    def program(method, client_loras, downloads=True, **options):
+    def program(method, client_loras, downloads=True, one_pass=True, **options):
         opts = tuple(sorted(options.items()))
         first = jax.tree.map(lambda x: x[0], client_loras)
         state = agg.init_states(agg.make_rule(method, **options), first, 1, key=key)
         args = (method, opts, None, 1, state, client_loras, w, r, labels, key)
-        call = functools.partial(agg.aggregate_jit, downloads=downloads)
+        call = functools.partial(agg.aggregate_jit, downloads=downloads, one_pass=one_pass)
         written = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
             agg.aggregate_jit.eval_shape(*args, downloads=downloads)))  # fmt: skip
         return (lambda: block(call(*args))), written
 
-    step_s = train_step_seconds(qwen_shapes(num_layers=layers, vocab_size=cfg.vocab_size))
-    round_s = clients * step_s  # one local step per client, clients trained one after another
+    def first_call(fn):
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    round_s = None
+    if not round_path_only:
+        step_s = train_step_seconds(qwen_shapes(num_layers=layers, vocab_size=cfg.vocab_size))
+        round_s = clients * step_s  # one local step per client, trained one after another
     rows = []
+
+    def row(name, method, sec, written, **extra):
+        flops = rule_flops(method, lora, extra.pop("total_rank", None))
+        byte_s = (factor_bytes + written) * rates["s_per_byte"]
+        fresh_s = factor_bytes * rates["s_per_byte"] + written * rates["fresh_write_s_per_byte"]
+        bound = max(byte_s, flops / (rates["matmul_GFLOPs"] * 1e9))
+        rows.append({
+            "rule": name, "floe_jax_s": sec, **extra,
+            "GiB_read": factor_bytes / 2**30, "GiB_written": written / 2**30,
+            "TFLOP": flops / 1e12, "bound_s": bound, "pct_of_bound": 100 * bound / sec,
+            "fresh_bound_s": max(fresh_s, flops / (rates["matmul_GFLOPs"] * 1e9)),
+        })  # fmt: skip
+        if round_s is not None:
+            rows[-1]["round_share_pct"] = 100 * sec / (round_s + sec)
+        print(rows[-1], flush=True)
+
     averaging = ("fedit", "hetlora", "ffa", "fedsa")
     cases = [(m, m, {}) for m in (*averaging, "flora", "fedex")]
     cases += [
         ("flexlora", "flexlora", {}),
         ("flexlora total_rank", "flexlora", {"total_rank": int(ranks.sum())}),
     ]
-    cases += [(f"{m}, round path", m, {"downloads": False}) for m in averaging]  # fmt: skip
-    for name, method, options in cases:
+    for name, method, options in [] if round_path_only else cases:
         fn, written = program(method, lora, **options)
-        t = time.perf_counter()
-        fn()
-        first_s = time.perf_counter() - t
-        # a round path takes about a second: more repeats for a steadier median on a busy host
-        sec = timeit(fn, repeats=reps if options.get("downloads", True) else 5, warmup=0)
-        flops = rule_flops(method, lora, options.get("total_rank"))
-        byte_s = (factor_bytes + written) * rates["s_per_byte"]
-        fresh_s = factor_bytes * rates["s_per_byte"] + written * rates["fresh_write_s_per_byte"]
-        bound = max(byte_s, flops / (rates["matmul_GFLOPs"] * 1e9))
-        rows.append({
-            "rule": name, "floe_jax_s": sec, "first_call_s": first_s,
-            "GiB_read": factor_bytes / 2**30, "GiB_written": written / 2**30,
-            "TFLOP": flops / 1e12, "bound_s": bound, "pct_of_bound": 100 * bound / sec,
-            "fresh_bound_s": max(fresh_s, flops / (rates["matmul_GFLOPs"] * 1e9)),
-            "round_share_pct": 100 * sec / (round_s + sec),
-        })  # fmt: skip
-        print(rows[-1], flush=True)
+        first_s = first_call(fn)
+        sec = timeit(fn, repeats=reps, warmup=0)
+        row(name, method, sec, written, first_call_s=first_s, **options)
+    # The round path, one pass against the two-pass program, interleaved (a round path takes
+    # about a second: more repeats for a steadier median on a busy host).
+    for method in averaging:
+        one_fn, written = program(method, lora, downloads=False)
+        two_fn, _ = program(method, lora, downloads=False, one_pass=False)
+        first_s = first_call(one_fn)
+        first_call(two_fn)
+        t_one, t_two = timeit_alternating(one_fn, two_fn, repeats=5 if not quick else 3, warmup=0)
+        row(f"{method}, round path", method, t_one, written, first_call_s=first_s,
+            vs_two_pass=t_two / t_one)  # fmt: skip
+        row(f"{method}, round path, two-pass", method, t_two, written)
+    if round_path_only:
+        print(f"# {load()}", flush=True)
+        print_table(rows, title=f"Aggregation round path, {clients} clients ({machine()})")
+        return rows
 
     # The averaging rules with the clients' factors donated (`aggregate_jit_donating`): outputs
     # go into the clients' buffers instead of new ones. Each call gets a fresh copy, made (and

@@ -1,5 +1,6 @@
 """Aggregation of heterogeneous-rank LoRA adapters: the rule interface and registry, the one
-client screening, the one per-cluster aggregation, and the public `aggregate` entry point.
+per-cluster aggregation, screening plus aggregation in one program (`screen_aggregate`), and
+the public `aggregate` entry point.
 
 Shapes: C clients, K clusters, L layers, I input width, O output width, R padded rank. Client k
 has factors `A_k [I, r_k]`, `B_k [r_k, O]` (zero-padded to R), scale `s_k` and update
@@ -11,11 +12,13 @@ A rule is an optax-style `(init, apply)` pair of pure functions (`Rule`), regist
     state = rule.init(global_lora, key=key)                        # once, per run
     out, state = rule.apply(state, client_loras, weights, ranks, key=key)   # every round
 
-`apply` sees screened clients: `screen` has already set the weight of every client it leaves out
-(non-finite update, ‖ΔW_k‖_F above `max_norm`, an adapter that moved more than
+`apply` sees screened clients: `screening.screen` has already set the weight of every client it
+leaves out (non-finite update, ‖ΔW_k‖_F above `max_norm`, an adapter that moved more than
 `max_update_norm`, zero weight) to zero, and a rule includes exactly the clients of positive
 weight, zeroing the factors of the rest (so a NaN never reaches an average). `key` is a fresh key
-per call (FLoRA draws its new factors from it); rules that need none ignore it.
+per call (FLoRA draws its new factors from it); rules that need none ignore it. A rule may also
+give a `one_pass` apply that lets non-finite factors through to its result, so that
+`screen_aggregate` can skip the screening's own read of the factors.
 
 `aggregate_clusters` runs a rule once per cluster over the same screened clients, threading the
 rule state, and gives each client its own cluster's result: Floe's clustered aggregation
@@ -39,22 +42,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from floe_jax.federated.screening import (  # noqa: F401  (re-exported: callers name them here)
+    REASON_BAD_WEIGHT,
+    REASON_NONFINITE,
+    REASON_NORM,
+    REASON_OK,
+    REASON_UPDATE_NORM,
+    REASON_ZERO_WEIGHT,
+    REASONS,
+    exclusion_reasons,
+    factors_finite,
+    lora_sq_norms,
+    scale_to_unit,
+    screen,
+)
 from floe_jax.lora import LoRA
 
-REASON_OK = 0
-REASON_NONFINITE = 1
-REASON_NORM = 2
-REASON_ZERO_WEIGHT = 3
-REASON_UPDATE_NORM = 4
-REASON_BAD_WEIGHT = 5
-REASONS = {
-    REASON_OK: "included",
-    REASON_NONFINITE: "non-finite update (NaN/Inf in its factors or scale)",
-    REASON_NORM: "update norm ‖ΔW‖_F above max_norm",
-    REASON_ZERO_WEIGHT: "zero weight",
-    REASON_UPDATE_NORM: "adapter moved more than max_update_norm",
-    REASON_BAD_WEIGHT: "non-finite weight",
-}
 BYTES_PER_PARAM = 4  # adapters travel as float32
 
 
@@ -106,6 +109,11 @@ class Rule(NamedTuple):
       init_base: for a rule that folds updates into the shared base weights (FLoRA,
         FedEx-LoRA), `(global_lora) -> {module: zeros [L, I, O]}`, the base delta the server
         accumulates `Aggregated.base_delta` into; None for a rule that never does.
+      one_pass: `apply` for weights screened without reading the factors (`screen_aggregate`):
+        it must return `apply`'s result, state included, whenever every client's factors are
+        finite, and a non-finite `global_lora` factor whenever any entry of any client's
+        factors is NaN or ±Inf (a zero-weight client's and padded slots too). None for a rule
+        that always runs after the full screening.
     """
 
     init: Callable
@@ -113,6 +121,7 @@ class Rule(NamedTuple):
     personal: tuple[str, ...] = ()
     frozen: tuple[str, ...] = ()
     init_base: Callable | None = None
+    one_pass: Callable | None = None
 
 
 _RULES: dict[str, tuple[Callable[..., Rule], tuple[str, ...]]] = {}
@@ -177,93 +186,9 @@ def zero_base_delta(global_lora: LoRA) -> dict:
     }
 
 
-def exclusion_reasons(reason) -> list[str]:
-    """Host-side text for each client's reason code."""
-    return [REASONS.get(int(r), f"unknown reason {int(r)}") for r in np.asarray(reason)]
-
-
 def broadcast_clients(x_C: jax.Array, ndim: int) -> jax.Array:
     """`x [C]` reshaped to broadcast against a leaf of `ndim` dimensions led by C."""
     return x_C.reshape(x_C.shape + (1,) * (ndim - 1))
-
-
-def lora_sq_norms(lora: LoRA) -> jax.Array:
-    """‖ΔW‖_F² per client from factors, `s² Σ_m Σ_l tr((AᵀA)(BBᵀ))`, masks applied. [C]"""
-    total = 0.0
-    for m in lora.a:
-        a = lora.a[m] * lora.mask[m][..., None, :]
-        aa = jnp.einsum("...lir,...lis->...lrs", a, a)
-        bb = jnp.einsum("...lro,...lso->...lrs", lora.b[m], lora.b[m])
-        total = total + jnp.sum(aa * bb, axis=(-3, -2, -1))
-    return total * lora.scale**2
-
-
-def factors_finite(lora: LoRA) -> jax.Array:
-    """[C] whether every entry of each client's factors (padded slots too) is finite: one read
-    of the factors (`Σ (x - x)` is 0 when every x is finite, NaN otherwise, and never
-    overflows). Written `x - x`, not `0 * x`: XLA:CPU wrote the scalar 0 broadcast to each
-    factor's full shape before the reduction of `0 * x` (1.3 GiB at Qwen2.5-0.5B scale with 64
-    clients, most of the screening's time there); `x - x` reduces straight from the factors.
-    `test_screen_flags_nonfinite_factors_without_norms` checks that NaN and ±Inf are caught."""
-    ok = True
-    for x in jax.tree.leaves((lora.a, lora.b)):
-        ok = ok & jnp.isfinite(jnp.sum(x - x, axis=tuple(range(1, x.ndim))))
-    return ok
-
-
-# ----------------------------------------------------------------------------- screening
-
-
-def screen(
-    client_loras: LoRA,
-    weights,
-    *,
-    max_norm: float | None = None,
-    update_norm: jax.Array | None = None,
-    max_update_norm: float | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """The one client screening: which clients an aggregation uses.
-
-    Args:
-      client_loras: stacked LoRA [C, ...] (padded slots zero).
-      weights: [C] example counts.
-      max_norm: leave out a client with ‖ΔW_k‖_F above it; None = no limit.
-      update_norm: [C] how far each adapter moved (the round's Frobenius norm of the change of
-        its trainable tree), or None when unknown.
-      max_update_norm: leave out a client whose `update_norm` is above it; None = no limit.
-
-    Returns:
-      `(weights [C] float32, zero where left out; reason [C] int32, REASON_OK when used)`.
-      The weights are rescaled by a power of two so that the largest lies in [0.5, 1): their
-      sum cannot overflow (huge example counts would otherwise sum to inf and normalise to
-      NaN), and every rule, which divides by the sum, gets bit for bit the same proportions.
-    """
-    finite = factors_finite(client_loras) & jnp.isfinite(client_loras.scale)
-    if update_norm is not None:
-        finite = finite & jnp.isfinite(update_norm)
-    # ‖ΔW_k‖² costs Gram matrices (2 C L R² (I + O) flops): computed only when a limit needs it.
-    small = (
-        jnp.ones_like(finite) if max_norm is None else lora_sq_norms(client_loras) <= max_norm**2
-    )
-    near = jnp.ones_like(finite)
-    if update_norm is not None and max_update_norm is not None:
-        near = update_norm <= max_update_norm
-    w = jnp.asarray(weights, jnp.float32)
-    reason = jnp.select(
-        [~finite, ~jnp.isfinite(w), ~small, ~near, ~(w > 0)],
-        [REASON_NONFINITE, REASON_BAD_WEIGHT, REASON_NORM, REASON_UPDATE_NORM, REASON_ZERO_WEIGHT],
-        REASON_OK,
-    ).astype(jnp.int32)
-    return scale_to_unit(jnp.where(reason == REASON_OK, w, 0.0)), reason
-
-
-def scale_to_unit(w_C):
-    """`w_C` (finite, >= 0) divided by the power of two that brings its largest entry into
-    [0.5, 1): exact, so `w / w.sum()` is unchanged, and a sum of C entries is at most C.
-    All-zero weights stay zero. Works on numpy (float64) and jax arrays alike."""
-    xp = jnp if isinstance(w_C, jax.Array) else np
-    _, e = xp.frexp(xp.max(w_C))
-    return xp.ldexp(w_C, -e)
 
 
 # ----------------------------------------------------------------------------- per cluster
@@ -345,6 +270,69 @@ def aggregate_clusters(
     return merged, tuple(new_states), any_in
 
 
+def screen_aggregate(
+    rule: Rule,
+    states: tuple,
+    client_loras: LoRA,
+    weights,
+    ranks,
+    labels,
+    num_clusters: int,
+    *,
+    key: jax.Array,
+    max_norm: float | None = None,
+    update_norm: jax.Array | None = None,
+    max_update_norm: float | None = None,
+    downloads: bool = True,
+    one_pass: bool = True,
+) -> tuple[Aggregated, object, jax.Array]:
+    """`screen`, then `aggregate_clusters` on the screened clients (traceable): the program of
+    every aggregation (`aggregate_jit`) and of the federated round (`rounds.finish_round`).
+
+    The full screening reads every client's factors for NaN/Inf and an averaging rule reads
+    them again for its weighted sum: two reads where the rule's one would do. So with
+    `one_pass`, for a rule with `Rule.one_pass` and a call without `downloads`, the rule runs
+    first on weights screened without reading the factors (`screen(read_factors=False)`;
+    `max_norm` still reads them for its Gram norms), and its `one_pass` apply makes the global
+    adapter non-finite whenever any factor entry is. A finite global adapter means every
+    factor was finite, so the full screening would have given the same weights and reasons
+    and the result is the two-pass one bit for bit. Otherwise (also after an overflow of
+    finite factors) `lax.cond` runs the two-pass program, which gives its own results and
+    reason codes; on the normal path that branch costs nothing. With `downloads` the two-pass
+    program always runs: there the [C] outputs' writes, not the second read, take the time.
+
+    Args:
+      rule, states, client_loras, ranks, labels, num_clusters, key, downloads: as
+        `aggregate_clusters`.
+      weights: [C] example counts, unscreened.
+      max_norm, update_norm, max_update_norm: as `screen`.
+      one_pass: False always runs the two-pass program (to compare the two).
+
+    Returns:
+      As `aggregate_clusters`, with `reason` the screening's.
+    """
+
+    def run(r: Rule, read_factors: bool):
+        w, reason = screen(
+            client_loras, weights, max_norm=max_norm, update_norm=update_norm,
+            max_update_norm=max_update_norm, read_factors=read_factors,
+        )  # fmt: skip
+        return aggregate_clusters(
+            r, states, client_loras, w, ranks, labels, num_clusters, key=key, reason=reason,
+            downloads=downloads,
+        )  # fmt: skip
+
+    two_pass = lambda: run(rule, True)
+    if not one_pass or downloads or rule.one_pass is None:
+        return two_pass()
+    fast = run(rule._replace(apply=rule.one_pass), False)
+    g = fast[0].global_lora
+    finite = jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((g.a, g.b))])
+    # `lax.cond`, not a `while_loop` of 0/1 trips: in `bench aggregate` the loop (which closes
+    # over the clients' factors) made this program slower than the two-pass one.
+    return jax.lax.cond(jnp.all(finite), lambda: fast, two_pass)
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -399,20 +387,20 @@ def _aggregate_program(
     labels,
     key,
     downloads=True,
+    one_pass=True,
 ):
-    rule = make_rule(method, **dict(options))
-    w, reason = screen(client_loras, weights, max_norm=max_norm)
-    return aggregate_clusters(
-        rule, states, client_loras, w, ranks, labels, num_clusters, key=key, reason=reason,
-        downloads=downloads,
+    return screen_aggregate(
+        make_rule(method, **dict(options)), states, client_loras, weights, ranks, labels,
+        num_clusters, key=key, max_norm=max_norm, downloads=downloads, one_pass=one_pass,
     )  # fmt: skip
 
 
-_STATIC = ("method", "options", "max_norm", "num_clusters", "downloads")
+_STATIC = ("method", "options", "max_norm", "num_clusters", "downloads", "one_pass")
 aggregate_jit = jax.jit(_aggregate_program, static_argnames=_STATIC)
-aggregate_jit.__doc__ = """Screening plus `aggregate_clusters` of rule `method` (its `options` a
-sorted tuple of pairs), compiled once per (method, options, max_norm, K, downloads, shapes);
-`downloads=False` is the program a federated round runs (no `client_loras`)."""
+aggregate_jit.__doc__ = """`screen_aggregate` of rule `method` (its `options` a sorted tuple of
+pairs), compiled once per (method, options, max_norm, K, downloads, one_pass, shapes);
+`downloads=False` is the program a federated round runs (no `client_loras`); `one_pass=False`
+the two-pass program it ran before (for comparison)."""
 aggregate_jit_donating = jax.jit(
     _aggregate_program, static_argnames=_STATIC, donate_argnames=("client_loras",)
 )

@@ -24,12 +24,7 @@ import numpy as np
 from flax import struct
 
 from floe_jax.config import ConfigError, ModelConfig
-from floe_jax.federated.aggregate import (
-    aggregate_clusters,
-    init_states,
-    pick_clients,
-    screen,
-)
+from floe_jax.federated.aggregate import init_states, pick_clients, screen_aggregate
 from floe_jax.federated.checks import check_base_format, check_shared_base
 from floe_jax.federated.client import local_update_clients, token_loss
 from floe_jax.federated.config import FedConfig
@@ -353,20 +348,14 @@ def finish_round(
     k_round, k_agg, ids_C = plan.k_round, plan.k_agg, plan.ids_C
     cluster_C, rank_C, start = plan.cluster_C, plan.rank_C, plan.start
 
-    # Screen, then aggregate each cluster's clients.
+    # Screen, then aggregate each cluster's clients. downloads=False: clients restart from the
+    # global adapter (`client_start`), so the per-client copies of it are never built (an
+    # averaging rule then reads the factors once and writes 1/C of them: `screen_aggregate`).
     finite_CX, norm_C = _update_stats(start, trained)
-    weights_C, reason_C = screen(
-        trained,
-        cm["examples"],
-        max_norm=fed.agg.max_norm,
-        update_norm=norm_C,
-        max_update_norm=fed.max_update_norm,
-    )
-    # downloads=False: clients restart from the global adapter (`client_start`), so the
-    # per-client copies of it are never built (an averaging rule then writes 1/C of what it reads).
-    agg, rule_state, any_in = aggregate_clusters(
-        rule, state.rule_state, trained, weights_C, rank_C, cluster_C, K, key=k_agg,
-        reason=reason_C, downloads=False,
+    agg, rule_state, any_in = screen_aggregate(
+        rule, state.rule_state, trained, cm["examples"], rank_C, cluster_C, K, key=k_agg,
+        max_norm=fed.agg.max_norm, update_norm=norm_C, max_update_norm=fed.max_update_norm,
+        downloads=False,
     )  # fmt: skip
     included_C = agg.included
     dp_metrics = {}

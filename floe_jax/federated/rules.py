@@ -38,6 +38,10 @@ Rules (what each client sends up / receives down; bytes count live float32 param
 
 The global adapter carries the scale `s = Σ p_k s_k` (the clients' common scale when ranks are
 equal). No built-in rule keeps state between rounds (`init` is `aggregate.no_state`).
+The averaging rules (FedIT, HetLoRA, FedSA, FFA) also give a `one_pass` apply (`Rule.one_pass`):
+their weighted sums read every entry of every factor, so there a zero-weight slot contributes
+`x - x` and any NaN/Inf reaches the global adapter (`_slot_wsums`). The factored rules mask
+before their products and keep the two-pass screening.
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ def _prepare(lora: LoRA, weights, ranks) -> _Prep:
     return _Prep(clean, lora, live, adapted, p, included, jnp.where(s > 0, s, 1.0))
 
 
-def _slot_wsums(terms):
+def _slot_wsums(terms, propagate: bool = False):
     """`Σ_k w_k ⊙ x_k` over the client axis for each `(x, w_CLR, side)` in `terms`.
 
     `x` is a factor `[C, L, I, R]` (side "a") or `[C, L, R, O]` (side "b") as the clients sent it,
@@ -114,21 +118,28 @@ def _slot_wsums(terms):
     reduces a [C, N] array over C far below bandwidth). A scan per term, not one for all: its
     accumulator (one factor's 1/C, 15 MiB at most at Qwen2.5-0.5B scale) then stays in cache
     across the steps, where every term's together (67 MiB) would go to memory and back each step.
+
+    With `propagate` a slot of weight 0 contributes `x - x` instead: exactly +0 where x is
+    finite (the same sums bit for bit), NaN where it is not, so a non-finite entry of any client
+    in any slot makes its sum non-finite (`Rule.one_pass`).
     """
 
     def one(x, w_CLR, side):
         def add(acc, xs):
             x_k, w_LR = xs
             w = w_LR[:, None, :] if side == "a" else w_LR[:, :, None]
-            return acc + jnp.where(w > 0, x_k * w, 0.0), None
+            return acc + jnp.where(w > 0, x_k * w, x_k - x_k if propagate else 0.0), None
 
         return jax.lax.scan(add, jnp.zeros(x.shape[1:], x.dtype), (x, w_CLR))[0]
 
     return [one(*term) for term in terms]
 
 
-def _weighted_factors(prep: _Prep, weights_C, part: str = "ab") -> tuple[dict, dict]:
-    """`{m: Σ_k weights_k A_k}` and `{m: Σ_k weights_k B_k}` on live slots (`part` picks which)."""
+def _weighted_factors(
+    prep: _Prep, weights_C, part: str = "ab", propagate: bool = False
+) -> tuple[dict, dict]:
+    """`{m: Σ_k weights_k A_k}` and `{m: Σ_k weights_k B_k}` on live slots (`part` picks which;
+    `propagate` as `_slot_wsums`)."""
     mods = list(prep.raw.a)
     terms, keys = [], []
     for m in mods:
@@ -139,7 +150,7 @@ def _weighted_factors(prep: _Prep, weights_C, part: str = "ab") -> tuple[dict, d
         if "b" in part:
             terms.append((prep.raw.b[m], w, "b"))
             keys.append(("b", m))
-    sums = dict(zip(keys, _slot_wsums(terms), strict=True))
+    sums = dict(zip(keys, _slot_wsums(terms, propagate), strict=True))
     a = {m: sums[("a", m)] for m in mods if ("a", m) in sums}
     b = {m: sums[("b", m)] for m in mods if ("b", m) in sums}
     return a, b
@@ -248,7 +259,9 @@ def _prune_ranks(prep: _Prep, ranks, threshold: float):
     return jnp.clip(new, 1, ranks).astype(jnp.int32)
 
 
-def _fedit_apply(state, client_loras, weights, ranks, *, key, norm_weighting, prune):
+def _fedit_apply(
+    state, client_loras, weights, ranks, *, key, norm_weighting, prune, propagate=False
+):
     del key  # deterministic
     ranks = ranks.astype(jnp.int32)
     prep = _prepare(client_loras, weights, ranks)
@@ -261,7 +274,7 @@ def _fedit_apply(state, client_loras, weights, ranks, *, key, norm_weighting, pr
         p = w / jnp.where(w.sum() > 0, w.sum(), 1.0)
         prep = prep._replace(p=jnp.where(w.sum() > 0, p, prep.p))
         prep = prep._replace(scale=jnp.where(w.sum() > 0, jnp.sum(prep.p * prep.lora.scale), 1.0))
-    g_a, g_b = _weighted_factors(prep, prep.p)
+    g_a, g_b = _weighted_factors(prep, prep.p, propagate=propagate)
     c_mask = _out_mask(prep, ranks)
     c_a, c_b = _to_clients(g_a, g_b, c_mask)
     down = _count(c_mask, _dims(client_loras), "ab")
@@ -274,14 +287,14 @@ def _fedit_apply(state, client_loras, weights, ranks, *, key, norm_weighting, pr
 @register_rule("fedavg", "fedit")
 def fedit() -> Rule:
     """FedIT / FedAvg of A and B separately, zero-padded to R."""
-    return Rule(no_state, functools.partial(_fedit_apply, norm_weighting=False, prune=None))
+    return hetlora()
 
 
 @register_rule("hetlora", options=("norm_weighting", "prune_threshold"))
 def hetlora(*, norm_weighting: bool = False, prune_threshold: float | None = None) -> Rule:
     """HetLoRA: FedIT on zero-padded factors, optional norm weighting and rank self-pruning."""
     apply = functools.partial(_fedit_apply, norm_weighting=norm_weighting, prune=prune_threshold)
-    return Rule(no_state, apply)
+    return Rule(no_state, apply, one_pass=functools.partial(apply, propagate=True))
 
 
 # ----------------------------------------------------------------------------- FlexLoRA
@@ -400,11 +413,11 @@ def flora() -> Rule:
 # ----------------------------------------------------------------------------- FedSA / FFA
 
 
-def _fedsa_apply(state, client_loras, weights, ranks, *, key):
+def _fedsa_apply(state, client_loras, weights, ranks, *, key, propagate=False):
     del key  # deterministic
     ranks = ranks.astype(jnp.int32)
     prep = _prepare(client_loras, weights, ranks)
-    g_a, g_b = _weighted_factors(prep, prep.p)  # g_b: for evaluation only, never sent
+    g_a, g_b = _weighted_factors(prep, prep.p, propagate=propagate)  # g_b: evaluation only
     c_mask = _out_mask(prep, ranks)
     c_a, _ = _to_clients(g_a, g_b, c_mask)
     dims = _dims(client_loras)
@@ -428,19 +441,20 @@ def _fedsa_apply(state, client_loras, weights, ranks, *, key):
 @register_rule("fedsa")
 def fedsa() -> Rule:
     """FedSA-LoRA: A averaged and shared, B personal."""
-    return Rule(no_state, _fedsa_apply, personal=("b",))
+    one_pass = functools.partial(_fedsa_apply, propagate=True)
+    return Rule(no_state, _fedsa_apply, personal=("b",), one_pass=one_pass)
 
 
-def _ffa_apply(state, client_loras, weights, ranks, *, key):
+def _ffa_apply(state, client_loras, weights, ranks, *, key, propagate=False):
     del key  # deterministic
     ranks = ranks.astype(jnp.int32)
     prep = _prepare(client_loras, weights, ranks)
     # A is shared: per-slot average over the clients holding the slot (exact when equal).
-    g_a, _ = _weighted_factors(prep, prep.p, "a")
+    g_a, _ = _weighted_factors(prep, prep.p, "a", propagate)
     for m in g_a:
         tot = jnp.sum(prep.p[:, None, None] * prep.live[m] * prep.included[:, None, None], 0)
         g_a[m] = g_a[m] / jnp.where(tot > 0, tot, 1.0)[:, None, :]
-    _, g_b = _weighted_factors(prep, prep.p * prep.lora.scale / prep.scale, "b")
+    _, g_b = _weighted_factors(prep, prep.p * prep.lora.scale / prep.scale, "b", propagate)
     c_mask = _out_mask(prep, ranks)
     ratio = prep.scale / jnp.where(client_loras.scale > 0, client_loras.scale, 1.0)
     c_b = {m: g_b[m][None] * c_mask[m][..., None] * ratio[:, None, None, None] for m in g_b}
@@ -456,7 +470,8 @@ def _ffa_apply(state, client_loras, weights, ranks, *, key):
 @register_rule("ffa")
 def ffa() -> Rule:
     """FFA-LoRA: A frozen at the shared init, B averaged with scales folded in (exact)."""
-    return Rule(no_state, _ffa_apply, frozen=("a",))
+    one_pass = functools.partial(_ffa_apply, propagate=True)
+    return Rule(no_state, _ffa_apply, frozen=("a",), one_pass=one_pass)
 
 
 # ----------------------------------------------------------------------------- FedEx-LoRA
