@@ -459,7 +459,7 @@ def test_one_pass_round_path_equals_the_two_pass_one(tiny_cfg, method, options, 
     args = (method, options, max_norm, K, states)
     for name, given, who in _nonfinite_cases(lora):
         call = functools.partial(ag.aggregate_jit, *args, given, w, r, labels, jax.random.key(2))
-        one, two = call(downloads=False), call(downloads=False, one_pass=False)
+        one, two = call(downloads=False, one_pass=True), call(downloads=False, one_pass=False)
         chex.assert_trees_all_equal(one, two)
         if who is not None:
             assert int(one[0].reason[who]) == ag.REASON_NONFINITE, name
@@ -503,3 +503,24 @@ def test_donating_program_matches_and_consumes_the_clients(tiny_cfg):
         got = ag.aggregate_jit_donating(method, (), None, 1, ((),), given, w, r, *args)
         chex.assert_trees_all_equal(got, want)
         assert given.a["q_proj"].is_deleted()
+
+
+def test_round_path_takes_the_one_pass_program_by_the_factors_size(tiny_cfg, monkeypatch):
+    """`one_pass=None` (a federated round's): the one-pass program (its `lax.cond` fallback)
+    only for factors of at least `ONE_PASS_MIN_BYTES`, the two-pass one below."""
+    ranks = np.array([2, 4])
+    lora = make_clients(tiny_cfg, ranks, seed=7)
+    w, r = ag.validate(lora, [1.0, 2.0], ranks)
+    rule = ag.make_rule("fedit")
+    states = ag.init_states(rule, jax.tree.map(lambda x: x[0], lora), 1, key=jax.random.key(1))
+
+    def has_cond():
+        program = lambda x: ag.screen_aggregate(  # noqa: E731
+            rule, states, x, w, r, np.zeros(2, np.int32), 1, key=jax.random.key(2),
+            downloads=False,
+        )  # fmt: skip
+        return "cond" in str(jax.make_jaxpr(program)(lora))
+
+    assert not has_cond()  # a few KiB of factors
+    monkeypatch.setattr(ag, "ONE_PASS_MIN_BYTES", 0)
+    assert has_cond()

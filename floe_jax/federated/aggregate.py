@@ -59,6 +59,12 @@ from floe_jax.federated.screening import (  # noqa: F401  (re-exported: callers 
 from floe_jax.lora import LoRA
 
 BYTES_PER_PARAM = 4  # adapters travel as float32
+# Stacked client factors from which `screen_aggregate` takes the one-pass program by default. It
+# compiles a second program, its fallback: a few seconds once per run (3-6 s more for the first
+# round of each of the demo's runs), against one read of the factors saved per round (about 17 ms
+# per 256 MiB at this CPU's jitted-sum rate): below this a run would need hundreds of rounds to
+# gain.
+ONE_PASS_MIN_BYTES = 256 << 20
 
 
 class AggregationError(ValueError):
@@ -284,7 +290,7 @@ def screen_aggregate(
     update_norm: jax.Array | None = None,
     max_update_norm: float | None = None,
     downloads: bool = True,
-    one_pass: bool = True,
+    one_pass: bool | None = None,
 ) -> tuple[Aggregated, object, jax.Array]:
     """`screen`, then `aggregate_clusters` on the screened clients (traceable): the program of
     every aggregation (`aggregate_jit`) and of the federated round (`rounds.finish_round`).
@@ -306,7 +312,9 @@ def screen_aggregate(
         `aggregate_clusters`.
       weights: [C] example counts, unscreened.
       max_norm, update_norm, max_update_norm: as `screen`.
-      one_pass: False always runs the two-pass program (to compare the two).
+      one_pass: None takes the one-pass program for factors of at least `ONE_PASS_MIN_BYTES`
+        (below, compiling its fallback costs more than the read it saves); True whenever the
+        rule has one; False never (to compare the two).
 
     Returns:
       As `aggregate_clusters`, with `reason` the screening's.
@@ -323,6 +331,9 @@ def screen_aggregate(
         )  # fmt: skip
 
     two_pass = lambda: run(rule, True)
+    if one_pass is None:
+        one_pass = sum(x.nbytes for x in jax.tree.leaves((client_loras.a, client_loras.b)))
+        one_pass = one_pass >= ONE_PASS_MIN_BYTES
     if not one_pass or downloads or rule.one_pass is None:
         return two_pass()
     fast = run(rule._replace(apply=rule.one_pass), False)
@@ -387,7 +398,7 @@ def _aggregate_program(
     labels,
     key,
     downloads=True,
-    one_pass=True,
+    one_pass=None,
 ):
     return screen_aggregate(
         make_rule(method, **dict(options)), states, client_loras, weights, ranks, labels,
@@ -399,7 +410,8 @@ _STATIC = ("method", "options", "max_norm", "num_clusters", "downloads", "one_pa
 aggregate_jit = jax.jit(_aggregate_program, static_argnames=_STATIC)
 aggregate_jit.__doc__ = """`screen_aggregate` of rule `method` (its `options` a sorted tuple of
 pairs), compiled once per (method, options, max_norm, K, downloads, one_pass, shapes);
-`downloads=False` is the program a federated round runs (no `client_loras`); `one_pass=False`
+`downloads=False` is the program a federated round runs (no `client_loras`); `one_pass` as
+`screen_aggregate`'s, `one_pass=False`
 the two-pass program it ran before (for comparison)."""
 aggregate_jit_donating = jax.jit(
     _aggregate_program, static_argnames=_STATIC, donate_argnames=("client_loras",)
