@@ -10,8 +10,11 @@ true-rank factors, take the dense `np.linalg.svd`, and slice each client's rank 
 
 Bounds, measured in the same run on the same machine: a rule must read the clients' factors
 (`bytes_read`) and write its result (`bytes_written`, every leaf of the jitted call's output);
-the bandwidth bound prices the read at a jitted full-array sum's rate and the write at what an
-in-place (donated) `x * c` adds on top of its read. A factored rule also pays the FLOPs of its
+the bandwidth bound prices the read at a jitted full-array sum's read rate (a read-only pass
+cannot go faster than reading: on this 2-core EPYC a hand-written AVX-512 sum on both cores read
+at 31-33 GB/s, XLA's at 27-30) and the write at the in-place (donated) `x * c`'s rate per byte
+moved (its read and write together ran at 43-53 GB/s there, faster than either alone, so it
+prices a read too cheaply to bound a read-only pass). A factored rule also pays the FLOPs of its
 factorizations (`flops`: the stacked products, Gram matrices, tridiagonal reductions of the
 eigenproblems, counted on the program's static shapes, padding included), priced at a jitted
 2048² matmul's rate. `bound_s` is the larger of the two, `pct_of_bound` = bound_s / measured.
@@ -179,6 +182,7 @@ def hardware_rates(nbytes: int, n_matmul: int) -> dict:
         "fresh_copy_GBps": 2e-9 * nbytes / t_fresh,
         "matmul_GFLOPs": 2 * n_matmul**3 / t_mm / 1e9,
         "s_per_byte": per_byte,
+        "read_s_per_byte": t_read / nbytes,
         "fresh_write_s_per_byte": max(t_fresh / nbytes - per_byte, per_byte),
     }
 
@@ -267,8 +271,9 @@ def run(quick: bool = False, clients: int | None = None, round_path_only: bool =
 
     def row(name, method, sec, written, **extra):
         flops = rule_flops(method, lora, extra.pop("total_rank", None))
-        byte_s = (factor_bytes + written) * rates["s_per_byte"]
-        fresh_s = factor_bytes * rates["s_per_byte"] + written * rates["fresh_write_s_per_byte"]
+        read_s = factor_bytes * rates["read_s_per_byte"]
+        byte_s = read_s + written * rates["s_per_byte"]
+        fresh_s = read_s + written * rates["fresh_write_s_per_byte"]
         bound = max(byte_s, flops / (rates["matmul_GFLOPs"] * 1e9))
         rows.append({
             "rule": name, "floe_jax_s": sec, **extra,
