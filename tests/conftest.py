@@ -1,6 +1,7 @@
 """Shared fixtures. Tests run on the CPU in float32 at highest matmul precision."""
 
 import dataclasses
+import gc
 import os
 
 # The suite compiles thousands of tiny programs that then run for microseconds, so XLA's compile
@@ -60,16 +61,23 @@ def _free_executables(request):
     past Linux's `vm.max_map_count` (65530 by default) the next JIT load or C++ exception dies in
     native code (a segfault in the unwinder, or LLVM's "Unable to allocate section memory").
     Clearing the caches unmaps them; a later module that needs a program again loads it from the
-    persistent cache above. If one module alone comes near the limit, fail it by name instead.
+    persistent cache above. If the process still holds over 80% of the limit after a module (a
+    leak: something keeps programs alive), that module fails, naming the mappings it added,
+    instead of a later crash.
     """
+    before = _mappings()
     yield
     jax.clear_caches()
-    counts = _mappings()
-    if counts is not None and counts[0] > 0.8 * counts[1]:
+    after = _mappings()
+    if after is not None and after[0] > 0.8 * after[1]:
+        gc.collect()  # programs held only by reference cycles
+        after = _mappings()
+    if after is not None and after[0] > 0.8 * after[1]:
+        added = "" if before is None else f" ({after[0] - before[0]:+d} during this module)"
         pytest.fail(
-            f"{request.module.__name__} left {counts[0]} memory mappings of the "
-            f"{counts[1]} vm.max_map_count allows after jax.clear_caches(): something holds "
-            "compiled programs past the module",
+            f"after {request.module.__name__} this process holds {after[0]} memory mappings"
+            f"{added} of the {after[1]} vm.max_map_count allows, with jax's caches cleared: "
+            "something keeps compiled programs alive",
             pytrace=False,
         )
 

@@ -463,10 +463,39 @@ def test_one_pass_round_path_equals_the_two_pass_one(tiny_cfg, method, options, 
         chex.assert_trees_all_equal(one, two)
         if who is not None:
             assert int(one[0].reason[who]) == ag.REASON_NONFINITE, name
+        else:  # clean: max_norm = 30 leaves out a client by its norm (the Gram path is taken)
+            assert (ag.REASON_NORM in np.asarray(one[0].reason)) == (max_norm is not None)
         for x in jax.tree.leaves(one[0].global_lora):
             assert np.isfinite(np.asarray(x)).all(), name
-    # max_norm = 30 leaves out a client by its norm in these cases (the Gram path is taken)
-    assert (ag.REASON_NORM in np.asarray(one[0].reason)) == (max_norm is not None)
+
+
+@pytest.mark.parametrize("method", ["fedit", "ffa"])
+def test_one_pass_with_update_norms_equals_the_two_pass_one(tiny_cfg, method):
+    """As `rounds.finish_round` calls it, with each client's update norm and a limit on it: a
+    client moved too far and a diverged client (NaN factors, NaN norm) are left out with the
+    two-pass program's reasons, bit for bit, in both programs."""
+    ranks = np.array([2, 4, 8, 3])
+    lora = make_clients(tiny_cfg, ranks, seed=7)
+    a = dict(lora.a)
+    a["k_proj"] = a["k_proj"].at[3, 0, 1, 0].set(jnp.nan)  # client 3 diverged
+    lora = dataclasses.replace(lora, a=a)
+    rule = ag.make_rule(method)
+    states = ag.init_states(rule, jax.tree.map(lambda x: x[0], lora), 1, key=jax.random.key(1))
+    norms = jnp.asarray([1.0, 9.0, 2.0, jnp.nan])  # client 1 moved past max_update_norm = 5
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(one_pass, lora):
+        return ag.screen_aggregate(
+            rule, states, lora, jnp.asarray([1.0, 2.0, 3.0, 4.0]), jnp.asarray(ranks),
+            jnp.zeros(4, jnp.int32), 1, key=jax.random.key(2), update_norm=norms,
+            max_update_norm=5.0, downloads=False, one_pass=one_pass,
+        )  # fmt: skip
+
+    one, two = run(True, lora), run(False, lora)
+    chex.assert_trees_all_equal(one, two)
+    reasons = [ag.REASON_OK, ag.REASON_UPDATE_NORM, ag.REASON_OK, ag.REASON_NONFINITE]
+    np.testing.assert_array_equal(one[0].reason, reasons)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(one[0].global_lora))
 
 
 @pytest.mark.parametrize("method", ["fedit", "hetlora", "ffa", "fedsa"])

@@ -61,7 +61,7 @@ from floe_jax.lora import LoRA
 BYTES_PER_PARAM = 4  # adapters travel as float32
 # Stacked client factors from which `screen_aggregate` takes the one-pass program by default. It
 # compiles a second program, its fallback: a few seconds once per run (3-6 s more for the first
-# round of each of the demo's runs), against one read of the factors saved per round (about 17 ms
+# round of each of the demo's runs), against one read of the factors saved per round (about 10 ms
 # per 256 MiB at this CPU's jitted-sum rate): below this a run would need hundreds of rounds to
 # gain.
 ONE_PASS_MIN_BYTES = 256 << 20
@@ -410,9 +410,8 @@ _STATIC = ("method", "options", "max_norm", "num_clusters", "downloads", "one_pa
 aggregate_jit = jax.jit(_aggregate_program, static_argnames=_STATIC)
 aggregate_jit.__doc__ = """`screen_aggregate` of rule `method` (its `options` a sorted tuple of
 pairs), compiled once per (method, options, max_norm, K, downloads, one_pass, shapes);
-`downloads=False` is the program a federated round runs (no `client_loras`); `one_pass` as
-`screen_aggregate`'s, `one_pass=False`
-the two-pass program it ran before (for comparison)."""
+`downloads=False` is the aggregation a federated round runs (no `client_loras`); `one_pass` as
+`screen_aggregate`'s (False: the two-pass program, for comparison)."""
 aggregate_jit_donating = jax.jit(
     _aggregate_program, static_argnames=_STATIC, donate_argnames=("client_loras",)
 )

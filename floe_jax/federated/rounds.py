@@ -350,7 +350,8 @@ def finish_round(
 
     # Screen, then aggregate each cluster's clients. downloads=False: clients restart from the
     # global adapter (`client_start`), so the per-client copies of it are never built (an
-    # averaging rule then reads the factors once and writes 1/C of them: `screen_aggregate`).
+    # averaging rule then reads the factors once, at scale, and writes 1/C of them:
+    # `screen_aggregate`; the update norms below read the trained factors once more).
     finite_CX, norm_C = _update_stats(start, trained)
     agg, rule_state, any_in = screen_aggregate(
         rule, state.rule_state, trained, cm["examples"], rank_C, cluster_C, K, key=k_agg,

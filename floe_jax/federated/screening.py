@@ -3,9 +3,10 @@ out (a non-finite update or weight, ‖ΔW_k‖_F above `max_norm`, an adapter t
 `max_update_norm`, zero weight).
 
 `screen` is the one screening; `aggregate.screen_aggregate` runs it before every aggregation,
-either in full (reading every client's factors for NaN/Inf, `factors_finite`) or, for a rule
-with a one-pass apply (`Rule.one_pass`), without reading the factors (`read_factors=False`),
-leaving their finiteness to the rule's own read of them.
+either in full (reading every client's factors for NaN/Inf, `factors_finite`) or without reading
+the factors (`read_factors=False`), leaving their finiteness to the rule's own read of them:
+for a rule with a one-pass apply (`Rule.one_pass`), a call without downloads, and stacked factors
+of at least `aggregate.ONE_PASS_MIN_BYTES` (or `one_pass=True`).
 """
 
 from __future__ import annotations
