@@ -11,10 +11,10 @@ true-rank factors, take the dense `np.linalg.svd`, and slice each client's rank 
 Bounds, measured in the same run on the same machine: a rule must read the clients' factors
 (`bytes_read`) and write its result (`bytes_written`, every leaf of the jitted call's output);
 the bandwidth bound prices the read at a jitted full-array sum's read rate (a read-only pass
-cannot go faster than reading: on this 2-core EPYC a hand-written AVX-512 sum on both cores read
-at 31-33 GB/s, XLA's at 27-30) and the write at the in-place (donated) `x * c`'s rate per byte
-moved (its read and write together ran at 43-53 GB/s there, faster than either alone, so it
-prices a read too cheaply to bound a read-only pass). A factored rule also pays the FLOPs of its
+is bound by the read rate: on the 2-core EPYC of the README the jitted sum read at 26-38 GB/s
+from run to run, a hand-written AVX-512 sum on both cores at 31-33) and the write at the
+in-place (donated) `x * c`'s rate per byte moved (its read and write together ran at 43-53 GB/s
+there, faster than a read alone, so it prices a read too cheaply to bound a read-only pass). A factored rule also pays the FLOPs of its
 factorizations (`flops`: the stacked products, Gram matrices, tridiagonal reductions of the
 eigenproblems, counted on the program's static shapes, padding included), priced at a jitted
 2048² matmul's rate. `bound_s` is the larger of the two, `pct_of_bound` = bound_s / measured.
