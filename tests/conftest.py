@@ -56,7 +56,7 @@ def _mappings() -> tuple[int, int] | None:
 def _free_executables(request):
     """Drop jax's compiled programs after each test module.
 
-    Each live XLA:CPU executable maps its code into the process (about six mappings each), and
+    Each live XLA:CPU executable maps its code into the process (several mappings each), and
     jax's jit caches keep every one alive. A worker that runs half the suite builds thousands, and
     past Linux's `vm.max_map_count` (65530 by default) the next JIT load or C++ exception dies in
     native code (a segfault in the unwinder, or LLVM's "Unable to allocate section memory").

@@ -11,16 +11,15 @@ true-rank factors, take the dense `np.linalg.svd`, and slice each client's rank 
 Bounds, measured in the same run on the same machine: a rule must read the clients' factors
 (`bytes_read`) and write its result (`bytes_written`, every leaf of the jitted call's output);
 the bandwidth bound prices the read at a jitted full-array sum's read rate (a read-only pass
-is bound by the read rate: on the 2-core EPYC of the README the jitted sum read at 26-38 GB/s
-from run to run, a hand-written AVX-512 sum on both cores at 31-33) and the write at the
-in-place (donated) `x * c`'s rate per byte moved (its read and write together ran at 43-53 GB/s
-there, faster than a read alone, so it prices a read too cheaply to bound a read-only pass).
-A factored rule also pays the FLOPs of its factorizations (`flops`: the stacked products, Gram
-matrices, tridiagonal reductions of the eigenproblems, counted on the program's static shapes,
-padding included), priced at a jitted
-2048² matmul's rate. `bound_s` is the larger of the two, `pct_of_bound` = bound_s / measured.
-`fresh_bound_s` prices the write instead at a copy into a newly allocated array, which is what
-XLA:CPU pays for each output it allocates (one page fault per 4 KiB page on first touch).
+is bound by the read rate) and the write at the in-place (donated) `x * c`'s rate per byte moved
+(its read and write together run faster than a read alone, so that rate would price a read too
+cheaply to bound a read-only pass; the README gives the measured rates). A factored rule also
+pays the FLOPs of its factorizations (`flops`: the stacked products, Gram matrices, tridiagonal
+reductions of the eigenproblems, counted on the program's static shapes, padding included),
+priced at a jitted 2048² matmul's rate. `bound_s` is the larger of the two, `pct_of_bound` =
+bound_s / measured. `fresh_bound_s` prices the write instead at a copy into a newly allocated
+array, which is what XLA:CPU pays for each output it allocates (one page fault per 4 KiB page on
+first touch).
 
 The `round path` rows time what a federated round runs (`aggregate_jit(..., downloads=False)`):
 no per-client copies of the global adapter, so an averaging rule reads the factors and writes
