@@ -119,6 +119,24 @@ def test_policies():
     assert PrivacyDetector().screen(None).action == "edge_only"
 
 
+def test_memoised_results_follow_the_detector_and_its_terms():
+    """`find`/`pending` are memoised per (configuration, text): a text screened before is
+    judged again by whatever detector screens it now, with the terms it holds now."""
+    text = "Tell Mira Okafor to call 555-0142 and write mo@corp-x.org; Oka"
+    bare, client = PrivacyDetector(), PrivacyDetector(terms=["Mira Okafor"])
+    phones = PrivacyDetector(PrivacyPolicy(types=("phone",)))
+    for _ in range(2):  # the second round is served from the memo: the same answers
+        assert [s.kind for s in bare.find(text)] == ["phone", "email"]
+        assert [s.kind for s in client.find(text)] == ["term", "phone", "email"]
+        assert [s.kind for s in phones.find(text)] == ["phone"]
+        assert bare.pending(text) == 0 and client.pending(text) == len("Oka")
+    client.find(text).clear()  # a caller's list is its own
+    assert len(client.find(text)) == 3
+    bare.register_terms(["Mira Okafor"])  # new terms: judged afresh, not from the memo
+    assert [s.kind for s in bare.find(text)] == ["term", "phone", "email"]
+    assert bare.pending(text) == len("Oka")
+
+
 class _Echo:
     kind = "sparse"
 

@@ -33,7 +33,7 @@ import phonenumbers
 import regex
 
 from floe_jax.inference.privacy.normalize import normalize
-from floe_jax.inference.privacy.span import PENDING_WINDOW, Span, merge_spans
+from floe_jax.inference.privacy.span import MEMO_TEXTS, PENDING_WINDOW, Span, merge_spans
 
 PATTERN_TYPES = ("email", "card", "iban", "ssn", "ipv6", "ipv4", "phone", "address")
 
@@ -219,76 +219,89 @@ class PatternDetector:
         self.types = tuple(types)
         self.region = region
 
-    def _phones(self, norm: str) -> list[tuple[int, int]]:
-        """Phone spans of the normalised text: `phonenumbers` on each run of digits and phone
-        separators with seven digits or more (with a little context), cached by run, so a text
-        that grows token by token re-parses only its newest number."""
-        out = []
-        for m in _NUMBER_RUN.finditer(norm):
-            if sum(c.isdigit() for c in m.group()) < 7:
-                continue
-            a, b = max(m.start() - _CONTEXT, 0), min(m.end() + _CONTEXT, len(norm))
-            for s, e in phones_in(norm[a:b], self.region):
-                out.append(grow_number(norm, a + s, a + e))
-        return out
-
     def find(self, text: str) -> list[Span]:
-        n = normalize(text)
-        norm = n.text
-        found: list[tuple[int, int, str]] = []
-        has_digit = any(c.isdigit() for c in norm)
-        for kind in self.types:
-            if not _NEED[kind](norm, has_digit):
-                continue
-            if kind == "phone":
-                found += [(s, e, "phone") for s, e in self._phones(norm)]
-                continue
-            for m in PATTERNS[kind].finditer(norm):
-                span = m.group()
-                while not _valid(kind, span) and kind in ("iban", "card") and " " in span:
-                    span = span.rsplit(" ", 1)[0]  # a greedy match may run into the next word
-                if _valid(kind, span):
-                    s, e = m.start(), m.start() + len(span)
-                    if kind == "address" and not capitalised_street(
-                        text[n.span(s, e)[0] : n.span(s, e)[1]]
-                    ):
-                        continue
-                    if kind in ("card", "ssn"):
-                        s, e = grow_number(norm, s, e)
-                    found.append((s, e, kind))
-        spans = []
-        for s, e, kind in found:
-            a, b = n.span(s, e)
-            spans.append(Span(a, b, kind, text[a:b]))
-        return merge_spans(spans)
+        return list(_find(self.types, self.region, text))
 
     def pending(self, text: str) -> int:
-        n = normalize(text)
-        norm = n.text
-        start = len(norm)
-        if "phone" in self.types or "card" in self.types or "ssn" in self.types:
-            m = _PHONE_TAIL.search(norm)
-            if m:
+        return _pending(self.types, text)
+
+
+def _phones(norm: str, region: str) -> list[tuple[int, int]]:
+    """Phone spans of the normalised text: `phonenumbers` on each run of digits and phone
+    separators with seven digits or more (with a little context), cached by run, so a text
+    that grows token by token re-parses only its newest number."""
+    out = []
+    for m in _NUMBER_RUN.finditer(norm):
+        if sum(c.isdigit() for c in m.group()) < 7:
+            continue
+        a, b = max(m.start() - _CONTEXT, 0), min(m.end() + _CONTEXT, len(norm))
+        for s, e in phones_in(norm[a:b], region):
+            out.append(grow_number(norm, a + s, a + e))
+    return out
+
+
+# `find` and `pending` are pure functions of the configuration and the text, memoised (see
+# `MEMO_TEXTS`).
+@functools.lru_cache(maxsize=MEMO_TEXTS)
+def _find(types: tuple[str, ...], region: str, text: str) -> tuple[Span, ...]:
+    n = normalize(text)
+    norm = n.text
+    found: list[tuple[int, int, str]] = []
+    has_digit = any(c.isdigit() for c in norm)
+    for kind in types:
+        if not _NEED[kind](norm, has_digit):
+            continue
+        if kind == "phone":
+            found += [(s, e, "phone") for s, e in _phones(norm, region)]
+            continue
+        for m in PATTERNS[kind].finditer(norm):
+            span = m.group()
+            while not _valid(kind, span) and kind in ("iban", "card") and " " in span:
+                span = span.rsplit(" ", 1)[0]  # a greedy match may run into the next word
+            if _valid(kind, span):
+                s, e = m.start(), m.start() + len(span)
+                if kind == "address" and not capitalised_street(
+                    text[n.span(s, e)[0] : n.span(s, e)[1]]
+                ):
+                    continue
+                if kind in ("card", "ssn"):
+                    s, e = grow_number(norm, s, e)
+                found.append((s, e, kind))
+    spans = []
+    for s, e, kind in found:
+        a, b = n.span(s, e)
+        spans.append(Span(a, b, kind, text[a:b]))
+    return tuple(merge_spans(spans))
+
+
+@functools.lru_cache(maxsize=MEMO_TEXTS)
+def _pending(types: tuple[str, ...], text: str) -> int:
+    n = normalize(text)
+    norm = n.text
+    start = len(norm)
+    if "phone" in types or "card" in types or "ssn" in types:
+        m = _PHONE_TAIL.search(norm)
+        if m:
+            start = min(start, m.start())
+    for kind, tail_re in (("iban", _IBAN_TAIL), ("ipv6", _IPV6_TAIL)):
+        m = tail_re.search(norm, _window(norm)) if kind in types else None
+        # hex groups need a digit or a second colon: not the "A:" of a prompt
+        if m and (kind == "iban" or m.group().count(":") > 1 or _DIGIT.search(m.group())):
+            start = min(start, m.start())
+    if "email" in types:
+        for m in PATTERNS["email"].finditer(norm, pos=_window(norm), partial=True):
+            # a sentence's full stop alone does not make a word an address
+            tail = m.group().removesuffix(".")
+            if m.partial and m.end() > m.start() and _EMAIL_TAIL_CHARS.search(tail):
                 start = min(start, m.start())
-        for kind, tail_re in (("iban", _IBAN_TAIL), ("ipv6", _IPV6_TAIL)):
-            m = tail_re.search(norm, _window(norm)) if kind in self.types else None
-            # hex groups need a digit or a second colon: not the "A:" of a prompt
-            if m and (kind == "iban" or m.group().count(":") > 1 or _DIGIT.search(m.group())):
+                break
+    if "address" in types:
+        for m in PATTERNS_PARTIAL_ADDRESS.finditer(norm, pos=_window(norm), partial=True):
+            a = n.at(m.start())
+            if m.partial and m.group().strip() and capitalised_street(text[a:]):
                 start = min(start, m.start())
-        if "email" in self.types:
-            for m in PATTERNS["email"].finditer(norm, pos=_window(norm), partial=True):
-                # a sentence's full stop alone does not make a word an address
-                tail = m.group().removesuffix(".")
-                if m.partial and m.end() > m.start() and _EMAIL_TAIL_CHARS.search(tail):
-                    start = min(start, m.start())
-                    break
-        if "address" in self.types:
-            for m in PATTERNS_PARTIAL_ADDRESS.finditer(norm, pos=_window(norm), partial=True):
-                a = n.at(m.start())
-                if m.partial and m.group().strip() and capitalised_street(text[a:]):
-                    start = min(start, m.start())
-                    break
-        return 0 if start >= len(norm) else len(text) - n.at(start)
+                break
+    return 0 if start >= len(norm) else len(text) - n.at(start)
 
 
 PATTERNS_PARTIAL_ADDRESS = regex.compile(PATTERNS["address"].pattern)

@@ -31,7 +31,7 @@ import regex
 
 from floe_jax.inference.privacy.normalize import normalize
 from floe_jax.inference.privacy.patterns import grow_number
-from floe_jax.inference.privacy.span import PENDING_WINDOW, Span, merge_spans
+from floe_jax.inference.privacy.span import MEMO_TEXTS, PENDING_WINDOW, Span, merge_spans
 
 _STREET_ABBR = {
     "street": "st",
@@ -160,7 +160,7 @@ class RegisteredDetector:
         self.region = region
         self._lock = threading.Lock()
         self._values: dict[str, str] = {}
-        self._patterns: list[tuple[str, regex.Pattern]] = []
+        self._patterns: tuple[tuple[str, regex.Pattern], ...] = ()
         self.register(values)
 
     @property
@@ -177,29 +177,42 @@ class RegisteredDetector:
             by_kind: dict[str, list[str]] = {}
             for v, kind in self._values.items():
                 by_kind.setdefault(kind, []).append(_value_pattern(kind, v, self.region))
-            self._patterns = [
+            self._patterns = tuple(
                 (kind, _compiled(kind, tuple(pats))) for kind, pats in by_kind.items()
-            ]
+            )
 
     def find(self, text: str) -> list[Span]:
-        n = normalize(text)
-        spans = []
-        for kind, pat in self._patterns:
-            for m in pat.finditer(n.text, overlapped=False):
-                g = m.group()
-                if g.strip():  # a span starts and ends with a visible character
-                    start, end = m.start() + len(g) - len(g.lstrip()), m.start() + len(g.rstrip())
-                    if kind == "phone":  # the whole number, not `0044 [PHONE]`
-                        start, end = grow_number(n.text, start, end, _MAX_DIGIT_SEP)
-                    a, b = n.span(start, end)
-                    spans.append(Span(a, b, kind, text[a:b]))
-        return merge_spans(spans, text)
+        return list(_find(self._patterns, text))
 
     def pending(self, text: str) -> int:
-        n = normalize(text)
-        start = len(n.text)
-        for _, pat in self._patterns:
-            for m in pat.finditer(n.text, pos=max(len(n.text) - PENDING_WINDOW, 0), partial=True):
-                if m.partial and m.group().strip():
-                    start = min(start, m.start() + len(m.group()) - len(m.group().lstrip()))
-        return 0 if start >= len(n.text) else len(text) - n.at(start)
+        return _pending(self._patterns, text)
+
+
+# `find` and `pending` are pure functions of the compiled patterns and the text, memoised: fused
+# decoding screens the same prefix texts again and again (each compared method, and each rerun
+# of a query, screens the prompt and the prefixes its answers share).
+@functools.lru_cache(maxsize=MEMO_TEXTS)
+def _find(patterns: tuple[tuple[str, regex.Pattern], ...], text: str) -> tuple[Span, ...]:
+    n = normalize(text)
+    spans = []
+    for kind, pat in patterns:
+        for m in pat.finditer(n.text, overlapped=False):
+            g = m.group()
+            if g.strip():  # a span starts and ends with a visible character
+                start, end = m.start() + len(g) - len(g.lstrip()), m.start() + len(g.rstrip())
+                if kind == "phone":  # the whole number, not `0044 [PHONE]`
+                    start, end = grow_number(n.text, start, end, _MAX_DIGIT_SEP)
+                a, b = n.span(start, end)
+                spans.append(Span(a, b, kind, text[a:b]))
+    return tuple(merge_spans(spans, text))
+
+
+@functools.lru_cache(maxsize=MEMO_TEXTS)
+def _pending(patterns: tuple[tuple[str, regex.Pattern], ...], text: str) -> int:
+    n = normalize(text)
+    start = len(n.text)
+    for _, pat in patterns:
+        for m in pat.finditer(n.text, pos=max(len(n.text) - PENDING_WINDOW, 0), partial=True):
+            if m.partial and m.group().strip():
+                start = min(start, m.start() + len(m.group()) - len(m.group().lstrip()))
+    return 0 if start >= len(n.text) else len(text) - n.at(start)

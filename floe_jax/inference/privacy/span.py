@@ -9,6 +9,11 @@ from collections.abc import Iterable
 # is still being written: longer than any phone, address or (even spelt-out) email address.
 PENDING_WINDOW = 256
 
+# Texts whose detector results are memoised (per detector configuration, least recently used
+# dropped): a text is screened once per request that carries it, and fused decoding sends the
+# same prompts and prefixes many times (`RegisteredDetector`, `PatternDetector`).
+MEMO_TEXTS = 1 << 14
+
 
 @dataclasses.dataclass(frozen=True)
 class Span:
