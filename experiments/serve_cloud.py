@@ -91,6 +91,13 @@ def parser() -> argparse.ArgumentParser:
         default=128,
         help="the longest prompt bucket the warm-up compiles",
     )
+    p.add_argument(
+        "--memo-mib",
+        type=int,
+        default=0,
+        help="memoise one-token answers' log-probs by prompt (MiB; 0: off): for clients that "
+        "ask for the same prompts' next token again and again, not for timing the model",
+    )
     p.add_argument("--hidden", type=int, default=256, help="--random: width")
     p.add_argument("--layers", type=int, default=4, help="--random: depth")
     p.add_argument("--seed", type=int, default=0)
@@ -113,6 +120,7 @@ def config_from(args):
         max_batch=args.max_batch,
         warm_up=args.warm_up,
         warm_up_prompt_tokens=args.warm_up_prompt_tokens,
+        memo_mib=args.memo_mib,
     )
 
 

@@ -16,6 +16,7 @@ from floe_jax.inference.privacy import (
     iban_ok,
     luhn_ok,
 )
+from floe_jax.memo import LRUMemo
 
 NAMES = ["Alice Moreau", "Bogdan", "Chen Wei", "Dolores O'Neil", "Émile"]
 
@@ -135,6 +136,20 @@ def test_memoised_results_follow_the_detector_and_its_terms():
     bare.register_terms(["Mira Okafor"])  # new terms: judged afresh, not from the memo
     assert [s.kind for s in bare.find(text)] == ["term", "phone", "email"]
     assert bare.pending(text) == len("Oka")
+
+
+def test_lru_memo_is_bounded_by_size():
+    calls = []
+    memo = LRUMemo(max_size=10)
+    length = lambda t: memo.get_or(t, lambda: calls.append(t) or len(t), len(t))  # noqa: E731
+    assert [length(t) for t in ("abcd", "efgh", "abcd")] == [4, 4, 4]
+    assert calls == ["abcd", "efgh"]  # the repeat was memoised
+    length("ijkl")  # past 10: the least recently used ("efgh") goes first
+    assert memo.size == 8 and len(memo) == 2
+    length("efgh")
+    assert calls[-1] == "efgh"  # dropped, computed again
+    memo.put("big", 0, size=11)  # larger than the whole memo: not stored, nothing dropped
+    assert memo.get("big") is None and len(memo) == 2
 
 
 class _Echo:

@@ -299,3 +299,41 @@ def test_max_batch_past_the_largest_bucket_is_refused(tok):
     cfg, params = chat_model(tok)
     with pytest.raises(ValueError, match="max_batch 65 is past the largest batch bucket 64"):
         Engine(params, cfg, max_batch=65, start=False)
+
+
+def test_one_token_answers_come_from_the_memo_for_a_prompt_seen_before(tok):
+    """`memo_bytes`: a one-token job whose prompt ids were prefilled before is answered from the
+    memo (the same log-probs, no prefill); a longer job, or one with another prompt, is not."""
+    cfg, params = chat_model(tok)
+    p1, p2 = tok.encode("user: hello there")[:12], tok.encode("user: what is it")[:12]
+    assert p1 != p2
+
+    def run(engine, jobs):
+        for j in jobs:
+            assert engine.submit(j)
+        for j in jobs:
+            assert j.done.wait(120), "a job did not finish"
+            assert j.error is None, j.error
+
+    engine = Engine(params, cfg, max_batch=8, memo_bytes=1 << 20)
+    try:
+        first = [Job(p1, 1), Job(p2, 1)]
+        run(engine, first)
+        rows = engine.stats["prefill_rows"]
+        again, longer, other = Job(p1, 1), Job(p1, 3), Job(p2[:-1], 1)
+        run(engine, [again, longer, other])
+        assert engine.stats["memo_hits"] == 1
+        assert engine.stats["prefill_rows"] - rows == 2  # `longer` and `other` were prefilled
+        np.testing.assert_array_equal(again.lps[0], first[0].lps[0])
+        np.testing.assert_allclose(longer.lps[0], first[0].lps[0], atol=2e-5)
+        run(engine, [Job(p2[:-1], 1)])  # `other`'s prompt, memoised in turn
+        assert engine.stats["memo_hits"] == 2
+    finally:
+        engine.close()
+    engine = Engine(params, cfg, max_batch=8)  # off by default
+    try:
+        run(engine, [Job(p1, 1)])
+        run(engine, [Job(p1, 1)])
+        assert engine.stats["memo_hits"] == 0 and engine.stats["prefill_rows"] == 2
+    finally:
+        engine.close()

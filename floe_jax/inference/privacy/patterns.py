@@ -33,7 +33,7 @@ import phonenumbers
 import regex
 
 from floe_jax.inference.privacy.normalize import normalize
-from floe_jax.inference.privacy.span import MEMO_TEXTS, PENDING_WINDOW, Span, merge_spans
+from floe_jax.inference.privacy.span import MEMO, PENDING_WINDOW, Span, merge_spans
 
 PATTERN_TYPES = ("email", "card", "iban", "ssn", "ipv6", "ipv4", "phone", "address")
 
@@ -220,10 +220,14 @@ class PatternDetector:
         self.region = region
 
     def find(self, text: str) -> list[Span]:
-        return list(_find(self.types, self.region, text))
+        types, region = self.types, self.region
+        key = ("patterns.find", types, region, text)
+        return list(MEMO.get_or(key, lambda: _find(types, region, text), len(text)))
 
     def pending(self, text: str) -> int:
-        return _pending(self.types, text)
+        types = self.types
+        key = ("patterns.pending", types, text)
+        return MEMO.get_or(key, lambda: _pending(types, text), len(text))
 
 
 def _phones(norm: str, region: str) -> list[tuple[int, int]]:
@@ -240,9 +244,8 @@ def _phones(norm: str, region: str) -> list[tuple[int, int]]:
     return out
 
 
-# `find` and `pending` are pure functions of the configuration and the text, memoised (see
-# `MEMO_TEXTS`).
-@functools.lru_cache(maxsize=MEMO_TEXTS)
+# `find` and `pending` are pure functions of the configuration and the text, memoised
+# (`span.MEMO`).
 def _find(types: tuple[str, ...], region: str, text: str) -> tuple[Span, ...]:
     n = normalize(text)
     norm = n.text
@@ -274,7 +277,6 @@ def _find(types: tuple[str, ...], region: str, text: str) -> tuple[Span, ...]:
     return tuple(merge_spans(spans))
 
 
-@functools.lru_cache(maxsize=MEMO_TEXTS)
 def _pending(types: tuple[str, ...], text: str) -> int:
     n = normalize(text)
     norm = n.text

@@ -22,6 +22,7 @@ decided.
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import threading
 from collections.abc import Iterable
@@ -31,7 +32,7 @@ import regex
 
 from floe_jax.inference.privacy.normalize import normalize
 from floe_jax.inference.privacy.patterns import grow_number
-from floe_jax.inference.privacy.span import MEMO_TEXTS, PENDING_WINDOW, Span, merge_spans
+from floe_jax.inference.privacy.span import MEMO, PENDING_WINDOW, Span, merge_spans
 
 _STREET_ABBR = {
     "street": "st",
@@ -160,7 +161,9 @@ class RegisteredDetector:
         self.region = region
         self._lock = threading.Lock()
         self._values: dict[str, str] = {}
-        self._patterns: tuple[tuple[str, regex.Pattern], ...] = ()
+        # (fingerprint, compiled patterns), replaced whole by `register`: the fingerprint is
+        # the patterns' memo key (`span.MEMO`)
+        self._patterns: tuple[bytes, tuple[tuple[str, regex.Pattern], ...]] = (b"", ())
         self.register(values)
 
     @property
@@ -177,21 +180,21 @@ class RegisteredDetector:
             by_kind: dict[str, list[str]] = {}
             for v, kind in self._values.items():
                 by_kind.setdefault(kind, []).append(_value_pattern(kind, v, self.region))
-            self._patterns = tuple(
-                (kind, _compiled(kind, tuple(pats))) for kind, pats in by_kind.items()
-            )
+            patterns = tuple((kind, _compiled(kind, tuple(pats))) for kind, pats in by_kind.items())
+            sources = "\0".join(f"{kind}\0{pat.pattern}" for kind, pat in patterns)
+            self._patterns = (hashlib.blake2b(sources.encode(), digest_size=16).digest(), patterns)
 
     def find(self, text: str) -> list[Span]:
-        return list(_find(self._patterns, text))
+        config, patterns = self._patterns
+        key = ("registered.find", config, text)
+        return list(MEMO.get_or(key, lambda: _find(patterns, text), len(text)))
 
     def pending(self, text: str) -> int:
-        return _pending(self._patterns, text)
+        config, patterns = self._patterns
+        key = ("registered.pending", config, text)
+        return MEMO.get_or(key, lambda: _pending(patterns, text), len(text))
 
 
-# `find` and `pending` are pure functions of the compiled patterns and the text, memoised: fused
-# decoding screens the same prefix texts again and again (each compared method, and each rerun
-# of a query, screens the prompt and the prefixes its answers share).
-@functools.lru_cache(maxsize=MEMO_TEXTS)
 def _find(patterns: tuple[tuple[str, regex.Pattern], ...], text: str) -> tuple[Span, ...]:
     n = normalize(text)
     spans = []
@@ -207,7 +210,6 @@ def _find(patterns: tuple[tuple[str, regex.Pattern], ...], text: str) -> tuple[S
     return tuple(merge_spans(spans, text))
 
 
-@functools.lru_cache(maxsize=MEMO_TEXTS)
 def _pending(patterns: tuple[tuple[str, regex.Pattern], ...], text: str) -> int:
     n = normalize(text)
     start = len(n.text)

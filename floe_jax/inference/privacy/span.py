@@ -5,14 +5,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
+from floe_jax.memo import LRUMemo
+
 # How far back from the end of a text (in normalised characters) a detector looks for a span that
 # is still being written: longer than any phone, address or (even spelt-out) email address.
 PENDING_WINDOW = 256
-
-# Texts whose detector results are memoised (per detector configuration, least recently used
-# dropped): a text is screened once per request that carries it, and fused decoding sends the
-# same prompts and prefixes many times (`RegisteredDetector`, `PatternDetector`).
-MEMO_TEXTS = 1 << 14
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,3 +37,8 @@ def merge_spans(spans: Iterable[Span], text: str | None = None) -> list[Span]:
             continue
         out.append(s)
     return out
+
+
+# Detector results memoised by (configuration, text), up to this many characters of texts (see
+# `floe_jax.memo`); keys hold no compiled pattern: a configuration is a short fingerprint.
+MEMO = LRUMemo(max_size=1 << 24)

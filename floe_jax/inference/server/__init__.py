@@ -148,7 +148,8 @@ def serve_cloud(
         warm_up = WarmUp(max_prompt=config.warm_up_prompt_tokens,
                          max_tokens=config.default_max_tokens)  # fmt: skip
     engine = Engine(params, cfg, lora=lora, max_batch=config.max_batch,
-                    max_queue=config.max_queue, warm_up=warm_up)  # fmt: skip
+                    max_queue=config.max_queue, warm_up=warm_up,
+                    memo_bytes=config.memo_mib << 20)  # fmt: skip
     cloud = CloudApp(engine, tokens, config, on_prompt=on_prompt)
     uv = uvicorn.Config(
         build_app(cloud), http=_protocol(config.header_timeout_s), loop="auto",

@@ -40,6 +40,9 @@ class ServeConfig:
         this many tokens.
       poll_s: how often a request waiting for its choices checks that its client is still there
         (a client that went away cancels its choices).
+      memo_mib: MiB of one-token answers' log-probs memoised by prompt ids (`Engine`'s
+        `memo_bytes`; 0: off, the default). For a client that asks for the same prompts' next
+        token again and again (fused decoding's evaluations); not for timing the model.
     """
 
     model_name: str = "floe-cloud"
@@ -62,9 +65,10 @@ class ServeConfig:
     poll_s: float = 0.25
     warm_up: bool = False
     warm_up_prompt_tokens: int = 128
+    memo_mib: int = 0
 
     def __post_init__(self):
-        for name in ("max_logprobs",):
+        for name in ("max_logprobs", "memo_mib"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ServeConfig.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_tokens_limit", "default_max_tokens", "max_body_bytes",
