@@ -31,6 +31,11 @@ class LRUMemo:
     def __len__(self) -> int:
         return len(self._items)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.size = 0
+
     def get(self, key: Hashable, default=None):
         with self._lock:
             value = self._items.get(key, _MISSING)
@@ -54,7 +59,8 @@ class LRUMemo:
                 self.size -= dropped
 
     def get_or(self, key: Hashable, compute: Callable[[], object], size: int):
-        """The value under `key`, else `compute()`, stored with `size`."""
+        """The value under `key`, else `compute()`, stored with `size`. `compute` runs outside
+        the lock: threads missing the same key at once may each compute it (pure results)."""
         value = self.get(key, _MISSING)
         if value is _MISSING:
             value = compute()

@@ -16,6 +16,7 @@ from floe_jax.inference.privacy import (
     iban_ok,
     luhn_ok,
 )
+from floe_jax.inference.privacy.span import MEMO
 from floe_jax.memo import LRUMemo
 
 NAMES = ["Alice Moreau", "Bogdan", "Chen Wei", "Dolores O'Neil", "Émile"]
@@ -121,18 +122,26 @@ def test_policies():
 
 
 def test_memoised_results_follow_the_detector_and_its_terms():
-    """`find`/`pending` are memoised per (configuration, text): a text screened before is
-    judged again by whatever detector screens it now, with the terms it holds now."""
+    """`PrivacyDetector(memo=True)`: answers are memoised per (configuration, text), so a text
+    screened before is judged again by whatever detector screens it now, with the terms it holds
+    now; a detector without `memo` leaves the memo alone."""
     text = "Tell Mira Okafor to call 555-0142 and write mo@corp-x.org; Oka"
-    bare, client = PrivacyDetector(), PrivacyDetector(terms=["Mira Okafor"])
-    phones = PrivacyDetector(PrivacyPolicy(types=("phone",)))
-    for _ in range(2):  # the second round is served from the memo: the same answers
+    MEMO.clear()
+    PrivacyDetector(terms=["Mira Okafor"]).find(text)
+    assert len(MEMO) == 0
+    bare, client = PrivacyDetector(memo=True), PrivacyDetector(terms=["Mira Okafor"], memo=True)
+    phones = PrivacyDetector(PrivacyPolicy(types=("phone",)), memo=True)
+    for round_ in range(2):  # the second round is served from the memo: the same answers
         assert [s.kind for s in bare.find(text)] == ["phone", "email"]
         assert [s.kind for s in client.find(text)] == ["term", "phone", "email"]
         assert [s.kind for s in phones.find(text)] == ["phone"]
         assert bare.pending(text) == 0 and client.pending(text) == len("Oka")
-    client.find(text).clear()  # a caller's list is its own
-    assert len(client.find(text)) == 3
+        if round_ == 0:
+            stored = len(MEMO)
+    assert len(MEMO) == stored > 0
+    client.patterns.find(text).clear()  # a caller's list is its own, not the memo's
+    client.registered.find(text).clear()
+    assert [s.kind for s in client.find(text)] == ["term", "phone", "email"]
     bare.register_terms(["Mira Okafor"])  # new terms: judged afresh, not from the memo
     assert [s.kind for s in bare.find(text)] == ["term", "phone", "email"]
     assert bare.pending(text) == len("Oka")
@@ -150,6 +159,8 @@ def test_lru_memo_is_bounded_by_size():
     assert calls[-1] == "efgh"  # dropped, computed again
     memo.put("big", 0, size=11)  # larger than the whole memo: not stored, nothing dropped
     assert memo.get("big") is None and len(memo) == 2
+    memo.clear()
+    assert memo.size == 0 and memo.get("ijkl") is None
 
 
 class _Echo:

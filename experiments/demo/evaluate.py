@@ -76,11 +76,12 @@ def detector(preset, bench, client: int, action: str, *, cloud_decides: bool = F
     own private strings registered (its contacts' names, phones and emails: names no pattern can
     find; phones and emails are matched even where their pattern would not be). For a method
     where the cloud decides every token (`cloud_decides`: w = 0), a span under way is redacted,
-    not left to the edge (`pending="edge"` would hand those tokens to the edge)."""
+    not left to the edge (`pending="edge"` would hand those tokens to the edge). Answers are
+    memoised (`PrivacyDetector(memo=True)`): every method screens the same prompts and prefixes."""
     policy = dataclasses.replace(preset.eval.policy, action=action)
     if cloud_decides and policy.pending == "edge":
         policy = dataclasses.replace(policy, pending="redact")
-    det = PrivacyDetector(policy)
+    det = PrivacyDetector(policy, memo=True)
     det.register_terms(bench.private_terms(client))
     return det
 

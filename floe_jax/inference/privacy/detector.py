@@ -46,7 +46,7 @@ from typing import Protocol, runtime_checkable
 from floe_jax.config import ConfigError
 from floe_jax.inference.privacy.patterns import PATTERN_TYPES, PatternDetector
 from floe_jax.inference.privacy.registry import RegisteredDetector
-from floe_jax.inference.privacy.span import Span, merge_spans
+from floe_jax.inference.privacy.span import MEMO, Span, merge_spans
 
 ACTIONS = ("allow", "redact", "edge_only")
 INCOMPLETE = "\ufffd"  # what a tokenizer decodes an incomplete UTF-8 sequence to
@@ -131,6 +131,11 @@ class PrivacyDetector:
       policy: the policy.
       terms: registered private values (names, phones, emails, addresses).
       detectors: further `Detector`s (an NER model) consulted beside the built-in ones.
+      memo: memoise the built-in detectors' answers by (their configuration, the text) in the
+        process-wide `span.MEMO` (bounded): for a caller that screens the same texts again and
+        again, as an evaluation of many methods on the same prompts does. Off by default: a
+        deployment screens each prefix once, and a benchmark that repeats a request must time
+        the screening, not a memo.
     """
 
     def __init__(
@@ -139,12 +144,14 @@ class PrivacyDetector:
         terms: Iterable[str] = (),
         *,
         detectors: Sequence[Detector] = (),
+        memo: bool = False,
     ):
         self.policy = policy
+        store = MEMO if memo else None
         self.patterns = PatternDetector(
-            [t for t in PATTERN_TYPES if t in policy.types], region=policy.region
+            [t for t in PATTERN_TYPES if t in policy.types], region=policy.region, memo=store
         )
-        self.registered = RegisteredDetector(region=policy.region)
+        self.registered = RegisteredDetector(region=policy.region, memo=store)
         for d in detectors:
             if not isinstance(d, Detector):
                 raise TypeError(f"{d!r} has no find(text) and pending(text)")

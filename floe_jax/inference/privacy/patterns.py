@@ -33,7 +33,7 @@ import phonenumbers
 import regex
 
 from floe_jax.inference.privacy.normalize import normalize
-from floe_jax.inference.privacy.span import MEMO, PENDING_WINDOW, Span, merge_spans
+from floe_jax.inference.privacy.span import PENDING_WINDOW, Span, memoised, merge_spans
 
 PATTERN_TYPES = ("email", "card", "iban", "ssn", "ipv6", "ipv4", "phone", "address")
 
@@ -210,24 +210,25 @@ class PatternDetector:
     Args:
       types: which of `PATTERN_TYPES` to look for.
       region: default region for numbers written without a country code (ISO 3166 alpha-2).
+      memo: where to memoise answers (`PrivacyDetector(memo=True)`); None: nowhere.
     """
 
-    def __init__(self, types=PATTERN_TYPES, *, region: str = "US"):
+    def __init__(self, types=PATTERN_TYPES, *, region: str = "US", memo=None):
         unknown = set(types) - set(PATTERN_TYPES)
         if unknown:
             raise ValueError(f"PatternDetector: unknown types {sorted(unknown)}")
         self.types = tuple(types)
-        self.region = region
+        self.region, self.memo = region, memo
 
     def find(self, text: str) -> list[Span]:
         types, region = self.types, self.region
         key = ("patterns.find", types, region, text)
-        return list(MEMO.get_or(key, lambda: _find(types, region, text), len(text)))
+        return list(memoised(self.memo, key, lambda: _find(types, region, text), text))
 
     def pending(self, text: str) -> int:
         types = self.types
         key = ("patterns.pending", types, text)
-        return MEMO.get_or(key, lambda: _pending(types, text), len(text))
+        return memoised(self.memo, key, lambda: _pending(types, text), text)
 
 
 def _phones(norm: str, region: str) -> list[tuple[int, int]]:
@@ -244,8 +245,8 @@ def _phones(norm: str, region: str) -> list[tuple[int, int]]:
     return out
 
 
-# `find` and `pending` are pure functions of the configuration and the text, memoised
-# (`span.MEMO`).
+# `find` and `pending` are pure functions of the configuration and the text (so they can be
+# memoised: `span.memoised`).
 def _find(types: tuple[str, ...], region: str, text: str) -> tuple[Span, ...]:
     n = normalize(text)
     norm = n.text

@@ -32,7 +32,7 @@ import regex
 
 from floe_jax.inference.privacy.normalize import normalize
 from floe_jax.inference.privacy.patterns import grow_number
-from floe_jax.inference.privacy.span import MEMO, PENDING_WINDOW, Span, merge_spans
+from floe_jax.inference.privacy.span import PENDING_WINDOW, Span, memoised, merge_spans
 
 _STREET_ABBR = {
     "street": "st",
@@ -155,14 +155,15 @@ def _compiled(kind: str, alternatives: tuple[str, ...]) -> regex.Pattern:
 
 
 class RegisteredDetector:
-    """Matches client-registered values in their common variants; implements `Detector`."""
+    """Matches client-registered values in their common variants; implements `Detector`.
+    `memo`: where to memoise answers (`PrivacyDetector(memo=True)`); None: nowhere."""
 
-    def __init__(self, values: Iterable[str] = (), *, region: str = "US"):
-        self.region = region
+    def __init__(self, values: Iterable[str] = (), *, region: str = "US", memo=None):
+        self.region, self.memo = region, memo
         self._lock = threading.Lock()
         self._values: dict[str, str] = {}
         # (fingerprint, compiled patterns), replaced whole by `register`: the fingerprint is
-        # the patterns' memo key (`span.MEMO`)
+        # the patterns' memo key (`span.memoised`)
         self._patterns: tuple[bytes, tuple[tuple[str, regex.Pattern], ...]] = (b"", ())
         self.register(values)
 
@@ -181,18 +182,18 @@ class RegisteredDetector:
             for v, kind in self._values.items():
                 by_kind.setdefault(kind, []).append(_value_pattern(kind, v, self.region))
             patterns = tuple((kind, _compiled(kind, tuple(pats))) for kind, pats in by_kind.items())
-            sources = "\0".join(f"{kind}\0{pat.pattern}" for kind, pat in patterns)
-            self._patterns = (hashlib.blake2b(sources.encode(), digest_size=16).digest(), patterns)
+            sources = repr(tuple((kind, pat.pattern) for kind, pat in patterns)).encode()
+            self._patterns = (hashlib.blake2b(sources, digest_size=16).digest(), patterns)
 
     def find(self, text: str) -> list[Span]:
         config, patterns = self._patterns
         key = ("registered.find", config, text)
-        return list(MEMO.get_or(key, lambda: _find(patterns, text), len(text)))
+        return list(memoised(self.memo, key, lambda: _find(patterns, text), text))
 
     def pending(self, text: str) -> int:
         config, patterns = self._patterns
         key = ("registered.pending", config, text)
-        return MEMO.get_or(key, lambda: _pending(patterns, text), len(text))
+        return memoised(self.memo, key, lambda: _pending(patterns, text), text)
 
 
 def _find(patterns: tuple[tuple[str, regex.Pattern], ...], text: str) -> tuple[Span, ...]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from floe_jax.memo import LRUMemo
 
@@ -39,6 +39,15 @@ def merge_spans(spans: Iterable[Span], text: str | None = None) -> list[Span]:
     return out
 
 
-# Detector results memoised by (configuration, text), up to this many characters of texts (see
-# `floe_jax.memo`); keys hold no compiled pattern: a configuration is a short fingerprint.
+# The built-in detectors' answers of a `PrivacyDetector(memo=True)`, by (detector configuration,
+# text), up to 16 M (characters of a text + `MEMO_ENTRY` per answer); keys hold no compiled
+# pattern (`RegisteredDetector` keys by a fingerprint of its patterns).
 MEMO = LRUMemo(max_size=1 << 24)
+MEMO_ENTRY = 256  # an answer's own bookkeeping (key, value, memo node), beside its text
+
+
+def memoised(memo: LRUMemo | None, key, compute: Callable[[], object], text: str):
+    """`compute()`, through `memo` under `key` (which holds `text`) when there is one."""
+    if memo is None:
+        return compute()
+    return memo.get_or(key, compute, len(text) + MEMO_ENTRY)

@@ -80,6 +80,10 @@ def prompt_buckets(context: int) -> tuple[int, ...]:
     return tuple(b for b in DEFAULT_BUCKETS if b < context) + (context,)
 
 
+def _memo_key(prompt: Sequence[int]) -> bytes:
+    return np.asarray(prompt, np.int32).tobytes()
+
+
 @jax.jit
 def _log_softmax(logits_BV):
     return jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
@@ -147,9 +151,10 @@ class Engine:
       pad_id: filler id for padded prompt slots and free rows.
       warm_up: compile these shapes on the thread before serving (jobs submitted meanwhile wait
         in the queue); None compiles on first use.
-      memo_bytes: memoise the next-token log-probs of up to this many bytes of prompts (0: off):
-        a one-token job (`max_tokens` 1, no prompt log-probs) whose prompt ids were prefilled
-        before is answered from the memo, without a prefill (it still chooses its own token).
+      memo_bytes: memoise next-token log-probs rows by prompt ids, up to this many bytes (a
+        row's float32 log-probs and its ids; 0: off): a one-token job (`max_tokens` 1, no prompt
+        log-probs) whose prompt ids were prefilled before is answered from the memo, without a
+        prefill (it still chooses its own token: temperature, seed, stops).
         Fused decoding asks for the same prefixes again and again: every compared method and
         every rerun of a query. Off by default: a benchmark that repeats a request to time the
         model must not be answered from a memo. A memoised row can differ from a new prefill
@@ -350,10 +355,11 @@ class Engine:
         return job.max_tokens == 1 and not getattr(job, "wants_prompt", False)
 
     def _from_memo(self, job: Job) -> bool:
-        """Answers a one-token job from the memo; False when its prompt is not memoised."""
+        """Answers a one-token job from the memo; False for a job that is not one (or asks for
+        its prompt's log-probs) or whose prompt is not memoised."""
         if not self._memoisable(job):
             return False
-        lp_V = self._memo.get(tuple(job.prompt))
+        lp_V = self._memo.get(_memo_key(job.prompt))
         if lp_V is None:
             return False
         self.stats["memo_hits"] += 1
@@ -382,7 +388,8 @@ class Engine:
                     if self._memoisable(j):
                         row = lp_BV[b].copy()  # its own buffer, not a view of the batch's
                         row.flags.writeable = False
-                        self._memo.put(tuple(j.prompt), row, row.nbytes + 8 * len(j.prompt))
+                        key = _memo_key(j.prompt)
+                        self._memo.put(key, row, row.nbytes + len(key))
             return state, lp_BV
         lp_BPV = np.asarray(out)
         for b, j in enumerate(jobs):
