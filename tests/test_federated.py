@@ -630,3 +630,34 @@ def test_clustering_by_updates_recovers_planted_tasks(tiny_cfg, tiny_params, tmp
     sim = np.asarray(saved["similarity"])
     same = np.equal.outer(tasks, tasks) & ~np.eye(6, dtype=bool)
     assert sim[same].min() > sim[~np.equal.outer(tasks, tasks)].max() - 0.05
+
+
+def test_flexlora_rounds_take_the_live_rank_bound_and_the_same_update(tiny_cfg, tiny_params):
+    """`rounds.round_config`: FlexLoRA without `total_rank` gets the largest rank sum of a
+    round's clients, and a round with it computes the padded round's ΔW (live columns only)."""
+    data = client_data(_client_examples(tiny_cfg.vocab_size, n_clients=4))
+    ranks = [2, 4, 8, 8]
+    fed = dataclasses.replace(
+        ROUND_FED, agg=AggregationConfig(method="flexlora"), clients_per_round=3
+    )
+    live = rounds.round_config(fed, ranks)
+    assert live.agg.total_rank == 8 + 8 + 4
+    given = dataclasses.replace(fed, agg=dataclasses.replace(fed.agg, total_rank=30))
+    assert rounds.round_config(given, ranks) is given
+    assert rounds.round_config(ROUND_FED, ranks) is ROUND_FED  # not FlexLoRA
+    out = {}
+    for name, f in (("padded", fed), ("live", live)):
+        state = init_server_state(tiny_cfg, fed, ranks=ranks)
+        out[name], m = round_step(state, tiny_params, data, cfg=tiny_cfg, fed=f)
+        assert int(m["included"].sum()) == 3
+    for mod in ("q_proj", "v_proj"):
+        dw = {
+            name: np.einsum(
+                "klir,klro->klio",
+                np.asarray(s.global_loras.a[mod]),
+                np.asarray(s.global_loras.b[mod]),
+            )  # fmt: skip
+            for name, s in out.items()
+        }
+        assert np.abs(dw["padded"]).max() > 0
+        np.testing.assert_allclose(dw["live"], dw["padded"], rtol=1e-4, atol=1e-6)

@@ -45,7 +45,9 @@ from experiments.benchmarks._util import block, machine, print_table, timeit, ti
 from floe_jax.config import LORA_TARGETS, LoRAConfig, ModelConfig
 from floe_jax.federated import aggregate as agg
 from floe_jax.federated.client import make_optimizer, optimized_factors, train_step
+from floe_jax.federated.config import AggregationConfig, FedConfig
 from floe_jax.federated.linalg import lapack_threads
+from floe_jax.federated.rounds import round_config
 from floe_jax.lora import LoRA, delta_weight, init_lora
 from floe_jax.model import init_params
 
@@ -287,9 +289,14 @@ def run(quick: bool = False, clients: int | None = None, round_path_only: bool =
 
     averaging = ("fedit", "hetlora", "ffa", "fedsa")
     cases = [(m, m, {}) for m in (*averaging, "flora", "fedex")]
+    # FlexLoRA as a round runs it (`rounds.round_config`: the live-rank bound of the round's
+    # clients), and padded to C x R columns (no `total_rank`)
+    bound = round_config(
+        FedConfig(agg=AggregationConfig(method="flexlora"), clients_per_round=clients), ranks
+    ).agg.total_rank
     cases += [
-        ("flexlora", "flexlora", {}),
-        ("flexlora total_rank", "flexlora", {"total_rank": int(ranks.sum())}),
+        ("flexlora", "flexlora", {"total_rank": bound}),
+        ("flexlora, padded", "flexlora", {}),
     ]
     for name, method, options in [] if round_path_only else cases:
         fn, written = program(method, lora, **options)
@@ -357,7 +364,7 @@ def run(quick: bool = False, clients: int | None = None, round_path_only: bool =
         print(rows[-1], flush=True)  # fmt: skip
     sub = jax.tree.map(lambda x: x[:, :cmp_layers] if x.ndim > 2 else x, lora)
     sub = block(jax.tree.map(jnp.copy, sub))
-    flex_fn, _ = program("flexlora", sub)
+    flex_fn, _ = program("flexlora", sub, total_rank=bound)
     flex_fn()
     ref = {}
     np_flex = lambda: ref.update(numpy_flexlora(sub, weights, ranks))
@@ -366,7 +373,9 @@ def run(quick: bool = False, clients: int | None = None, round_path_only: bool =
     rows.append({"rule": f"flexlora ({cmp_layers} layers), interleaved", "floe_jax_s": t_jax,
                  "numpy_s": t_np, "speedup": t_np / t_jax})  # fmt: skip
     print(rows[-1], flush=True)
-    out = agg.aggregate_jit("flexlora", (), None, 1, ((),), sub, w, r, labels, key)
+    out = agg.aggregate_jit(
+        "flexlora", (("total_rank", bound),), None, 1, ((),), sub, w, r, labels, key
+    )
     ours = out[0].client_loras
     err = 0.0  # each client's s_k A_k B_k, layer 0, every module (singular vectors may flip sign)
     for m in LORA_TARGETS:

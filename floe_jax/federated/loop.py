@@ -38,6 +38,7 @@ from floe_jax.federated.dp import host_metrics as dp_host_metrics
 from floe_jax.federated.rounds import (
     ServerState,
     init_server_state,
+    round_config,
     run_round,
     tensor_names,
 )
@@ -218,6 +219,7 @@ def train_federated(
     state = sharding.together(
         "floe_jax:resume_or_start", lambda: resume_or_start(run_dir, state, digest, fed)
     )
+    program_fed = round_config(fed, ranks)  # the run's own `fed` keys its folder and checkpoints
     step, in_mesh = run_round, contextlib.nullcontext
     if mesh is not None:
         state, params, data, eval_data = sharding.place_round_inputs(
@@ -264,7 +266,7 @@ def train_federated(
     for r in bar:
         t0 = time.perf_counter()
         with in_mesh():
-            state, m = step(state, params, data, eval_data, cfg=cfg, fed=fed)
+            state, m = step(state, params, data, eval_data, cfg=cfg, fed=program_fed)
         if pending is not None:
             emit(*pending)
             pending = None

@@ -83,6 +83,18 @@ def init_global_loras(cfg: ModelConfig, fed: FedConfig, num_clusters: int = 1) -
     return jax.tree.map(lambda *xs: jnp.stack(xs), *globs)
 
 
+def round_config(fed: FedConfig, ranks) -> FedConfig:
+    """`fed` as the round program takes it, given every client's rank: FlexLoRA with no
+    `total_rank` gets the largest sum of ranks that the `clients_per_round` clients of a round
+    can have, so its SVD works on live columns only (`rules.flexlora`: the same ΔW, whose padded
+    columns are zeros, at a fraction of the FLOPs when ranks are heterogeneous; the floats may
+    differ in their last bits). Other configs come back as they are."""
+    if fed.agg.method != "flexlora" or fed.agg.total_rank is not None:
+        return fed
+    top = np.sort(np.asarray(ranks, np.int64))[::-1][: fed.clients_per_round]
+    return dataclasses.replace(fed, agg=dataclasses.replace(fed.agg, total_rank=int(top.sum())))
+
+
 def init_server_state(
     cfg: ModelConfig, fed: FedConfig, *, ranks, assignment=None, num_clusters: int = 1
 ) -> ServerState:

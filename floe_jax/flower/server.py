@@ -42,6 +42,7 @@ from floe_jax.federated.rounds import (
     finish_round,
     init_server_state,
     plan_round,
+    round_config,
     tensor_names,
 )
 from floe_jax.flower.client import (
@@ -258,7 +259,9 @@ class FloeServer:
             )  # fmt: skip
             metrics = [got[int(ids[c])].content.metric_records["metrics"] for c in rows]
             cm = {k: jnp.asarray([m[k] for m in metrics], jnp.float32) for k in CLIENT_METRICS}
-            new_state, m = _finish(state, plan.take(rows), trained, cm, cfg=self.cfg, fed=fed)
+            program_fed = round_config(fed, np.asarray(state.ranks))  # as `train_federated`'s
+            new_state, m = _finish(state, plan.take(rows), trained, cm, cfg=self.cfg,
+                                   fed=program_fed)  # fmt: skip
             m = jax.device_get(m)
             row = loop.round_row(m, self.names, fed, 0.0, num_clients=N)
             row["wire_bytes_up"] = float(sum(nbytes(a) for a in received))
