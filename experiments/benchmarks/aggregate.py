@@ -6,7 +6,9 @@ head dim 64), LoRA on all seven projections, 64 clients with ranks cycling 4/8/1
 R = 32, random factors with nonzero B (~4.5 GB float32). The NumPy competitor does what public
 FlexLoRA code does: loop over layers and modules, form each full ΔW = Σ p_k s_k A_k B_k from the
 true-rank factors, take the dense `np.linalg.svd`, and slice each client's rank out of it.
-`quick=True` runs 1 layer and 4 clients (one per rank).
+`quick=True` runs 1 layer and 4 clients (one per rank). `flexlora` is the program a round runs
+(`rounds.round_config`: `total_rank` is the live-rank bound of the round's clients, K = 960 at 64
+clients), `flexlora, padded` the same rule over all C x R columns (K = 2048).
 
 Bounds, measured in the same run on the same machine: a rule must read the clients' factors
 (`bytes_read`) and write its result (`bytes_written`, every leaf of the jitted call's output);
@@ -291,11 +293,11 @@ def run(quick: bool = False, clients: int | None = None, round_path_only: bool =
     cases = [(m, m, {}) for m in (*averaging, "flora", "fedex")]
     # FlexLoRA as a round runs it (`rounds.round_config`: the live-rank bound of the round's
     # clients), and padded to C x R columns (no `total_rank`)
-    bound = round_config(
+    flex_k = round_config(
         FedConfig(agg=AggregationConfig(method="flexlora"), clients_per_round=clients), ranks
     ).agg.total_rank
     cases += [
-        ("flexlora", "flexlora", {"total_rank": bound}),
+        ("flexlora", "flexlora", {"total_rank": flex_k}),
         ("flexlora, padded", "flexlora", {}),
     ]
     for name, method, options in [] if round_path_only else cases:
@@ -364,7 +366,7 @@ def run(quick: bool = False, clients: int | None = None, round_path_only: bool =
         print(rows[-1], flush=True)  # fmt: skip
     sub = jax.tree.map(lambda x: x[:, :cmp_layers] if x.ndim > 2 else x, lora)
     sub = block(jax.tree.map(jnp.copy, sub))
-    flex_fn, _ = program("flexlora", sub, total_rank=bound)
+    flex_fn, _ = program("flexlora", sub, total_rank=flex_k)
     flex_fn()
     ref = {}
     np_flex = lambda: ref.update(numpy_flexlora(sub, weights, ranks))
@@ -374,7 +376,7 @@ def run(quick: bool = False, clients: int | None = None, round_path_only: bool =
                  "numpy_s": t_np, "speedup": t_np / t_jax})  # fmt: skip
     print(rows[-1], flush=True)
     out = agg.aggregate_jit(
-        "flexlora", (("total_rank", bound),), None, 1, ((),), sub, w, r, labels, key
+        "flexlora", (("total_rank", flex_k),), None, 1, ((),), sub, w, r, labels, key
     )
     ours = out[0].client_loras
     err = 0.0  # each client's s_k A_k B_k, layer 0, every module (singular vectors may flip sign)
