@@ -644,13 +644,16 @@ def test_flexlora_rounds_take_the_live_rank_bound_and_the_same_update(tiny_cfg, 
     assert live.agg.total_rank == 8 + 8 + 4
     given = dataclasses.replace(fed, agg=dataclasses.replace(fed.agg, total_rank=30))
     assert rounds.round_config(given, ranks) is given
+    short = dataclasses.replace(fed, agg=dataclasses.replace(fed.agg, total_rank=19))
+    with pytest.raises(ConfigError, match="total_rank=19 is below 20"):
+        rounds.round_config(short, ranks)  # a round would drop live columns
     assert rounds.round_config(ROUND_FED, ranks) is ROUND_FED  # not FlexLoRA
     out = {}
     for name, f in (("padded", fed), ("live", live)):
         state = init_server_state(tiny_cfg, fed, ranks=ranks)
         out[name], m = round_step(state, tiny_params, data, cfg=tiny_cfg, fed=f)
         assert int(m["included"].sum()) == 3
-    for mod in ("q_proj", "v_proj"):
+    for mod in out["live"].global_loras.a:  # every adapted module, square or not
         dw = {
             name: np.einsum(
                 "klir,klro->klio",

@@ -6,9 +6,9 @@ head dim 64), LoRA on all seven projections, 64 clients with ranks cycling 4/8/1
 R = 32, random factors with nonzero B (~4.5 GB float32). The NumPy competitor does what public
 FlexLoRA code does: loop over layers and modules, form each full ΔW = Σ p_k s_k A_k B_k from the
 true-rank factors, take the dense `np.linalg.svd`, and slice each client's rank out of it.
-`quick=True` runs 1 layer and 4 clients (one per rank). `flexlora` is the program a round runs
-(`rounds.round_config`: `total_rank` is the live-rank bound of the round's clients, K = 960 at 64
-clients), `flexlora, padded` the same rule over all C x R columns (K = 2048).
+`quick=True` runs 1 layer and 4 clients (one per rank). `flexlora` takes the `total_rank` a
+federated round takes (`rounds.round_config`: the live-rank bound of the round's clients, K = 960
+at 64 clients), `flexlora, padded` the same rule over all C x R columns (K = 2048).
 
 Bounds, measured in the same run on the same machine: a rule must read the clients' factors
 (`bytes_read`) and write its result (`bytes_written`, every leaf of the jitted call's output);
@@ -291,8 +291,8 @@ def run(quick: bool = False, clients: int | None = None, round_path_only: bool =
 
     averaging = ("fedit", "hetlora", "ffa", "fedsa")
     cases = [(m, m, {}) for m in (*averaging, "flora", "fedex")]
-    # FlexLoRA as a round runs it (`rounds.round_config`: the live-rank bound of the round's
-    # clients), and padded to C x R columns (no `total_rank`)
+    # FlexLoRA with a round's `total_rank` (`rounds.round_config`: the live-rank bound of the
+    # round's clients), and padded to C x R columns (no `total_rank`)
     flex_k = round_config(
         FedConfig(agg=AggregationConfig(method="flexlora"), clients_per_round=clients), ranks
     ).agg.total_rank

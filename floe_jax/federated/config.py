@@ -40,7 +40,9 @@ class AggregationConfig:
       prune_threshold: hetlora: rank self-pruning; a client keeps the fewest leading slots whose
         discarded tail energy is at most this fraction of its total. None = no pruning.
       path: flexlora: `"auto"`, `"factored"` or `"dense"` SVD.
-      total_rank: flexlora: static bound on the sum of the aggregated clients' ranks.
+      total_rank: flexlora: static bound on the sum of the aggregated clients' ranks. None: a
+        federated run takes the largest rank sum of a round's clients (`rounds.round_config`),
+        `aggregate` the padded C x R.
     """
 
     method: str = "fedavg"

@@ -84,15 +84,25 @@ def init_global_loras(cfg: ModelConfig, fed: FedConfig, num_clusters: int = 1) -
 
 
 def round_config(fed: FedConfig, ranks) -> FedConfig:
-    """`fed` as the round program takes it, given every client's rank: FlexLoRA with no
+    """`fed` as the round program takes it (`train_federated`, the Flower server; `run_round`
+    called directly takes `fed` as given), given every client's rank: FlexLoRA with no
     `total_rank` gets the largest sum of ranks that the `clients_per_round` clients of a round
     can have, so its SVD works on live columns only (`rules.flexlora`: the same ΔW, whose padded
     columns are zeros, at a fraction of the FLOPs when ranks are heterogeneous; the floats may
-    differ in their last bits). Other configs come back as they are."""
-    if fed.agg.method != "flexlora" or fed.agg.total_rank is not None:
+    differ in their last bits). A FlexLoRA client's rank never grows during a run, so the bound
+    holds for every round. A given `total_rank` below that sum is an error (a round past it
+    would drop live columns); other configs come back as they are."""
+    if fed.agg.method != "flexlora":
         return fed
-    top = np.sort(np.asarray(ranks, np.int64))[::-1][: fed.clients_per_round]
-    return dataclasses.replace(fed, agg=dataclasses.replace(fed.agg, total_rank=int(top.sum())))
+    top = int(np.sort(np.asarray(ranks, np.int64))[::-1][: fed.clients_per_round].sum())
+    if fed.agg.total_rank is not None:
+        if fed.agg.total_rank < top:
+            raise ConfigError(
+                f"AggregationConfig.total_rank={fed.agg.total_rank} is below {top}, the largest "
+                f"sum of ranks of {fed.clients_per_round} clients of this run (clients_per_round)"
+            )
+        return fed
+    return dataclasses.replace(fed, agg=dataclasses.replace(fed.agg, total_rank=top))
 
 
 def init_server_state(

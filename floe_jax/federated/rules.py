@@ -361,7 +361,8 @@ def flexlora(*, path: str = "auto", total_rank: int | None = None) -> Rule:
     Args:
       path: `"auto"` (factored when K < min(I, O)), `"factored"` or `"dense"`.
       total_rank: static bound on Σ_k r_k (K). When given, live slots are gathered into K
-        columns first, so padding costs no flops; `aggregate` checks the bound on the host.
+        columns first, so padding costs no flops; `aggregate` checks the bound on the host, a
+        federated run sets it from its clients' ranks (`rounds.round_config`).
     """
     if path not in ("auto", "factored", "dense"):
         raise AggregationError(f"flexlora path={path!r} is not auto, factored or dense")

@@ -259,9 +259,8 @@ class FloeServer:
             )  # fmt: skip
             metrics = [got[int(ids[c])].content.metric_records["metrics"] for c in rows]
             cm = {k: jnp.asarray([m[k] for m in metrics], jnp.float32) for k in CLIENT_METRICS}
-            program_fed = round_config(fed, np.asarray(state.ranks))  # as `train_federated`'s
             new_state, m = _finish(state, plan.take(rows), trained, cm, cfg=self.cfg,
-                                   fed=program_fed)  # fmt: skip
+                                   fed=self._program_fed)  # fmt: skip
             m = jax.device_get(m)
             row = loop.round_row(m, self.names, fed, 0.0, num_clients=N)
             row["wire_bytes_up"] = float(sum(nbytes(a) for a in received))
@@ -296,6 +295,7 @@ class FloeServer:
         adapter. Returns the final server state."""
         fed = self.fed
         node_of, ranks = self._connect(grid)
+        self._program_fed = round_config(fed, ranks)  # as `train_federated`'s rounds
         fingerprint = {**self.fingerprint, "ranks": ranks.tolist()}  # the ranks the run trains
         run_folder.claim_run_dir(self.run_dir, fingerprint, restart=self.restart)
         digest = run_folder.fingerprint_digest(fingerprint)
