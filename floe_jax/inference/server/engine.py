@@ -49,9 +49,9 @@ from floe_jax.decode import (
     pad_prompts,
     prefill_jit,
 )
+from floe_jax.inference.server.prompt_memo import PromptMemo
 from floe_jax.inference.server.rows import resize_rows, splice_rows
 from floe_jax.lora import LoRA
-from floe_jax.memo import LRUMemo
 from floe_jax.model import forward, init_cache, unstack_layers
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -78,10 +78,6 @@ class Job(Protocol):
 def prompt_buckets(context: int) -> tuple[int, ...]:
     """Prompt buckets up to the model's context (the last one is the context itself)."""
     return tuple(b for b in DEFAULT_BUCKETS if b < context) + (context,)
-
-
-def _memo_key(prompt: Sequence[int]) -> bytes:
-    return np.asarray(prompt, np.int32).tobytes()
 
 
 @jax.jit
@@ -151,14 +147,11 @@ class Engine:
       pad_id: filler id for padded prompt slots and free rows.
       warm_up: compile these shapes on the thread before serving (jobs submitted meanwhile wait
         in the queue); None compiles on first use.
-      memo_bytes: memoise next-token log-probs rows by prompt ids, up to this many bytes (a
-        row's float32 log-probs and its ids; 0: off): a one-token job (`max_tokens` 1, no prompt
-        log-probs) whose prompt ids were prefilled before is answered from the memo, without a
-        prefill (it still chooses its own token: temperature, seed, stops).
-        Fused decoding asks for the same prefixes again and again: every compared method and
-        every rerun of a query. Off by default: a benchmark that repeats a request to time the
-        model must not be answered from a memo. A memoised row can differ from a new prefill
-        in the last bits where that prefill would batch the prompt with other rows.
+      memo_bytes: answer one-token jobs whose prompt was prefilled before from a memo of up to
+        this many bytes (`prompt_memo.PromptMemo`; 0: off). Off by default: a benchmark that
+        repeats a request to time the model must not be answered from a memo. A memoised row
+        can differ from a new prefill in the last bits where that prefill would batch the
+        prompt with other rows.
       start: start the thread now (else call `start()`).
     """
 
@@ -197,7 +190,7 @@ class Engine:
         self._warm_up = warm_up
         self.warm_up_error: str | None = None
         self.warming = warm_up is not None  # True until `warm_up` has compiled its shapes
-        self._memo = LRUMemo(memo_bytes) if memo_bytes else None
+        self._memo = PromptMemo(memo_bytes) if memo_bytes else None
         self._thread = threading.Thread(target=self._run, name="floe-serve-engine", daemon=True)
         if start:
             self.start()
@@ -326,9 +319,11 @@ class Engine:
         past the cohort's free rows go back to the front of the queue. One-token jobs whose
         prompt is memoised are answered first (`memo_bytes`)."""
         if self._memo is not None:
-            jobs = [j for j in jobs if not self._from_memo(j)]
-            if not jobs:
+            left = [j for j in jobs if not self._memo.answer(j)]
+            self.stats["memo_hits"] += len(jobs) - len(left)
+            if not left:
                 return
+            jobs = left
         P = bucket_length(len(jobs[0].prompt), self.buckets)
         need = max(j.max_tokens for j in jobs) - 1  # steps after the prefill's token
         fits = [
@@ -350,25 +345,6 @@ class Engine:
             return
         self._prefill(jobs, bucket_length(max(need, 1), HEADROOM_BUCKETS))
 
-    @staticmethod
-    def _memoisable(job: Job) -> bool:
-        return job.max_tokens == 1 and not getattr(job, "wants_prompt", False)
-
-    def _from_memo(self, job: Job) -> bool:
-        """Answers a one-token job from the memo; False for a job that is not one (or asks for
-        its prompt's log-probs) or whose prompt is not memoised."""
-        if not self._memoisable(job):
-            return False
-        lp_V = self._memo.get(_memo_key(job.prompt))
-        if lp_V is None:
-            return False
-        self.stats["memo_hits"] += 1
-        try:
-            job.on_logprobs(lp_V)  # its one token: the job ends whatever it returns
-        except Exception as e:  # noqa: BLE001
-            job.on_error(f"{type(e).__name__}: {e}")
-        return True
-
     def _prefill_rows(self, jobs: list[Job], headroom: int):
         """One prefill of `jobs` padded to a batch bucket: (state, log-probs [B, V] of each
         row's first new token); prompt log-probs go to the jobs that want them."""
@@ -384,12 +360,7 @@ class Engine:
         if not scored:
             lp_BV = np.asarray(_log_softmax(out))
             if self._memo is not None:
-                for b, j in enumerate(jobs):
-                    if self._memoisable(j):
-                        row = lp_BV[b].copy()  # its own buffer, not a view of the batch's
-                        row.flags.writeable = False
-                        key = _memo_key(j.prompt)
-                        self._memo.put(key, row, row.nbytes + len(key))
+                self._memo.store(jobs, lp_BV)
             return state, lp_BV
         lp_BPV = np.asarray(out)
         for b, j in enumerate(jobs):
