@@ -2,8 +2,9 @@
 
 Two places use one: the privacy detectors (`find` and `pending` per detector configuration and
 text: fused decoding screens the same prompts and prefixes at every compared method and every
-rerun of a query) and the cloud server's engine (a prompt's next-token log-probs: greedy fused
-decoding asks for the same prefixes just as often). Entries are sized by the caller (characters,
+rerun of a query; `floe_jax.inference.privacy.span.memoised`) and the cloud server's engine (a
+prompt's next-token log-probs, `floe_jax.inference.server.prompt_memo`: greedy fused decoding
+asks for the same prefixes just as often). Entries are sized by the caller (characters,
 bytes) and the least recently used are dropped past `max_size`.
 """
 
