@@ -14,7 +14,7 @@ float32, untied; LoRA on q,k,v,o,gate,up,down, alpha 16, ranks 4/8/16/32 cycling
 AdamW lr 1e-3. Workloads: `ref` (16 clients x 4 steps x batch 8 x 128 tokens) and `xdev`
 (64 clients x 2 steps x batch 2 x 64 tokens); on an accelerator (or with `FLOE_BENCH_SCALE=1`)
 also `xdev-64` and `xdev-256` (xdev's clients, 64 and 256 per round, vmapped at once), each row
-with clients per second.
+with clients per second. On a GPU, PyTorch runs on the same GPU where its build has CUDA.
 
 Utilisation printed = 4 * N_nonembedding * tokens/s / measured float32 matmul FLOP/s (`util
 (4N)`, the issue's figure): LoRA training runs the forward (2N) and the backward through
@@ -184,8 +184,9 @@ def _jax_round(w: Workload, tokens: np.ndarray, mesh=None):
 # ----------------------------------------------------------------------------- PyTorch + PEFT
 
 
-def _torch_round(w: Workload, tokens: np.ndarray, threads: int):
-    """Builds the PyTorch + PEFT round; returns `one()`, which runs one round on `threads`."""
+def _torch_round(w: Workload, tokens: np.ndarray, threads: int, device: str = "cpu"):
+    """Builds the PyTorch + PEFT round on `device` ("cpu" or "cuda"); returns `one()`, which
+    runs one round (on `threads` CPU threads) and waits for the device."""
     import torch
     from peft import (
         LoraConfig,
@@ -195,7 +196,7 @@ def _torch_round(w: Workload, tokens: np.ndarray, threads: int):
     )
 
     torch.set_num_threads(threads)
-    base = fj_ref_torch()
+    base = fj_ref_torch().to(device)
     lcfg = lambda r: LoraConfig(
         r=r, lora_alpha=ALPHA, target_modules=list(LORA_TARGETS), lora_dropout=0.0
     )
@@ -211,7 +212,8 @@ def _torch_round(w: Workload, tokens: np.ndarray, threads: int):
         k: v.detach().clone()
         for k, v in get_peft_model_state_dict(model, None, f"r{r_max}").items()
     }
-    data = torch.from_numpy(tokens.astype(np.int64))
+    data = torch.from_numpy(tokens.astype(np.int64)).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def truncate(sd, r):
         out = {}
@@ -252,11 +254,13 @@ def _torch_round(w: Workload, tokens: np.ndarray, threads: int):
                     acc[:, : v.shape[1]] += v * (p / tot)
             new[k] = acc
         glob = new
+        sync()
 
     # Warm up kernels and allocator with one step (a whole round would double the run time).
     model.set_adapter(f"r{r_max}")
     model(input_ids=data[0, : w.batch], labels=data[0, : w.batch]).loss.backward()
     model.zero_grad(set_to_none=True)
+    sync()
     return one
 
 
@@ -305,6 +309,19 @@ def devices_rows(quick: bool = False, repeats: int = 2) -> list[dict]:
     return rows
 
 
+def _torch_sides(accelerator: bool) -> list[tuple[str, int, str]]:
+    """The PyTorch configurations `run` times by default, as (label, CPU threads, device): on a
+    GPU with a CUDA build of torch, torch on that GPU; otherwise torch on the CPU with every core,
+    and also with one thread where there are more (OpenMP threads that spin-wait can make the
+    multi-threaded run several times slower on a machine shared with other jobs)."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    if accelerator and torch.cuda.is_available():
+        return [("torch+peft cuda", cores, "cuda")]
+    return [(f"torch+peft {th} thr", th, "cpu") for th in sorted({cores, 1})]
+
+
 def timeit(one) -> float:
     t0 = time.perf_counter()
     one()
@@ -321,31 +338,32 @@ def run(
 ) -> list[dict]:
     """Times one round per workload for both implementations; prints and returns the table.
 
-    PyTorch runs with `torch.set_num_threads(os.cpu_count())`, and also with one thread when
-    the machine has more than one core: on a machine shared with other jobs, OpenMP threads that
-    spin-wait can make the multi-threaded run several times slower, and the speedup is quoted
-    against the faster PyTorch configuration.
+    PyTorch runs in the configurations `_torch_sides` names (`torch_threads` replaces them
+    with CPU runs at those thread counts), and the speedup is quoted against the fastest.
 
     `scale` adds the 64- and 256-client runs (`SCALE_WORKLOADS`); None adds them when JAX's
-    default backend is an accelerator, or when the environment sets `FLOE_BENCH_SCALE=1`. The
-    pinned PyTorch wheel is CPU-only, so on a GPU the PyTorch loop runs on the host's CPU.
+    default backend is an accelerator, or when the environment sets `FLOE_BENCH_SCALE=1`.
+    With JAX on a GPU and a CUDA build of torch, PyTorch runs on the same GPU (one
+    configuration, `torch+peft cuda`); the pinned wheel is CPU-only, and with it the PyTorch
+    loop runs on the host's CPU.
     """
     if scale is None:
         scale = jax.default_backend() != "cpu" or os.environ.get("FLOE_BENCH_SCALE") == "1"
-    if torch_threads is None:
-        torch_threads = tuple(sorted({os.cpu_count() or 1, 1}))
+    accelerator = jax.default_backend() != "cpu"
+    sides = [(f"torch+peft {th} thr", th, "cpu") for th in torch_threads or ()]
+    if not sides:
+        sides = _torch_sides(accelerator)
     repeats = 1 if quick else 2
     peak = matmul_gflops() * 1e9
     n = FJ_REF.num_nonembedding_params
     rows = []
-    accelerator = jax.default_backend() != "cpu"
     for w in workloads(quick, scale):
         if accelerator:  # chunking is a CPU cache measure; an accelerator vmaps every client
             w = dataclasses.replace(w, client_chunk=default_client_chunk())
         toks = _tokens(w)
         useful = useful_flops(FJ_REF, w, client_ranks(w))
         impls = [("floe_jax", _jax_round(w, toks))]
-        impls += [(f"torch+peft {th} thr", _torch_round(w, toks, th)) for th in torch_threads]
+        impls += [(label, _torch_round(w, toks, th, dev)) for label, th, dev in sides]
         impls[0][1]()  # compile (a whole PyTorch warm-up round would double the run time)
         medians = timeit_alternating(
             *(one for _, one in impls), repeats=repeats, warmup=0, pause=0.2
@@ -370,7 +388,13 @@ def run(
         if w.target is not None:
             mine[0]["target"] = w.target
         rows += mine
-    where = "; PyTorch on the host CPU" if accelerator else ""
+    where = (
+        ""
+        if not accelerator
+        else "; PyTorch on the host CPU"
+        if sides[0][2] == "cpu"
+        else ("; PyTorch on the same GPU")
+    )
     print_table(
         rows,
         title=f"federated round, FJ-REF, {machine()}, matmul {peak / 1e9:.1f} GFLOP/s{where}",
