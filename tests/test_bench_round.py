@@ -33,3 +33,29 @@ def test_useful_flops_by_hand_for_ref():
     assert abs(got - want) <= 1e-9 * want
     # Every FLOP class counts: dropping the adapters (rank 0) removes exactly their share.
     assert abs(got - useful_flops(FJ_REF, ref, [0]) - 16 * 4 * 8 * 128 * lora) <= 1e-9 * want
+
+
+def test_torch_sides_fall_back_to_the_cpu_without_cuda():
+    """The pinned torch wheel has no CUDA: even with JAX on an accelerator, PyTorch's side runs
+    on the host CPU with every core and with one thread (where there are more)."""
+    import os
+
+    import torch
+
+    from experiments.benchmarks.round import _torch_sides
+
+    cores = os.cpu_count()
+    want = [(f"torch+peft {t} thr", t, "cpu") for t in sorted({cores, 1})]
+    assert _torch_sides(accelerator=False) == want
+    if not torch.cuda.is_available():
+        assert _torch_sides(accelerator=True) == want
+    else:
+        assert _torch_sides(accelerator=True) == [("torch+peft cuda", cores, "cuda")]
+
+
+def test_kernel_timing_dispatches_iters_calls_and_blocks_on_the_last():
+    from experiments.benchmarks.kernels import _call
+
+    calls = []
+    out = _call(lambda x: calls.append(x) or x + 1, 41, iters=5)
+    assert (out, calls) == (42, [41] * 5)
