@@ -230,6 +230,12 @@ def aggregate_clusters(
 ) -> tuple[Aggregated, object, jax.Array]:
     """Aggregates each cluster's clients with `rule` (traceable; K = `num_clusters` is static).
 
+    Rules run with float32 matmuls at full precision (`jax.default_matmul_precision`): an
+    accelerator's default passes (TF32 on NVIDIA GPUs, bfloat16 on TPUs) are for training
+    steps, not for a server's sums and SVDs, whose errors every client inherits; on an H200
+    FlexLoRA differed from NumPy's by 1.4e-3 (relative) at the default. A CPU computes float32
+    either way.
+
     Args:
       rule, states: the rule and the K clusters' states (`init_states`); cluster k is applied
         with `states[k]`.
@@ -251,11 +257,13 @@ def aggregate_clusters(
     if len(states) != num_clusters:
         raise ValueError(f"{len(states)} rule states for {num_clusters} clusters")
     outs, new_states = [], []
-    for k in range(num_clusters):  # K is small and static
-        w_k = jnp.where(labels == k, weights, 0.0)
-        out, s_k = rule.apply(states[k], client_loras, w_k, ranks, key=jax.random.fold_in(key, k))
-        outs.append(out if downloads else dataclasses.replace(out, client_loras=None))
-        new_states.append(s_k)
+    with jax.default_matmul_precision("highest"):
+        for k in range(num_clusters):  # K is small and static
+            w_k = jnp.where(labels == k, weights, 0.0)
+            key_k = jax.random.fold_in(key, k)
+            out, s_k = rule.apply(states[k], client_loras, w_k, ranks, key=key_k)
+            outs.append(out if downloads else dataclasses.replace(out, client_loras=None))
+            new_states.append(s_k)
     per_client = ("included", "reason", "ranks", "bytes_up", "bytes_down")
     if downloads:
         per_client = ("client_loras", *per_client)
