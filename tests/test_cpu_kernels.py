@@ -23,7 +23,11 @@ from floe_jax.decode import generate, pad_prompts
 from floe_jax.model import forward, init_cache, init_params, unstack_layers
 from kernels import cpu_qmatvec as cq
 
-# The kernel's own tests; the switch, build-failure and XLA-path tests run without it.
+# The kernel's own tests; the switch and XLA-path tests run without it, the build-failure test
+# on any CPU with the kernel's vector instructions (elsewhere no build is tried).
+needs_vector = pytest.mark.skipif(
+    not cq.vectorized(), reason="no AVX-512 F/BW/VL: the kernel is never built on this CPU"
+)
 needs_kernel = pytest.mark.skipif(not cq.available(), reason="the CPU kernel is not available")
 needs_vnni = pytest.mark.skipif(
     not (cq.available() and cq.int8_activations()), reason="no kernel or no AVX-512 VNNI"
@@ -293,6 +297,7 @@ def test_bad_operands_name_shapes_and_dtypes():
         cq.qmatvec(np.ones((2, 192), np.float32), qt.q, qt.scale, "int8")
 
 
+@needs_vector
 def test_failed_build_warns_and_falls_back_to_xla(tmp_path):
     """A compiler that fails, passed through `cpu_qmatvec.configure` (as the command line does
     with `CXX`): the first quantized matmul warns with the command and runs XLA's path."""
