@@ -23,3 +23,7 @@ def test_bench_aggregate_quick_runs_every_rule_and_agrees_with_numpy():
         one, two = rows[f"{rule}, round path"], rows[f"{rule}, round path, two-pass"]
         assert one["bound_s"] == two["bound_s"] < rows[rule]["bound_s"], rule
         assert one["vs_two_pass"] == two["floe_jax_s"] / one["floe_jax_s"], rule
+    for rule in ("flora", "fedex", "flexlora", "flexlora, padded"):  # the same FLOPs, fewer bytes
+        path, full = rows[f"{rule}, round path"], rows[rule]
+        assert path["TFLOP"] == full["TFLOP"] > 0, rule
+        assert path["GiB_written"] < full["GiB_written"], rule

@@ -29,7 +29,10 @@ no per-client copies of the global adapter, so an averaging rule reads the facto
 read of the factors finds a NaN/Inf); each runs interleaved with the two-pass program it
 replaced (`one_pass=False`: the screening's read, then the rule's; alternating calls, medians),
 the `round path, two-pass` rows, priced at the same bound, `vs_two_pass` their ratio. FedIT's
-round path also runs interleaved with the same average in NumPy. `round_path_only=True` runs
+round path also runs interleaved with the same average in NumPy. The factored rules' round
+paths (FLoRA, FedEx, FlexLoRA) keep the two-pass screening and run alone; FLoRA's draws fresh
+factors for the global adapter only, which every client restarts from, where its downloads
+draw one fresh adapter per client. `round_path_only=True` runs
 the rates and the round-path rows alone (no train step, so no `round_share_pct`).
 """
 
@@ -48,7 +51,7 @@ from floe_jax.config import LORA_TARGETS, LoRAConfig, ModelConfig
 from floe_jax.federated import aggregate as agg
 from floe_jax.federated.client import make_optimizer, optimized_factors, train_step
 from floe_jax.federated.config import AggregationConfig, FedConfig
-from floe_jax.federated.linalg import lapack_threads
+from floe_jax.federated.linalg import dense_gram_via_factors, lapack_threads
 from floe_jax.federated.rounds import round_config
 from floe_jax.lora import LoRA, delta_weight, init_lora
 from floe_jax.model import init_params
@@ -199,8 +202,9 @@ def _eigh_flops(n: int, r: int) -> float:
 def rule_flops(method: str, lora: LoRA, total_rank: int | None = None) -> float:
     """FLOPs of a rule's products and factorizations on the program's shapes (padding included):
     FLoRA's stacked product `P Q` (K = C R), FedEx's with its R extra residual columns,
-    FlexLoRA's dense path (`P Q`, the Gram of ΔW's shorter side, its top-R eigenpairs, ΔWᵀ U)
-    or factored path (K x K Gram and eigenproblems, `floe_jax.federated.linalg`). 0 for the
+    FlexLoRA's dense path (the Gram of ΔW's shorter side, its top-R eigenpairs, ΔWᵀ U)
+    (its Gram from ΔW or through the factors, as `linalg.dense_gram_via_factors` picks) or
+    factored path (K x K Gram and eigenproblems, `floe_jax.federated.linalg`). 0 for the
     averaging rules (memory-bound)."""
     C, R = lora.scale.shape[0], lora.max_rank
     total = 0.0
@@ -218,7 +222,11 @@ def rule_flops(method: str, lora: LoRA, total_rank: int | None = None) -> float:
                 per = 2 * I * K * K + _eigh_flops(K, K) + 2 * K * K * O  # pᵀp, eigh, Eᵀq
                 per += 2 * K * K * O + _eigh_flops(K, r) + 2 * K * O * r  # M Mᵀ, top eigh, v
                 per += 2 * I * K * K + 2 * I * K * r  # p E, then U_core
-            else:  # top_svd_dense
+            elif dense_gram_via_factors(I, K, O):  # top_svd_dense, Gram p (q qᵀ) pᵀ
+                n, N = min(I, O), max(I, O)
+                per = 2 * K * K * N + 2 * n * K * K + 2 * n * n * K + _eigh_flops(n, r)
+                per += 2 * n * K * r + 2 * K * N * r  # v = qᵀ (pᵀ u)
+            else:  # top_svd_dense, Gram of ΔW = P Q
                 n, N = min(I, O), max(I, O)
                 per = 2 * I * K * O + 2 * n * n * N + _eigh_flops(n, r) + 2 * n * N * r
             total += L * per
@@ -321,6 +329,14 @@ def run(quick: bool = False, clients: int | None = None, round_path_only: bool =
         row(f"{method}, round path", method, t_one, written, first_call_s=first_s,
             vs_two_pass=t_two / t_one)  # fmt: skip
         row(f"{method}, round path, two-pass", method, t_two, written)
+    # The factored rules' round path: one program each (they keep the two-pass screening).
+    # FLoRA's round draws only the global adapter's fresh factors (the clients restart from
+    # it), not one fresh adapter per client.
+    for name, method, options in [c for c in cases if c[1] not in averaging]:
+        fn, written = program(method, lora, downloads=False, **options)
+        first_s = first_call(fn)
+        sec = timeit(fn, repeats=reps, warmup=0)
+        row(f"{name}, round path", method, sec, written, first_call_s=first_s, **options)
     if round_path_only:
         print(f"# {load()}", flush=True)
         print_table(rows, title=f"Aggregation round path, {clients} clients ({machine()})")
