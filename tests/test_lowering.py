@@ -308,7 +308,8 @@ def test_tensor_parallel_cloud_generate_lowers(monkeypatch, kernel_cfg, kernel_p
 def test_aggregation_matmuls_run_at_full_float32_precision_on_a_gpu(
     monkeypatch, kernel_cfg, method
 ):
-    """A rule's products and Gram matrices lower with HIGHEST precision (`aggregate_clusters`):
+    """A rule's products and Gram matrices, and the screening's norms, lower with HIGHEST
+    precision (`screen_aggregate`, `aggregate_clusters`):
     at a GPU's default (TF32 inputs) FlexLoRA's SVD was 1.4e-3 off NumPy's on an H200."""
     ranks = np.array([2, 4, 8, 2], np.int32)
     lora_cfg = LoRAConfig(rank=8, max_rank=8, targets=("q", "v", "down"))
@@ -321,7 +322,8 @@ def test_aggregation_matmuls_run_at_full_float32_precision_on_a_gpu(
     states = agg.init_states(
         agg.make_rule(method), jax.tree.map(lambda x: x[0], stacked), 1, key=jax.random.key(0)
     )
-    args = (method, (), None, 1, states, stacked, w, r, np.zeros(4, np.int32), jax.random.key(0))
+    # max_norm: the screening's Gram norms too (`screen_aggregate`)
+    args = (method, (), 1e3, 1, states, stacked, w, r, np.zeros(4, np.int32), jax.random.key(0))
     with jax.default_matmul_precision("default"):  # a user's setting, not the suite's highest
         text = _lowered_text(monkeypatch, "cuda", agg.aggregate_jit, *args)
     dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]

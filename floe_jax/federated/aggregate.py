@@ -329,10 +329,11 @@ def screen_aggregate(
     """
 
     def run(r: Rule, read_factors: bool):
-        w, reason = screen(
-            client_loras, weights, max_norm=max_norm, update_norm=update_norm,
-            max_update_norm=max_update_norm, read_factors=read_factors,
-        )  # fmt: skip
+        with jax.default_matmul_precision("highest"):  # `max_norm`'s Gram norms, as the rules
+            w, reason = screen(
+                client_loras, weights, max_norm=max_norm, update_norm=update_norm,
+                max_update_norm=max_update_norm, read_factors=read_factors,
+            )  # fmt: skip
         return aggregate_clusters(
             r, states, client_loras, w, ranks, labels, num_clusters, key=key, reason=reason,
             downloads=downloads,
