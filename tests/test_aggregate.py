@@ -182,18 +182,25 @@ def test_flexlora_factored_equals_dense_and_numpy(tiny_cfg):
 
 @pytest.mark.parametrize(
     "I,K,O,via",
-    [(24, 20, 96, True), (96, 20, 24, True), (24, 20, 24, False), (24, 60, 96, False)],
+    [
+        (24, 20, 96, True),
+        (96, 20, 24, True),
+        (24, 28, 160, True),  # K >= min(I, O): where FlexLoRA's "auto" takes the dense path
+        (160, 28, 24, True),
+        (24, 20, 24, False),
+        (24, 60, 96, False),
+    ],
 )
 def test_top_svd_dense_either_gram_is_the_svd(I, K, O, via):
     # The Gram of d = p q's shorter side, from d or through the factors (p (q qᵀ) pᵀ, d never
     # formed), whichever has fewer FLOPs; both give d's top singular triplets.
     from floe_jax.federated import linalg
 
-    assert linalg.dense_gram_via_factors(I, K, O) is via
+    r = 6
+    assert linalg.dense_gram_via_factors(I, K, O, r) is via
     rng = np.random.default_rng(I + K + O)
     p = rng.standard_normal((I, K)).astype(np.float32)
     q = (rng.standard_normal((K, O)) * np.logspace(0, -2, K)[:, None]).astype(np.float32)
-    r = 6
     u, s, v = jax.jit(lambda p, q: linalg.top_svd_dense(p, q, r))(p, q)
     d = p.astype(np.float64) @ q
     want_u, want_s, want_vh = np.linalg.svd(d, full_matrices=False)
@@ -210,9 +217,9 @@ def test_dense_gram_route_at_real_model_shapes():
     # factors (12.2 against 16.2 GFLOP), attention's square q/o from ΔW, padded K = 2048 from ΔW.
     from floe_jax.federated.linalg import dense_gram_via_factors
 
-    assert dense_gram_via_factors(896, 960, 4864) and dense_gram_via_factors(4864, 960, 896)
-    assert not dense_gram_via_factors(896, 960, 896)
-    assert not dense_gram_via_factors(896, 2048, 4864)
+    assert dense_gram_via_factors(896, 960, 4864, 32) and dense_gram_via_factors(4864, 960, 896, 32)
+    assert not dense_gram_via_factors(896, 960, 896, 32)
+    assert not dense_gram_via_factors(896, 2048, 4864, 32)
 
 
 def test_exact_rules_reproduce_weighted_sum(tiny_cfg, clients):

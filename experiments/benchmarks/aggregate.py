@@ -51,7 +51,7 @@ from floe_jax.config import LORA_TARGETS, LoRAConfig, ModelConfig
 from floe_jax.federated import aggregate as agg
 from floe_jax.federated.client import make_optimizer, optimized_factors, train_step
 from floe_jax.federated.config import AggregationConfig, FedConfig
-from floe_jax.federated.linalg import dense_gram_via_factors, lapack_threads
+from floe_jax.federated.linalg import dense_gram_flops, lapack_threads
 from floe_jax.federated.rounds import round_config
 from floe_jax.lora import LoRA, delta_weight, init_lora
 from floe_jax.model import init_params
@@ -161,7 +161,8 @@ def train_step_seconds(cfg: ModelConfig, *, rank: int = 8, seq: int = 64) -> flo
 def hardware_rates(nbytes: int, n_matmul: int) -> dict:
     """This machine's rates, measured now: memory bandwidth from an in-place (donated) `x * c`
     (reads and writes nbytes each), a jitted sum's read rate and a copy into a fresh array for
-    comparison, and the float32 matmul rate of an `n_matmul`² product."""
+    comparison, and the float32 matmul rate of an `n_matmul`² product at full precision
+    (an accelerator's default, TF32 or bfloat16 passes, is faster than what the rules run)."""
     x = jnp.ones((nbytes // 4,), jnp.float32)
     total = jax.jit(jnp.sum)
     block(total(x))
@@ -179,9 +180,10 @@ def hardware_rates(nbytes: int, n_matmul: int) -> dict:
     t_inplace = timeit(step, repeats=5)
 
     a = jnp.ones((n_matmul, n_matmul), jnp.float32)
-    mm = jax.jit(lambda v: v @ v)
-    block(mm(a))
-    t_mm = timeit(lambda: block(mm(a)), repeats=5)
+    with jax.default_matmul_precision("highest"):  # as the rules run (`aggregate_clusters`)
+        mm = jax.jit(lambda v: v @ v)
+        block(mm(a))
+        t_mm = timeit(lambda: block(mm(a)), repeats=5)
     per_byte = t_inplace / (2 * nbytes)  # the in-place copy moves 2 nbytes
     return {
         "bandwidth_GBps": 1e-9 / per_byte,
@@ -202,10 +204,9 @@ def _eigh_flops(n: int, r: int) -> float:
 def rule_flops(method: str, lora: LoRA, total_rank: int | None = None) -> float:
     """FLOPs of a rule's products and factorizations on the program's shapes (padding included):
     FLoRA's stacked product `P Q` (K = C R), FedEx's with its R extra residual columns,
-    FlexLoRA's dense path (the Gram of ΔW's shorter side, its top-R eigenpairs, ΔWᵀ U)
-    (its Gram from ΔW or through the factors, as `linalg.dense_gram_via_factors` picks) or
-    factored path (K x K Gram and eigenproblems, `floe_jax.federated.linalg`). 0 for the
-    averaging rules (memory-bound)."""
+    FlexLoRA's dense path (the Gram of ΔW's shorter side by the route `linalg.dense_gram_flops`
+    picks, its top-R eigenpairs, the projection back) or factored path (K x K Gram and
+    eigenproblems, `floe_jax.federated.linalg`). 0 for the averaging rules (memory-bound)."""
     C, R = lora.scale.shape[0], lora.max_rank
     total = 0.0
     for m in lora.a:
@@ -222,13 +223,8 @@ def rule_flops(method: str, lora: LoRA, total_rank: int | None = None) -> float:
                 per = 2 * I * K * K + _eigh_flops(K, K) + 2 * K * K * O  # pᵀp, eigh, Eᵀq
                 per += 2 * K * K * O + _eigh_flops(K, r) + 2 * K * O * r  # M Mᵀ, top eigh, v
                 per += 2 * I * K * K + 2 * I * K * r  # p E, then U_core
-            elif dense_gram_via_factors(I, K, O):  # top_svd_dense, Gram p (q qᵀ) pᵀ
-                n, N = min(I, O), max(I, O)
-                per = 2 * K * K * N + 2 * n * K * K + 2 * n * n * K + _eigh_flops(n, r)
-                per += 2 * n * K * r + 2 * K * N * r  # v = qᵀ (pᵀ u)
-            else:  # top_svd_dense, Gram of ΔW = P Q
-                n, N = min(I, O), max(I, O)
-                per = 2 * I * K * O + 2 * n * n * N + _eigh_flops(n, r) + 2 * n * N * r
+            else:  # top_svd_dense: the cheaper Gram route, and the n x n eigenproblem
+                per = min(dense_gram_flops(I, K, O, r)) + _eigh_flops(min(I, O), r)
             total += L * per
     return total
 

@@ -144,12 +144,12 @@ def top_eigh(x: jax.Array, r: int) -> tuple[jax.Array, jax.Array]:
     return jax.pure_callback(host, out, x, vmap_method="broadcast_all")
 
 
-def _svd_from_gram(w, u, project, n: int):
+def _svd_from_gram(w, u, project):
     """`(u, s, v)` from the top eigenpairs `(w, u)` of a Gram `d dᵀ` of d [n, N]: `s = √w`,
     `v = project(u) / s` with `project(u) = dᵀ u`; negligible singular values (rounding of
     a rank-deficient d) give s = 0 and v = 0 instead of dividing by them."""
     s = jnp.sqrt(jnp.maximum(w, 0.0))
-    tiny = s <= 1e-30 + jnp.finfo(u.dtype).eps * s[:1] * n
+    tiny = s <= 1e-30 + jnp.finfo(u.dtype).eps * s[:1] * u.shape[0]
     v = jnp.where(tiny[None], 0.0, project(u) / jnp.where(tiny, 1.0, s)[None])
     return u, jnp.where(tiny, 0.0, s), v
 
@@ -157,33 +157,43 @@ def _svd_from_gram(w, u, project, n: int):
 def top_svd_dense_gram(d_IO, r: int):
     """Top-r SVD of a dense d with I <= O, from the top eigenpairs of `d dᵀ`."""
     w, u = top_eigh(d_IO @ d_IO.T, r)  # descending
-    return _svd_from_gram(w, u, lambda u: d_IO.T @ u, d_IO.shape[0])
+    return _svd_from_gram(w, u, lambda u: d_IO.T @ u)
 
 
-def dense_gram_via_factors(I: int, K: int, O: int) -> bool:
-    """Whether `top_svd_dense` forms the Gram of d = p q [I, O] from the factors (K inner)
-    rather than from d: `p (q qᵀ) pᵀ` costs 2K²O + 2IK² + 2I²K FLOPs against forming d and
-    `d dᵀ`, 2IKO + 2I²O (I <= O; mirrored for I > O). Through the factors wins when K is near
-    the shorter side and the longer side is long (an MLP projection with K = 960 live columns:
-    12.2 against 16.2 GFLOP at 896 x 4864); from d wins for square d and for large K."""
+def dense_gram_flops(I: int, K: int, O: int, r: int) -> tuple[int, int]:
+    """FLOPs of `top_svd_dense`'s two routes for d = p q [I, O] (K inner), eigenproblem left
+    out (the same n x n one): `(through the factors, from d)`. With n = min(I, O), N = max:
+    the Gram `p (q qᵀ) pᵀ` and `v = qᵀ (pᵀ u)` cost 2K²N + 2nK² + 2n²K + 2nKr + 2KNr; forming
+    d, `d dᵀ` and `dᵀ u` cost 2nKN + 2n²N + 2nNr. Through the factors wins when K is near n and
+    N is long (an MLP projection of Qwen2.5-0.5B with 960 live columns: 12.2 against 16.2
+    GFLOP at 896 x 4864); from d for square d and large K."""
     n, N = min(I, O), max(I, O)
-    return 2 * K * K * N + 2 * n * K * K + 2 * n * n * K < 2 * I * K * O + 2 * n * n * N
+    via = 2 * K * K * N + 2 * n * K * K + 2 * n * n * K + 2 * n * K * r + 2 * K * N * r
+    return via, 2 * n * K * N + 2 * n * n * N + 2 * n * N * r
+
+
+def dense_gram_via_factors(I: int, K: int, O: int, r: int) -> bool:
+    """Whether `top_svd_dense` takes the route through the factors (`dense_gram_flops`)."""
+    via, from_d = dense_gram_flops(I, K, O, r)
+    return via < from_d
+
+
+def _top_svd_via_factors(p_IK, q_KO, r: int):
+    """`top_svd_dense` through the factors, I <= O: d = p q is never formed."""
+    w, u = top_eigh(p_IK @ ((q_KO @ q_KO.T) @ p_IK.T), r)  # d dᵀ, descending
+    return _svd_from_gram(w, u, lambda u: q_KO.T @ (p_IK.T @ u))
 
 
 def top_svd_dense(p_IK, q_KO, r: int):
     """Top-r SVD of `d = p @ q` from the top eigenpairs of the Gram matrix of d's shorter side,
-    formed from d or through the factors, whichever costs fewer FLOPs
-    (`dense_gram_via_factors`); through the factors d is never formed."""
+    formed from d or through the factors, whichever costs fewer FLOPs (`dense_gram_flops`)."""
     I, K = p_IK.shape
     O = q_KO.shape[1]
-    if not dense_gram_via_factors(I, K, O):
-        d = p_IK @ q_KO
-        if I > O:
-            v, s, u = top_svd_dense_gram(d.T, r)
-            return u, s, v
-        return top_svd_dense_gram(d, r)
-    if I > O:  # the mirror image: d^T = q^T p^T
-        v, s, u = top_svd_dense(q_KO.T, p_IK.T, r)
+    via = dense_gram_via_factors(I, K, O, r)
+    if I > O:  # the Gram of dᵀ
+        if via:
+            v, s, u = _top_svd_via_factors(q_KO.T, p_IK.T, r)
+        else:
+            v, s, u = top_svd_dense_gram((p_IK @ q_KO).T, r)
         return u, s, v
-    w, u = top_eigh(p_IK @ ((q_KO @ q_KO.T) @ p_IK.T), r)  # d dᵀ, descending
-    return _svd_from_gram(w, u, lambda u: q_KO.T @ (p_IK.T @ u), I)
+    return _top_svd_via_factors(p_IK, q_KO, r) if via else top_svd_dense_gram(p_IK @ q_KO, r)

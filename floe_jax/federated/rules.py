@@ -19,7 +19,8 @@ Rules (what each client sends up / receives down; bytes count live float32 param
   `U Σ Vᵀ`, client k gets `A_k = U[:, :r_k] Σ^{1/2} / √s_k`, `B_k = Σ^{1/2} V[:, :r_k]ᵀ / √s_k`
   so `s_k A_k B_k` is the best rank-r_k approximation of ΔW. Computed without forming ΔW
   (K x K eigenproblems of the stacked factors, `top_svd_factored`) when K < min(I, O);
-  otherwise densely, from the eigendecomposition of the Gram matrix of ΔW's shorter side.
+  otherwise from the top eigenpairs of the Gram matrix of ΔW's shorter side, formed from ΔW or
+  as P (Q Qᵀ) Pᵀ, whichever costs fewer FLOPs (`top_svd_dense`).
   Up: A_k, B_k. Down: A_k, B_k.
 - `flora` — FLoRA (Wang et al., NeurIPS 2024): stacking, `Σ p_k s_k A_k B_k` exactly, returned as
   `base_delta` for every client to fold into its *base weights* (the base model changes each
