@@ -89,11 +89,8 @@ AGGREGATE_PROGRAMS = [(rule, ()) for rule in available_rules()] + [
 ]
 
 
-@pytest.mark.parametrize("platform", PLATFORMS)
-@pytest.mark.parametrize(("method", "options"), AGGREGATE_PROGRAMS)
-def test_aggregate_program_lowers(monkeypatch, kernel_cfg, platform, method, options):
-    """`aggregate_jit`, the program `bench aggregate` times, lowers for the accelerator with no
-    host callback left in it (on CPU its eigenproblems go to LAPACK on the host)."""
+def _aggregate_args(kernel_cfg, method, options, *, max_norm):
+    """`aggregate_jit`'s positional arguments for 4 clients of ranks 2-8 on q, v and down."""
     ranks = np.array([2, 4, 8, 2], np.int32)
     lora_cfg = LoRAConfig(rank=8, max_rank=8, targets=("q", "v", "down"))
     loras = [
@@ -106,8 +103,17 @@ def test_aggregate_program_lowers(monkeypatch, kernel_cfg, platform, method, opt
     states = agg.init_states(
         agg.make_rule(method, **dict(options)), first, 1, key=jax.random.key(0)
     )
-    args = (method, options, None, 1, states, stacked, w, r, np.zeros(4, np.int32))
-    text = _lowered_text(monkeypatch, platform, agg.aggregate_jit, *args, jax.random.key(0))
+    labels = np.zeros(4, np.int32)
+    return (method, options, max_norm, 1, states, stacked, w, r, labels, jax.random.key(0))
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize(("method", "options"), AGGREGATE_PROGRAMS)
+def test_aggregate_program_lowers(monkeypatch, kernel_cfg, platform, method, options):
+    """`aggregate_jit`, the program `bench aggregate` times, lowers for the accelerator with no
+    host callback left in it (on CPU its eigenproblems go to LAPACK on the host)."""
+    args = _aggregate_args(kernel_cfg, method, options, max_norm=None)
+    text = _lowered_text(monkeypatch, platform, agg.aggregate_jit, *args)
     assert "func.func public @main" in text
     assert "callback" not in text
 
@@ -311,19 +317,8 @@ def test_aggregation_matmuls_run_at_full_float32_precision_on_a_gpu(
     """A rule's products and Gram matrices, and the screening's norms, lower with HIGHEST
     precision (`screen_aggregate`, `aggregate_clusters`):
     at a GPU's default (TF32 inputs) FlexLoRA's SVD was 1.4e-3 off NumPy's on an H200."""
-    ranks = np.array([2, 4, 8, 2], np.int32)
-    lora_cfg = LoRAConfig(rank=8, max_rank=8, targets=("q", "v", "down"))
-    loras = [
-        init_lora(kernel_cfg, dataclasses.replace(lora_cfg, rank=int(r)), key=jax.random.key(k))
-        for k, r in enumerate(ranks)
-    ]
-    stacked = stack_loras(loras)
-    w, r = agg.validate(stacked, np.ones(4), ranks)
-    states = agg.init_states(
-        agg.make_rule(method), jax.tree.map(lambda x: x[0], stacked), 1, key=jax.random.key(0)
-    )
     # max_norm: the screening's Gram norms too (`screen_aggregate`)
-    args = (method, (), 1e3, 1, states, stacked, w, r, np.zeros(4, np.int32), jax.random.key(0))
+    args = _aggregate_args(kernel_cfg, method, (), max_norm=1e3)
     with jax.default_matmul_precision("default"):  # a user's setting, not the suite's highest
         text = _lowered_text(monkeypatch, "cuda", agg.aggregate_jit, *args)
     dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
