@@ -186,7 +186,9 @@ def _jax_round(w: Workload, tokens: np.ndarray, mesh=None):
 
 def _torch_round(w: Workload, tokens: np.ndarray, threads: int, device: str = "cpu"):
     """Builds the PyTorch + PEFT round on `device` ("cpu" or "cuda"); returns `one()`, which
-    runs one round (on `threads` CPU threads) and waits for the device."""
+    runs one round (on `threads` CPU threads) and waits for the device. On a GPU torch's float32
+    matmuls take TF32 inputs, as JAX's do at its default precision (torch's own default there
+    is full float32)."""
     import torch
     from peft import (
         LoraConfig,
@@ -196,6 +198,9 @@ def _torch_round(w: Workload, tokens: np.ndarray, threads: int, device: str = "c
     )
 
     torch.set_num_threads(threads)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     base = fj_ref_torch().to(device)
     lcfg = lambda r: LoraConfig(
         r=r, lora_alpha=ALPHA, target_modules=list(LORA_TARGETS), lora_dropout=0.0
@@ -388,13 +393,11 @@ def run(
         if w.target is not None:
             mine[0]["target"] = w.target
         rows += mine
-    where = (
-        ""
-        if not accelerator
-        else "; PyTorch on the host CPU"
-        if sides[0][2] == "cpu"
-        else ("; PyTorch on the same GPU")
-    )
+    where = ""
+    if accelerator:
+        where = (
+            "; PyTorch on the same GPU" if sides[0][2] == "cuda" else "; PyTorch on the host CPU"
+        )
     print_table(
         rows,
         title=f"federated round, FJ-REF, {machine()}, matmul {peak / 1e9:.1f} GFLOP/s{where}",
