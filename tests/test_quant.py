@@ -243,3 +243,26 @@ def test_qlora_step_decodes_no_float_copy_of_the_base():
         # (before: bf16 +1.5 and int8 +1.0 float copies of the base; now +0.34).
         assert got["temporaries"] <= f32["temporaries"] + weights // 2, (name, got, f32)
         assert got["total"] < f32["total"], (name, got, f32)
+
+
+def test_bench_decode_real_scale_rows_on_a_tiny_model():
+    """`bench decode`'s real-scale rows (`_decode_scale.run`) through the same code on a tiny
+    config of the family: every format is decoded beside transformers (float32 here, whose
+    greedy tokens equal floe_jax float32's), bytes and bound are those of the format, and the
+    probe's bandwidth row closes the batch."""
+    from experiments.benchmarks import _decode_scale as bench
+
+    rows = bench.run(cfg=bench.small_config(), batches=(1,), new=4, repeats=1, hf_bf16=False,
+                     xla_formats=("int8",), int8_act_formats=())  # fmt: skip
+    by = {r["side"]: r for r in rows}
+    fmts = [f"floe_jax {f}" for f in bench.FORMATS]
+    assert set(fmts + ["floe_jax int8 (XLA m-r)", "transformers float32"]) <= set(by)
+    assert by["transformers float32"]["greedy = floe_jax f32"] == 1.0
+    assert by["transformers float32"]["matvec"] == "torch (cpu)"
+    assert by["floe_jax int8 (XLA m-r)"]["matvec"].startswith("XLA multiply-reduce")
+    mb = [by[s]["weights MB"] for s in fmts]
+    assert mb == sorted(mb, reverse=True) and mb[1] == pytest.approx(mb[0] / 2, rel=0.01)
+    for s in fmts:
+        gbs = by["read bandwidth (GB/s)"]["ms/token-step"]
+        assert by[s]["bound ms"] == pytest.approx(by[s]["weights MB"] / gbs, rel=1e-6)  # MB/(GB/s)
+        assert by[s]["ms/token-step"] > 0

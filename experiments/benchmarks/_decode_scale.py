@@ -7,12 +7,14 @@ The bound of a format is the bytes one decode step reads (every weight once: cod
 the tied embedding is the head) over the read bandwidth, measured in the same run as the rate of
 float32 matrix-vector products over 512 MB of MLP-shaped matrices (`_bandwidth_probe`).
 Every side (and the bandwidth probe) runs in one alternating loop, so all see the same machine;
-figures are medians. On a CPU the quantized sides run the fused matvec kernel
-(`kernels.cpu_qmatvec`) unless `cpu_kernel` is False (`QuantConfig.cpu_kernel`; the command
-line's FLOE_JAX_CPU_KERNELS=0); the "(XLA m-r)" sides run XLA's multiply-reduce in the same loop
-(their weights carry `cpu_kernel=False`), the "(int8 act)" sides the kernel with int8
-activations (`QuantConfig.activations="int8"`, where the CPU has AVX-512 VNNI), and a `matvec`
-column says which path each side ran.
+figures are medians. On an accelerator transformers runs on the same device where torch has
+CUDA (TF32 matmuls allowed, as JAX's default precision takes them), the probe reads 4 GiB, and
+the quantized sides run XLA's multiply-reduce (the decode-step path there). On a CPU the
+quantized sides run the fused matvec kernel (`kernels.cpu_qmatvec`) unless `cpu_kernel` is
+False (`QuantConfig.cpu_kernel`; the command line's FLOE_JAX_CPU_KERNELS=0); the "(XLA m-r)"
+sides run XLA's multiply-reduce in the same loop (their weights carry `cpu_kernel=False`), the
+"(int8 act)" sides the kernel with int8 activations (`QuantConfig.activations="int8"`, where the
+CPU has AVX-512 VNNI), and a `matvec` column says which path each side ran.
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ QWEN25_05B = dataclasses.replace(MODEL_PRESETS["qwen2.5-0.5b"], dtype="float32")
 FORMATS = ("float32", "bf16", "int8", "int4")
 
 
-def _bandwidth_probe(nbytes: int = 512 * 2**20, k: int = 896, n: int = 4864):
+def _bandwidth_probe(nbytes: int | None = None, k: int = 896, n: int = 4864):
     """(a blocking call, bytes it reads): float32 matrix-vector products through XLA over
-    separate [k, n] matrices (a 0.5B model's MLP shape) totalling `nbytes`, the read pattern of a
-    float32 decode step. One huge matrix is no probe: XLA:CPU's product over a [1024, 131072]
-    matrix ran far below the rate it reaches on a model's matrices."""
+    separate [k, n] matrices (a 0.5B model's MLP shape) totalling `nbytes` (512 MiB on a CPU, 4
+    GiB on an accelerator, which reads 512 MiB in about the time of a few dispatches), the read
+    pattern of a float32 decode step. One huge matrix is no probe: XLA:CPU's product over a
+    [1024, 131072] matrix ran far below the rate it reaches on a model's matrices."""
+    nbytes = nbytes or (512 * 2**20 if jax.default_backend() == "cpu" else 4 * 2**30)
     count = max(1, nbytes // (4 * k * n))
     ws = [jnp.full((k, n), 0.5 + i, jnp.float32) for i in range(count)]
     x = jnp.ones((1, k), jnp.float32)
@@ -66,7 +70,9 @@ def run(
     and `xla_formats` also with XLA's multiply-reduce ("(XLA m-r)" sides); the `matvec` column
     says which path each side ran. `hf_bf16=False` leaves out transformers' bfloat16 side;
     `cpu_kernel` is the quantized sides' `QuantConfig.cpu_kernel`; `int8_act_formats` also run
-    with int8 activations ("(int8 act)" sides) where the kernel and VNNI are there."""
+    with int8 activations ("(int8 act)" sides) where the kernel and VNNI are there. On an
+    accelerator the quantized sides already run XLA's multiply-reduce, so `xla_formats` adds
+    nothing there."""
     import torch
     import transformers
 
@@ -77,6 +83,11 @@ def run(
     from floe_jax.model import unstack_layers
 
     torch.set_num_threads(os.cpu_count() or 1)
+    on_cpu = jax.default_backend() == "cpu"
+    tdev = "cpu" if on_cpu or not torch.cuda.is_available() else "cuda"
+    if tdev == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    xla_formats = xla_formats if on_cpu else ()
     new = new or (8 if quick else 32)
     repeats = repeats or (2 if quick else 5)
     d = config_to_hf(cfg)
@@ -89,6 +100,8 @@ def run(
     if hf_bf16:  # optional: 1 GB more resident on a small host
         hf16 = transformers.AutoModelForCausalLM.from_config(hc, dtype=torch.bfloat16).eval()
         hf16.load_state_dict({k: v.to(torch.bfloat16) for k, v in hf32.state_dict().items()})
+        hf16.to(tdev)
+    hf32.to(tdev)
     bases = {"float32": params}
     for fmt in FORMATS[1:]:
         qcfg = quant.QuantConfig(format=fmt, cpu_kernel=cpu_kernel)
@@ -110,7 +123,7 @@ def run(
             comp = gen.lower(p, tokens, mask, cfg=cfg, max_new_tokens=new, key=key).compile()
             return lambda: np.asarray(comp(p, tokens, mask, key=key)[0])
 
-        ids_t = torch.from_numpy(ids)
+        ids_t = torch.from_numpy(ids).to(tdev)
         kw = dict(
             attention_mask=torch.ones_like(ids_t), max_new_tokens=new, min_new_tokens=new,
             do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None,
@@ -119,14 +132,14 @@ def run(
         def hf_side(model, ids_t=ids_t, kw=kw):
             def call():
                 with torch.no_grad():
-                    return model.generate(ids_t, **kw)[:, prompt_len:].numpy()
+                    return model.generate(ids_t, **kw)[:, prompt_len:].cpu().numpy()
 
             return call
 
         sides = {f"floe_jax {f}": fj_side(p) for f, p in bases.items()}
         sides |= {f"floe_jax {f} (XLA m-r)": fj_side(quant.with_options(bases[f], cpu_kernel=False))
                   for f in xla_formats}  # fmt: skip
-        if cpu_kernel and cpu_qmatvec.available() and cpu_qmatvec.int8_activations():
+        if on_cpu and cpu_kernel and cpu_qmatvec.available() and cpu_qmatvec.int8_activations():
             sides |= {f"floe_jax {f} (int8 act)": fj_side(quant.with_options(bases[f],
                       activations="int8")) for f in int8_act_formats}  # fmt: skip
         sides["transformers float32"] = hf_side(hf32)
@@ -149,7 +162,7 @@ def run(
                 "tok/s": batch * new / sec,
                 "× transformers f32": hf_ms / ms,
                 "greedy = floe_jax f32": float((out[name] == ref).mean()),
-                "matvec": _path(name, fmt, cpu_kernel),
+                "matvec": _path(name, fmt, cpu_kernel, on_cpu, tdev),
             }
             if name.startswith("floe_jax"):
                 bound = 1e3 * bytes_read[fmt] / bw
@@ -166,11 +179,13 @@ def run(
     return rows
 
 
-def _path(side: str, fmt: str, cpu_kernel: bool) -> str:
+def _path(side: str, fmt: str, cpu_kernel: bool, on_cpu: bool = True, tdev: str = "cpu") -> str:
     if not side.startswith("floe_jax"):
-        return "torch"
+        return f"torch ({tdev})"
     if fmt == "float32":
         return "XLA dot"
+    if not on_cpu:
+        return "XLA multiply-reduce"
     act = "int8" if "(int8 act)" in side else "float32"
     return cpu_qmatvec.path(cpu_kernel and "(XLA m-r)" not in side, act)
 
