@@ -80,11 +80,12 @@ class QuantConfig:
         `"int8"` (int8 and int4 weights; groups a multiple of 32): x quantized per block of 32
         inputs (llama.cpp's Q8_0: scale max|x| / 127, round half to even,
         `kernels.cpu_qmatvec.quantize_activations` is the exact rule) and contracted with exact
-        integer dot products (AVX-512 VNNI), several times fewer instructions per code, at the
-        cost of the activations' rounding (README, "Quantized bases"). It applies where the
-        kernel runs (decode steps and short prefills on CPUs with AVX-512 VNNI; elsewhere, and
-        for gradients, x stays float32). nf4's codes are not integers and bf16 is a float, so
-        they keep float32 activations. Static on each `QuantizedTensor`, like `cpu_kernel`.
+        integer dot products (AVX-512 VNNI, or AVX2), several times fewer instructions per
+        code, at the cost of the activations' rounding (README, "Quantized bases"). It applies
+        where the kernel runs (decode steps and short prefills on CPUs with AVX-512 VNNI, or
+        AVX2 without AVX-512; elsewhere, and for gradients, x stays float32). nf4's codes are
+        not integers and bf16 is a float, so they keep float32 activations. Static on each
+        `QuantizedTensor`, like `cpu_kernel`.
     """
 
     format: str = "int8"
@@ -274,7 +275,8 @@ def _contract(x, w: QuantizedTensor, out_dtype=None):
 
 
 def _kernel_activations(activations: str) -> str:
-    """`activations`, or float32 (with a warning, once) where this CPU lacks int8's VNNI."""
+    """`activations`, or float32 (with a warning, once) where this CPU's kernel has no int8
+    path (an AVX-512 CPU without VNNI)."""
     if activations == "int8" and not cpu_qmatvec.int8_activations():
         _warn_no_vnni()
         return "float32"
@@ -283,7 +285,8 @@ def _kernel_activations(activations: str) -> str:
 
 @functools.cache
 def _warn_no_vnni() -> None:
-    warnings.warn("QuantConfig(activations='int8') needs AVX-512 VNNI, which this CPU lacks: "
+    warnings.warn("QuantConfig(activations='int8') needs AVX-512 VNNI on an AVX-512 CPU, "
+                  "which this CPU lacks: "
                   "its kernel multiplies float32 activations instead", stacklevel=4)  # fmt: skip
 
 

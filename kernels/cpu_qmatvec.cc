@@ -13,8 +13,9 @@
 // weight rows), so every core's share of the memory bandwidth is used.
 //
 // AVX-512 (F, BW, VL) code when the compiler targets it (-march=native on a machine that has it),
-// a scalar loop otherwise. Attribute `act` = 1 instead quantizes x to int8 per block of 32 and
-// uses AVX-512 VNNI integer dot products (int8 and int4 weights; see "int8 activations" below).
+// else AVX2 + FMA code (8 lanes, 2 rows of x per pass: 16 vector registers), a scalar loop
+// otherwise. Attribute `act` = 1 instead quantizes x to int8 per block of 32 and sums integer
+// products (AVX-512 VNNI, or AVX2; int8 and int4 weights; see "int8 activations" below).
 
 #include <algorithm>
 #include <cmath>
@@ -29,6 +30,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #define FLOE_QMV_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define FLOE_QMV_AVX2 1
 #endif
 
 namespace ffi = xla::ffi;
@@ -46,8 +50,12 @@ alignas(64) const float kNF4Table[16] = {
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
 alignas(64) const float kINT4Table[16] = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};
 
-constexpr int kRows = 4;   // weight rows per tile
+constexpr int kRows = 4;  // weight rows per tile
+#ifdef FLOE_QMV_AVX512
 constexpr int kXRows = 4;  // rows of x per pass over a tile
+#else
+constexpr int kXRows = 2;  // AVX2: 16 vector registers hold 2 x 4 accumulators and the weights
+#endif
 
 template <int F>
 inline float decode1(const uint8_t* row, int64_t k) {
@@ -213,6 +221,151 @@ inline void tile4(const float* xe, int64_t K, const uint8_t* q, int64_t ldq, con
     }
 }
 
+#elif defined(FLOE_QMV_AVX2)
+
+// The AVX-512 path's structure on 8 lanes: the same tiles, prefetch and de-interleaved 4-bit
+// codes; a group's last inputs that fill no vector (K or a group not a multiple of 8) are
+// multiply-added one by one, as the scalar loop does.
+constexpr int64_t kFloatPrefetchRows = 8;
+
+inline void prefetch(const uint8_t* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// The weights of 8 4-bit codes (32-bit lanes holding 0..15): int4 is code - 8; NF4 looks the
+// code up in its 16-float table, two 8-float halves chosen by bit 3.
+template <int F>
+inline __m256 decode_codes(__m256i c) {
+  if constexpr (F == kINT4) {
+    return _mm256_sub_ps(_mm256_cvtepi32_ps(c), _mm256_set1_ps(8.f));
+  } else {
+    const __m256 lo = _mm256_permutevar8x32_ps(_mm256_load_ps(kNF4Table), c);
+    const __m256 hi = _mm256_permutevar8x32_ps(_mm256_load_ps(kNF4Table + 8), c);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
+  }
+}
+
+// 8 weights of `row` from element k (k even for 4-bit formats).
+template <int F>
+inline __m256 decode8(const uint8_t* row, int64_t k) {
+  if constexpr (F == kBF16) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 2 * k));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else if constexpr (F == kINT8) {
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+  } else {
+    uint32_t w;
+    std::memcpy(&w, row + k / 2, 4);
+    const __m128i b = _mm_cvtsi32_si128(int(w)), low = _mm_set1_epi8(15);
+    const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+    return decode_codes<F>(_mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)));  // element order
+  }
+}
+
+// y[m0:m0+MT, n0:n0+R] for rows n0.. of q and rows m0.. of x (x, y already offset to m0).
+template <int F, int S, int MT, int R>
+inline void tile(const float* x, int64_t K, const uint8_t* q, int64_t ldq, const float* scale,
+                 int64_t G, float* y, int64_t N, int64_t n0) {
+  __m256 acc[MT][R];
+  float rest[MT][R] = {};
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int64_t groups = S == kGroup ? G : 1;
+  const int64_t gs = K / groups;
+  for (int64_t g = 0; g < groups; ++g) {
+    float sf[R];
+    __m256 s[R];
+    if constexpr (S == kGroup)
+      for (int r = 0; r < R; ++r) s[r] = _mm256_set1_ps(sf[r] = scale[(n0 + r) * G + g]);
+    const int64_t kend = (g + 1) * gs, kvec = g * gs + gs / 8 * 8;
+    for (int64_t k = g * gs; k < kvec; k += 8) {
+      __m256 w[R];
+      for (int r = 0; r < R; ++r) {
+        const int64_t byte = F == kBF16 ? 2 * k : F == kINT8 ? k : k / 2;
+        if (byte % 64 == 0) prefetch(q + (n0 + r + kFloatPrefetchRows) * ldq + byte);
+        w[r] = decode8<F>(q + (n0 + r) * ldq, k);
+        if constexpr (S == kGroup) w[r] = _mm256_mul_ps(w[r], s[r]);
+      }
+      for (int m = 0; m < MT; ++m) {
+        const __m256 xv = _mm256_loadu_ps(x + m * K + k);
+        for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, w[r], acc[m][r]);
+      }
+    }
+    for (int64_t k = kvec; k < kend; ++k)
+      for (int r = 0; r < R; ++r) {
+        const float w = decode1<F>(q + (n0 + r) * ldq, k) * (S == kGroup ? sf[r] : 1.f);
+        for (int m = 0; m < MT; ++m) rest[m][r] += x[m * K + k] * w;
+      }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) {
+      float v = hsum(acc[m][r]) + rest[m][r];
+      if constexpr (S == kRow) v *= scale[(n0 + r) * G];
+      y[m * N + n0 + r] = v;
+    }
+}
+
+// 4-bit formats with groups of a multiple of 32 (as the AVX-512 tile4): 16 bytes give 32 codes,
+// the even elements' in the low nibbles, the odd ones' in the high nibbles, against x
+// de-interleaved per 32 inputs (`xe`: 16 even, then 16 odd). With one row of x, a group's sum is
+// scaled once at its end instead of every weight.
+template <int F, int S, int MT, int R>
+inline void tile4(const float* xe, int64_t K, const uint8_t* q, int64_t ldq, const float* scale,
+                  int64_t G, float* y, int64_t N, int64_t n0) {
+  constexpr bool partial = S == kGroup && MT == 1;
+  __m256 acc[MT][R];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int64_t groups = S == kGroup ? G : 1;
+  const int64_t gs = K / groups;
+  const __m128i low = _mm_set1_epi8(15);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 s[R], part[R];
+    if constexpr (S == kGroup)
+      for (int r = 0; r < R; ++r) s[r] = _mm256_set1_ps(scale[(n0 + r) * G + g]);
+    if constexpr (partial)
+      for (int r = 0; r < R; ++r) part[r] = _mm256_setzero_ps();
+    for (int64_t k = g * gs; k < (g + 1) * gs; k += 32) {
+      for (int r = 0; r < R; ++r) {
+        if (k % 128 == 0) prefetch(q + (n0 + r + kFloatPrefetchRows) * ldq + k / 2);
+        const __m128i b =
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (n0 + r) * ldq + k / 2));
+        const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+        __m256 w[4] = {decode_codes<F>(_mm256_cvtepu8_epi32(lo)),
+                       decode_codes<F>(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
+                       decode_codes<F>(_mm256_cvtepu8_epi32(hi)),
+                       decode_codes<F>(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)))};
+        if constexpr (S == kGroup && !partial)
+          for (auto& v : w) v = _mm256_mul_ps(v, s[r]);
+        for (int m = 0; m < MT; ++m) {
+          __m256& a = partial ? part[r] : acc[m][r];
+          const float* xm = xe + m * K + k;
+          for (int i = 0; i < 4; ++i) a = _mm256_fmadd_ps(_mm256_loadu_ps(xm + 8 * i), w[i], a);
+        }
+      }
+    }
+    if constexpr (partial)
+      for (int r = 0; r < R; ++r) acc[0][r] = _mm256_fmadd_ps(part[r], s[r], acc[0][r]);
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) {
+      float v = hsum(acc[m][r]);
+      if constexpr (S == kRow) v *= scale[(n0 + r) * G];
+      y[m * N + n0 + r] = v;
+    }
+}
+
+#endif
+
+#if defined(FLOE_QMV_AVX512) || defined(FLOE_QMV_AVX2)
+
 template <int F, int S, int R>
 inline void tile_m(int mt, bool fast4, const float* x, int64_t K, const uint8_t* q, int64_t ldq,
                    const float* scale, int64_t G, float* y, int64_t N, int64_t n0) {
@@ -282,19 +435,47 @@ void rows(bool, const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t 
 // nibble) and 2p + 1 (high); the low nibbles are multiplied by xq de-interleaved (byte p: input
 // 2p) and the high ones by the odd inputs, so lane l sums inputs 8l..8l+7 (block l / 4).
 
-#if defined(FLOE_QMV_AVX512) && defined(__AVX512VNNI__)
-#define FLOE_QMV_VNNI 1
+#if (defined(FLOE_QMV_AVX512) && defined(__AVX512VNNI__)) || defined(FLOE_QMV_AVX2)
+#define FLOE_QMV_INT8_ACT 1
 
 // Weight rows per tile and how far ahead (in rows) a tile prefetches its bytes, per format.
-// Measured on the 2-vCPU AMD EPYC (Zen 4) this was written on, one [4864, 896] matrix after
-// another, loaded host: 4-row tiles left the loads stalled (4 interleaved 896-byte streams are too
-// short for the hardware prefetcher) at ~7 GB/s of int8; single rows, prefetched 8 rows ahead,
-// ran 12-15 GB/s. int4 (half the bytes per row, more arithmetic per byte) ran best in pairs of
-// rows prefetched 16 rows ahead.
+// Measured on the 2-vCPU AMD EPYC (Zen 4) the VNNI path was written on, one [4864, 896] matrix
+// after another, loaded host: 4-row tiles left the loads stalled (4 interleaved 896-byte streams
+// are too short for the hardware prefetcher) at ~7 GB/s of int8; single rows, prefetched 8 rows
+// ahead, ran 12-15 GB/s. int4 (half the bytes per row, more arithmetic per byte) ran best in
+// pairs of rows prefetched 16 rows ahead. The AVX2 path takes the same.
 template <int F>
 constexpr int64_t kI8Rows = F == kINT8 ? 1 : 2;
 template <int F>
 constexpr int64_t kPrefetchRows = F == kINT8 ? 8 : 16;
+
+// Row `xm` [K] quantized by the rule above: codes[k] for k < K (0 in a block whose d is not > 0),
+// d per block into dblk [(K + 31) / 32].
+inline void quantize_row(const float* xm, int64_t K, int8_t* codes, float* dblk) {
+  for (int64_t b = 0; b < (K + 31) / 32; ++b) {
+    const int64_t k0 = 32 * b, k1 = std::min(K, k0 + 32);
+    float a = 0.f;
+    bool finite = true;
+    for (int64_t k = k0; k < k1; ++k) {
+      a = std::max(a, std::fabs(xm[k]));
+      finite &= std::isfinite(xm[k]);
+    }
+    const float d = finite ? a / 127.f : std::numeric_limits<float>::quiet_NaN();
+    dblk[b] = d;
+    if (!(d > 0.f)) {  // zero block (codes 0) or non-finite (d NaN)
+      std::fill(codes + k0, codes + k1, int8_t(0));
+      continue;
+    }
+    for (int64_t k = k0; k < k1; ++k) {
+      const float v = std::nearbyint(xm[k] / d);
+      codes[k] = int8_t(std::max(-127.f, std::min(127.f, v)));
+    }
+  }
+}
+
+#endif
+
+#if defined(FLOE_QMV_AVX512) && defined(__AVX512VNNI__)
 
 // x quantized for one format: per row, `nv` vectors of codes (int8: 64 bytes; int4: 64 even then
 // 64 odd), each with 16 lane scales (d of the lane's block) and 16 lane corrections.
@@ -319,24 +500,8 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K) {
   std::vector<int8_t> row(qx.nv * span);
   std::vector<float> dblk(nb);
   for (int64_t m = 0; m < M; ++m) {
-    const float* xm = x + m * K;
     std::fill(row.begin(), row.end(), int8_t(0));
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t k0 = 32 * b, k1 = std::min(K, k0 + 32);
-      float a = 0.f;
-      bool finite = true;
-      for (int64_t k = k0; k < k1; ++k) {
-        a = std::max(a, std::fabs(xm[k]));
-        finite &= std::isfinite(xm[k]);
-      }
-      const float d = finite ? a / 127.f : std::numeric_limits<float>::quiet_NaN();
-      dblk[b] = d;
-      if (!(d > 0.f)) continue;  // zero block (codes 0) or non-finite (d NaN)
-      for (int64_t k = k0; k < k1; ++k) {
-        const float v = std::nearbyint(xm[k] / d);
-        row[k] = int8_t(std::max(-127.f, std::min(127.f, v)));
-      }
-    }
+    quantize_row(x + m * K, K, row.data(), dblk.data());
     for (int64_t v = 0; v < qx.nv; ++v) {
       int8_t* qv = qx.q.data() + (m * qx.nv + v) * qx.vbytes;
       float* dv = qx.d.data() + (m * qx.nv + v) * 16;
@@ -435,6 +600,131 @@ inline void tile_i8(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* 
     }
 }
 
+#elif defined(FLOE_QMV_AVX2)
+
+// AVX2 has no VNNI: each 32-input block multiplies 32 byte pairs with vpmaddubsw (unsigned times
+// signed bytes, pairs summed to int16) and sums those to 8 int32 lanes with vpmaddwd, converted to
+// float once per block and scaled by d times the weight group's scale. int8: |c| (unsigned) times
+// x with c's sign, every pair sum within +-2 * 128 * 127 (no int16 saturation). int4: the stored
+// nibble c + 8 (unsigned) times x, each lane then corrected by -8 * (the sum of its 4 x codes), as
+// the VNNI path does. x per row: nb blocks of 32 codes (int4: the block's 16 even inputs, then its
+// 16 odd ones, to meet a 16-byte load's low nibbles, then its high ones), 0 past K.
+struct QuantizedX {
+  int64_t nb = 0;
+  std::vector<int8_t> q;      // [M, nb, 32]
+  std::vector<float> d;       // [M, nb]
+  std::vector<int32_t> corr;  // int4: [M, nb, 8]
+};
+
+template <int F>
+QuantizedX quantize_x(const float* x, int64_t M, int64_t K) {
+  QuantizedX qx;
+  qx.nb = (K + 31) / 32;
+  qx.q.assign(M * qx.nb * 32, 0);
+  qx.d.assign(M * qx.nb, 0.f);
+  std::vector<int8_t> row(qx.nb * 32);
+  for (int64_t m = 0; m < M; ++m) {
+    std::fill(row.begin(), row.end(), int8_t(0));
+    quantize_row(x + m * K, K, row.data(), qx.d.data() + m * qx.nb);
+    int8_t* dst = qx.q.data() + m * qx.nb * 32;
+    if constexpr (F == kINT8) {
+      std::memcpy(dst, row.data(), qx.nb * 32);
+    } else {
+      qx.corr.resize(M * qx.nb * 8);
+      for (int64_t b = 0; b < qx.nb; ++b) {
+        for (int j = 0; j < 16; ++j) {
+          dst[32 * b + j] = row[32 * b + 2 * j];
+          dst[32 * b + 16 + j] = row[32 * b + 2 * j + 1];
+        }
+        for (int l = 0; l < 8; ++l) {
+          const int8_t* v = dst + 32 * b + 4 * l;
+          qx.corr[(m * qx.nb + b) * 8 + l] = -8 * (int32_t(v[0]) + v[1] + v[2] + v[3]);
+        }
+      }
+    }
+  }
+  return qx;
+}
+
+// y[m0:m0+MT, n0:n0+R] with x quantized (`qx` rows from m0).
+template <int F, int S, int MT, int R>
+inline void tile_i8(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* q, int64_t ldq,
+                    const float* scale, int64_t G, float* y, int64_t N, int64_t n0) {
+  __m256 acc[MT][R];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  // Groups outermost (a multiple of 32 inputs: whole blocks), each group's sum of d-scaled
+  // blocks scaled by its weight scale at its end; one scale per row: after the whole sum.
+  const int64_t groups = S == kGroup ? G : 1;
+  const int64_t per_group = S == kGroup ? K / G / 32 : qx.nb;  // blocks
+  const __m128i low = _mm_set1_epi8(15);
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 part[MT][R];
+    for (int m = 0; m < MT; ++m)
+      for (int r = 0; r < R; ++r) part[m][r] = _mm256_setzero_ps();
+    for (int64_t b = g * per_group; b < std::min(qx.nb, (g + 1) * per_group); ++b) {
+      const int64_t k0 = 32 * b;
+      // Bytes of the block in a weight row: a partial last block is copied into zeros (they
+      // meet zero codes of x).
+      const int64_t valid = std::min<int64_t>(32, K - k0);
+      const int64_t nbytes = F == kINT8 ? valid : (valid + 1) / 2;
+      __m256i w[R];    // int8: |c|; int4: c + 8
+      __m256i sgn[R];  // int8: c, whose sign goes to x
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* p = q + (n0 + r) * ldq + (F == kINT8 ? k0 : k0 / 2);
+        prefetch(p + kPrefetchRows<F> * ldq);  // past the end: a harmless no-op
+        if constexpr (F == kINT8) {
+          alignas(32) uint8_t buf[32] = {};
+          if (nbytes < 32) std::memcpy(buf, p, nbytes);
+          sgn[r] = nbytes == 32 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                : _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+          w[r] = _mm256_abs_epi8(sgn[r]);  // -128 becomes 128 as an unsigned byte
+        } else {
+          alignas(16) uint8_t buf[16] = {};
+          if (nbytes < 16) std::memcpy(buf, p, nbytes);
+          const __m128i c = nbytes == 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
+                                         : _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+          const __m128i lo = _mm_and_si128(c, low);
+          w[r] = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(c, 4), low), lo);
+        }
+      }
+      for (int m = 0; m < MT; ++m) {
+        const int64_t at = (m0 + m) * qx.nb + b;
+        const __m256i xv =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.q.data() + 32 * at));
+        const __m256 d = _mm256_set1_ps(qx.d[at]);
+        __m256i corr;
+        if constexpr (F == kINT4)
+          corr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.corr.data() + 8 * at));
+        for (int r = 0; r < R; ++r) {
+          __m256i i;
+          if constexpr (F == kINT8)
+            i = _mm256_madd_epi16(_mm256_maddubs_epi16(w[r], _mm256_sign_epi8(xv, sgn[r])), ones);
+          else
+            i = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w[r], xv), ones), corr);
+          part[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), d, part[m][r]);
+        }
+      }
+    }
+    for (int m = 0; m < MT; ++m)
+      for (int r = 0; r < R; ++r)
+        acc[m][r] = S == kGroup ? _mm256_fmadd_ps(part[m][r],
+                                                  _mm256_set1_ps(scale[(n0 + r) * G + g]), acc[m][r])
+                                : part[m][r];
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) {
+      float v = hsum(acc[m][r]);
+      if constexpr (S == kRow) v *= scale[(n0 + r) * G];
+      y[(m0 + m) * N + n0 + r] = v;
+    }
+}
+
+#endif
+
+#ifdef FLOE_QMV_INT8_ACT
+
 template <int F, int S, int R>
 inline void tile_i8_m(int mt, const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* q,
                       int64_t ldq, const float* scale, int64_t G, float* y, int64_t N,
@@ -471,7 +761,7 @@ void run_i8(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq,
   }
 }
 
-#endif  // FLOE_QMV_VNNI
+#endif  // FLOE_QMV_INT8_ACT
 
 template <int F, int S>
 void run(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq, const float* scale,
@@ -481,7 +771,7 @@ void run(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq, co
   const bool parallel = N * K >= (int64_t(1) << 18);
   bool fast4 = false;
   std::vector<float> xe;
-#ifdef FLOE_QMV_AVX512
+#if defined(FLOE_QMV_AVX512) || defined(FLOE_QMV_AVX2)
   if constexpr (F == kINT4 || F == kNF4) {
     fast4 = K % 32 == 0 && (S != kGroup || (K / G) % 32 == 0);
     if (fast4) {  // x de-interleaved per 32 inputs: the 16 even ones, then the 16 odd ones
@@ -526,7 +816,7 @@ const char* kFormatNames[] = {"bf16", "int8", "int4", "nf4"};
 template <int F>
 void run_format_i8(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq,
                    const float* scale, int64_t G, float* y, int64_t N) {
-#ifdef FLOE_QMV_VNNI
+#ifdef FLOE_QMV_INT8_ACT
   if (G == 1)
     run_i8<F, kRow>(x, M, K, q, ldq, scale, G, y, N);
   else
@@ -565,9 +855,9 @@ ffi::Error QMatvecImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ff
     return ffi::Error::InvalidArgument("floe_qmatvec: unknown activation code " +
                                        std::to_string(act));
   if (act == 1) {
-#ifndef FLOE_QMV_VNNI
+#ifndef FLOE_QMV_INT8_ACT
     return ffi::Error::InvalidArgument(
-        "floe_qmatvec: int8 activations need AVX-512 VNNI, which this build lacks");
+        "floe_qmatvec: int8 activations need AVX-512 VNNI or AVX2, which this build lacks");
 #endif
     if (fmt != kINT8 && fmt != kINT4)
       return ffi::Error::InvalidArgument(std::string("floe_qmatvec: int8 activations take int8 "

@@ -3,14 +3,16 @@
 XLA:CPU has no fused dequantize-matmul: a dot on a converted operand first writes the whole float
 weight, and the multiply-reduce fusion `floe_jax.quant` uses for decode steps instead reads each
 code once but is compute-bound far below the read bandwidth (README, "Quantized bases"). The C++
-kernel decodes bf16/int8/int4/nf4 codes in registers (AVX-512 where the CPU has it) and
+kernel decodes bf16/int8/int4/nf4 codes in registers (AVX-512 where the CPU has it, else AVX2
+with FMA) and
 multiply-adds them into float32 accumulators, each weight read once, output rows split over
 OpenMP threads: `y [M, N] = x [M, K] . decode(q, scale) [N, K]^T` with float32 activations, equal
 to the dequantize-then-float reference up to summation order.
 
-`activations="int8"` (int8 and int4 weights, CPUs with AVX-512 VNNI) instead quantizes x per
-block of 32 inputs as llama.cpp's Q8_0 does and sums exact integer products with `vpdpbusd`
-(64 codes per instruction instead of 16 float multiply-adds); `quantize_activations` is the
+`activations="int8"` (int8 and int4 weights, CPUs with AVX-512 VNNI or with AVX2 and no AVX-512)
+instead quantizes x per block of 32 inputs as llama.cpp's Q8_0 does and sums exact integer
+products with `vpdpbusd` (64 codes per instruction instead of 16 float multiply-adds; AVX2:
+`vpmaddubsw` and `vpmaddwd`, 32 codes per pair); `quantize_activations` is the
 exact specification, `cpu_qmatvec.cc` ("int8 activations") the kernel.
 
 The library is compiled at first use with a C++ compiler (default `g++`) into a cache folder
@@ -111,6 +113,7 @@ def build(
     *,
     force: bool = False,
     timeout: float = BUILD_TIMEOUT_S,
+    flags: tuple[str, ...] = FLAGS,
 ) -> Path:
     """The compiled library's path, compiling it first if the cache lacks it (or `force`).
 
@@ -119,6 +122,7 @@ def build(
       cache_dir: the folder of compiled libraries (`~` is expanded).
       force: compile even if the cache holds the library (it failed to load).
       timeout: seconds each compiler call may take.
+      flags: the compiler's flags (tests build each vector path with another `-march`).
 
     Raises:
       KernelBuildError: the compiler failed, is missing or timed out; the message names the
@@ -135,7 +139,7 @@ def build(
                 jax.lib.__version__.encode(),
                 shlex.join(cmd0).encode(),
                 version.encode(),
-                " ".join(FLAGS).encode(),
+                " ".join(flags).encode(),
                 _cpu_flags().encode(),
             ]
         )  # fmt: skip
@@ -147,7 +151,7 @@ def build(
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # concurrent builders: own temp names
     os.close(fd)
-    cmd = [*cmd0, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+    cmd = [*cmd0, *flags, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
     try:
         proc = _run(cmd, timeout)
         if proc.returncode != 0 or os.path.getsize(tmp) == 0:
@@ -209,23 +213,32 @@ def _register() -> str | None:
     return None
 
 
-# The kernel's vector path needs these (`cpu_qmatvec.cc`); without them it compiles a scalar loop
-# that is slower than XLA's vectorized multiply-reduce, so it is not used.
+# The kernel's vector paths need one of these sets (`cpu_qmatvec.cc`: 16-lane AVX-512, else 8-lane
+# AVX2); without them it compiles a scalar loop that is slower than XLA's vectorized
+# multiply-reduce, so it is not used.
 VECTOR_FLAGS = ("avx512f", "avx512bw", "avx512vl")
+AVX2_FLAGS = ("avx2", "fma")
 
 
 def vectorized() -> bool:
-    """Whether this CPU has the instructions of the kernel's vector path (`VECTOR_FLAGS`)."""
-    return set(VECTOR_FLAGS) <= set(_cpu_flags().split())
+    """Whether this CPU has the instructions of one of the kernel's vector paths (`VECTOR_FLAGS`
+    or `AVX2_FLAGS`)."""
+    flags = set(_cpu_flags().split())
+    return set(VECTOR_FLAGS) <= flags or set(AVX2_FLAGS) <= flags
 
 
-# int8 activations need VNNI's integer dot product (vpdpbusd on 512-bit vectors).
+# int8 activations on the AVX-512 path need VNNI's integer dot product (vpdpbusd on 512-bit
+# vectors); the AVX2 path has its own (vpmaddubsw).
 INT8_FLAGS = ("avx512_vnni",)
 
 
 def int8_activations() -> bool:
-    """Whether this CPU runs the kernel's int8-activation path (`INT8_FLAGS`)."""
-    return vectorized() and set(INT8_FLAGS) <= set(_cpu_flags().split())
+    """Whether this CPU runs the kernel's int8-activation path: the AVX-512 path with
+    `INT8_FLAGS`, or the AVX2 path (`AVX2_FLAGS` without AVX-512)."""
+    flags = set(_cpu_flags().split())
+    if set(VECTOR_FLAGS) <= flags:
+        return set(INT8_FLAGS) <= flags
+    return set(AVX2_FLAGS) <= flags
 
 
 def quantize_activations(x_MK: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -277,10 +290,12 @@ def path(cpu_kernel: bool = True, activations: str = "float32") -> str:
         return "XLA multiply-reduce (cpu_kernel=False)"
     if activations == "int8" and available():
         if int8_activations():
-            return "floe_qmatvec kernel, int8 activations (VNNI)"
+            isa = "VNNI" if set(VECTOR_FLAGS) <= set(_cpu_flags().split()) else "AVX2"
+            return f"floe_qmatvec kernel, int8 activations ({isa})"
         return "floe_qmatvec kernel, float32 activations (this CPU lacks avx512_vnni)"
     if not vectorized():
-        return f"XLA multiply-reduce (this CPU lacks {'/'.join(VECTOR_FLAGS)})"
+        return (f"XLA multiply-reduce (this CPU lacks {'/'.join(VECTOR_FLAGS)} and "
+                f"{'/'.join(AVX2_FLAGS)})")  # fmt: skip
     return "floe_qmatvec kernel" if _register() is None else "XLA multiply-reduce (build failed)"
 
 
@@ -376,13 +391,13 @@ def qmatvec(
 
     Raises:
       ValueError: operands the kernel does not take (`check_operands`), or int8 activations on
-        a CPU without AVX-512 VNNI.
+        a CPU whose kernel has no int8 path (`int8_activations`).
       KernelBuildError: the kernel could not be built (`available()` checks without raising).
     """
     check_operands(x_MK, q, scale, fmt, activations)
     if activations == "int8" and not int8_activations():
-        raise ValueError(f"qmatvec: int8 activations need {'/'.join(INT8_FLAGS)}, which this "
-                         "CPU lacks")  # fmt: skip
+        raise ValueError(f"qmatvec: int8 activations need {'/'.join(INT8_FLAGS)} on an "
+                         "AVX-512 CPU, or AVX2, which this CPU lacks")  # fmt: skip
     if (error := _register()) is not None:
         raise KernelBuildError(error)
     return _batched(fmt, activations)(x_MK.astype(jnp.float32), q, scale)

@@ -4,9 +4,11 @@ broadcast) and grad; greedy decode with the kernel equals XLA's multiply-reduce 
 it the weight buffers without copies; a failed build warns and falls back; a corrupt cached
 library is rebuilt; the command line's environment reaches the configs and the build."""
 
+import ctypes
 import dataclasses
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -26,11 +28,12 @@ from kernels import cpu_qmatvec as cq
 # The kernel's own tests; the switch and XLA-path tests run without it, the build-failure test
 # on any CPU with the kernel's vector instructions (elsewhere no build is tried).
 needs_vector = pytest.mark.skipif(
-    not cq.vectorized(), reason="no AVX-512 F/BW/VL: the kernel is never built on this CPU"
+    not cq.vectorized(), reason="no AVX-512 F/BW/VL or AVX2: the kernel is never built here"
 )
 needs_kernel = pytest.mark.skipif(not cq.available(), reason="the CPU kernel is not available")
-needs_vnni = pytest.mark.skipif(
-    not (cq.available() and cq.int8_activations()), reason="no kernel or no AVX-512 VNNI"
+needs_int8_act = pytest.mark.skipif(
+    not (cq.available() and cq.int8_activations()),
+    reason="no kernel or no int8 path (AVX-512 without VNNI)",
 )
 
 # (format, group size, K): odd K where groups allow it (scalar tails), groups whose width is not a
@@ -72,6 +75,53 @@ def test_kernel_equals_dequantized_reference(fmt, gs, k, m):
     x = np.random.default_rng(m).normal(size=(m, k)).astype(np.float32)
     got = jax.jit(quant.linear)(x, qt)
     _close(got, _ref(x, qt))
+
+
+# Each code path of the source, built with a `-march` that selects it and registered under its
+# own target, where this CPU can run it: the kernel this CPU builds is one of them, so the others
+# would go untested on it.
+# (-march flags, the CPU flags it needs, whether it has an int8-activation path).
+MARCH_PATHS = {
+    "scalar": (("-march=x86-64",), (), False),
+    "avx2": (("-march=x86-64-v3",), cq.AVX2_FLAGS, True),
+    "avx512": (("-march=x86-64-v4",), cq.VECTOR_FLAGS, False),
+    "avx512-vnni": (("-march=x86-64-v4", "-mavx512vnni"), cq.VECTOR_FLAGS + cq.INT8_FLAGS, True),
+}
+
+
+@pytest.mark.parametrize("path", list(MARCH_PATHS))
+def test_every_code_path_of_the_source_equals_the_reference(path, tmp_path):
+    march, flags, int8 = MARCH_PATHS[path]
+    if platform.machine() != "x86_64" or not set(flags) <= set(cq._cpu_flags().split()):
+        pytest.skip(f"this CPU cannot run the {path} path")
+    native = [f for f in cq.FLAGS if not f.startswith("-march")]
+    try:
+        so = cq.build(cache_dir=tmp_path, flags=(*native, *march))
+    except cq.KernelBuildError as e:
+        pytest.skip(f"no C++ compiler for the kernel: {e}")
+    lib = ctypes.cdll.LoadLibrary(str(so))
+    target = f"floe_qmatvec_test_{path}"
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, cq.SYMBOL)), platform="cpu")
+
+    def call(x, qt, act):
+        out = jax.ShapeDtypeStruct((x.shape[0], qt.q.shape[0]), jnp.float32)
+        fmt = np.int32(cq.FORMAT_CODES[qt.format])
+        return np.asarray(jax.ffi.ffi_call(target, out)(x, qt.q, qt.scale, fmt=fmt, act=act))
+
+    for fmt, gs, k in CASES:
+        qt = _weight(fmt, gs, k)
+        for m in (1, 3, 6):
+            x = np.random.default_rng(m).normal(size=(m, k)).astype(np.float32)
+            _close(call(x, qt, np.int32(0)), _ref(x, qt))
+    for fmt, gs, k in I8_CASES:
+        qt = _weight8(fmt, gs, k)
+        x = np.random.default_rng(k).normal(size=(3, k)).astype(np.float32)
+        x[0, :5] *= 40  # an outlier block
+        if int8:
+            _close(call(x, qt, np.int32(1)), _ref_int8(x, qt))
+        else:
+            with pytest.raises(Exception, match="int8 activations need"):
+                call(x, qt, np.int32(1))
 
 
 @needs_kernel
@@ -207,12 +257,17 @@ def test_xla_multiply_reduce_equals_dequantized_reference(fmt, gs, k):
 
 def test_a_cpu_without_the_vector_instructions_keeps_xla(monkeypatch):
     """The kernel's scalar fallback is slower than XLA's vectorized multiply-reduce: a CPU
-    without AVX-512 F/BW/VL never selects it, and `path()` says why."""
-    monkeypatch.setattr(cq, "_cpu_flags", lambda: "flags : fpu sse2 avx avx2 fma avx512f")
-    assert not cq.vectorized() and not cq.available()
-    assert "lacks avx512f/avx512bw/avx512vl" in cq.path()
-    monkeypatch.setattr(cq, "_cpu_flags", lambda: "flags : avx2 avx512f avx512bw avx512vl")
-    assert cq.vectorized()
+    with neither AVX-512 F/BW/VL nor AVX2 + FMA never selects it, and `path()` says why; int8
+    activations run on the AVX2 path, and on the AVX-512 path only with VNNI."""
+    monkeypatch.setattr(cq, "_cpu_flags", lambda: "flags : fpu sse2 avx fma avx512f")
+    assert not cq.vectorized() and not cq.available() and not cq.int8_activations()
+    assert "lacks avx512f/avx512bw/avx512vl and avx2/fma" in cq.path()
+    monkeypatch.setattr(cq, "_cpu_flags", lambda: "flags : fpu sse2 avx avx2 fma")
+    assert cq.vectorized() and cq.int8_activations()
+    monkeypatch.setattr(cq, "_cpu_flags", lambda: "flags : avx2 fma avx512f avx512bw avx512vl")
+    assert cq.vectorized() and not cq.int8_activations()
+    monkeypatch.setattr(cq, "_cpu_flags", lambda: "flags : avx512f avx512bw avx512vl avx512_vnni")
+    assert cq.vectorized() and cq.int8_activations()
 
 
 def test_command_line_reads_the_kernel_environment_once(monkeypatch):
@@ -368,7 +423,7 @@ def _weight8(fmt, gs, k, n=N, seed=0):
     return quant.quantize_matrix(w, fmt, gs, transposed=True, activations="int8")
 
 
-@needs_vnni
+@needs_int8_act
 @pytest.mark.parametrize("m", [1, 6])
 @pytest.mark.parametrize(("fmt", "gs", "k"), I8_CASES)
 def test_int8_activations_equal_the_integer_reference(fmt, gs, k, m):
@@ -398,7 +453,7 @@ def test_activation_quantization_rule():
     assert np.isnan(cq.quantize_activations(x)[1][0, 1])
 
 
-@needs_vnni
+@needs_int8_act
 def test_int8_activations_propagate_nan_and_zero_rows():
     qt = _weight8("int4", 64, 192)
     x = np.zeros((3, 192), np.float32)
@@ -409,7 +464,7 @@ def test_int8_activations_propagate_nan_and_zero_rows():
     _close(y[1], _ref_int8(x[1:2], qt)[0])
 
 
-@needs_vnni
+@needs_int8_act
 def test_int8_activations_under_vmap_and_grad():
     """Clients fold into the kernel's rows; the gradient wrt x is the float path's (QLoRA
     training over such a base trains as with float32 activations)."""
@@ -424,8 +479,8 @@ def test_int8_activations_under_vmap_and_grad():
     _close(g, c.astype(np.float64) @ np.asarray(qt.dequantize(), np.float64).T)
 
 
-@needs_vnni
-def test_greedy_decode_with_int8_activations_runs_the_vnni_kernel():
+@needs_int8_act
+def test_greedy_decode_with_int8_activations_runs_the_int8_kernel():
     qcfg = quant.QuantConfig(format="int4", group_size=32, activations="int8")
     qp = unstack_layers(quant.quantize(init_params(CFG, key=jax.random.key(0)), CFG, qcfg))
     toks, logits, gen, args = _decode(qp)
