@@ -31,7 +31,7 @@ import numpy as np
 from flax import struct
 
 from floe_jax.config import ConfigError, ModelConfig
-from kernels import cpu_qmatvec
+from kernels import cpu_qmatvec, gpu_qmatvec
 
 FORMATS = ("bf16", "int8", "int4", "nf4")
 
@@ -131,6 +131,9 @@ class QuantizedTensor:
       transposed: the logical matrix is the storage transposed ([..., K, N], a projection's
         [in, out]) rather than [..., N, K] (an embedding table) (static).
       cpu_kernel: `QuantConfig.cpu_kernel` (static: the jit cache keys on it).
+      gpu_kernel: on GPUs, contract decode steps' few rows of int8/int4 codes in the Pallas
+        kernel `kernels.gpu_qmatvec` where its shapes allow, instead of XLA's multiply-reduce
+        (static; off by default, `with_options(params, gpu_kernel=True)` turns it on).
       activations: `QuantConfig.activations` (static).
     """
 
@@ -140,6 +143,7 @@ class QuantizedTensor:
     transposed: bool = struct.field(pytree_node=False)
     cpu_kernel: bool = struct.field(pytree_node=False, default=True)
     activations: str = struct.field(pytree_node=False, default="float32")
+    gpu_kernel: bool = struct.field(pytree_node=False, default=False)
 
     @property
     def stored_shape(self) -> tuple[int, ...]:
@@ -264,9 +268,12 @@ def _contract(x, w: QuantizedTensor, out_dtype=None):
     lead, k = x.shape[:-1], x.shape[-1]
     m = int(np.prod(lead)) if lead else 1
     x2 = x.reshape(m, k)
-    on_cpu = jax.default_backend() == "cpu"
-    if m <= KERNEL_ROWS and w.cpu_kernel and on_cpu and cpu_qmatvec.available():
+    backend = jax.default_backend()
+    if m <= KERNEL_ROWS and w.cpu_kernel and backend == "cpu" and cpu_qmatvec.available():
         y = _small_rows(x2, w.q, w.scale, w.format, _kernel_activations(w.activations))
+    elif (w.gpu_kernel and backend == "gpu"
+          and gpu_qmatvec.block_n(m, w.q.shape[0], k, w.scale.shape[-1], w.format)):  # fmt: skip
+        y = _gpu_rows(x2, w.q, w.scale, w.format)
     elif m <= SMALL_ROWS:
         y = _multiply_reduce(x2, w.q, w.scale, w.format)
     else:
@@ -334,6 +341,23 @@ def _small_rows_bwd(fmt, act, res, g_MN):
 
 
 _small_rows.defvjp(_small_rows_fwd, _small_rows_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _gpu_rows(x_MK, q, scale, fmt):
+    """`x . decode(q).T` [M, N] for a decode step on a GPU: the Pallas kernel
+    (`kernels.gpu_qmatvec`) there, XLA's path elsewhere; its gradient wrt x is XLA's path's."""
+    return jax.lax.platform_dependent(
+        x_MK, q, scale,
+        cuda=lambda x, q, s: gpu_qmatvec.qmatvec(x, q, s, fmt),
+        default=lambda x, q, s: _xla_product(x, q, s, fmt),
+    )  # fmt: skip
+
+
+_gpu_rows.defvjp(
+    lambda x, q, s, fmt: (_gpu_rows(x, q, s, fmt), (x, q, s)),
+    lambda fmt, res, g: _small_rows_bwd(fmt, "float32", res, g),
+)
 
 
 # Rematerialized under autodiff: the backward pass decodes the weight again instead of keeping
@@ -451,15 +475,16 @@ def quantize(params: dict, cfg: ModelConfig, qcfg: QuantConfig) -> dict:
 
 
 def with_options(params, **changes):
-    """`params` with the static options `changes` (`cpu_kernel`, `activations`) on every
-    `QuantizedTensor` in it, checked as `QuantConfig` checks them; the codes are shared, not
-    copied."""
-    unknown = sorted(set(changes) - {"cpu_kernel", "activations"})
+    """`params` with the static options `changes` (`cpu_kernel`, `activations`, `gpu_kernel`)
+    on every `QuantizedTensor` in it, checked as `QuantConfig` checks them; the codes are shared,
+    not copied."""
+    unknown = sorted(set(changes) - {"cpu_kernel", "activations", "gpu_kernel"})
     if unknown:
         raise ValueError(f"with_options: {unknown} are not options of a quantized base "
-                         "(cpu_kernel, activations)")  # fmt: skip
-    if not isinstance(changes.get("cpu_kernel", True), bool):
-        raise ValueError(f"with_options: cpu_kernel must be a bool, got {changes['cpu_kernel']!r}")
+                         "(cpu_kernel, activations, gpu_kernel)")  # fmt: skip
+    for flag in ("cpu_kernel", "gpu_kernel"):
+        if not isinstance(changes.get(flag, True), bool):
+            raise ValueError(f"with_options: {flag} must be a bool, got {changes[flag]!r}")
 
     def fix(x):
         if not is_quantized(x):

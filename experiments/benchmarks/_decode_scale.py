@@ -9,7 +9,8 @@ float32 matrix-vector products over 512 MB of MLP-shaped matrices (`_bandwidth_p
 Every side (and the bandwidth probe) runs in one alternating loop, so all see the same machine;
 figures are medians. On an accelerator transformers runs on the same device where torch has
 CUDA (TF32 matmuls allowed, as JAX's default precision takes them), the probe reads 4 GiB, and
-the quantized sides run XLA's multiply-reduce (the decode-step path there). On a CPU the
+the quantized sides run XLA's multiply-reduce (the decode-step path there), and on a GPU the
+"(pallas)" sides the Pallas kernel (`kernels.gpu_qmatvec`, `gpu_kernel=True`). On a CPU the
 quantized sides run the fused matvec kernel (`kernels.cpu_qmatvec`) unless `cpu_kernel` is
 False (`QuantConfig.cpu_kernel`; the command line's FLOE_JAX_CPU_KERNELS=0); the "(XLA m-r)"
 sides run XLA's multiply-reduce in the same loop (their weights carry `cpu_kernel=False`), the
@@ -139,6 +140,9 @@ def run(
         sides = {f"floe_jax {f}": fj_side(p) for f, p in bases.items()}
         sides |= {f"floe_jax {f} (XLA m-r)": fj_side(quant.with_options(bases[f], cpu_kernel=False))
                   for f in xla_formats}  # fmt: skip
+        if jax.default_backend() == "gpu":
+            sides |= {f"floe_jax {f} (pallas)": fj_side(quant.with_options(bases[f],
+                      gpu_kernel=True)) for f in ("int8", "int4")}  # fmt: skip
         if on_cpu and cpu_kernel and cpu_qmatvec.available() and cpu_qmatvec.int8_activations():
             sides |= {f"floe_jax {f} (int8 act)": fj_side(quant.with_options(bases[f],
                       activations="int8")) for f in int8_act_formats}  # fmt: skip
@@ -185,7 +189,7 @@ def _path(side: str, fmt: str, cpu_kernel: bool, on_cpu: bool = True, tdev: str 
     if fmt == "float32":
         return "XLA dot"
     if not on_cpu:
-        return "XLA multiply-reduce"
+        return "pallas (kernels.gpu_qmatvec)" if "(pallas)" in side else "XLA multiply-reduce"
     act = "int8" if "(int8 act)" in side else "float32"
     return cpu_qmatvec.path(cpu_kernel and "(XLA m-r)" not in side, act)
 

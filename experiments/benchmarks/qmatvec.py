@@ -2,8 +2,10 @@
 (`kernels/cpu_qmatvec`) against XLA's multiply-reduce (`floe_jax.quant._multiply_reduce`, the
 path of `QuantConfig(cpu_kernel=False)`) and a float32 product, on Qwen2.5-0.5B's matrix shapes.
 Both paths are called directly, so `FLOE_JAX_CPU_KERNELS` does not apply. On an accelerator (or a
-CPU the kernel does not run on) only XLA's paths are timed: there the multiply-reduce is what a
-decode step runs.
+CPU the kernel does not run on) XLA's paths are timed instead of the CPU kernel: the
+multiply-reduce (what a decode step runs there by default) and the dequantize-then-dot; on a GPU
+also the Pallas kernel `kernels.gpu_qmatvec` ("pallas", int8 and int4: a decode step's path with
+`quant.with_options(params, gpu_kernel=True)`).
 
 One row of x (a decode step at batch 1) against `COPIES` separate [4864, 896] MLP matrices (one
 per layer, so they do not fit the cache, as in a decode step) and against the [151936, 896]
@@ -26,7 +28,7 @@ import numpy as np
 
 from experiments.benchmarks._util import machine, print_table, timeit_alternating
 from floe_jax import quant
-from kernels import cpu_qmatvec
+from kernels import cpu_qmatvec, gpu_qmatvec
 
 SHAPES = {"mlp [4864, 896] x24": (4864, 896, 24), "vocab [151936, 896]": (151936, 896, 1)}
 FORMATS = (("bf16", None), ("int8", None), ("int4", 64), ("nf4", 64))
@@ -41,6 +43,7 @@ def run(quick: bool = False) -> list[dict]:
     rows = []
     repeats = 3 if quick else 5
     kernel = jax.default_backend() == "cpu" and cpu_qmatvec.available()
+    gpu = jax.default_backend() == "gpu"
     for name, (n, k, copies) in SHAPES.items():
         if quick:
             n, copies = min(n, 2048), min(copies, 2)
@@ -59,6 +62,14 @@ def run(quick: bool = False) -> list[dict]:
             if kernel:
                 sides[(fmt, "kernel")] = (ker, qs, nbytes)
             sides[(fmt, "XLA multiply-reduce")] = (xla, qs, nbytes)
+            if jax.default_backend() != "cpu":
+                dot = jax.jit(lambda x, qs, fmt=fmt: [quant._dequantized_dot(x, q.q, q.scale, fmt)
+                                                      for q in qs])  # fmt: skip
+                sides[(fmt, "XLA dequantized dot")] = (dot, qs, nbytes)
+            if gpu and gpu_qmatvec.block_n(1, n, k, qs[0].scale.shape[-1], fmt):
+                pal = jax.jit(lambda x, qs, fmt=fmt: [gpu_qmatvec.qmatvec(x, q.q, q.scale, fmt)
+                                                      for q in qs])  # fmt: skip
+                sides[(fmt, "pallas")] = (pal, qs, nbytes)
             if kernel and fmt in cpu_qmatvec.INT8_FORMATS and cpu_qmatvec.int8_activations():
                 mv = functools.partial(cpu_qmatvec.qmatvec, fmt=fmt, activations="int8")
                 i8 = jax.jit(lambda x, qs, mv=mv: [mv(x, q.q, q.scale) for q in qs])
