@@ -362,6 +362,60 @@ inline void tile4(const float* xe, int64_t K, const uint8_t* q, int64_t ldq, con
     }
 }
 
+// More rows of x than one pass takes (a short prompt's prefill): the tile's R weight rows are
+// decoded once into float32 scratch [R, K] (cache-resident) and every pair of x rows is
+// multiply-added against it, where the tiles above would decode them again for each pass.
+template <int MT, int R>
+inline void buffered_pass(const float* x, int64_t K, const float* buf, const float* scale,
+                          int64_t G, bool per_row, float* y, int64_t N, int64_t n0) {
+  __m256 acc[MT][R];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int64_t kvec = K / 8 * 8;
+  for (int64_t k = 0; k < kvec; k += 8) {
+    __m256 w[R];
+    for (int r = 0; r < R; ++r) w[r] = _mm256_loadu_ps(buf + r * K + k);
+    for (int m = 0; m < MT; ++m) {
+      const __m256 xv = _mm256_loadu_ps(x + m * K + k);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, w[r], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) {
+      float v = hsum(acc[m][r]);
+      for (int64_t k = kvec; k < K; ++k) v += x[m * K + k] * buf[r * K + k];
+      if (per_row) v *= scale[(n0 + r) * G];
+      y[m * N + n0 + r] = v;
+    }
+}
+
+template <int F, int S, int R>
+inline void tile_buffered(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq,
+                          const float* scale, int64_t G, float* y, int64_t N, int64_t n0,
+                          float* buf) {
+  const int64_t groups = S == kGroup ? G : 1;
+  const int64_t gs = K / groups;
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* row = q + (n0 + r) * ldq;
+    float* br = buf + r * K;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float sf = S == kGroup ? scale[(n0 + r) * G + g] : 1.f;
+      const __m256 s = _mm256_set1_ps(sf);
+      const int64_t kend = (g + 1) * gs, kvec = g * gs + gs / 8 * 8;
+      for (int64_t k = g * gs; k < kvec; k += 8) {
+        __m256 w = decode8<F>(row, k);
+        if constexpr (S == kGroup) w = _mm256_mul_ps(w, s);
+        _mm256_storeu_ps(br + k, w);
+      }
+      for (int64_t k = kvec; k < kend; ++k) br[k] = decode1<F>(row, k) * sf;
+    }
+  }
+  int64_t m0 = 0;
+  for (; m0 + 2 <= M; m0 += 2)
+    buffered_pass<2, R>(x + m0 * K, K, buf, scale, G, S == kRow, y + m0 * N, N, n0);
+  if (m0 < M) buffered_pass<1, R>(x + m0 * K, K, buf, scale, G, S == kRow, y + m0 * N, N, n0);
+}
+
 #endif
 
 #if defined(FLOE_QMV_AVX512) || defined(FLOE_QMV_AVX2)
@@ -387,12 +441,23 @@ inline void tile_m(int mt, bool fast4, const float* x, int64_t K, const uint8_t*
   }
 }
 
-// Output rows [n0, n1) for every row of x.
+// Output rows [n0, n1) for every row of x (through `scratch` [kRows, K] where it is given).
 template <int F, int S>
-void rows(bool fast4, const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq,
-          const float* scale, int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
+void rows(bool fast4, float* scratch, const float* x, int64_t M, int64_t K, const uint8_t* q,
+          int64_t ldq, const float* scale, int64_t G, float* y, int64_t N, int64_t n0,
+          int64_t n1) {
   for (int64_t n = n0; n < n1;) {
     const bool full = n + kRows <= n1;
+#ifdef FLOE_QMV_AVX2
+    if (scratch != nullptr) {
+      if (full)
+        tile_buffered<F, S, kRows>(x, M, K, q, ldq, scale, G, y, N, n, scratch);
+      else
+        tile_buffered<F, S, 1>(x, M, K, q, ldq, scale, G, y, N, n, scratch);
+      n += full ? kRows : 1;
+      continue;
+    }
+#endif
     for (int64_t m0 = 0; m0 < M; m0 += kXRows) {
       const int mt = int(std::min<int64_t>(kXRows, M - m0));
       if (full)
@@ -407,7 +472,7 @@ void rows(bool fast4, const float* x, int64_t M, int64_t K, const uint8_t* q, in
 #else
 
 template <int F, int S>
-void rows(bool, const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq,
+void rows(bool, float*, const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq,
           const float* scale, int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
   scalar_rows<F, S>(x, M, K, q, ldq, scale, G, y, N, n0, n1);
 }
@@ -769,11 +834,14 @@ void run(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq, co
   // Chunks of whole tiles, one contiguous range per thread; small products stay on one thread.
   const int64_t tiles = (N + kRows - 1) / kRows;
   const bool parallel = N * K >= (int64_t(1) << 18);
-  bool fast4 = false;
+  bool fast4 = false, buffered = false;
   std::vector<float> xe;
+#ifdef FLOE_QMV_AVX2
+  buffered = M > kXRows;  // decode each tile once into scratch (tile_buffered)
+#endif
 #if defined(FLOE_QMV_AVX512) || defined(FLOE_QMV_AVX2)
   if constexpr (F == kINT4 || F == kNF4) {
-    fast4 = K % 32 == 0 && (S != kGroup || (K / G) % 32 == 0);
+    fast4 = !buffered && K % 32 == 0 && (S != kGroup || (K / G) % 32 == 0);
     if (fast4) {  // x de-interleaved per 32 inputs: the 16 even ones, then the 16 odd ones
       xe.resize(M * K);
       for (int64_t i = 0; i < M * K; i += 32)
@@ -785,10 +853,15 @@ void run(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq, co
     }
   }
 #endif
-#pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t n0 = t * kRows, n1 = std::min(N, n0 + kRows);
-    rows<F, S>(fast4, x, M, K, q, ldq, scale, G, y, N, n0, n1);
+#pragma omp parallel if (parallel)
+  {
+    std::vector<float> scratch(buffered ? kRows * K : 0);  // one per thread
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t n0 = t * kRows, n1 = std::min(N, n0 + kRows);
+      rows<F, S>(fast4, buffered ? scratch.data() : nullptr, x, M, K, q, ldq, scale, G, y, N, n0,
+                 n1);
+    }
   }
 }
 
