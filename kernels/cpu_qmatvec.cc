@@ -837,7 +837,11 @@ void run(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq, co
   bool fast4 = false, buffered = false;
   std::vector<float> xe;
 #ifdef FLOE_QMV_AVX2
-  buffered = M > kXRows;  // decode each tile once into scratch (tile_buffered)
+  // Decode each tile once into scratch (tile_buffered) rather than once per pass of 2 rows: 4-bit
+  // codes (about 3x int8's instructions per byte to decode) from 3 rows on, int8 and bf16 only
+  // past a batched decode step's 8 rows (at 8 rows their passes were faster: a batch-8 step of
+  // Qwen2.5-0.5B shapes took 135 ms over int8 codes in passes, 171 ms buffered; bench decode).
+  buffered = M > ((F == kINT4 || F == kNF4) ? kXRows : 8);
 #endif
 #if defined(FLOE_QMV_AVX512) || defined(FLOE_QMV_AVX2)
   if constexpr (F == kINT4 || F == kNF4) {

@@ -68,7 +68,7 @@ def _close(got, want, rtol=1e-5):
 
 
 @needs_kernel
-@pytest.mark.parametrize("m", [1, 3, 6, 16])
+@pytest.mark.parametrize("m", [1, 2, 3, 6, 16])
 @pytest.mark.parametrize(("fmt", "gs", "k"), CASES)
 def test_kernel_equals_dequantized_reference(fmt, gs, k, m):
     qt = _weight(fmt, gs, k)
@@ -110,7 +110,7 @@ def test_every_code_path_of_the_source_equals_the_reference(path, tmp_path):
 
     for fmt, gs, k in CASES:
         qt = _weight(fmt, gs, k)
-        for m in (1, 3, 6):
+        for m in (1, 2, 3, 9):  # one pass, two rows, passes or scratch (kernel paths by rows)
             x = np.random.default_rng(m).normal(size=(m, k)).astype(np.float32)
             _close(call(x, qt, np.int32(0)), _ref(x, qt))
     for fmt, gs, k in I8_CASES:
