@@ -53,8 +53,8 @@ NF4_CODES = np.array(
 # and run a dot.
 SMALL_ROWS = 16
 # On CPUs the kernel also runs inputs of up to this many rows (a short prompt's prefill): it
-# decodes each weight once per 4 rows from cache, which at 32 rows still beat dequantizing the
-# weight for a dot about twofold (`bench qmatvec`'s shapes, README).
+# decodes each weight once per pass of 4 rows (AVX-512) from cache, or once into scratch (AVX2),
+# which at 32 rows still beat dequantizing the weight for a dot about twofold (README).
 KERNEL_ROWS = 32
 # The largest float copy of one weight a wide matmul makes at once (see `_dequantized_dot`).
 CHUNK_BYTES = 64 * 2**20

@@ -8,7 +8,8 @@
 // Activations stay float32: each weight is decoded to the float32 value the dequantize-then-float
 // reference uses (code * scale) and multiply-added in float32, so results equal that reference up
 // to summation order. Each code is read from memory once, whatever M is: rows of weights are
-// processed in tiles of 4 and, for M > 4, the tile is decoded again from cache per 4 rows of x.
+// processed in tiles of 4 and, for more rows of x than one pass takes (4 on AVX-512, 2 on AVX2),
+// the tile is decoded again from cache per pass, or (AVX2, `kScratchRows`) once into scratch.
 // Output tiles are split over OpenMP threads (each thread streams its contiguous share of the
 // weight rows), so every core's share of the memory bandwidth is used.
 //
@@ -75,7 +76,7 @@ inline float decode1(const uint8_t* row, int64_t k) {
   }
 }
 
-// Scalar reference loop (machines without AVX-512): one output at a time.
+// Scalar reference loop (machines with neither AVX-512 nor AVX2 + FMA): one output at a time.
 template <int F, int S>
 void scalar_rows(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq,
                  const float* scale, int64_t G, float* y, int64_t N, int64_t n0, int64_t n1) {
@@ -227,6 +228,14 @@ inline void tile4(const float* xe, int64_t K, const uint8_t* q, int64_t ldq, con
 // codes; a group's last inputs that fill no vector (K or a group not a multiple of 8) are
 // multiply-added one by one, as the scalar loop does.
 constexpr int64_t kFloatPrefetchRows = 8;
+
+// Past this many rows of x a tile is decoded once into scratch (`tile_buffered`) rather than
+// once per pass of 2 rows: 4-bit codes (about 3x int8's instructions per byte to decode) from 3
+// rows on, int8 and bf16 codes only past a batched decode step's 8 rows (at 8 rows their passes
+// were faster: a batch-8 step of Qwen2.5-0.5B shapes took 135 ms over int8 codes in passes, 171
+// ms through scratch; `bench decode`).
+template <int F>
+constexpr int64_t kScratchRows = (F == kINT4 || F == kNF4) ? 2 : 8;
 
 inline void prefetch(const uint8_t* p) {
   _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
@@ -425,20 +434,20 @@ inline void tile_m(int mt, bool fast4, const float* x, int64_t K, const uint8_t*
                    const float* scale, int64_t G, float* y, int64_t N, int64_t n0) {
   if constexpr (F == kINT4 || F == kNF4) {
     if (fast4) {
-      switch (mt) {
-        case 1: return tile4<F, S, 1, R>(x, K, q, ldq, scale, G, y, N, n0);
-        case 2: return tile4<F, S, 2, R>(x, K, q, ldq, scale, G, y, N, n0);
-        case 3: return tile4<F, S, 3, R>(x, K, q, ldq, scale, G, y, N, n0);
-        default: return tile4<F, S, 4, R>(x, K, q, ldq, scale, G, y, N, n0);
+      if constexpr (kXRows > 2) {
+        if (mt == 3) return tile4<F, S, 3, R>(x, K, q, ldq, scale, G, y, N, n0);
+        if (mt == 4) return tile4<F, S, kXRows, R>(x, K, q, ldq, scale, G, y, N, n0);
       }
+      if (mt == 1) return tile4<F, S, 1, R>(x, K, q, ldq, scale, G, y, N, n0);
+      return tile4<F, S, 2, R>(x, K, q, ldq, scale, G, y, N, n0);
     }
   }
-  switch (mt) {
-    case 1: return tile<F, S, 1, R>(x, K, q, ldq, scale, G, y, N, n0);
-    case 2: return tile<F, S, 2, R>(x, K, q, ldq, scale, G, y, N, n0);
-    case 3: return tile<F, S, 3, R>(x, K, q, ldq, scale, G, y, N, n0);
-    default: return tile<F, S, 4, R>(x, K, q, ldq, scale, G, y, N, n0);
+  if constexpr (kXRows > 2) {  // AVX-512 passes take up to 4 rows, AVX2's 2
+    if (mt == 3) return tile<F, S, 3, R>(x, K, q, ldq, scale, G, y, N, n0);
+    if (mt == 4) return tile<F, S, kXRows, R>(x, K, q, ldq, scale, G, y, N, n0);
   }
+  if (mt == 1) return tile<F, S, 1, R>(x, K, q, ldq, scale, G, y, N, n0);
+  return tile<F, S, 2, R>(x, K, q, ldq, scale, G, y, N, n0);
 }
 
 // Output rows [n0, n1) for every row of x (through `scratch` [kRows, K] where it is given).
@@ -687,6 +696,7 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K) {
   qx.nb = (K + 31) / 32;
   qx.q.assign(M * qx.nb * 32, 0);
   qx.d.assign(M * qx.nb, 0.f);
+  if constexpr (F == kINT4) qx.corr.assign(M * qx.nb * 8, 0);
   std::vector<int8_t> row(qx.nb * 32);
   for (int64_t m = 0; m < M; ++m) {
     std::fill(row.begin(), row.end(), int8_t(0));
@@ -695,7 +705,6 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K) {
     if constexpr (F == kINT8) {
       std::memcpy(dst, row.data(), qx.nb * 32);
     } else {
-      qx.corr.resize(M * qx.nb * 8);
       for (int64_t b = 0; b < qx.nb; ++b) {
         for (int j = 0; j < 16; ++j) {
           dst[32 * b + j] = row[32 * b + 2 * j];
@@ -837,11 +846,7 @@ void run(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq, co
   bool fast4 = false, buffered = false;
   std::vector<float> xe;
 #ifdef FLOE_QMV_AVX2
-  // Decode each tile once into scratch (tile_buffered) rather than once per pass of 2 rows: 4-bit
-  // codes (about 3x int8's instructions per byte to decode) from 3 rows on, int8 and bf16 only
-  // past a batched decode step's 8 rows (at 8 rows their passes were faster: a batch-8 step of
-  // Qwen2.5-0.5B shapes took 135 ms over int8 codes in passes, 171 ms buffered; bench decode).
-  buffered = M > ((F == kINT4 || F == kNF4) ? kXRows : 8);
+  buffered = M > kScratchRows<F>;
 #endif
 #if defined(FLOE_QMV_AVX512) || defined(FLOE_QMV_AVX2)
   if constexpr (F == kINT4 || F == kNF4) {
@@ -934,7 +939,8 @@ ffi::Error QMatvecImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ff
   if (act == 1) {
 #ifndef FLOE_QMV_INT8_ACT
     return ffi::Error::InvalidArgument(
-        "floe_qmatvec: int8 activations need AVX-512 VNNI or AVX2, which this build lacks");
+        "floe_qmatvec: this build has no int8-activation path (it is built for AVX-512 without "
+        "VNNI, or for neither AVX-512 nor AVX2)");
 #endif
     if (fmt != kINT8 && fmt != kINT4)
       return ffi::Error::InvalidArgument(std::string("floe_qmatvec: int8 activations take int8 "

@@ -396,8 +396,9 @@ def qmatvec(
     """
     check_operands(x_MK, q, scale, fmt, activations)
     if activations == "int8" and not int8_activations():
-        raise ValueError(f"qmatvec: int8 activations need {'/'.join(INT8_FLAGS)} on an "
-                         "AVX-512 CPU, or AVX2, which this CPU lacks")  # fmt: skip
+        raise ValueError("qmatvec: int8 activations need the kernel's int8 path: "
+                         f"{'/'.join(INT8_FLAGS)} where the CPU has AVX-512, or AVX2 + FMA "
+                         "without AVX-512; this CPU has neither")  # fmt: skip
     if (error := _register()) is not None:
         raise KernelBuildError(error)
     return _batched(fmt, activations)(x_MK.astype(jnp.float32), q, scale)

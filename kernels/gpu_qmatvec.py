@@ -11,7 +11,10 @@ the high one) against x split into its even and odd inputs. Results equal the
 dequantize-then-float reference up to summation order.
 
 `qmatvec` runs on a GPU through Triton and, with `interpret=True`, in Pallas' interpreter on any
-backend (the tests); `supported` says which shapes it takes (Triton's blocks are powers of two).
+backend (the tests); `block_n` says which shapes it takes (Triton's blocks are powers of two).
+Under `vmap` over clients that share a base the call goes through `pallas_call`'s batching, which
+runs the kernel once per client (each reading the weights), where the CPU kernel folds the
+clients into its rows; not measured.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ def block_n(m: int, n: int, k: int, groups: int, fmt: str) -> int | None:
     """Weight rows per program for an [m, k] x [n, k]ᵀ product, or None if the kernel cannot
     take it: at most `MAX_ROWS` rows of x, an int8/int4 format, chunks a power of two that
     divide K, and N a multiple of the block (16 to 64 rows: the largest that still gives 256
-    programs, two per streaming multiprocessor of a large GPU, and fits the registers)."""
+    programs, two per streaming multiprocessor of a large GPU, and keeps a chunk's product
+    within `_PRODUCT` elements where 16 rows allow it)."""
     chunk = _chunk(k, groups, fmt) if fmt in FORMATS else None
     if chunk is None or m > MAX_ROWS:
         return None

@@ -15,7 +15,8 @@ quantized sides run the fused matvec kernel (`kernels.cpu_qmatvec`) unless `cpu_
 False (`QuantConfig.cpu_kernel`; the command line's FLOE_JAX_CPU_KERNELS=0); the "(XLA m-r)"
 sides run XLA's multiply-reduce in the same loop (their weights carry `cpu_kernel=False`), the
 "(int8 act)" sides the kernel with int8 activations (`QuantConfig.activations="int8"`, where the
-CPU has AVX-512 VNNI), and a `matvec` column says which path each side ran.
+kernel has an int8 path: AVX-512 VNNI, or AVX2), and a `matvec` column says which path each side
+ran.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def run(
     and `xla_formats` also with XLA's multiply-reduce ("(XLA m-r)" sides); the `matvec` column
     says which path each side ran. `hf_bf16=False` leaves out transformers' bfloat16 side;
     `cpu_kernel` is the quantized sides' `QuantConfig.cpu_kernel`; `int8_act_formats` also run
-    with int8 activations ("(int8 act)" sides) where the kernel and VNNI are there. On an
+    with int8 activations ("(int8 act)" sides) where the kernel has an int8 path. On an
     accelerator the quantized sides already run XLA's multiply-reduce, so `xla_formats` adds
     nothing there."""
     import torch

@@ -1,9 +1,9 @@
 """`python -m experiments bench qmatvec`: the CPU quantized matvec kernel
 (`kernels/cpu_qmatvec`) against XLA's multiply-reduce (`floe_jax.quant._multiply_reduce`, the
 path of `QuantConfig(cpu_kernel=False)`) and a float32 product, on Qwen2.5-0.5B's matrix shapes.
-Both paths are called directly, so `FLOE_JAX_CPU_KERNELS` does not apply. On an accelerator (or a
-CPU the kernel does not run on) XLA's paths are timed instead of the CPU kernel: the
-multiply-reduce (what a decode step runs there by default) and the dequantize-then-dot; on a GPU
+Both paths are called directly, so `FLOE_JAX_CPU_KERNELS` does not apply. On a CPU the kernel
+does not run on only XLA's multiply-reduce is timed beside float32; on an accelerator XLA's
+multiply-reduce (what a decode step runs there by default) and its dequantize-then-dot; on a GPU
 also the Pallas kernel `kernels.gpu_qmatvec` ("pallas", int8 and int4: a decode step's path with
 `quant.with_options(params, gpu_kernel=True)`).
 
@@ -12,7 +12,8 @@ per layer, so they do not fit the cache, as in a decode step) and against the [1
 vocabulary matrix. GB/s is the bytes of codes and scales read over the time; the float32 rate
 of the MLP matrices is the machine's read bandwidth the others compare with. int8 and int4 also
 run the kernel with int8 activations (`QuantConfig.activations="int8"`, "kernel, int8 act":
-x quantized per block of 32, VNNI integer dot products) where the CPU has AVX-512 VNNI; its
+x quantized per block of 32, integer dot products) where the kernel has that path (AVX-512 VNNI,
+or AVX2); its
 "rel. diff vs float32" includes the activations' rounding. Every side runs in one alternating
 loop; medians.
 """

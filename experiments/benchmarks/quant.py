@@ -86,12 +86,12 @@ def quality_rows(quick: bool = False, cpu_kernel: bool = True) -> list[dict]:
              "argmax = f32 (teacher-forced)": 1.0}]  # fmt: skip
     from kernels import cpu_qmatvec
 
-    # int8 activations exist only in the CPU kernel's VNNI path; elsewhere such a row would
-    # measure float32 activations under another name, so it is left out.
-    vnni = (cpu_kernel and jax.default_backend() == "cpu" and cpu_qmatvec.int8_activations()
+    # int8 activations exist only in the CPU kernel's int8 path (VNNI or AVX2); elsewhere such a
+    # row would measure float32 activations under another name, so it is left out.
+    int8_path = (cpu_kernel and jax.default_backend() == "cpu" and cpu_qmatvec.int8_activations()
             and cpu_qmatvec.available())  # fmt: skip
     for label, kw in QUALITY_ROWS:
-        if kw.get("activations") == "int8" and not vnni:
+        if kw.get("activations") == "int8" and not int8_path:
             continue
         qp = quant.quantize(params, cfg, quant.QuantConfig(**kw, cpu_kernel=cpu_kernel))
         q_logits = np.asarray(logits(qp))
