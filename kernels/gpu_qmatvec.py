@@ -1,7 +1,7 @@
 """A dequantize-matvec for int8 and int4 bases on GPUs, as a Pallas (Triton) kernel.
 
 On a GPU a decode step's quantized matmuls otherwise run XLA's multiply-reduce
-(`floe_jax.quant._multiply_reduce`): it reads each code once, but `bench qmatvec` measured it on
+(`floe_jax.qmatmul.multiply_reduce`): it reads each code once, but `bench qmatvec` measured it on
 an H200 at a quarter (int8) and a tenth (int4) of the rate XLA's float32 dot reads its weights.
 Here each program takes `block_n` weight rows and every row of x (at most `MAX_ROWS`), walks K
 one chunk at a time (a weight group, or 128 inputs when there is one scale per row), decodes the

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from floe_jax import quant
+from floe_jax import qmatmul, quant
 from floe_jax.config import ConfigError, ModelConfig
 from floe_jax.decode import generate, pad_prompts
 from floe_jax.model import forward, init_cache, init_params, unstack_layers
@@ -135,7 +135,7 @@ def test_short_prefill_runs_the_kernel_and_its_grad_the_dequantized_dot():
     rng = np.random.default_rng(6)
     x = rng.normal(size=(2, 12, 192)).astype(np.float32)  # 24 rows: past SMALL_ROWS
     c = rng.normal(size=(2, 12, N)).astype(np.float32)
-    assert quant.SMALL_ROWS < 24 <= quant.KERNEL_ROWS
+    assert qmatmul.SMALL_ROWS < 24 <= qmatmul.KERNEL_ROWS
     fn = jax.jit(quant.linear)
     assert "floe_qmatvec" in fn.lower(x, qt).as_text()
     _close(fn(x, qt), _ref(x, qt))
@@ -256,7 +256,7 @@ def test_xla_multiply_reduce_equals_dequantized_reference(fmt, gs, k):
     qt = _weight(fmt, gs, k)
     for m in (1, 5):
         x = np.random.default_rng(m).normal(size=(m, k)).astype(np.float32)
-        got = jax.jit(quant._multiply_reduce, static_argnums=3)(x, qt.q, qt.scale, fmt)
+        got = jax.jit(qmatmul.multiply_reduce, static_argnums=3)(x, qt.q, qt.scale, fmt)
         _close(np.asarray(got), _ref(x, qt))
 
 

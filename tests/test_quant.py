@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from floe_jax import quant
+from floe_jax import qmatmul, quant
 from floe_jax.config import ConfigError, LoRAConfig, ModelConfig
 from floe_jax.federated.client import local_update, local_update_clients, make_optimizer
 from floe_jax.lora import init_lora, merge_lora, stack_loras
@@ -204,7 +204,7 @@ def test_chunked_vocabulary_matmul_equals_whole(monkeypatch):
     qp = quant.quantize(_params(cfg), cfg, QCFGS["int8-g32"])
     lora = init_lora(cfg, LoRAConfig(rank=2, alpha=4), key=jax.random.key(2))
     lora = dataclasses.replace(lora, b=jax.tree.map(lambda x: x + 0.01, lora.b))
-    toks = _tokens(3, 12)  # 36 rows: past quant.KERNEL_ROWS, the dequantizing (chunked) path
+    toks = _tokens(3, 12)  # 36 rows: past qmatmul.KERNEL_ROWS, the dequantizing (chunked) path
     ones = np.ones(toks.shape, np.float32)
 
     def loss(lo):
@@ -212,7 +212,7 @@ def test_chunked_vocabulary_matmul_equals_whole(monkeypatch):
         return s / n
 
     whole = jax.jit(jax.value_and_grad(loss))(lora)  # CHUNK_BYTES is read when traced
-    monkeypatch.setattr(quant, "CHUNK_BYTES", 16 * cfg.hidden_size * 4)  # 6 chunks of 16 rows
+    monkeypatch.setattr(qmatmul, "CHUNK_BYTES", 16 * cfg.hidden_size * 4)  # 6 chunks of 16 rows
     chunked = jax.jit(jax.value_and_grad(loss))(lora)
     chex.assert_trees_all_close(chunked, whole, atol=1e-6)
 
@@ -228,7 +228,7 @@ def test_qlora_step_decodes_no_float_copy_of_the_base():
     lora = jax.eval_shape(
         lambda: init_lora(cfg, LoRAConfig(rank=2, alpha=4), key=jax.random.key(0))
     )
-    # 40 rows: above quant.KERNEL_ROWS, the dequantizing matmuls of a training batch (decode's
+    # 40 rows: above qmatmul.KERNEL_ROWS, the dequantizing matmuls of a training batch (decode's
     # few rows take the CPU kernel or a multiply-reduce, not what this test is about)
     spec = lambda dt: jax.ShapeDtypeStruct((3, 1, 40), dt)  # noqa: E731
     batches = {"tokens": spec(jnp.int32), "mask": spec(jnp.float32), "loss_mask": spec(jnp.float32)}

@@ -1,5 +1,5 @@
 """`python -m experiments bench qmatvec`: the CPU quantized matvec kernel
-(`kernels/cpu_qmatvec`) against XLA's multiply-reduce (`floe_jax.quant._multiply_reduce`, the
+(`kernels/cpu_qmatvec`) against XLA's multiply-reduce (`floe_jax.qmatmul.multiply_reduce`, the
 path of `QuantConfig(cpu_kernel=False)`) and a float32 product, on Qwen2.5-0.5B's matrix shapes.
 Both paths are called directly, so `FLOE_JAX_CPU_KERNELS` does not apply. On a CPU the kernel
 does not run on only XLA's multiply-reduce is timed beside float32; on an accelerator XLA's
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchmarks._util import machine, print_table, timeit_alternating
-from floe_jax import quant
+from floe_jax import qmatmul, quant
 from kernels import cpu_qmatvec, gpu_qmatvec
 
 SHAPES = {"mlp [4864, 896] x24": (4864, 896, 24), "vocab [151936, 896]": (151936, 896, 1)}
@@ -58,13 +58,13 @@ def run(quick: bool = False) -> list[dict]:
             nbytes = sum(q.nbytes for q in qs)
             ker = jax.jit(lambda x, qs, fmt=fmt: [cpu_qmatvec.qmatvec(x, q.q, q.scale, fmt)
                                                   for q in qs])  # fmt: skip
-            xla = jax.jit(lambda x, qs, fmt=fmt: [quant._multiply_reduce(x, q.q, q.scale, fmt)
+            xla = jax.jit(lambda x, qs, fmt=fmt: [qmatmul.multiply_reduce(x, q.q, q.scale, fmt)
                                                   for q in qs])  # fmt: skip
             if kernel:
                 sides[(fmt, "kernel")] = (ker, qs, nbytes)
             sides[(fmt, "XLA multiply-reduce")] = (xla, qs, nbytes)
             if jax.default_backend() != "cpu":
-                dot = jax.jit(lambda x, qs, fmt=fmt: [quant._dequantized_dot(x, q.q, q.scale, fmt)
+                dot = jax.jit(lambda x, qs, fmt=fmt: [qmatmul.dequantized_dot(x, q.q, q.scale, fmt)
                                                       for q in qs])  # fmt: skip
                 sides[(fmt, "XLA dequantized dot")] = (dot, qs, nbytes)
             if gpu and gpu_qmatvec.block_n(1, n, k, qs[0].scale.shape[-1], fmt):

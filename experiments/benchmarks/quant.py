@@ -10,7 +10,7 @@ argmax equals float32's given the same text (teacher-forced: no cascade), and he
 perplexity. int8 is measured per output channel (the default) and in groups of 32 (llama.cpp
 Q8_0's block) and 64 inputs; groups of 128 do not divide this model's FFN width (704). The
 "int8 act" rows quantize the activations too (`QuantConfig.activations="int8"`), which only
-the CPU kernel's path does (at most `quant.KERNEL_ROWS` rows): so the teacher-forced logits and
+the CPU kernel's path does (at most `qmatmul.KERNEL_ROWS` rows): so the teacher-forced logits and
 perplexity of every row are computed one cached decode step at a time (16 windows per step), the
 path decoding takes, and the continuations' steps run it too (their 128-row prefill does not).
 
