@@ -10,8 +10,9 @@
 // to summation order. Each code is read from memory once, whatever M is: rows of weights are
 // processed in tiles of 4 and, for more rows of x than one pass takes (4 on AVX-512, 2 on AVX2),
 // the tile is decoded again from cache per pass, or (AVX2, `kScratchRows`) once into scratch.
-// Output tiles are split over OpenMP threads (each thread streams its contiguous share of the
-// weight rows), so every core's share of the memory bandwidth is used.
+// Output tiles are split into contiguous chunks run by the calling thread and XLA's own intra-op
+// threads (`ffi::ThreadPool`, `parallel_tiles`), so every core's share of the memory bandwidth is
+// used without a second thread pool competing with XLA's for the cores.
 //
 // AVX-512 (F, BW, VL) code when the compiler targets it (-march=native on a machine that has it),
 // else AVX2 + FMA code (8 lanes, 2 rows of x per pass: 16 vector registers), a scalar loop
@@ -19,11 +20,15 @@
 // products (AVX-512 VNNI, or AVX2; int8 and int4 weights; see "int8 activations" below).
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -57,6 +62,46 @@ constexpr int kXRows = 4;  // rows of x per pass over a tile
 #else
 constexpr int kXRows = 2;  // AVX2: 16 vector registers hold 2 x 4 accumulators and the weights
 #endif
+
+// Threads besides the caller that may run chunks of a product, and how to start a task on one
+// (XLA's intra-op pool in the FFI handler; none: the caller runs every chunk).
+struct Workers {
+  int64_t helpers = 0;
+  std::function<void(std::function<void()>)> schedule;
+};
+
+// Runs body(t0, t1) over [0, tiles) in contiguous chunks of tiles (each a stream of weight rows
+// the hardware prefetcher follows), claimed from a shared counter by the caller and up to
+// `w.helpers` scheduled tasks. The caller never waits for a task to start, only for chunks
+// already claimed to end, so a pool whose threads are all busy (XLA running other work, or a
+// pool of one thread) cannot deadlock it: the caller then runs every chunk itself. A task that
+// starts after the last chunk is claimed touches only the shared counters it owns a reference to.
+void parallel_tiles(const Workers& w, int64_t tiles, bool parallel,
+                    const std::function<void(int64_t, int64_t)>& body) {
+  const int64_t helpers = parallel ? std::min<int64_t>(w.helpers, tiles - 1) : 0;
+  if (helpers <= 0) return body(0, tiles);
+  struct Shared {
+    std::atomic<int64_t> next{0}, done{0};
+    int64_t chunks = 0, per = 0, tiles = 0;
+    const std::function<void(int64_t, int64_t)>* body = nullptr;  // valid while chunks run
+  };
+  auto sh = std::make_shared<Shared>();
+  sh->chunks = std::min<int64_t>(tiles, 4 * (helpers + 1));
+  sh->per = (tiles + sh->chunks - 1) / sh->chunks;
+  sh->chunks = (tiles + sh->per - 1) / sh->per;
+  sh->tiles = tiles;
+  sh->body = &body;
+  auto work = [](Shared& s) {
+    for (int64_t c; (c = s.next.fetch_add(1, std::memory_order_relaxed)) < s.chunks;) {
+      (*s.body)(c * s.per, std::min(s.tiles, (c + 1) * s.per));
+      s.done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t i = 0; i < helpers; ++i) w.schedule([sh, work] { work(*sh); });
+  work(*sh);
+  for (int spins = 0; sh->done.load(std::memory_order_acquire) < sh->chunks; ++spins)
+    if (spins > 64) std::this_thread::yield();
+}
 
 template <int F>
 inline float decode1(const uint8_t* row, int64_t k) {
@@ -676,54 +721,70 @@ inline void tile_i8(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* 
 
 #elif defined(FLOE_QMV_AVX2)
 
-// AVX2 has no VNNI: each 32-input block multiplies 32 byte pairs with vpmaddubsw (unsigned times
-// signed bytes, pairs summed to int16) and sums those to 8 int32 lanes with vpmaddwd, converted to
-// float once per block and scaled by d times the weight group's scale. int8: |c| (unsigned) times
-// x with c's sign, every pair sum within +-2 * 128 * 127 (no int16 saturation). int4: the stored
-// nibble c + 8 (unsigned) times x, each lane then corrected by -8 * (the sum of its 4 x codes), as
-// the VNNI path does. x per row: nb blocks of 32 codes (int4: the block's 16 even inputs, then its
-// 16 odd ones, to meet a 16-byte load's low nibbles, then its high ones), 0 past K.
+// AVX2 has no VNNI: bytes are multiplied with vpmaddubsw (unsigned times signed bytes, pairs
+// summed to int16), summed to 8 int32 lanes with vpmaddwd, converted to float and scaled by d
+// times the weight group's scale.
+// - int8: per 32-input block, |c| (unsigned) times x with c's sign, every pair sum within
+//   +-2 * 128 * 127 (no int16 saturation); x per row: nb blocks of 32 codes.
+// - int4: per vector of 64 inputs (32 weight bytes, one load), the low nibbles (c + 8, unsigned)
+//   times the 32 even inputs' codes and the high nibbles times the 32 odd ones, the two int16
+//   results added before vpmaddwd (each within 2 * 2 * 15 * 127: no saturation), so int32 lane l
+//   sums inputs 8l..8l+7 and lanes 0-3 / 4-7 fall in the vector's first / second block of 32.
+//   Each lane is then corrected by -8 * (the sum of its 8 x codes), as the VNNI path does. x per
+//   row: nv vectors of 64 codes (32 even, 32 odd), with per-lane d and corrections; 0 past K.
 struct QuantizedX {
-  int64_t nb = 0;
-  std::vector<int8_t> q;      // [M, nb, 32]
-  std::vector<float> d;       // [M, nb]
-  std::vector<int32_t> corr;  // int4: [M, nb, 8]
+  int64_t nb = 0, nv = 0;
+  std::vector<int8_t> q;      // int8: [M, nb, 32]; int4: [M, nv, 64]
+  std::vector<float> d;       // int8: [M, nb]; int4: [M, nv, 8] (lane l: d of block 2v + l / 4)
+  std::vector<int32_t> corr;  // int4: [M, nv, 8]
 };
 
 template <int F>
 QuantizedX quantize_x(const float* x, int64_t M, int64_t K) {
   QuantizedX qx;
   qx.nb = (K + 31) / 32;
-  qx.q.assign(M * qx.nb * 32, 0);
-  qx.d.assign(M * qx.nb, 0.f);
-  if constexpr (F == kINT4) qx.corr.assign(M * qx.nb * 8, 0);
-  std::vector<int8_t> row(qx.nb * 32);
+  qx.nv = (K + 63) / 64;
+  std::vector<int8_t> row(qx.nv * 64);
+  std::vector<float> dblk(2 * qx.nv, 0.f);
+  if constexpr (F == kINT8) {
+    qx.q.assign(M * qx.nb * 32, 0);
+    qx.d.assign(M * qx.nb, 0.f);
+  } else {
+    qx.q.assign(M * qx.nv * 64, 0);
+    qx.d.assign(M * qx.nv * 8, 0.f);
+    qx.corr.assign(M * qx.nv * 8, 0);
+  }
   for (int64_t m = 0; m < M; ++m) {
     std::fill(row.begin(), row.end(), int8_t(0));
-    quantize_row(x + m * K, K, row.data(), qx.d.data() + m * qx.nb);
-    int8_t* dst = qx.q.data() + m * qx.nb * 32;
     if constexpr (F == kINT8) {
-      std::memcpy(dst, row.data(), qx.nb * 32);
-    } else {
-      for (int64_t b = 0; b < qx.nb; ++b) {
-        for (int j = 0; j < 16; ++j) {
-          dst[32 * b + j] = row[32 * b + 2 * j];
-          dst[32 * b + 16 + j] = row[32 * b + 2 * j + 1];
-        }
-        for (int l = 0; l < 8; ++l) {
-          const int8_t* v = dst + 32 * b + 4 * l;
-          qx.corr[(m * qx.nb + b) * 8 + l] = -8 * (int32_t(v[0]) + v[1] + v[2] + v[3]);
-        }
+      quantize_row(x + m * K, K, qx.q.data() + m * qx.nb * 32, qx.d.data() + m * qx.nb);
+      continue;
+    }
+    quantize_row(x + m * K, K, row.data(), dblk.data());
+    for (int64_t v = 0; v < qx.nv; ++v) {
+      const int64_t at = m * qx.nv + v;
+      int8_t* dst = qx.q.data() + 64 * at;
+      const int8_t* src = row.data() + 64 * v;
+      for (int p = 0; p < 32; ++p) {
+        dst[p] = src[2 * p];
+        dst[32 + p] = src[2 * p + 1];
+      }
+      for (int l = 0; l < 8; ++l) {
+        int32_t sum = 0;
+        for (int i = 0; i < 8; ++i) sum += src[8 * l + i];
+        qx.corr[8 * at + l] = -8 * sum;
+        qx.d[8 * at + l] = dblk[2 * v + l / 4];
       }
     }
   }
   return qx;
 }
 
-// y[m0:m0+MT, n0:n0+R] with x quantized (`qx` rows from m0).
+// y[m0:m0+MT, n0:n0+R] with x quantized (`qx` rows from m0), int8 weights.
 template <int F, int S, int MT, int R>
 inline void tile_i8(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* q, int64_t ldq,
                     const float* scale, int64_t G, float* y, int64_t N, int64_t n0) {
+  static_assert(F == kINT8);
   __m256 acc[MT][R];
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
@@ -731,7 +792,6 @@ inline void tile_i8(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* 
   // blocks scaled by its weight scale at its end; one scale per row: after the whole sum.
   const int64_t groups = S == kGroup ? G : 1;
   const int64_t per_group = S == kGroup ? K / G / 32 : qx.nb;  // blocks
-  const __m128i low = _mm_set1_epi8(15);
   const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t g = 0; g < groups; ++g) {
     __m256 part[MT][R];
@@ -739,44 +799,27 @@ inline void tile_i8(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* 
       for (int r = 0; r < R; ++r) part[m][r] = _mm256_setzero_ps();
     for (int64_t b = g * per_group; b < std::min(qx.nb, (g + 1) * per_group); ++b) {
       const int64_t k0 = 32 * b;
-      // Bytes of the block in a weight row: a partial last block is copied into zeros (they
-      // meet zero codes of x).
-      const int64_t valid = std::min<int64_t>(32, K - k0);
-      const int64_t nbytes = F == kINT8 ? valid : (valid + 1) / 2;
-      __m256i w[R];    // int8: |c|; int4: c + 8
-      __m256i sgn[R];  // int8: c, whose sign goes to x
+      // A partial last block is copied into zeros (they meet zero codes of x).
+      const int64_t nbytes = std::min<int64_t>(32, K - k0);
+      __m256i w[R];    // |c|
+      __m256i sgn[R];  // c, whose sign goes to x
       for (int r = 0; r < R; ++r) {
-        const uint8_t* p = q + (n0 + r) * ldq + (F == kINT8 ? k0 : k0 / 2);
-        prefetch(p + kPrefetchRows<F> * ldq);  // past the end: a harmless no-op
-        if constexpr (F == kINT8) {
-          alignas(32) uint8_t buf[32] = {};
-          if (nbytes < 32) std::memcpy(buf, p, nbytes);
-          sgn[r] = nbytes == 32 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                                : _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
-          w[r] = _mm256_abs_epi8(sgn[r]);  // -128 becomes 128 as an unsigned byte
-        } else {
-          alignas(16) uint8_t buf[16] = {};
-          if (nbytes < 16) std::memcpy(buf, p, nbytes);
-          const __m128i c = nbytes == 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
-                                         : _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
-          const __m128i lo = _mm_and_si128(c, low);
-          w[r] = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(c, 4), low), lo);
-        }
+        const uint8_t* p = q + (n0 + r) * ldq + k0;
+        if (b % 2 == 0) prefetch(p + kPrefetchRows<F> * ldq);  // past the end: a no-op
+        alignas(32) uint8_t buf[32] = {};
+        if (nbytes < 32) std::memcpy(buf, p, nbytes);
+        sgn[r] = nbytes == 32 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                              : _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+        w[r] = _mm256_abs_epi8(sgn[r]);  // -128 becomes 128 as an unsigned byte
       }
       for (int m = 0; m < MT; ++m) {
         const int64_t at = (m0 + m) * qx.nb + b;
         const __m256i xv =
             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.q.data() + 32 * at));
         const __m256 d = _mm256_set1_ps(qx.d[at]);
-        __m256i corr;
-        if constexpr (F == kINT4)
-          corr = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.corr.data() + 8 * at));
         for (int r = 0; r < R; ++r) {
-          __m256i i;
-          if constexpr (F == kINT8)
-            i = _mm256_madd_epi16(_mm256_maddubs_epi16(w[r], _mm256_sign_epi8(xv, sgn[r])), ones);
-          else
-            i = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(w[r], xv), ones), corr);
+          const __m256i i =
+              _mm256_madd_epi16(_mm256_maddubs_epi16(w[r], _mm256_sign_epi8(xv, sgn[r])), ones);
           part[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), d, part[m][r]);
         }
       }
@@ -795,6 +838,63 @@ inline void tile_i8(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* 
     }
 }
 
+// The same for int4 weights, per vector of 64 inputs.
+template <int S, int MT, int R>
+inline void tile_i4(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* q, int64_t ldq,
+                    const float* scale, int64_t G, float* y, int64_t N, int64_t n0) {
+  __m256 acc[MT][R];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  const int64_t gs = S == kGroup ? K / G : K, rowbytes = K / 2;
+  const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  for (int64_t v = 0; v < qx.nv; ++v) {
+    const int64_t b0 = 32 * v;  // first byte of the vector in a weight row
+    const int64_t nbytes = std::min<int64_t>(32, rowbytes - b0);
+    __m256i lo[R], hi[R];  // c + 8 of the even and of the odd inputs
+    __m256 sw[R];          // the weight scale of each lane (groups of 32 inputs: two per vector)
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = q + (n0 + r) * ldq + b0;
+      if (v % 2 == 0) prefetch(p + kPrefetchRows<kINT4> * ldq);  // past the end: a no-op
+      alignas(32) uint8_t buf[32] = {};
+      if (nbytes < 32) std::memcpy(buf, p, nbytes);  // zeros past K meet zero codes of x
+      const __m256i c = nbytes == 32 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                     : _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+      lo[r] = _mm256_and_si256(c, low);
+      hi[r] = _mm256_and_si256(_mm256_srli_epi16(c, 4), low);
+      if constexpr (S == kGroup) {
+        const float* s = scale + (n0 + r) * G;
+        if (gs % 64 == 0) {
+          sw[r] = _mm256_set1_ps(s[64 * v / gs]);
+        } else {  // a block past K (a partial last vector) reads the last group: its x is 0
+          const __m128 s0 = _mm_set1_ps(s[64 * v / gs]);
+          sw[r] = _mm256_set_m128(_mm_set1_ps(s[std::min(K - 1, 64 * v + 32) / gs]), s0);
+        }
+      }
+    }
+    for (int m = 0; m < MT; ++m) {
+      const int64_t at = (m0 + m) * qx.nv + v;
+      const int8_t* xq = qx.q.data() + 64 * at;
+      const __m256i xe = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq));
+      const __m256i xo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32));
+      const __m256i corr =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.corr.data() + 8 * at));
+      const __m256 d = _mm256_loadu_ps(qx.d.data() + 8 * at);
+      for (int r = 0; r < R; ++r) {
+        const __m256i h = _mm256_add_epi16(_mm256_maddubs_epi16(lo[r], xe),
+                                           _mm256_maddubs_epi16(hi[r], xo));
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(h, ones), corr));
+        acc[m][r] = _mm256_fmadd_ps(f, S == kGroup ? _mm256_mul_ps(d, sw[r]) : d, acc[m][r]);
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) {
+      float v = hsum(acc[m][r]);
+      if constexpr (S == kRow) v *= scale[(n0 + r) * G];
+      y[(m0 + m) * N + n0 + r] = v;
+    }
+}
+
 #endif
 
 #ifdef FLOE_QMV_INT8_ACT
@@ -803,25 +903,33 @@ template <int F, int S, int R>
 inline void tile_i8_m(int mt, const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* q,
                       int64_t ldq, const float* scale, int64_t G, float* y, int64_t N,
                       int64_t n0) {
+#ifdef FLOE_QMV_AVX2  // passes of up to 2 rows of x
+  if constexpr (F == kINT4) {
+    if (mt == 1) return tile_i4<S, 1, R>(qx, m0, K, q, ldq, scale, G, y, N, n0);
+    return tile_i4<S, 2, R>(qx, m0, K, q, ldq, scale, G, y, N, n0);
+  } else {
+    if (mt == 1) return tile_i8<F, S, 1, R>(qx, m0, K, q, ldq, scale, G, y, N, n0);
+    return tile_i8<F, S, 2, R>(qx, m0, K, q, ldq, scale, G, y, N, n0);
+  }
+#else
   switch (mt) {
     case 1: return tile_i8<F, S, 1, R>(qx, m0, K, q, ldq, scale, G, y, N, n0);
     case 2: return tile_i8<F, S, 2, R>(qx, m0, K, q, ldq, scale, G, y, N, n0);
     case 3: return tile_i8<F, S, 3, R>(qx, m0, K, q, ldq, scale, G, y, N, n0);
     default: return tile_i8<F, S, 4, R>(qx, m0, K, q, ldq, scale, G, y, N, n0);
   }
+#endif
 }
 
 template <int F, int S>
-void run_i8(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq,
-            const float* scale, int64_t G, float* y, int64_t N) {
+void run_i8(const Workers& workers, const float* x, int64_t M, int64_t K, const uint8_t* q,
+            int64_t ldq, const float* scale, int64_t G, float* y, int64_t N) {
   const QuantizedX qx = quantize_x<F>(x, M, K);
   constexpr int64_t RT = kI8Rows<F>;
   const int64_t tiles = (N + RT - 1) / RT;
   const bool parallel = N * K >= (int64_t(1) << 18);
-#pragma omp parallel for schedule(static) if (parallel)
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t n0 = t * RT, n1 = std::min(N, n0 + RT);
-    for (int64_t n = n0; n < n1;) {
+  parallel_tiles(workers, tiles, parallel, [&](int64_t t0, int64_t t1) {
+    for (int64_t n = t0 * RT, n1 = std::min(N, t1 * RT); n < n1;) {
       const bool full = n + RT <= n1;
       for (int64_t m0 = 0; m0 < M; m0 += kXRows) {
         const int mt = int(std::min<int64_t>(kXRows, M - m0));
@@ -832,15 +940,15 @@ void run_i8(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq,
       }
       n += full ? RT : 1;
     }
-  }
+  });
 }
 
 #endif  // FLOE_QMV_INT8_ACT
 
 template <int F, int S>
-void run(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq, const float* scale,
-         int64_t G, float* y, int64_t N) {
-  // Chunks of whole tiles, one contiguous range per thread; small products stay on one thread.
+void run(const Workers& workers, const float* x, int64_t M, int64_t K, const uint8_t* q,
+         int64_t ldq, const float* scale, int64_t G, float* y, int64_t N) {
+  // Chunks of whole tiles; small products stay on the calling thread.
   const int64_t tiles = (N + kRows - 1) / kRows;
   const bool parallel = N * K >= (int64_t(1) << 18);
   bool fast4 = false, buffered = false;
@@ -862,28 +970,23 @@ void run(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq, co
     }
   }
 #endif
-#pragma omp parallel if (parallel)
-  {
-    std::vector<float> scratch(buffered ? kRows * K : 0);  // one per thread
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tiles; ++t) {
-      const int64_t n0 = t * kRows, n1 = std::min(N, n0 + kRows);
-      rows<F, S>(fast4, buffered ? scratch.data() : nullptr, x, M, K, q, ldq, scale, G, y, N, n0,
-                 n1);
-    }
-  }
+  parallel_tiles(workers, tiles, parallel, [&](int64_t t0, int64_t t1) {
+    std::vector<float> scratch(buffered ? kRows * K : 0);  // one per chunk
+    rows<F, S>(fast4, buffered ? scratch.data() : nullptr, x, M, K, q, ldq, scale, G, y, N,
+               t0 * kRows, std::min(N, t1 * kRows));
+  });
 }
 
 template <int F>
-void run_format(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq,
+void run_format(const Workers& w, const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq,
                 const float* scale, int64_t G, float* y, int64_t N) {
   if constexpr (F == kBF16) {
-    run<F, kNone>(x, M, K, q, ldq, scale, G, y, N);
+    run<F, kNone>(w, x, M, K, q, ldq, scale, G, y, N);
   } else {
     if (G == 1)
-      run<F, kRow>(x, M, K, q, ldq, scale, G, y, N);
+      run<F, kRow>(w, x, M, K, q, ldq, scale, G, y, N);
     else
-      run<F, kGroup>(x, M, K, q, ldq, scale, G, y, N);
+      run<F, kGroup>(w, x, M, K, q, ldq, scale, G, y, N);
   }
 }
 
@@ -896,18 +999,19 @@ std::string dims(ffi::Span<const int64_t> d) {
 const char* kFormatNames[] = {"bf16", "int8", "int4", "nf4"};
 
 template <int F>
-void run_format_i8(const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq,
+void run_format_i8(const Workers& w, const float* x, int64_t M, int64_t K, const uint8_t* q, int64_t ldq,
                    const float* scale, int64_t G, float* y, int64_t N) {
 #ifdef FLOE_QMV_INT8_ACT
   if (G == 1)
-    run_i8<F, kRow>(x, M, K, q, ldq, scale, G, y, N);
+    run_i8<F, kRow>(w, x, M, K, q, ldq, scale, G, y, N);
   else
-    run_i8<F, kGroup>(x, M, K, q, ldq, scale, G, y, N);
+    run_i8<F, kGroup>(w, x, M, K, q, ldq, scale, G, y, N);
 #endif
 }
 
-ffi::Error QMatvecImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ffi::F32> scale,
-                       ffi::ResultBuffer<ffi::F32> y, int32_t fmt, int32_t act) {
+ffi::Error QMatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q,
+                       ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int32_t fmt,
+                       int32_t act) {
   auto xd = x.dimensions(), qd = q.dimensions(), sd = scale.dimensions(), yd = y->dimensions();
   const std::string what = "(x " + dims(xd) + ", q " + dims(qd) + ", scale " + dims(sd) +
                            ", y " + dims(yd) + ")";
@@ -961,18 +1065,19 @@ ffi::Error QMatvecImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ff
     return ffi::Error::Success();
   }
   const int64_t ldq = fmt == kBF16 ? 2 * K : (packed ? K / 2 : K);  // bytes per weight row
+  const Workers w{pool.num_threads(), [&pool](std::function<void()> f) { pool.Schedule(std::move(f)); }};
   if (act == 1) {
     if (fmt == kINT8)
-      run_format_i8<kINT8>(xp, M, K, qp, ldq, sp, G, yp, N);
+      run_format_i8<kINT8>(w, xp, M, K, qp, ldq, sp, G, yp, N);
     else
-      run_format_i8<kINT4>(xp, M, K, qp, ldq, sp, G, yp, N);
+      run_format_i8<kINT4>(w, xp, M, K, qp, ldq, sp, G, yp, N);
     return ffi::Error::Success();
   }
   switch (fmt) {
-    case kBF16: run_format<kBF16>(xp, M, K, qp, ldq, sp, G, yp, N); break;
-    case kINT8: run_format<kINT8>(xp, M, K, qp, ldq, sp, G, yp, N); break;
-    case kINT4: run_format<kINT4>(xp, M, K, qp, ldq, sp, G, yp, N); break;
-    default: run_format<kNF4>(xp, M, K, qp, ldq, sp, G, yp, N); break;
+    case kBF16: run_format<kBF16>(w, xp, M, K, qp, ldq, sp, G, yp, N); break;
+    case kINT8: run_format<kINT8>(w, xp, M, K, qp, ldq, sp, G, yp, N); break;
+    case kINT4: run_format<kINT4>(w, xp, M, K, qp, ldq, sp, G, yp, N); break;
+    default: run_format<kNF4>(w, xp, M, K, qp, ldq, sp, G, yp, N); break;
   }
   return ffi::Error::Success();
 }
@@ -981,6 +1086,7 @@ ffi::Error QMatvecImpl(ffi::Buffer<ffi::F32> x, ffi::AnyBuffer q, ffi::Buffer<ff
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FloeQMatvec, QMatvecImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -5,14 +5,17 @@ weight, and the multiply-reduce fusion `floe_jax.quant` uses for decode steps in
 code once but is compute-bound far below the read bandwidth (README, "Quantized bases"). The C++
 kernel decodes bf16/int8/int4/nf4 codes in registers (AVX-512 where the CPU has it, else AVX2
 with FMA) and
-multiply-adds them into float32 accumulators, each weight read once, output rows split over
-OpenMP threads: `y [M, N] = x [M, K] . decode(q, scale) [N, K]^T` with float32 activations, equal
-to the dequantize-then-float reference up to summation order.
+multiply-adds them into float32 accumulators, each weight read once, output rows split into
+chunks run on XLA's own intra-op threads (the FFI thread pool: a second pool, such as OpenMP's,
+competes with XLA's threads for the cores: on a 2-core host a product inside a jitted program ran
+as fast as on one thread): `y [M, N] = x [M, K] . decode(q, scale) [N, K]^T` with float32
+activations, equal to the dequantize-then-float reference up to summation order.
 
 `activations="int8"` (int8 and int4 weights, CPUs with AVX-512 VNNI or with AVX2 and no AVX-512)
 instead quantizes x per block of 32 inputs as llama.cpp's Q8_0 does and sums exact integer
 products with `vpdpbusd` (64 codes per instruction instead of 16 float multiply-adds; AVX2:
-`vpmaddubsw` and `vpmaddwd`, 32 codes per pair); `quantize_activations` is the
+`vpmaddubsw` and `vpmaddwd`, 32 codes per pair, int4's two nibbles of a byte summed in int16
+before the widening); `quantize_activations` is the
 exact specification, `cpu_qmatvec.cc` ("int8 activations") the kernel.
 
 The library is compiled at first use with a C++ compiler (default `g++`) into a cache folder
@@ -53,7 +56,7 @@ FORMAT_CODES = {"bf16": 0, "int8": 1, "int4": 2, "nf4": 3}
 ACTIVATION_CODES = {"float32": 0, "int8": 1}
 INT8_FORMATS = ("int8", "int4")  # the weights int8 activations take (integer codes)
 BLOCK = 32  # inputs per int8 activation block (one float scale each)
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-fopenmp", "-w")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17", "-w")
 DEFAULT_CXX = "g++"
 DEFAULT_CACHE_DIR = "~/.cache/floe_jax/kernels"
 # A compile takes ~10 s here; a compiler stuck past this is an error naming its command.

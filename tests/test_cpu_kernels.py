@@ -6,6 +6,7 @@ library is rebuilt; the command line's environment reaches the configs and the b
 
 import ctypes
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -144,10 +145,32 @@ def test_short_prefill_runs_the_kernel_and_its_grad_the_dequantized_dot():
 
 
 @needs_kernel
-def test_threaded_product_over_many_rows_equals_reference():
-    qt = _weight("int4", 64, 256, n=1031)  # N * K past the kernel's threading threshold
-    x = np.random.default_rng(1).normal(size=(2, 256)).astype(np.float32)
-    _close(jax.jit(cq.qmatvec, static_argnums=3)(x, qt.q, qt.scale, "int4"), _ref(x, qt))
+@pytest.mark.parametrize(
+    ("fmt", "gs", "act", "m"),
+    [("int4", 64, "float32", 2), ("int8", None, "float32", 9), ("int4", 64, "int8", 1),
+     ("int8", None, "int8", 3)],
+)  # fmt: skip
+def test_threaded_product_over_many_rows_equals_reference(fmt, gs, act, m):
+    """N * K past the kernel's threading threshold: the rows are split into chunks run on XLA's
+    intra-op threads (float passes, the scratch path past 8 rows, int8 activations)."""
+    if act == "int8" and not cq.int8_activations():
+        pytest.skip("no int8-activation path on this CPU")
+    make, ref = (_weight, _ref) if act == "float32" else (_weight8, _ref_int8)
+    qt = make(fmt, gs, 256, n=1031)
+    x = np.random.default_rng(1).normal(size=(m, 256)).astype(np.float32)
+    fn = jax.jit(functools.partial(cq.qmatvec, fmt=fmt, activations=act))
+    _close(fn(x, qt.q, qt.scale), ref(x, qt))
+
+
+@needs_kernel
+def test_independent_threaded_products_in_one_program_equal_reference():
+    """XLA may run independent products of one program at once, each splitting its rows over the
+    same intra-op threads: each must still finish, and exactly."""
+    qts = [_weight("int4", 64, 256, n=1031, seed=s) for s in range(6)]
+    x = np.random.default_rng(2).normal(size=(1, 256)).astype(np.float32)
+    fn = jax.jit(lambda x, qs: [cq.qmatvec(x, q.q, q.scale, "int4") for q in qs])
+    for got, qt in zip(fn(x, qts), qts, strict=True):
+        _close(got, _ref(x, qt))
 
 
 def _custom_calls(text):
