@@ -266,3 +266,10 @@ def test_bench_decode_real_scale_rows_on_a_tiny_model():
         gbs = by["read bandwidth (GB/s)"]["ms/token-step"]
         assert by[s]["bound ms"] == pytest.approx(by[s]["weights MB"] / gbs, rel=1e-6)  # MB/(GB/s)
         assert by[s]["ms/token-step"] > 0
+        # The 1-token call (prefill and token 0) timed in the same loop; the steps after it.
+        r = by[s]
+        assert r["prefill ms"] > 0
+        assert r["step ms"] == pytest.approx((4 * r["ms/token-step"] - r["prefill ms"]) / 3)
+        assert r["step % of bound"] == pytest.approx(100 * r["bound ms"] / r["step ms"])
+    with pytest.raises(ValueError, match="new=1"):
+        bench.run(cfg=bench.small_config(), batches=(1,), new=1)

@@ -6,6 +6,9 @@ beside transformers' `generate` in float32 and bfloat16 and beside the bandwidth
 The bound of a format is the bytes one decode step reads (every weight once: codes and scales;
 the tied embedding is the head) over the read bandwidth, measured in the same run as the rate of
 float32 matrix-vector products over 512 MB of MLP-shaped matrices (`_bandwidth_probe`).
+"ms/token-step" is a whole call (the prompt's prefill included) over the N new tokens, on every
+side; each side also generates 1 token in the same loop ("prefill ms"), and "step ms" is the N - 1
+steps after it, which the bound is compared with again ("step % of bound").
 Every side (and the bandwidth probe) runs in one alternating loop, so all see the same machine;
 figures are medians. On an accelerator transformers runs on the same device where torch has
 CUDA (TF32 matmuls allowed, as JAX's default precision takes them), the probe reads 4 GiB, and
@@ -91,6 +94,9 @@ def run(
         torch.backends.cuda.matmul.allow_tf32 = True
     xla_formats = xla_formats if on_cpu else ()
     new = new or (8 if quick else 32)
+    if new < 2:
+        raise ValueError(f"bench decode: new={new}; a step is timed as (N tokens - 1 token) / "
+                         "(N - 1), so N must be at least 2")  # fmt: skip
     repeats = repeats or (2 if quick else 5)
     d = config_to_hf(cfg)
     torch.manual_seed(0)
@@ -120,9 +126,9 @@ def run(
         tokens, mask = ids.astype(np.int32), np.ones_like(ids, np.int32)
         key = jax.random.key(0)
 
-        def fj_side(p, tokens=tokens, mask=mask, key=key):
+        def fj_side(p, tokens=tokens, mask=mask, key=key, n=new):
             # Compiled ahead; the matvec path is the weights' static `cpu_kernel` field.
-            comp = gen.lower(p, tokens, mask, cfg=cfg, max_new_tokens=new, key=key).compile()
+            comp = gen.lower(p, tokens, mask, cfg=cfg, max_new_tokens=n, key=key).compile()
             return lambda: np.asarray(comp(p, tokens, mask, key=key)[0])
 
         ids_t = torch.from_numpy(ids).to(tdev)
@@ -131,27 +137,37 @@ def run(
             do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None,
         )  # fmt: skip
 
-        def hf_side(model, ids_t=ids_t, kw=kw):
+        def hf_side(model, ids_t=ids_t, kw=kw, n=new):
+            kw = kw | dict(max_new_tokens=n, min_new_tokens=n)
+
             def call():
                 with torch.no_grad():
                     return model.generate(ids_t, **kw)[:, prompt_len:].cpu().numpy()
 
             return call
 
-        sides = {f"floe_jax {f}": fj_side(p) for f, p in bases.items()}
-        sides |= {f"floe_jax {f} (XLA m-r)": fj_side(quant.with_options(bases[f], cpu_kernel=False))
-                  for f in xla_formats}  # fmt: skip
+        models = {f"floe_jax {f}": p for f, p in bases.items()}
+        models |= {f"floe_jax {f} (XLA m-r)": quant.with_options(bases[f], cpu_kernel=False)
+                   for f in xla_formats}  # fmt: skip
         if jax.default_backend() == "gpu":
-            sides |= {f"floe_jax {f} (pallas)": fj_side(quant.with_options(bases[f],
-                      gpu_kernel=True)) for f in ("int8", "int4")}  # fmt: skip
+            models |= {f"floe_jax {f} (pallas)": quant.with_options(bases[f], gpu_kernel=True)
+                       for f in ("int8", "int4")}  # fmt: skip
         if on_cpu and cpu_kernel and cpu_qmatvec.available() and cpu_qmatvec.int8_activations():
-            sides |= {f"floe_jax {f} (int8 act)": fj_side(quant.with_options(bases[f],
-                      activations="int8")) for f in int8_act_formats}  # fmt: skip
-        sides["transformers float32"] = hf_side(hf32)
+            models |= {f"floe_jax {f} (int8 act)": quant.with_options(bases[f], activations="int8")
+                       for f in int8_act_formats}  # fmt: skip
+        models["transformers float32"] = hf32
         if hf_bf16:
-            sides["transformers bf16"] = hf_side(hf16)
+            models["transformers bf16"] = hf16
+        # Each side also generates 1 token (the prefill and token 0) in the same loop, so the
+        # N - 1 steps after it are timed apart from the prefill: the bandwidth bound is a step's.
+        side = {True: fj_side, False: hf_side}
+        sides = {k: side[k.startswith("floe_jax")](m) for k, m in models.items()}
+        firsts = {k: side[k.startswith("floe_jax")](m, n=1) for k, m in models.items()}
         sides["bandwidth probe"] = probe
-        times = dict(zip(sides, timeit_alternating(*sides.values(), repeats=repeats), strict=True))
+        calls = list(sides.values()) + list(firsts.values())
+        all_times = timeit_alternating(*calls, repeats=repeats)
+        times = dict(zip(sides, all_times[: len(sides)], strict=True))
+        first_times = dict(zip(firsts, all_times[len(sides) :], strict=True))
         bw = probe_bytes / times.pop("bandwidth probe")
         out = {name: fn() for name, fn in sides.items() if name != "bandwidth probe"}
         # ms per token-step is a whole call (prefill included) over `new`, on both sides.
@@ -160,19 +176,23 @@ def run(
         for name, sec in times.items():
             fmt = name.split()[1] if name.startswith("floe_jax") else name.split()[-1]
             ms = 1e3 * sec / new
+            step = 1e3 * (sec - first_times[name]) / (new - 1)
             row = {
                 "batch": batch,
                 "side": name,
                 "ms/token-step": ms,
                 "tok/s": batch * new / sec,
                 "× transformers f32": hf_ms / ms,
+                "prefill ms": 1e3 * first_times[name],
+                "step ms": step,
                 "greedy = floe_jax f32": float((out[name] == ref).mean()),
                 "matvec": _path(name, fmt, cpu_kernel, on_cpu, tdev),
             }
             if name.startswith("floe_jax"):
                 bound = 1e3 * bytes_read[fmt] / bw
                 row |= {"weights MB": bytes_read[fmt] / 1e6, "bound ms": bound,
-                        "% of bound": 100 * bound / ms}  # fmt: skip
+                        "% of bound": 100 * bound / ms,
+                        "step % of bound": 100 * bound / step}  # fmt: skip
             rows.append(row)
         rows.append({"batch": batch, "side": "read bandwidth (GB/s)", "ms/token-step": bw / 1e9})
     print_table(
