@@ -46,8 +46,8 @@ class QuantConfig:
         scale per output channel).
       embeddings: also quantize `embed` and `lm_head` (the largest matrices of a small model).
       cpu_kernel: on CPUs, contract decode steps' few rows in the fused C++ kernel
-        (`kernels.cpu_qmatvec`, 3-5x faster than XLA's multiply-reduce at Qwen2.5-0.5B shapes,
-        README) when it builds; False keeps XLA's paths (to compare them, or where no C++
+        (`kernels.cpu_qmatvec`; `bench qmatvec` times it beside XLA's multiply-reduce) when it
+        builds; False keeps XLA's paths (to compare them, or where no C++
         compiler should run). Stored on each `QuantizedTensor` as a static field, so jitted
         functions retrace when it changes. The command line sets it from
         `FLOE_JAX_CPU_KERNELS` (`experiments.cli`); the library reads no environment.
