@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <limits>
 #include <memory>
@@ -64,7 +65,9 @@ constexpr int kXRows = 2;  // AVX2: 16 vector registers hold 2 x 4 accumulators 
 #endif
 
 // Threads besides the caller that may run chunks of a product, and how to start a task on one
-// (XLA's intra-op pool in the FFI handler; none: the caller runs every chunk).
+// (XLA's intra-op pool in the FFI handler, less one thread for the caller, so the threads at work
+// are no more than the pool's: the caller is either one of them or a thread of its own; none:
+// the caller runs every chunk).
 struct Workers {
   int64_t helpers = 0;
   std::function<void(std::function<void()>)> schedule;
@@ -76,6 +79,8 @@ struct Workers {
 // already claimed to end, so a pool whose threads are all busy (XLA running other work, or a
 // pool of one thread) cannot deadlock it: the caller then runs every chunk itself. A task that
 // starts after the last chunk is claimed touches only the shared counters it owns a reference to.
+// An exception in a chunk (a scratch allocation failing) still counts the chunk as done, and the
+// first one is rethrown by the caller once every claimed chunk has ended.
 void parallel_tiles(const Workers& w, int64_t tiles, bool parallel,
                     const std::function<void(int64_t, int64_t)>& body) {
   const int64_t helpers = parallel ? std::min<int64_t>(w.helpers, tiles - 1) : 0;
@@ -84,6 +89,8 @@ void parallel_tiles(const Workers& w, int64_t tiles, bool parallel,
     std::atomic<int64_t> next{0}, done{0};
     int64_t chunks = 0, per = 0, tiles = 0;
     const std::function<void(int64_t, int64_t)>* body = nullptr;  // valid while chunks run
+    std::atomic<bool> failed{false};
+    std::exception_ptr error;  // written once, by the chunk that set `failed`
   };
   auto sh = std::make_shared<Shared>();
   sh->chunks = std::min<int64_t>(tiles, 4 * (helpers + 1));
@@ -93,14 +100,19 @@ void parallel_tiles(const Workers& w, int64_t tiles, bool parallel,
   sh->body = &body;
   auto work = [](Shared& s) {
     for (int64_t c; (c = s.next.fetch_add(1, std::memory_order_relaxed)) < s.chunks;) {
-      (*s.body)(c * s.per, std::min(s.tiles, (c + 1) * s.per));
+      try {
+        (*s.body)(c * s.per, std::min(s.tiles, (c + 1) * s.per));
+      } catch (...) {
+        if (!s.failed.exchange(true)) s.error = std::current_exception();
+      }
       s.done.fetch_add(1, std::memory_order_release);
     }
   };
   for (int64_t i = 0; i < helpers; ++i) w.schedule([sh, work] { work(*sh); });
   work(*sh);
-  for (int spins = 0; sh->done.load(std::memory_order_acquire) < sh->chunks; ++spins)
-    if (spins > 64) std::this_thread::yield();
+  for (bool spun = false; sh->done.load(std::memory_order_acquire) < sh->chunks; spun = true)
+    if (spun) std::this_thread::yield();
+  if (sh->error) std::rethrow_exception(sh->error);
 }
 
 template <int F>
@@ -754,8 +766,8 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K) {
   QuantizedX qx;
   qx.nb = (K + 31) / 32;
   qx.nv = (K + 63) / 64;
-  std::vector<int8_t> row(qx.nv * 64);
-  std::vector<float> dblk(2 * qx.nv, 0.f);
+  std::vector<int8_t> row(F == kINT8 ? 0 : qx.nv * 64);    // int4: one row's codes
+  std::vector<float> dblk(F == kINT8 ? 0 : 2 * qx.nv, 0.f);  // int4: its block scales
   if constexpr (F == kINT8) {
     qx.q.assign(M * qx.nb * 32, 0);
     qx.d.assign(M * qx.nb, 0.f);
@@ -1075,19 +1087,24 @@ ffi::Error QMatvecImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
     return ffi::Error::Success();
   }
   const int64_t ldq = fmt == kBF16 ? 2 * K : (packed ? K / 2 : K);  // bytes per weight row
-  const Workers w{pool.num_threads(), [&pool](std::function<void()> f) { pool.Schedule(std::move(f)); }};
-  if (act == 1) {
-    if (fmt == kINT8)
-      run_format_i8<kINT8>(w, xp, M, K, qp, ldq, sp, G, yp, N);
-    else
-      run_format_i8<kINT4>(w, xp, M, K, qp, ldq, sp, G, yp, N);
-    return ffi::Error::Success();
-  }
-  switch (fmt) {
-    case kBF16: run_format<kBF16>(w, xp, M, K, qp, ldq, sp, G, yp, N); break;
-    case kINT8: run_format<kINT8>(w, xp, M, K, qp, ldq, sp, G, yp, N); break;
-    case kINT4: run_format<kINT4>(w, xp, M, K, qp, ldq, sp, G, yp, N); break;
-    default: run_format<kNF4>(w, xp, M, K, qp, ldq, sp, G, yp, N); break;
+  const Workers w{pool.num_threads() - 1,
+                  [&pool](std::function<void()> f) { pool.Schedule(std::move(f)); }};
+  try {  // no exception may cross the FFI boundary (an allocation of x's codes or scratch)
+    if (act == 1) {
+      if (fmt == kINT8)
+        run_format_i8<kINT8>(w, xp, M, K, qp, ldq, sp, G, yp, N);
+      else
+        run_format_i8<kINT4>(w, xp, M, K, qp, ldq, sp, G, yp, N);
+      return ffi::Error::Success();
+    }
+    switch (fmt) {
+      case kBF16: run_format<kBF16>(w, xp, M, K, qp, ldq, sp, G, yp, N); break;
+      case kINT8: run_format<kINT8>(w, xp, M, K, qp, ldq, sp, G, yp, N); break;
+      case kINT4: run_format<kINT4>(w, xp, M, K, qp, ldq, sp, G, yp, N); break;
+      default: run_format<kNF4>(w, xp, M, K, qp, ldq, sp, G, yp, N); break;
+    }
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("floe_qmatvec failed: ") + e.what() + " " + what);
   }
   return ffi::Error::Success();
 }

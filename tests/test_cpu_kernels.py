@@ -164,8 +164,9 @@ def test_threaded_product_over_many_rows_equals_reference(fmt, gs, act, m):
 
 @needs_kernel
 def test_independent_threaded_products_in_one_program_equal_reference():
-    """XLA may run independent products of one program at once, each splitting its rows over the
-    same intra-op threads: each must still finish, and exactly."""
+    """Independent products of one program, each splitting its rows over the same intra-op
+    threads: XLA may run them at once (jaxlib 0.10.2 ran them one after another on the calling
+    thread here), and each must still finish, exactly."""
     qts = [_weight("int4", 64, 256, n=1031, seed=s) for s in range(6)]
     x = np.random.default_rng(2).normal(size=(1, 256)).astype(np.float32)
     fn = jax.jit(lambda x, qs: [cq.qmatvec(x, q.q, q.scale, "int4") for q in qs])
@@ -409,8 +410,8 @@ def test_failed_build_warns_and_falls_back_to_xla(tmp_path):
 
 
 # int8 activations: (format, group size, K): per-row int8 with odd K (a partial last block and a
-# partial last 64-byte vector), int8 groups of 32 and 64, int4 groups of 32, 64 and 128, per-row
-# int4 with K = 202 (a partial block), K past one 128-input vector.
+# partial last 64-byte vector), int8 groups of 32 and 64, int4 groups of 32, 64, 96 and 128,
+# per-row int4 with K = 202 (a partial block) and 160, K past one 128-input vector.
 I8_CASES = [
     ("int8", None, 131),
     ("int8", 32, 192),
@@ -420,6 +421,9 @@ I8_CASES = [
     ("int4", 64, 192),
     ("int4", 128, 384),
     ("int4", None, 202),
+    ("int4", 32, 160),  # AVX2: a partial last 64-input vector with its own group's scale
+    ("int4", 96, 288),  # AVX2: a group boundary inside a 64-input vector
+    ("int4", None, 160),  # AVX2: per-row scales, K % 64 == 32
 ]
 
 

@@ -7,7 +7,8 @@ The bound of a format is the bytes one decode step reads (every weight once: cod
 the tied embedding is the head) over the read bandwidth, measured in the same run as the rate of
 float32 matrix-vector products over 512 MB of MLP-shaped matrices (`_bandwidth_probe`).
 "ms/token-step" is a whole call (the prompt's prefill included) over the N new tokens, on every
-side; each side also generates 1 token in the same loop ("prefill ms"), and "step ms" is the N - 1
+side; each side also generates 1 token in the same loop ("prefill ms"; its cache has P + 1 slots
+instead of P + N, a small difference in the prefill's attention), and "step ms" is the N - 1
 steps after it, which the bound is compared with again ("step % of bound").
 Every side (and the bandwidth probe) runs in one alternating loop, so all see the same machine;
 figures are medians. On an accelerator transformers runs on the same device where torch has
@@ -176,7 +177,8 @@ def run(
         for name, sec in times.items():
             fmt = name.split()[1] if name.startswith("floe_jax") else name.split()[-1]
             ms = 1e3 * sec / new
-            step = 1e3 * (sec - first_times[name]) / (new - 1)
+            # A difference of medians: NaN where noise outweighs the N - 1 steps (tiny models).
+            step = 1e3 * (sec - first) / (new - 1) if (first := first_times[name]) < sec else np.nan
             row = {
                 "batch": batch,
                 "side": name,
