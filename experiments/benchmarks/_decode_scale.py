@@ -178,14 +178,15 @@ def run(
             fmt = name.split()[1] if name.startswith("floe_jax") else name.split()[-1]
             ms = 1e3 * sec / new
             # A difference of medians: NaN where noise outweighs the N - 1 steps (tiny models).
-            step = 1e3 * (sec - first) / (new - 1) if (first := first_times[name]) < sec else np.nan
+            first = first_times[name]
+            step = 1e3 * (sec - first) / (new - 1) if first < sec else np.nan
             row = {
                 "batch": batch,
                 "side": name,
                 "ms/token-step": ms,
                 "tok/s": batch * new / sec,
                 "× transformers f32": hf_ms / ms,
-                "prefill ms": 1e3 * first_times[name],
+                "prefill ms": 1e3 * first,
                 "step ms": step,
                 "greedy = floe_jax f32": float((out[name] == ref).mean()),
                 "matvec": _path(name, fmt, cpu_kernel, on_cpu, tdev),

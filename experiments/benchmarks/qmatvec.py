@@ -40,6 +40,11 @@ def _quantize(w, fmt, gs):
     return quant.quantize_matrix(w, fmt, gs, transposed=False)  # jitted: NF4's argmin fuses
 
 
+def _over(matvec, fmt, **kw):
+    """One program applying `matvec(x, q, scale, fmt, **kw)` to x and each quantized weight."""
+    return jax.jit(lambda x, qs: [matvec(x, q.q, q.scale, fmt, **kw) for q in qs])
+
+
 def run(quick: bool = False) -> list[dict]:
     rows = []
     repeats = 3 if quick else 5
@@ -56,24 +61,16 @@ def run(quick: bool = False) -> list[dict]:
         for fmt, gs in FORMATS:
             qs = [_quantize(w, fmt, gs) for w in ws]
             nbytes = sum(q.nbytes for q in qs)
-            ker = jax.jit(lambda x, qs, fmt=fmt: [cpu_qmatvec.qmatvec(x, q.q, q.scale, fmt)
-                                                  for q in qs])  # fmt: skip
-            xla = jax.jit(lambda x, qs, fmt=fmt: [qmatmul.multiply_reduce(x, q.q, q.scale, fmt)
-                                                  for q in qs])  # fmt: skip
             if kernel:
-                sides[(fmt, "kernel")] = (ker, qs, nbytes)
-            sides[(fmt, "XLA multiply-reduce")] = (xla, qs, nbytes)
+                sides[(fmt, "kernel")] = (_over(cpu_qmatvec.qmatvec, fmt), qs, nbytes)
+            sides[(fmt, "XLA multiply-reduce")] = (_over(qmatmul.multiply_reduce, fmt), qs, nbytes)
             if jax.default_backend() != "cpu":
-                dot = jax.jit(lambda x, qs, fmt=fmt: [qmatmul.dequantized_dot(x, q.q, q.scale, fmt)
-                                                      for q in qs])  # fmt: skip
-                sides[(fmt, "XLA dequantized dot")] = (dot, qs, nbytes)
+                sides[(fmt, "XLA dequantized dot")] = (_over(qmatmul.dequantized_dot, fmt), qs,
+                                                       nbytes)  # fmt: skip
             if gpu and gpu_qmatvec.block_n(1, n, k, qs[0].scale.shape[-1], fmt):
-                pal = jax.jit(lambda x, qs, fmt=fmt: [gpu_qmatvec.qmatvec(x, q.q, q.scale, fmt)
-                                                      for q in qs])  # fmt: skip
-                sides[(fmt, "pallas")] = (pal, qs, nbytes)
+                sides[(fmt, "pallas")] = (_over(gpu_qmatvec.qmatvec, fmt), qs, nbytes)
             if kernel and fmt in cpu_qmatvec.INT8_FORMATS and cpu_qmatvec.int8_activations():
-                mv = functools.partial(cpu_qmatvec.qmatvec, fmt=fmt, activations="int8")
-                i8 = jax.jit(lambda x, qs, mv=mv: [mv(x, q.q, q.scale) for q in qs])
+                i8 = _over(cpu_qmatvec.qmatvec, fmt, activations="int8")
                 sides[(fmt, "kernel, int8 act")] = (i8, qs, nbytes)
         del ws
         calls = [lambda f=f, a=a, x=x: jax.block_until_ready(f(x, a)) for f, a, _ in sides.values()]
