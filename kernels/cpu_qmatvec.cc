@@ -404,20 +404,19 @@ inline void tile4(const float* xe, int64_t K, const uint8_t* q, int64_t ldq, con
         const __m128i b =
             _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (n0 + r) * ldq + k / 2));
         const __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-        __m256 w[4];
-        if constexpr (F == kINT4) {  // code - 8 in bytes, then sign-extended and converted
-          const __m128i eight = _mm_set1_epi8(8);
-          const __m128i sl = _mm_sub_epi8(lo, eight), sh = _mm_sub_epi8(hi, eight);
-          w[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sl));
-          w[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sl, 8)));
-          w[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sh));
-          w[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sh, 8)));
-        } else {
-          w[0] = decode_codes<F>(_mm256_cvtepu8_epi32(lo));
-          w[1] = decode_codes<F>(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-          w[2] = decode_codes<F>(_mm256_cvtepu8_epi32(hi));
-          w[3] = decode_codes<F>(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-        }
+        // int4: code - 8 in bytes (one integer op per 16 codes), then sign-extended and
+        // converted; NF4: the table lookup.
+        auto widen = [](__m128i c) {
+          if constexpr (F == kINT4)
+            return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
+          else
+            return decode_codes<F>(_mm256_cvtepu8_epi32(c));
+        };
+        __m128i a = lo, c = hi;
+        if constexpr (F == kINT4)
+          a = _mm_sub_epi8(lo, _mm_set1_epi8(8)), c = _mm_sub_epi8(hi, _mm_set1_epi8(8));
+        __m256 w[4] = {widen(a), widen(_mm_srli_si128(a, 8)), widen(c),
+                       widen(_mm_srli_si128(c, 8))};
         if constexpr (S == kGroup && !partial)
           for (auto& v : w) v = _mm256_mul_ps(v, s[r]);
         for (int m = 0; m < MT; ++m) {
