@@ -304,6 +304,19 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+// Each accumulator's lanes summed (times the row's scale, for one scale per row) into
+// y[m * N + n0 + r].
+template <int S, int MT, int R>
+inline void store_sums(const __m256 (&acc)[MT][R], const float* scale, int64_t G, float* y,
+                       int64_t N, int64_t n0) {
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) {
+      float v = hsum(acc[m][r]);
+      if constexpr (S == kRow) v *= scale[(n0 + r) * G];
+      y[m * N + n0 + r] = v;
+    }
+}
+
 // The weights of 8 4-bit codes (32-bit lanes holding 0..15): int4 is code - 8; NF4 looks the
 // code up in its 16-float table, two 8-float halves chosen by bit 3.
 template <int F>
@@ -429,12 +442,7 @@ inline void tile4(const float* xe, int64_t K, const uint8_t* q, int64_t ldq, con
     if constexpr (partial)
       for (int r = 0; r < R; ++r) acc[0][r] = _mm256_fmadd_ps(part[r], s[r], acc[0][r]);
   }
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < R; ++r) {
-      float v = hsum(acc[m][r]);
-      if constexpr (S == kRow) v *= scale[(n0 + r) * G];
-      y[m * N + n0 + r] = v;
-    }
+  store_sums<S>(acc, scale, G, y, N, n0);
 }
 
 // More rows of x than one pass takes (a short prompt's prefill): the tile's R weight rows are
@@ -853,12 +861,7 @@ inline void tile_i8(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* 
                                                   _mm256_set1_ps(scale[(n0 + r) * G + g]), acc[m][r])
                                 : part[m][r];
   }
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < R; ++r) {
-      float v = hsum(acc[m][r]);
-      if constexpr (S == kRow) v *= scale[(n0 + r) * G];
-      y[(m0 + m) * N + n0 + r] = v;
-    }
+  store_sums<S>(acc, scale, G, y + m0 * N, N, n0);
 }
 
 // The same for int4 weights, per vector of 64 inputs.
@@ -910,12 +913,7 @@ inline void tile_i4(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* 
       }
     }
   }
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < R; ++r) {
-      float v = hsum(acc[m][r]);
-      if constexpr (S == kRow) v *= scale[(n0 + r) * G];
-      y[(m0 + m) * N + n0 + r] = v;
-    }
+  store_sums<S>(acc, scale, G, y + m0 * N, N, n0);
 }
 
 #endif
