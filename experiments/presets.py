@@ -334,8 +334,8 @@ PRESETS: dict[str, DemoPreset] = {
         bench=BenchmarkConfig(),
         edge=_model(layers=3, hidden=128, heads=4, kv_heads=2, ffn=320),
         cloud=_model(layers=4, hidden=160, heads=4, kv_heads=2, ffn=448, vocab=CLOUD_VOCAB_SIZE),
-        edge_pretrain=PretrainConfig(steps=1200, batch_size=16, seq_len=128, lr=3e-3),
-        cloud_pretrain=PretrainConfig(steps=800, batch_size=16, seq_len=128, lr=3e-3),
+        edge_pretrain=PretrainConfig(steps=1200, batch_size=12, seq_len=128, lr=3e-3),
+        cloud_pretrain=PretrainConfig(steps=500, batch_size=16, seq_len=128, lr=6e-3),
     ),
     "smoke": DemoPreset(
         name="smoke",
