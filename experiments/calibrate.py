@@ -50,8 +50,8 @@ class Prepared:
     bench: Benchmark
     tokenizer: object
     cloud_tokenizer: object
-    edge: PretrainResult
-    cloud: PretrainResult
+    edge: PretrainResult | None
+    cloud: PretrainResult | None
     times: dict[str, float]
 
 
@@ -72,10 +72,40 @@ def benchmark_and_tokenizers(preset: DemoPreset) -> tuple[Benchmark, object, obj
     return bench, load_tokenizer(path / "edge"), load_tokenizer(path / "cloud")
 
 
-def prepare(preset: DemoPreset, *, progress: bool = True) -> Prepared:
-    """Benchmark, tokenizer, and both base models pretrained (or loaded from the cache).
+MODELS = ("cloud", "edge")  # the base models of a demo preset; a progress bar's row each
 
-    The two models train at the same time, each from its own thread: one tiny model's step
+
+def pretrain_model(
+    preset: DemoPreset,
+    which: str,
+    bench: Benchmark,
+    tokenizer,
+    *,
+    progress: bool = True,
+    stop: threading.Event | None = None,
+) -> PretrainResult:
+    """Pretrains (or loads from the cache) `which` of `MODELS` on its corpus: the cloud on the
+    public documents, the edge on its own; `stop` ends the training at its next step."""
+    docs = bench.public_docs if which == "cloud" else bench.edge_docs
+    return pretrain_cached(
+        getattr(preset, which),
+        np.asarray(encode_docs(tokenizer, docs), np.int32),
+        getattr(preset, f"{which}_pretrain"),
+        cache_dir=preset.cache_dir,
+        name=which,
+        progress=progress,
+        position=MODELS.index(which),
+        stop=stop,
+    )
+
+
+def prepare(
+    preset: DemoPreset, *, progress: bool = True, models: tuple[str, ...] = MODELS
+) -> Prepared:
+    """Benchmark, tokenizer, and the base models of `models` pretrained (or loaded from the
+    cache); a model left out is None (the federated rounds need only the edge).
+
+    The models train at the same time, each from its own thread: one tiny model's step
     leaves part of a CPU's cores idle, so the two finish sooner together than one after the
     other (the demo's stage times, REPRODUCTION.md). On CPU the trained weights are the same
     either way, bit for bit (each thread runs its own jitted steps; `tests/test_pretrain.py`).
@@ -83,29 +113,23 @@ def prepare(preset: DemoPreset, *, progress: bool = True) -> Prepared:
     training hit as well is added to the raised one as a note. JAX's context managers
     (`jax.set_mesh`, `jax.default_device`, ...) are per thread: one around `prepare` does not
     reach the trainings."""
+    if not models or not set(models) <= set(MODELS):
+        raise ValueError(f"models must be a non-empty subset of {MODELS}, got {models}")
     times = {}
     t0 = time.perf_counter()
     bench, tok, cloud_tok = benchmark_and_tokenizers(preset)
     times["benchmark+tokenizers"] = time.perf_counter() - t0
 
     stop = threading.Event()  # set: the other training ends at its next step
-
-    def one(which: str, docs, tk, position: int) -> PretrainResult:
-        return pretrain_cached(
-            getattr(preset, which),
-            np.asarray(encode_docs(tk, docs), np.int32),
-            getattr(preset, f"{which}_pretrain"),
-            cache_dir=preset.cache_dir,
-            name=f"{which}",
-            progress=progress,
-            position=position,
-            stop=stop,
-        )
-
     t0 = time.perf_counter()
-    jobs = (("cloud", bench.public_docs, cloud_tok), ("edge", bench.edge_docs, tok))
-    pool = concurrent.futures.ThreadPoolExecutor(len(jobs), thread_name_prefix="pretrain")
-    futures = {job[0]: pool.submit(one, *job, i) for i, job in enumerate(jobs)}
+    tokenizers = {"cloud": cloud_tok, "edge": tok}
+    pool = concurrent.futures.ThreadPoolExecutor(len(models), thread_name_prefix="pretrain")
+    futures = {
+        which: pool.submit(
+            pretrain_model, preset, which, bench, tokenizers[which], progress=progress, stop=stop
+        )
+        for which in models
+    }
     try:
         done, _ = concurrent.futures.wait(
             futures.values(), return_when=concurrent.futures.FIRST_EXCEPTION
@@ -123,8 +147,10 @@ def prepare(preset: DemoPreset, *, progress: bool = True) -> Prepared:
                 error.add_note(f"pretraining the {which} model failed too: {other!r}")
         raise
     pool.shutdown(wait=True)
-    times["pretrain cloud + edge (at once)"] = time.perf_counter() - t0
-    return Prepared(bench, tok, cloud_tok, out["edge"], out["cloud"], times)
+    times[f"pretrain {' + '.join(models)}" + (" (at once)" if len(models) > 1 else "")] = (
+        time.perf_counter() - t0
+    )
+    return Prepared(bench, tok, cloud_tok, out.get("edge"), out.get("cloud"), times)
 
 
 # ----------------------------------------------------------------------------- generation

@@ -404,7 +404,9 @@ def test_multi_host_demo_setup_runs_on_process_0_first(monkeypatch):
     from experiments.demo import federate as fed_mod
 
     calls, failed = [], [0, 0]  # what each process reports to the agreement (process_allgather)
-    monkeypatch.setattr(fed_mod, "setup", lambda preset, progress: calls.append("setup") or "prep")
+    monkeypatch.setattr(
+        fed_mod, "setup", lambda preset, progress, models: calls.append("setup") or "prep"
+    )
     monkeypatch.setattr(multihost_utils, "process_allgather",
                         lambda flag: calls.append("sync") or np.asarray(failed))  # fmt: skip
     monkeypatch.setattr(fed_mod.jax, "process_count", lambda: 2)
@@ -418,7 +420,7 @@ def test_multi_host_demo_setup_runs_on_process_0_first(monkeypatch):
     with pytest.raises(sharding.ProcessFailedError, match=r"\[0\] failed at 'floe_jax:demo_setup'"):
         fed_mod._setup_in_turn(PRESETS["smoke"], False)  # as process 1 (the index left above)
 
-    def full_disk(preset, progress):
+    def full_disk(preset, progress, models):
         raise OSError("no space left on the cache's disk")
 
     monkeypatch.setattr(fed_mod, "setup", full_disk)  # as process 0: its own error, after the sync

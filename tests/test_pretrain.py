@@ -255,3 +255,73 @@ def test_prepare_stops_the_other_training_when_one_fails(tmp_path, monkeypatch, 
     assert isinstance(seen["cloud"], floe_jax.pretrain.PretrainStopped), seen
     stopped_at = int(str(seen["cloud"]).split("stopped at step ")[1].split()[0])
     assert 5 <= stopped_at < 3000, seen["cloud"]
+
+
+def test_the_demo_trains_the_cloud_beside_the_edge_only_setup(tmp_path):
+    """`run_demo` trains the cloud in a thread while the federated rounds set up the edge alone
+    (`prepare(models=("edge",))`): on exit both models are in the cache, bit for bit as
+    `prepare` trains them."""
+    from experiments import calibrate
+    from experiments.demo import _cloud_beside
+    from experiments.presets import get_preset
+
+    steps = ["edge_pretrain.steps=8", "cloud_pretrain.steps=8"]
+    preset = get_preset("smoke", [f"cache_dir={tmp_path}", *steps])
+    with _cloud_beside(preset, progress=False):
+        edge_only = calibrate.prepare(preset, progress=False, models=("edge",))
+    assert edge_only.cloud is None and not edge_only.edge.cache_hit
+    both = calibrate.prepare(preset, progress=False)
+    assert both.edge.cache_hit and both.cloud.cache_hit
+    fresh = calibrate.prepare(
+        get_preset("smoke", [f"cache_dir={tmp_path}/fresh", *steps]), progress=False
+    )
+    for which in ("cloud", "edge"):
+        jax.tree.map(
+            np.testing.assert_array_equal, getattr(both, which).params, getattr(fresh, which).params
+        )
+    with pytest.raises(ValueError, match="subset"):
+        calibrate.prepare(preset, progress=False, models=("server",))
+
+
+def test_the_cloud_beside_stops_when_the_rounds_fail_and_raises_its_own_error(
+    tmp_path, monkeypatch
+):
+    """An error in the body stops the cloud's training at its next step and is raised as is; an
+    error of the cloud's training is raised when the body ends."""
+    from experiments import calibrate, demo
+    from experiments.presets import get_preset
+
+    preset = get_preset("smoke", [f"cache_dir={tmp_path}", "cloud_pretrain.steps=3000"])
+    seen, started = {}, threading.Event()
+    sample = floe_jax.pretrain.sample_windows
+
+    def counted(*args, calls=[]):  # noqa: B006 (the call count)
+        calls.append(1)
+        if len(calls) == 5:
+            started.set()
+        return sample(*args)
+
+    monkeypatch.setattr(floe_jax.pretrain, "sample_windows", counted)
+
+    def cached(cfg, stream, tcfg, *, name, **kw):
+        try:
+            return pretrain_cached(cfg, stream, tcfg, name=name, **kw)
+        except BaseException as e:
+            seen[name] = e
+            raise
+
+    monkeypatch.setattr(calibrate, "pretrain_cached", cached)
+    with pytest.raises(FloatingPointError, match="rounds failed") as info:
+        with demo._cloud_beside(preset, progress=False):
+            assert started.wait(timeout=120)
+            raise FloatingPointError("rounds failed")
+    assert not getattr(info.value, "__notes__", None)
+    assert isinstance(seen["cloud"], floe_jax.pretrain.PretrainStopped), seen
+
+    def failing(*args, **kw):
+        raise OSError("cloud cache unwritable")
+
+    monkeypatch.setattr(calibrate, "pretrain_cached", failing)
+    with pytest.raises(OSError, match="cloud cache unwritable"):
+        with demo._cloud_beside(preset, progress=False):
+            pass

@@ -20,9 +20,15 @@ modules: `experiments.demo.setup` is the module, `experiments.demo.setup.setup` 
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import threading
 import time
 from pathlib import Path
 
+import jax
+
+from experiments.calibrate import benchmark_and_tokenizers, pretrain_model
 from experiments.demo.cloud import CloudEndpoint, SpanRecorder
 from experiments.demo.evaluate import energy_table, run_evaluate
 from experiments.demo.federate import run_federate, write_config
@@ -31,6 +37,7 @@ from experiments.demo.report import QTYPES, format_report, plots
 from experiments.demo.setup import Setup, client_ranks, private_data, setup_real
 from experiments.presets import FLOE, DemoPreset
 from experiments.real_presets import RealPreset
+from floe_jax.pretrain import PretrainStopped
 
 __all__ = [
     "FLOE",
@@ -53,6 +60,34 @@ __all__ = [
 ]
 
 
+@contextlib.contextmanager
+def _cloud_beside(preset: DemoPreset, progress: bool):
+    """Pretrains (or loads) the cloud in a thread while the body runs, and waits for it on exit.
+
+    The federated rounds need only the edge, so the cloud's pretraining overlaps the edge's and
+    then the rounds, filling the cores one tiny model's step or an XLA compile leaves idle. The
+    trained weights are the same as alone, bit for bit (`calibrate.prepare`). The tokenizers are
+    trained (or loaded) first, so the two threads never write the same cache folder. An error in
+    the body stops the cloud's training at its next step; an error of the cloud's is raised on
+    exit (as a note on the body's error when both fail)."""
+    bench, _, cloud_tok = benchmark_and_tokenizers(preset)
+    stop = threading.Event()
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pretrain")
+    cloud = pool.submit(pretrain_model, preset, "cloud", bench, cloud_tok, progress=progress,
+                        stop=stop)  # fmt: skip
+    try:
+        yield
+    except BaseException as error:
+        stop.set()
+        pool.shutdown(wait=True)
+        other = cloud.exception()
+        if other is not None and not isinstance(other, PretrainStopped):
+            error.add_note(f"pretraining the cloud model failed too: {other!r}")
+        raise
+    pool.shutdown(wait=True)
+    cloud.result()
+
+
 def run_demo(
     preset: DemoPreset | RealPreset, run_dir: str, *, progress: bool = True, restart: bool = False
 ) -> dict:
@@ -60,7 +95,11 @@ def run_demo(
     `restart` clears federated runs in `run_dir` that were trained with other settings."""
     t0 = time.perf_counter()
     times = {}
-    run_federate(preset, run_dir, progress=progress, restart=restart)
+    if isinstance(preset, DemoPreset) and jax.process_count() == 1:
+        with _cloud_beside(preset, progress):  # the rounds need only the edge
+            run_federate(preset, run_dir, progress=progress, restart=restart, models=("edge",))
+    else:
+        run_federate(preset, run_dir, progress=progress, restart=restart)
     times["pretrain + federate"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     result = run_evaluate(preset, run_dir, progress=progress)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.calibrate import MODELS
 from experiments.demo.setup import Setup, client_ranks, private_data, setup
 from experiments.presets import CENTRAL, LOCAL, DemoPreset
 from experiments.real_presets import RealPreset
@@ -143,28 +144,32 @@ def run_federate(
     progress: bool = True,
     restart: bool = False,
     mesh=None,
+    models: tuple[str, ...] = MODELS,
 ) -> dict:
-    """Pretraining (cached) and the federated rounds of every run; writes the run folder, its
+    """Pretraining of `models` (cached; the rounds need only the edge, `run_demo` trains the
+    cloud beside them) and the federated rounds of every run; writes the run folder, its
     `config.json` once every run has been accepted and trained (a refused run leaves the folder's
     record as it was). `restart` clears runs trained with other settings; `mesh` as `federate`'s
     (in a multi-host run every process calls this; process 0 writes the folder's files).
     Returns `{run name: info}` (see `federate`)."""
     os.makedirs(run_dir, exist_ok=True)
-    prep = _setup_in_turn(preset, progress)
+    prep = _setup_in_turn(preset, progress, models)
     out = federate(preset, prep, run_dir, progress=progress, restart=restart, mesh=mesh)
     if jax.process_index() == 0:
         write_config(preset, run_dir)
     return {name: info for name, (_, info) in out.items()}
 
 
-def _setup_in_turn(preset: DemoPreset | RealPreset, progress: bool) -> Setup:
+def _setup_in_turn(
+    preset: DemoPreset | RealPreset, progress: bool, models: tuple[str, ...] = MODELS
+) -> Setup:
     """`setup`, in a multi-host run by process 0 first: a cold pretraining cache is then
     pretrained and written once (processes writing the same cache folder at once collide), and
     every other process loads the very base weights process 0 trained, so the replicated base
     is the same on every process (pretraining independently need not be, on an accelerator)."""
     if jax.process_count() == 1 or not isinstance(preset, DemoPreset):
-        return setup(preset, progress=progress)
+        return setup(preset, progress=progress, models=models)
     # process 0 writes the pretraining cache; an error there stops every process
-    first = lambda: setup(preset, progress=progress)  # noqa: E731
+    first = lambda: setup(preset, progress=progress, models=models)  # noqa: E731
     prep = sharding.together("floe_jax:demo_setup", first, primary_only=True)
-    return prep if prep is not None else setup(preset, progress=progress)
+    return prep if prep is not None else setup(preset, progress=progress, models=models)

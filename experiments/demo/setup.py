@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from experiments.calibrate import prepare
+from experiments.calibrate import MODELS, prepare
 from experiments.presets import DemoFed, DemoPreset
 from experiments.real_presets import RealPreset
 from floe_jax.config import LoRAConfig, ModelConfig
@@ -35,7 +35,8 @@ from floe_jax.model import init_params
 @dataclasses.dataclass
 class Setup:
     """The benchmark (embedded, or built from an instruction dataset), the edge's and the
-    cloud's tokenizers, and both models.
+    cloud's tokenizers, and both models (the cloud's params None when `setup` was asked for the
+    edge only: the federated rounds need no cloud).
 
     `real` holds what only a real-model preset has (`RealSetup`): the stop ids, the cloud's own
     prompt of each query, the per-task answer budgets and the data counts."""
@@ -46,7 +47,7 @@ class Setup:
     edge_cfg: ModelConfig
     edge_params: dict
     cloud_cfg: ModelConfig
-    cloud_params: dict
+    cloud_params: dict | None
     times: dict
     real: RealSetup | None = None
 
@@ -73,13 +74,17 @@ class RealSetup:
     data: dict
 
 
-def setup(preset: DemoPreset | RealPreset, *, progress: bool = True) -> Setup:
-    """Embedded benchmark + cached pretraining, or the real-model preset's checkpoints and data."""
+def setup(
+    preset: DemoPreset | RealPreset, *, progress: bool = True, models: tuple[str, ...] = MODELS
+) -> Setup:
+    """Embedded benchmark + cached pretraining of `models` (`calibrate.prepare`), or the
+    real-model preset's checkpoints and data (both models, whatever `models` says)."""
     if isinstance(preset, RealPreset):
         return setup_real(preset)
-    prep = prepare(preset, progress=progress)
+    prep = prepare(preset, progress=progress, models=models)
+    cloud = prep.cloud.params if prep.cloud is not None else None
     return Setup(prep.bench, prep.tokenizer, prep.cloud_tokenizer, preset.edge, prep.edge.params,
-                 preset.cloud, prep.cloud.params, prep.times)  # fmt: skip
+                 preset.cloud, cloud, prep.times)  # fmt: skip
 
 
 def chat_prompt(tokenizer, text: str, *, system: str = "") -> str:
