@@ -45,7 +45,8 @@ from floe_jax.pretrain import PretrainResult, PretrainStopped, pretrain_cached
 
 @dataclasses.dataclass
 class Prepared:
-    """The benchmark, the edge's and the cloud's tokenizers and both pretrained base models."""
+    """The benchmark, the edge's and the cloud's tokenizers and the pretrained base models (a
+    model `prepare` was not asked for is None)."""
 
     bench: Benchmark
     tokenizer: object

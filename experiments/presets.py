@@ -5,9 +5,9 @@ overrides applied by `floe_jax.overrides.apply_overrides` (dotted keys reach nes
 unknown key or a value of the wrong type raises `ConfigError` naming it).
 
 Sizes of `default` are what the benchmark needs: the cloud must learn its facts and the edge to
-copy card values in pretraining. The cloud learns its facts in 650 steps at twice the learning
-rate; the edge takes 1200 steps of 12 sequences (with 800 steps, or 8 sequences a step, it
-copies card values far less).
+copy card values in pretraining. The cloud learns its facts in 650 steps at lr 6e-3 (twice the
+edge's); the edge takes 1200 steps of 12 sequences at 3e-3 (with 800 steps of 16 at 6e-3, or
+8 sequences a step, it copies card values far less).
 The measurements and the run time on a 2-core CPU are in REPRODUCTION.md. `smoke` runs in
 seconds for CI. The real-model presets (`qwen`) are in `experiments.real_presets`; `get_preset`
 knows both.

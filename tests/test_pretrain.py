@@ -1,6 +1,7 @@
 """floe_jax.pretrain: the loss falls, the cache skips training, holds Hugging Face checkpoints and
 is keyed by the code; the demo presets and their overrides parse, bad overrides fail clearly."""
 
+import concurrent.futures
 import dataclasses
 import threading
 from pathlib import Path
@@ -283,11 +284,16 @@ def test_the_demo_trains_the_cloud_beside_the_edge_only_setup(tmp_path):
         calibrate.prepare(preset, progress=False, models=("server",))
 
 
+@pytest.mark.parametrize(
+    "where, error",
+    [("body", FloatingPointError), ("body", KeyboardInterrupt), ("wait", KeyboardInterrupt)],
+)
 def test_the_cloud_beside_stops_when_the_rounds_fail_and_raises_its_own_error(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, where, error
 ):
-    """An error in the body stops the cloud's training at its next step and is raised as is; an
-    error of the cloud's training is raised when the body ends."""
+    """An error in the body, or Ctrl-C while the body's end waits for the cloud, stops the cloud's
+    training at its next step and is raised as is; an error of the cloud's training is raised
+    when the body ends."""
     from experiments import calibrate, demo
     from experiments.presets import get_preset
 
@@ -311,10 +317,21 @@ def test_the_cloud_beside_stops_when_the_rounds_fail_and_raises_its_own_error(
             raise
 
     monkeypatch.setattr(calibrate, "pretrain_cached", cached)
-    with pytest.raises(FloatingPointError, match="rounds failed") as info:
-        with demo._cloud_beside(preset, progress=False):
+    if where == "wait":  # the body ends at once; Ctrl-C arrives while waiting for the cloud
+        wait = concurrent.futures.wait
+
+        def interrupted(futures, *args, **kw):
             assert started.wait(timeout=120)
-            raise FloatingPointError("rounds failed")
+            raise KeyboardInterrupt("rounds failed")
+
+        monkeypatch.setattr(concurrent.futures, "wait", interrupted)
+    with pytest.raises(error, match="rounds failed") as info:
+        with demo._cloud_beside(preset, progress=False):
+            if where == "body":
+                assert started.wait(timeout=120)
+                raise error("rounds failed")
+    if where == "wait":
+        monkeypatch.setattr(concurrent.futures, "wait", wait)
     assert not getattr(info.value, "__notes__", None)
     assert isinstance(seen["cloud"], floe_jax.pretrain.PretrainStopped), seen
 
@@ -325,3 +342,27 @@ def test_the_cloud_beside_stops_when_the_rounds_fail_and_raises_its_own_error(
     with pytest.raises(OSError, match="cloud cache unwritable"):
         with demo._cloud_beside(preset, progress=False):
             pass
+
+
+def test_run_demo_trains_the_rounds_on_the_edge_alone_beside_the_cloud(tmp_path, monkeypatch):
+    """`run_demo` on one process runs the federated stage inside `_cloud_beside`, asking it for
+    the edge only, and evaluates after the cloud is done."""
+    import contextlib
+
+    from experiments import demo
+    from experiments.presets import get_preset
+
+    calls = []
+
+    @contextlib.contextmanager
+    def beside(preset, progress):
+        calls.append("cloud starts")
+        yield
+        calls.append("cloud done")
+
+    monkeypatch.setattr(demo, "_cloud_beside", beside)
+    monkeypatch.setattr(demo, "run_federate", lambda *a, **kw: calls.append(kw["models"]))
+    monkeypatch.setattr(demo, "run_evaluate", lambda *a, **kw: calls.append("evaluate") or {})
+    monkeypatch.setattr(demo, "format_report", lambda result: "")
+    demo.run_demo(get_preset("smoke", [f"cache_dir={tmp_path}"]), str(tmp_path), progress=False)
+    assert calls == ["cloud starts", ("edge",), "cloud done", "evaluate"]

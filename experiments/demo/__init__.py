@@ -1,6 +1,8 @@
 """The embedded Floe demo end to end: pretrain, federate, evaluate, report.
 
-`run_demo(preset, run_dir)` is `run_federate` then `run_evaluate` on one run folder. One module
+`run_demo(preset, run_dir)` is `run_federate` then `run_evaluate` on one run folder; on one
+process it pretrains the embedded demo's cloud beside the federated rounds, which need only the
+edge (`_cloud_beside`). One module
 per stage (the package re-exports their public names, but not the functions named like their
 modules: `experiments.demo.setup` is the module, `experiments.demo.setup.setup` its function):
 
@@ -77,11 +79,12 @@ def _cloud_beside(preset: DemoPreset, progress: bool):
                         stop=stop)  # fmt: skip
     try:
         yield
+        concurrent.futures.wait([cloud])  # inside the try: Ctrl-C here stops the cloud too
     except BaseException as error:
         stop.set()
         pool.shutdown(wait=True)
         other = cloud.exception()
-        if other is not None and not isinstance(other, PretrainStopped):
+        if other is not None and other is not error and not isinstance(other, PretrainStopped):
             error.add_note(f"pretraining the cloud model failed too: {other!r}")
         raise
     pool.shutdown(wait=True)

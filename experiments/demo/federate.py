@@ -17,6 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from experiments.calibrate import MODELS
 from experiments.demo.setup import Setup, client_ranks, private_data, setup
@@ -61,7 +62,9 @@ def federate(
     for name, rounds in fed.runs(len(set(bench.client_tasks)), N).items():
         t0 = time.perf_counter()
         if progress:
-            print(f"federated rounds: {name} ({rounds.agg.method}, clustering={rounds.clustering})")
+            # above the cloud's pretraining bar, which `run_demo` may still be drawing
+            tqdm.write(f"federated rounds: {name} ({rounds.agg.method}, "
+                       f"clustering={rounds.clustering})")  # fmt: skip
         where = dict(cfg=prep.edge_cfg, fed=rounds, run_dir=os.path.join(run_dir, "fed", name),
                      ranks=np.asarray(ranks, np.int32))  # fmt: skip
         run_data = data

@@ -77,10 +77,13 @@ class RealSetup:
 def setup(
     preset: DemoPreset | RealPreset, *, progress: bool = True, models: tuple[str, ...] = MODELS
 ) -> Setup:
-    """Embedded benchmark + cached pretraining of `models` (`calibrate.prepare`), or the
-    real-model preset's checkpoints and data (both models, whatever `models` says)."""
+    """Embedded benchmark + cached pretraining of `models` (`calibrate.prepare`; the edge at
+    least), or the real-model preset's checkpoints and data (both models, whatever `models`
+    says)."""
     if isinstance(preset, RealPreset):
         return setup_real(preset)
+    if "edge" not in models:
+        raise ValueError(f"setup needs the edge model, got models={models}")
     prep = prepare(preset, progress=progress, models=models)
     cloud = prep.cloud.params if prep.cloud is not None else None
     return Setup(prep.bench, prep.tokenizer, prep.cloud_tokenizer, preset.edge, prep.edge.params,
