@@ -221,14 +221,9 @@ def test_prepare_trains_both_models_at_once_as_one_after_the_other(tmp_path):
         jax.tree.map(np.testing.assert_array_equal, got.params, params)
 
 
-@pytest.mark.parametrize("error", [FloatingPointError, KeyboardInterrupt])
-def test_prepare_stops_the_other_training_when_one_fails(tmp_path, monkeypatch, error):
-    """A failing training (or Ctrl-C) ends `prepare` with its own error, and the training running
-    beside it stops within a few steps (`PretrainStopped`) instead of running to its end."""
-    from experiments import calibrate
-    from experiments.presets import get_preset
-
-    preset = get_preset("smoke", [f"cache_dir={tmp_path}", "cloud_pretrain.steps=3000"])
+def _watch_pretraining(monkeypatch, calibrate) -> tuple[dict, threading.Event]:
+    """Patches `calibrate.pretrain_cached` to record the error each model's training ends with
+    (`seen[name]`), and sets `started` once five training batches have been drawn."""
     seen, started = {}, threading.Event()
     sample = floe_jax.pretrain.sample_windows
 
@@ -241,14 +236,32 @@ def test_prepare_stops_the_other_training_when_one_fails(tmp_path, monkeypatch, 
     monkeypatch.setattr(floe_jax.pretrain, "sample_windows", counted)
 
     def cached(cfg, stream, tcfg, *, name, **kw):
-        if name == "edge":  # fails once the cloud is training
-            assert started.wait(timeout=120)
-            raise error("edge failed")
         try:
             return pretrain_cached(cfg, stream, tcfg, name=name, **kw)
         except BaseException as e:
             seen[name] = e
             raise
+
+    monkeypatch.setattr(calibrate, "pretrain_cached", cached)
+    return seen, started
+
+
+@pytest.mark.parametrize("error", [FloatingPointError, KeyboardInterrupt])
+def test_prepare_stops_the_other_training_when_one_fails(tmp_path, monkeypatch, error):
+    """A failing training (or Ctrl-C) ends `prepare` with its own error, and the training running
+    beside it stops within a few steps (`PretrainStopped`) instead of running to its end."""
+    from experiments import calibrate
+    from experiments.presets import get_preset
+
+    preset = get_preset("smoke", [f"cache_dir={tmp_path}", "cloud_pretrain.steps=3000"])
+    seen, started = _watch_pretraining(monkeypatch, calibrate)
+    watched = calibrate.pretrain_cached
+
+    def cached(cfg, stream, tcfg, *, name, **kw):
+        if name == "edge":  # fails once the cloud is training
+            assert started.wait(timeout=120)
+            raise error("edge failed")
+        return watched(cfg, stream, tcfg, name=name, **kw)
 
     monkeypatch.setattr(calibrate, "pretrain_cached", cached)
     with pytest.raises(error, match="edge failed"):
@@ -298,25 +311,7 @@ def test_the_cloud_beside_stops_when_the_rounds_fail_and_raises_its_own_error(
     from experiments.presets import get_preset
 
     preset = get_preset("smoke", [f"cache_dir={tmp_path}", "cloud_pretrain.steps=3000"])
-    seen, started = {}, threading.Event()
-    sample = floe_jax.pretrain.sample_windows
-
-    def counted(*args, calls=[]):  # noqa: B006 (the call count)
-        calls.append(1)
-        if len(calls) == 5:
-            started.set()
-        return sample(*args)
-
-    monkeypatch.setattr(floe_jax.pretrain, "sample_windows", counted)
-
-    def cached(cfg, stream, tcfg, *, name, **kw):
-        try:
-            return pretrain_cached(cfg, stream, tcfg, name=name, **kw)
-        except BaseException as e:
-            seen[name] = e
-            raise
-
-    monkeypatch.setattr(calibrate, "pretrain_cached", cached)
+    seen, started = _watch_pretraining(monkeypatch, calibrate)
     if where == "wait":  # the body ends at once; Ctrl-C arrives while waiting for the cloud
         wait = concurrent.futures.wait
 
