@@ -14,6 +14,7 @@ That makes Floe's claim (fusion beats edge-only and cloud-only) reachable on thi
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -100,30 +101,19 @@ def pretrain_model(
     )
 
 
-def prepare(
-    preset: DemoPreset, *, progress: bool = True, models: tuple[str, ...] = MODELS
-) -> Prepared:
-    """Benchmark, tokenizer, and the base models of `models` pretrained (or loaded from the
-    cache); a model left out is None (the federated rounds need only the edge).
+@contextlib.contextmanager
+def pretraining(preset: DemoPreset, models: tuple[str, ...], bench: Benchmark, tokenizers: dict,
+                *, progress: bool = True):  # fmt: skip
+    """Pretrains (or loads) each of `models` in its own thread while the body runs; yields
+    `{model: future}` and on exit waits for them all.
 
-    The models train at the same time, each from its own thread: one tiny model's step
-    leaves part of a CPU's cores idle, so the two finish sooner together than one after the
-    other (the demo's stage times, REPRODUCTION.md). On CPU the trained weights are the same
-    either way, bit for bit (each thread runs its own jitted steps; `tests/test_pretrain.py`).
-    The first error (or Ctrl-C) stops the other training at its next step; an error the other
-    training hit as well is added to the raised one as a note. JAX's context managers
-    (`jax.set_mesh`, `jax.default_device`, ...) are per thread: one around `prepare` does not
-    reach the trainings."""
+    The first error (in a training, or in the body, Ctrl-C included) stops the other trainings
+    at their next step and is raised; an error another training hit as well is added to it as
+    a note. JAX's context managers (`jax.set_mesh`, `jax.default_device`, ...) are per thread:
+    one around the body does not reach the trainings."""
     if not models or not set(models) <= set(MODELS):
         raise ValueError(f"models must be a non-empty subset of {MODELS}, got {models}")
-    times = {}
-    t0 = time.perf_counter()
-    bench, tok, cloud_tok = benchmark_and_tokenizers(preset)
-    times["benchmark+tokenizers"] = time.perf_counter() - t0
-
-    stop = threading.Event()  # set: the other training ends at its next step
-    t0 = time.perf_counter()
-    tokenizers = {"cloud": cloud_tok, "edge": tok}
+    stop = threading.Event()  # set: the other trainings end at their next step
     pool = concurrent.futures.ThreadPoolExecutor(len(models), thread_name_prefix="pretrain")
     futures = {
         which: pool.submit(
@@ -132,22 +122,43 @@ def prepare(
         for which in models
     }
     try:
-        done, _ = concurrent.futures.wait(
+        yield futures
+        done, _ = concurrent.futures.wait(  # inside the try: Ctrl-C here stops them too
             futures.values(), return_when=concurrent.futures.FIRST_EXCEPTION
         )
         for f in done:
             if f.exception() is not None:
                 raise f.exception()
-        out = {which: f.result() for which, f in futures.items()}
     except BaseException as error:
         stop.set()
-        pool.shutdown(wait=True)  # the other training ends at its next step
+        pool.shutdown(wait=True)
         for which, f in futures.items():
             other = f.exception()
             if other is not None and other is not error and not isinstance(other, PretrainStopped):
                 error.add_note(f"pretraining the {which} model failed too: {other!r}")
         raise
     pool.shutdown(wait=True)
+
+
+def prepare(
+    preset: DemoPreset, *, progress: bool = True, models: tuple[str, ...] = MODELS
+) -> Prepared:
+    """Benchmark, tokenizer, and the base models of `models` pretrained (or loaded from the
+    cache); a model left out is None (the federated rounds need only the edge).
+
+    The models train at the same time (`pretraining`): one tiny model's step leaves part of a
+    CPU's cores idle, so the two finish sooner together than one after the other (the demo's
+    stage times, REPRODUCTION.md). On CPU the trained weights are the same either way, bit for
+    bit (each thread runs its own jitted steps; `tests/test_pretrain.py`)."""
+    times = {}
+    t0 = time.perf_counter()
+    bench, tok, cloud_tok = benchmark_and_tokenizers(preset)
+    times["benchmark+tokenizers"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tokenizers = {"cloud": cloud_tok, "edge": tok}
+    with pretraining(preset, models, bench, tokenizers, progress=progress) as futures:
+        pass
+    out = {which: f.result() for which, f in futures.items()}
     times[f"pretrain {' + '.join(models)}" + (" (at once)" if len(models) > 1 else "")] = (
         time.perf_counter() - t0
     )

@@ -22,15 +22,13 @@ modules: `experiments.demo.setup` is the module, `experiments.demo.setup.setup` 
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import threading
 import time
 from pathlib import Path
 
 import jax
 
-from experiments.calibrate import benchmark_and_tokenizers, pretrain_model
+from experiments.calibrate import benchmark_and_tokenizers, pretraining
 from experiments.demo.cloud import CloudEndpoint, SpanRecorder
 from experiments.demo.evaluate import energy_table, run_evaluate
 from experiments.demo.federate import run_federate, write_config
@@ -39,7 +37,6 @@ from experiments.demo.report import QTYPES, format_report, plots
 from experiments.demo.setup import Setup, client_ranks, private_data, setup_real
 from experiments.presets import FLOE, DemoPreset
 from experiments.real_presets import RealPreset
-from floe_jax.pretrain import PretrainStopped
 
 __all__ = [
     "FLOE",
@@ -64,31 +61,16 @@ __all__ = [
 
 @contextlib.contextmanager
 def _cloud_beside(preset: DemoPreset, progress: bool):
-    """Pretrains (or loads) the cloud in a thread while the body runs, and waits for it on exit.
+    """Pretrains (or loads) the cloud in a thread while the body runs, and waits for it on exit
+    (`calibrate.pretraining`: an error on either side stops the other and is raised).
 
     The federated rounds need only the edge, so the cloud's pretraining overlaps the edge's and
     then the rounds, filling the cores one tiny model's step or an XLA compile leaves idle. The
     trained weights are the same as alone, bit for bit (`calibrate.prepare`). The tokenizers are
-    trained (or loaded) first, so the two threads never write the same cache folder. An error in
-    the body stops the cloud's training at its next step; an error of the cloud's is raised on
-    exit (as a note on the body's error when both fail)."""
+    trained (or loaded) first, so the two threads never write the same cache folder."""
     bench, _, cloud_tok = benchmark_and_tokenizers(preset)
-    stop = threading.Event()
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pretrain")
-    cloud = pool.submit(pretrain_model, preset, "cloud", bench, cloud_tok, progress=progress,
-                        stop=stop)  # fmt: skip
-    try:
+    with pretraining(preset, ("cloud",), bench, {"cloud": cloud_tok}, progress=progress):
         yield
-        concurrent.futures.wait([cloud])  # inside the try: Ctrl-C here stops the cloud too
-    except BaseException as error:
-        stop.set()
-        pool.shutdown(wait=True)
-        other = cloud.exception()
-        if other is not None and other is not error and not isinstance(other, PretrainStopped):
-            error.add_note(f"pretraining the cloud model failed too: {other!r}")
-        raise
-    pool.shutdown(wait=True)
-    cloud.result()
 
 
 def run_demo(
