@@ -864,7 +864,9 @@ inline void tile_i8(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* 
   store_sums<S>(acc, scale, G, y + m0 * N, N, n0);
 }
 
-// The same for int4 weights, per vector of 64 inputs.
+// The same for int4 weights, per vector of 64 inputs. Groups of a multiple of 64 inputs (the
+// default 64) and one scale per row take the fast loop: whole vectors, a group's scale fetched
+// once per group (not per vector: an index division per vector and row was the loop's cost).
 template <int S, int MT, int R>
 inline void tile_i4(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* q, int64_t ldq,
                     const float* scale, int64_t G, float* y, int64_t N, int64_t n0) {
@@ -873,29 +875,23 @@ inline void tile_i4(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* 
     for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
   const int64_t gs = S == kGroup ? K / G : K, rowbytes = K / 2;
   const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-  for (int64_t v = 0; v < qx.nv; ++v) {
+  // Vector v of every row into acc, each row's lanes scaled by sw[r] (with S == kGroup).
+  auto vec = [&](int64_t v, const __m256* sw, auto tail) {
     const int64_t b0 = 32 * v;  // first byte of the vector in a weight row
-    const int64_t nbytes = std::min<int64_t>(32, rowbytes - b0);
-    __m256i lo[R], hi[R];  // c + 8 of the even and of the odd inputs
-    __m256 sw[R];          // the weight scale of each lane (groups of 32 inputs: two per vector)
+    __m256i lo[R], hi[R];       // c + 8 of the even and of the odd inputs
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = q + (n0 + r) * ldq + b0;
       if (v % 2 == 0) prefetch(p + kPrefetchRows<kINT4> * ldq);  // past the end: a no-op
-      alignas(32) uint8_t buf[32] = {};
-      if (nbytes < 32) std::memcpy(buf, p, nbytes);  // zeros past K meet zero codes of x
-      const __m256i c = nbytes == 32 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                                     : _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+      __m256i c;
+      if constexpr (decltype(tail)::value) {  // zeros past K meet zero codes of x
+        alignas(32) uint8_t buf[32] = {};
+        std::memcpy(buf, p, rowbytes - b0);
+        c = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+      } else {
+        c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      }
       lo[r] = _mm256_and_si256(c, low);
       hi[r] = _mm256_and_si256(_mm256_srli_epi16(c, 4), low);
-      if constexpr (S == kGroup) {
-        const float* s = scale + (n0 + r) * G;
-        if (gs % 64 == 0) {
-          sw[r] = _mm256_set1_ps(s[64 * v / gs]);
-        } else {  // a block past K (a partial last vector) reads the last group: its x is 0
-          const __m128 s0 = _mm_set1_ps(s[64 * v / gs]);
-          sw[r] = _mm256_set_m128(_mm_set1_ps(s[std::min(K - 1, 64 * v + 32) / gs]), s0);
-        }
-      }
     }
     for (int m = 0; m < MT; ++m) {
       const int64_t at = (m0 + m) * qx.nv + v;
@@ -912,6 +908,30 @@ inline void tile_i4(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* 
         acc[m][r] = _mm256_fmadd_ps(f, S == kGroup ? _mm256_mul_ps(d, sw[r]) : d, acc[m][r]);
       }
     }
+  };
+  const std::false_type body;
+  const std::true_type tail;
+  const int64_t whole = rowbytes / 32;  // vectors wholly inside a row
+  __m256 sw[R];
+  if (S != kGroup || gs % 64 == 0) {
+    const int64_t per = S == kGroup ? gs / 64 : whole;  // whole vectors per group
+    for (int64_t g = 0, v = 0; v < whole; ++g) {
+      if constexpr (S == kGroup)
+        for (int r = 0; r < R; ++r) sw[r] = _mm256_set1_ps(scale[(n0 + r) * G + g]);
+      for (const int64_t v1 = std::min(whole, v + per); v < v1; ++v) vec(v, sw, body);
+    }
+  }
+  for (int64_t v = S != kGroup || gs % 64 == 0 ? whole : 0; v < qx.nv; ++v) {
+    if constexpr (S == kGroup)  // a block past K (a partial last vector) reads the last group
+      for (int r = 0; r < R; ++r) {
+        const float* s = scale + (n0 + r) * G;
+        sw[r] = _mm256_set_m128(_mm_set1_ps(s[std::min(K - 1, 64 * v + 32) / gs]),
+                                _mm_set1_ps(s[64 * v / gs]));
+      }
+    if (v < whole)
+      vec(v, sw, body);
+    else
+      vec(v, sw, tail);
   }
   store_sums<S>(acc, scale, G, y + m0 * N, N, n0);
 }
