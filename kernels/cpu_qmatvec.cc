@@ -824,42 +824,64 @@ inline void tile_i8(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* 
   const int64_t groups = S == kGroup ? G : 1;
   const int64_t per_group = S == kGroup ? K / G / 32 : qx.nb;  // blocks
   const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t g = 0; g < groups; ++g) {
-    __m256 part[MT][R];
-    for (int m = 0; m < MT; ++m)
-      for (int r = 0; r < R; ++r) part[m][r] = _mm256_setzero_ps();
-    for (int64_t b = g * per_group; b < std::min(qx.nb, (g + 1) * per_group); ++b) {
-      const int64_t k0 = 32 * b;
-      // A partial last block is copied into zeros (they meet zero codes of x).
-      const int64_t nbytes = std::min<int64_t>(32, K - k0);
-      __m256i w[R];    // |c|
-      __m256i sgn[R];  // c, whose sign goes to x
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* p = q + (n0 + r) * ldq + k0;
-        if (b % 2 == 0) prefetch(p + kPrefetchRows<F> * ldq);  // past the end: a no-op
+  // Block b of every row into part (a partial last block, `tail`, is copied into zeros: they
+  // meet zero codes of x).
+  auto block = [&](int64_t b, __m256 (&part)[MT][R], auto tail) {
+    const int64_t k0 = 32 * b;
+    __m256i w[R];    // |c|
+    __m256i sgn[R];  // c, whose sign goes to x
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = q + (n0 + r) * ldq + k0;
+      if (b % 2 == 0) prefetch(p + kPrefetchRows<F> * ldq);  // past the end: a no-op
+      if constexpr (decltype(tail)::value) {
         alignas(32) uint8_t buf[32] = {};
-        if (nbytes < 32) std::memcpy(buf, p, nbytes);
-        sgn[r] = nbytes == 32 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-                              : _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
-        w[r] = _mm256_abs_epi8(sgn[r]);  // -128 becomes 128 as an unsigned byte
+        std::memcpy(buf, p, K - k0);
+        sgn[r] = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+      } else {
+        sgn[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
       }
-      for (int m = 0; m < MT; ++m) {
-        const int64_t at = (m0 + m) * qx.nb + b;
-        const __m256i xv =
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.q.data() + 32 * at));
-        const __m256 d = _mm256_set1_ps(qx.d[at]);
-        for (int r = 0; r < R; ++r) {
-          const __m256i i =
-              _mm256_madd_epi16(_mm256_maddubs_epi16(w[r], _mm256_sign_epi8(xv, sgn[r])), ones);
-          part[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), d, part[m][r]);
-        }
+      w[r] = _mm256_abs_epi8(sgn[r]);  // -128 becomes 128 as an unsigned byte
+    }
+    for (int m = 0; m < MT; ++m) {
+      const int64_t at = (m0 + m) * qx.nb + b;
+      const __m256i xv =
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.q.data() + 32 * at));
+      const __m256 d = _mm256_set1_ps(qx.d[at]);
+      for (int r = 0; r < R; ++r) {
+        const __m256i i =
+            _mm256_madd_epi16(_mm256_maddubs_epi16(w[r], _mm256_sign_epi8(xv, sgn[r])), ones);
+        part[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), d, part[m][r]);
       }
     }
+  };
+  const std::false_type body;
+  const std::true_type tail;
+  for (int64_t g = 0; g < groups; ++g) {
+    // Two sums, of the even and of the odd blocks: with one row per tile a single sum is a
+    // chain of multiply-adds, one per block, each waiting for the last.
+    __m256 part[2][MT][R];
+    for (auto& pm : part)
+      for (int m = 0; m < MT; ++m)
+        for (int r = 0; r < R; ++r) pm[m][r] = _mm256_setzero_ps();
+    const int64_t b1 = std::min(qx.nb, (g + 1) * per_group), whole = std::min(b1, K / 32);
+    int64_t b = g * per_group;
+    for (; b + 1 < whole; b += 2) {
+      block(b, part[0], body);
+      block(b + 1, part[1], body);
+    }
+    for (; b < b1; ++b) {
+      if (b < whole)
+        block(b, part[0], body);
+      else
+        block(b, part[0], tail);
+    }
     for (int m = 0; m < MT; ++m)
-      for (int r = 0; r < R; ++r)
-        acc[m][r] = S == kGroup ? _mm256_fmadd_ps(part[m][r],
-                                                  _mm256_set1_ps(scale[(n0 + r) * G + g]), acc[m][r])
-                                : part[m][r];
+      for (int r = 0; r < R; ++r) {
+        const __m256 sum = _mm256_add_ps(part[0][m][r], part[1][m][r]);
+        acc[m][r] = S == kGroup ? _mm256_fmadd_ps(sum, _mm256_set1_ps(scale[(n0 + r) * G + g]),
+                                                  acc[m][r])
+                                : sum;
+      }
   }
   store_sums<S>(acc, scale, G, y + m0 * N, N, n0);
 }
