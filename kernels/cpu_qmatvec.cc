@@ -8,7 +8,8 @@
 // Activations stay float32: each weight is decoded to the float32 value the dequantize-then-float
 // reference uses (code * scale) and multiply-added in float32, so results equal that reference up
 // to summation order. Each code is read from memory once, whatever M is: rows of weights are
-// processed in tiles of 4 and, for more rows of x than one pass takes (4 on AVX-512, 2 on AVX2),
+// processed in tiles of 4 (AVX2 int8 against one row of x: one row at a time, `row1`) and, for
+// more rows of x than one pass takes (4 on AVX-512, 2 on AVX2),
 // the tile is decoded again from cache per pass, or (AVX2, `kScratchRows`) once into scratch.
 // Output tiles are split into contiguous chunks run by the calling thread and XLA's own intra-op
 // threads (`ffi::ThreadPool`, `parallel_tiles`), so every core's share of the memory bandwidth is
@@ -391,6 +392,40 @@ inline void tile(const float* x, int64_t K, const uint8_t* q, int64_t ldq, const
     }
 }
 
+// One weight row against one row of x (a decode step over int8 codes; bf16's rows, twice as long,
+// were as fast in tiles): one stream of weight bytes, where a tile's rows side by side are streams too short for the hardware
+// prefetcher, and four sums, where one is a chain of multiply-adds each waiting for the last.
+template <int F, int S>
+inline void row1(const float* x, int64_t K, const uint8_t* q, int64_t ldq, const float* scale,
+                 int64_t G, float* y, int64_t n) {
+  const uint8_t* row = q + n * ldq;
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                   _mm256_setzero_ps()};
+  float rest = 0.f;
+  const int64_t groups = S == kGroup ? G : 1;
+  const int64_t gs = K / groups;
+  constexpr int64_t kBytes = F == kBF16 ? 2 : 1;  // per code
+  for (int64_t g = 0; g < groups; ++g) {
+    const float sf = S == kGroup ? scale[n * G + g] : 1.f;
+    const __m256 s = _mm256_set1_ps(sf);
+    auto step = [&](int64_t k, __m256& a) {
+      if ((kBytes * k) % 64 == 0) prefetch(row + kFloatPrefetchRows * ldq + kBytes * k);
+      __m256 w = decode8<F>(row, k);
+      if constexpr (S == kGroup) w = _mm256_mul_ps(w, s);
+      a = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), w, a);
+    };
+    const int64_t kend = (g + 1) * gs, kvec = g * gs + gs / 8 * 8;
+    int64_t k = g * gs;
+    for (; k + 32 <= kvec; k += 32)
+      for (int u = 0; u < 4; ++u) step(k + 8 * u, acc[u]);
+    for (; k < kvec; k += 8) step(k, acc[0]);
+    for (; k < kend; ++k) rest += x[k] * (decode1<F>(row, k) * sf);
+  }
+  float v = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + rest;
+  if constexpr (S == kRow) v *= scale[n * G];
+  y[n] = v;
+}
+
 // 4-bit formats with groups of a multiple of 32 (as the AVX-512 tile4): 16 bytes give 32 codes,
 // the even elements' in the low nibbles, the odd ones' in the high nibbles, against x
 // de-interleaved per 32 inputs (`xe`: 16 even, then 16 odd). With one row of x, a group's sum is
@@ -540,6 +575,12 @@ void rows(bool fast4, float* scratch, const float* x, int64_t M, int64_t K, cons
       n += full ? kRows : 1;
       continue;
     }
+    if constexpr (F == kINT8)
+      if (M == 1) {
+        for (const int64_t n1r = std::min(n1, n + kRows); n < n1r; ++n)
+          row1<F, S>(x, K, q, ldq, scale, G, y, n);
+        continue;
+      }
 #endif
     for (int64_t m0 = 0; m0 < M; m0 += kXRows) {
       const int mt = int(std::min<int64_t>(kXRows, M - m0));

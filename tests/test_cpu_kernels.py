@@ -147,8 +147,8 @@ def test_short_prefill_runs_the_kernel_and_its_grad_the_dequantized_dot():
 @needs_kernel
 @pytest.mark.parametrize(
     ("fmt", "gs", "act", "m"),
-    [("int4", 64, "float32", 2), ("int8", None, "float32", 9), ("int4", 64, "int8", 1),
-     ("int8", None, "int8", 3)],
+    [("int4", 64, "float32", 2), ("int8", None, "float32", 9), ("int8", 32, "float32", 1),
+     ("int4", 64, "int8", 1), ("int8", None, "int8", 3)],
 )  # fmt: skip
 def test_threaded_product_over_many_rows_equals_reference(fmt, gs, act, m):
     """N * K past the kernel's threading threshold: the rows are split into chunks run on XLA's
