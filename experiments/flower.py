@@ -46,8 +46,9 @@ class DemoRun:
 
 @functools.lru_cache(maxsize=4)
 def demo_run(preset: DemoPreset | RealPreset, name: str = FLOE) -> DemoRun:
-    """The run `name` of the preset (`DemoFed.runs`): pretraining from the cache, every
-    client's private examples and device-profile ranks. Once per process."""
+    """The run `name` of the preset (`DemoFed.runs`): the edge's pretraining from the cache
+    (rounds need no cloud; a real preset loads both checkpoints), every client's private
+    examples and device-profile ranks. Once per process."""
 
     def refuse(runs):
         usable = [r for r in runs if r not in (LOCAL, CENTRAL)]
@@ -58,7 +59,7 @@ def demo_run(preset: DemoPreset | RealPreset, name: str = FLOE) -> DemoRun:
 
     if name in (LOCAL, CENTRAL):  # before the setup, which may pretrain
         refuse([FLOE, *preset.fed.baseline_runs()])
-    prep = setup(preset, progress=False)
+    prep = setup(preset, progress=False, models=("edge",))
     bench = prep.bench
     data = private_data(preset.fed, bench, prep.tokenizer, prep.edge_cfg.vocab_size)
     N = bench.num_clients

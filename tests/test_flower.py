@@ -183,6 +183,9 @@ def test_flower_command_runs_the_demo_preset(tmp_path):
     state = load_trained(run.prep.edge_params, run.data, cfg=run.prep.edge_cfg, fed=run.fed,
                          run_dir=str(run_dir), ranks=run.ranks)  # fmt: skip
     assert int(state.round) == 1
+    # The rounds need only the edge: the command pretrained no cloud.
+    assert [p.name.split("-")[0] for p in (tmp_path / "cache").glob("*-*") if p.is_dir()
+            and not p.name.startswith("tokenizers")] == ["edge"]  # fmt: skip
 
 
 def test_flower_command_refuses_a_run_without_federation(tmp_path, capsys):
