@@ -9,8 +9,8 @@
 // reference uses (code * scale) and multiply-added in float32, so results equal that reference up
 // to summation order. Each code is read from memory once, whatever M is: rows of weights are
 // processed in tiles of 4 (AVX2 int8 against one row of x: one row at a time, `row1`) and, for
-// more rows of x than one pass takes (4 on AVX-512, 2 on AVX2),
-// the tile is decoded again from cache per pass, or (AVX2, `kScratchRows`) once into scratch.
+// more rows of x than one pass takes (4 on AVX-512, 2 on AVX2), the tile is decoded again from
+// cache per pass, or (AVX2, `kScratchRows`) once into scratch.
 // Output tiles are split into contiguous chunks run by the calling thread and XLA's own intra-op
 // threads (`ffi::ThreadPool`, `parallel_tiles`), so every core's share of the memory bandwidth is
 // used without a second thread pool competing with XLA's for the cores.
@@ -393,8 +393,9 @@ inline void tile(const float* x, int64_t K, const uint8_t* q, int64_t ldq, const
 }
 
 // One weight row against one row of x (a decode step over int8 codes; bf16's rows, twice as long,
-// were as fast in tiles): one stream of weight bytes, where a tile's rows side by side are streams too short for the hardware
-// prefetcher, and four sums, where one is a chain of multiply-adds each waiting for the last.
+// were as fast in tiles): one stream of weight bytes, where a tile's rows side by side are streams
+// too short for the hardware prefetcher, and four sums, where one is a chain of multiply-adds each
+// waiting for the last.
 template <int F, int S>
 inline void row1(const float* x, int64_t K, const uint8_t* q, int64_t ldq, const float* scale,
                  int64_t G, float* y, int64_t n) {
@@ -421,7 +422,8 @@ inline void row1(const float* x, int64_t K, const uint8_t* q, int64_t ldq, const
     for (; k < kvec; k += 8) step(k, acc[0]);
     for (; k < kend; ++k) rest += x[k] * (decode1<F>(row, k) * sf);
   }
-  float v = hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]))) + rest;
+  const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+  float v = hsum(sum) + rest;
   if constexpr (S == kRow) v *= scale[n * G];
   y[n] = v;
 }

@@ -43,6 +43,7 @@ needs_int8_act = pytest.mark.skipif(
 CASES = [
     ("bf16", None, 131),
     ("int8", None, 131),
+    ("int8", None, 140),  # AVX2 row1: four vectors at a time, then one, then one by one
     ("int8", 10, 130),
     ("int4", 32, 192),
     ("int4", 64, 192),
@@ -152,7 +153,8 @@ def test_short_prefill_runs_the_kernel_and_its_grad_the_dequantized_dot():
 )  # fmt: skip
 def test_threaded_product_over_many_rows_equals_reference(fmt, gs, act, m):
     """N * K past the kernel's threading threshold: the rows are split into chunks run on XLA's
-    intra-op threads (float passes, the scratch path past 8 rows, int8 activations)."""
+    intra-op threads (float passes, one row of int8 codes at a time for one row of x, the scratch
+    path past 8 rows, int8 activations)."""
     if act == "int8" and not cq.int8_activations():
         pytest.skip("no int8-activation path on this CPU")
     make, ref = (_weight, _ref) if act == "float32" else (_weight8, _ref_int8)
@@ -417,6 +419,9 @@ I8_CASES = [
     ("int8", 32, 192),
     ("int8", 64, 256),
     ("int8", 32, 160),  # K % 64 == 32: the last 64-byte vector holds one group
+    ("int8", 96, 288),  # AVX2: an odd whole block after a pair, in every group
+    ("int8", None, 100),  # AVX2: a pair, an odd whole block, then a partial one
+    ("int8", None, 20),  # K < 32: a partial block only
     ("int4", 32, 192),
     ("int4", 64, 192),
     ("int4", 128, 384),
@@ -424,6 +429,7 @@ I8_CASES = [
     ("int4", 32, 160),  # AVX2: a partial last 64-input vector with its own group's scale
     ("int4", 96, 288),  # AVX2: a group boundary inside a 64-input vector
     ("int4", None, 160),  # AVX2: per-row scales, K % 64 == 32
+    ("int4", None, 40),  # AVX2: per-row scales, K < 64: a partial vector only
 ]
 
 
