@@ -396,7 +396,7 @@ inline void tile(const float* x, int64_t K, const uint8_t* q, int64_t ldq, const
 // were as fast in tiles): one stream of weight bytes, where a tile's rows side by side are streams
 // too short for the hardware prefetcher, and four sums, where one is a chain of multiply-adds each
 // waiting for the last.
-template <int F, int S>
+template <int S>
 inline void row1(const float* x, int64_t K, const uint8_t* q, int64_t ldq, const float* scale,
                  int64_t G, float* y, int64_t n) {
   const uint8_t* row = q + n * ldq;
@@ -405,13 +405,12 @@ inline void row1(const float* x, int64_t K, const uint8_t* q, int64_t ldq, const
   float rest = 0.f;
   const int64_t groups = S == kGroup ? G : 1;
   const int64_t gs = K / groups;
-  constexpr int64_t kBytes = F == kBF16 ? 2 : 1;  // per code
   for (int64_t g = 0; g < groups; ++g) {
     const float sf = S == kGroup ? scale[n * G + g] : 1.f;
     const __m256 s = _mm256_set1_ps(sf);
     auto step = [&](int64_t k, __m256& a) {
-      if ((kBytes * k) % 64 == 0) prefetch(row + kFloatPrefetchRows * ldq + kBytes * k);
-      __m256 w = decode8<F>(row, k);
+      if (k % 64 == 0) prefetch(row + kFloatPrefetchRows * ldq + k);
+      __m256 w = decode8<kINT8>(row, k);
       if constexpr (S == kGroup) w = _mm256_mul_ps(w, s);
       a = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), w, a);
     };
@@ -420,7 +419,7 @@ inline void row1(const float* x, int64_t K, const uint8_t* q, int64_t ldq, const
     for (; k + 32 <= kvec; k += 32)
       for (int u = 0; u < 4; ++u) step(k + 8 * u, acc[u]);
     for (; k < kvec; k += 8) step(k, acc[0]);
-    for (; k < kend; ++k) rest += x[k] * (decode1<F>(row, k) * sf);
+    for (; k < kend; ++k) rest += x[k] * (decode1<kINT8>(row, k) * sf);
   }
   const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
   float v = hsum(sum) + rest;
@@ -580,7 +579,7 @@ void rows(bool fast4, float* scratch, const float* x, int64_t M, int64_t K, cons
     if constexpr (F == kINT8)
       if (M == 1) {
         for (const int64_t n1r = std::min(n1, n + kRows); n < n1r; ++n)
-          row1<F, S>(x, K, q, ldq, scale, G, y, n);
+          row1<S>(x, K, q, ldq, scale, G, y, n);
         continue;
       }
 #endif
