@@ -633,11 +633,15 @@ void rows(bool, float*, const float* x, int64_t M, int64_t K, const uint8_t* q, 
 // after another, loaded host: 4-row tiles left the loads stalled (4 interleaved 896-byte streams
 // are too short for the hardware prefetcher) at ~7 GB/s of int8; single rows, prefetched 8 rows
 // ahead, ran 12-15 GB/s. int4 (half the bytes per row, more arithmetic per byte) ran best in
-// pairs of rows prefetched 16 rows ahead. The AVX2 path takes the same (on the Zen 3 AVX2 host,
-// 4 int4 rows per tile were 10% faster on the vocabulary matrix in a C++ harness but no faster in
-// a decode step).
+// pairs of rows prefetched 16 rows ahead. On AVX2 (the Zen 3 host; a C++ harness timing a
+// Qwen2.5-0.5B decode step's 97 products, two builds alternately) 4 int4 rows per tile, sharing
+// each load of x's codes, took 0.956x the time of pairs at 1 row of x, 0.92x at 2, 0.86x at 32.
 template <int F>
+#ifdef FLOE_QMV_AVX2
+constexpr int64_t kI8Rows = F == kINT8 ? 1 : 4;
+#else
 constexpr int64_t kI8Rows = F == kINT8 ? 1 : 2;
+#endif
 template <int F>
 constexpr int64_t kPrefetchRows = F == kINT8 ? 8 : 16;
 
