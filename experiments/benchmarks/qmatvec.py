@@ -7,14 +7,13 @@ multiply-reduce (what a decode step runs there by default) and its dequantize-th
 also the Pallas kernel `kernels.gpu_qmatvec` ("pallas", int8 and int4: a decode step's path with
 `quant.with_options(params, gpu_kernel=True)`).
 
-One row of x (a decode step at batch 1) against `COPIES` separate [4864, 896] MLP matrices (one
-per layer, so they do not fit the cache, as in a decode step) and against the [151936, 896]
+One row of x (a decode step at batch 1) against 24 separate [4864, 896] MLP matrices (one per
+layer, so they do not fit the cache, as in a decode step; `SHAPES`) and against the [151936, 896]
 vocabulary matrix. GB/s is the bytes of codes and scales read over the time; each matrix's
-float32 rate is the read bandwidth its other rows compare with. int8 and int4 also
-run the kernel with int8 activations (`QuantConfig.activations="int8"`, "kernel, int8 act":
-x quantized per block of 32, integer dot products) where the kernel has that path (AVX-512 VNNI,
-or AVX2); its
-"rel. diff vs float32" includes the activations' rounding. Every side runs in one alternating
+float32 rate is the read bandwidth its other rows compare with. int8 and int4 also run the
+kernel with int8 activations (`QuantConfig.activations="int8"`, "kernel, int8 act": x quantized
+per block of 32, integer dot products) where the kernel has that path (AVX-512 VNNI, or AVX2);
+its "rel. diff vs float32" includes the activations' rounding. Every side runs in one alternating
 loop; medians.
 """
 
