@@ -31,6 +31,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -857,6 +858,24 @@ QuantizedX quantize_x(const float* x, int64_t M, int64_t K) {
   return qx;
 }
 
+// The tiles' loops over whole 32-byte pieces of a weight row (`kBody`) and over the partial
+// last one (`kTail`), told apart at compile time.
+constexpr std::false_type kBody{};
+constexpr std::true_type kTail{};
+
+// 32 bytes of a weight row from p, or (Tail) the `left` < 32 bytes the row has left, then zeros
+// (they meet zero codes of x).
+template <bool Tail>
+inline __m256i load_row32(const uint8_t* p, int64_t left) {
+  if constexpr (Tail) {
+    alignas(32) uint8_t buf[32] = {};
+    std::memcpy(buf, p, left);
+    return _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+  } else {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  }
+}
+
 // y[m0:m0+MT, n0:n0+R] with x quantized (`qx` rows from m0), int8 weights.
 template <int F, int S, int MT, int R>
 inline void tile_i8(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* q, int64_t ldq,
@@ -870,8 +889,7 @@ inline void tile_i8(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* 
   const int64_t groups = S == kGroup ? G : 1;
   const int64_t per_group = S == kGroup ? K / G / 32 : qx.nb;  // blocks
   const __m256i ones = _mm256_set1_epi16(1);
-  // Block b of every row into part (a partial last block, `tail`, is copied into zeros: they
-  // meet zero codes of x).
+  // Block b of every row into part (`tail`: the partial last block).
   auto block = [&](int64_t b, __m256 (&part)[MT][R], auto tail) {
     const int64_t k0 = 32 * b;
     __m256i w[R];    // |c|
@@ -879,13 +897,7 @@ inline void tile_i8(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* 
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = q + (n0 + r) * ldq + k0;
       if (b % 2 == 0) prefetch(p + kPrefetchRows<F> * ldq);  // past the end: a no-op
-      if constexpr (decltype(tail)::value) {
-        alignas(32) uint8_t buf[32] = {};
-        std::memcpy(buf, p, K - k0);
-        sgn[r] = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
-      } else {
-        sgn[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-      }
+      sgn[r] = load_row32<decltype(tail)::value>(p, K - k0);
       w[r] = _mm256_abs_epi8(sgn[r]);  // -128 becomes 128 as an unsigned byte
     }
     for (int m = 0; m < MT; ++m) {
@@ -900,8 +912,6 @@ inline void tile_i8(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* 
       }
     }
   };
-  const std::false_type body;
-  const std::true_type tail;
   for (int64_t g = 0; g < groups; ++g) {
     // Two sums, of the even and of the odd blocks: with one row per tile a single sum is a
     // chain of multiply-adds, one per block, each waiting for the last.
@@ -912,14 +922,14 @@ inline void tile_i8(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* 
     const int64_t b1 = std::min(qx.nb, (g + 1) * per_group), whole = std::min(b1, K / 32);
     int64_t b = g * per_group;
     for (; b + 1 < whole; b += 2) {
-      block(b, part[0], body);
-      block(b + 1, part[1], body);
+      block(b, part[0], kBody);
+      block(b + 1, part[1], kBody);
     }
     for (; b < b1; ++b) {
       if (b < whole)
-        block(b, part[0], body);
+        block(b, part[0], kBody);
       else
-        block(b, part[0], tail);
+        block(b, part[0], kTail);
     }
     for (int m = 0; m < MT; ++m)
       for (int r = 0; r < R; ++r) {
@@ -950,14 +960,7 @@ inline void tile_i4(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* 
     for (int r = 0; r < R; ++r) {
       const uint8_t* p = q + (n0 + r) * ldq + b0;
       if (v % 2 == 0) prefetch(p + kPrefetchRows<kINT4> * ldq);  // past the end: a no-op
-      __m256i c;
-      if constexpr (decltype(tail)::value) {  // zeros past K meet zero codes of x
-        alignas(32) uint8_t buf[32] = {};
-        std::memcpy(buf, p, rowbytes - b0);
-        c = _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
-      } else {
-        c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-      }
+      const __m256i c = load_row32<decltype(tail)::value>(p, rowbytes - b0);
       lo[r] = _mm256_and_si256(c, low);
       hi[r] = _mm256_and_si256(_mm256_srli_epi16(c, 4), low);
     }
@@ -977,8 +980,6 @@ inline void tile_i4(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* 
       }
     }
   };
-  const std::false_type body;
-  const std::true_type tail;
   const int64_t whole = rowbytes / 32;  // vectors wholly inside a row
   __m256 sw[R];
   if (S != kGroup || gs % 64 == 0) {
@@ -986,7 +987,7 @@ inline void tile_i4(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* 
     for (int64_t g = 0, v = 0; v < whole; ++g) {
       if constexpr (S == kGroup)
         for (int r = 0; r < R; ++r) sw[r] = _mm256_set1_ps(scale[(n0 + r) * G + g]);
-      for (const int64_t v1 = std::min(whole, v + per); v < v1; ++v) vec(v, sw, body);
+      for (const int64_t v1 = std::min(whole, v + per); v < v1; ++v) vec(v, sw, kBody);
     }
   }
   for (int64_t v = S != kGroup || gs % 64 == 0 ? whole : 0; v < qx.nv; ++v) {
@@ -997,9 +998,9 @@ inline void tile_i4(const QuantizedX& qx, int64_t m0, int64_t K, const uint8_t* 
                                 _mm_set1_ps(s[64 * v / gs]));
       }
     if (v < whole)
-      vec(v, sw, body);
+      vec(v, sw, kBody);
     else
-      vec(v, sw, tail);
+      vec(v, sw, kTail);
   }
   store_sums<S>(acc, scale, G, y + m0 * N, N, n0);
 }
